@@ -1,0 +1,91 @@
+"""Attention backends behind one signature.
+
+    backend(q, k, v, mask, scale, dropout_p=0.0, need_weights=False) -> (out, probs or None)
+
+    q: (B, H, T, D)       k, v: (B, KV, S, D) with H a multiple of KV (grouped-query attention)
+    mask: bool (B or 1, 1, T, S), True where a query may look at a key; or None, which means plain
+          causal attention aligned to the last query (T == S for a prefill, T == 1 for a decode step).
+    out: (B, T, H, D)     probs: (B, H, T, S) when need_weights, else None
+
+Eager is the reference; every other backend is tested against it on the same inputs. Choosing a backend is
+a dictionary lookup (`ATTENTION_BACKENDS[name]`), never an if-chain inside the layer.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+import torch.nn.functional as F
+
+
+def repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """(B, KV, S, D) -> (B, KV * groups, S, D): each key/value head serves `groups` query heads."""
+    if groups == 1:
+        return x
+    b, kv, s, d = x.shape
+    return x[:, :, None].expand(b, kv, groups, s, d).reshape(b, kv * groups, s, d)
+
+
+def eager_attention(q, k, v, mask, scale, dropout_p=0.0, need_weights=False):
+    groups = q.shape[1] // k.shape[1]
+    k, v = repeat_kv(k, groups), repeat_kv(v, groups)
+    scores = torch.matmul(q, k.transpose(2, 3)) * scale  # (B, H, T, S)
+    if mask is None:
+        t, s = scores.shape[-2:]
+        mask = torch.ones(t, s, dtype=torch.bool, device=q.device).tril(s - t)
+    scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    if dropout_p:
+        probs = F.dropout(probs, p=dropout_p, training=True)
+    out = torch.matmul(probs, v).transpose(1, 2)  # (B, T, H, D)
+    return out, (probs if need_weights else None)
+
+
+def sdpa_attention(q, k, v, mask, scale, dropout_p=0.0, need_weights=False):
+    if need_weights:  # SDPA never materialises the probabilities; the caller asked for them
+        return eager_attention(q, k, v, mask, scale, dropout_p, need_weights)
+    groups = q.shape[1] // k.shape[1]
+    is_causal = mask is None and q.shape[2] > 1
+    out = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
+        enable_gqa=groups > 1,
+    )
+    return out.transpose(1, 2), None  # (B, T, H, D)
+
+
+def flash_attention(q, k, v, mask, scale, dropout_p=0.0, need_weights=False):
+    """FlashAttention-2 (the flash_attn package, CUDA only). Its kernels take no arbitrary mask: padded
+    batches (a mask is given) go through SDPA, which on CUDA dispatches to its own memory-efficient kernel."""
+    if need_weights or mask is not None:
+        return sdpa_attention(q, k, v, mask, scale, dropout_p, need_weights)
+    from flash_attn import flash_attn_func
+
+    out = flash_attn_func(  # (B, T, H, D) layout in and out; GQA and bottom-right causal built in
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+        dropout_p=dropout_p, softmax_scale=scale, causal=q.shape[2] > 1,
+    )
+    return out, None
+
+
+ATTENTION_BACKENDS = {
+    "eager": eager_attention,
+    "sdpa": sdpa_attention,
+    "flash_attention_2": flash_attention,
+}
+
+
+def check_attention_backend(name: str, device: torch.device | str | None = None) -> str:
+    """Validate `attn_implementation` where it enters, with a message that says what to do."""
+    name = name or "sdpa"
+    if name not in ATTENTION_BACKENDS:
+        raise ValueError(f"attn_implementation={name!r} is not known; choose one of "
+                         f"{', '.join(repr(n) for n in ATTENTION_BACKENDS)}")
+    if name == "flash_attention_2":
+        if importlib.util.find_spec("flash_attn") is None:
+            raise ValueError("attn_implementation='flash_attention_2' needs the flash_attn package "
+                             "(pip install flash-attn); use 'sdpa' otherwise")
+        if not torch.cuda.is_available() or (device is not None and torch.device(device).type != "cuda"):
+            raise ValueError("attn_implementation='flash_attention_2' runs only on a CUDA device; "
+                             "load the model with device='cuda' or use 'sdpa'")
+    return name

@@ -1,0 +1,123 @@
+"""KV caches. The cache owns the key/value layout; layers only call `cache.update(layer_idx, k, v,
+cache_position)` and attend over what it returns.
+
+Convention shared by every cache: key slot j holds the token at absolute position j of its row, so one
+rule builds every mask (`make_attention_mask`): a query at position p sees the keys j <= p that are not
+padding. `cache_position` is (T,) when all rows advance together, or (B, T) when each row has its own
+length (continuous batching).
+
+- `DynamicCache` grows by concatenation: simple, no size to choose; the default of `forward`.
+- `StaticCache` preallocates (B, KV, max_length, D) buffers and writes in place, so shapes never change
+  and a compiled decode step never recompiles; per-row lengths live in `seq_lengths`, advanced in one place
+  (`advance`) after each forward, never inside a layer.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def make_attention_mask(
+    cache_position: torch.Tensor,
+    kv_length: int,
+    attention_mask: torch.Tensor | None,
+) -> torch.Tensor:
+    """Boolean (B or 1, 1, T, S) mask: True where query (b, t) may attend key slot j.
+
+    attention_mask: optional (B, <=S) 0/1 padding mask over absolute positions; slots past its end count as
+    real (the causal rule already hides those not yet written).
+    """
+    pos = cache_position if cache_position.dim() == 2 else cache_position[None]  # (B|1, T)
+    keys = torch.arange(kv_length, device=pos.device)
+    visible = keys <= pos[..., None]  # (B|1, T, S)
+    if attention_mask is not None:
+        real = attention_mask.to(device=pos.device, dtype=torch.bool)
+        if real.shape[-1] < kv_length:
+            real = torch.nn.functional.pad(real, (0, kv_length - real.shape[-1]), value=True)
+        visible = visible & real[:, None, :kv_length]
+        # A padding query would otherwise see no key at all (NaN softmax); let it see itself. Its output is
+        # never used, but NaNs must not reach anything else.
+        visible = visible | (keys == pos[..., None])
+    return visible[:, None]  # (B|1, 1, T, S)
+
+
+class DynamicCache:
+    """Keys/values per layer, grown by concatenation along the sequence."""
+
+    def __init__(self) -> None:
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+
+    def get_seq_length(self) -> int:
+        return self.keys[0].shape[2] if self.keys else 0
+
+    def kv_length(self, new_tokens: int) -> int:
+        """How many key slots attention sees after `new_tokens` more are written."""
+        return self.get_seq_length() + new_tokens
+
+    def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor, cache_position: torch.Tensor):
+        """k, v: (B, KV, T, D). Returns the layer's whole (B, KV, S, D) keys and values."""
+        if layer_idx == len(self.keys):
+            self.keys.append(k)
+            self.values.append(v)
+        else:
+            self.keys[layer_idx] = torch.cat([self.keys[layer_idx], k], dim=2)
+            self.values[layer_idx] = torch.cat([self.values[layer_idx], v], dim=2)
+        return self.keys[layer_idx], self.values[layer_idx]
+
+    def advance(self, new_tokens: int) -> None:
+        """Nothing to do: the length is the tensors' length."""
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep rows `index` (beam search, dropping finished rows)."""
+        self.keys = [k.index_select(0, index) for k in self.keys]
+        self.values = [v.index_select(0, index) for v in self.values]
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+class StaticCache:
+    """Preallocated (B, KV, max_length, D) buffers per layer, written in place at `cache_position`.
+
+    `seq_lengths` (B,) counts the tokens written per row; callers that give no `cache_position` get
+    positions from it, and `advance` moves it forward once per forward pass.
+    """
+
+    def __init__(self, num_layers: int, batch_size: int, num_kv_heads: int, max_length: int, head_dim: int,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> None:
+        shape = (batch_size, num_kv_heads, max_length, head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.seq_lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.max_length = max_length
+
+    def get_seq_length(self) -> int:
+        return int(self.seq_lengths.max())
+
+    def kv_length(self, new_tokens: int) -> int:
+        return self.max_length
+
+    def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor, cache_position: torch.Tensor):
+        kc, vc = self.keys[layer_idx], self.values[layer_idx]
+        if cache_position.dim() == 1:  # every row writes the same slots
+            kc.index_copy_(2, cache_position, k)
+            vc.index_copy_(2, cache_position, v)
+        else:  # (B, T): row b writes its tokens at its own slots
+            rows = torch.arange(k.shape[0], device=k.device)[:, None]
+            kc[rows, :, cache_position] = k.transpose(1, 2)  # indexed view is (B, T, KV, D)
+            vc[rows, :, cache_position] = v.transpose(1, 2)
+        return kc, vc
+
+    def advance(self, new_tokens: int | torch.Tensor) -> None:
+        self.seq_lengths += new_tokens
+
+    def reset(self, rows: torch.Tensor | None = None) -> None:
+        """Forget rows (all when None) so their slots can take new sequences."""
+        if rows is None:
+            self.seq_lengths.zero_()
+        else:
+            self.seq_lengths[rows] = 0
+
+    def __len__(self) -> int:
+        return len(self.keys)

@@ -1,0 +1,21 @@
+"""Checkpoints: resolving paths and hub ids, safetensors I/O, and one name table per format."""
+
+from .formats import TRANSFORMERS, Rule, WeightFormat
+from .resolve import CheckpointError, resolve_checkpoint
+from .safetensors_io import parse_dtype, parse_size, save_safetensors, weight_files
+
+__all__ = [
+    "CheckpointError", "Rule", "TRANSFORMERS", "WeightFormat", "parse_dtype", "parse_size",
+    "resolve_checkpoint", "save_safetensors", "weight_files",
+]
+
+
+def detect_format(config_dict: dict, directory: str, **overrides):
+    """(GlmConfig, WeightFormat) for a checkpoint's config.json, by its model_type."""
+    from ..config import ConfigError, GlmConfig
+
+    model_type = config_dict.get("model_type", "glm")
+    if model_type == "glm":
+        return GlmConfig.from_dict(config_dict, **overrides), TRANSFORMERS
+    raise ConfigError(f"{directory}: config.json has model_type={model_type!r}, which is not a checkpoint format "
+                      "glmtorch reads (it reads transformers' 'glm')")

@@ -1,0 +1,59 @@
+"""Checkpoint formats as tables: how each format's tensor names map to glmtorch's.
+
+A rule is (fullmatch regex over the checkpoint's name, target templates, transform). Targets are written
+with the regex's groups (`\\1` = layer index); no target means "drop this tensor"; a transform turns one
+stored tensor into one tensor per target (splitting a fused QKV, say). A name that no rule matches is an
+error that names it, never silently skipped. glmtorch's own names are transformers' names, so that
+format's table is the identity written out.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from ..config import GlmConfig
+
+Transform = Callable[[torch.Tensor, GlmConfig], tuple[torch.Tensor, ...]]
+
+_LAYER = r"(?:model\.)?layers\.(\d+)\."
+
+
+@dataclass(frozen=True)
+class Rule:
+    pattern: str
+    targets: tuple[str, ...]
+    transform: Transform | None = None
+
+
+@dataclass(frozen=True)
+class WeightFormat:
+    name: str
+    rules: tuple[Rule, ...]
+
+    def map_name(self, name: str) -> tuple[list[str], Transform | None] | None:
+        """Targets for a stored tensor name ([] = drop), or None when no rule knows it."""
+        for rule in self.rules:
+            m = re.fullmatch(rule.pattern, name)
+            if m:
+                return [m.expand(t) for t in rule.targets], rule.transform
+        return None
+
+
+# transformers' GlmForCausalLM / GlmModel / heads (with or without the "model." prefix of the heads).
+TRANSFORMERS = WeightFormat("transformers", (
+    Rule(r"(?:model\.)?embed_tokens\.weight", ("model.embed_tokens.weight",)),
+    Rule(_LAYER + r"input_layernorm\.weight", (r"model.layers.\1.input_layernorm.weight",)),
+    Rule(_LAYER + r"self_attn\.([qkv])_proj\.(weight|bias)", (r"model.layers.\1.self_attn.\2_proj.\3",)),
+    Rule(_LAYER + r"self_attn\.o_proj\.weight", (r"model.layers.\1.self_attn.o_proj.weight",)),
+    Rule(_LAYER + r"post_attention_layernorm\.weight", (r"model.layers.\1.post_attention_layernorm.weight",)),
+    Rule(_LAYER + r"mlp\.gate_up_proj\.weight", (r"model.layers.\1.mlp.gate_up_proj.weight",)),
+    Rule(_LAYER + r"mlp\.down_proj\.weight", (r"model.layers.\1.mlp.down_proj.weight",)),
+    Rule(r"(?:model\.)?norm\.weight", ("model.norm.weight",)),
+    Rule(r"lm_head\.weight", ("lm_head.weight",)),
+    Rule(r"score\.(weight|bias)", (r"score.\1",)),
+    Rule(r"(?:model\.)?(?:layers\.\d+\.self_attn\.)?rotary_emb\.inv_freq", ()),  # computed, never loaded
+))

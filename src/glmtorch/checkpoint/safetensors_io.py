@@ -1,0 +1,151 @@
+"""Read and write safetensors checkpoints: one file or shards with `model.safetensors.index.json`.
+
+Reading streams tensor by tensor from memory-mapped files, so loading never holds a second copy of the
+model. Writing goes to temporary names renamed into place at the end, so a failure never leaves a
+half-written checkpoint behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterator
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .resolve import CheckpointError
+
+SAFE_WEIGHTS_NAME = "model.safetensors"
+SAFE_INDEX_NAME = "model.safetensors.index.json"
+
+DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+}
+
+
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | str | None:
+    """torch.dtype, a name ("bf16", "bfloat16", "torch.float16"), "auto" or None."""
+    if dtype is None or isinstance(dtype, torch.dtype) or dtype == "auto":
+        return dtype
+    name = str(dtype).removeprefix("torch.")
+    if name not in DTYPES:
+        raise ValueError(f"dtype={dtype!r} is not supported; use one of float32, bfloat16, float16 or 'auto'")
+    return DTYPES[name]
+
+
+def parse_size(size: int | str) -> int:
+    """Bytes from 5000000, "5GB", "500MB", "2GiB"."""
+    if isinstance(size, int):
+        return size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B)?\s*", str(size).upper())
+    if not m:
+        raise ValueError(f"max_shard_size={size!r}: expected bytes or a size such as '5GB' or '500MB'")
+    unit = m.group(2) or "B"
+    base = 1024 if "I" in unit else 1000
+    return int(float(m.group(1)) * base ** "BKMGT".index(unit[0]))
+
+
+def weight_files(directory: str) -> list[str]:
+    """The safetensors files of a checkpoint, checked to exist before anything is loaded."""
+    index = os.path.join(directory, SAFE_INDEX_NAME)
+    single = os.path.join(directory, SAFE_WEIGHTS_NAME)
+    if os.path.isfile(index):
+        try:
+            with open(index, encoding="utf-8") as f:
+                weight_map = json.load(f)["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
+        files = sorted(set(weight_map.values()))
+        missing = [name for name in files if not os.path.isfile(os.path.join(directory, name))]
+        if missing:
+            raise CheckpointError(f"{index} names shard(s) that are not in {directory}: {', '.join(missing)}; "
+                                  "the download is incomplete")
+        return [os.path.join(directory, name) for name in files]
+    if os.path.isfile(single):
+        return [single]
+    others = sorted(f for f in os.listdir(directory) if f.endswith(".safetensors"))
+    if others:
+        return [os.path.join(directory, name) for name in others]
+    raise CheckpointError(f"{directory}: no {SAFE_WEIGHTS_NAME}, {SAFE_INDEX_NAME} or other *.safetensors file")
+
+
+def open_safetensors(path: str):
+    try:
+        return safe_open(path, framework="pt")
+    except Exception as e:  # SafetensorError for truncated or corrupt files
+        raise CheckpointError(f"{path}: cannot read this safetensors file ({e}); it is truncated or corrupt, "
+                              "download it again") from None
+
+
+def iter_tensor_names(files: list[str]) -> Iterator[tuple[str, str, tuple[int, ...]]]:
+    """(file, name, shape) of every tensor, reading headers only."""
+    for path in files:
+        handle = open_safetensors(path)
+        for name in handle.keys():
+            yield path, name, tuple(handle.get_slice(name).get_shape())
+
+
+def read_tensor(handle, path: str, name: str) -> torch.Tensor:
+    try:
+        return handle.get_tensor(name)
+    except Exception as e:
+        raise CheckpointError(f"{path}: tensor {name!r} cannot be read ({e}); the file is corrupt") from None
+
+
+def save_safetensors(
+    tensors: dict[str, torch.Tensor],
+    directory: str,
+    max_shard_size: int | str = "5GB",
+    metadata: dict[str, str] | None = None,
+) -> list[str]:
+    """Write tensors as `model.safetensors`, or as `model-0000i-of-0000n.safetensors` shards plus an index
+    when they exceed `max_shard_size`. Returns the file names written."""
+    limit = parse_size(max_shard_size)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > limit:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += nbytes
+    metadata = {"format": "pt", **(metadata or {})}
+    if len(shards) == 1:
+        names = [SAFE_WEIGHTS_NAME]
+    else:
+        names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    os.makedirs(directory, exist_ok=True)
+    tmp_paths = []
+    try:
+        for name, shard in zip(names, shards):
+            tmp = os.path.join(directory, f".{name}.tmp-{os.getpid()}")
+            tmp_paths.append(tmp)
+            save_file({k: v.detach().contiguous().cpu() for k, v in shard.items()}, tmp, metadata=metadata)
+        index_text = None
+        if len(shards) > 1:
+            weight_map = {k: name for name, shard in zip(names, shards) for k in shard}
+            total = sum(t.numel() * t.element_size() for t in tensors.values())
+            index_text = json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+    except BaseException:
+        for tmp in tmp_paths:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        raise
+    # Everything is on disk: swap it in, and drop weight files of an earlier save that would now confuse a reader.
+    stale = {SAFE_WEIGHTS_NAME, SAFE_INDEX_NAME} | {
+        f for f in os.listdir(directory) if re.fullmatch(r"model-\d{5}-of-\d{5}\.safetensors", f)}
+    for f in stale - set(names):
+        os.remove(os.path.join(directory, f)) if os.path.exists(os.path.join(directory, f)) else None
+    for name, tmp in zip(names, tmp_paths):
+        os.replace(tmp, os.path.join(directory, name))
+    if index_text is not None:
+        with open(os.path.join(directory, SAFE_INDEX_NAME), "w", encoding="utf-8") as f:
+            f.write(index_text)
+        names.append(SAFE_INDEX_NAME)
+    return names

@@ -1,0 +1,1 @@
+"""Generation: logits processors and samplers, the decode loop, stopping rules and streaming."""

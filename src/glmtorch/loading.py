@@ -1,0 +1,254 @@
+"""`from_pretrained` / `save_pretrained` for every model class, as a mixin that receives the class, so this
+module never imports modeling.py.
+
+Loading builds the model on the meta device (no memory, no init), then streams the checkpoint tensor by
+tensor through its format's name table, converts each to the target dtype and device and assigns it in
+place of the meta parameter. At no point are there two copies of the weights.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .attention import check_attention_backend
+from .checkpoint.formats import TRANSFORMERS, WeightFormat
+from .checkpoint.resolve import CheckpointError, resolve_checkpoint
+from .checkpoint.safetensors_io import (
+    iter_tensor_names,
+    open_safetensors,
+    parse_dtype,
+    read_tensor,
+    save_safetensors,
+    weight_files,
+)
+from .config import CONFIG_NAME, GlmConfig, read_config_json
+from .device import infer_device
+
+_HEAD_TENSORS = ("lm_head.", "score.")
+
+
+def load_config(directory: str, **overrides: Any) -> tuple[GlmConfig, WeightFormat]:
+    """The config of a checkpoint directory and the name table of its format."""
+    from .checkpoint import detect_format
+
+    return detect_format(read_config_json(os.path.join(directory, CONFIG_NAME)), directory, **overrides)
+
+
+def resolve_device(device: Any = None, device_map: Any = None) -> torch.device:
+    if device is not None and device_map is not None:
+        raise ValueError("pass device= or device_map=, not both")
+    target = device if device is not None else device_map
+    if target is None:
+        return torch.device("cpu")
+    if target == "auto":
+        return torch.device(infer_device())
+    if isinstance(target, dict):
+        devices = set(target.values())
+        if len(devices) != 1:
+            raise ValueError(f"device_map={target!r}: glmtorch places the whole model on one device; spread a "
+                             "model over several with tensor parallelism (tp_size=) instead")
+        target = devices.pop()
+    if isinstance(target, int):
+        target = f"cuda:{target}"
+    try:
+        return torch.device(target)
+    except RuntimeError:
+        raise ValueError(f"device={target!r} is not a device torch knows (try 'cpu', 'cuda', 'cuda:1', 'mps')") from None
+
+
+class PretrainedMixin:
+    config: GlmConfig
+
+    @classmethod
+    def from_config(cls, config: GlmConfig, dtype: Any = None, device: Any = None,
+                    attn_implementation: str | None = None):
+        """A randomly initialised model (reference init: N(0, initializer_range))."""
+        dtype = parse_dtype(dtype)
+        model = cls(config)
+        model.init_weights()
+        model.to(device=resolve_device(device), dtype=dtype if isinstance(dtype, torch.dtype) else None)
+        model.set_attn_implementation(attn_implementation or "sdpa")
+        return model
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | os.PathLike,
+        *,
+        config: GlmConfig | None = None,
+        dtype: Any = "auto",
+        torch_dtype: Any = None,
+        device: Any = None,
+        device_map: Any = None,
+        attn_implementation: str | None = None,
+        trust_remote_code: bool | None = None,  # accepted and ignored: glmtorch never runs checkpoint code
+        progress: bool | None = None,
+        **config_overrides: Any,
+    ):
+        """Load a checkpoint directory (or hub id). `dtype`: torch dtype, a name ('bf16') or 'auto' (the
+        checkpoint's own). `device_map='auto'` puts the model on `infer_device()`."""
+        if torch_dtype is not None:
+            dtype = torch_dtype
+        dtype = parse_dtype(dtype)
+        target_device = resolve_device(device, device_map)
+        attn_implementation = check_attention_backend(attn_implementation or "sdpa", target_device)
+        directory = resolve_checkpoint(path)
+        files = weight_files(directory)
+        file_config, fmt = load_config(directory, **config_overrides)
+        config = config or file_config
+        if dtype == "auto" or dtype is None:
+            dtype = _checkpoint_dtype(config, files) if dtype == "auto" else torch.float32
+
+        with torch.device("meta"):
+            model = cls(config)
+        load_weights(model, files, fmt, dtype, target_device, progress)
+        model.set_attn_implementation(attn_implementation)
+        model.eval()
+        model.name_or_path = os.fspath(path)
+        _attach_generation_config(model, directory)
+        return model
+
+    def save_pretrained(self, directory: str | os.PathLike, max_shard_size: int | str = "5GB",
+                        safe_serialization: bool = True) -> None:
+        """config.json + model.safetensors (or shards and an index), readable by transformers too."""
+        if not safe_serialization:
+            raise ValueError("glmtorch writes safetensors only (pickle-based .bin files can run code on load)")
+        directory = os.fspath(directory)
+        tensors = {}
+        seen = set()
+        for name, p in self.state_dict(keep_vars=True).items():
+            if id(p) in seen:  # a tied LM head is stored once, as the embedding
+                continue
+            seen.add(id(p))
+            tensors[name] = p.detach()
+        config = self.config.copy(architectures=[type(self).__name__],
+                                  dtype=str(self.dtype).removeprefix("torch."))
+        names = save_safetensors(tensors, directory, max_shard_size)
+        config.save_pretrained(directory)
+        generation_config = getattr(self, "generation_config", None)
+        if generation_config is not None:
+            generation_config.save_pretrained(directory)
+        return names
+
+
+def load_weights(model: nn.Module, files: list[str], fmt: WeightFormat, dtype: torch.dtype,
+                 device: torch.device, progress: bool | None = None) -> list[str]:
+    """Stream tensors from `files` into `model`'s meta parameters through `fmt`'s table. Raises one
+    CheckpointError listing every unknown, unexpected, duplicate or mis-shaped tensor, and every missing one
+    (a classification head's fresh `score` layer excepted, with a warning). Returns the names loaded."""
+    prefix = model.base_model_prefix
+    params = dict(model.named_parameters(remove_duplicate=False))
+    tied = getattr(model.config, "tie_word_embeddings", False) and "lm_head.weight" in params
+    problems: list[str] = []
+    loaded: dict[str, str] = {}  # our name -> the stored name it came from
+    entries = list(iter_tensor_names(files))
+    bar = tqdm(total=len(entries), desc="Loading weights", unit="tensor", disable=_quiet(progress))
+    handles = {}
+    for path, stored, _ in entries:
+        bar.update()
+        mapped = fmt.map_name(stored)
+        if mapped is None:
+            problems.append(f"unexpected tensor {stored!r} (in {os.path.basename(path)}): the "
+                            f"{fmt.name} format has no such weight")
+            continue
+        targets, transform = mapped
+        targets = [_to_model_name(t, prefix) for t in targets]
+        if tied:
+            targets = [t if t != "lm_head.weight" else None for t in targets]
+        if not any(t is not None and t in params for t in targets) and all(
+                t is None or t.startswith(_HEAD_TENSORS) for t in targets):
+            continue  # a head this class does not have (an LM checkpoint loaded as GlmModel, say) or a dropped name
+        handle = handles.get(path) or handles.setdefault(path, open_safetensors(path))
+        tensor = read_tensor(handle, path, stored)
+        parts = transform(tensor, model.config) if transform else (tensor,)
+        for target, part in zip(targets, parts):
+            if target is None:
+                continue
+            if target not in params:
+                problems.append(f"unexpected tensor {stored!r}: the model has no parameter {target!r}")
+                continue
+            if target in loaded:
+                problems.append(f"{target!r} is given twice, by {loaded[target]!r} and {stored!r}")
+                continue
+            expected = tuple(params[target].shape)
+            if tuple(part.shape) != expected:
+                problems.append(f"tensor {stored!r} has shape {tuple(part.shape)}, but {target!r} needs {expected} "
+                                "(config.json does not match the weights)")
+                continue
+            _assign(model, target, part.to(device=device, dtype=dtype))
+            loaded[target] = stored
+    bar.close()
+    missing = [n for n in dict(model.named_parameters()) if n not in loaded and not (tied and n == "lm_head.weight")]
+    fresh_heads = [n for n in missing if n.startswith("score.")]
+    missing = [n for n in missing if n not in fresh_heads]
+    if missing:
+        problems.append(f"missing tensors: {', '.join(missing[:20])}" + (" ..." if len(missing) > 20 else ""))
+    if problems:
+        raise CheckpointError(f"checkpoint {os.path.dirname(files[0])} does not match {type(model).__name__}:\n  "
+                              + "\n  ".join(problems[:30]))
+    if fresh_heads:
+        warnings.warn(f"{type(model).__name__}: {', '.join(fresh_heads)} not in the checkpoint; initialised "
+                      "randomly. Train this head before using its outputs.", stacklevel=3)
+        std = model.config.initializer_range
+        for name in fresh_heads:
+            shape = params[name].shape
+            init = torch.zeros(shape) if name.endswith("bias") else torch.empty(shape).normal_(0.0, std)
+            _assign(model, name, init.to(device=device, dtype=dtype))
+    model.tie_weights()
+    _check_materialised(model)
+    return list(loaded)
+
+
+def _to_model_name(target: str, prefix: str) -> str:
+    """Format tables speak the LM's names ("model.layers.0..."); the bare GlmModel has no "model." prefix."""
+    if prefix == "" and target.startswith("model."):
+        return target[len("model."):]
+    return target
+
+
+def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    module_name, _, leaf = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    setattr(module, leaf, nn.Parameter(tensor, requires_grad=tensor.is_floating_point()))
+
+
+def _check_materialised(model: nn.Module) -> None:
+    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if left:
+        raise CheckpointError(f"internal error: tensors left unloaded: {left}")
+
+
+def _checkpoint_dtype(config: GlmConfig, files: list[str]) -> torch.dtype:
+    if config.dtype:
+        return parse_dtype(config.dtype)
+    for path in files:  # the first floating tensor decides
+        handle = open_safetensors(path)
+        for name in handle.keys():
+            dtype = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}.get(
+                handle.get_slice(name).get_dtype())
+            if dtype is not None:
+                return dtype
+    return torch.float32
+
+
+def _attach_generation_config(model: nn.Module, directory: str) -> None:
+    path = os.path.join(directory, "generation_config.json")
+    try:
+        from .generation.config import GenerationConfig
+    except ImportError:  # pragma: no cover - generation is part of the package
+        return
+    if os.path.isfile(path):
+        model.generation_config = GenerationConfig.from_file(path)
+    else:
+        model.generation_config = GenerationConfig.from_model_config(model.config)
+
+
+def _quiet(progress: bool | None) -> bool | None:
+    """tqdm's `disable`: None hides the bar when stderr is not a terminal."""
+    return None if progress is None else not progress

@@ -1,0 +1,420 @@
+"""The GLM model family: the math and nothing else (no files, no sampling, no processes).
+
+GLM-4 is a Llama-style decoder. What differs from Llama, kept visible here:
+  1. partial, interleaved RoPE: only the first `rotary_dim = head_dim * partial_rotary_factor` channels
+     of each head are rotated (half of them for GLM-4), and they rotate in adjacent pairs (x0, x1),
+     (x2, x3), ... instead of Llama's two halves;
+  2. the MLP's gate and up projections are one fused `gate_up_proj` matrix, split by `chunk`;
+  3. q/k/v projections carry a bias (`attention_bias`), o_proj never does;
+  4. the LM head is untied from the embedding by default.
+
+Shapes: B batch, T new tokens, S key length (cached + new), H query heads, KV key/value heads, D head_dim.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .attention import ATTENTION_BACKENDS, check_attention_backend
+from .cache import DynamicCache, make_attention_mask
+from .config import GlmConfig
+from .generation.mixin import GenerationMixin
+from .loading import PretrainedMixin
+from .losses import causal_lm_loss, sequence_classification_loss, token_classification_loss
+from .outputs import (
+    BaseModelOutputWithPast,
+    CausalLMOutputWithPast,
+    SequenceClassifierOutputWithPast,
+    TokenClassifierOutput,
+)
+
+ACTIVATIONS = {
+    "silu": F.silu,
+    "swish": F.silu,
+    "gelu": F.gelu,
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_fast": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+}
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 and cast back before the scale, exactly as the reference does.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables for the rotated part of each head, one frequency per adjacent channel pair."""
+
+    def __init__(self, config: GlmConfig) -> None:
+        super().__init__()
+        dim = config.rotary_dim
+        # Built on the CPU even when the model is built on meta: it is computed, never loaded.
+        inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float, device="cpu") / dim))
+        if config.rope_scaling and config.rope_scaling["rope_type"] == "linear":
+            inv_freq = inv_freq / config.rope_scaling["factor"]
+        # A plain attribute, not a buffer: `model.to(torch.bfloat16)` must not round the frequencies.
+        self.inv_freq = inv_freq
+
+    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.inv_freq.device != position_ids.device:  # follows the model to its device, once
+            self.inv_freq = self.inv_freq.to(position_ids.device)
+        freqs = position_ids[..., None].float() * self.inv_freq  # (B|1, T, rotary_dim / 2)
+        # Each frequency serves a pair of adjacent channels: [f0, f0, f1, f1, ...].
+        cos = freqs.cos().to(dtype).repeat_interleave(2, dim=-1)[:, None]  # (B|1, 1, T, rotary_dim)
+        sin = freqs.sin().to(dtype).repeat_interleave(2, dim=-1)[:, None]
+        return cos, sin
+
+
+def rotate_pairs(x: torch.Tensor) -> torch.Tensor:
+    """(x0, x1, x2, x3, ...) -> (-x1, x0, -x3, x2, ...): a quarter turn of each adjacent pair."""
+    return torch.stack((-x[..., 1::2], x[..., 0::2]), dim=-1).flatten(-2)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the first `rotary_dim` channels of every head; the rest pass through unchanged."""
+    rotary_dim = cos.shape[-1]
+    x_rot, x_pass = x[..., :rotary_dim], x[..., rotary_dim:]
+    return torch.cat([x_rot * cos + rotate_pairs(x_rot) * sin, x_pass], dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: GlmConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.scale = config.head_dim ** -0.5
+        self.dropout = config.attention_dropout
+        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=config.attention_bias)
+        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=config.attention_bias)
+        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=config.attention_bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
+        self.attend = ATTENTION_BACKENDS["sdpa"]
+
+    def forward(self, x, rope, mask, cache, cache_position, need_weights=False):
+        B, T, _ = x.shape
+        # Head counts come from the weights, so a tensor-parallel shard (fewer heads per rank) runs as is.
+        q = self.q_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, KV, T, D)
+        v = self.v_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, KV, T, D)
+        cos, sin = rope
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v, cache_position)  # (B, KV, S, D)
+        dropout = self.dropout if self.training else 0.0
+        out, probs = self.attend(q, k, v, mask, self.scale, dropout, need_weights)  # (B, T, H, D)
+        return self.o_proj(out.reshape(B, T, -1)), probs
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GlmConfig) -> None:
+        super().__init__()
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.act = ACTIVATIONS[config.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # fused projection: [gate | up]
+        return self.down_proj(up * self.act(gate))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: GlmConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, layer_idx)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, rope, mask, cache, cache_position, need_weights=False):
+        h, probs = self.self_attn(self.input_layernorm(x), rope, mask, cache, cache_position, need_weights)
+        x = x + h
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return x, probs
+
+
+class GlmPreTrainedModel(nn.Module, PretrainedMixin):
+    """What every GLM model class shares: its config, weight init and the attention backend switch."""
+
+    config_class = GlmConfig
+    base_model_prefix = "model"
+
+    def __init__(self, config: GlmConfig) -> None:
+        super().__init__()
+        if not isinstance(config, GlmConfig):
+            raise TypeError(f"{type(self).__name__} needs a GlmConfig, got {type(config).__name__}")
+        if config.pad_token_id is not None and not 0 <= config.pad_token_id < config.vocab_size:
+            raise ValueError(f"GlmConfig.pad_token_id={config.pad_token_id} is outside the vocabulary "
+                             f"(vocab_size={config.vocab_size}); set pad_token_id to a valid id or None")
+        self.config = config
+        self.attn_implementation = "sdpa"
+
+    def init_weights(self) -> None:
+        """Random init as the reference: N(0, initializer_range) matrices, zero biases, unit norms."""
+        std = self.config.initializer_range
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, 0.0, std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, 0.0, std)
+                if module.padding_idx is not None:
+                    module.weight.data[module.padding_idx].zero_()
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+
+    def set_attn_implementation(self, name: str) -> None:
+        name = check_attention_backend(name, self.device)
+        for module in self.modules():
+            if isinstance(module, Attention):
+                module.attend = ATTENTION_BACKENDS[name]
+        self.attn_implementation = name
+
+    def tie_weights(self) -> None:
+        """Point the LM head at the embedding matrix when the config ties them (no-op otherwise)."""
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.get_submodule(self.base_model_prefix).embed_tokens if self.base_model_prefix else self.embed_tokens
+
+    def gradient_checkpointing_enable(self) -> None:
+        self.get_base_model().gradient_checkpointing = True
+
+    def gradient_checkpointing_disable(self) -> None:
+        self.get_base_model().gradient_checkpointing = False
+
+    def get_base_model(self) -> "GlmModel":
+        return self.get_submodule(self.base_model_prefix) if self.base_model_prefix else self
+
+
+class GlmModel(GlmPreTrainedModel):
+    """Embedding -> N x [norm -> attention (+KV cache) -> norm -> MLP] -> norm."""
+
+    base_model_prefix = ""
+
+    def __init__(self, config: GlmConfig) -> None:
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(config)
+        self.gradient_checkpointing = False
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values=None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        cache_position: torch.LongTensor | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ):
+        x = self._embed(input_ids, inputs_embeds)  # (B, T, hidden)
+        B, T = x.shape[:2]
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache()
+        cache = past_key_values
+        past = cache.get_seq_length() if cache is not None else 0
+        if cache_position is None:
+            cache_position = torch.arange(past, past + T, device=x.device)
+        if position_ids is None:
+            position_ids = cache_position if cache_position.dim() == 2 else cache_position[None]
+        kv_length = cache.kv_length(T) if cache is not None else T
+        mask = self._mask(attention_mask, cache_position, kv_length, past, B, T)
+
+        rope = self.rotary_emb(position_ids, x.dtype)
+        hidden_states: list[torch.Tensor] = []
+        attentions: list[torch.Tensor] = []
+        for layer in self.layers:
+            if output_hidden_states:
+                hidden_states.append(x)
+            if self.gradient_checkpointing and self.training:
+                x, probs = checkpoint(layer, x, rope, mask, cache, cache_position, bool(output_attentions),
+                                      use_reentrant=False)
+            else:
+                x, probs = layer(x, rope, mask, cache, cache_position, bool(output_attentions))
+            if output_attentions:
+                attentions.append(probs)
+        x = self.norm(x)
+        if output_hidden_states:
+            hidden_states.append(x)
+        if cache is not None:
+            cache.advance(T)
+        out = BaseModelOutputWithPast(
+            last_hidden_state=x,
+            past_key_values=cache if use_cache else None,
+            hidden_states=tuple(hidden_states) if output_hidden_states else None,
+            attentions=tuple(attentions) if output_attentions else None,
+        )
+        return out if return_dict is not False else out.to_tuple()
+
+    def _embed(self, input_ids, inputs_embeds) -> torch.Tensor:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is not None:
+            if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.config.hidden_size:
+                raise ValueError(f"inputs_embeds must be (batch, seq, {self.config.hidden_size}), "
+                                 f"got {tuple(inputs_embeds.shape)}")
+            return inputs_embeds
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}; "
+                             "add a batch dimension with input_ids[None]")
+        if input_ids.shape[1] == 0:
+            raise ValueError("input_ids is empty: give at least one token")
+        if not torch.compiler.is_compiling():
+            lo, hi = int(input_ids.min()), int(input_ids.max())
+            if lo < 0 or hi >= self.config.vocab_size:
+                bad = hi if hi >= self.config.vocab_size else lo
+                raise ValueError(f"token id {bad} is out of range for this model's vocabulary "
+                                 f"(vocab_size={self.config.vocab_size}); the tokenizer and the model do not match")
+        return self.embed_tokens(input_ids)
+
+    def _mask(self, attention_mask, cache_position, kv_length, past, B, T):
+        """None (plain causal, the fast path of every backend) when nothing is padded and the new tokens
+        are the last ones of a contiguous prefix; else an explicit boolean mask."""
+        if attention_mask is not None:
+            if attention_mask.dim() != 2 or attention_mask.shape[0] != B:
+                raise ValueError(f"attention_mask must be (batch, past + new tokens) = ({B}, {past + T}), "
+                                 f"got {tuple(attention_mask.shape)}")
+            if attention_mask.shape[1] < past + T:
+                raise ValueError(f"attention_mask covers {attention_mask.shape[1]} positions but the cache "
+                                 f"holds {past} and {T} are new: it must cover all {past + T}")
+            if not torch.compiler.is_compiling() and bool(attention_mask.all()):
+                attention_mask = None
+        contiguous = cache_position.dim() == 1 and kv_length == past + T and (T == 1 or past == 0)
+        if attention_mask is None and contiguous:
+            return None
+        return make_attention_mask(cache_position, kv_length, attention_mask)
+
+
+class GlmForCausalLM(GlmPreTrainedModel, GenerationMixin):
+    def __init__(self, config: GlmConfig) -> None:
+        super().__init__(config)
+        self.model = GlmModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        past_key_values=None,
+        inputs_embeds=None,
+        labels=None,
+        use_cache=None,
+        cache_position=None,
+        logits_to_keep: int | torch.Tensor = 0,
+        output_hidden_states=None,
+        output_attentions=None,
+        return_dict=None,
+        **kwargs,
+    ):
+        out = self.model(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache,
+                         cache_position, output_hidden_states, output_attentions, return_dict=True)
+        h = out.last_hidden_state
+        if isinstance(logits_to_keep, int):
+            h = h[:, -logits_to_keep:] if logits_to_keep > 0 else h  # 0 keeps every position
+        else:
+            h = h[:, logits_to_keep]
+        logits = self.lm_head(h)  # (B, T_kept, vocab)
+        loss = None
+        if labels is not None:
+            loss = causal_lm_loss(logits, labels, num_items_in_batch=kwargs.get("num_items_in_batch"))
+        result = CausalLMOutputWithPast(loss, logits, out.past_key_values, out.hidden_states, out.attentions)
+        return result if return_dict is not False else result.to_tuple()
+
+
+class GlmForSequenceClassification(GlmPreTrainedModel):
+    """Scores the last real token of each row (the rightmost that is not padding)."""
+
+    def __init__(self, config: GlmConfig) -> None:
+        super().__init__(config)
+        self.model = GlmModel(config)
+        self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                inputs_embeds=None, labels=None, use_cache=None, cache_position=None,
+                output_hidden_states=None, output_attentions=None, return_dict=None, **kwargs):
+        out = self.model(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache,
+                         cache_position, output_hidden_states, output_attentions, return_dict=True)
+        logits = self.score(out.last_hidden_state)  # (B, T, num_labels)
+        B = logits.shape[0]
+        pad = self.config.pad_token_id
+        if pad is None and B != 1:
+            raise ValueError("a batch of more than one row needs config.pad_token_id to find each row's last token")
+        if pad is None or input_ids is None:
+            last = torch.full((B,), -1, device=logits.device)
+        else:
+            # Rightmost non-pad token; works for left and right padding alike.
+            positions = torch.arange(input_ids.shape[1], device=logits.device)
+            last = (positions * (input_ids != pad).to(logits.device, torch.long)).argmax(-1)
+        pooled = logits[torch.arange(B, device=logits.device), last]  # (B, num_labels)
+        loss = None
+        if labels is not None:
+            loss = sequence_classification_loss(pooled, labels, self.config.num_labels, self.config.problem_type)
+        result = SequenceClassifierOutputWithPast(loss, pooled, out.past_key_values, out.hidden_states,
+                                                  out.attentions)
+        return result if return_dict is not False else result.to_tuple()
+
+
+class GlmForTokenClassification(GlmPreTrainedModel):
+    def __init__(self, config: GlmConfig) -> None:
+        super().__init__(config)
+        self.model = GlmModel(config)
+        dropout = config.classifier_dropout if config.classifier_dropout is not None else 0.1
+        self.dropout = nn.Dropout(dropout)
+        self.score = nn.Linear(config.hidden_size, config.num_labels, bias=True)
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                inputs_embeds=None, labels=None, use_cache=None, cache_position=None,
+                output_hidden_states=None, output_attentions=None, return_dict=None, **kwargs):
+        out = self.model(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache,
+                         cache_position, output_hidden_states, output_attentions, return_dict=True)
+        logits = self.score(self.dropout(out.last_hidden_state))  # (B, T, num_labels)
+        loss = None
+        if labels is not None:
+            loss = token_classification_loss(logits, labels)
+        result = TokenClassifierOutput(loss, logits, out.hidden_states, out.attentions)
+        return result if return_dict is not False else result.to_tuple()
+
+
+MODEL_CLASSES = {
+    cls.__name__: cls
+    for cls in (GlmModel, GlmForCausalLM, GlmForSequenceClassification, GlmForTokenClassification)
+}
