@@ -174,7 +174,7 @@ class GlmConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any], **overrides: Any) -> "GlmConfig":
         data = {**copy.deepcopy(data), **overrides}
-        model_type = data.get("model_type", "glm")
+        model_type = data.pop("model_type", "glm")
         if model_type != "glm":
             raise ConfigError(f"config has model_type={model_type!r}; GlmConfig reads 'glm' configs "
                               "(use glmtorch.AutoConfig for other GLM checkpoint formats)")
@@ -203,7 +203,7 @@ class GlmConfig:
             raise ConfigError(f"config.json is malformed: {e}") from None
 
     def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {k: v for k, v in self.extra.items() if k not in ("model_type",)}
+        out: dict[str, Any] = dict(self.extra)
         for f in dataclasses.fields(self):
             if f.name in ("extra", "rope_scaling"):
                 continue

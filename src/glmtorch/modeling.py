@@ -242,6 +242,8 @@ class GlmModel(GlmPreTrainedModel):
         x = self._embed(input_ids, inputs_embeds)  # (B, T, hidden)
         B, T = x.shape[:2]
         use_cache = self.config.use_cache if use_cache is None else use_cache
+        if self.gradient_checkpointing and self.training:
+            use_cache = False  # recomputing a layer would write its keys into the cache a second time
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache()
         cache = past_key_values

@@ -1,0 +1,42 @@
+"""Every attention backend against eager (the reference) on the same inputs."""
+
+import pytest
+import torch
+
+from glmtorch.attention import ATTENTION_BACKENDS, eager_attention
+from glmtorch.cache import make_attention_mask
+
+
+def qkv(B=2, H=6, KV=2, T=5, S=5, D=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(B, H, T, D, generator=g), torch.randn(B, KV, S, D, generator=g),
+            torch.randn(B, KV, S, D, generator=g))
+
+
+@pytest.mark.parametrize("name", [n for n in ATTENTION_BACKENDS if n != "flash_attention_2"])
+@pytest.mark.parametrize("T,S,padded", [(5, 5, False), (1, 7, False), (5, 5, True), (3, 8, True)])
+def test_backend_matches_eager(name, T, S, padded):
+    q, k, v = qkv(T=T, S=S)
+    mask = None
+    if padded or T not in (1, S):
+        attention_mask = torch.ones(2, S, dtype=torch.long)
+        attention_mask[1, :2] = 0
+        mask = make_attention_mask(torch.arange(S - T, S), S, attention_mask if padded else None)
+    ref, _ = eager_attention(q, k, v, mask, 0.25)
+    out, probs = ATTENTION_BACKENDS[name](q, k, v, mask, 0.25)
+    assert probs is None and out.shape == (2, T, 6, 16)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_eager_probabilities_are_causal_and_normalised():
+    q, k, v = qkv()
+    _, probs = eager_attention(q, k, v, None, 0.25, need_weights=True)
+    assert torch.allclose(probs.sum(-1), torch.ones(2, 6, 5))
+    assert probs.triu(1).abs().max() == 0
+
+
+def test_mask_lets_padding_queries_see_themselves():
+    attention_mask = torch.tensor([[0, 0, 1, 1]])
+    mask = make_attention_mask(torch.arange(4), 4, attention_mask)[0, 0]
+    assert mask.tolist() == [[True, False, False, False], [False, True, False, False],
+                             [False, False, True, False], [False, False, True, True]]
