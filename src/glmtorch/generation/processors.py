@@ -1,0 +1,88 @@
+"""Logits processors: callables `(tokens, logits) -> logits`, each equal to transformers' processor of the
+same name on the same logits. `tokens` is the (B, L) history so far with left padding marked -1."""
+
+from __future__ import annotations
+
+import torch
+
+from .config import GenerationConfig
+
+NEG_INF = -float("inf")
+
+
+class RepetitionPenalty:
+    """Divide positive / multiply negative logits of every token already in the row's history."""
+
+    def __init__(self, penalty: float) -> None:
+        self.penalty = penalty
+
+    def __call__(self, tokens: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        vocab = logits.shape[-1]
+        seen = torch.zeros(logits.shape[0], vocab + 1, dtype=torch.bool, device=logits.device)
+        ids = tokens.masked_fill((tokens < 0) | (tokens >= vocab), vocab)  # padding goes to a dropped column
+        seen.scatter_(1, ids, True)
+        penalised = torch.where(logits < 0, logits * self.penalty, logits / self.penalty)
+        return torch.where(seen[:, :vocab], penalised, logits)
+
+
+class Temperature:
+    def __init__(self, temperature: float) -> None:
+        self.temperature = temperature
+
+    def __call__(self, tokens: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        return logits / self.temperature
+
+
+class TopK:
+    def __init__(self, k: int) -> None:
+        self.k = k
+
+    def __call__(self, tokens: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        k = min(self.k, logits.shape[-1])
+        kth = torch.topk(logits, k).values[..., -1:]
+        return logits.masked_fill(logits < kth, NEG_INF)
+
+
+class TopP:
+    """Keep the smallest set of most likely tokens whose probabilities sum to at least p."""
+
+    def __init__(self, p: float) -> None:
+        self.p = p
+
+    def __call__(self, tokens: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        sorted_logits, order = torch.sort(logits, descending=False)
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        drop_sorted = cumulative <= (1 - self.p)
+        drop_sorted[..., -1:] = False  # the most likely token always stays
+        drop = drop_sorted.scatter(1, order, drop_sorted)
+        return logits.masked_fill(drop, NEG_INF)
+
+
+class MinP:
+    """Drop tokens less likely than min_p times the most likely token."""
+
+    def __init__(self, min_p: float) -> None:
+        self.min_p = min_p
+
+    def __call__(self, tokens: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        probs = torch.softmax(logits, dim=-1)
+        drop = probs < self.min_p * probs.amax(dim=-1, keepdim=True)
+        drop.scatter_(-1, probs.argmax(dim=-1, keepdim=True), False)
+        return logits.masked_fill(drop, NEG_INF)
+
+
+def make_processors(config: GenerationConfig) -> list:
+    """The processors a config asks for, in transformers' order (penalty, then the sampling warpers)."""
+    processors: list = []
+    if config.repetition_penalty is not None and config.repetition_penalty != 1.0:
+        processors.append(RepetitionPenalty(config.repetition_penalty))
+    if config.do_sample:
+        if config.temperature is not None and config.temperature != 1.0:
+            processors.append(Temperature(config.temperature))
+        if config.top_k:
+            processors.append(TopK(config.top_k))
+        if config.top_p is not None and config.top_p < 1.0:
+            processors.append(TopP(config.top_p))
+        if config.min_p:
+            processors.append(MinP(config.min_p))
+    return processors

@@ -1,0 +1,143 @@
+"""Streaming text: an incremental detokenizer that never emits half a character, a streamer for
+`generate(streamer=...)` usable from another thread, and `stream_text` for the CLI and server, which holds
+back text that may be the start of a stop string."""
+
+from __future__ import annotations
+
+import queue
+from collections.abc import Iterator
+
+import torch
+
+from .stopping import find_stop, partial_stop_length
+
+
+class StreamingDetokenizer:
+    """Turns tokens into text pieces as they arrive.
+
+    Decodes a short window (prefix_offset:) and emits what follows the already-emitted part once it no longer
+    ends in U+FFFD (an incomplete UTF-8 sequence); the window keeps tokenizers whose pieces depend on their
+    left neighbour (SentencePiece spaces) right.
+    """
+
+    def __init__(self, tokenizer, skip_special_tokens: bool = True) -> None:
+        self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
+        self.tokens: list[int] = []
+        self.prefix_offset = 0
+        self.read_offset = 0
+        self.text = ""
+
+    def add_token(self, token: int) -> str:
+        """Add one token; return the new text it completes (possibly "")."""
+        self.tokens.append(int(token))
+        decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)  # noqa: E731
+        prefix = decode(self.tokens[self.prefix_offset:self.read_offset])
+        current = decode(self.tokens[self.prefix_offset:])
+        if len(current) > len(prefix) and not current.endswith("\ufffd"):
+            piece = current[len(prefix):]
+            self.prefix_offset, self.read_offset = self.read_offset, len(self.tokens)
+            self.text += piece
+            return piece
+        return ""
+
+    def finalize(self) -> str:
+        """Whatever is left, even an incomplete character (as the replacement character)."""
+        decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)  # noqa: E731
+        prefix = decode(self.tokens[self.prefix_offset:self.read_offset])
+        current = decode(self.tokens[self.prefix_offset:])
+        piece = current[len(prefix):] if len(current) > len(prefix) else ""
+        self.prefix_offset = self.read_offset = len(self.tokens)
+        self.text += piece
+        return piece
+
+
+class TextIteratorStreamer:
+    """Pass to `generate(streamer=...)` running in a thread; iterate it elsewhere to get text pieces.
+
+        streamer = TextIteratorStreamer(tokenizer, skip_prompt=True)
+        Thread(target=model.generate, kwargs=dict(input_ids=ids, streamer=streamer)).start()
+        for piece in streamer: print(piece, end="")
+    """
+
+    _END = object()
+
+    def __init__(self, tokenizer, skip_prompt: bool = False, timeout: float | None = None,
+                 skip_special_tokens: bool = True) -> None:
+        self.detokenizer = StreamingDetokenizer(tokenizer, skip_special_tokens)
+        self.skip_prompt = skip_prompt
+        self.timeout = timeout
+        self.queue: queue.Queue = queue.Queue()
+        self._prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        ids = value.reshape(-1).tolist() if isinstance(value, torch.Tensor) else list(value)
+        if self.skip_prompt and not self._prompt_seen:
+            self._prompt_seen = True
+            return
+        for token in ids:
+            piece = self.detokenizer.add_token(token)
+            if piece:
+                self.queue.put(piece)
+
+    def end(self) -> None:
+        piece = self.detokenizer.finalize()
+        if piece:
+            self.queue.put(piece)
+        self.queue.put(self._END)
+
+    def __iter__(self) -> Iterator[str]:
+        while True:
+            item = self.queue.get(timeout=self.timeout)
+            if item is self._END:
+                return
+            yield item
+
+
+def stream_text(model, tokenizer, input_ids: torch.Tensor, stop_strings: list[str] | None = None,
+                **generate_kwargs) -> Iterator[tuple[str, str | None]]:
+    """Generate for one prompt, yielding (text piece, None) as text becomes final, then ("", finish_reason)
+    with finish_reason "stop" (an end-of-sequence token or stop string) or "length".
+
+    Text that could be the start of a stop string is held back until it is known not to be one, and the stop
+    string itself is never shown.
+    """
+    from .loop import decode_tokens
+    from .sampling import make_generator
+
+    base = model.generation_config
+    generator = generate_kwargs.pop("generator", None)
+    seed = generate_kwargs.pop("seed", None)
+    config = base.updated(**generate_kwargs)
+    input_ids, attention_mask = model._check_prompt(input_ids, None, config)
+    if input_ids.shape[0] != 1:
+        raise ValueError("stream_text streams one prompt at a time")
+    max_new_tokens = model._room_for_new_tokens(input_ids.shape[1], config)
+    generator = generator or make_generator(seed, input_ids.device)
+    stops = list(stop_strings or [])
+    eos = set(config.eos_token_ids)
+    detok = StreamingDetokenizer(tokenizer)
+    shown = 0  # characters of detok.text already yielded
+    reason = "length"
+    for tokens, _, _ in decode_tokens(model, input_ids, attention_mask, config, max_new_tokens, generator):
+        token = int(tokens[0])
+        if token in eos:
+            reason = "stop"
+            break
+        detok.add_token(token)
+        cut = find_stop(detok.text, stops) if stops else -1
+        if cut >= 0:
+            if cut > shown:
+                yield detok.text[shown:cut], None
+            yield "", "stop"
+            return
+        safe = len(detok.text) - (partial_stop_length(detok.text, stops) if stops else 0)
+        if safe > shown:
+            yield detok.text[shown:safe], None
+            shown = safe
+    detok.finalize()
+    cut = find_stop(detok.text, stops) if stops else -1
+    end = cut if cut >= 0 else len(detok.text)
+    if end > shown:
+        yield detok.text[shown:end], None
+    yield "", "stop" if cut >= 0 else reason
