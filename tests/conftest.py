@@ -76,3 +76,76 @@ def hf_checkpoint(tmp_path, config_name):
 def gqa_checkpoint(tmp_path_factory):
     model = make_hf_model(**CONFIGS["gqa"])
     return model, save_hf(model, tmp_path_factory.mktemp("gqa"))
+
+
+# -- tokenizers ---------------------------------------------------------------------------------------------
+TOKENIZER_TEXT = [
+    "To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer",
+    "The slings and arrows of outrageous fortune, or to take arms against a sea of troubles.",
+    "Hello world! GLM-4 speaks 中文 and English; numbers 12345 and 3.14159 too.",
+    "def add(a, b):\n    return a + b\n\n# tabs\tand  spaces   here",
+    "Emoji 🙂 and accents: café, naïve, Ünïcödé. 你好，世界！今天天气很好。",
+    '{"city": "Paris", "unit": "celsius"} get_weather\n',
+] * 4
+
+
+def build_bpe_tokenizer(vocab_size: int = 400):
+    """A small byte-level BPE with GLM-4's split pattern and special tokens (ids right after the merges)."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from glmtorch.tokenizer import GLM4_SPECIAL_TOKENS, GLM4_SPLIT_PATTERN
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(GLM4_SPLIT_PATTERN), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator(TOKENIZER_TEXT, trainer)
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in GLM4_SPECIAL_TOKENS])
+    return tok
+
+
+def write_tiktoken_file(tok, path) -> None:
+    """The same vocabulary as THUDM's tokenizer.model: base64 token bytes and rank per line."""
+    import base64
+
+    from glmtorch.tokenizer import _bytes_to_unicode
+
+    char_byte = {c: b for b, c in _bytes_to_unicode().items()}
+    specials = set(tok.get_added_tokens_decoder())
+    with open(path, "w") as f:
+        for token, rank in sorted(tok.get_vocab(with_added_tokens=False).items(), key=lambda kv: kv[1]):
+            if rank in specials:
+                continue
+            f.write(f"{base64.b64encode(bytes(char_byte[c] for c in token)).decode()} {rank}\n")
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory):
+    """tokenizer.json + tokenizer_config.json (no chat template: the built-in GLM-4 one applies)."""
+    from glmtorch import GlmTokenizer
+
+    path = tmp_path_factory.mktemp("tokenizer")
+    GlmTokenizer(build_bpe_tokenizer(), chat_template=None).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def chat_checkpoint(tmp_path_factory, tokenizer_dir):
+    """A transformers GLM whose vocabulary fits the test tokenizer, saved with it: (hf model, directory)."""
+    import shutil
+
+    from glmtorch import GlmTokenizer
+
+    tok = GlmTokenizer.from_pretrained(tokenizer_dir)
+    stops = tok.convert_tokens_to_ids(["<|endoftext|>", "<|user|>", "<|observation|>"])
+    model = make_hf_model(**{**CONFIGS["gqa"], "vocab_size": tok.vocab_size + 2, "eos_token_id": stops,
+                             "pad_token_id": stops[0]})
+    path = tmp_path_factory.mktemp("chat_ckpt")
+    save_hf(model, path)
+    for name in os.listdir(tokenizer_dir):
+        shutil.copy(tokenizer_dir / name, path / name)
+    return model, path

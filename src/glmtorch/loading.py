@@ -238,11 +238,9 @@ def _checkpoint_dtype(config: GlmConfig, files: list[str]) -> torch.dtype:
 
 
 def _attach_generation_config(model: nn.Module, directory: str) -> None:
-    path = os.path.join(directory, "generation_config.json")
-    try:
-        from .generation.config import GenerationConfig
-    except ImportError:  # pragma: no cover - generation is part of the package
-        return
+    from .generation.config import GENERATION_CONFIG_NAME, GenerationConfig
+
+    path = os.path.join(directory, GENERATION_CONFIG_NAME)
     if os.path.isfile(path):
         model.generation_config = GenerationConfig.from_file(path)
     else:

@@ -1,0 +1,326 @@
+"""`GlmTokenizer`: GLM-4's tokenizer over the `tokenizers` library.
+
+It reads what real checkpoints ship: `tokenizer.json` + `tokenizer_config.json` (+ `chat_template.jinja`),
+or THUDM's original `tokenizer.model`, a tiktoken-style list of "base64(token bytes) rank" lines, which is
+converted here into the same byte-level BPE (ranks become merges) with GLM-4's split pattern and special
+tokens. Padding is on the left by default, as generation wants.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+
+from .chat import default_chat_template, render_chat
+
+TOKENIZER_FILE = "tokenizer.json"
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+TIKTOKEN_FILE = "tokenizer.model"
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+
+# GLM-4's pre-tokenizer split (cl100k's), and its special tokens, numbered right after the ranks.
+GLM4_SPLIT_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                      r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+GLM4_SPECIAL_TOKENS = ("<|endoftext|>", "[MASK]", "[gMASK]", "[sMASK]", "<sop>", "<eop>", "<|system|>", "<|user|>",
+                       "<|assistant|>", "<|observation|>", "<|begin_of_image|>", "<|end_of_image|>",
+                       "<|begin_of_video|>", "<|end_of_video|>")
+
+
+class TokenizerError(ValueError):
+    """Tokenizer files that are missing or unreadable."""
+
+
+class BatchEncoding(dict):
+    """input_ids / attention_mask, by key or attribute; `.to(device)` moves every tensor."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def to(self, device: Any) -> "BatchEncoding":
+        return BatchEncoding({k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in self.items()})
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte-level alphabet: every byte as a printable character (what ByteLevel BPE vocabularies use)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(
+        range(ord("®"), ord("ÿ") + 1))
+    chars = printable[:]
+    n = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + n)
+            n += 1
+    return dict(zip(printable, map(chr, chars)))
+
+
+def read_tiktoken_ranks(path: str) -> dict[bytes, int]:
+    ranks: dict[bytes, int] = {}
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                token, rank = line.split()
+                ranks[base64.b64decode(token, validate=True)] = int(rank)
+            except ValueError:
+                raise TokenizerError(f"{path}:{number}: expected 'base64-token rank', got {line[:60]!r}; this is not "
+                                     "a tiktoken-style GLM-4 tokenizer.model") from None
+    if sorted(ranks.values()) != list(range(len(ranks))):
+        raise TokenizerError(f"{path}: token ranks are not 0..{len(ranks) - 1} without gaps")
+    return ranks
+
+
+def tokenizer_from_tiktoken(path: str, special_tokens: Sequence[str] = GLM4_SPECIAL_TOKENS,
+                            pattern: str = GLM4_SPLIT_PATTERN):
+    """Build the equivalent `tokenizers.Tokenizer` from a tiktoken-style rank file.
+
+    A token's rank is its merge priority, so each multi-byte token contributes the merges of its two parts
+    (both already tokens), ordered by the rank of the token they make.
+    """
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    ranks = read_tiktoken_ranks(path)
+    byte_char = _bytes_to_unicode()
+    as_text = lambda b: "".join(byte_char[x] for x in b)  # noqa: E731
+    vocab = {as_text(token): rank for token, rank in ranks.items()}
+    merges = []
+    for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
+        if len(token) < 2:
+            continue
+        pairs = [(token[:i], token[i:]) for i in range(1, len(token)) if token[:i] in ranks and token[i:] in ranks]
+        pairs.sort(key=lambda p: (ranks[p[0]], ranks[p[1]]))
+        merges.extend((as_text(a), as_text(b)) for a, b in pairs)
+    tok = Tokenizer(models.BPE(vocab, merges, fuse_unk=False, ignore_merges=True))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(pattern), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special_tokens])
+    return tok
+
+
+class GlmTokenizer:
+    def __init__(self, tokenizer, chat_template: str | None = None, eos_token: str | None = "<|endoftext|>",
+                 pad_token: str | None = None, padding_side: str = "left", model_max_length: int | None = None,
+                 name_or_path: str = "") -> None:
+        self.backend = tokenizer
+        self.chat_template = chat_template
+        self.padding_side = padding_side
+        self.model_max_length = model_max_length
+        self.name_or_path = name_or_path
+        self.eos_token = eos_token if eos_token is not None and self.backend.token_to_id(eos_token) is not None else None
+        pad_token = pad_token or self.eos_token
+        self.pad_token = pad_token if pad_token is not None and self.backend.token_to_id(pad_token) is not None else None
+        if padding_side not in ("left", "right"):
+            raise TokenizerError(f"padding_side={padding_side!r}: expected 'left' or 'right'")
+
+    # -- loading and saving ---------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, **overrides: Any) -> "GlmTokenizer":
+        from tokenizers import Tokenizer
+
+        directory = _tokenizer_directory(path)
+        settings = _read_json(os.path.join(directory, TOKENIZER_CONFIG_FILE)) or {}
+        json_path, tiktoken_path = os.path.join(directory, TOKENIZER_FILE), os.path.join(directory, TIKTOKEN_FILE)
+        if os.path.isfile(json_path):
+            try:
+                backend = Tokenizer.from_file(json_path)
+            except Exception as e:
+                raise TokenizerError(f"{json_path}: cannot be read ({e}); the file is corrupt") from None
+        elif os.path.isfile(tiktoken_path):
+            backend = tokenizer_from_tiktoken(tiktoken_path)
+        else:
+            raise TokenizerError(f"{directory}: no {TOKENIZER_FILE} or {TIKTOKEN_FILE}; this checkpoint ships no "
+                                 "tokenizer, pass the directory of one that does")
+        template = settings.get("chat_template")
+        if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
+            template = next((t["template"] for t in template if t.get("name") == "default"), template[0]["template"])
+        template_path = os.path.join(directory, CHAT_TEMPLATE_FILE)
+        if os.path.isfile(template_path):
+            with open(template_path, encoding="utf-8") as f:
+                template = f.read()
+        kwargs = dict(
+            chat_template=template,
+            eos_token=_token_text(settings.get("eos_token")) or "<|endoftext|>",
+            pad_token=_token_text(settings.get("pad_token")),
+            padding_side=settings.get("padding_side", "left"),
+            model_max_length=settings.get("model_max_length"),
+            name_or_path=os.fspath(path),
+        )
+        kwargs.update(overrides)
+        return cls(backend, **kwargs)
+
+    def save_pretrained(self, directory: str | os.PathLike) -> list[str]:
+        os.makedirs(directory, exist_ok=True)
+        self.backend.save(os.path.join(directory, TOKENIZER_FILE))
+        settings = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "eos_token": self.eos_token, "pad_token": self.pad_token, "padding_side": self.padding_side,
+            "clean_up_tokenization_spaces": False,
+            "added_tokens_decoder": {
+                str(i): {"content": t.content, "special": t.special, "lstrip": t.lstrip, "rstrip": t.rstrip,
+                         "normalized": t.normalized, "single_word": t.single_word}
+                for i, t in sorted(self.backend.get_added_tokens_decoder().items())},
+        }
+        if self.model_max_length:
+            settings["model_max_length"] = self.model_max_length
+        if self.chat_template:
+            settings["chat_template"] = self.chat_template
+            with open(os.path.join(directory, CHAT_TEMPLATE_FILE), "w", encoding="utf-8") as f:
+                f.write(self.chat_template)
+        with open(os.path.join(directory, TOKENIZER_CONFIG_FILE), "w", encoding="utf-8") as f:
+            json.dump(settings, f, indent=2, ensure_ascii=False)
+        return [TOKENIZER_FILE, TOKENIZER_CONFIG_FILE] + ([CHAT_TEMPLATE_FILE] if self.chat_template else [])
+
+    # -- ids -------------------------------------------------------------------------------------------
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    @property
+    def eos_token_id(self) -> int | None:
+        return self.backend.token_to_id(self.eos_token) if self.eos_token else None
+
+    @property
+    def pad_token_id(self) -> int | None:
+        return self.backend.token_to_id(self.pad_token) if self.pad_token else None
+
+    @property
+    def all_special_ids(self) -> list[int]:
+        return sorted(i for i, t in self.backend.get_added_tokens_decoder().items() if t.special)
+
+    def convert_tokens_to_ids(self, tokens: str | Iterable[str]) -> int | None | list[int | None]:
+        if isinstance(tokens, str):
+            return self.backend.token_to_id(tokens)
+        return [self.backend.token_to_id(t) for t in tokens]
+
+    def convert_ids_to_tokens(self, ids: int | Iterable[int]) -> str | None | list[str | None]:
+        if isinstance(ids, int):
+            return self.backend.id_to_token(ids)
+        return [self.backend.id_to_token(int(i)) for i in ids]
+
+    def stop_token_ids(self, eos_token_id: int | list[int] | None = None) -> set[int]:
+        """GLM-4 ends a turn with any of <|endoftext|>, <|user|>, <|observation|>: all three stop."""
+        ids = {i for i in (self.convert_tokens_to_ids(["<|endoftext|>", "<|user|>", "<|observation|>"])) if i is not None}
+        if self.eos_token_id is not None:
+            ids.add(self.eos_token_id)
+        if eos_token_id is not None:
+            ids.update([eos_token_id] if isinstance(eos_token_id, int) else eos_token_id)
+        return ids
+
+    # -- encode / decode -------------------------------------------------------------------------------
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        if not isinstance(text, str):
+            raise TypeError(f"encode() takes a string, got {type(text).__name__}")
+        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def __call__(self, text: str | list[str], return_tensors: str | None = None, padding: bool | str = False,
+                 truncation: bool = False, max_length: int | None = None, add_special_tokens: bool = True,
+                 padding_side: str | None = None, return_attention_mask: bool = True) -> BatchEncoding:
+        single = isinstance(text, str)
+        texts = [text] if single else list(text)
+        if not all(isinstance(t, str) for t in texts):
+            raise TypeError("the tokenizer takes a string or a list of strings")
+        rows = [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=add_special_tokens)]
+        if truncation:
+            limit = max_length or self.model_max_length
+            if limit:
+                rows = [r[:limit] if (padding_side or self.padding_side) == "right" else r[-limit:] for r in rows]
+        masks = [[1] * len(r) for r in rows]
+        lengths = {len(r) for r in rows}
+        if padding or (return_tensors and len(lengths) > 1):
+            if not padding:
+                raise ValueError("the texts have different lengths: pass padding=True to make a batch tensor")
+            target = max_length if padding == "max_length" and max_length else max(lengths)
+            if self.pad_token_id is None:
+                raise ValueError("this tokenizer has no pad token; set tokenizer.pad_token first")
+            side = padding_side or self.padding_side
+            for i, row in enumerate(rows):
+                fill = target - len(row)
+                if side == "left":
+                    rows[i], masks[i] = [self.pad_token_id] * fill + row, [0] * fill + masks[i]
+                else:
+                    rows[i], masks[i] = row + [self.pad_token_id] * fill, masks[i] + [0] * fill
+        if return_tensors == "pt":
+            out = BatchEncoding(input_ids=torch.tensor(rows, dtype=torch.long))
+            if return_attention_mask:
+                out["attention_mask"] = torch.tensor(masks, dtype=torch.long)
+            return out
+        if return_tensors is not None:
+            raise ValueError(f"return_tensors={return_tensors!r}: only 'pt' (PyTorch) is supported")
+        out = BatchEncoding(input_ids=rows[0] if single else rows)
+        if return_attention_mask:
+            out["attention_mask"] = masks[0] if single else masks
+        return out
+
+    def decode(self, ids: Sequence[int] | torch.Tensor, skip_special_tokens: bool = False) -> str:
+        if isinstance(ids, torch.Tensor):
+            ids = ids.reshape(-1).tolist()
+        return self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+    def batch_decode(self, sequences, skip_special_tokens: bool = False) -> list[str]:
+        return [self.decode(s, skip_special_tokens=skip_special_tokens) for s in sequences]
+
+    # -- chat ------------------------------------------------------------------------------------------
+    def apply_chat_template(self, messages: list[dict[str, Any]], tools: list[dict] | None = None,
+                            tokenize: bool = True, add_generation_prompt: bool = False,
+                            return_tensors: str | None = None, return_dict: bool = False,
+                            chat_template: str | None = None, **template_kwargs: Any):
+        """Render a conversation with the checkpoint's template (GLM-4's built-in one if it has none).
+        tokenize=False gives the text; otherwise ids (no extra special tokens: the template writes them)."""
+        template = chat_template or self.chat_template or default_chat_template()
+        text = render_chat(template, messages, tools=tools, add_generation_prompt=add_generation_prompt,
+                           eos_token=self.eos_token, pad_token=self.pad_token, **template_kwargs)
+        if not tokenize:
+            return text
+        encoded = self(text, return_tensors=return_tensors, add_special_tokens=False)
+        return encoded if return_dict else encoded["input_ids"]
+
+
+def _tokenizer_directory(path: str | os.PathLike) -> str:
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        return path
+    from .checkpoint.resolve import resolve_checkpoint
+
+    try:
+        return resolve_checkpoint(path, need_weights=False)
+    except ValueError as e:
+        raise TokenizerError(str(e)) from None
+
+
+def _read_json(path: str) -> dict | None:
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise TokenizerError(f"{path}: not valid JSON ({e})") from None
+
+
+def _token_text(value: Any) -> str | None:
+    """tokenizer_config.json spells a special token as a string or as {"content": ...}."""
+    if isinstance(value, dict):
+        return value.get("content")
+    return value
+
+
+class AutoTokenizer:
+    @staticmethod
+    def from_pretrained(path: str | os.PathLike, **kwargs: Any) -> GlmTokenizer:
+        kwargs.pop("trust_remote_code", None)
+        return GlmTokenizer.from_pretrained(path, **kwargs)

@@ -1,0 +1,174 @@
+"""generate(): greedy parity with transformers, processors, seeded sampling, stopping, streaming, validation."""
+
+import threading
+
+import pytest
+import torch
+
+import glmtorch
+from glmtorch import AutoModelForCausalLM, AutoTokenizer, TextIteratorStreamer, stream_text
+from glmtorch.generation import processors as P
+from glmtorch.generation.config import GenerationConfig
+from conftest import CONFIGS, make_hf_model, save_hf
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    ref = make_hf_model(**CONFIGS["mqa_wide_heads"])
+    path = save_hf(ref, tmp_path_factory.mktemp("gen"))
+    return ref, glmtorch.GlmForCausalLM.from_pretrained(path)
+
+
+def padded_prompts():
+    ids = torch.tensor([[0, 0, 0, 5, 6, 7, 8], [9, 10, 11, 12, 13, 14, 15], [0, 0, 0, 0, 0, 40, 41]])
+    return ids, (ids != 0).long()
+
+
+@pytest.mark.parametrize("eos", [[1, 2, 3], [1, 2, 3, 47, 81, 5]])
+def test_greedy_matches_transformers_left_padded_batch(pair, eos):
+    ref, ours = pair
+    ids, mask = padded_prompts()
+    kw = dict(attention_mask=mask, max_new_tokens=24, do_sample=False, eos_token_id=eos, pad_token_id=0)
+    expected = ref.generate(ids, **kw)
+    got = ours.generate(ids, **kw)
+    assert torch.equal(got, expected)
+
+
+def test_greedy_with_repetition_penalty_matches_transformers(pair):
+    ref, ours = pair
+    ids, mask = padded_prompts()
+    kw = dict(attention_mask=mask, max_new_tokens=16, do_sample=False, repetition_penalty=1.3, pad_token_id=0)
+    assert torch.equal(ours.generate(ids, **kw), ref.generate(ids, **kw))
+
+
+@pytest.mark.parametrize("ours,theirs", [
+    (P.RepetitionPenalty(1.7), "RepetitionPenaltyLogitsProcessor(1.7)"),
+    (P.Temperature(0.6), "TemperatureLogitsWarper(0.6)"),
+    (P.TopK(7), "TopKLogitsWarper(7)"),
+    (P.TopP(0.8), "TopPLogitsWarper(0.8)"),
+    (P.MinP(0.05), "MinPLogitsWarper(0.05)"),
+])
+def test_processor_matches_transformers(ours, theirs):
+    import transformers.generation.logits_process as lp
+
+    ref = eval(theirs, vars(lp))
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 200, generator=g) * 3
+    history = torch.randint(0, 200, (4, 12), generator=g)
+    assert torch.equal(ours(history, logits.clone()), ref(history, logits.clone()))
+
+
+def test_sampling_is_reproducible_and_top_k_1_is_greedy(pair):
+    _, ours = pair
+    ids = torch.tensor([[5, 6, 7, 8]])
+    a = ours.generate(ids, max_new_tokens=20, do_sample=True, temperature=1.5, top_p=0.95, seed=123)
+    b = ours.generate(ids, max_new_tokens=20, do_sample=True, temperature=1.5, top_p=0.95,
+                      generator=torch.Generator().manual_seed(123))
+    c = ours.generate(ids, max_new_tokens=20, do_sample=True, temperature=1.5, top_p=0.95, seed=124)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    greedy = ours.generate(ids, max_new_tokens=20, do_sample=False)
+    assert torch.equal(ours.generate(ids, max_new_tokens=20, do_sample=True, top_k=1, seed=5), greedy)
+
+
+def test_all_eos_ids_stop_and_finished_rows_are_padded(pair):
+    _, ours = pair
+    ids = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]])
+    free = ours.generate(ids, max_new_tokens=12, do_sample=False, eos_token_id=[], pad_token_id=0)
+    first_new = free[0, 4].item()
+    out = ours.generate(ids, max_new_tokens=12, do_sample=False, eos_token_id=[150, first_new], pad_token_id=0)
+    assert out[0, 4] == first_new and (out[0, 5:] == 0).all()
+
+
+def test_defaults_come_from_generation_config(tmp_path, pair):
+    ref, _ = pair
+    path = save_hf(ref, tmp_path / "gc")
+    GenerationConfig(max_new_tokens=3, eos_token_id=[1, 2, 3], pad_token_id=0).save_pretrained(path)
+    model = glmtorch.GlmForCausalLM.from_pretrained(path)
+    assert model.generation_config.max_new_tokens == 3
+    assert model.generation_config.eos_token_ids == [1, 2, 3]
+    assert model.generate(torch.tensor([[5, 6]]), eos_token_id=[]).shape == (1, 5)
+    assert model.generate(torch.tensor([[5, 6]]), eos_token_id=[], max_new_tokens=7).shape == (1, 9)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(do_sample=True, temperature=0.0), "temperature"),
+    (dict(top_p=0.0), "top_p"),
+    (dict(top_p=1.5), "top_p"),
+    (dict(max_new_tokens=0), "max_new_tokens"),
+    (dict(repetition_penalty=0), "repetition_penalty"),
+    (dict(top_k=-1), "top_k"),
+    (dict(min_p=2.0), "min_p"),
+    (dict(seed=-3), "seed"),
+    (dict(bogus=1), "bogus"),
+])
+def test_invalid_parameters_are_clear_errors(pair, kwargs, match):
+    _, ours = pair
+    with pytest.raises((ValueError, TypeError), match=match):
+        ours.generate(torch.tensor([[5, 6]]), **{"max_new_tokens": 2, **kwargs})
+
+
+def test_prompt_too_long_and_bad_ids(pair):
+    _, ours = pair
+    too_long = torch.ones(1, ours.config.max_position_embeddings + 1, dtype=torch.long)
+    with pytest.raises(ValueError, match="at most 256"):
+        ours.generate(too_long, max_new_tokens=1)
+    with pytest.raises(ValueError, match="out of range"):
+        ours.generate(torch.tensor([[5, 999]]), max_new_tokens=1)
+    with pytest.raises(ValueError, match="no room"):
+        ours.generate(torch.ones(1, 30, dtype=torch.long), max_length=20)
+
+
+def test_stop_strings_and_streaming(chat_checkpoint):
+    _, path = chat_checkpoint
+    model, tok = AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+    prompt = tok.apply_chat_template([{"role": "user", "content": "Hello"}], add_generation_prompt=True,
+                                     return_tensors="pt")
+    full = model.generate(prompt, max_new_tokens=30, eos_token_id=[], do_sample=False)
+    text = tok.decode(full[0, prompt.shape[1]:], skip_special_tokens=True)
+    assert len(text) > 6
+    stop = text[4:6]
+    stopped = model.generate(prompt, max_new_tokens=30, eos_token_id=[], stop_strings=[stop], tokenizer=tok)
+    stopped_text = tok.decode(stopped[0, prompt.shape[1]:], skip_special_tokens=True)
+    assert stop in stopped_text and text.startswith(stopped_text) and len(stopped_text) < len(text) + 1
+    with pytest.raises(ValueError, match="tokenizer"):
+        model.generate(prompt, max_new_tokens=3, stop_strings=["x"])
+
+    streamer = TextIteratorStreamer(tok, skip_prompt=True)
+    thread = threading.Thread(target=model.generate, kwargs=dict(input_ids=prompt, max_new_tokens=30, eos_token_id=[],
+                                                                 streamer=streamer))
+    thread.start()
+    pieces = list(streamer)
+    thread.join()
+    assert "".join(pieces) == text and len(pieces) > 1
+
+    shown = "".join(p for p, _ in stream_text(model, tok, prompt, max_new_tokens=30, eos_token_id=[]))
+    assert shown == text
+    events = list(stream_text(model, tok, prompt, stop_strings=[stop], max_new_tokens=30, eos_token_id=[]))
+    assert "".join(p for p, _ in events) == text[:text.index(stop)] and events[-1] == ("", "stop")
+
+
+def test_streaming_never_splits_a_character(tokenizer_dir):
+    from glmtorch.generation.streaming import StreamingDetokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    text = "你好，世界！🙂 café"
+    detok = StreamingDetokenizer(tok)
+    pieces = [detok.add_token(t) for t in tok.encode(text)] + [detok.finalize()]
+    assert "".join(pieces) == text and not any("\ufffd" in p for p in pieces)
+
+
+def test_seed_usage_snippet_runs_with_only_the_import_changed(chat_checkpoint):
+    _, checkpoint = chat_checkpoint
+    from glmtorch import AutoModelForCausalLM, AutoTokenizer, infer_device
+    device = infer_device()
+
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, device_map="auto", trust_remote_code=True)
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    prompt = "Give me a short introduction to large language model."
+    messages = [{"role": "user", "content": prompt}]
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    model_inputs = tokenizer([text], return_tensors="pt").to(model.device)
+    generated_ids = model.generate(model_inputs.input_ids, max_new_tokens=512, do_sample=True)
+    generated_ids = [output_ids[len(input_ids):] for input_ids, output_ids in zip(model_inputs.input_ids, generated_ids)]
+    response = tokenizer.batch_decode(generated_ids, skip_special_tokens=True)[0]
+    assert isinstance(response, str) and device == model.device.type
