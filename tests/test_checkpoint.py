@@ -1,5 +1,6 @@
 """Loading and saving checkpoints: shards, round trips through transformers, dtype, and every bad input."""
 
+import copy
 import json
 import os
 import shutil
@@ -58,8 +59,7 @@ def test_from_config_then_save_then_load(tmp_path):
 
 def test_dtype_auto_torch_dtype_and_device_map(tmp_path, gqa_checkpoint):
     ref, _ = gqa_checkpoint
-    path = save_hf(ref.to(torch.bfloat16), tmp_path / "bf16")
-    ref.float()
+    path = save_hf(copy.deepcopy(ref).to(torch.bfloat16), tmp_path / "bf16")
     assert glmtorch.GlmForCausalLM.from_pretrained(path).dtype == torch.bfloat16  # "auto" by default
     assert glmtorch.GlmForCausalLM.from_pretrained(path, torch_dtype=torch.float32).dtype == torch.float32
     model = glmtorch.GlmForCausalLM.from_pretrained(path, dtype="float16", device_map="auto", trust_remote_code=True)

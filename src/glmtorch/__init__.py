@@ -1,5 +1,7 @@
 """glmtorch: the GLM-4 language-model family in pure PyTorch."""
 
+import os as _os
+
 from .attention import ATTENTION_BACKENDS
 from .auto import (
     AutoConfig,
@@ -21,8 +23,11 @@ from .tokenizer import AutoTokenizer, GlmTokenizer, TokenizerError
 
 __version__ = "0.1.0"
 
+# The small GLM chat model that ships inside the package (trained on Tiny Shakespeare; see README).
+DEMO_MODEL = _os.path.join(_os.path.dirname(__file__), "demo_model")
+
 __all__ = [
-    "ATTENTION_BACKENDS", "AutoConfig", "AutoModel", "AutoModelForCausalLM", "AutoModelForSequenceClassification",
+    "DEMO_MODEL", "ATTENTION_BACKENDS", "AutoConfig", "AutoModel", "AutoModelForCausalLM", "AutoModelForSequenceClassification",
     "AutoModelForTokenClassification", "CheckpointError", "ConfigError", "DynamicCache", "GlmConfig",
     "GlmForCausalLM", "GlmForSequenceClassification", "GlmForTokenClassification", "GlmModel",
     "GlmPreTrainedModel", "StaticCache", "infer_device", "AssistantReply", "ChatFormatError", "ToolCall",

@@ -99,8 +99,8 @@ class PretrainedMixin:
         target_device = resolve_device(device, device_map)
         attn_implementation = check_attention_backend(attn_implementation or "sdpa", target_device)
         directory = resolve_checkpoint(path)
-        files = weight_files(directory)
         file_config, fmt = load_config(directory, **config_overrides)
+        files = weight_files(directory)
         config = config or file_config
         if dtype == "auto" or dtype is None:
             dtype = _checkpoint_dtype(config, files) if dtype == "auto" else torch.float32

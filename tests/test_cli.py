@@ -1,0 +1,53 @@
+"""The installed `glmtorch` command, run in a subprocess."""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+EXE = shutil.which("glmtorch") or os.path.join(os.path.dirname(sys.executable), "glmtorch")
+
+
+def run(*args, stdin=None, timeout=120):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([EXE, *args], input=stdin, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def test_help_is_fast_and_lists_commands():
+    result = run("--help")
+    assert result.returncode == 0 and "generate" in result.stdout and "chat" in result.stdout
+
+
+def test_generate_streams_a_reply(chat_checkpoint):
+    _, path = chat_checkpoint
+    result = run("generate", str(path), "--prompt", "Hello", "--max-new-tokens", "8", "--greedy", "--dtype", "float32")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.endswith("\n")
+    raw = run("generate", str(path), "--prompt", "Hello", "--raw", "--max-new-tokens", "5", "--seed", "1",
+              "--temperature", "0.7")
+    assert raw.returncode == 0, raw.stderr
+
+
+def test_chat_reads_piped_stdin_and_keeps_history(chat_checkpoint):
+    _, path = chat_checkpoint
+    result = run("chat", str(path), "--max-new-tokens", "6", "--greedy", stdin="Hello\n/reset\nHello\nMore\n/exit\nignored\n")
+    assert result.returncode == 0, result.stderr
+    replies = result.stdout.splitlines()
+    assert len(replies) >= 3 and "(conversation cleared)" in result.stderr
+    assert replies[0] == replies[1]  # same first message after /reset gives the same greedy reply
+
+
+@pytest.mark.parametrize("target", ["/definitely/not/here", "THUDM/glm-4-9b-chat-hf"])
+def test_bad_model_path_is_one_line_and_exit_2(target):
+    result = run("generate", target, "--prompt", "hi")
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("glmtorch: error:")
+    assert "Traceback" not in result.stderr
+
+
+def test_broken_checkpoint_is_one_line(tmp_path):
+    (tmp_path / "config.json").write_text("{not json")
+    result = run("chat", str(tmp_path), stdin="hi\n")
+    assert result.returncode == 2 and "not valid JSON" in result.stderr and result.stderr.count("\n") == 1
