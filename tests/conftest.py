@@ -89,23 +89,11 @@ TOKENIZER_TEXT = [
 ] * 4
 
 
-def build_bpe_tokenizer(vocab_size: int = 400):
+def build_bpe_tokenizer(vocab_size: int = 414):
     """A small byte-level BPE with GLM-4's split pattern and special tokens (ids right after the merges)."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from glmtorch.tokenizer import train_bpe_tokenizer
 
-    from glmtorch.tokenizer import GLM4_SPECIAL_TOKENS, GLM4_SPLIT_PATTERN
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(GLM4_SPLIT_PATTERN), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
-    tok.train_from_iterator(TOKENIZER_TEXT, trainer)
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in GLM4_SPECIAL_TOKENS])
-    return tok
+    return train_bpe_tokenizer(TOKENIZER_TEXT, vocab_size).backend
 
 
 def write_tiktoken_file(tok, path) -> None:

@@ -136,6 +136,80 @@ def _fit_context(model, tokenizer, system, history, max_new_tokens):
         del history[:2]
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    import json
+    from dataclasses import fields
+
+    from .auto import AutoModelForCausalLM
+    from .config import GlmConfig
+    from .device import infer_device
+    from .tokenizer import AutoTokenizer, train_bpe_tokenizer
+    from .train import TrainConfig, load_checkpoint_state, read_rows, train
+
+    cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)})
+    cfg.validate()
+    device = args.device or infer_device()
+    state = optimizer_state = None
+    if args.resume:
+        model = AutoModelForCausalLM.from_pretrained(args.resume, dtype="float32", device=device)
+        tokenizer = AutoTokenizer.from_pretrained(args.resume)
+        state, optimizer_state = load_checkpoint_state(args.resume)
+    elif args.model:
+        model = AutoModelForCausalLM.from_pretrained(args.model, dtype="float32", device=device)
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
+    else:
+        if not args.config:
+            raise UsageError("give --model CHECKPOINT to fine-tune, --resume DIR, or --config CONFIG.json for a new model")
+        if args.tokenizer:
+            tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+        elif args.vocab_size:
+            texts = [r.get("text") or "\n".join(str(m.get("content", "")) for m in r["messages"])
+                     for _, r in read_rows(args.data)]
+            tokenizer = train_bpe_tokenizer(texts, args.vocab_size)
+        else:
+            raise UsageError("a new model needs a tokenizer: --tokenizer DIR, or --vocab-size N to train one on the data")
+        with open(args.config, encoding="utf-8") as f:
+            overrides = json.load(f)
+        config = GlmConfig.from_dict({"vocab_size": tokenizer.vocab_size, "pad_token_id": tokenizer.pad_token_id,
+                                      "eos_token_id": sorted(tokenizer.stop_token_ids()), **overrides})
+        torch_seed(args.seed)
+        model = AutoModelForCausalLM.from_config(config, device=device)
+    print(f"glmtorch: training {model.num_parameters():,} parameters on {device}", file=sys.stderr)
+    state = train(model, tokenizer, cfg, state, optimizer_state)
+    final = [h for h in state.history if "val_loss" in h][-1]
+    print(f"glmtorch: {state.step} steps in {state.seconds / 60:.1f} min; validation loss {final['val_loss']:.4f} "
+          f"({final['val_nats_per_char']:.4f} nats/char); saved to {cfg.out}")
+    return 0
+
+
+def torch_seed(seed: int) -> None:
+    import torch
+
+    torch.manual_seed(seed)
+
+
+def _train_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", required=True, help=".txt, or .jsonl of {\"text\"} / {\"messages\"} rows")
+    p.add_argument("--out", required=True, help="checkpoint directory to write")
+    p.add_argument("--val-data", default=None, help="validation file (default: the last --val-fraction of --data)")
+    p.add_argument("--val-fraction", type=float, default=0.1)
+    p.add_argument("--model", default=None, help="checkpoint to fine-tune")
+    p.add_argument("--resume", default=None, help="training checkpoint to continue")
+    p.add_argument("--config", default=None, help="config.json fields for a new model")
+    p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model's)")
+    p.add_argument("--vocab-size", type=int, default=None, help="train a new BPE tokenizer of this size on the data")
+    p.add_argument("--device", default=None)
+    for name, kind, default in [("block-size", int, 256), ("batch-size", int, 16), ("grad-accum", int, 1),
+                                ("lr", float, 1e-3), ("min-lr-ratio", float, 0.1), ("warmup-steps", int, 100),
+                                ("max-steps", int, 1000), ("weight-decay", float, 0.1), ("grad-clip", float, 1.0),
+                                ("eval-every", int, 200), ("eval-windows", int, 64), ("save-every", int, 0),
+                                ("seed", int, 0)]:
+        p.add_argument(f"--{name}", type=kind, default=default)
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast")
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--compile", action="store_true", help="torch.compile the training step")
+
+
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable]] = {}
 
 
@@ -153,6 +227,7 @@ def _chat_flags(p: argparse.ArgumentParser) -> None:
 
 COMMANDS["generate"] = ("generate a reply to one prompt", _generate_flags, cmd_generate)
 COMMANDS["chat"] = ("chat interactively (or with lines piped on stdin)", _chat_flags, cmd_chat)
+COMMANDS["train"] = ("train or fine-tune a GLM model on text or chat data", _train_flags, cmd_train)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from .chat import default_chat_template, render_chat
+from .chat import default_chat_template, normalize_messages, render_chat
 
 TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
@@ -107,6 +107,29 @@ def tokenizer_from_tiktoken(path: str, special_tokens: Sequence[str] = GLM4_SPEC
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special_tokens])
     return tok
+
+
+def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, chat_template: str | None = None,
+                        special_tokens: Sequence[str] = GLM4_SPECIAL_TOKENS) -> "GlmTokenizer":
+    """Train a byte-level BPE tokenizer shaped like GLM-4's (its split pattern, its special tokens right after
+    the learned vocabulary, <|endoftext|> as eos and pad, the GLM-4 chat template)."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    learned = vocab_size - len(special_tokens)
+    if learned < 257:
+        raise ValueError(f"vocab_size={vocab_size} is too small: byte-level BPE needs 256 byte tokens plus "
+                         f"{len(special_tokens)} special tokens and at least one merge")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(GLM4_SPLIT_PATTERN), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=learned, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator(texts, trainer)
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special_tokens])
+    return GlmTokenizer(tok, chat_template=chat_template or default_chat_template())
 
 
 class GlmTokenizer:
@@ -288,6 +311,38 @@ class GlmTokenizer:
             return text
         encoded = self(text, return_tensors=return_tensors, add_special_tokens=False)
         return encoded if return_dict else encoded["input_ids"]
+
+    def encode_conversation(self, messages: list[dict[str, Any]], tools: list[dict] | None = None,
+                            end_token: str = "<|endoftext|>") -> tuple[list[int], list[bool], list[int]]:
+        """Token ids of a rendered conversation, which of them the assistant wrote, and each token's length in
+        characters: what training needs to put the loss on assistant turns only.
+
+        An assistant turn counts from just after its `<|assistant|>` to the token that ends it (the next role
+        token, or `end_token` appended after a final assistant turn), so the model also learns to stop.
+        """
+        template = self.chat_template or default_chat_template()
+        messages = normalize_messages(messages)
+        text = render_chat(template, messages, tools=tools)
+        spans = []
+        for i, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            start = len(render_chat(template, messages[:i], tools=tools, add_generation_prompt=True)) if i else None
+            end = len(render_chat(template, messages[:i + 1], tools=tools))
+            if start is None or not text.startswith(render_chat(template, messages[:i + 1], tools=tools)):
+                raise ValueError("the chat template does not render a conversation as a growing prefix, so "
+                                 "assistant turns cannot be located for loss masking")
+            spans.append((start, end))
+        if messages[-1]["role"] == "assistant":
+            text += end_token
+        encoding = self.backend.encode(text, add_special_tokens=False)
+        ids, targets, chars = encoding.ids, [], []
+        special = set(self.all_special_ids)
+        for token, (start, end) in zip(ids, encoding.offsets):
+            chars.append(0 if token in special else end - start)  # markup is not text
+            # a token is the assistant's if it lies in a span, or is the first token after one (the stop token)
+            targets.append(any(s <= start < e or (start == e and end > e) for s, e in spans))
+        return ids, targets, chars
 
 
 def _tokenizer_directory(path: str | os.PathLike) -> str:
