@@ -62,7 +62,7 @@ def test_training_lowers_the_loss_and_resume_is_exact(tmp_path, tokenizer):
     assert os.path.isfile(tmp_path / "full" / "loss_curve.png")
 
     half = tiny_model(tokenizer)
-    train(half, tokenizer, TrainConfig(out=str(tmp_path / "half"), max_steps=5, **common))
+    train(half, tokenizer, TrainConfig(out=str(tmp_path / "half"), max_steps=10, stop_at=5, **common))
     resumed = glmtorch.GlmForCausalLM.from_pretrained(tmp_path / "half", dtype="float32")
     saved_state, optimizer_state = load_checkpoint_state(str(tmp_path / "half"))
     assert saved_state.step == 5

@@ -201,13 +201,28 @@ def _train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None)
     for name, kind, default in [("block-size", int, 256), ("batch-size", int, 16), ("grad-accum", int, 1),
                                 ("lr", float, 1e-3), ("min-lr-ratio", float, 0.1), ("warmup-steps", int, 100),
-                                ("max-steps", int, 1000), ("weight-decay", float, 0.1), ("grad-clip", float, 1.0),
+                                ("max-steps", int, 1000), ("stop-at", int, None), ("weight-decay", float, 0.1), ("grad-clip", float, 1.0),
                                 ("eval-every", int, 200), ("eval-windows", int, 64), ("save-every", int, 0),
                                 ("seed", int, 0)]:
         p.add_argument(f"--{name}", type=kind, default=default)
     p.add_argument("--bf16", action="store_true", help="bf16 autocast")
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--compile", action="store_true", help="torch.compile the training step")
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from .checkpoint.convert import convert_checkpoint
+
+    written = convert_checkpoint(args.src, args.dst, dtype=args.dtype, max_shard_size=args.max_shard_size)
+    print(f"glmtorch: wrote {args.dst} ({', '.join(written)})")
+    return 0
+
+
+def _convert_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("src", help="checkpoint to convert (transformers or THUDM original format)")
+    p.add_argument("dst", help="new directory to write (must not exist)")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16 (bf16) or float16 (default: keep)")
+    p.add_argument("--max-shard-size", default="5GB")
 
 
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable]] = {}
@@ -227,6 +242,7 @@ def _chat_flags(p: argparse.ArgumentParser) -> None:
 
 COMMANDS["generate"] = ("generate a reply to one prompt", _generate_flags, cmd_generate)
 COMMANDS["chat"] = ("chat interactively (or with lines piped on stdin)", _chat_flags, cmd_chat)
+COMMANDS["convert"] = ("convert a checkpoint to the transformers format", _convert_flags, cmd_convert)
 COMMANDS["train"] = ("train or fine-tune a GLM model on text or chat data", _train_flags, cmd_train)
 
 

@@ -32,7 +32,7 @@ PROBLEM_TYPES = ("regression", "single_label_classification", "multi_label_class
 _METADATA_KEYS = {
     "transformers_version", "_name_or_path", "torch_dtype", "dtype", "model_type", "architectures",
     "auto_map", "return_dict", "output_hidden_states", "output_attentions", "is_decoder",
-    "chunk_size_feed_forward", "tokenizer_class", "quantization", "_attn_implementation",
+    "chunk_size_feed_forward", "tokenizer_class", "quantization", "_attn_implementation", "is_encoder_decoder",
 }
 
 

@@ -230,9 +230,11 @@ def _checkpoint_dtype(config: GlmConfig, files: list[str]) -> torch.dtype:
     for path in files:  # the first floating tensor decides
         handle = open_safetensors(path)
         for name in handle.keys():
-            dtype = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}.get(
-                handle.get_slice(name).get_dtype())
-            if dtype is not None:
+            if hasattr(handle, "dtype_name"):
+                dtype = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}.get(handle.dtype_name(name))
+            else:
+                dtype = handle.get_tensor(name).dtype
+            if dtype in (torch.float32, torch.bfloat16, torch.float16):
                 return dtype
     return torch.float32
 

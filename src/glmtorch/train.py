@@ -54,6 +54,7 @@ class TrainConfig:
     eval_every: int = 200
     eval_windows: int = 64
     save_every: int = 0  # 0: only at the end
+    stop_at: int | None = None  # pause after this step (with a checkpoint); `resume` continues the same schedule
     seed: int = 0
     progress: bool | None = None  # None: a bar on a terminal only
 
@@ -239,7 +240,8 @@ def train(model, tokenizer, cfg: TrainConfig, state: TrainerState | None = None,
     bar = tqdm(total=cfg.max_steps, initial=state.step, desc="training", unit="step",
                disable=None if cfg.progress is None else not cfg.progress)
     started = time.perf_counter() - state.seconds
-    while state.step < cfg.max_steps:
+    end = min(cfg.max_steps, cfg.stop_at or cfg.max_steps)
+    while state.step < end:
         step = state.step
         lr = learning_rate(step, cfg)
         for group in optimizer.param_groups:
@@ -262,7 +264,7 @@ def train(model, tokenizer, cfg: TrainConfig, state: TrainerState | None = None,
         state.history.append({"step": state.step, "loss": step_loss, "lr": lr})
         bar.update()
         bar.set_postfix(loss=f"{step_loss:.3f}")
-        last = state.step == cfg.max_steps
+        last = state.step == end
         if (cfg.eval_every and state.step % cfg.eval_every == 0) or last:
             with autocast:
                 metrics = evaluate(model, val_data, cfg.batch_size, cfg.eval_windows)

@@ -14,8 +14,15 @@ def detect_format(config_dict: dict, directory: str, **overrides):
     """(GlmConfig, WeightFormat) for a checkpoint's config.json, by its model_type."""
     from ..config import ConfigError, GlmConfig
 
+    from .thudm import THUDM, config_from_thudm
+
     model_type = config_dict.get("model_type", "glm")
     if model_type == "glm":
         return GlmConfig.from_dict(config_dict, **overrides), TRANSFORMERS
+    if model_type == "chatglm":
+        try:
+            return config_from_thudm(config_dict, **overrides), THUDM
+        except KeyError as e:
+            raise ConfigError(f"{directory}: config.json (model_type 'chatglm') lacks the field {e}") from None
     raise ConfigError(f"{directory}: config.json has model_type={model_type!r}, which is not a checkpoint format "
-                      "glmtorch reads (it reads transformers' 'glm')")
+                      "glmtorch reads ('glm' from transformers, 'chatglm' from THUDM)")

@@ -20,6 +20,8 @@ from .resolve import CheckpointError
 
 SAFE_WEIGHTS_NAME = "model.safetensors"
 SAFE_INDEX_NAME = "model.safetensors.index.json"
+BIN_WEIGHTS_NAME = "pytorch_model.bin"
+BIN_INDEX_NAME = "pytorch_model.bin.index.json"
 
 DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
@@ -51,35 +53,81 @@ def parse_size(size: int | str) -> int:
 
 
 def weight_files(directory: str) -> list[str]:
-    """The safetensors files of a checkpoint, checked to exist before anything is loaded."""
-    index = os.path.join(directory, SAFE_INDEX_NAME)
-    single = os.path.join(directory, SAFE_WEIGHTS_NAME)
-    if os.path.isfile(index):
-        try:
-            with open(index, encoding="utf-8") as f:
-                weight_map = json.load(f)["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
-        files = sorted(set(weight_map.values()))
-        missing = [name for name in files if not os.path.isfile(os.path.join(directory, name))]
-        if missing:
-            raise CheckpointError(f"{index} names shard(s) that are not in {directory}: {', '.join(missing)}; "
-                                  "the download is incomplete")
-        return [os.path.join(directory, name) for name in files]
-    if os.path.isfile(single):
-        return [single]
+    """The weight files of a checkpoint (safetensors preferred, else PyTorch .bin), checked to exist before
+    anything is loaded."""
+    for index_name, single_name in ((SAFE_INDEX_NAME, SAFE_WEIGHTS_NAME), (BIN_INDEX_NAME, BIN_WEIGHTS_NAME)):
+        index = os.path.join(directory, index_name)
+        if os.path.isfile(index):
+            try:
+                with open(index, encoding="utf-8") as f:
+                    weight_map = json.load(f)["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise CheckpointError(f"{index}: not a valid weights index ({e})") from None
+            files = sorted(set(weight_map.values()))
+            missing = [name for name in files if not os.path.isfile(os.path.join(directory, name))]
+            if missing:
+                raise CheckpointError(f"{index} names shard(s) that are not in {directory}: {', '.join(missing)}; "
+                                      "the download is incomplete")
+            return [os.path.join(directory, name) for name in files]
+        if os.path.isfile(os.path.join(directory, single_name)):
+            return [os.path.join(directory, single_name)]
     others = sorted(f for f in os.listdir(directory) if f.endswith(".safetensors"))
     if others:
         return [os.path.join(directory, name) for name in others]
-    raise CheckpointError(f"{directory}: no {SAFE_WEIGHTS_NAME}, {SAFE_INDEX_NAME} or other *.safetensors file")
+    raise CheckpointError(f"{directory}: no {SAFE_WEIGHTS_NAME}, {SAFE_INDEX_NAME} or other *.safetensors file "
+                          f"(nor {BIN_WEIGHTS_NAME})")
+
+
+class _BinFile:
+    """A PyTorch .bin state dict, read with weights_only=True (no code runs) and memory-mapped."""
+
+    def __init__(self, path: str) -> None:
+        try:
+            self.tensors = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:
+            raise CheckpointError(f"{path}: refused to load ({str(e).splitlines()[0][:200]}). glmtorch reads .bin "
+                                  "files only with torch.load(weights_only=True), which never runs code; convert "
+                                  "this checkpoint to safetensors with a tool you trust") from None
+        if not isinstance(self.tensors, dict):
+            raise CheckpointError(f"{path}: not a state dict of tensors")
+
+    def keys(self):
+        return self.tensors.keys()
+
+    def get_tensor(self, name: str) -> torch.Tensor:
+        return self.tensors[name]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.tensors[name].shape)
+
+
+class _SafetensorsFile:
+    def __init__(self, path: str) -> None:
+        try:
+            self.handle = safe_open(path, framework="pt")
+        except Exception as e:  # SafetensorError for truncated or corrupt files
+            raise CheckpointError(f"{path}: cannot read this safetensors file ({e}); it is truncated or corrupt, "
+                                  "download it again") from None
+
+    def keys(self):
+        return self.handle.keys()
+
+    def get_tensor(self, name: str) -> torch.Tensor:
+        return self.handle.get_tensor(name)
+
+    def get_slice(self, name: str):
+        return self.handle.get_slice(name)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.handle.get_slice(name).get_shape())
+
+    def dtype_name(self, name: str) -> str:
+        return self.handle.get_slice(name).get_dtype()
 
 
 def open_safetensors(path: str):
-    try:
-        return safe_open(path, framework="pt")
-    except Exception as e:  # SafetensorError for truncated or corrupt files
-        raise CheckpointError(f"{path}: cannot read this safetensors file ({e}); it is truncated or corrupt, "
-                              "download it again") from None
+    """A reader for one weight file: keys(), shape(name), get_tensor(name)."""
+    return _BinFile(path) if path.endswith(".bin") else _SafetensorsFile(path)
 
 
 def iter_tensor_names(files: list[str]) -> Iterator[tuple[str, str, tuple[int, ...]]]:
@@ -87,7 +135,7 @@ def iter_tensor_names(files: list[str]) -> Iterator[tuple[str, str, tuple[int, .
     for path in files:
         handle = open_safetensors(path)
         for name in handle.keys():
-            yield path, name, tuple(handle.get_slice(name).get_shape())
+            yield path, name, handle.shape(name)
 
 
 def read_tensor(handle, path: str, name: str) -> torch.Tensor:
