@@ -17,7 +17,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .attention import check_attention_backend
-from .checkpoint.formats import TRANSFORMERS, WeightFormat
+from .checkpoint.formats import WeightFormat
+from .checkpoint.gguf import GGUF_FORMAT, GgufFile, gguf_config, is_gguf
 from .checkpoint.resolve import CheckpointError, resolve_checkpoint
 from .checkpoint.safetensors_io import (
     iter_tensor_names,
@@ -98,9 +99,13 @@ class PretrainedMixin:
         dtype = parse_dtype(dtype)
         target_device = resolve_device(device, device_map)
         attn_implementation = check_attention_backend(attn_implementation or "sdpa", target_device)
-        directory = resolve_checkpoint(path)
-        file_config, fmt = load_config(directory, **config_overrides)
-        files = weight_files(directory)
+        if is_gguf(path):
+            file_config, fmt, files, directory = gguf_config(GgufFile(os.fspath(path)), **config_overrides), \
+                GGUF_FORMAT, [os.fspath(path)], None
+        else:
+            directory = resolve_checkpoint(path)
+            file_config, fmt = load_config(directory, **config_overrides)
+            files = weight_files(directory)
         config = config or file_config
         if dtype == "auto" or dtype is None:
             dtype = _checkpoint_dtype(config, files) if dtype == "auto" else torch.float32
@@ -230,6 +235,8 @@ def _checkpoint_dtype(config: GlmConfig, files: list[str]) -> torch.dtype:
     for path in files:  # the first floating tensor decides
         handle = open_safetensors(path)
         for name in handle.keys():
+            if isinstance(handle, GgufFile):
+                return torch.float32  # dequantized values are fp32; "auto" keeps them exact
             if hasattr(handle, "dtype_name"):
                 dtype = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}.get(handle.dtype_name(name))
             else:
@@ -242,8 +249,8 @@ def _checkpoint_dtype(config: GlmConfig, files: list[str]) -> torch.dtype:
 def _attach_generation_config(model: nn.Module, directory: str) -> None:
     from .generation.config import GENERATION_CONFIG_NAME, GenerationConfig
 
-    path = os.path.join(directory, GENERATION_CONFIG_NAME)
-    if os.path.isfile(path):
+    path = os.path.join(directory, GENERATION_CONFIG_NAME) if directory else ""
+    if directory and os.path.isfile(path):
         model.generation_config = GenerationConfig.from_file(path)
     else:
         model.generation_config = GenerationConfig.from_model_config(model.config)

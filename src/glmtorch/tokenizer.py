@@ -378,4 +378,8 @@ class AutoTokenizer:
     @staticmethod
     def from_pretrained(path: str | os.PathLike, **kwargs: Any) -> GlmTokenizer:
         kwargs.pop("trust_remote_code", None)
+        if os.fspath(path).endswith(".gguf"):
+            from .checkpoint.gguf import gguf_tokenizer
+
+            return gguf_tokenizer(os.fspath(path))
         return GlmTokenizer.from_pretrained(path, **kwargs)

@@ -127,6 +127,10 @@ class _SafetensorsFile:
 
 def open_safetensors(path: str):
     """A reader for one weight file: keys(), shape(name), get_tensor(name)."""
+    if path.endswith(".gguf"):
+        from .gguf import GgufFile
+
+        return GgufFile(path)
     return _BinFile(path) if path.endswith(".bin") else _SafetensorsFile(path)
 
 

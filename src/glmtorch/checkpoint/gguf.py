@@ -1,0 +1,288 @@
+"""GGUF files of llama.cpp's `chatglm` architecture, read and written through the `gguf` package (optional).
+
+Names (one table, both directions):
+
+    GGUF                        ours
+    token_embd                  model.embed_tokens
+    blk.N.attn_norm             model.layers.N.input_layernorm
+    blk.N.attn_qkv (+ bias)     q_proj | k_proj | v_proj, fused as in THUDM's format
+    blk.N.attn_output           model.layers.N.self_attn.o_proj
+    blk.N.ffn_norm              model.layers.N.post_attention_layernorm
+    blk.N.ffn_up                model.layers.N.mlp.gate_up_proj ([gate | up], llama.cpp's SWIGLU split)
+    blk.N.ffn_down              model.layers.N.mlp.down_proj
+    output_norm                 model.norm
+    output                      lm_head (absent when tied)
+
+Quantized tensors (Q8_0, Q4_0, k-quants...) are dequantized by the gguf package on load. The tokenizer
+travels inside the file (tokens, merges, token types) and is rebuilt as GLM-4's byte-level BPE.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..config import ConfigError, GlmConfig
+from .formats import Rule, WeightFormat
+from .resolve import CheckpointError
+from .thudm import split_qkv
+
+ARCH = "chatglm"
+
+GGUF_FORMAT = WeightFormat("GGUF chatglm", (
+    Rule(r"token_embd\.weight", ("model.embed_tokens.weight",)),
+    Rule(r"blk\.(\d+)\.attn_norm\.weight", (r"model.layers.\1.input_layernorm.weight",)),
+    Rule(r"blk\.(\d+)\.attn_qkv\.(weight|bias)", (r"model.layers.\1.self_attn.q_proj.\2",
+                                                  r"model.layers.\1.self_attn.k_proj.\2",
+                                                  r"model.layers.\1.self_attn.v_proj.\2"), split_qkv),
+    Rule(r"blk\.(\d+)\.attn_output\.weight", (r"model.layers.\1.self_attn.o_proj.weight",)),
+    Rule(r"blk\.(\d+)\.ffn_norm\.weight", (r"model.layers.\1.post_attention_layernorm.weight",)),
+    Rule(r"blk\.(\d+)\.ffn_up\.weight", (r"model.layers.\1.mlp.gate_up_proj.weight",)),
+    Rule(r"blk\.(\d+)\.ffn_down\.weight", (r"model.layers.\1.mlp.down_proj.weight",)),
+    Rule(r"output_norm\.weight", ("model.norm.weight",)),
+    Rule(r"output\.weight", ("lm_head.weight",)),
+    Rule(r"rope_freqs\.weight", ()),
+))
+
+
+def _gguf():
+    try:
+        import gguf
+    except ImportError:
+        raise CheckpointError("reading or writing GGUF files needs the gguf package: pip install gguf") from None
+    return gguf
+
+
+def is_gguf(path: str | os.PathLike) -> bool:
+    return os.fspath(path).endswith(".gguf")
+
+
+class GgufFile:
+    """A GGUF file as a tensor source: keys(), shape(name), get_tensor(name) (dequantized to float32)."""
+
+    def __init__(self, path: str) -> None:
+        gguf = _gguf()
+        if not os.path.isfile(path):
+            raise CheckpointError(f"{path}: no such file")
+        try:
+            self.reader = gguf.GGUFReader(path)
+        except Exception as e:
+            raise CheckpointError(f"{path}: not a readable GGUF file ({e}); it is truncated or corrupt") from None
+        self.path = path
+        self.tensors = {t.name: t for t in self.reader.tensors}
+
+    def field(self, key: str, default: Any = None) -> Any:
+        f = self.reader.fields.get(key)
+        if f is None:
+            return default
+        value = f.contents()
+        return value
+
+    def keys(self):
+        return self.tensors.keys()
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(int(d) for d in reversed(self.tensors[name].shape))
+
+    def get_tensor(self, name: str) -> torch.Tensor:
+        gguf = _gguf()
+        t = self.tensors[name]
+        try:
+            data = gguf.quants.dequantize(t.data, t.tensor_type)
+        except NotImplementedError:
+            raise CheckpointError(f"{self.path}: tensor {name!r} is {t.tensor_type.name}, which the gguf package "
+                                  "cannot dequantize") from None
+        return torch.from_numpy(np.array(data, dtype=np.float32, copy=True)).reshape(self.shape(name))
+
+
+def gguf_config(handle: GgufFile, **overrides: Any) -> GlmConfig:
+    arch = handle.field("general.architecture")
+    if arch != ARCH:
+        raise ConfigError(f"{handle.path}: general.architecture is {arch!r}; glmtorch reads llama.cpp's {ARCH!r} "
+                          "(GLM-4 / ChatGLM) GGUF files")
+
+    def need(key: str):
+        value = handle.field(f"{ARCH}.{key}")
+        if value is None:
+            raise ConfigError(f"{handle.path}: GGUF metadata {ARCH}.{key} is missing")
+        return value
+
+    hidden, heads = int(need("embedding_length")), int(need("attention.head_count"))
+    head_dim = int(handle.field(f"{ARCH}.attention.key_length", hidden // heads))
+    rope_dims = int(handle.field(f"{ARCH}.rope.dimension_count", head_dim // 2))
+    eos = [handle.field(k) for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id",
+                                     "tokenizer.ggml.eom_token_id")]
+    eos = sorted({int(e) for e in eos if e is not None})
+    names = set(handle.keys())
+    fields = dict(
+        vocab_size=handle.shape("token_embd.weight")[0],
+        hidden_size=hidden,
+        intermediate_size=int(need("feed_forward_length")),
+        num_hidden_layers=int(need("block_count")),
+        num_attention_heads=heads,
+        num_key_value_heads=int(handle.field(f"{ARCH}.attention.head_count_kv", heads)),
+        head_dim=head_dim,
+        partial_rotary_factor=rope_dims / head_dim,
+        rms_norm_eps=float(need("attention.layer_norm_rms_epsilon")),
+        max_position_embeddings=int(need("context_length")),
+        rope_theta=float(handle.field(f"{ARCH}.rope.freq_base", 10000.0)),
+        attention_bias="blk.0.attn_qkv.bias" in names,
+        tie_word_embeddings="output.weight" not in names,
+        eos_token_id=eos or None,
+        pad_token_id=handle.field("tokenizer.ggml.padding_token_id"),
+    )
+    return GlmConfig.from_dict(fields, **overrides)
+
+
+def gguf_tokenizer(path: str):
+    """The tokenizer stored in a GGUF file, as a GlmTokenizer (byte-level BPE with GLM-4's split)."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    from ..tokenizer import GLM4_SPLIT_PATTERN, GlmTokenizer
+
+    handle = GgufFile(path)
+    tokens = handle.field("tokenizer.ggml.tokens")
+    merges = handle.field("tokenizer.ggml.merges")
+    types = handle.field("tokenizer.ggml.token_type")
+    if not tokens or merges is None or handle.field("tokenizer.ggml.model") != "gpt2":
+        raise CheckpointError(f"{path}: carries no byte-level BPE tokenizer (tokenizer.ggml.model 'gpt2' with merges)")
+    vocab = {token: i for i, token in enumerate(tokens)}
+    tok = Tokenizer(models.BPE(vocab, [tuple(m.split(" ", 1)) for m in merges], fuse_unk=False, ignore_merges=True))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(GLM4_SPLIT_PATTERN), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    control = [t for t, kind in zip(tokens, types) if int(kind) == 3]
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in control])
+    eos = handle.field("tokenizer.ggml.eos_token_id")
+    pad = handle.field("tokenizer.ggml.padding_token_id")
+    template = handle.field("tokenizer.chat_template")
+    return GlmTokenizer(tok, chat_template=template, eos_token=tokens[int(eos)] if eos is not None else None,
+                        pad_token=tokens[int(pad)] if pad is not None else None, name_or_path=path)
+
+
+# -- writing -------------------------------------------------------------------------------------------------
+GGUF_TYPES = {"f32": "F32", "f16": "F16", "bf16": "BF16", "q8_0": "Q8_0", "q4_0": "Q4_0"}
+
+
+def write_gguf(model, tokenizer, path: str, file_type: str = "f32", progress: bool | None = None) -> None:
+    """Write `model` (a GlmForCausalLM) and its tokenizer as a llama.cpp `chatglm` GGUF file.
+
+    Norms and biases stay F32 (as llama.cpp's converter keeps them); matrices take `file_type`. Quantized
+    types need rows whose length divides into blocks of 32 (else the matrix stays F16).
+    """
+    from tqdm.auto import tqdm
+
+    gguf = _gguf()
+    if file_type not in GGUF_TYPES:
+        raise ValueError(f"--type {file_type!r}: choose one of {', '.join(GGUF_TYPES)}")
+    qtype = getattr(gguf.GGMLQuantizationType, GGUF_TYPES[file_type])
+    config = model.config
+    if config.rope_scaling:
+        raise ConfigError("rope_scaling is not expressible in a chatglm GGUF file")
+    tmp = f"{path}.partial-{os.getpid()}"
+    writer = gguf.GGUFWriter(tmp, ARCH)
+    try:
+        writer.add_name(os.path.basename(getattr(model, "name_or_path", "") or "glm"))
+        writer.add_context_length(config.max_position_embeddings)
+        writer.add_embedding_length(config.hidden_size)
+        writer.add_feed_forward_length(config.intermediate_size)
+        writer.add_block_count(config.num_hidden_layers)
+        writer.add_head_count(config.num_attention_heads)
+        writer.add_head_count_kv(config.num_key_value_heads)
+        writer.add_key_length(config.head_dim)
+        writer.add_value_length(config.head_dim)
+        writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+        writer.add_rope_dimension_count(config.rotary_dim)
+        writer.add_rope_freq_base(config.rope_theta)
+        writer.add_file_type(int(getattr(gguf.LlamaFileType, {"f32": "ALL_F32", "f16": "MOSTLY_F16",
+                                                               "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0",
+                                                               "q4_0": "MOSTLY_Q4_0"}[file_type])))
+        _write_tokenizer(writer, gguf, tokenizer, config)
+        tensors = _gguf_tensors(model)
+        for name, tensor in tqdm(tensors.items(), desc="Writing GGUF", unit="tensor",
+                                 disable=None if progress is None else not progress):
+            data = tensor.detach().float().cpu().numpy()
+            if data.ndim == 1 or qtype == gguf.GGMLQuantizationType.F32:
+                writer.add_tensor(name, data.astype(np.float32))
+            elif qtype == gguf.GGMLQuantizationType.F16:
+                writer.add_tensor(name, data.astype(np.float16))
+            elif data.shape[-1] % 32:
+                writer.add_tensor(name, data.astype(np.float16))
+            else:
+                q = gguf.quants.quantize(data, qtype)
+                writer.add_tensor(name, q, raw_shape=q.shape, raw_dtype=qtype)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.replace(tmp, path)
+    except BaseException:
+        writer.close()
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _gguf_tensors(model) -> dict[str, torch.Tensor]:
+    config = model.config
+    sd = model.state_dict()
+    out = {"token_embd.weight": sd["model.embed_tokens.weight"]}
+    for n in range(config.num_hidden_layers):
+        p = f"model.layers.{n}."
+        out[f"blk.{n}.attn_norm.weight"] = sd[p + "input_layernorm.weight"]
+        out[f"blk.{n}.attn_qkv.weight"] = torch.cat([sd[p + f"self_attn.{x}_proj.weight"] for x in "qkv"])
+        if config.attention_bias:
+            out[f"blk.{n}.attn_qkv.bias"] = torch.cat([sd[p + f"self_attn.{x}_proj.bias"] for x in "qkv"])
+        out[f"blk.{n}.attn_output.weight"] = sd[p + "self_attn.o_proj.weight"]
+        out[f"blk.{n}.ffn_norm.weight"] = sd[p + "post_attention_layernorm.weight"]
+        out[f"blk.{n}.ffn_up.weight"] = sd[p + "mlp.gate_up_proj.weight"]
+        out[f"blk.{n}.ffn_down.weight"] = sd[p + "mlp.down_proj.weight"]
+    out["output_norm.weight"] = sd["model.norm.weight"]
+    if not config.tie_word_embeddings:
+        out["output.weight"] = sd["lm_head.weight"]
+    return out
+
+
+def _write_tokenizer(writer, gguf, tokenizer, config) -> None:
+    """GLM-4's tokenizer the way llama.cpp's converter writes it: byte-level BPE ('gpt2'), pre 'chatglm-bpe',
+    rows of a padded vocabulary as [PADn] placeholders."""
+    import json
+
+    model = json.loads(tokenizer.backend.to_str())["model"]
+    vocab = model["vocab"]
+    by_id = {i: t for t, i in vocab.items()}
+    special = tokenizer.backend.get_added_tokens_decoder()
+    tokens, types = [], []
+    for i in range(config.vocab_size):
+        if i in special:
+            tokens.append(special[i].content)
+            types.append(gguf.TokenType.CONTROL)
+        elif i in by_id:
+            tokens.append(by_id[i])
+            types.append(gguf.TokenType.NORMAL)
+        else:
+            tokens.append(f"[PAD{i}]")
+            types.append(gguf.TokenType.UNUSED)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("chatglm-bpe")
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(merges)
+    stop = tokenizer.convert_tokens_to_ids(["<|endoftext|>", "<|user|>", "[gMASK]"])
+    if stop[0] is not None:
+        writer.add_eos_token_id(stop[0])
+        writer.add_unk_token_id(stop[0])
+    if stop[1] is not None:
+        writer.add_eot_token_id(stop[1])
+    if stop[2] is not None:
+        writer.add_bos_token_id(stop[2])
+    if tokenizer.pad_token_id is not None:
+        writer.add_pad_token_id(tokenizer.pad_token_id)
+    if tokenizer.chat_template:
+        writer.add_chat_template(tokenizer.chat_template)
