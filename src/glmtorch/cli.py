@@ -52,14 +52,36 @@ def load(args: argparse.Namespace):
 
     path = args.model
     if path is None:
-        if not os.path.isfile(os.path.join(DEMO_MODEL, "config.json")):
+        if not is_main_process():
+            path = DEMO_MODEL
+        elif not os.path.isfile(os.path.join(DEMO_MODEL, "config.json")):
             raise UsageError("no MODEL given and this installation has no demo model; pass a checkpoint directory")
         print(f"glmtorch: no MODEL given, using the built-in demo model ({DEMO_MODEL})", file=sys.stderr)
         path = DEMO_MODEL
-    device = args.device or infer_device()
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=args.dtype, device=device)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:  # under torchrun: tensor parallel across the job's processes
+        device = args.device or (f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if infer_device() == "cuda" else "cpu")
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=args.dtype, device=device, tp_size=world)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=args.dtype, device=args.device or infer_device())
     tokenizer = AutoTokenizer.from_pretrained(path)
     return model, tokenizer
+
+
+def is_main_process() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
+def read_line_everywhere() -> str:
+    """A line of stdin read by rank 0 and shared with every rank of a tensor-parallel job ("" at the end)."""
+    line = sys.stdin.readline() if is_main_process() else None
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        import torch.distributed as dist
+
+        box = [line]
+        dist.broadcast_object_list(box, src=0)
+        line = box[0]
+    return line
 
 
 def stop_ids(model, tokenizer) -> list[int]:
@@ -67,8 +89,11 @@ def stop_ids(model, tokenizer) -> list[int]:
     return sorted(i for i in ids if i < model.config.vocab_size)
 
 
-def stream_reply(model, tokenizer, input_ids, kwargs, out=sys.stdout) -> str:
+def stream_reply(model, tokenizer, input_ids, kwargs, out=None) -> str:
     from .generation.streaming import stream_text
+
+    if out is None:
+        out = sys.stdout if is_main_process() else open(os.devnull, "w")  # only rank 0 prints
 
     text = ""
     for piece, _ in stream_text(model, tokenizer, input_ids, eos_token_id=stop_ids(model, tokenizer), **kwargs):
@@ -97,7 +122,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_chat(args: argparse.Namespace) -> int:
     model, tokenizer = load(args)
-    interactive = sys.stdin.isatty()
+    interactive = sys.stdin.isatty() and is_main_process()
     system = [{"role": "system", "content": args.system}] if args.system else []
     history: list[dict] = []
     if interactive:
@@ -105,7 +130,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     while True:
         if interactive:
             print("> ", end="", flush=True, file=sys.stderr)
-        line = sys.stdin.readline()
+        line = read_line_everywhere()
         if not line:
             break
         line = line.strip()
@@ -115,7 +140,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
             break
         if line == "/reset":
             history.clear()
-            print("(conversation cleared)", file=sys.stderr)
+            if is_main_process():
+                print("(conversation cleared)", file=sys.stderr)
             continue
         history.append({"role": "user", "content": line})
         ids = _fit_context(model, tokenizer, system, history, args.max_new_tokens)

@@ -90,6 +90,7 @@ class PretrainedMixin:
         attn_implementation: str | None = None,
         trust_remote_code: bool | None = None,  # accepted and ignored: glmtorch never runs checkpoint code
         progress: bool | None = None,
+        tp_size: int | None = None,
         **config_overrides: Any,
     ):
         """Load a checkpoint directory (or hub id). `dtype`: torch dtype, a name ('bf16') or 'auto' (the
@@ -97,6 +98,13 @@ class PretrainedMixin:
         if torch_dtype is not None:
             dtype = torch_dtype
         dtype = parse_dtype(dtype)
+        tp = None
+        if tp_size is not None and (tp_size > 1 or "WORLD_SIZE" in os.environ):
+            from .parallel import init_tensor_parallel
+
+            tp = init_tensor_parallel(tp_size)
+            if device is None and device_map is None and torch.cuda.is_available():
+                device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
         target_device = resolve_device(device, device_map)
         attn_implementation = check_attention_backend(attn_implementation or "sdpa", target_device)
         if is_gguf(path):
@@ -112,7 +120,14 @@ class PretrainedMixin:
 
         with torch.device("meta"):
             model = cls(config)
-        load_weights(model, files, fmt, dtype, target_device, progress)
+        if tp is not None:
+            from .parallel import add_communication, check_divisible, shard_meta_model
+
+            check_divisible(config, tp.world)  # on every rank, before any communication: no hang
+            shard_meta_model(model, tp)
+        load_weights(model, files, fmt, dtype, target_device, progress if tp is None or tp.rank == 0 else False, tp)
+        if tp is not None:
+            add_communication(model, tp)
         model.set_attn_implementation(attn_implementation)
         model.eval()
         model.name_or_path = os.fspath(path)
@@ -143,7 +158,7 @@ class PretrainedMixin:
 
 
 def load_weights(model: nn.Module, files: list[str], fmt: WeightFormat, dtype: torch.dtype,
-                 device: torch.device, progress: bool | None = None) -> list[str]:
+                 device: torch.device, progress: bool | None = None, tp=None) -> list[str]:
     """Stream tensors from `files` into `model`'s meta parameters through `fmt`'s table. Raises one
     CheckpointError listing every unknown, unexpected, duplicate or mis-shaped tensor, and every missing one
     (a classification head's fresh `score` layer excepted, with a warning). Returns the names loaded."""
@@ -170,8 +185,15 @@ def load_weights(model: nn.Module, files: list[str], fmt: WeightFormat, dtype: t
                 t is None or t.startswith(_HEAD_TENSORS) for t in targets):
             continue  # a head this class does not have (an LM checkpoint loaded as GlmModel, say) or a dropped name
         handle = handles.get(path) or handles.setdefault(path, open_safetensors(path))
-        tensor = read_tensor(handle, path, stored)
-        parts = transform(tensor, model.config) if transform else (tensor,)
+        if tp is not None and transform is None and hasattr(handle, "get_slice") and targets[0] in params:
+            # Read only this rank's rows/columns from the file.
+            parts = (tp.slice(targets[0], handle.get_slice(stored), handle.shape(stored), model.config),)
+        else:
+            tensor = read_tensor(handle, path, stored)
+            parts = transform(tensor, model.config) if transform else (tensor,)
+            if tp is not None:
+                parts = tuple(tp.slice(t, p, tuple(p.shape), model.config) if t in params else p
+                              for t, p in zip(targets, parts))
         for target, part in zip(targets, parts):
             if target is None:
                 continue
@@ -201,9 +223,10 @@ def load_weights(model: nn.Module, files: list[str], fmt: WeightFormat, dtype: t
         warnings.warn(f"{type(model).__name__}: {', '.join(fresh_heads)} not in the checkpoint; initialised "
                       "randomly. Train this head before using its outputs.", stacklevel=3)
         std = model.config.initializer_range
+        seeded = torch.Generator().manual_seed(0)  # the same fresh head on every rank of a parallel job
         for name in fresh_heads:
             shape = params[name].shape
-            init = torch.zeros(shape) if name.endswith("bias") else torch.empty(shape).normal_(0.0, std)
+            init = torch.zeros(shape) if name.endswith("bias") else torch.empty(shape).normal_(0.0, std, generator=seeded)
             _assign(model, name, init.to(device=device, dtype=dtype))
     model.tie_weights()
     _check_materialised(model)

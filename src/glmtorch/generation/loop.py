@@ -34,6 +34,7 @@ def decode_tokens(
     processors = make_processors(config)
     sample = make_sampler(config.do_sample, generator)
     eos = torch.tensor(config.eos_token_ids, dtype=torch.long, device=device)
+    sync_tokens = getattr(model, "tp_sync_tokens", None)  # tensor parallel: every rank takes rank 0's tokens
     pad = config.pad_token_id if config.pad_token_id is not None else (config.eos_token_ids or [0])[0]
 
     if attention_mask is None:
@@ -51,6 +52,8 @@ def decode_tokens(
         for process in processors:
             logits = process(history, logits)
         tokens = sample(logits).masked_fill(finished, pad)
+        if sync_tokens is not None:
+            tokens = sync_tokens(tokens)
         history = torch.cat([history, tokens[:, None]], dim=1)
         done = torch.isin(tokens, eos)
         for check in stop_checks:

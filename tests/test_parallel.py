@@ -1,0 +1,105 @@
+"""Tensor parallelism: 2 gloo processes on the CPU give the single-process logits and tokens."""
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import glmtorch
+from conftest import CONFIGS, make_hf_model, rel_err, save_hf
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def worker(rank, world, port, path, results):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+
+    try:
+        model = glmtorch.GlmForCausalLM.from_pretrained(path, tp_size=world)
+        ids = torch.randint(1, 160, (2, 9), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            logits = model(ids).logits
+        tokens = model.generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=[])
+        sampled = model.generate(ids, max_new_tokens=6, do_sample=True, top_k=20)  # no seed: rank 0 decides
+        nbytes = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
+        results[rank] = {"logits": logits, "tokens": tokens, "sampled": sampled, "bytes": nbytes}
+    except Exception as e:  # noqa: BLE001 - reported to the test
+        results[rank] = {"error": f"{type(e).__name__}: {e}"}
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_parallel(path, world=2, timeout=240):
+    ctx = mp.get_context("spawn")
+    manager = ctx.Manager()
+    results = manager.dict()
+    port = free_port()
+    procs = [ctx.Process(target=worker, args=(r, world, port, path, results)) for r in range(world)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout)
+    alive = [p for p in procs if p.is_alive()]
+    for p in alive:
+        p.kill()
+    assert not alive, "tensor-parallel workers hung"
+    return dict(results)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config_name", ["gqa", "mqa_wide_heads", "tied_narrow_heads"])
+def test_two_ranks_match_one_process(tmp_path, config_name):
+    ref = make_hf_model(**dict(CONFIGS[config_name], intermediate_size=96))
+    path = save_hf(ref, tmp_path / config_name)
+    single = glmtorch.GlmForCausalLM.from_pretrained(path)
+    ids = torch.randint(1, 160, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = single(ids).logits
+    expected_tokens = single.generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=[])
+    total = sum(p.numel() * p.element_size() for p in {id(p): p for p in single.parameters()}.values())
+    results = run_parallel(path)
+    for rank in (0, 1):
+        assert "error" not in results[rank], results[rank]
+        assert rel_err(results[rank]["logits"], expected) < 1e-5
+        assert torch.equal(results[rank]["tokens"], expected_tokens)
+        assert results[rank]["bytes"] < 0.62 * total, (results[rank]["bytes"], total)
+    assert torch.equal(results[0]["sampled"], results[1]["sampled"])
+
+
+@pytest.mark.slow
+def test_indivisible_heads_fail_on_every_rank_without_hanging(tmp_path):
+    ref = make_hf_model(**CONFIGS["six_heads_gelu"])  # 6 heads, 3 KV heads: not splittable across 4 ranks
+    path = save_hf(ref, tmp_path / "six")
+    results = run_parallel(path, world=4, timeout=180)
+    assert len(results) == 4
+    for rank in range(4):
+        assert "cannot split this model" in results[rank].get("error", ""), results[rank]
+
+
+@pytest.mark.slow
+def test_generate_command_under_torchrun(tmp_path, chat_checkpoint):
+    import subprocess
+    import sys
+
+    _, path = chat_checkpoint
+    args = ["generate", str(path), "--prompt", "Hello", "--greedy", "--max-new-tokens", "6", "--dtype", "float32",
+            "--device", "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    single = subprocess.run([sys.executable, "-m", "glmtorch", *args], capture_output=True, text=True, timeout=120,
+                            env=env)
+    assert single.returncode == 0, single.stderr
+    parallel = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                               "--master-port", str(free_port()), "-m", "glmtorch", *args],
+                              capture_output=True, text=True, timeout=240, env=env)
+    assert parallel.returncode == 0, parallel.stderr[-2000:]
+    assert parallel.stdout == single.stdout  # rank 0 alone prints, the same reply
