@@ -10,6 +10,7 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("GLMTORCH_COMPILE", "0")  # compiled decoding is tested where asked (test_fastpath.py)
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 # Configs that differ where GLM implementations go wrong: kv grouping, rotary fraction, head size,

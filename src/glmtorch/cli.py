@@ -237,6 +237,17 @@ def _train_flags(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
+    if args.dst.endswith(".gguf"):
+        from .auto import AutoModelForCausalLM
+        from .checkpoint.gguf import write_gguf
+        from .tokenizer import AutoTokenizer
+
+        if os.path.exists(args.dst):
+            raise UsageError(f"{args.dst}: already exists; choose a new destination or remove it first")
+        model = AutoModelForCausalLM.from_pretrained(args.src, dtype="float32")
+        write_gguf(model, AutoTokenizer.from_pretrained(args.src), args.dst, args.type)
+        print(f"glmtorch: wrote {args.dst} (llama.cpp chatglm, {args.type})")
+        return 0
     from .checkpoint.convert import convert_checkpoint
 
     written = convert_checkpoint(args.src, args.dst, dtype=args.dtype, max_shard_size=args.max_shard_size)
@@ -244,11 +255,38 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import format_report, run_bench
+
+    report = run_bench(args.model, preset=args.preset, dtype=args.dtype, quantize=args.quantize, device=args.device,
+                       prefill=args.prefill, new_tokens=args.new_tokens, batches=tuple(args.batch), reps=args.reps,
+                       with_transformers=not args.no_transformers, llama_cpp=args.llama_cpp, out=args.out)
+    print(format_report(report))
+    return 0
+
+
+def _bench_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", nargs="?", default=None, help="checkpoint (default: random weights of --preset)")
+    p.add_argument("--preset", default="small", choices=["tiny", "small", "glm4-9b"])
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--quantize", default=None, choices=["int8", "int4"])
+    p.add_argument("--device", default=None)
+    p.add_argument("--prefill", type=int, default=512)
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--no-transformers", action="store_true")
+    p.add_argument("--llama-cpp", default=None, help="a llama.cpp build directory (with llama-bench)")
+    p.add_argument("--out", default=None, help="write the report here as JSON (and a PNG chart beside it)")
+
+
 def _convert_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("src", help="checkpoint to convert (transformers or THUDM original format)")
-    p.add_argument("dst", help="new directory to write (must not exist)")
+    p.add_argument("dst", help="new directory to write (must not exist), or a .gguf file for llama.cpp")
     p.add_argument("--dtype", default=None, help="float32, bfloat16 (bf16) or float16 (default: keep)")
     p.add_argument("--max-shard-size", default="5GB")
+    p.add_argument("--type", default="f32", choices=["f32", "f16", "bf16", "q8_0", "q4_0"],
+                   help="tensor type when DST ends in .gguf")
 
 
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable]] = {}
@@ -269,6 +307,7 @@ def _chat_flags(p: argparse.ArgumentParser) -> None:
 COMMANDS["generate"] = ("generate a reply to one prompt", _generate_flags, cmd_generate)
 COMMANDS["chat"] = ("chat interactively (or with lines piped on stdin)", _chat_flags, cmd_chat)
 COMMANDS["convert"] = ("convert a checkpoint to the transformers format", _convert_flags, cmd_convert)
+COMMANDS["bench"] = ("benchmark glmtorch against transformers (and llama.cpp)", _bench_flags, cmd_bench)
 COMMANDS["train"] = ("train or fine-tune a GLM model on text or chat data", _train_flags, cmd_train)
 
 

@@ -30,6 +30,7 @@ from .checkpoint.safetensors_io import (
 )
 from .config import CONFIG_NAME, GlmConfig, read_config_json
 from .device import infer_device
+from .fastpath import use_gemv_linears
 
 _HEAD_TENSORS = ("lm_head.", "score.")
 
@@ -71,7 +72,7 @@ class PretrainedMixin:
                     attn_implementation: str | None = None):
         """A randomly initialised model (reference init: N(0, initializer_range))."""
         dtype = parse_dtype(dtype)
-        model = cls(config)
+        model = use_gemv_linears(cls(config))
         model.init_weights()
         model.to(device=resolve_device(device), dtype=dtype if isinstance(dtype, torch.dtype) else None)
         model.set_attn_implementation(attn_implementation or "sdpa")
@@ -91,6 +92,8 @@ class PretrainedMixin:
         trust_remote_code: bool | None = None,  # accepted and ignored: glmtorch never runs checkpoint code
         progress: bool | None = None,
         tp_size: int | None = None,
+        quantize: str | None = None,
+        group_size: int = 32,
         **config_overrides: Any,
     ):
         """Load a checkpoint directory (or hub id). `dtype`: torch dtype, a name ('bf16') or 'auto' (the
@@ -118,14 +121,30 @@ class PretrainedMixin:
         if dtype == "auto" or dtype is None:
             dtype = _checkpoint_dtype(config, files) if dtype == "auto" else torch.float32
 
+        stored_quantization = config.extra.get("quantization")
+        if (quantize or stored_quantization) and tp is not None:
+            raise ValueError("quantization and tensor parallelism cannot be combined yet; use one of them")
         with torch.device("meta"):
             model = cls(config)
+        if stored_quantization:  # a checkpoint saved quantized loads into quantized layers
+            from .quantize import quantize_model
+
+            if quantize and quantize != stored_quantization["mode"]:
+                raise ValueError(f"quantize={quantize!r}, but this checkpoint is stored as "
+                                 f"{stored_quantization['mode']}; load it without quantize=")
+            quantize_model(model, stored_quantization["mode"], stored_quantization.get("group_size") or 32,
+                           from_meta=True)
         if tp is not None:
             from .parallel import add_communication, check_divisible, shard_meta_model
 
             check_divisible(config, tp.world)  # on every rank, before any communication: no hang
             shard_meta_model(model, tp)
         load_weights(model, files, fmt, dtype, target_device, progress if tp is None or tp.rank == 0 else False, tp)
+        if quantize and not stored_quantization:
+            from .quantize import quantize_model
+
+            quantize_model(model, quantize, group_size)
+        use_gemv_linears(model)
         if tp is not None:
             add_communication(model, tp)
         model.set_attn_implementation(attn_implementation)
@@ -208,7 +227,7 @@ def load_weights(model: nn.Module, files: list[str], fmt: WeightFormat, dtype: t
                 problems.append(f"tensor {stored!r} has shape {tuple(part.shape)}, but {target!r} needs {expected} "
                                 "(config.json does not match the weights)")
                 continue
-            _assign(model, target, part.to(device=device, dtype=dtype))
+            _assign(model, target, part.to(device=device, dtype=dtype if part.is_floating_point() else None))
             loaded[target] = stored
     bar.close()
     missing = [n for n in dict(model.named_parameters()) if n not in loaded and not (tied and n == "lm_head.weight")]

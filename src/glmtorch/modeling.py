@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .attention import ATTENTION_BACKENDS, check_attention_backend
-from .cache import DynamicCache, make_attention_mask
+from .cache import DynamicCache, StaticCache, make_attention_mask
 from .config import GlmConfig
 from .generation.mixin import GenerationMixin
 from .loading import PretrainedMixin
@@ -188,6 +188,13 @@ class GlmPreTrainedModel(nn.Module, PretrainedMixin):
     def tie_weights(self) -> None:
         """Point the LM head at the embedding matrix when the config ties them (no-op otherwise)."""
 
+    def new_static_cache(self, batch_size: int, max_length: int) -> StaticCache:
+        """A preallocated cache for this model (this rank's KV heads only, under tensor parallelism)."""
+        attention = next(m for m in self.modules() if isinstance(m, Attention))
+        kv_heads = attention.k_proj.weight.shape[0] // attention.head_dim
+        return StaticCache(self.config.num_hidden_layers, batch_size, kv_heads, max_length, attention.head_dim,
+                           dtype=self.dtype, device=self.device)
+
     @property
     def device(self) -> torch.device:
         return next(self.parameters()).device
@@ -247,8 +254,9 @@ class GlmModel(GlmPreTrainedModel):
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache()
         cache = past_key_values
-        past = cache.get_seq_length() if cache is not None else 0
+        past = None  # unknown when the caller places the tokens (cache_position): no sync on a cache length
         if cache_position is None:
+            past = cache.get_seq_length() if cache is not None else 0
             cache_position = torch.arange(past, past + T, device=x.device)
         if position_ids is None:
             position_ids = cache_position if cache_position.dim() == 2 else cache_position[None]
@@ -307,14 +315,15 @@ class GlmModel(GlmPreTrainedModel):
         are the last ones of a contiguous prefix; else an explicit boolean mask."""
         if attention_mask is not None:
             if attention_mask.dim() != 2 or attention_mask.shape[0] != B:
-                raise ValueError(f"attention_mask must be (batch, past + new tokens) = ({B}, {past + T}), "
+                raise ValueError(f"attention_mask must be (batch, past + new tokens), batch {B}, "
                                  f"got {tuple(attention_mask.shape)}")
-            if attention_mask.shape[1] < past + T:
+            if past is not None and attention_mask.shape[1] < past + T:
                 raise ValueError(f"attention_mask covers {attention_mask.shape[1]} positions but the cache "
                                  f"holds {past} and {T} are new: it must cover all {past + T}")
             if not torch.compiler.is_compiling() and bool(attention_mask.all()):
                 attention_mask = None
-        contiguous = cache_position.dim() == 1 and kv_length == past + T and (T == 1 or past == 0)
+        contiguous = (past is not None and cache_position.dim() == 1 and kv_length == past + T
+                      and (T == 1 or past == 0))
         if attention_mask is None and contiguous:
             return None
         return make_attention_mask(cache_position, kv_length, attention_mask)

@@ -54,6 +54,10 @@ TRANSFORMERS = WeightFormat("transformers", (
     Rule(_LAYER + r"mlp\.down_proj\.weight", (r"model.layers.\1.mlp.down_proj.weight",)),
     Rule(r"(?:model\.)?norm\.weight", ("model.norm.weight",)),
     Rule(r"lm_head\.weight", ("lm_head.weight",)),
+    # weight-only quantized layers (glmtorch's own int8/int4 checkpoints) carry scales beside their weights
+    Rule(_LAYER + r"(self_attn\.[qkvo]_proj|mlp\.gate_up_proj|mlp\.down_proj)\.scales",
+         (r"model.layers.\1.\2.scales",)),
+    Rule(r"lm_head\.scales", ("lm_head.scales",)),
     Rule(r"score\.(weight|bias)", (r"score.\1",)),
     Rule(r"(?:model\.)?(?:layers\.\d+\.self_attn\.)?rotary_emb\.inv_freq", ()),  # computed, never loaded
 ))

@@ -11,11 +11,20 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from ..cache import DynamicCache
+from ..fastpath import compiled_decode_step
 from .processors import make_processors
 from .sampling import make_sampler
 
 StopCheck = Callable[[torch.Tensor], torch.Tensor]  # (B, L) history -> (B,) bool "this row is done"
+
+
+def cache_capacity(needed: int, limit: int) -> int:
+    """Static cache length: a power of two >= 1024, so that new prompt lengths and max_new_tokens reuse the
+    same compiled decode step (a new graph only when a generation outgrows the bucket)."""
+    capacity = 1024
+    while capacity < needed:
+        capacity *= 2
+    return min(capacity, max(limit, needed))
 
 
 @torch.no_grad()
@@ -28,7 +37,11 @@ def decode_tokens(
     generator: torch.Generator | None = None,
     stop_checks: list[StopCheck] = (),
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Yield (tokens (B,), processed fp32 logits (B, V), finished (B,) bool) for each new position."""
+    """Yield (tokens (B,), processed fp32 logits (B, V), finished (B,) bool) for each new position.
+
+    Prefill runs eagerly into a preallocated static cache; each decode step then runs the model's compiled
+    decode step (fastpath.compiled_decode_step) on fixed shapes.
+    """
     B, T = input_ids.shape
     device = input_ids.device
     processors = make_processors(config)
@@ -42,13 +55,20 @@ def decode_tokens(
     # Left padding shifts each row's positions so its first real token sits at position 0.
     positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     history = input_ids.masked_fill(attention_mask == 0, -1)  # what the processors may look at
-    cache = DynamicCache()
-    out = model(input_ids, attention_mask=attention_mask, position_ids=positions, past_key_values=cache,
-                use_cache=True, logits_to_keep=1)
+    capacity = cache_capacity(T + max_new_tokens, model.config.max_position_embeddings)
+    cache = model.new_static_cache(B, capacity)
+    # Slot j of every row holds column j of the batch: padding is marked once; slots not yet written are
+    # hidden by causality, so the mask never changes shape.
+    mask = torch.ones(B, capacity, dtype=torch.long, device=device)
+    mask[:, :T] = attention_mask
+    out = model(input_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                cache_position=torch.arange(T, device=device), use_cache=True, logits_to_keep=1)
+    logits = out.logits[:, -1].float()
+    step = compiled_decode_step(model)
     next_position = positions[:, -1:] + 1  # (B, 1)
+    slot = torch.tensor([T], device=device)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
-    for step in range(max_new_tokens):
-        logits = out.logits[:, -1].float()  # (B, V)
+    for i in range(max_new_tokens):
         for process in processors:
             logits = process(history, logits)
         tokens = sample(logits).masked_fill(finished, pad)
@@ -60,9 +80,8 @@ def decode_tokens(
             done |= check(history)
         finished = finished | done
         yield tokens, logits, finished
-        if step == max_new_tokens - 1 or bool(finished.all()):
+        if i == max_new_tokens - 1 or bool(finished.all()):
             return
-        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(B, 1)], dim=1)
-        out = model(tokens[:, None], attention_mask=attention_mask, position_ids=next_position,
-                    past_key_values=cache, use_cache=True)
+        logits = step(model, tokens[:, None], next_position, slot, mask, cache)
         next_position = next_position + 1
+        slot = slot + 1

@@ -1,0 +1,249 @@
+"""`glmtorch bench`: glmtorch against transformers (and llama.cpp when given a build) on the same weights, in one
+process, with interleaved repetitions and medians, through the public path a user takes:
+
+    prefill:  model(input_ids, logits_to_keep=1)
+    decode:   model.generate(input_ids, max_new_tokens=N, do_sample=False)   (tok/s of the new tokens)
+
+It also measures the machine's memory bandwidth and reports the roofline: decoding a token reads every weight
+once, so (weight bytes) / (bandwidth) is the fastest a batch-1 step can be.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import shutil
+import statistics
+import subprocess
+import tempfile
+import time
+from typing import Any
+
+import torch
+
+PRESETS = {
+    "tiny": dict(vocab_size=2048, hidden_size=128, intermediate_size=352, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=32),
+    "small": dict(vocab_size=151552, hidden_size=1024, intermediate_size=2816, num_hidden_layers=16,
+                  num_attention_heads=16, num_key_value_heads=2, head_dim=64),
+    "glm4-9b": dict(vocab_size=151552, hidden_size=4096, intermediate_size=13696, num_hidden_layers=40,
+                    num_attention_heads=32, num_key_value_heads=2, head_dim=128),
+}
+
+
+def memory_bandwidth(device: torch.device, mbytes: int = 512) -> float:
+    """GB/s of a large read (a sum over a buffer far larger than any cache), median of a few runs."""
+    x = torch.ones(mbytes * 2**20 // 4, dtype=torch.float32, device=device)
+    times = []
+    for _ in range(7):
+        _sync(device)
+        t = time.perf_counter()
+        x.sum()
+        _sync(device)
+        times.append(time.perf_counter() - t)
+    return x.numel() * 4 / statistics.median(times[2:]) / 1e9
+
+
+def weight_bytes_per_token(model) -> int:
+    """Bytes of every matrix a decode step reads (the linear layers, LM head included; embeddings are a lookup)."""
+    seen, total = set(), 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear) or hasattr(module, "weight_bytes"):
+            for p in module.parameters(recurse=False):
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    total += p.numel() * p.element_size()
+            for b in module.buffers(recurse=False):
+                total += b.numel() * b.element_size()
+    return total
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _time(fn, device) -> float:
+    _sync(device)
+    t = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - t
+
+
+def make_checkpoint(preset: str, directory: str, dtype: torch.dtype, seed: int = 0) -> str:
+    from .config import GlmConfig
+    from .modeling import GlmForCausalLM
+
+    torch.manual_seed(seed)
+    config = GlmConfig(**PRESETS[preset], pad_token_id=0, max_position_embeddings=4096)
+    with torch.device("meta"):
+        model = GlmForCausalLM(config)
+    model.to_empty(device="cpu")
+    model.init_weights()
+    model.to(dtype).save_pretrained(directory)
+    return directory
+
+
+def run_bench(model_path: str | None = None, preset: str = "small", dtype: str = "float32",
+              quantize: str | None = None, device: str | None = None, prefill: int = 512, new_tokens: int = 32,
+              batches: tuple[int, ...] = (1, 8), reps: int = 5, with_transformers: bool = True,
+              llama_cpp: str | None = None, out: str | None = None) -> dict[str, Any]:
+    from .checkpoint.safetensors_io import parse_dtype
+    from .device import infer_device
+    from .loading import PretrainedMixin  # noqa: F401 - the public path below
+    from .modeling import GlmForCausalLM
+
+    torch_dtype = parse_dtype(dtype)
+    dev = torch.device(device or infer_device())
+    tmp = None
+    if model_path is None:
+        tmp = tempfile.mkdtemp(prefix="glmtorch-bench-")
+        model_path = make_checkpoint(preset, tmp, torch_dtype)
+    runners: dict[str, Any] = {}
+    ours = GlmForCausalLM.from_pretrained(model_path, dtype=torch_dtype, device=dev, quantize=quantize)
+    runners["glmtorch"] = ours
+    if with_transformers and quantize is None:
+        try:
+            import transformers
+
+            runners["transformers"] = transformers.AutoModelForCausalLM.from_pretrained(
+                model_path, dtype=torch_dtype).to(dev).eval()
+        except ImportError:
+            pass
+    vocab = ours.config.vocab_size
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, vocab, (1, prefill), generator=g).to(dev)
+    short = {b: torch.randint(0, vocab, (b, 16), generator=g).to(dev) for b in batches}
+    results: dict[str, dict[str, list[float]]] = {name: {} for name in runners}
+
+    def generate(model, ids, n):
+        if _is_hf(model):  # min_new_tokens: random weights must not stop early on an eos id
+            return model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+        return model.generate(ids, max_new_tokens=n, do_sample=False, eos_token_id=[])
+
+    def decode_rate(model, ids):
+        """New tokens per second: a long generation minus a one-token one (which is the prefill)."""
+        full = _time(lambda: generate(model, ids, new_tokens + 1), dev)
+        first = _time(lambda: generate(model, ids, 1), dev)
+        return ids.shape[0] * new_tokens / max(full - first, 1e-9)
+
+    with torch.no_grad():
+        for model in runners.values():  # warm-up: compiles the decode step, touches every page
+            model(prompt, logits_to_keep=1)
+            for b in batches:
+                decode_rate(model, short[b])
+        for _ in range(reps):  # interleaved, so drift on a shared machine hits everyone alike
+            for name, model in runners.items():
+                r = results[name]
+                r.setdefault("prefill_tok_s", []).append(prefill / _time(lambda: model(prompt, logits_to_keep=1), dev))
+                for b in batches:
+                    r.setdefault(f"decode_b{b}_tok_s", []).append(decode_rate(model, short[b]))
+    bandwidth = memory_bandwidth(dev)
+    weights = weight_bytes_per_token(ours)
+    report: dict[str, Any] = {
+        "model": model_path if tmp is None else f"preset:{preset}", "dtype": dtype, "quantize": quantize,
+        "device": str(dev), "machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+        "torch": torch.__version__, "prefill_tokens": prefill, "new_tokens": new_tokens, "reps": reps,
+        "weight_bytes_per_token": weights, "bandwidth_gb_s": bandwidth,
+        "roofline_decode_b1_tok_s": bandwidth * 1e9 / weights,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "results": {name: {k: statistics.median(v) for k, v in r.items()} for name, r in results.items()},
+    }
+    ours_b1 = report["results"]["glmtorch"].get("decode_b1_tok_s")
+    if ours_b1:
+        report["fraction_of_roofline"] = ours_b1 / report["roofline_decode_b1_tok_s"]
+        report["measured_weight_gb_s"] = ours_b1 * weights / 1e9
+    if llama_cpp:
+        report["results"]["llama.cpp"] = run_llama_cpp(ours, model_path, llama_cpp, dtype, quantize, prefill)
+    report["ratios"] = {
+        f"glmtorch/{peer}": {k: report["results"]["glmtorch"][k] / v for k, v in r.items()
+                             if k in report["results"]["glmtorch"] and v}
+        for peer, r in report["results"].items() if peer != "glmtorch"}
+    if out:
+        os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+        with open(out, "w") as f:
+            json.dump(report, f, indent=1)
+        plot_report(report, os.path.splitext(out)[0] + ".png")
+    if tmp:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return report
+
+
+def _is_hf(model) -> bool:
+    return type(model).__module__.startswith("transformers")
+
+
+def run_llama_cpp(model, model_path, build_dir, dtype, quantize, prefill) -> dict[str, float]:
+    """Export the same weights to GGUF and time them with llama.cpp's own llama-bench."""
+    from .checkpoint.gguf import write_gguf
+    from .tokenizer import AutoTokenizer
+
+    kind = {"int8": "q8_0", "int4": "q4_0"}.get(quantize or "", {"bfloat16": "bf16", "bf16": "bf16"}.get(dtype, "f32"))
+    exe = next((os.path.join(build_dir, *p) for p in (("bin", "llama-bench"), ("llama-bench",))
+                if os.path.isfile(os.path.join(build_dir, *p))), None)
+    if exe is None:
+        raise FileNotFoundError(f"{build_dir}: no llama-bench (build llama.cpp with ../shared/peers/llamacpp/build.sh)")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, f"model-{kind}.gguf")
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(model_path)
+        except Exception:
+            from .tokenizer import GLM4_SPECIAL_TOKENS, train_bpe_tokenizer
+
+            tokenizer = train_bpe_tokenizer(["glmtorch benchmark"], 256 + len(GLM4_SPECIAL_TOKENS) + 1)
+        write_gguf(model, tokenizer, path, kind, progress=False)
+        result = subprocess.run([exe, "-m", path, "-p", str(prefill), "-n", "64", "-t", str(torch.get_num_threads()),
+                                 "-o", "json"], capture_output=True, text=True, timeout=1800, check=True)
+    rows = json.loads(result.stdout)
+    out = {}
+    for row in rows:
+        if row.get("n_prompt"):
+            out["prefill_tok_s"] = row["avg_ts"]
+        elif row.get("n_gen"):
+            out["decode_b1_tok_s"] = row["avg_ts"]
+    return out
+
+
+def plot_report(report: dict[str, Any], path: str) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    metrics = sorted({k for r in report["results"].values() for k in r})
+    names = list(report["results"])
+    fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 3.6), dpi=110)
+    for ax, metric in zip(axes if len(metrics) > 1 else [axes], metrics):
+        values = [report["results"][n].get(metric, 0) for n in names]
+        ax.bar(names, values, color=["tab:blue", "tab:gray", "tab:orange"][: len(names)])
+        ax.set_title(metric.replace("_tok_s", " (tok/s)"))
+        if metric == "decode_b1_tok_s":
+            ax.axhline(report["roofline_decode_b1_tok_s"], color="red", linestyle="--", label="roofline")
+            ax.legend()
+        ax.tick_params(axis="x", rotation=20)
+    fig.suptitle(f"{report['model']} {report['dtype']}{' ' + report['quantize'] if report['quantize'] else ''} "
+                 f"on {report['device']}")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
+def format_report(report: dict[str, Any]) -> str:
+    lines = [f"{report['model']}  dtype={report['dtype']} quantize={report['quantize']} device={report['device']} "
+             f"threads={report['threads']}",
+             f"bandwidth {report['bandwidth_gb_s']:.1f} GB/s, weights {report['weight_bytes_per_token'] / 1e6:.1f} MB "
+             f"per token -> roofline {report['roofline_decode_b1_tok_s']:.1f} tok/s at batch 1"]
+    for name, r in report["results"].items():
+        lines.append(f"  {name:13s} " + "  ".join(f"{k}={v:.1f}" for k, v in sorted(r.items())))
+    for peer, r in report["ratios"].items():
+        lines.append(f"  {peer:24s} " + "  ".join(f"{k}={v:.2f}x" for k, v in sorted(r.items())))
+    if "fraction_of_roofline" in report:
+        lines.append(f"  glmtorch batch-1 decode reads weights at {report['measured_weight_gb_s']:.1f} GB/s = "
+                     f"{100 * report['fraction_of_roofline']:.0f}% of the measured bandwidth")
+    return "\n".join(lines)

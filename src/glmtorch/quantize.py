@@ -1,0 +1,127 @@
+"""Weight-only quantization: int8 per output channel, int4 symmetric in groups (32 by default).
+
+Quantized linear layers replace nn.Linear from outside (`quantize_model`), so the model code never branches on
+them. Weights are stored quantized (int8 values, or two int4 values per uint8) with their scales, and the mode
+is recorded in config.json ("quantization": {"mode", "group_size"}), never guessed from a file name.
+
+On the CPU inside the compiled decode step the int8 product is written as a multiply-and-reduce on the int8
+weights, which Inductor turns into one bandwidth-bound kernel (the weight is read as one byte per value);
+elsewhere the weight is dequantized on the fly (correct everywhere, not the fast path).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .fastpath import GEMV_MAX_ROWS
+
+MODES = ("int8", "int4")
+
+
+def _fast(x: torch.Tensor) -> bool:
+    return torch.compiler.is_compiling() and x.device.type == "cpu" and x.numel() // x.shape[-1] <= GEMV_MAX_ROWS
+
+
+class Int8Linear(nn.Module):
+    """y = (x @ q.T) * scale (+ bias); q int8 (N, K), scale (N,) per output channel."""
+
+    weight_bytes = True
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, dtype=torch.float32, device=None) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=torch.int8, device=device),
+                                   requires_grad=False)
+        self.scales = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, group_size: int | None = None) -> "Int8Linear":
+        w = linear.weight.detach().float()
+        scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-12)
+        q = (w / scale[:, None]).round().clamp(-128, 127).to(torch.int8)
+        out = cls(linear.in_features, linear.out_features, linear.bias is not None, linear.weight.dtype, w.device)
+        out.weight.data, out.scales.data = q, scale.to(linear.weight.dtype)
+        if linear.bias is not None:
+            out.bias.data = linear.bias.detach().clone()
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _fast(x):
+            y = (x.unsqueeze(-2) * self.weight.to(x.dtype)).sum(-1) * self.scales
+        else:
+            y = F.linear(x, self.weight.to(x.dtype)) * self.scales
+        return y + self.bias if self.bias is not None else y
+
+
+class Int4Linear(nn.Module):
+    """Symmetric int4 in groups along the input: w = q * scale[group], q in [-8, 7] stored two per byte."""
+
+    weight_bytes = True
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, group_size: int = 32,
+                 dtype=torch.float32, device=None) -> None:
+        super().__init__()
+        if in_features % group_size or group_size % 2:
+            raise ValueError(f"int4 group_size={group_size} must be even and divide in_features={in_features}")
+        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        self.weight = nn.Parameter(torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=device),
+                                   requires_grad=False)
+        self.scales = nn.Parameter(torch.empty(out_features, in_features // group_size, dtype=dtype, device=device),
+                                   requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, group_size: int = 32) -> "Int4Linear":
+        w = linear.weight.detach().float()
+        N, K = w.shape
+        groups = w.view(N, K // group_size, group_size)
+        scale = (groups.abs().amax(dim=-1) / 7).clamp(min=1e-12)  # (N, K / g)
+        q = (groups / scale[..., None]).round().clamp(-8, 7).to(torch.int16).view(N, K) + 8  # 0..15
+        packed = (q[:, 0::2] | (q[:, 1::2] << 4)).to(torch.uint8)
+        out = cls(K, N, linear.bias is not None, group_size, linear.weight.dtype, w.device)
+        out.weight.data, out.scales.data = packed, scale.to(linear.weight.dtype)
+        if linear.bias is not None:
+            out.bias.data = linear.bias.detach().clone()
+        return out
+
+    def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
+        low = (self.weight & 0xF).to(torch.int8) - 8
+        high = (self.weight >> 4).to(torch.int8) - 8
+        q = torch.stack([low, high], dim=-1).view(self.out_features, self.in_features // self.group_size, self.group_size)
+        return (q.to(dtype) * self.scales.to(dtype)[..., None]).view(self.out_features, self.in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.dequantized(x.dtype)
+        y = (x.unsqueeze(-2) * w).sum(-1) if _fast(x) else F.linear(x, w)
+        return y + self.bias if self.bias is not None else y
+
+
+def quantize_model(model: nn.Module, mode: str, group_size: int = 32, from_meta: bool = False) -> nn.Module:
+    """Replace every nn.Linear (LM head included, like llama.cpp's Q8_0/Q4_0) by its quantized form.
+
+    from_meta: build empty quantized layers on the meta device (to load a quantized checkpoint into)."""
+    if mode not in MODES:
+        raise ValueError(f"quantize={mode!r}: choose one of {', '.join(MODES)}")
+    if mode == "int4" and (not isinstance(group_size, int) or group_size < 2 or group_size % 2):
+        raise ValueError(f"group_size={group_size}: must be an even integer >= 2")
+    cls = Int8Linear if mode == "int8" else Int4Linear
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if not isinstance(child, nn.Linear):
+                continue
+            if tied and f"{name}.{child_name}".lstrip(".") == "lm_head":
+                continue  # shares its matrix with the embedding, which stays unquantized
+            if from_meta:
+                kwargs = dict(dtype=child.weight.dtype, device="meta")
+                if mode == "int4":
+                    kwargs["group_size"] = group_size
+                new = cls(child.in_features, child.out_features, child.bias is not None, **kwargs)
+            else:
+                new = cls.from_linear(child, group_size)
+            setattr(module, child_name, new)
+    model.config.extra["quantization"] = {"mode": mode, "group_size": group_size if mode == "int4" else None}
+    return model

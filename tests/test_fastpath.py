@@ -1,0 +1,122 @@
+"""The fast decode path: static cache == dynamic cache, compiled == eager, quantized layers, the benchmark."""
+
+import json
+import os
+
+import pytest
+import torch
+
+import glmtorch
+from glmtorch.cache import StaticCache
+from glmtorch.fastpath import GemvLinear
+from glmtorch.quantize import Int4Linear, Int8Linear
+from conftest import CONFIGS, make_hf_model, rel_err, save_hf
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    ref = make_hf_model(**CONFIGS["gqa"])
+    path = save_hf(ref, tmp_path_factory.mktemp("fast"))
+    return ref, path
+
+
+@torch.no_grad()
+def test_static_cache_matches_dynamic_cache(pair):
+    _, path = pair
+    model = glmtorch.GlmForCausalLM.from_pretrained(path)
+    ids = torch.randint(1, 160, (2, 12), generator=torch.Generator().manual_seed(1))
+    full = model(ids).logits
+    cache = StaticCache(2, 2, 2, 64, 16)
+    mask = torch.ones(2, 64, dtype=torch.long)
+    a = model(ids[:, :8], attention_mask=mask, past_key_values=cache, cache_position=torch.arange(8)).logits
+    steps = [model(ids[:, t:t + 1], attention_mask=mask, past_key_values=cache, cache_position=torch.tensor([t])).logits
+             for t in range(8, 12)]
+    assert rel_err(torch.cat([a, *steps], 1), full) < 1e-5
+    assert cache.seq_lengths.tolist() == [12, 12]
+
+
+@torch.no_grad()
+def test_per_row_cache_positions(pair):
+    """Rows at different lengths in one batch (continuous batching) equal each row alone."""
+    _, path = pair
+    model = glmtorch.GlmForCausalLM.from_pretrained(path)
+    a, b = torch.tensor([[5, 6, 7, 8, 9]]), torch.tensor([[10, 11, 12]])
+    cache = StaticCache(2, 2, 2, 32, 16)
+    # prefill each row into its own slot, then decode both together at different positions
+    single = glmtorch.StaticCache(2, 1, 2, 32, 16)
+    ref_a = model(torch.cat([a, torch.tensor([[20]])], 1)).logits[:, -1]
+    ref_b = model(torch.cat([b, torch.tensor([[21]])], 1)).logits[:, -1]
+    for row, ids in ((0, a), (1, b)):
+        single.reset()
+        model(ids, past_key_values=single, cache_position=torch.arange(ids.shape[1]))
+        for layer in range(2):
+            cache.keys[layer][row] = single.keys[layer][0]
+            cache.values[layer][row] = single.values[layer][0]
+    positions = torch.tensor([[5], [3]])
+    out = model(torch.tensor([[20], [21]]), past_key_values=cache, cache_position=positions, position_ids=positions,
+                attention_mask=torch.ones(2, 32, dtype=torch.long)).logits[:, -1]
+    assert rel_err(out[0], ref_a[0]) < 1e-5 and rel_err(out[1], ref_b[0]) < 1e-5
+
+
+@pytest.mark.slow
+@torch.no_grad()
+def test_compiled_decode_matches_eager_and_does_not_recompile(pair, monkeypatch):
+    ref, path = pair
+    monkeypatch.setenv("GLMTORCH_COMPILE", "1")
+    model = glmtorch.GlmForCausalLM.from_pretrained(path)
+    assert all(type(m) is not torch.nn.Linear for m in model.modules()) and isinstance(model.lm_head, GemvLinear)
+    ids = torch.tensor([[0, 0, 5, 6, 7, 8], [9, 10, 11, 12, 13, 14]])
+    mask = (ids != 0).long()
+    kw = dict(attention_mask=mask, do_sample=False, eos_token_id=[], pad_token_id=0)
+    expected = ref.generate(ids, max_new_tokens=12, **kw)
+    assert torch.equal(model.generate(ids, max_new_tokens=12, **kw), expected)
+    from torch._dynamo.utils import counters
+
+    compiles = counters["stats"]["unique_graphs"]
+    # a new prompt length and a new max_new_tokens reuse the compiled step
+    shorter = model.generate(ids[:, 1:], max_new_tokens=9, **{**kw, "attention_mask": mask[:, 1:]})
+    assert shorter.shape == (2, 5 + 9)
+    assert counters["stats"]["unique_graphs"] == compiles
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("mode,logit_tol,ppl_tol", [("int8", 2e-2, 0.01), ("int4", 2e-1, 0.15)])
+def test_weight_only_quantization(tmp_path, pair, mode, logit_tol, ppl_tol):
+    _, path = pair
+    model = glmtorch.GlmForCausalLM.from_pretrained(path)
+    quant = glmtorch.GlmForCausalLM.from_pretrained(path, quantize=mode)
+    cls = Int8Linear if mode == "int8" else Int4Linear
+    assert isinstance(quant.model.layers[0].mlp.down_proj, cls) and isinstance(quant.lm_head, cls)
+    ids = torch.randint(1, 160, (4, 32), generator=torch.Generator().manual_seed(3))
+    exact, approx = model(ids, labels=ids), quant(ids, labels=ids)
+    assert rel_err(approx.logits, exact.logits) < logit_tol
+    assert abs(float(approx.loss.exp() / exact.loss.exp()) - 1) < ppl_tol  # perplexity cost
+    quant.save_pretrained(tmp_path / mode)
+    config = json.loads((tmp_path / mode / "config.json").read_text())
+    assert config["quantization"]["mode"] == mode
+    size = os.path.getsize(tmp_path / mode / "model.safetensors")
+    full = sum(p.numel() * 4 for p in model.parameters())
+    assert size < (0.4 if mode == "int8" else 0.3) * full
+    again = glmtorch.GlmForCausalLM.from_pretrained(tmp_path / mode)
+    assert torch.equal(again(ids).logits, approx.logits)
+    with pytest.raises(ValueError, match="stored as"):
+        glmtorch.GlmForCausalLM.from_pretrained(tmp_path / mode, quantize="int4" if mode == "int8" else "int8")
+
+
+def test_bad_quantize_arguments(pair):
+    _, path = pair
+    with pytest.raises(ValueError, match="quantize='int3'"):
+        glmtorch.GlmForCausalLM.from_pretrained(path, quantize="int3")
+    with pytest.raises(ValueError, match="group_size"):
+        glmtorch.GlmForCausalLM.from_pretrained(path, quantize="int4", group_size=3)
+
+
+@pytest.mark.slow
+def test_bench_tiny_preset_runs(tmp_path):
+    from glmtorch.bench import format_report, run_bench
+
+    report = run_bench(preset="tiny", prefill=64, new_tokens=4, batches=(1, 2), reps=1, out=str(tmp_path / "b.json"))
+    assert set(report["results"]) == {"glmtorch", "transformers"}
+    assert report["results"]["glmtorch"]["decode_b1_tok_s"] > 0 and report["bandwidth_gb_s"] > 0
+    assert "glmtorch/transformers" in report["ratios"] and os.path.isfile(tmp_path / "b.png")
+    assert "roofline" in format_report(report)
