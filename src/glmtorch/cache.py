@@ -112,6 +112,16 @@ class StaticCache:
     def advance(self, new_tokens: int | torch.Tensor) -> None:
         self.seq_lengths += new_tokens
 
+    def row(self, index: int) -> "StaticCache":
+        """A one-row cache that writes through into row `index` of this one (prefilling a new request into
+        its slot of a running batch)."""
+        view = StaticCache.__new__(StaticCache)
+        view.keys = [k[index:index + 1] for k in self.keys]
+        view.values = [v[index:index + 1] for v in self.values]
+        view.seq_lengths = self.seq_lengths[index:index + 1]
+        view.max_length = self.max_length
+        return view
+
     def reset(self, rows: torch.Tensor | None = None) -> None:
         """Forget rows (all when None) so their slots can take new sequences."""
         if rows is None:

@@ -289,6 +289,52 @@ def _convert_flags(p: argparse.ArgumentParser) -> None:
                    help="tensor type when DST ends in .gguf")
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .serve.server import serve
+
+    serve(args.model, host=args.host, port=args.port, dtype=args.dtype, device=args.device, quantize=args.quantize,
+          max_batch=args.max_batch, max_queue=args.max_queue, api_key=args.api_key, max_context=args.max_context)
+    return 0
+
+
+def _serve_flags(p: argparse.ArgumentParser) -> None:
+    add_model_flags(p)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--quantize", default=None, choices=["int8", "int4"])
+    p.add_argument("--max-batch", type=int, default=8, help="requests decoded together (KV cache slots)")
+    p.add_argument("--max-queue", type=int, default=64, help="requests allowed to wait; beyond: HTTP 503")
+    p.add_argument("--max-context", type=int, default=None, help="tokens per slot (default: the model's)")
+    p.add_argument("--api-key", default=os.environ.get("GLMTORCH_API_KEY"), help="require this bearer key")
+
+
+def cmd_bench_serve(args: argparse.Namespace) -> int:
+    import json
+
+    from .serve.bench import bench_serve, format_serve_report
+
+    report = bench_serve(args.url, args.requests, args.concurrency, args.prompt_words, args.max_tokens, args.model,
+                         args.api_key, args.chat, args.temperature)
+    print(format_serve_report(report))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=1)
+    return 0 if report["error_count"] == 0 else 1
+
+
+def _bench_serve_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("url", help="server base URL, e.g. http://127.0.0.1:8000")
+    p.add_argument("--requests", type=int, default=64)
+    p.add_argument("--concurrency", type=int, default=64)
+    p.add_argument("--prompt-words", type=int, default=100)
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--model", default=None, help="model name (default: the server's first)")
+    p.add_argument("--api-key", default=None)
+    p.add_argument("--chat", action="store_true", help="use /v1/chat/completions instead of /v1/completions")
+    p.add_argument("--out", default=None, help="also write the report as JSON")
+
+
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable]] = {}
 
 
@@ -308,6 +354,8 @@ COMMANDS["generate"] = ("generate a reply to one prompt", _generate_flags, cmd_g
 COMMANDS["chat"] = ("chat interactively (or with lines piped on stdin)", _chat_flags, cmd_chat)
 COMMANDS["convert"] = ("convert a checkpoint to the transformers format", _convert_flags, cmd_convert)
 COMMANDS["bench"] = ("benchmark glmtorch against transformers (and llama.cpp)", _bench_flags, cmd_bench)
+COMMANDS["serve"] = ("serve a model over an OpenAI-compatible HTTP API", _serve_flags, cmd_serve)
+COMMANDS["bench-serve"] = ("load-test an OpenAI-compatible server", _bench_serve_flags, cmd_bench_serve)
 COMMANDS["train"] = ("train or fine-tune a GLM model on text or chat data", _train_flags, cmd_train)
 
 

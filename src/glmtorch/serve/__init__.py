@@ -1,0 +1,1 @@
+"""The OpenAI-compatible server: a continuous-batching engine (engine.py) behind a FastAPI app (app.py)."""

@@ -1,0 +1,112 @@
+"""`glmtorch bench-serve URL`: load any OpenAI-compatible server with concurrent streaming requests and report
+throughput, time to first token and inter-token latency (glmtorch, vLLM and llama-server alike)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import statistics
+import time
+from typing import Any
+
+
+def _percentiles(values: list[float]) -> dict[str, float]:
+    if not values:
+        return {}
+    values = sorted(values)
+    pick = lambda q: values[min(len(values) - 1, int(q * len(values)))]  # noqa: E731
+    return {"mean": statistics.fmean(values), "p50": pick(0.5), "p90": pick(0.9), "p99": pick(0.99)}
+
+
+async def _one(client, url: str, body: dict, headers: dict) -> dict[str, Any]:
+    start = time.perf_counter()
+    first = None
+    stamps: list[float] = []
+    tokens = 0
+    text = ""
+    try:
+        async with client.stream("POST", url, json=body, headers=headers) as response:
+            if response.status_code != 200:
+                return {"error": f"HTTP {response.status_code}: {(await response.aread())[:200]!r}"}
+            async for line in response.aiter_lines():
+                if not line.startswith("data:"):
+                    continue
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    break
+                chunk = json.loads(data)
+                if chunk.get("usage"):
+                    tokens = chunk["usage"].get("completion_tokens", tokens)
+                for choice in chunk.get("choices", []):
+                    piece = choice.get("text") or (choice.get("delta") or {}).get("content") or ""
+                    if piece:
+                        now = time.perf_counter()
+                        first = first or now
+                        stamps.append(now)
+                        text += piece
+    except Exception as e:  # noqa: BLE001 - counted, not raised
+        return {"error": f"{type(e).__name__}: {e}"}
+    end = time.perf_counter()
+    gaps = [b - a for a, b in zip(stamps, stamps[1:])]
+    return {"ttft": (first or end) - start, "latency": end - start, "tokens": tokens or len(stamps), "gaps": gaps,
+            "text": text}
+
+
+async def _run(base_url: str, requests: int, concurrency: int, prompt_words: int, max_tokens: int,
+               model: str | None, api_key: str | None, chat: bool, temperature: float) -> dict[str, Any]:
+    import httpx
+
+    base = base_url.rstrip("/")
+    if not base.endswith("/v1"):
+        base += "/v1"
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    async with httpx.AsyncClient(timeout=httpx.Timeout(600.0)) as client:
+        if model is None:
+            listed = (await client.get(f"{base}/models", headers=headers)).json()
+            model = listed["data"][0]["id"]
+        words = ("the quick brown fox jumps over a lazy dog while seven wise kings speak of old times " * 64).split()
+        semaphore = asyncio.Semaphore(concurrency)
+
+        async def task(i: int):
+            prompt = f"Request {i}: " + " ".join(words[i % 7: i % 7 + prompt_words])
+            body = {"model": model, "max_tokens": max_tokens, "temperature": temperature, "stream": True,
+                    "stream_options": {"include_usage": True}, "ignore_eos": True}
+            if chat:
+                body["messages"] = [{"role": "user", "content": prompt}]
+                url = f"{base}/chat/completions"
+            else:
+                body["prompt"] = prompt
+                url = f"{base}/completions"
+            async with semaphore:
+                return await _one(client, url, body, headers)
+
+        start = time.perf_counter()
+        results = await asyncio.gather(*(task(i) for i in range(requests)))
+        wall = time.perf_counter() - start
+    ok = [r for r in results if "error" not in r]
+    out_tokens = sum(r["tokens"] for r in ok)
+    return {
+        "url": base_url, "model": model, "requests": requests, "concurrency": concurrency,
+        "prompt_words": prompt_words, "max_tokens": max_tokens, "completed": len(ok),
+        "errors": [r["error"] for r in results if "error" in r][:10], "error_count": len(results) - len(ok),
+        "wall_s": wall, "output_tokens": out_tokens, "output_tok_s": out_tokens / wall,
+        "ttft_s": _percentiles([r["ttft"] for r in ok]),
+        "itl_s": _percentiles([g for r in ok for g in r["gaps"]]),
+        "latency_s": _percentiles([r["latency"] for r in ok]),
+    }
+
+
+def bench_serve(url: str, requests: int = 64, concurrency: int = 64, prompt_words: int = 100, max_tokens: int = 64,
+                model: str | None = None, api_key: str | None = None, chat: bool = False,
+                temperature: float = 0.0) -> dict[str, Any]:
+    return asyncio.run(_run(url, requests, concurrency, prompt_words, max_tokens, model, api_key, chat, temperature))
+
+
+def format_serve_report(r: dict[str, Any]) -> str:
+    def ms(d):
+        return " ".join(f"{k}={1000 * v:.0f}ms" for k, v in d.items())
+
+    return (f"{r['url']} model={r['model']}: {r['completed']}/{r['requests']} completed, {r['error_count']} errors, "
+            f"concurrency {r['concurrency']}\n"
+            f"  output {r['output_tokens']} tokens in {r['wall_s']:.1f}s = {r['output_tok_s']:.1f} tok/s\n"
+            f"  time to first token: {ms(r['ttft_s'])}\n  inter-token latency: {ms(r['itl_s'])}")

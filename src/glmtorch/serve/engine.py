@@ -1,0 +1,243 @@
+"""Continuous batching: one thread owns the model and a static KV cache of `max_batch` rows (slots).
+
+Every step decodes one token for every active request together; a new request is prefilled into a free slot
+between steps and joins the next one; a finished or cancelled request leaves at once and its slot is reused.
+Each request keeps its own sampling parameters and random generator, so a seed gives the same text whether
+the request runs alone or in a full batch.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from ..fastpath import compiled_decode_step
+from ..generation.config import GenerationConfig
+from ..generation.processors import make_processors
+from ..generation.stopping import find_stop, partial_stop_length
+from ..generation.streaming import StreamingDetokenizer
+
+
+class QueueFull(Exception):
+    """More requests are waiting than --max-queue allows."""
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    logprobs: bool = False
+    top_logprobs: int = 0
+
+    def generation_config(self) -> GenerationConfig:
+        greedy = self.temperature == 0
+        return GenerationConfig(do_sample=not greedy, temperature=None if greedy else self.temperature,
+                                top_p=self.top_p, top_k=self.top_k, min_p=self.min_p or None,
+                                repetition_penalty=self.repetition_penalty)
+
+
+@dataclass
+class Event:
+    kind: str  # "text" | "done" | "error"
+    text: str = ""
+    token_logprobs: list[dict] = field(default_factory=list)
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    error: str | None = None
+
+
+@dataclass
+class Request:
+    prompt_ids: list[int]
+    params: SamplingParams
+    emit: Callable[[Event], None]
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    # engine-side state
+    slot: int = -1
+    position: int = 0
+    last_token: int = 0
+    generated: int = 0
+    history: torch.Tensor | None = None
+    processors: list = field(default_factory=list)
+    generator: torch.Generator | None = None
+    detok: StreamingDetokenizer | None = None
+    shown: int = 0
+    pending_logprobs: list[dict] = field(default_factory=list)
+    arrived: float = field(default_factory=time.perf_counter)
+
+
+class Engine:
+    def __init__(self, model, tokenizer, max_batch: int = 8, max_queue: int = 64, max_context: int | None = None,
+                 stop_ids: set[int] | None = None) -> None:
+        self.model, self.tokenizer = model, tokenizer
+        self.max_batch, self.max_queue = max_batch, max_queue
+        self.context = min(max_context or model.config.max_position_embeddings, model.config.max_position_embeddings)
+        self.stop_ids = set(stop_ids or ())
+        self.cache = model.new_static_cache(max_batch, self.context)
+        self.slots: list[Request | None] = [None] * max_batch
+        self.waiting: deque[Request] = deque()
+        self.cond = threading.Condition()
+        self.running = True
+        self.step_fn = compiled_decode_step(model)
+        self.device = model.device
+        self.steps = 0
+        self.thread = threading.Thread(target=self._run, name="glmtorch-engine", daemon=True)
+        self.thread.start()
+
+    # -- the outside ---------------------------------------------------------------------------------------
+    def submit(self, request: Request) -> None:
+        with self.cond:
+            if not self.running:
+                raise QueueFull("the server is shutting down")
+            busy = sum(s is not None for s in self.slots)
+            if busy >= self.max_batch and len(self.waiting) >= self.max_queue:
+                raise QueueFull(f"{len(self.waiting)} requests are already waiting (--max-queue {self.max_queue})")
+            request.history = torch.tensor([request.prompt_ids], dtype=torch.long)
+            request.processors = make_processors(request.params.generation_config())
+            request.generator = torch.Generator().manual_seed(
+                request.params.seed if request.params.seed is not None else int.from_bytes(os.urandom(6), "little"))
+            request.detok = StreamingDetokenizer(self.tokenizer)
+            self.waiting.append(request)
+            self.cond.notify()
+
+    def stop(self) -> None:
+        """End every request with an error and stop the thread (SIGTERM / Ctrl-C)."""
+        with self.cond:
+            self.running = False
+            for r in list(self.waiting) + [s for s in self.slots if s is not None]:
+                r.emit(Event("error", error="the server is shutting down"))
+            self.waiting.clear()
+            self.slots = [None] * self.max_batch
+            self.cond.notify()
+        self.thread.join(timeout=30)
+
+    @property
+    def active(self) -> int:
+        return sum(s is not None for s in self.slots)
+
+    # -- the loop ------------------------------------------------------------------------------------------
+    def _run(self) -> None:
+        torch.set_grad_enabled(False)
+        while True:
+            with self.cond:
+                while self.running and not self.waiting and not any(self.slots):
+                    self.cond.wait()
+                if not self.running:
+                    return
+                admitted = self._take_waiting()
+            try:
+                for request, slot in admitted:
+                    self._prefill(request, slot)
+                self._drop_cancelled()
+                if any(self.slots):
+                    self._decode_step()
+            except Exception as e:  # a bug must not leave clients hanging
+                with self.cond:
+                    for i, r in enumerate(self.slots):
+                        if r is not None:
+                            r.emit(Event("error", error=f"internal error: {type(e).__name__}: {e}"))
+                            self.slots[i] = None
+
+    def _take_waiting(self) -> list[tuple[Request, int]]:
+        out = []
+        for slot in range(self.max_batch):
+            while self.slots[slot] is None and self.waiting:
+                request = self.waiting.popleft()
+                if request.cancelled.is_set():
+                    continue
+                self.slots[slot] = request
+                request.slot = slot
+                out.append((request, slot))
+        return out
+
+    def _drop_cancelled(self) -> None:
+        for i, r in enumerate(self.slots):
+            if r is not None and r.cancelled.is_set():
+                self.slots[i] = None
+
+    def _prefill(self, r: Request, slot: int) -> None:
+        ids = torch.tensor([r.prompt_ids], device=self.device)
+        T = ids.shape[1]
+        out = self.model(ids, past_key_values=self.cache.row(slot), cache_position=torch.arange(T, device=self.device),
+                         use_cache=True, logits_to_keep=1)
+        r.position = T
+        self._accept(r, out.logits[0, -1].float())
+
+    def _decode_step(self) -> None:
+        tokens = torch.zeros(self.max_batch, 1, dtype=torch.long)
+        positions = torch.zeros(self.max_batch, 1, dtype=torch.long)
+        for i, r in enumerate(self.slots):
+            if r is not None:  # free slots compute a throwaway token at position 0 of their own row
+                tokens[i, 0], positions[i, 0] = r.last_token, r.position
+        tokens, positions = tokens.to(self.device), positions.to(self.device)
+        logits = self.step_fn(self.model, tokens, positions, positions, None, self.cache)
+        self.steps += 1
+        for i, r in enumerate(self.slots):
+            if r is not None:
+                r.position += 1
+                self._accept(r, logits[i])
+
+    def _accept(self, r: Request, logits: torch.Tensor) -> None:
+        """Sample the request's next token from its logits, stream its text, finish it when it stops."""
+        raw = logits
+        row = logits[None].cpu()
+        for process in r.processors:
+            row = process(r.history, row)
+        if r.params.temperature == 0:
+            token = int(row.argmax(-1))
+        else:
+            token = int(torch.multinomial(torch.softmax(row, -1), 1, generator=r.generator))
+        r.history = torch.cat([r.history, torch.tensor([[token]])], dim=1)
+        r.last_token = token
+        r.generated += 1
+        if r.params.logprobs:
+            logp = torch.log_softmax(raw.float().cpu(), -1)
+            entry = {"token": self.tokenizer.decode([token]), "logprob": float(logp[token])}
+            if r.params.top_logprobs:
+                top = torch.topk(logp, r.params.top_logprobs)
+                entry["top_logprobs"] = [{"token": self.tokenizer.decode([int(t)]), "logprob": float(v)}
+                                         for v, t in zip(top.values, top.indices)]
+            r.pending_logprobs.append(entry)
+        if token in self.stop_ids:
+            return self._finish(r, "stop")
+        r.detok.add_token(token)
+        text = r.detok.text
+        cut = find_stop(text, r.params.stop) if r.params.stop else -1
+        if cut >= 0:
+            self._send(r, text[r.shown:cut])
+            return self._finish(r, "stop")
+        if r.generated >= r.params.max_tokens or r.position + 1 >= self.context:
+            r.detok.finalize()
+            self._send(r, r.detok.text[r.shown:])
+            return self._finish(r, "length")
+        safe = len(text) - (partial_stop_length(text, r.params.stop) if r.params.stop else 0)
+        self._send(r, text[r.shown:safe])
+
+    def _send(self, r: Request, piece: str) -> None:
+        if piece or r.pending_logprobs:
+            r.emit(Event("text", text=piece, token_logprobs=r.pending_logprobs))
+            r.shown += len(piece)
+            r.pending_logprobs = []
+
+    def _finish(self, r: Request, reason: str) -> None:
+        r.emit(Event("done", finish_reason=reason, prompt_tokens=len(r.prompt_ids), completion_tokens=r.generated))
+        if 0 <= r.slot < self.max_batch and self.slots[r.slot] is r:
+            self.slots[r.slot] = None
+
+
+def default_max_tokens(engine: Engine, prompt_tokens: int) -> int:
+    return max(1, min(4096, engine.context - prompt_tokens - 1))
+

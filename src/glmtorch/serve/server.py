@@ -1,0 +1,68 @@
+"""`glmtorch serve`: load a model, start the engine, serve the app with uvicorn until Ctrl-C / SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+
+from .app import create_app
+from .engine import Engine, Request, SamplingParams
+
+
+def load_for_serving(model_path: str | None, dtype: str = "auto", device: str | None = None,
+                     quantize: str | None = None):
+    from .. import DEMO_MODEL
+    from ..auto import AutoModelForCausalLM
+    from ..device import infer_device
+    from ..tokenizer import AutoTokenizer
+
+    path = model_path or DEMO_MODEL
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device=device or infer_device(), quantize=quantize)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    name = "glmtorch-demo" if model_path is None else os.path.basename(os.path.normpath(model_path))
+    return model, tokenizer, name
+
+
+def build_engine(model, tokenizer, max_batch: int, max_queue: int, max_context: int | None = None) -> Engine:
+    stop_ids = tokenizer.stop_token_ids(getattr(model.generation_config, "eos_token_id", None))
+    return Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue, max_context=max_context,
+                  stop_ids={i for i in stop_ids if i < model.config.vocab_size})
+
+
+def warm_up(engine: Engine) -> None:
+    """Run one tiny request so the compiled decode step exists before the first client arrives."""
+    done = threading.Event()
+    engine.submit(Request([0, 1, 2], SamplingParams(max_tokens=2, temperature=0), lambda e: e.kind != "text" and done.set()))
+    done.wait(timeout=900)
+
+
+def serve(model_path: str | None = None, host: str = "127.0.0.1", port: int = 8000, dtype: str = "auto",
+          device: str | None = None, quantize: str | None = None, max_batch: int = 8, max_queue: int = 64,
+          api_key: str | None = None, max_context: int | None = None) -> None:
+    import uvicorn
+
+    model, tokenizer, name = load_for_serving(model_path, dtype, device, quantize)
+    engine = build_engine(model, tokenizer, max_batch, max_queue, max_context)
+    if model_path is None:
+        print("glmtorch: no MODEL given, serving the built-in demo model", file=sys.stderr)
+    print("glmtorch: warming up (compiling the decode step)...", file=sys.stderr, flush=True)
+    warm_up(engine)
+    app = create_app(engine, tokenizer, name, api_key)
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):  # end in-flight requests with an error at once, then stop
+            threading.Thread(target=engine.stop, daemon=True).start()
+            super().handle_exit(sig, frame)
+
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
+    server = Server(config)
+
+    def announce():
+        shown = "localhost" if host in ("0.0.0.0", "127.0.0.1") else host
+        print(f"glmtorch: serving {name!r} at http://{shown}:{port}/v1 (chat page: http://{shown}:{port}/)",
+              flush=True)
+
+    app.router.on_startup.append(announce)
+    server.run()
+    engine.stop()

@@ -1,0 +1,273 @@
+"""The OpenAI-compatible server, started for real (uvicorn on a loopback port) and driven by the openai client."""
+
+import asyncio
+import json
+import socket
+import threading
+import time
+
+import httpx
+import pytest
+import torch
+
+import glmtorch
+from glmtorch.serve.app import create_app
+from glmtorch.serve.engine import Event
+from glmtorch.serve.server import build_engine
+
+openai = pytest.importorskip("openai")
+uvicorn = pytest.importorskip("uvicorn")
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
+                                             "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RunningServer:
+    def __init__(self, app):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="error"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.time() + 30
+        while not self.server.started:
+            assert time.time() < deadline, "server did not start"
+            time.sleep(0.05)
+
+    def close(self):
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def served(chat_checkpoint):
+    _, path = chat_checkpoint
+    model = glmtorch.AutoModelForCausalLM.from_pretrained(path)
+    tokenizer = glmtorch.AutoTokenizer.from_pretrained(path)
+    engine = build_engine(model, tokenizer, max_batch=4, max_queue=64)
+    server = RunningServer(create_app(engine, tokenizer, "tiny-glm", api_key=None))
+    yield server, engine, model, tokenizer
+    server.close()
+    engine.stop()
+
+
+@pytest.fixture
+def client(served):
+    return openai.OpenAI(base_url=served[0].url + "/v1", api_key="unused", max_retries=0)
+
+
+def test_models_and_health(served, client):
+    assert [m.id for m in client.models.list().data] == ["tiny-glm"]
+    assert httpx.get(served[0].url + "/health").json()["status"] == "ok"
+
+
+def test_chat_completion_matches_generate(served, client):
+    _, _, model, tokenizer = served
+    messages = [{"role": "user", "content": "Hello there"}]
+    reply = client.chat.completions.create(model="tiny-glm", messages=messages, max_tokens=12, temperature=0)
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")
+    stops = sorted(tokenizer.stop_token_ids())
+    expected_ids = model.generate(ids, max_new_tokens=12, do_sample=False, eos_token_id=stops)[0, ids.shape[1]:]
+    expected_ids = [t for t in expected_ids.tolist() if t not in stops]
+    expected = tokenizer.decode(expected_ids, skip_special_tokens=True)
+    expected = expected[1:] if expected.startswith("\n") else expected
+    assert reply.choices[0].message.content == expected
+    assert reply.usage.prompt_tokens == ids.shape[1] and reply.usage.completion_tokens >= len(expected_ids)
+    assert reply.choices[0].finish_reason in ("stop", "length")
+
+
+def test_streaming_equals_non_streaming_with_usage(client):
+    kw = dict(model="tiny-glm", messages=[{"role": "user", "content": "Tell me"}], max_tokens=16, temperature=0)
+    whole = client.chat.completions.create(**kw).choices[0].message.content
+    chunks = list(client.chat.completions.create(**kw, stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] in ("stop", "length")
+
+
+def test_completions_stop_strings_and_logprobs(client):
+    free = client.completions.create(model="tiny-glm", prompt="To be, or not", max_tokens=20, temperature=0)
+    text = free.choices[0].text
+    assert free.object == "text_completion" and len(text) > 3
+    stop = text[2:4]
+    stopped = client.completions.create(model="tiny-glm", prompt="To be, or not", max_tokens=20, temperature=0,
+                                        stop=[stop], logprobs=2)
+    assert stopped.choices[0].text == text[:text.index(stop)] and stopped.choices[0].finish_reason == "stop"
+    lp = stopped.choices[0].logprobs
+    assert lp.token_logprobs and all(v <= 0 for v in lp.token_logprobs) and len(lp.top_logprobs[0]) == 2
+
+
+def test_seeds_and_n(client):
+    kw = dict(model="tiny-glm", messages=[{"role": "user", "content": "Hi"}], max_tokens=10, temperature=1.3, seed=7)
+    a = client.chat.completions.create(**kw).choices[0].message.content
+    b = client.chat.completions.create(**kw).choices[0].message.content
+    assert a == b
+    many = client.chat.completions.create(**kw, n=3)
+    assert len(many.choices) == 3 and many.choices[0].message.content == a
+    assert len({c.message.content for c in many.choices}) > 1
+
+
+def test_burst_of_concurrent_requests_equals_sequential(served):
+    url = served[0].url + "/v1/completions"
+    prompts = [f"Prompt number {i} says" for i in range(10)]
+    body = lambda p: {"prompt": p, "max_tokens": 12, "temperature": 0}  # noqa: E731
+    sequential = [httpx.post(url, json=body(p), timeout=60).json()["choices"][0]["text"] for p in prompts]
+
+    async def burst():
+        async with httpx.AsyncClient(timeout=120) as c:
+            responses = await asyncio.gather(*(c.post(url, json=body(p)) for p in prompts))
+        return [r.json()["choices"][0]["text"] for r in responses]
+
+    assert asyncio.run(burst()) == sequential
+    seeded = {"prompt": "Seeded", "max_tokens": 12, "temperature": 1.0, "seed": 3}
+
+    async def seeded_burst():
+        async with httpx.AsyncClient(timeout=120) as c:
+            rs = await asyncio.gather(*([c.post(url, json=seeded)] + [c.post(url, json=body(p)) for p in prompts]))
+        return rs[0].json()["choices"][0]["text"]
+
+    assert asyncio.run(seeded_burst()) == httpx.post(url, json=seeded, timeout=60).json()["choices"][0]["text"]
+
+
+def test_client_disconnect_frees_the_slot(served):
+    server, engine, _, _ = served
+    with httpx.Client(timeout=60) as c:
+        with c.stream("POST", server.url + "/v1/completions",
+                      json={"prompt": "A long story", "max_tokens": 200, "temperature": 1.0, "stream": True}) as r:
+            for line in r.iter_lines():
+                if line.startswith("data:"):
+                    break
+    deadline = time.time() + 10
+    while engine.active and time.time() < deadline:
+        time.sleep(0.05)
+    assert engine.active == 0
+
+
+@pytest.mark.parametrize("body,status,param", [
+    ("{not json", 400, None),
+    ({"messages": "hi"}, 400, "messages"),
+    ({"messages": []}, 400, "messages"),
+    ({"messages": [{"role": "wizard", "content": "x"}]}, 400, "messages[0].role"),
+    ({"messages": [{"role": "user", "content": "x"}], "max_tokens": -1}, 400, "max_tokens"),
+    ({"messages": [{"role": "user", "content": "x"}], "temperature": -0.5}, 400, "temperature"),
+    ({"messages": [{"role": "user", "content": "x"}], "top_p": 0}, 400, "top_p"),
+    ({"messages": [{"role": "user", "content": "x"}], "top_p": 1.5}, 400, "top_p"),
+    ({"messages": [{"role": "user", "content": "x"}], "temperature": "hot"}, 400, "temperature"),
+    ({"messages": [{"role": "user", "content": "x"}], "n": 0}, 400, "n"),
+    ({"messages": [{"role": "user", "content": "x"}], "stream": "yes"}, 400, "stream"),
+    ({"messages": [{"role": "user", "content": "x"}], "model": "gpt-9"}, 404, "model"),
+    ({"messages": [{"role": "user", "content": "x"}], "max_tokens": 100000}, 400, "max_tokens"),
+])
+def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(served, body, status, param):
+    url = served[0].url + "/v1/chat/completions"
+    data = body if isinstance(body, str) else json.dumps(body)
+    r = httpx.post(url, content=data, headers={"Content-Type": "application/json"}, timeout=30)
+    assert r.status_code == status
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["param"] == param and error["message"]
+    ok = httpx.post(url, json={"messages": [{"role": "user", "content": "x"}], "max_tokens": 2}, timeout=30)
+    assert ok.status_code == 200
+
+
+def test_context_limit_is_named(served):
+    r = httpx.post(served[0].url + "/v1/completions", json={"prompt": "word " * 300, "max_tokens": 8}, timeout=30)
+    assert r.status_code == 400 and "context is 256 tokens" in r.json()["error"]["message"]
+
+
+def test_queue_full_is_503(chat_checkpoint):
+    _, path = chat_checkpoint
+    model = glmtorch.AutoModelForCausalLM.from_pretrained(path)
+    tokenizer = glmtorch.AutoTokenizer.from_pretrained(path)
+    engine = build_engine(model, tokenizer, max_batch=1, max_queue=0)
+    server = RunningServer(create_app(engine, tokenizer, "tiny-glm"))
+    try:
+        with httpx.Client(timeout=60) as c:
+            with c.stream("POST", server.url + "/v1/completions",
+                          json={"prompt": "Busy", "max_tokens": 240, "stream": True, "temperature": 1.0}) as r:
+                next(line for line in r.iter_lines() if line.startswith("data:"))
+                busy = c.post(server.url + "/v1/completions", json={"prompt": "Me too", "max_tokens": 2})
+                assert busy.status_code == 503 and busy.json()["error"]["code"] == "queue_full"
+    finally:
+        server.close()
+        engine.stop()
+
+
+def test_api_key(chat_checkpoint):
+    _, path = chat_checkpoint
+    model = glmtorch.AutoModelForCausalLM.from_pretrained(path)
+    tokenizer = glmtorch.AutoTokenizer.from_pretrained(path)
+    engine = build_engine(model, tokenizer, max_batch=1, max_queue=4)
+    server = RunningServer(create_app(engine, tokenizer, "tiny-glm", api_key="sesame"))
+    try:
+        assert httpx.get(server.url + "/v1/models").status_code == 401
+        assert httpx.get(server.url + "/v1/models", headers={"Authorization": "Bearer nope"}).status_code == 401
+        good = openai.OpenAI(base_url=server.url + "/v1", api_key="sesame", max_retries=0)
+        assert good.models.list().data[0].id == "tiny-glm"
+    finally:
+        server.close()
+        engine.stop()
+
+
+class ScriptedEngine:
+    """Stands in for the engine: every request gets `reply` as its text (GLM-4's raw output)."""
+
+    def __init__(self, reply: str, context: int = 4096):
+        self.reply, self.context, self.active, self.waiting, self.requests = reply, context, 0, [], []
+
+    def submit(self, request):
+        self.requests.append(request)
+        for piece in (self.reply[i:i + 3] for i in range(0, len(self.reply), 3)):
+            request.emit(Event("text", text=piece))
+        request.emit(Event("done", finish_reason="stop", prompt_tokens=len(request.prompt_ids), completion_tokens=5))
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_tool_call_round_trip(tokenizer_dir, stream):
+    tokenizer = glmtorch.AutoTokenizer.from_pretrained(tokenizer_dir)
+    engine = ScriptedEngine('get_weather\n{"city": "Paris"}')
+    server = RunningServer(create_app(engine, tokenizer, "scripted"))
+    try:
+        c = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
+        messages = [{"role": "user", "content": "Weather in Paris?"}]
+        if stream:
+            chunks = list(c.chat.completions.create(model="scripted", messages=messages, tools=[WEATHER], stream=True))
+            deltas = [ch.choices[0].delta for ch in chunks if ch.choices]
+            calls = [tc for d in deltas for tc in (d.tool_calls or [])]
+            finish = [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1]
+            call = calls[0]
+        else:
+            reply = c.chat.completions.create(model="scripted", messages=messages, tools=[WEATHER])
+            call, finish = reply.choices[0].message.tool_calls[0], reply.choices[0].finish_reason
+        assert finish == "tool_calls" and call.function.name == "get_weather" and call.id.startswith("call_")
+        assert json.loads(call.function.arguments) == {"city": "Paris"}
+        # the tool's answer goes back as a `tool` message and renders as an observation turn
+        follow = messages + [{"role": "assistant", "content": None, "tool_calls": [
+            {"id": call.id, "type": "function", "function": {"name": "get_weather", "arguments": call.function.arguments}}]},
+            {"role": "tool", "tool_call_id": call.id, "content": '{"temp": 21}'}]
+        engine.reply = "\nIt is 21 degrees."
+        answer = c.chat.completions.create(model="scripted", messages=follow, tools=[WEATHER])
+        assert answer.choices[0].message.content == "It is 21 degrees." and answer.choices[0].finish_reason == "stop"
+        rendered = tokenizer.decode(engine.requests[-1].prompt_ids)
+        assert rendered.endswith('<|assistant|>get_weather\n{"city": "Paris"}<|observation|>\n{"temp": 21}<|assistant|>')
+    finally:
+        server.close()
+
+
+@pytest.mark.parametrize("reply", ['launch_rockets\n{"n": 3}', 'get_weather\n{"city": Paris}'])
+def test_lookalike_tool_calls_stay_content(tokenizer_dir, reply):
+    tokenizer = glmtorch.AutoTokenizer.from_pretrained(tokenizer_dir)
+    server = RunningServer(create_app(ScriptedEngine(reply), tokenizer, "scripted"))
+    try:
+        c = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
+        out = c.chat.completions.create(model="scripted", messages=[{"role": "user", "content": "q"}], tools=[WEATHER])
+        assert out.choices[0].message.tool_calls is None and out.choices[0].message.content == reply
+        assert out.choices[0].finish_reason == "stop"
+    finally:
+        server.close()
