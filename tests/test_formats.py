@@ -199,3 +199,53 @@ def test_convert_peak_memory_is_far_below_model_size(tmp_path):
 
 def load_all(src, weight_map):
     return {k: v for f in sorted(set(weight_map.values())) for k, v in load_file(src / f).items()}
+
+
+@pytest.fixture(scope="module")
+def sentencepiece_model(tmp_path_factory):
+    spm = pytest.importorskip("sentencepiece")
+    from conftest import TOKENIZER_TEXT
+
+    path = tmp_path_factory.mktemp("sp")
+    corpus = path / "corpus.txt"
+    corpus.write_text("\n".join(TOKENIZER_TEXT * 5))
+    spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(path / "sp"), vocab_size=400, model_type="bpe",
+                                   byte_fallback=True, character_coverage=1.0, bos_id=1, eos_id=2, unk_id=0,
+                                   pad_id=-1, minloglevel=2)
+    return path / "sp.model"
+
+
+@torch.no_grad()
+def test_chatglm3_shaped_checkpoint_with_sentencepiece_tokenizer(tmp_path, sentencepiece_model):
+    import shutil
+
+    import sentencepiece as spm
+    import transformers
+
+    # ChatGLM3's shape in miniature: multi-query groups of 2, head_dim 32 (kv_channels), vocab padded past the
+    # SentencePiece vocabulary plus its 9 special tokens, rope_ratio 1, eos 2 / pad 0.
+    ref = make_hf_model(**dict(CONFIGS["gqa"], vocab_size=416, num_attention_heads=4, num_key_value_heads=2,
+                               head_dim=32, eos_token_id=2, pad_token_id=0))
+    src = write_thudm_checkpoint(ref, tmp_path / "chatglm3", tokenizer=False)
+    shutil.copy(sentencepiece_model, src / "tokenizer.model")
+    model = glmtorch.AutoModelForCausalLM.from_pretrained(src)
+    ids_in = torch.randint(3, 400, (2, 9), generator=torch.Generator().manual_seed(5))
+    assert rel_err(model(ids_in).logits, ref(ids_in).logits) < 1e-5
+
+    tok = glmtorch.AutoTokenizer.from_pretrained(src)
+    sp = spm.SentencePieceProcessor(model_file=str(sentencepiece_model))
+    for text in ["Hello world!", "To be, or not to be", "你好 café 123"]:
+        assert tok.encode(text) == sp.encode(text)
+        assert tok.decode(tok.encode(text)) == sp.decode(sp.encode(text))
+    assert tok.convert_tokens_to_ids("<|user|>") == 400 + 6 and tok.eos_token_id == 2
+    prompt = tok.apply_chat_template([{"role": "user", "content": "Hello"}], add_generation_prompt=True, tokenize=False)
+    assert prompt == "[gMASK]sop<|user|>\n Hello<|assistant|>"
+    out = model.generate(tok.apply_chat_template([{"role": "user", "content": "Hello"}], add_generation_prompt=True,
+                                                 return_tensors="pt"), max_new_tokens=4, do_sample=False)
+    assert out.shape[1] > 4
+
+    convert_checkpoint(str(src), str(tmp_path / "hf"))
+    assert os.path.isfile(tmp_path / "hf" / "tokenizer.model")
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    assert rel_err(back(ids_in).logits, ref(ids_in).logits) < 1e-5
+    assert glmtorch.AutoTokenizer.from_pretrained(tmp_path / "hf").encode("Hello world!") == sp.encode("Hello world!")

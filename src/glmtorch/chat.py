@@ -28,9 +28,9 @@ class ChatFormatError(ValueError):
     """A conversation the chat template cannot render."""
 
 
-def default_chat_template() -> str:
-    """The built-in GLM-4 template, used when a checkpoint ships none."""
-    return resources.files("glmtorch").joinpath("templates/glm4_chat.jinja").read_text(encoding="utf-8")
+def default_chat_template(family: str = "glm4") -> str:
+    """The built-in template of a family ("glm4", or "chatglm3" for ChatGLM2/3), used when a checkpoint ships none."""
+    return resources.files("glmtorch").joinpath(f"templates/{family}_chat.jinja").read_text(encoding="utf-8")
 
 
 def normalize_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:

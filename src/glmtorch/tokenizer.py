@@ -161,7 +161,17 @@ class GlmTokenizer:
             except Exception as e:
                 raise TokenizerError(f"{json_path}: cannot be read ({e}); the file is corrupt") from None
         elif os.path.isfile(tiktoken_path):
-            backend = tokenizer_from_tiktoken(tiktoken_path)
+            from .sentencepiece_backend import SentencePieceBackend, is_sentencepiece_model
+
+            if is_sentencepiece_model(tiktoken_path):  # ChatGLM2/3
+                try:
+                    backend = SentencePieceBackend(tiktoken_path)
+                except ValueError as e:
+                    raise TokenizerError(str(e)) from None
+                settings.setdefault("eos_token", backend.eos_token)
+                settings.setdefault("chat_template", default_chat_template("chatglm3"))
+            else:
+                backend = tokenizer_from_tiktoken(tiktoken_path)
         else:
             raise TokenizerError(f"{directory}: no {TOKENIZER_FILE} or {TIKTOKEN_FILE}; this checkpoint ships no "
                                  "tokenizer, pass the directory of one that does")
@@ -185,7 +195,10 @@ class GlmTokenizer:
 
     def save_pretrained(self, directory: str | os.PathLike) -> list[str]:
         os.makedirs(directory, exist_ok=True)
-        self.backend.save(os.path.join(directory, TOKENIZER_FILE))
+        from .sentencepiece_backend import SentencePieceBackend
+
+        written = TIKTOKEN_FILE if isinstance(self.backend, SentencePieceBackend) else TOKENIZER_FILE
+        self.backend.save(os.path.join(directory, written))
         settings = {
             "tokenizer_class": "PreTrainedTokenizerFast",
             "eos_token": self.eos_token, "pad_token": self.pad_token, "padding_side": self.padding_side,
@@ -203,7 +216,7 @@ class GlmTokenizer:
                 f.write(self.chat_template)
         with open(os.path.join(directory, TOKENIZER_CONFIG_FILE), "w", encoding="utf-8") as f:
             json.dump(settings, f, indent=2, ensure_ascii=False)
-        return [TOKENIZER_FILE, TOKENIZER_CONFIG_FILE] + ([CHAT_TEMPLATE_FILE] if self.chat_template else [])
+        return [written, TOKENIZER_CONFIG_FILE] + ([CHAT_TEMPLATE_FILE] if self.chat_template else [])
 
     # -- ids -------------------------------------------------------------------------------------------
     @property

@@ -1,0 +1,57 @@
+"""The chat page at / in a real headless Chromium: send a message, watch the reply stream in, screenshot it."""
+
+import os
+import shutil
+
+import pytest
+
+import glmtorch
+from glmtorch.serve.app import create_app
+from glmtorch.serve.server import build_engine
+from test_serve import RunningServer
+
+selenium = pytest.importorskip("selenium")
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+DRIVER = shutil.which("chromedriver")
+SCREENSHOT_DIR = os.environ.get("GLMTORCH_SCREENSHOTS", os.path.join(os.path.dirname(__file__), "..", "artifacts"))
+
+
+@pytest.mark.skipif(not (CHROMIUM and DRIVER), reason="needs Debian's chromium and chromium-driver (apt-get install)")
+def test_chat_page_streams_a_reply(chat_checkpoint):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    _, path = chat_checkpoint
+    model = glmtorch.AutoModelForCausalLM.from_pretrained(path)
+    tokenizer = glmtorch.AutoTokenizer.from_pretrained(path)
+    engine = build_engine(model, tokenizer, max_batch=2, max_queue=8)
+    server = RunningServer(create_app(engine, tokenizer, "tiny-glm"))
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--window-size=1100,700"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(DRIVER), options=options)
+    try:
+        driver.get(server.url + "/")
+        wait = WebDriverWait(driver, 60)
+        wait.until(lambda d: d.find_element(By.ID, "model").text == "tiny-glm")
+        driver.find_element(By.ID, "system").send_keys("Answer briefly.")
+        driver.find_element(By.ID, "max-tokens").clear()
+        driver.find_element(By.ID, "max-tokens").send_keys("24")
+        driver.find_element(By.ID, "input").send_keys("Hello, who are you?")
+        driver.find_element(By.ID, "send").click()
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".msg.assistant[data-done]"))
+        user = driver.find_element(By.CSS_SELECTOR, ".msg.user .content").text
+        reply = driver.find_element(By.CSS_SELECTOR, ".msg.assistant .content").text
+        assert user == "Hello, who are you?"
+        assert reply and "[error]" not in reply
+        os.makedirs(SCREENSHOT_DIR, exist_ok=True)
+        assert driver.save_screenshot(os.path.join(SCREENSHOT_DIR, "chat_page.png"))
+    finally:
+        driver.quit()
+        server.close()
+        engine.stop()
