@@ -44,11 +44,19 @@ def use_gemv_linears(model: nn.Module) -> nn.Module:
     return model
 
 
-def compile_enabled(device: torch.device) -> bool:
-    """Compile the decode step unless GLMTORCH_COMPILE=0; only where Inductor has a backend (CPU, CUDA)."""
-    if os.environ.get("GLMTORCH_COMPILE", "1") in ("0", "false", "no"):
+COMPILE_MIN_BYTES = 50e6  # below this, compiling (tens of seconds) costs more than it saves in a session
+
+
+def compile_enabled(model) -> bool:
+    """Whether to compile the decode step: GLMTORCH_COMPILE=1 / 0 forces it; by default only where it pays, a
+    model of at least 50 MB of weights on a device Inductor compiles for (CPU, CUDA)."""
+    if model.device.type not in ("cpu", "cuda"):
         return False
-    return device.type in ("cpu", "cuda")
+    forced = os.environ.get("GLMTORCH_COMPILE", "").lower()
+    if forced in ("0", "false", "no", "1", "true", "yes"):
+        return forced in ("1", "true", "yes")
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    return weights >= COMPILE_MIN_BYTES
 
 
 def decode_step(model, tokens, position_ids, cache_position, attention_mask, cache) -> torch.Tensor:
@@ -63,7 +71,7 @@ def compiled_decode_step(model):
     compiling is off or has failed once."""
     step = getattr(model, "_glmtorch_decode_step", None)
     if step is None:
-        if not compile_enabled(model.device):
+        if not compile_enabled(model):
             step = decode_step
         else:
             compiled = torch.compile(decode_step, dynamic=False,
