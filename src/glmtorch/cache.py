@@ -91,12 +91,15 @@ class StaticCache:
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.seq_lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.max_length = max_length
+        # How many leading slots attention reads (<= max_length). The decode loop narrows it to the slots in
+        # use, so attention costs what the sequences hold, not what the buffers could hold.
+        self.length = max_length
 
     def get_seq_length(self) -> int:
         return int(self.seq_lengths.max())
 
     def kv_length(self, new_tokens: int) -> int:
-        return self.max_length
+        return self.length
 
     def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor, cache_position: torch.Tensor):
         kc, vc = self.keys[layer_idx], self.values[layer_idx]
@@ -107,7 +110,7 @@ class StaticCache:
             rows = torch.arange(k.shape[0], device=k.device)[:, None]
             kc[rows, :, cache_position] = k.transpose(1, 2)  # indexed view is (B, T, KV, D)
             vc[rows, :, cache_position] = v.transpose(1, 2)
-        return kc, vc
+        return kc[:, :, :self.length], vc[:, :, :self.length]
 
     def advance(self, new_tokens: int | torch.Tensor) -> None:
         self.seq_lengths += new_tokens
@@ -119,7 +122,7 @@ class StaticCache:
         view.keys = [k[index:index + 1] for k in self.keys]
         view.values = [v[index:index + 1] for v in self.values]
         view.seq_lengths = self.seq_lengths[index:index + 1]
-        view.max_length = self.max_length
+        view.max_length = view.length = self.max_length
         return view
 
     def reset(self, rows: torch.Tensor | None = None) -> None:

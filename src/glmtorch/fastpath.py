@@ -62,7 +62,11 @@ def compile_enabled(model) -> bool:
 
 
 def decode_step(model, tokens, position_ids, cache_position, attention_mask, cache) -> torch.Tensor:
-    """One token per row through the model with a static cache; returns (B, V) fp32 logits."""
+    """One token per row through the model with a static cache; returns (B, V) fp32 logits.
+
+    attention_mask (B, L) also says how many leading cache slots attention reads (L); its length is marked
+    dynamic, so one compiled graph serves every length."""
+    cache.length = attention_mask.shape[1]
     out = model(tokens, attention_mask=attention_mask, position_ids=position_ids, past_key_values=cache,
                 cache_position=cache_position, use_cache=True)
     return out.logits[:, -1].float()
@@ -76,10 +80,12 @@ def compiled_decode_step(model):
         if not compile_enabled(model):
             step = decode_step
         else:
-            compiled = torch.compile(decode_step, dynamic=False,
-                                     mode="reduce-overhead" if model.device.type == "cuda" else None)
+            compiled = torch.compile(decode_step, mode="reduce-overhead" if model.device.type == "cuda" else None)
 
             def step(*args):
+                torch._dynamo.mark_dynamic(args[4], 1)  # the attended length grows every step
+                for buffer in args[5].keys + args[5].values:  # and caches differ in size between calls
+                    torch._dynamo.mark_dynamic(buffer, 2)
                 try:
                     return compiled(*args)
                 except Exception as e:  # no compiler toolchain, an unsupported op: stay correct, warn once

@@ -18,15 +18,6 @@ from .sampling import make_sampler
 StopCheck = Callable[[torch.Tensor], torch.Tensor]  # (B, L) history -> (B,) bool "this row is done"
 
 
-def cache_capacity(needed: int, limit: int) -> int:
-    """Static cache length: a power of two >= 1024, so that new prompt lengths and max_new_tokens reuse the
-    same compiled decode step (a new graph only when a generation outgrows the bucket)."""
-    capacity = 1024
-    while capacity < needed:
-        capacity *= 2
-    return min(capacity, max(limit, needed))
-
-
 @torch.no_grad()
 def decode_tokens(
     model,
@@ -40,7 +31,7 @@ def decode_tokens(
     """Yield (tokens (B,), processed fp32 logits (B, V), finished (B,) bool) for each new position.
 
     Prefill runs eagerly into a preallocated static cache; each decode step then runs the model's compiled
-    decode step (fastpath.compiled_decode_step) on fixed shapes.
+    decode step (fastpath.compiled_decode_step), whose only varying shape is the attended length.
     """
     B, T = input_ids.shape
     device = input_ids.device
@@ -55,7 +46,7 @@ def decode_tokens(
     # Left padding shifts each row's positions so its first real token sits at position 0.
     positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     history = input_ids.masked_fill(attention_mask == 0, -1)  # what the processors may look at
-    capacity = cache_capacity(T + max_new_tokens, model.config.max_position_embeddings)
+    capacity = T + max_new_tokens
     cache = model.new_static_cache(B, capacity)
     # Slot j of every row holds column j of the batch: padding is marked once; slots not yet written are
     # hidden by causality, so the mask never changes shape.
@@ -82,6 +73,7 @@ def decode_tokens(
         yield tokens, logits, finished
         if i == max_new_tokens - 1 or bool(finished.all()):
             return
-        logits = step(model, tokens[:, None], next_position, slot, mask, cache)
+        # attend to the slots written so far: the mask's length (dynamic in the compiled step) says how many
+        logits = step(model, tokens[:, None], next_position, slot, mask[:, :T + i + 1], cache)
         next_position = next_position + 1
         slot = slot + 1

@@ -87,6 +87,7 @@ class Engine:
         self.context = min(max_context or model.config.max_position_embeddings, model.config.max_position_embeddings)
         self.stop_ids = set(stop_ids or ())
         self.cache = model.new_static_cache(max_batch, self.context)
+        self.ones = torch.ones(max_batch, self.context, dtype=torch.long, device=model.device)
         self.slots: list[Request | None] = [None] * max_batch
         self.waiting: deque[Request] = deque()
         self.cond = threading.Condition()
@@ -171,7 +172,9 @@ class Engine:
     def _prefill(self, r: Request, slot: int) -> None:
         ids = torch.tensor([r.prompt_ids], device=self.device)
         T = ids.shape[1]
-        out = self.model(ids, past_key_values=self.cache.row(slot), cache_position=torch.arange(T, device=self.device),
+        row = self.cache.row(slot)
+        row.length = T  # a prompt attends to itself only
+        out = self.model(ids, past_key_values=row, cache_position=torch.arange(T, device=self.device),
                          use_cache=True, logits_to_keep=1)
         r.position = T
         self._accept(r, out.logits[0, -1].float())
@@ -183,7 +186,9 @@ class Engine:
             if r is not None:  # free slots compute a throwaway token at position 0 of their own row
                 tokens[i, 0], positions[i, 0] = r.last_token, r.position
         tokens, positions = tokens.to(self.device), positions.to(self.device)
-        logits = self.step_fn(self.model, tokens, positions, positions, None, self.cache)
+        # attention reads the slots up to the furthest active row, not the whole context
+        window = max(r.position for r in self.slots if r is not None) + 1
+        logits = self.step_fn(self.model, tokens, positions, positions, self.ones[:, :window], self.cache)
         self.steps += 1
         for i, r in enumerate(self.slots):
             if r is not None:
