@@ -36,10 +36,10 @@ def is_sentencepiece_model(path: str) -> bool:
     with open(path, "rb") as f:
         head = f.read(256)
     try:
-        first = head.split(b"\n", 1)[0].decode("ascii")
-        return len(first.split()) != 2
+        text = head.decode("ascii")
     except UnicodeDecodeError:
         return True
+    return not all(c.isprintable() or c in "\r\n\t" for c in text)  # protobuf is binary from its first byte
 
 
 class SentencePieceBackend:
