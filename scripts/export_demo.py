@@ -1,4 +1,4 @@
-"""Copy a trained checkpoint into the package as the demo model: bf16 weights, tokenizer, chat template,
+"""Copy a trained checkpoint into the package as the demo model: fp32 weights (11.8 MB), tokenizer, chat template,
 generation_config.json, and the training figures (trainer_state.json summary, loss curve).
 
     python scripts/export_demo.py CHECKPOINT src/glmtorch/demo_model
@@ -15,7 +15,7 @@ from glmtorch import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 
 def main(src: str, dst: str) -> None:
-    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)  # fp32: most CPUs lack fast bf16
     tokenizer = AutoTokenizer.from_pretrained(src)
     stops = sorted(tokenizer.stop_token_ids())
     model.generation_config = GenerationConfig(

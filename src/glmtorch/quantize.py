@@ -4,9 +4,9 @@ Quantized linear layers replace nn.Linear from outside (`quantize_model`), so th
 them. Weights are stored quantized (int8 values, or two int4 values per uint8) with their scales, and the mode
 is recorded in config.json ("quantization": {"mode", "group_size"}), never guessed from a file name.
 
-On the CPU inside the compiled decode step the int8 product is written as a multiply-and-reduce on the int8
-weights, which Inductor turns into one bandwidth-bound kernel (the weight is read as one byte per value);
-elsewhere the weight is dequantized on the fly (correct everywhere, not the fast path).
+On the CPU a single row (batch-1 decode) goes through torch's weight-only kernels (`_weight_int8pack_mm`,
+`_weight_int4pack_mm_for_cpu`, bf16 activations), which read the packed weights directly; more rows, and
+other devices, dequantize on the fly and use the regular matrix product.
 """
 
 from __future__ import annotations
@@ -15,14 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .fastpath import GEMV_MAX_ROWS
-
 MODES = ("int8", "int4")
 _HAS_INT8_KERNEL = hasattr(torch.ops.aten, "_weight_int8pack_mm")
-
-
-def _fast(x: torch.Tensor) -> bool:
-    return torch.compiler.is_compiling() and x.device.type == "cpu" and x.numel() // x.shape[-1] <= GEMV_MAX_ROWS
+_HAS_INT4_KERNEL = hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
 
 
 class Int8Linear(nn.Module):
@@ -98,9 +93,26 @@ class Int4Linear(nn.Module):
         q = torch.stack([low, high], dim=-1).view(self.out_features, self.in_features // self.group_size, self.group_size)
         return (q.to(dtype) * self.scales.to(dtype)[..., None]).view(self.out_features, self.in_features)
 
+    def _cpu_kernel_weights(self):
+        """The weight in the layout of torch's CPU int4 kernel (built once, on first use outside a compile)."""
+        cached = self.__dict__.get("_int4pack")
+        if cached is None and not torch.compiler.is_compiling():
+            q = torch.stack([(self.weight & 0xF), (self.weight >> 4)], dim=-1).view(self.out_features, -1).to(torch.int32)
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+            # the kernel computes (q - 8) * scale + zero; symmetric int4 has zero = 0
+            scales = self.scales.t().to(torch.bfloat16)
+            cached = (packed, torch.stack([scales, torch.zeros_like(scales)], dim=-1).contiguous())
+            self.__dict__["_int4pack"] = cached
+        return cached
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.dequantized(x.dtype)
-        y = (x.unsqueeze(-2) * w).sum(-1) if _fast(x) else F.linear(x, w)
+        kernel = self._cpu_kernel_weights() if x.device.type == "cpu" and _HAS_INT4_KERNEL else None
+        if kernel is not None:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, self.in_features).to(torch.bfloat16),
+                                                           kernel[0], self.group_size, kernel[1])
+            y = y.to(x.dtype).view(*x.shape[:-1], -1)
+        else:
+            y = F.linear(x, self.dequantized(x.dtype))
         return y + self.bias if self.bias is not None else y
 
 

@@ -62,8 +62,12 @@ async def _run(base_url: str, requests: int, concurrency: int, prompt_words: int
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     async with httpx.AsyncClient(timeout=httpx.Timeout(600.0)) as client:
         if model is None:
-            listed = (await client.get(f"{base}/models", headers=headers)).json()
-            model = listed["data"][0]["id"]
+            try:
+                listed = (await client.get(f"{base}/models", headers=headers)).json()
+                model = listed["data"][0]["id"]
+            except (httpx.HTTPError, ValueError, KeyError, IndexError) as e:
+                raise ValueError(f"cannot list the models of {base} ({type(e).__name__}: {e}); is the server up? "
+                                 "(or pass --model)") from None
         words = ("the quick brown fox jumps over a lazy dog while seven wise kings speak of old times " * 64).split()
         semaphore = asyncio.Semaphore(concurrency)
 

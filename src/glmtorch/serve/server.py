@@ -46,7 +46,7 @@ def serve(model_path: str | None = None, host: str = "127.0.0.1", port: int = 80
     engine = build_engine(model, tokenizer, max_batch, max_queue, max_context)
     if model_path is None:
         print("glmtorch: no MODEL given, serving the built-in demo model", file=sys.stderr)
-    print("glmtorch: warming up (compiling the decode step)...", file=sys.stderr, flush=True)
+    print("glmtorch: warming up...", file=sys.stderr, flush=True)
     warm_up(engine)
     app = create_app(engine, tokenizer, name, api_key)
 
