@@ -7,7 +7,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 import glmtorch
 from glmtorch.train import evaluate, tokenize_rows

@@ -14,7 +14,7 @@ import glmtorch
 from glmtorch import CheckpointError, ConfigError
 from glmtorch.checkpoint.convert import convert_checkpoint
 from glmtorch.checkpoint.thudm import config_to_thudm, to_thudm_names
-from conftest import CONFIGS, build_bpe_tokenizer, make_hf_model, rel_err, save_hf, write_tiktoken_file
+from conftest import CONFIGS, build_bpe_tokenizer, make_hf_model, rel_err, write_tiktoken_file
 
 
 def write_thudm_checkpoint(hf_model, path, shards=1, tokenizer=True, weights="safetensors"):
@@ -46,7 +46,7 @@ def ids():
     return torch.randint(1, 160, (2, 9), generator=torch.Generator().manual_seed(11))
 
 
-@pytest.mark.parametrize("config_name", ["gqa", "mqa_wide_heads", "mha_full_rotary_nobias".replace("full", "full")])
+@pytest.mark.parametrize("config_name", ["gqa", "mqa_wide_heads", "mha_full_rotary_nobias"])
 @torch.no_grad()
 def test_original_format_loads_with_identical_logits(tmp_path, config_name):
     cfg = dict(CONFIGS[config_name], partial_rotary_factor=0.5, rope_theta=10000.0 * 3)

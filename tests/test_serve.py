@@ -8,7 +8,6 @@ import time
 
 import httpx
 import pytest
-import torch
 
 import glmtorch
 from glmtorch.serve.app import create_app

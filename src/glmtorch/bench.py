@@ -93,7 +93,6 @@ def run_bench(model_path: str | None = None, preset: str = "small", dtype: str =
               llama_cpp: str | None = None, out: str | None = None) -> dict[str, Any]:
     from .checkpoint.safetensors_io import parse_dtype
     from .device import infer_device
-    from .loading import PretrainedMixin  # noqa: F401 - the public path below
     from .modeling import GlmForCausalLM
 
     torch_dtype = parse_dtype(dtype)

@@ -198,7 +198,9 @@ def cmd_train(args: argparse.Namespace) -> int:
             overrides = json.load(f)
         config = GlmConfig.from_dict({"vocab_size": tokenizer.vocab_size, "pad_token_id": tokenizer.pad_token_id,
                                       "eos_token_id": sorted(tokenizer.stop_token_ids()), **overrides})
-        torch_seed(args.seed)
+        import torch
+
+        torch.manual_seed(args.seed)  # the fresh model's initial weights
         model = AutoModelForCausalLM.from_config(config, device=device)
     print(f"glmtorch: training {model.num_parameters():,} parameters on {device}", file=sys.stderr)
     state = train(model, tokenizer, cfg, state, optimizer_state)
@@ -206,12 +208,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"glmtorch: {state.step} steps in {state.seconds / 60:.1f} min; validation loss {final['val_loss']:.4f} "
           f"({final['val_nats_per_char']:.4f} nats/char); saved to {cfg.out}")
     return 0
-
-
-def torch_seed(seed: int) -> None:
-    import torch
-
-    torch.manual_seed(seed)
 
 
 def _train_flags(p: argparse.ArgumentParser) -> None:
