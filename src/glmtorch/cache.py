@@ -115,15 +115,22 @@ class StaticCache:
     def advance(self, new_tokens: int | torch.Tensor) -> None:
         self.seq_lengths += new_tokens
 
-    def row(self, index: int) -> "StaticCache":
-        """A one-row cache that writes through into row `index` of this one (prefilling a new request into
-        its slot of a running batch)."""
+    def rows(self, start: int, stop: int) -> "StaticCache":
+        """A cache over rows [start, stop) that writes through into this one: prefilling a new request into its
+        slot of a running batch, or decoding only the occupied slots."""
         view = StaticCache.__new__(StaticCache)
-        view.keys = [k[index:index + 1] for k in self.keys]
-        view.values = [v[index:index + 1] for v in self.values]
-        view.seq_lengths = self.seq_lengths[index:index + 1]
+        view.keys = [k[start:stop] for k in self.keys]
+        view.values = [v[start:stop] for v in self.values]
+        view.seq_lengths = self.seq_lengths[start:stop]
         view.max_length = view.length = self.max_length
         return view
+
+    def move_row(self, src: int, dst: int) -> None:
+        """Copy row `src` into row `dst` (compacting a batch when a sequence leaves)."""
+        for k, v in zip(self.keys, self.values):
+            k[dst].copy_(k[src])
+            v[dst].copy_(v[src])
+        self.seq_lengths[dst] = self.seq_lengths[src]
 
     def reset(self, rows: torch.Tensor | None = None) -> None:
         """Forget rows (all when None) so their slots can take new sequences."""

@@ -165,14 +165,29 @@ class Engine:
         return out
 
     def _drop_cancelled(self) -> None:
-        for i, r in enumerate(self.slots):
-            if r is not None and r.cancelled.is_set():
-                self.slots[i] = None
+        for r in [r for r in self.slots if r is not None and r.cancelled.is_set()]:
+            self._release(r)
+
+    def _release(self, r: Request) -> None:
+        """Free r's slot, keeping the occupied slots packed at the front: the last one moves into the gap, so a
+        decode step only computes rows [0, active)."""
+        slot = r.slot
+        if not (0 <= slot < self.max_batch and self.slots[slot] is r):
+            return
+        last = max(i for i, s in enumerate(self.slots) if s is not None)
+        if last != slot:
+            self.cache.move_row(last, slot)
+            moved = self.slots[last]
+            moved.slot, self.slots[slot] = slot, moved
+            self.slots[last] = None
+        else:
+            self.slots[slot] = None
+        r.slot = -1
 
     def _prefill(self, r: Request, slot: int) -> None:
         ids = torch.tensor([r.prompt_ids], device=self.device)
         T = ids.shape[1]
-        row = self.cache.row(slot)
+        row = self.cache.rows(slot, slot + 1)
         row.length = T  # a prompt attends to itself only
         out = self.model(ids, past_key_values=row, cache_position=torch.arange(T, device=self.device),
                          use_cache=True, logits_to_keep=1)
@@ -180,20 +195,23 @@ class Engine:
         self._accept(r, out.logits[0, -1].float())
 
     def _decode_step(self) -> None:
-        tokens = torch.zeros(self.max_batch, 1, dtype=torch.long)
-        positions = torch.zeros(self.max_batch, 1, dtype=torch.long)
-        for i, r in enumerate(self.slots):
-            if r is not None:  # free slots compute a throwaway token at position 0 of their own row
-                tokens[i, 0], positions[i, 0] = r.last_token, r.position
+        active = [(i, r) for i, r in enumerate(self.slots) if r is not None]  # rows 0..len-1 (kept packed)
+        # Compute a power-of-two number of rows (few distinct shapes for the compiled step); rows past the
+        # active ones are free slots computing a throwaway token at position 0 of their own row.
+        rows = min(self.max_batch, 1 << (len(active) - 1).bit_length())
+        tokens = torch.zeros(rows, 1, dtype=torch.long)
+        positions = torch.zeros(rows, 1, dtype=torch.long)
+        for i, r in active:
+            tokens[i, 0], positions[i, 0] = r.last_token, r.position
         tokens, positions = tokens.to(self.device), positions.to(self.device)
         # attention reads the slots up to the furthest active row, not the whole context
-        window = max(r.position for r in self.slots if r is not None) + 1
-        logits = self.step_fn(self.model, tokens, positions, positions, self.ones[:, :window], self.cache)
+        window = max(r.position for _, r in active) + 1
+        logits = self.step_fn(self.model, tokens, positions, positions, self.ones[:rows, :window],
+                              self.cache.rows(0, rows))
         self.steps += 1
-        for i, r in enumerate(self.slots):
-            if r is not None:
-                r.position += 1
-                self._accept(r, logits[i])
+        for i, r in active:  # logits rows are the slots as they were during the step
+            r.position += 1
+            self._accept(r, logits[i])
 
     def _accept(self, r: Request, logits: torch.Tensor) -> None:
         """Sample the request's next token from its logits, stream its text, finish it when it stops."""
@@ -239,8 +257,7 @@ class Engine:
 
     def _finish(self, r: Request, reason: str) -> None:
         r.emit(Event("done", finish_reason=reason, prompt_tokens=len(r.prompt_ids), completion_tokens=r.generated))
-        if 0 <= r.slot < self.max_batch and self.slots[r.slot] is r:
-            self.slots[r.slot] = None
+        self._release(r)
 
 
 def default_max_tokens(engine: Engine, prompt_tokens: int) -> int:
