@@ -152,6 +152,11 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
     async def page():
         return resources.files("glmtorch.serve").joinpath("static/index.html").read_text(encoding="utf-8")
 
+    def usage_chunk(kind: str, rid: str, now: int, prompt_tokens: int, completion_tokens: int) -> str:
+        """The last chunk of a stream with stream_options.include_usage: no choices, the token counts."""
+        return sse({"id": rid, "object": kind, "created": now, "model": model_name, "choices": [],
+                    "usage": usage(prompt_tokens, completion_tokens)})
+
     async def read_body(request: Request) -> dict:
         try:
             body = json.loads(await request.body())
@@ -263,8 +268,7 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
                 index, event = await queue.get()
                 st = states[index]
                 if event.kind == "error":
-                    yield sse({"error": {"message": event.error, "type": "server_error", "param": None,
-                                         "code": "server_error"}})
+                    yield sse_error(event.error)
                     break
                 lp = {"content": [chat_logprob(e) for e in event.token_logprobs]} if event.token_logprobs else None
                 piece = event.text
@@ -299,8 +303,7 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
                             yield chunk(index, {"content": message["content"]})
                     yield chunk(index, {}, finish)
             if include_usage:
-                yield sse({"id": rid, "object": "chat.completion.chunk", "created": now, "model": model_name,
-                           "choices": [], "usage": usage(prompt_tokens, completion)})
+                yield usage_chunk("chat.completion.chunk", rid, now, prompt_tokens, completion)
             yield "data: [DONE]\n\n"
         finally:
             for r in requests:
@@ -346,8 +349,7 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
             while done < len(requests):
                 index, event = await queue.get()
                 if event.kind == "error":
-                    yield sse({"error": {"message": event.error, "type": "server_error", "param": None,
-                                         "code": "server_error"}})
+                    yield sse_error(event.error)
                     break
                 if event.text or event.token_logprobs:
                     lp = completion_logprobs(event.token_logprobs) if event.token_logprobs else None
@@ -357,8 +359,7 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
                     completion += event.completion_tokens
                     yield chunk(index, "", event.finish_reason)
             if include_usage:
-                yield sse({"id": rid, "object": "text_completion", "created": now, "model": model_name,
-                           "choices": [], "usage": usage(prompt_tokens, completion)})
+                yield usage_chunk("text_completion", rid, now, prompt_tokens, completion)
             yield "data: [DONE]\n\n"
         finally:
             for r in requests:
@@ -370,6 +371,10 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
 # -- encoding responses ----------------------------------------------------------------------------------------
 def sse(payload: dict) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+def sse_error(message: str) -> str:
+    return sse({"error": {"message": message, "type": "server_error", "param": None, "code": "server_error"}})
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:
