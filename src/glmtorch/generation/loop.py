@@ -45,14 +45,17 @@ def decode_tokens(
         attention_mask = torch.ones_like(input_ids)
     # Left padding shifts each row's positions so its first real token sits at position 0.
     positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    history = input_ids.masked_fill(attention_mask == 0, -1)  # what the processors may look at
     capacity = T + max_new_tokens
+    # What the processors and stop checks may look at, preallocated: left padding is marked -1.
+    history = torch.full((B, capacity), -1, dtype=torch.long, device=device)
+    history[:, :T] = input_ids.masked_fill(attention_mask == 0, -1)
     cache = model.new_static_cache(B, capacity)
     # Slot j of every row holds column j of the batch: padding is marked once; slots not yet written are
-    # hidden by causality, so the mask never changes shape.
+    # hidden by causality. Each forward reads the prefix of the mask (and cache) written so far.
     mask = torch.ones(B, capacity, dtype=torch.long, device=device)
     mask[:, :T] = attention_mask
-    out = model(input_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+    cache.length = T  # the prompt attends to itself only
+    out = model(input_ids, attention_mask=mask[:, :T], position_ids=positions, past_key_values=cache,
                 cache_position=torch.arange(T, device=device), use_cache=True, logits_to_keep=1)
     logits = out.logits[:, -1].float()
     step = compiled_decode_step(model)
@@ -61,14 +64,14 @@ def decode_tokens(
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     for i in range(max_new_tokens):
         for process in processors:
-            logits = process(history, logits)
+            logits = process(history[:, :T + i], logits)
         tokens = sample(logits).masked_fill(finished, pad)
         if sync_tokens is not None:
             tokens = sync_tokens(tokens)
-        history = torch.cat([history, tokens[:, None]], dim=1)
+        history[:, T + i] = tokens
         done = torch.isin(tokens, eos)
         for check in stop_checks:
-            done |= check(history)
+            done |= check(history[:, :T + i + 1])
         finished = finished | done
         yield tokens, logits, finished
         if i == max_new_tokens - 1 or bool(finished.all()):
