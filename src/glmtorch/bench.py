@@ -129,6 +129,9 @@ def run_bench(model_path: str | None = None, preset: str = "small", dtype: str =
         first = _time(lambda: generate(model, ids, 1), dev)
         return ids.shape[0] * new_tokens / max(full - first, 1e-9)
 
+    llama = _LlamaCpp(ours, model_path, llama_cpp, dtype, quantize, prefill) if llama_cpp else None
+    if llama:
+        results["llama.cpp"] = {}
     with torch.no_grad():
         for model in runners.values():  # warm-up: compiles the decode step, touches every page
             model(prompt, logits_to_keep=1)
@@ -140,6 +143,11 @@ def run_bench(model_path: str | None = None, preset: str = "small", dtype: str =
                 r.setdefault("prefill_tok_s", []).append(prefill / _time(lambda: model(prompt, logits_to_keep=1), dev))
                 for b in batches:
                     r.setdefault(f"decode_b{b}_tok_s", []).append(decode_rate(model, short[b]))
+            if llama:
+                for k, v in llama.run().items():
+                    results["llama.cpp"].setdefault(k, []).append(v)
+    if llama:
+        llama.close()
     bandwidth = memory_bandwidth(dev)
     weights = weight_bytes_per_token(ours)
     report: dict[str, Any] = {
@@ -155,8 +163,6 @@ def run_bench(model_path: str | None = None, preset: str = "small", dtype: str =
     if ours_b1:
         report["fraction_of_roofline"] = ours_b1 / report["roofline_decode_b1_tok_s"]
         report["measured_weight_gb_s"] = ours_b1 * weights / 1e9
-    if llama_cpp:
-        report["results"]["llama.cpp"] = run_llama_cpp(ours, model_path, llama_cpp, dtype, quantize, prefill)
     report["ratios"] = {
         f"glmtorch/{peer}": {k: report["results"]["glmtorch"][k] / v for k, v in r.items()
                              if k in report["results"]["glmtorch"] and v}
@@ -175,35 +181,46 @@ def _is_hf(model) -> bool:
     return type(model).__module__.startswith("transformers")
 
 
-def run_llama_cpp(model, model_path, build_dir, dtype, quantize, prefill) -> dict[str, float]:
-    """Export the same weights to GGUF and time them with llama.cpp's own llama-bench."""
-    from .checkpoint.gguf import write_gguf
-    from .tokenizer import AutoTokenizer
+class _LlamaCpp:
+    """llama.cpp's own llama-bench on the same weights, exported to GGUF (F32, BF16, Q8_0 or Q4_0 to match the
+    precision measured), one repetition per call so that it interleaves with the PyTorch runs."""
 
-    kind = {"int8": "q8_0", "int4": "q4_0"}.get(quantize or "", {"bfloat16": "bf16", "bf16": "bf16"}.get(dtype, "f32"))
-    exe = next((os.path.join(build_dir, *p) for p in (("bin", "llama-bench"), ("llama-bench",))
-                if os.path.isfile(os.path.join(build_dir, *p))), None)
-    if exe is None:
-        raise FileNotFoundError(f"{build_dir}: no llama-bench (build llama.cpp with ../shared/peers/llamacpp/build.sh)")
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, f"model-{kind}.gguf")
+    def __init__(self, model, model_path, build_dir, dtype, quantize, prefill) -> None:
+        from .checkpoint.gguf import write_gguf
+        from .tokenizer import AutoTokenizer
+
+        kind = {"int8": "q8_0", "int4": "q4_0"}.get(quantize or "",
+                                                    {"bfloat16": "bf16", "bf16": "bf16"}.get(dtype, "f32"))
+        self.exe = next((os.path.join(build_dir, *p) for p in (("bin", "llama-bench"), ("llama-bench",))
+                         if os.path.isfile(os.path.join(build_dir, *p))), None)
+        if self.exe is None:
+            raise FileNotFoundError(f"{build_dir}: no llama-bench (build llama.cpp with "
+                                    "../shared/peers/llamacpp/build.sh)")
+        self.tmp = tempfile.mkdtemp(prefix="glmtorch-llamacpp-")
+        self.path = os.path.join(self.tmp, f"model-{kind}.gguf")
+        self.prefill = prefill
         try:
             tokenizer = AutoTokenizer.from_pretrained(model_path)
         except Exception:
             from .tokenizer import GLM4_SPECIAL_TOKENS, train_bpe_tokenizer
 
             tokenizer = train_bpe_tokenizer(["glmtorch benchmark"], 256 + len(GLM4_SPECIAL_TOKENS) + 1)
-        write_gguf(model, tokenizer, path, kind, progress=False)
-        result = subprocess.run([exe, "-m", path, "-p", str(prefill), "-n", "64", "-t", str(torch.get_num_threads()),
-                                 "-o", "json"], capture_output=True, text=True, timeout=1800, check=True)
-    rows = json.loads(result.stdout)
-    out = {}
-    for row in rows:
-        if row.get("n_prompt"):
-            out["prefill_tok_s"] = row["avg_ts"]
-        elif row.get("n_gen"):
-            out["decode_b1_tok_s"] = row["avg_ts"]
-    return out
+        write_gguf(model, tokenizer, self.path, kind, progress=False)
+
+    def run(self) -> dict[str, float]:
+        result = subprocess.run([self.exe, "-m", self.path, "-p", str(self.prefill), "-n", "64", "-r", "1",
+                                 "-t", str(torch.get_num_threads()), "-o", "json"],
+                                capture_output=True, text=True, timeout=1800, check=True)
+        out = {}
+        for row in json.loads(result.stdout):
+            if row.get("n_prompt"):
+                out["prefill_tok_s"] = row["avg_ts"]
+            elif row.get("n_gen"):
+                out["decode_b1_tok_s"] = row["avg_ts"]
+        return out
+
+    def close(self) -> None:
+        shutil.rmtree(self.tmp, ignore_errors=True)
 
 
 def plot_report(report: dict[str, Any], path: str) -> bool:

@@ -1,11 +1,11 @@
 """What makes decoding fast, applied from outside the model.
 
 Decoding one token reads every weight once, so batch-1 decode speed is weight bytes / memory bandwidth. On a
-CPU the library matrix-vector paths (oneDNN/MKL behind F.linear) read weights at about half the bandwidth,
-while a multiply-and-reduce that Inductor generates reaches it (see ../shared/peers: 17 vs 35 GB/s here). So:
+CPU the library matrix-vector paths (oneDNN/MKL behind F.linear) read weights at about half the bandwidth; the
+kernels in glmtorch.kernels (built on first use) stream each weight once for up to 8 rows. So:
 
-- `GemvLinear` is an nn.Linear (same parameters, same state dict) whose forward, inside a compiled graph on
-  the CPU with a handful of rows, is written as that reduction; everywhere else it is F.linear, bit for bit.
+- `GemvLinear` is an nn.Linear (same parameters, same state dict) whose forward takes those kernels for a few
+  rows on the CPU without autograd (decode steps); everywhere else it is F.linear, bit for bit.
 - `compiled_decode_step` compiles one decode step (embedding -> layers -> logits, static KV cache) once per
   model and shape; prefill stays eager, where large matrix products are what the libraries do best.
 """
@@ -19,15 +19,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-GEMV_MAX_ROWS = 1  # a single row (batch-1 decode): a reduction beats the library GEMV; more rows use GEMM
+from . import kernels
 
 
 class GemvLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # fp32 only: measured inside the whole decode step here, the bf16 reduction lost to oneDNN's bf16 GEMV.
-        if (torch.compiler.is_compiling() and x.device.type == "cpu" and self.weight.dtype == torch.float32
-                and x.numel() // x.shape[-1] <= GEMV_MAX_ROWS):
-            out = (x.unsqueeze(-2) * self.weight).sum(-1)  # (..., N): Inductor emits a bandwidth-bound kernel
+        if self.weight.dtype in (torch.float32, torch.bfloat16) and kernels.usable(x, self.weight, self.in_features):
+            out = kernels.gemv(x, self.weight)
             return out + self.bias if self.bias is not None else out
         return F.linear(x, self.weight, self.bias)
 
@@ -77,6 +75,8 @@ def compiled_decode_step(model):
     compiling is off or has failed once."""
     step = getattr(model, "_glmtorch_decode_step", None)
     if step is None:
+        if model.device.type == "cpu":
+            kernels.available()  # built before tracing, so the compiled graph calls them
         if not compile_enabled(model):
             step = decode_step
         else:

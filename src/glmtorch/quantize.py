@@ -4,9 +4,10 @@ Quantized linear layers replace nn.Linear from outside (`quantize_model`), so th
 them. Weights are stored quantized (int8 values, or two int4 values per uint8) with their scales, and the mode
 is recorded in config.json ("quantization": {"mode", "group_size"}), never guessed from a file name.
 
-On the CPU a single row (batch-1 decode) goes through torch's weight-only kernels (`_weight_int8pack_mm`,
-`_weight_int4pack_mm_for_cpu`, bf16 activations), which read the packed weights directly; more rows, and
-other devices, dequantize on the fly and use the regular matrix product.
+On the CPU a few rows (decode steps) go through glmtorch's own kernels (glmtorch.kernels), which read the
+packed weights once and widen them in registers; without those, a single row takes torch's weight-only kernels
+(`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`, bf16 activations). More rows, and other devices,
+dequantize on the fly and use the regular matrix product.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from . import kernels
 
 MODES = ("int8", "int4")
 _HAS_INT8_KERNEL = hasattr(torch.ops.aten, "_weight_int8pack_mm")
@@ -45,7 +48,9 @@ class Int8Linear(nn.Module):
         return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type == "cpu" and x.numel() == x.shape[-1] and _HAS_INT8_KERNEL:
+        if kernels.usable(x, self.weight, self.in_features):
+            y = kernels.gemv_int8(x, self.weight, self.scales)
+        elif x.device.type == "cpu" and x.numel() == x.shape[-1] and _HAS_INT8_KERNEL:
             # One row (batch-1 decode): torch's int8 weight-only kernel reads one byte per weight; it takes bf16
             # activations (fp32 there measured 6x slower).
             y = torch.ops.aten._weight_int8pack_mm(x.reshape(1, -1).to(torch.bfloat16), self.weight,
@@ -106,6 +111,9 @@ class Int4Linear(nn.Module):
         return cached
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.group_size % 32 == 0 and kernels.usable(x, self.weight, self.in_features):
+            y = kernels.gemv_int4(x, self.weight, self.scales, self.group_size)
+            return y + self.bias if self.bias is not None else y
         kernel = self._cpu_kernel_weights() if x.device.type == "cpu" and _HAS_INT4_KERNEL else None
         if kernel is not None:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, self.in_features).to(torch.bfloat16),

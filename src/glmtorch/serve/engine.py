@@ -1,7 +1,9 @@
 """Continuous batching: one thread owns the model and a static KV cache of `max_batch` rows (slots).
 
-Every step decodes one token for every active request together; a new request is prefilled into a free slot
-between steps and joins the next one; a finished or cancelled request leaves at once and its slot is reused.
+Every step decodes one token for every active request together; the requests waiting for a slot are prefilled
+between steps, several in one forward pass (up to `prefill_tokens` padded tokens, so a burst of arrivals costs a
+few large matrix products instead of many small ones and running streams pause only briefly), and join the
+next step; a finished or cancelled request leaves at once and its slot is reused.
 Each request keeps its own sampling parameters and random generator, so a seed gives the same text whether
 the request runs alone or in a full batch.
 """
@@ -70,7 +72,8 @@ class Request:
     position: int = 0
     last_token: int = 0
     generated: int = 0
-    history: torch.Tensor | None = None
+    history: torch.Tensor | None = None  # (1, prompt + max_tokens), filled up to `filled`: no per-token concat
+    filled: int = 0
     processors: list = field(default_factory=list)
     generator: torch.Generator | None = None
     detok: StreamingDetokenizer | None = None
@@ -81,9 +84,10 @@ class Request:
 
 class Engine:
     def __init__(self, model, tokenizer, max_batch: int = 8, max_queue: int = 64, max_context: int | None = None,
-                 stop_ids: set[int] | None = None) -> None:
+                 stop_ids: set[int] | None = None, prefill_tokens: int = 2048) -> None:
         self.model, self.tokenizer = model, tokenizer
         self.max_batch, self.max_queue = max_batch, max_queue
+        self.prefill_tokens = prefill_tokens
         self.context = min(max_context or model.config.max_position_embeddings, model.config.max_position_embeddings)
         self.stop_ids = set(stop_ids or ())
         self.cache = model.new_static_cache(max_batch, self.context)
@@ -106,7 +110,10 @@ class Engine:
             busy = sum(s is not None for s in self.slots)
             if busy >= self.max_batch and len(self.waiting) >= self.max_queue:
                 raise QueueFull(f"{len(self.waiting)} requests are already waiting (--max-queue {self.max_queue})")
-            request.history = torch.tensor([request.prompt_ids], dtype=torch.long)
+            prompt = torch.tensor(request.prompt_ids, dtype=torch.long)
+            request.history = torch.empty(1, len(prompt) + request.params.max_tokens, dtype=torch.long)
+            request.history[0, :len(prompt)] = prompt
+            request.filled = len(prompt)
             request.processors = make_processors(request.params.generation_config())
             request.generator = torch.Generator().manual_seed(
                 request.params.seed if request.params.seed is not None else int.from_bytes(os.urandom(6), "little"))
@@ -140,8 +147,8 @@ class Engine:
                     return
                 admitted = self._take_waiting()
             try:
-                for request, slot in admitted:
-                    self._prefill(request, slot)
+                if admitted:
+                    self._prefill(admitted)
                 self._drop_cancelled()
                 if any(self.slots):
                     self._decode_step()
@@ -152,16 +159,25 @@ class Engine:
                             r.emit(Event("error", error=f"internal error: {type(e).__name__}: {e}"))
                             self.slots[i] = None
 
-    def _take_waiting(self) -> list[tuple[Request, int]]:
-        out = []
+    def _take_waiting(self) -> list[Request]:
+        """Move waiting requests into free slots (the free slots follow the occupied ones), as many as fit in one
+        prefill pass: `prefill_tokens` padded tokens, and always at least one."""
+        out: list[Request] = []
+        longest = 0
         for slot in range(self.max_batch):
             while self.slots[slot] is None and self.waiting:
-                request = self.waiting.popleft()
+                request = self.waiting[0]
                 if request.cancelled.is_set():
+                    self.waiting.popleft()
                     continue
+                padded = max(longest, len(request.prompt_ids)) * (len(out) + 1)
+                if out and padded > self.prefill_tokens:
+                    return out
+                self.waiting.popleft()
+                longest = max(longest, len(request.prompt_ids))
                 self.slots[slot] = request
                 request.slot = slot
-                out.append((request, slot))
+                out.append(request)
         return out
 
     def _drop_cancelled(self) -> None:
@@ -184,15 +200,26 @@ class Engine:
             self.slots[slot] = None
         r.slot = -1
 
-    def _prefill(self, r: Request, slot: int) -> None:
-        ids = torch.tensor([r.prompt_ids], device=self.device)
-        T = ids.shape[1]
-        row = self.cache.rows(slot, slot + 1)
-        row.length = T  # a prompt attends to itself only
-        out = self.model(ids, past_key_values=row, cache_position=torch.arange(T, device=self.device),
-                         use_cache=True, logits_to_keep=1)
-        r.position = T
-        self._accept(r, out.logits[0, -1].float())
+    def _prefill(self, requests: list[Request]) -> None:
+        """Prompts of requests in consecutive slots, right-padded into one batch. Padding writes keys past each
+        prompt's end; no query ever sees them (a query at position p sees keys <= p), and decoding overwrites
+        them."""
+        first = requests[0].slot
+        T = max(len(r.prompt_ids) for r in requests)
+        ids = torch.zeros(len(requests), T, dtype=torch.long)
+        real = torch.zeros(len(requests), T, dtype=torch.long)
+        for i, r in enumerate(requests):
+            ids[i, :len(r.prompt_ids)] = torch.tensor(r.prompt_ids)
+            real[i, :len(r.prompt_ids)] = 1
+        rows = self.cache.rows(first, first + len(requests))
+        rows.length = T  # the prompts attend to themselves only
+        hidden = self.model.model(ids.to(self.device), attention_mask=real.to(self.device), past_key_values=rows,
+                                  cache_position=torch.arange(T, device=self.device), use_cache=True).last_hidden_state
+        last = torch.tensor([len(r.prompt_ids) - 1 for r in requests], device=self.device)
+        logits = self.model.lm_head(hidden[torch.arange(len(requests), device=self.device), last]).float()
+        for r, row_logits in zip(requests, logits):
+            r.position = len(r.prompt_ids)
+            self._accept(r, row_logits)
 
     def _decode_step(self) -> None:
         active = [(i, r) for i, r in enumerate(self.slots) if r is not None]  # rows 0..len-1 (kept packed)
@@ -218,12 +245,13 @@ class Engine:
         raw = logits
         row = logits[None].cpu()
         for process in r.processors:
-            row = process(r.history, row)
+            row = process(r.history[:, :r.filled], row)
         if r.params.temperature == 0:
             token = int(row.argmax(-1))
         else:
             token = int(torch.multinomial(torch.softmax(row, -1), 1, generator=r.generator))
-        r.history = torch.cat([r.history, torch.tensor([[token]])], dim=1)
+        r.history[0, r.filled] = token
+        r.filled += 1
         r.last_token = token
         r.generated += 1
         if r.params.logprobs:

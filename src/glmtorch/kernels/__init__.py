@@ -1,0 +1,108 @@
+"""CPU matrix-vector kernels for decoding (gemv.cpp), built on this machine the first time they are needed.
+
+Why a C++ file: batch-1 decode is nothing but matrix-vector products, and on a CPU the library paths behind
+F.linear and torch's weight-only kernels read weights at about half the memory bandwidth, while Inductor's
+generated int8 / int4 loops fall onto a slow partial-vector load on AVX2. A plain loop that widens each weight
+chunk once and multiplies it into every row reaches the bandwidth at every precision (fp32, bf16, int8, int4).
+
+The library is compiled with -O3 -march=native by torch.utils.cpp_extension (a C++ compiler is needed; the
+result is cached under ~/.cache/torch_extensions, so later sessions load it in a second). When it cannot be
+built, glmtorch warns once and uses the library paths: slower, same results. GLMTORCH_KERNELS=0 turns it off.
+
+The ops are registered as torch.ops.glmtorch_kernels.* with shape functions, so compiled graphs call them too.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import warnings
+
+import torch
+
+MAX_ROWS = 8  # more rows than this are a matrix product, which the BLAS libraries do well
+_lock = threading.Lock()
+_state: dict[str, bool] = {}
+
+
+def available() -> bool:
+    """Whether the kernels are loaded (building them on first call). False when disabled or unbuildable."""
+    ready = _state.get("ready")
+    if ready is not None:
+        return ready
+    with _lock:
+        if "ready" not in _state:
+            _state["ready"] = _build()
+    return _state["ready"]
+
+
+def _build() -> bool:
+    if os.environ.get("GLMTORCH_KERNELS", "").lower() in ("0", "false", "no"):
+        return False
+    if hasattr(torch.ops, "glmtorch_kernels") and hasattr(torch.ops.glmtorch_kernels, "gemv_float"):
+        return True
+    source = os.path.join(os.path.dirname(__file__), "gemv.cpp")
+    try:
+        from torch.utils.cpp_extension import load
+
+        if sys.stderr.isatty():
+            print("glmtorch: building the CPU decode kernels (once per machine and torch version)...",
+                  file=sys.stderr, flush=True)
+        flags = ["-O3", "-march=native", "-fopenmp"]
+        load(name="glmtorch_gemv", sources=[source], extra_cflags=flags, extra_ldflags=["-fopenmp"],
+             is_python_module=False, verbose=False)
+        _register_shapes()
+        return True
+    except Exception as e:  # no compiler, an unsupported platform: the library paths still work
+        warnings.warn(f"glmtorch's CPU decode kernels could not be built ({type(e).__name__}: "
+                      f"{str(e).strip().splitlines()[-1] if str(e).strip() else ''}); decoding uses the slower "
+                      "library paths. Install a C++ compiler (g++) to get them, or set GLMTORCH_KERNELS=0 to "
+                      "silence this.", stacklevel=3)
+        return False
+
+
+def _register_shapes() -> None:
+    @torch.library.register_fake("glmtorch_kernels::gemv_float")
+    def _(x, w):
+        return x.new_empty(x.shape[0], w.shape[0])
+
+    @torch.library.register_fake("glmtorch_kernels::gemv_int8")
+    def _(x, w, scales):
+        return x.new_empty(x.shape[0], w.shape[0])
+
+    @torch.library.register_fake("glmtorch_kernels::gemv_int4")
+    def _(x_even, x_odd, w, scales, group):
+        return x_even.new_empty(x_even.shape[0], w.shape[0])
+
+
+def usable(x: torch.Tensor, weight: torch.Tensor, in_features: int) -> bool:
+    """Whether a product of x (..., K) with this weight should take a kernel: CPU, a few rows, no autograd,
+    an input width the loops handle, and the kernels built."""
+    return (x.device.type == "cpu" and weight.device.type == "cpu" and x.numel() // in_features <= MAX_ROWS
+            and weight.is_contiguous()
+            and in_features % 16 == 0 and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+            and available())
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x (..., K) @ weight.T for an fp32 or bf16 weight (N, K); result in x's dtype."""
+    rows = x.reshape(-1, x.shape[-1]).float().contiguous()
+    y = torch.ops.glmtorch_kernels.gemv_float(rows, weight)
+    return y.to(x.dtype).view(*x.shape[:-1], weight.shape[0])
+
+
+def gemv_int8(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """x @ (weight * scales[:, None]).T for int8 weight (N, K) and per-row scales (N,)."""
+    rows = x.reshape(-1, x.shape[-1]).float().contiguous()
+    y = torch.ops.glmtorch_kernels.gemv_int8(rows, weight, scales.contiguous())
+    return y.to(x.dtype).view(*x.shape[:-1], weight.shape[0])
+
+
+def gemv_int4(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, group: int) -> torch.Tensor:
+    """x @ W.T for int4 W stored two per byte (element 2i low nibble, 2i+1 high; value q + 8) with per-row,
+    per-group scales (N, K / group)."""
+    rows = x.reshape(-1, x.shape[-1]).float()
+    even, odd = rows[:, 0::2].contiguous(), rows[:, 1::2].contiguous()
+    y = torch.ops.glmtorch_kernels.gemv_int4(even, odd, packed, scales.contiguous(), group)
+    return y.to(x.dtype).view(*x.shape[:-1], packed.shape[0])
