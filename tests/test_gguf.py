@@ -115,6 +115,22 @@ def test_export_round_trips_through_import(tmp_path, tokenizer, hf_model, kind, 
     assert glmtorch.AutoTokenizer.from_pretrained(tmp_path / f"m-{kind}.gguf").encode("Hello 你好") == tokenizer.encode("Hello 你好")
 
 
+@pytest.mark.parametrize("mode,kind", [("int8", "q8_0"), ("int4", "q4_0")])
+def test_quantized_model_exports_its_values(tmp_path, tokenizer, hf_model, mode, kind):
+    """A model loaded with quantize= writes full-shape matrices (its dequantized values), not packed bytes."""
+    from glmtorch.checkpoint.gguf import write_gguf
+
+    quant = glmtorch.GlmForCausalLM.from_pretrained(_save(hf_model, tmp_path / "hf"), quantize=mode)
+    write_gguf(quant, tokenizer, str(tmp_path / "q.gguf"), kind, progress=False)
+    back = glmtorch.AutoModelForCausalLM.from_pretrained(tmp_path / "q.gguf")
+    assert back.lm_head.weight.shape == (hf_model.config.vocab_size, hf_model.config.hidden_size)
+    for name in ("lm_head", "model.layers.0.mlp.down_proj"):  # the grid survives (fp16 block scales aside)
+        exact = quant.get_submodule(name).dequantized(torch.float32)
+        assert rel_err(back.get_submodule(name).weight, exact) < 1e-3
+    # the file also quantizes the embedding matrix, as llama.cpp's own Q8_0 / Q4_0 files do
+    assert rel_err(back(ids()).logits, quant(ids()).logits) < 0.1
+
+
 def test_bad_gguf_files(tmp_path):
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"GGUF" + b"\x00" * 10)

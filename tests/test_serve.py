@@ -115,7 +115,8 @@ def test_seeds_and_n(client):
 
 def test_burst_of_concurrent_requests_equals_sequential(served):
     url = served[0].url + "/v1/completions"
-    prompts = [f"Prompt number {i} says" for i in range(10)]
+    engine = served[1]
+    prompts = [f"Prompt number {i} says" + " more" * i for i in range(10)]  # lengths differ: padded prefill
     body = lambda p: {"prompt": p, "max_tokens": 12, "temperature": 0}  # noqa: E731
     sequential = [httpx.post(url, json=body(p), timeout=60).json()["choices"][0]["text"] for p in prompts]
 
@@ -124,7 +125,9 @@ def test_burst_of_concurrent_requests_equals_sequential(served):
             responses = await asyncio.gather(*(c.post(url, json=body(p)) for p in prompts))
         return [r.json()["choices"][0]["text"] for r in responses]
 
+    passes = engine.prefill_passes
     assert asyncio.run(burst()) == sequential
+    assert engine.prefill_passes - passes < len(prompts)  # arrivals were prefilled together
     seeded = {"prompt": "Seeded", "max_tokens": 12, "temperature": 1.0, "seed": 3}
 
     async def seeded_burst():
@@ -133,6 +136,21 @@ def test_burst_of_concurrent_requests_equals_sequential(served):
         return rs[0].json()["choices"][0]["text"]
 
     assert asyncio.run(seeded_burst()) == httpx.post(url, json=seeded, timeout=60).json()["choices"][0]["text"]
+
+
+def test_bench_serve_and_ttft_under_load(served):
+    from glmtorch.serve.bench import bench_serve, format_serve_report, ttft_under_load
+
+    report = bench_serve(served[0].url, requests=6, concurrency=3, prompt_words=10, max_tokens=8)
+    assert report["completed"] == 6 and report["error_count"] == 0 and report["output_tokens"] == 48
+    assert report["ttft_s"]["p50"] > 0 and "tok/s" in format_serve_report(report)
+    ttft = ttft_under_load(served[0].url, background=3, long_tokens=100, probes=2)
+    assert ttft["ttft_unloaded_s"] > 0 and ttft["ttft_loaded_s"] > 0 and len(ttft["loaded_all_s"]) == 2
+    assert "while 3 long requests" in format_serve_report(ttft)
+    deadline = time.time() + 30
+    while served[1].active and time.time() < deadline:  # the cancelled long requests leave their slots
+        time.sleep(0.05)
+    assert served[1].active == 0
 
 
 def test_client_disconnect_frees_the_slot(served):

@@ -307,15 +307,19 @@ def _serve_flags(p: argparse.ArgumentParser) -> None:
 def cmd_bench_serve(args: argparse.Namespace) -> int:
     import json
 
-    from .serve.bench import bench_serve, format_serve_report
+    from .serve.bench import bench_serve, format_serve_report, ttft_under_load
 
-    report = bench_serve(args.url, args.requests, args.concurrency, args.prompt_words, args.max_tokens, args.model,
-                         args.api_key, args.chat, args.temperature)
+    if args.ttft_under_load:
+        report = ttft_under_load(args.url, args.ttft_under_load, args.max_tokens, model=args.model, api_key=args.api_key,
+                                 chat=args.chat)
+    else:
+        report = bench_serve(args.url, args.requests, args.concurrency, args.prompt_words, args.max_tokens,
+                             args.model, args.api_key, args.chat, args.temperature)
     print(format_serve_report(report))
     if args.out:
         with open(args.out, "w") as f:
             json.dump(report, f, indent=1)
-    return 0 if report["error_count"] == 0 else 1
+    return 0 if report.get("error_count", 0) == 0 else 1
 
 
 def _bench_serve_flags(p: argparse.ArgumentParser) -> None:
@@ -328,6 +332,9 @@ def _bench_serve_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="model name (default: the server's first)")
     p.add_argument("--api-key", default=None)
     p.add_argument("--chat", action="store_true", help="use /v1/chat/completions instead of /v1/completions")
+    p.add_argument("--ttft-under-load", type=int, default=0, metavar="N",
+                   help="instead: time to first token of a short request alone and while N long requests "
+                        "(--max-tokens each) decode")
     p.add_argument("--out", default=None, help="also write the report as JSON")
 
 

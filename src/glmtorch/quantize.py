@@ -47,6 +47,9 @@ class Int8Linear(nn.Module):
             out.bias.data = linear.bias.detach().clone()
         return out
 
+    def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
+        return self.weight.to(dtype) * self.scales.to(dtype)[:, None]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if kernels.usable(x, self.weight, self.in_features):
             y = kernels.gemv_int8(x, self.weight, self.scales)
@@ -62,7 +65,8 @@ class Int8Linear(nn.Module):
 
 
 class Int4Linear(nn.Module):
-    """Symmetric int4 in groups along the input: w = q * scale[group], q in [-8, 7] stored two per byte."""
+    """Symmetric int4 in groups along the input: w = q * scale[group], q in [-8, 7] stored two per byte (as
+    q + 8), on llama.cpp's Q4_0 grid."""
 
     weight_bytes = True
 
@@ -83,7 +87,10 @@ class Int4Linear(nn.Module):
         w = linear.weight.detach().float()
         N, K = w.shape
         groups = w.view(N, K // group_size, group_size)
-        scale = (groups.abs().amax(dim=-1) / 7).clamp(min=1e-12)  # (N, K / g)
+        # llama.cpp's Q4_0 grid: the value of largest magnitude maps to -8, so all 16 levels are used and a
+        # GGUF export (Q4_0, group 32) holds exactly these values
+        extreme = groups.gather(-1, groups.abs().argmax(dim=-1, keepdim=True)).squeeze(-1)
+        scale = torch.where(extreme == 0, torch.ones_like(extreme), extreme / -8)  # (N, K / g), sign included
         q = (groups / scale[..., None]).round().clamp(-8, 7).to(torch.int16).view(N, K) + 8  # 0..15
         packed = (q[:, 0::2] | (q[:, 1::2] << 4)).to(torch.uint8)
         out = cls(K, N, linear.bias is not None, group_size, linear.weight.dtype, w.device)
@@ -111,10 +118,12 @@ class Int4Linear(nn.Module):
         return cached
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.group_size % 32 == 0 and kernels.usable(x, self.weight, self.in_features):
+        if self.group_size in (32, 64, 128, 256) and kernels.usable(x, self.weight, self.in_features):
             y = kernels.gemv_int4(x, self.weight, self.scales, self.group_size)
             return y + self.bias if self.bias is not None else y
-        kernel = self._cpu_kernel_weights() if x.device.type == "cpu" and _HAS_INT4_KERNEL else None
+        # torch's int4 kernel wants N divisible by 16; other shapes dequantize
+        kernel = (self._cpu_kernel_weights() if x.device.type == "cpu" and _HAS_INT4_KERNEL and self.out_features % 16 == 0
+                  else None)
         if kernel is not None:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, self.in_features).to(torch.bfloat16),
                                                            kernel[0], self.group_size, kernel[1])

@@ -231,6 +231,9 @@ def write_gguf(model, tokenizer, path: str, file_type: str = "f32", progress: bo
 def _gguf_tensors(model) -> dict[str, torch.Tensor]:
     config = model.config
     sd = model.state_dict()
+    for name, module in model.named_modules():  # quantized layers (int8 / int4) are written from their values
+        if hasattr(module, "dequantized"):
+            sd[f"{name}.weight"] = module.dequantized(torch.float32)
     out = {"token_embd.weight": sd["model.embed_tokens.weight"]}
     for n in range(config.num_hidden_layers):
         p = f"model.layers.{n}."

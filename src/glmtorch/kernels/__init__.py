@@ -72,8 +72,8 @@ def _register_shapes() -> None:
         return x.new_empty(x.shape[0], w.shape[0])
 
     @torch.library.register_fake("glmtorch_kernels::gemv_int4")
-    def _(x_even, x_odd, w, scales, group):
-        return x_even.new_empty(x_even.shape[0], w.shape[0])
+    def _(x, w, scales, group):
+        return x.new_empty(x.shape[0], w.shape[0])
 
 
 def usable(x: torch.Tensor, weight: torch.Tensor, in_features: int) -> bool:
@@ -93,7 +93,8 @@ def gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 def gemv_int8(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """x @ (weight * scales[:, None]).T for int8 weight (N, K) and per-row scales (N,)."""
+    """x @ (weight * scales[:, None]).T for int8 weight (N, K) and per-row scales (N,). Like llama.cpp's Q8_0
+    path, x is quantized to int8 in blocks of 32 for the product (one fp32 scale per block)."""
     rows = x.reshape(-1, x.shape[-1]).float().contiguous()
     y = torch.ops.glmtorch_kernels.gemv_int8(rows, weight, scales.contiguous())
     return y.to(x.dtype).view(*x.shape[:-1], weight.shape[0])
@@ -101,8 +102,7 @@ def gemv_int8(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> to
 
 def gemv_int4(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, group: int) -> torch.Tensor:
     """x @ W.T for int4 W stored two per byte (element 2i low nibble, 2i+1 high; value q + 8) with per-row,
-    per-group scales (N, K / group)."""
-    rows = x.reshape(-1, x.shape[-1]).float()
-    even, odd = rows[:, 0::2].contiguous(), rows[:, 1::2].contiguous()
-    y = torch.ops.glmtorch_kernels.gemv_int4(even, odd, packed, scales.contiguous(), group)
+    per-group scales (N, K / group); x quantized to int8 in blocks of 32, as for int8."""
+    rows = x.reshape(-1, x.shape[-1]).float().contiguous()
+    y = torch.ops.glmtorch_kernels.gemv_int4(rows, packed, scales.contiguous(), group)
     return y.to(x.dtype).view(*x.shape[:-1], packed.shape[0])

@@ -1,15 +1,17 @@
 // Matrix-vector products for decoding on the CPU: y[m, n] = sum_k x[m, k] * W[n, k] for a few rows m.
 //
 // Decoding reads every weight once per step, so these loops are written to stream W exactly once, whatever
-// the number of rows (up to MAX_ROWS): each weight chunk is loaded, widened to fp32 and multiplied into every
-// row's accumulators before the next chunk. The inner loops are plain C++ that the compiler vectorizes
-// (-O3 -march=native); rows of W are split across torch's intra-op threads. Activations and results are fp32.
+// the number of rows (up to MAX_ROWS): each weight chunk is loaded, decoded in registers and multiplied into
+// every row's accumulators before the next chunk. AVX2 + FMA intrinsics where the compiler targets them
+// (-march=native), plain loops elsewhere; rows of W are split across torch's intra-op threads. Activations
+// come in and results go out as fp32.
 //
 // Weight formats (the same tensors glmtorch keeps in its state dict):
 //   f32, bf16  (N, K)
-//   int8       (N, K) int8, one fp32 scale per output row
+//   int8       (N, K) int8, one scale per output row
 //   int4       (N, K/2) uint8, two values per byte (element 2i in the low nibble, 2i+1 in the high one),
-//              stored as q + 8 with q in [-8, 7]; one fp32 scale per row and group of `group` inputs.
+//              stored as q + 8 with q in [-8, 7]; one scale per row and group of `group` inputs.
+// Scales are fp32 or bf16.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -19,7 +21,10 @@
 #endif
 
 #include <cstdint>
+#include <algorithm>
+#include <cmath>
 #include <cstring>
+#include <vector>
 
 namespace {
 
@@ -47,7 +52,7 @@ struct Scales {
 };
 
 // Sixteen fp32 lanes: two AVX2 registers where the compiler targets AVX2 + FMA, a plain array elsewhere.
-// Every weight format is widened into these once per chunk, then multiplied into each row of x.
+// Float weights (fp32, bf16) are widened into these once per chunk, then multiplied into each row of x.
 #if defined(__AVX2__) && defined(__FMA__)
 struct Vec16 {
   __m256 a, b;
@@ -59,22 +64,7 @@ struct Vec16 {
     __m256i hi = _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_extracti128_si256(raw, 1)), 16);
     return {_mm256_castsi256_ps(lo), _mm256_castsi256_ps(hi)};
   }
-  static Vec16 from_int8x16(__m128i raw) {
-    return {_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(raw)), _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(raw, 8)))};
-  }
-  static Vec16 from_int8(const int8_t* p) { return from_int8x16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
-  static void from_nibbles(const uint8_t* p, Vec16& low, Vec16& high) {  // 16 bytes: 16 low and 16 high values - 8
-    const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-    const __m128i mask = _mm_set1_epi8(15), eight = _mm_set1_epi8(8);
-    low = from_int8x16(_mm_sub_epi8(_mm_and_si128(raw, mask), eight));
-    high = from_int8x16(_mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(raw, 4), mask), eight));
-  }
   void add_product(const Vec16& x, const Vec16& w) { a = _mm256_fmadd_ps(x.a, w.a, a); b = _mm256_fmadd_ps(x.b, w.b, b); }
-  void add_scaled(float s, const Vec16& v) {
-    const __m256 sv = _mm256_set1_ps(s);
-    a = _mm256_fmadd_ps(sv, v.a, a);
-    b = _mm256_fmadd_ps(sv, v.b, b);
-  }
   float sum() const {
     __m256 v = _mm256_add_ps(a, b);
     __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -89,29 +79,40 @@ struct Vec16 {
   static Vec16 zero() { return Vec16{}; }
   static Vec16 load(const float* p) { Vec16 r; for (int j = 0; j < LANES; ++j) r.v[j] = p[j]; return r; }
   static Vec16 from_bf16(const uint16_t* p) { Vec16 r; for (int j = 0; j < LANES; ++j) r.v[j] = bf16_to_float(p[j]); return r; }
-  static Vec16 from_int8(const int8_t* p) { Vec16 r; for (int j = 0; j < LANES; ++j) r.v[j] = p[j]; return r; }
-  static void from_nibbles(const uint8_t* p, Vec16& low, Vec16& high) {
-    for (int j = 0; j < LANES; ++j) {
-      low.v[j] = static_cast<float>(static_cast<int>(p[j] & 15) - 8);
-      high.v[j] = static_cast<float>(static_cast<int>(p[j] >> 4) - 8);
-    }
-  }
   void add_product(const Vec16& x, const Vec16& w) { for (int j = 0; j < LANES; ++j) v[j] += x.v[j] * w.v[j]; }
-  void add_scaled(float s, const Vec16& o) { for (int j = 0; j < LANES; ++j) v[j] += s * o.v[j]; }
   float sum() const { float s = 0.f; for (int j = 0; j < LANES; ++j) s += v[j]; return s; }
 };
 #endif
 
+// With few rows, one accumulator per row would make every step wait for the previous fused multiply-add (a
+// 4-cycle chain); U independent accumulators per row keep the units busy. More rows are independent already,
+// and more accumulators than registers would spill.
+template <int M>
+constexpr int unroll() { return M <= 2 ? 4 : (M <= 4 ? 2 : 1); }
+
 template <int M, typename Load>
 inline void dot_rows(const float* x, int64_t K, Load load_weight, float* out) {
   // out[m] = sum_k x[m, k] * w[k]; load_weight(k) widens the LANES weights from k on.
-  Vec16 acc[M];
-  for (int m = 0; m < M; ++m) acc[m] = Vec16::zero();
-  for (int64_t k = 0; k < K; k += LANES) {
-    const Vec16 w = load_weight(k);
-    for (int m = 0; m < M; ++m) acc[m].add_product(Vec16::load(x + m * K + k), w);
+  constexpr int U = unroll<M>();
+  Vec16 acc[U][M];
+  for (int u = 0; u < U; ++u)
+    for (int m = 0; m < M; ++m) acc[u][m] = Vec16::zero();
+  int64_t k = 0;
+  for (; k + U * LANES <= K; k += U * LANES) {
+    for (int u = 0; u < U; ++u) {
+      const Vec16 w = load_weight(k + u * LANES);
+      for (int m = 0; m < M; ++m) acc[u][m].add_product(Vec16::load(x + m * K + k + u * LANES), w);
+    }
   }
-  for (int m = 0; m < M; ++m) out[m] = acc[m].sum();
+  for (; k < K; k += LANES) {
+    const Vec16 w = load_weight(k);
+    for (int m = 0; m < M; ++m) acc[0][m].add_product(Vec16::load(x + m * K + k), w);
+  }
+  for (int m = 0; m < M; ++m) {
+    float total = 0.f;
+    for (int u = 0; u < U; ++u) total += acc[u][m].sum();
+    out[m] = total;
+  }
 }
 
 template <typename RowFn>
@@ -165,66 +166,148 @@ at::Tensor gemv_float(const at::Tensor& x, const at::Tensor& w) {
   });
 }
 
+// Integer weights (int8, int4) are multiplied in integers, as llama.cpp does: each row of x is quantized to int8
+// in blocks of 32 (one fp32 scale per block), a block's 32 products are summed exactly in int32, and the sum is
+// scaled once. Widening every weight to fp32 instead costs more instructions than the memory system needs time
+// to deliver the bytes, so that path would be compute-bound.
+constexpr int64_t BLOCK = 32;
+
+#if defined(__AVX2__) && defined(__FMA__)
+using Int8x32 = __m256i;
+inline Int8x32 load_int8x32(const int8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+inline Int8x32 unpack_nibbles(const uint8_t* p) {  // 16 bytes -> [16 low nibbles | 16 high nibbles] - 8
+  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  const __m128i mask = _mm_set1_epi8(15);
+  const __m256i both = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(raw, 4), mask), _mm_and_si128(raw, mask));
+  return _mm256_sub_epi8(both, _mm256_set1_epi8(8));
+}
+struct BlockAcc {
+  __m256 v = _mm256_setzero_ps();
+  void add(float scale, Int8x32 w, Int8x32 x) {
+    // maddubs multiplies unsigned by signed bytes: move x's sign onto w (|x| <= 127, no saturation)
+    const __m256i pairs = _mm256_maddubs_epi16(_mm256_sign_epi8(x, x), _mm256_sign_epi8(w, x));
+    const __m256i sums = _mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
+    v = _mm256_fmadd_ps(_mm256_set1_ps(scale), _mm256_cvtepi32_ps(sums), v);
+  }
+  float sum() const {
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_add_ss(h, _mm_movehdup_ps(h));
+    return _mm_cvtss_f32(h);
+  }
+};
+#else
+struct Int8x32 { int8_t v[BLOCK]; };
+inline Int8x32 load_int8x32(const int8_t* p) { Int8x32 r; std::memcpy(r.v, p, BLOCK); return r; }
+inline Int8x32 unpack_nibbles(const uint8_t* p) {
+  Int8x32 r;
+  for (int j = 0; j < 16; ++j) {
+    r.v[j] = static_cast<int8_t>((p[j] & 15) - 8);
+    r.v[16 + j] = static_cast<int8_t>((p[j] >> 4) - 8);
+  }
+  return r;
+}
+struct BlockAcc {
+  float v = 0.f;
+  void add(float scale, const Int8x32& w, const Int8x32& x) {
+    int32_t s = 0;
+    for (int j = 0; j < BLOCK; ++j) s += static_cast<int32_t>(w.v[j]) * x.v[j];
+    v += scale * static_cast<float>(s);
+  }
+  float sum() const { return v; }
+};
+#endif
+
+// x (M, K) fp32 -> int8 values (M, K) and one scale per block of 32. With `nibble_order`, each block's values
+// are stored evens first, then odds, matching unpack_nibbles of the int4 layout (element 2i low, 2i+1 high).
+void quantize_rows(const at::Tensor& x, bool nibble_order, std::vector<int8_t>& q, std::vector<float>& scales) {
+  const int64_t M = x.size(0), K = x.size(1), blocks = K / BLOCK;
+  const float* xp = x.data_ptr<float>();
+  q.resize(M * K);
+  scales.resize(M * blocks);
+  for (int64_t b = 0; b < M * blocks; ++b) {
+    const float* v = xp + b * BLOCK;
+    float amax = 0.f;
+    for (int j = 0; j < BLOCK; ++j) amax = std::max(amax, std::fabs(v[j]));
+    const float scale = amax / 127.f, inverse = amax > 0.f ? 127.f / amax : 0.f;
+    scales[b] = scale;
+    int8_t* out = q.data() + b * BLOCK;
+    for (int j = 0; j < BLOCK; ++j) {
+      const int slot = nibble_order ? (j % 2 ? BLOCK / 2 + j / 2 : j / 2) : j;
+      out[slot] = static_cast<int8_t>(std::lrintf(std::min(127.f, std::max(-127.f, v[j] * inverse))));
+    }
+  }
+}
+
+template <int M, typename LoadBlock, typename WeightScale>
+inline void int_dot_rows(const int8_t* xq, const float* xs, int64_t blocks, LoadBlock load_weights,
+                         WeightScale weight_scale, float* out) {
+  constexpr int U = unroll<M>();
+  BlockAcc acc[U][M];
+  int64_t c = 0;
+  for (; c + U <= blocks; c += U) {
+    for (int u = 0; u < U; ++u) {
+      const Int8x32 w = load_weights(c + u);
+      const float ws = weight_scale(c + u);
+      for (int m = 0; m < M; ++m)
+        acc[u][m].add(xs[m * blocks + c + u] * ws, w, load_int8x32(xq + (m * blocks + c + u) * BLOCK));
+    }
+  }
+  for (; c < blocks; ++c) {
+    const Int8x32 w = load_weights(c);
+    const float ws = weight_scale(c);
+    for (int m = 0; m < M; ++m) acc[0][m].add(xs[m * blocks + c] * ws, w, load_int8x32(xq + (m * blocks + c) * BLOCK));
+  }
+  for (int m = 0; m < M; ++m) {
+    float total = 0.f;
+    for (int u = 0; u < U; ++u) total += acc[u][m].sum();
+    out[m] = total;
+  }
+}
+
 at::Tensor gemv_int8(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales) {
   const int64_t N = w.size(0), K = w.size(1);
   check(x, w, K);
+  TORCH_CHECK(K % BLOCK == 0, "K must be a multiple of ", BLOCK);
   TORCH_CHECK(w.scalar_type() == at::kChar, "weight must be int8");
   TORCH_CHECK(scales.numel() == N, "scales must be (N,)");
-  const float* xp = x.data_ptr<float>();
+  std::vector<int8_t> xq;
+  std::vector<float> xs;
+  quantize_rows(x, false, xq, xs);
   const int8_t* wp = w.data_ptr<int8_t>();
   const Scales sp(scales);
-  const int64_t M = x.size(0);
+  const int64_t M = x.size(0), blocks = K / BLOCK;
   return run(x, N, [&](int64_t n, float* out) {
     const int8_t* row = wp + n * K;
-    DISPATCH_ROWS(M, (dot_rows<R>(xp, K, [&](int64_t k) { return Vec16::from_int8(row + k); }, out)));
-    for (int64_t m = 0; m < M; ++m) out[m] *= sp[n];
+    const float row_scale = sp[n];
+    DISPATCH_ROWS(M, (int_dot_rows<R>(xq.data(), xs.data(), blocks,
+                                      [&](int64_t c) { return load_int8x32(row + c * BLOCK); },
+                                      [&](int64_t) { return row_scale; }, out)));
   });
 }
 
-template <int M>
-inline void int4_row(const float* xe, const float* xo, int64_t half, const uint8_t* row, const Scales& scale,
-                     int64_t first_scale, int64_t group, float* out) {
-  // xe / xo: the even / odd inputs of each row of x, (M, K/2), matching the low / high nibbles.
-  Vec16 total[M];
-  for (int m = 0; m < M; ++m) total[m] = Vec16::zero();
-  const int64_t bytes_per_group = group / 2;
-  for (int64_t g0 = 0; g0 < half; g0 += bytes_per_group) {
-    Vec16 acc[M];
-    for (int m = 0; m < M; ++m) acc[m] = Vec16::zero();
-    for (int64_t b = g0; b < g0 + bytes_per_group; b += LANES) {
-      Vec16 low, high;
-      Vec16::from_nibbles(row + b, low, high);
-      for (int m = 0; m < M; ++m) {
-        acc[m].add_product(Vec16::load(xe + m * half + b), low);
-        acc[m].add_product(Vec16::load(xo + m * half + b), high);
-      }
-    }
-    const float s = scale[first_scale + g0 / bytes_per_group];
-    for (int m = 0; m < M; ++m) total[m].add_scaled(s, acc[m]);
-  }
-  for (int m = 0; m < M; ++m) out[m] = total[m].sum();
-}
-
-at::Tensor gemv_int4(const at::Tensor& x_even, const at::Tensor& x_odd, const at::Tensor& w,
-                     const at::Tensor& scales, int64_t group) {
-  const int64_t N = w.size(0), half = w.size(1);
-  TORCH_CHECK(w.scalar_type() == at::kByte && w.is_contiguous(), "weight must be contiguous uint8 (N, K/2)");
-  TORCH_CHECK(group % (2 * LANES) == 0 && (2 * half) % group == 0, "group must be a multiple of ", 2 * LANES,
-              " that divides K");
-  for (const at::Tensor* t : {&x_even, &x_odd}) {
-    TORCH_CHECK(t->dim() == 2 && t->scalar_type() == at::kFloat && t->is_contiguous() && t->size(1) == half,
-                "activations must be contiguous fp32 (M, K/2)");
-    TORCH_CHECK(t->size(0) >= 1 && t->size(0) <= MAX_ROWS, "at most ", MAX_ROWS, " rows");
-  }
-  const int64_t groups = 2 * half / group;
+at::Tensor gemv_int4(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales, int64_t group) {
+  const int64_t N = w.size(0), K = 2 * w.size(1);
+  check(x, w, K);
+  TORCH_CHECK(w.scalar_type() == at::kByte, "weight must be uint8 (N, K/2)");
+  TORCH_CHECK(group % BLOCK == 0 && K % group == 0 && ((group / BLOCK) & (group / BLOCK - 1)) == 0,
+              "group must be ", BLOCK, " times a power of two, and divide K");
+  const int64_t groups = K / group, blocks = K / BLOCK;
+  int shift = 0;  // block -> group is a shift, not a division in the inner loop
+  while ((BLOCK << shift) < group) ++shift;
   TORCH_CHECK(scales.numel() == N * groups, "scales must be (N, K / group)");
-  const float* xe = x_even.data_ptr<float>();
-  const float* xo = x_odd.data_ptr<float>();
+  std::vector<int8_t> xq;
+  std::vector<float> xs;
+  quantize_rows(x, true, xq, xs);
   const uint8_t* wp = w.data_ptr<uint8_t>();
   const Scales sp(scales);
-  const int64_t M = x_even.size(0);
-  return run(x_even, N, [&](int64_t n, float* out) {
-    DISPATCH_ROWS(M, (int4_row<R>(xe, xo, half, wp + n * half, sp, n * groups, group, out)));
+  const int64_t M = x.size(0);
+  return run(x, N, [&](int64_t n, float* out) {
+    const uint8_t* row = wp + n * (K / 2);
+    const int64_t first = n * groups;
+    DISPATCH_ROWS(M, (int_dot_rows<R>(xq.data(), xs.data(), blocks,
+                                      [&](int64_t c) { return unpack_nibbles(row + c * (BLOCK / 2)); },
+                                      [&](int64_t c) { return sp[first + (c >> shift)]; }, out)));
   });
 }
 
@@ -233,7 +316,7 @@ at::Tensor gemv_int4(const at::Tensor& x_even, const at::Tensor& x_odd, const at
 TORCH_LIBRARY(glmtorch_kernels, m) {
   m.def("gemv_float(Tensor x, Tensor w) -> Tensor");
   m.def("gemv_int8(Tensor x, Tensor w, Tensor scales) -> Tensor");
-  m.def("gemv_int4(Tensor x_even, Tensor x_odd, Tensor w, Tensor scales, int group) -> Tensor");
+  m.def("gemv_int4(Tensor x, Tensor w, Tensor scales, int group) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(glmtorch_kernels, CPU, m) {

@@ -18,7 +18,8 @@ def _percentiles(values: list[float]) -> dict[str, float]:
     return {"mean": statistics.fmean(values), "p50": pick(0.5), "p90": pick(0.9), "p99": pick(0.99)}
 
 
-async def _one(client, url: str, body: dict, headers: dict) -> dict[str, Any]:
+async def _one(client, url: str, body: dict, headers: dict, started: asyncio.Event | None = None) -> dict[str, Any]:
+    """One streaming request; `started` is set when its first text arrives."""
     start = time.perf_counter()
     first = None
     stamps: list[float] = []
@@ -42,45 +43,66 @@ async def _one(client, url: str, body: dict, headers: dict) -> dict[str, Any]:
                     if piece:
                         now = time.perf_counter()
                         first = first or now
+                        if started is not None:
+                            started.set()
                         stamps.append(now)
                         text += piece
     except Exception as e:  # noqa: BLE001 - counted, not raised
         return {"error": f"{type(e).__name__}: {e}"}
+    finally:
+        if started is not None:
+            started.set()  # a request that fails or ends without text must not leave a waiter hanging
     end = time.perf_counter()
     gaps = [b - a for a, b in zip(stamps, stamps[1:])]
     return {"ttft": (first or end) - start, "latency": end - start, "tokens": tokens or len(stamps), "gaps": gaps,
             "text": text}
 
 
+WORDS = ("the quick brown fox jumps over a lazy dog while seven wise kings speak of old times " * 64).split()
+
+
+def _base(base_url: str) -> str:
+    base = base_url.rstrip("/")
+    return base if base.endswith("/v1") else base + "/v1"
+
+
+async def _model_name(client, base: str, headers: dict, model: str | None) -> str:
+    import httpx
+
+    if model is not None:
+        return model
+    try:
+        return (await client.get(f"{base}/models", headers=headers)).json()["data"][0]["id"]
+    except (httpx.HTTPError, ValueError, KeyError, IndexError) as e:
+        raise ValueError(f"cannot list the models of {base} ({type(e).__name__}: {e}); is the server up? "
+                         "(or pass --model)") from None
+
+
+def _request(base: str, model: str, i: int, prompt_words: int, max_tokens: int, chat: bool,
+             temperature: float) -> tuple[str, dict]:
+    """(url, body) of request number i: a distinct prompt of about `prompt_words` words, streamed."""
+    prompt = f"Request {i}: " + " ".join(WORDS[i % 7: i % 7 + prompt_words])
+    body = {"model": model, "max_tokens": max_tokens, "temperature": temperature, "stream": True,
+            "stream_options": {"include_usage": True}, "ignore_eos": True}
+    if chat:
+        body["messages"] = [{"role": "user", "content": prompt}]
+        return f"{base}/chat/completions", body
+    body["prompt"] = prompt
+    return f"{base}/completions", body
+
+
 async def _run(base_url: str, requests: int, concurrency: int, prompt_words: int, max_tokens: int,
                model: str | None, api_key: str | None, chat: bool, temperature: float) -> dict[str, Any]:
     import httpx
 
-    base = base_url.rstrip("/")
-    if not base.endswith("/v1"):
-        base += "/v1"
+    base = _base(base_url)
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     async with httpx.AsyncClient(timeout=httpx.Timeout(600.0)) as client:
-        if model is None:
-            try:
-                listed = (await client.get(f"{base}/models", headers=headers)).json()
-                model = listed["data"][0]["id"]
-            except (httpx.HTTPError, ValueError, KeyError, IndexError) as e:
-                raise ValueError(f"cannot list the models of {base} ({type(e).__name__}: {e}); is the server up? "
-                                 "(or pass --model)") from None
-        words = ("the quick brown fox jumps over a lazy dog while seven wise kings speak of old times " * 64).split()
+        model = await _model_name(client, base, headers, model)
         semaphore = asyncio.Semaphore(concurrency)
 
         async def task(i: int):
-            prompt = f"Request {i}: " + " ".join(words[i % 7: i % 7 + prompt_words])
-            body = {"model": model, "max_tokens": max_tokens, "temperature": temperature, "stream": True,
-                    "stream_options": {"include_usage": True}, "ignore_eos": True}
-            if chat:
-                body["messages"] = [{"role": "user", "content": prompt}]
-                url = f"{base}/chat/completions"
-            else:
-                body["prompt"] = prompt
-                url = f"{base}/completions"
+            url, body = _request(base, model, i, prompt_words, max_tokens, chat, temperature)
             async with semaphore:
                 return await _one(client, url, body, headers)
 
@@ -100,6 +122,51 @@ async def _run(base_url: str, requests: int, concurrency: int, prompt_words: int
     }
 
 
+async def _ttft_under_load(base_url: str, background: int, long_tokens: int, probes: int, model: str | None,
+                           api_key: str | None, chat: bool) -> dict[str, Any]:
+    """Time to first token of a short request (8 words, 8 tokens) alone, then while `background` long requests
+    (100-word prompts, `long_tokens` new tokens each) are decoding; medians of `probes` requests each."""
+    import httpx
+
+    base = _base(base_url)
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    async with httpx.AsyncClient(timeout=httpx.Timeout(600.0)) as client:
+        model = await _model_name(client, base, headers, model)
+
+        async def probe(i: int) -> float:
+            url, body = _request(base, model, 1000 + i, 8, 8, chat, 0.0)
+            result = await _one(client, url, body, headers)
+            if "error" in result:
+                raise RuntimeError(f"probe request failed: {result['error']}")
+            return result["ttft"]
+
+        await probe(0)  # warm-up
+        alone = [await probe(i) for i in range(probes)]
+        started = [asyncio.Event() for _ in range(background)]
+        long_ones = []
+        for i in range(background):
+            url, body = _request(base, model, i, 100, long_tokens, chat, 0.0)
+            long_ones.append(asyncio.create_task(_one(client, url, body, headers, started[i])))
+        await asyncio.gather(*(e.wait() for e in started))  # every long request is decoding
+        failed = [t.result()["error"] for t in long_ones if t.done() and "error" in t.result()]
+        if failed:
+            raise RuntimeError(f"a long request failed: {failed[0]}")
+        loaded = [await probe(probes + i) for i in range(probes)]
+        still_running = sum(not t.done() for t in long_ones)
+        for t in long_ones:
+            t.cancel()
+        await asyncio.gather(*long_ones, return_exceptions=True)
+    unloaded_s, loaded_s = statistics.median(alone), statistics.median(loaded)
+    return {"url": base_url, "model": model, "background_requests": background, "probes": probes,
+            "long_tokens": long_tokens, "background_still_decoding": still_running, "ttft_unloaded_s": unloaded_s, "ttft_loaded_s": loaded_s,
+            "ratio": loaded_s / unloaded_s, "unloaded_all_s": alone, "loaded_all_s": loaded}
+
+
+def ttft_under_load(url: str, background: int = 16, long_tokens: int = 256, probes: int = 5,
+                    model: str | None = None, api_key: str | None = None, chat: bool = False) -> dict[str, Any]:
+    return asyncio.run(_ttft_under_load(url, background, long_tokens, probes, model, api_key, chat))
+
+
 def bench_serve(url: str, requests: int = 64, concurrency: int = 64, prompt_words: int = 100, max_tokens: int = 64,
                 model: str | None = None, api_key: str | None = None, chat: bool = False,
                 temperature: float = 0.0) -> dict[str, Any]:
@@ -107,6 +174,10 @@ def bench_serve(url: str, requests: int = 64, concurrency: int = 64, prompt_word
 
 
 def format_serve_report(r: dict[str, Any]) -> str:
+    if "ttft_loaded_s" in r:
+        return (f"{r['url']} model={r['model']}: time to first token of a short request\n"
+                f"  alone: {1000 * r['ttft_unloaded_s']:.0f}ms, while {r['background_requests']} long requests "
+                f"decode: {1000 * r['ttft_loaded_s']:.0f}ms ({r['ratio']:.2f}x; medians of {r['probes']})")
     def ms(d):
         return " ".join(f"{k}={1000 * v:.0f}ms" for k, v in d.items())
 

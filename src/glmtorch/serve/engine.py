@@ -98,7 +98,8 @@ class Engine:
         self.running = True
         self.step_fn = compiled_decode_step(model)
         self.device = model.device
-        self.steps = 0
+        self.steps = 0  # decode steps
+        self.prefill_passes = 0  # forward passes that prefilled prompts (several requests each under load)
         self.thread = threading.Thread(target=self._run, name="glmtorch-engine", daemon=True)
         self.thread.start()
 
@@ -213,6 +214,7 @@ class Engine:
             real[i, :len(r.prompt_ids)] = 1
         rows = self.cache.rows(first, first + len(requests))
         rows.length = T  # the prompts attend to themselves only
+        self.prefill_passes += 1
         hidden = self.model.model(ids.to(self.device), attention_mask=real.to(self.device), past_key_values=rows,
                                   cache_position=torch.arange(T, device=self.device), use_cache=True).last_hidden_state
         last = torch.tensor([len(r.prompt_ids) - 1 for r in requests], device=self.device)

@@ -1,0 +1,88 @@
+"""The CPU decode kernels (glmtorch/kernels): built here, equal to the plain products, callable from compiled
+graphs, and only taken where they apply."""
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from glmtorch import kernels
+from glmtorch.fastpath import GemvLinear
+from glmtorch.quantize import Int4Linear, Int8Linear
+
+pytestmark = pytest.mark.skipif(os.environ.get("GLMTORCH_KERNELS", "") == "0", reason="kernels turned off")
+
+
+def rel(a, b):
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+def test_kernels_build_here():
+    assert kernels.available(), "the C++ kernels did not build (is g++ installed?)"
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("rows", [1, 3, 8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_float_gemv_matches_linear(rows, dtype):
+    g = torch.Generator().manual_seed(rows)
+    w = torch.randn(1000, 256, generator=g).to(dtype)  # N not a multiple of anything: every row is computed
+    x = torch.randn(rows, 256, generator=g).to(dtype)
+    expected = x.float() @ w.float().t()
+    got = kernels.gemv(x, w)
+    assert got.dtype == dtype and got.shape == (rows, 1000)
+    assert rel(got, expected) < (1e-6 if dtype == torch.float32 else 1e-2)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("rows", [1, 5, 8])
+def test_int8_gemv_matches_dequantized_product(rows):
+    g = torch.Generator().manual_seed(rows)
+    layer = Int8Linear.from_linear(torch.nn.Linear(512, 300, bias=True))
+    x = torch.randn(rows, 512, generator=g)
+    assert kernels.usable(x, layer.weight, 512)
+    expected = F.linear(x, layer.weight.float() * layer.scales[:, None], layer.bias)
+    # activations are quantized to int8 per 32 values (llama.cpp's Q8_0 scheme): about 0.5% error
+    assert rel(layer(x), expected) < 1e-2
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("group", [32, 64])
+@pytest.mark.parametrize("scale_dtype", [torch.float32, torch.bfloat16])
+def test_int4_gemv_matches_dequantized_product(group, scale_dtype):
+    g = torch.Generator().manual_seed(group)
+    linear = torch.nn.Linear(256, 100, bias=False).to(scale_dtype)
+    layer = Int4Linear.from_linear(linear, group_size=group)
+    x = torch.randn(3, 256, generator=g).to(scale_dtype)
+    expected = x.float() @ layer.dequantized(torch.float32).t()
+    got = layer(x)
+    assert got.dtype == scale_dtype and rel(got, expected) < 2e-2
+
+
+def test_kernels_run_inside_a_compiled_graph():
+    layer = GemvLinear(256, 64)
+    x = torch.randn(1, 256)
+    with torch.no_grad():
+        eager = layer(x)
+        compiled = torch.compile(layer, fullgraph=True, dynamic=False)(x)  # fullgraph: no break at the op
+    assert rel(compiled, eager) < 1e-6
+
+
+def test_kernels_are_not_taken_for_training_or_many_rows():
+    layer = GemvLinear(64, 32)
+    x = torch.randn(2, 64, requires_grad=True)
+    out = layer(x)  # autograd: the library path, bit for bit
+    assert torch.equal(out, F.linear(x, layer.weight, layer.bias))
+    out.sum().backward()
+    assert x.grad is not None
+    with torch.no_grad():
+        many = torch.randn(9, 64)
+        assert torch.equal(layer(many), F.linear(many, layer.weight, layer.bias))
+
+
+def test_bad_shapes_are_named():
+    with pytest.raises(RuntimeError, match="at most 8 rows"):
+        torch.ops.glmtorch_kernels.gemv_float(torch.randn(9, 32), torch.randn(4, 32))
+    with pytest.raises(RuntimeError, match="K must match"):
+        torch.ops.glmtorch_kernels.gemv_float(torch.randn(1, 48), torch.randn(4, 32))
