@@ -124,9 +124,11 @@ def test_quantized_model_exports_its_values(tmp_path, tokenizer, hf_model, mode,
     write_gguf(quant, tokenizer, str(tmp_path / "q.gguf"), kind, progress=False)
     back = glmtorch.AutoModelForCausalLM.from_pretrained(tmp_path / "q.gguf")
     assert back.lm_head.weight.shape == (hf_model.config.vocab_size, hf_model.config.hidden_size)
-    for name in ("lm_head", "model.layers.0.mlp.down_proj"):  # the grid survives (fp16 block scales aside)
+    # int4 is on Q4_0's grid (only the fp16 block scales round); int8's per-row grid is requantized in blocks
+    tolerance = 1e-3 if mode == "int4" else 1e-2
+    for name in ("lm_head", "model.layers.0.mlp.down_proj"):
         exact = quant.get_submodule(name).dequantized(torch.float32)
-        assert rel_err(back.get_submodule(name).weight, exact) < 1e-3
+        assert rel_err(back.get_submodule(name).weight, exact) < tolerance
     # the file also quantizes the embedding matrix, as llama.cpp's own Q8_0 / Q4_0 files do
     assert rel_err(back(ids()).logits, quant(ids()).logits) < 0.1
 
