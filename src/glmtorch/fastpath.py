@@ -27,6 +27,9 @@ class GemvLinear(nn.Linear):
         if self.weight.dtype in (torch.float32, torch.bfloat16) and kernels.usable(x, self.weight, self.in_features):
             out = kernels.gemv(x, self.weight)
             return out + self.bias if self.bias is not None else out
+        if (self.weight.dtype == torch.bfloat16 and x.device.type == "cpu" and not torch.is_grad_enabled()
+                and not kernels.native_bf16()):  # emulated bf16 GEMM: widen the weights, multiply in fp32
+            return kernels.fp32_matmul(x, lambda i, j: self.weight[i:j].float(), self.out_features, self.bias)
         return F.linear(x, self.weight, self.bias)
 
 

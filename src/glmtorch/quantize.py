@@ -5,9 +5,9 @@ them. Weights are stored quantized (int8 values, or two int4 values per uint8) w
 is recorded in config.json ("quantization": {"mode", "group_size"}), never guessed from a file name.
 
 On the CPU a few rows (decode steps) go through glmtorch's own kernels (glmtorch.kernels), which read the
-packed weights once and widen them in registers; without those, a single row takes torch's weight-only kernels
-(`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`, bf16 activations). More rows, and other devices,
-dequantize on the fly and use the regular matrix product.
+packed weights once and multiply in integers; more rows (prefill) dequantize a chunk of rows at a time into an
+fp32 matrix product. Without the kernels, a single int8 row takes torch's `_weight_int8pack_mm`. Other
+devices dequantize on the fly and use the regular matrix product.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from . import kernels
 
 MODES = ("int8", "int4")
 _HAS_INT8_KERNEL = hasattr(torch.ops.aten, "_weight_int8pack_mm")
-_HAS_INT4_KERNEL = hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
 
 
 class Int8Linear(nn.Module):
@@ -53,7 +52,10 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if kernels.usable(x, self.weight, self.in_features):
             y = kernels.gemv_int8(x, self.weight, self.scales)
-        elif x.device.type == "cpu" and x.numel() == x.shape[-1] and _HAS_INT8_KERNEL:
+        elif x.device.type == "cpu" and x.numel() > x.shape[-1]:  # prefill: dequantize in chunks, fp32 GEMM
+            y = kernels.fp32_matmul(x, lambda i, j: self.weight[i:j].float() * self.scales[i:j, None].float(),
+                                    self.out_features)
+        elif x.device.type == "cpu" and _HAS_INT8_KERNEL:
             # One row (batch-1 decode): torch's int8 weight-only kernel reads one byte per weight; it takes bf16
             # activations (fp32 there measured 6x slower).
             y = torch.ops.aten._weight_int8pack_mm(x.reshape(1, -1).to(torch.bfloat16), self.weight,
@@ -99,35 +101,21 @@ class Int4Linear(nn.Module):
             out.bias.data = linear.bias.detach().clone()
         return out
 
-    def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
-        low = (self.weight & 0xF).to(torch.int8) - 8
-        high = (self.weight >> 4).to(torch.int8) - 8
-        q = torch.stack([low, high], dim=-1).view(self.out_features, self.in_features // self.group_size, self.group_size)
-        return (q.to(dtype) * self.scales.to(dtype)[..., None]).view(self.out_features, self.in_features)
-
-    def _cpu_kernel_weights(self):
-        """The weight in the layout of torch's CPU int4 kernel (built once, on first use outside a compile)."""
-        cached = self.__dict__.get("_int4pack")
-        if cached is None and not torch.compiler.is_compiling():
-            q = torch.stack([(self.weight & 0xF), (self.weight >> 4)], dim=-1).view(self.out_features, -1).to(torch.int32)
-            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
-            # the kernel computes (q - 8) * scale + zero; symmetric int4 has zero = 0
-            scales = self.scales.t().to(torch.bfloat16)
-            cached = (packed, torch.stack([scales, torch.zeros_like(scales)], dim=-1).contiguous())
-            self.__dict__["_int4pack"] = cached
-        return cached
+    def dequantized(self, dtype: torch.dtype, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """The weight rows [start, stop) as a dense matrix."""
+        packed, scales = self.weight[start:stop], self.scales[start:stop]
+        rows = packed.shape[0]
+        low = (packed & 0xF).to(torch.int8) - 8
+        high = (packed >> 4).to(torch.int8) - 8
+        q = torch.stack([low, high], dim=-1).view(rows, self.in_features // self.group_size, self.group_size)
+        return (q.to(dtype) * scales.to(dtype)[..., None]).view(rows, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.group_size in (32, 64, 128, 256) and kernels.usable(x, self.weight, self.in_features):
             y = kernels.gemv_int4(x, self.weight, self.scales, self.group_size)
             return y + self.bias if self.bias is not None else y
-        # torch's int4 kernel wants N divisible by 16; other shapes dequantize
-        kernel = (self._cpu_kernel_weights() if x.device.type == "cpu" and _HAS_INT4_KERNEL and self.out_features % 16 == 0
-                  else None)
-        if kernel is not None:
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, self.in_features).to(torch.bfloat16),
-                                                           kernel[0], self.group_size, kernel[1])
-            y = y.to(x.dtype).view(*x.shape[:-1], -1)
+        if x.device.type == "cpu":  # dequantize in chunks of rows, multiply in fp32
+            y = kernels.fp32_matmul(x, lambda i, j: self.dequantized(torch.float32, i, j), self.out_features)
         else:
             y = F.linear(x, self.dequantized(x.dtype))
         return y + self.bias if self.bias is not None else y

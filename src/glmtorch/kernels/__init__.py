@@ -20,6 +20,7 @@ import threading
 import warnings
 
 import torch
+import torch.nn.functional as F
 
 MAX_ROWS = 8  # more rows than this are a matrix product, which the BLAS libraries do well
 _lock = threading.Lock()
@@ -74,6 +75,33 @@ def _register_shapes() -> None:
     @torch.library.register_fake("glmtorch_kernels::gemv_int4")
     def _(x, w, scales, group):
         return x.new_empty(x.shape[0], w.shape[0])
+
+
+def native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 matrices natively (AVX-512 and up); without it, oneDNN's bf16 matrix
+    product is emulated and runs several times slower than fp32 (measured here: prefill 48 vs 270 tok/s)."""
+    if "bf16" not in _state:
+        try:
+            _state["bf16"] = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):
+            _state["bf16"] = False
+    return _state["bf16"]
+
+
+ROW_CHUNK = 4096  # output features widened at a time: bounded scratch memory whatever the matrix
+
+
+def fp32_matmul(x: torch.Tensor, weight_rows, out_features: int, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ W.T computed in fp32, with W produced `ROW_CHUNK` output rows at a time by weight_rows(start, stop)
+    (a bf16 matrix widened, or an int8 / int4 one dequantized). For the matrix products of prefill on a CPU: the
+    fp32 GEMM is the fast one, and widening the weights costs little next to it."""
+    xf = x.float()
+    parts = [F.linear(xf, weight_rows(i, min(i + ROW_CHUNK, out_features)))
+             for i in range(0, out_features, ROW_CHUNK)]
+    y = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
 
 
 def usable(x: torch.Tensor, weight: torch.Tensor, in_features: int) -> bool:

@@ -286,6 +286,78 @@ at::Tensor gemv_int8(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
   });
 }
 
+#if defined(__AVX2__) && defined(__FMA__)
+// int4 two blocks at a time (64 weights, 32 bytes, K a multiple of 64): one 32-byte load holds the low nibbles
+// (elements 2j) and the high nibbles (elements 2j + 1) of both blocks, so x is laid out to match (all even
+// elements of the pair, then all odd ones). The nibbles stay unsigned (q + 8) for maddubs; the "- 8" comes back
+// as 8 * sum(x) per block, subtracted in integers. Half the instructions of one block at a time.
+struct PairActivations {
+  std::vector<int8_t> q;        // per row and pair: 32 even-element values, then 32 odd-element values
+  std::vector<int32_t> offset;  // per row and pair: 8 * sum(q) of block 0 in lane 0, of block 1 in lane 4
+  std::vector<float> scale;     // per row and pair: block 0's scale in lanes 0-3, block 1's in lanes 4-7
+};
+
+void quantize_pairs(const at::Tensor& x, PairActivations& a) {
+  const int64_t M = x.size(0), K = x.size(1), pairs = K / (2 * BLOCK);
+  const float* xp = x.data_ptr<float>();
+  a.q.assign(M * K, 0);
+  a.offset.assign(M * pairs * 8, 0);
+  a.scale.assign(M * pairs * 8, 0.f);
+  for (int64_t b = 0; b < M * 2 * pairs; ++b) {  // block b = row m's block c
+    const float* v = xp + b * BLOCK;
+    float amax = 0.f;
+    for (int j = 0; j < BLOCK; ++j) amax = std::max(amax, std::fabs(v[j]));
+    const float inverse = amax > 0.f ? 127.f / amax : 0.f;
+    const int64_t pair = b / 2, half = b % 2;  // (row, pair) index and which block of the pair
+    int8_t* out = a.q.data() + pair * 2 * BLOCK;
+    int32_t sum = 0;
+    for (int j = 0; j < BLOCK; ++j) {
+      const int8_t value = static_cast<int8_t>(std::lrintf(std::min(127.f, std::max(-127.f, v[j] * inverse))));
+      const int element = half * BLOCK + j;  // 0..63 within the pair
+      out[(element % 2) * BLOCK + element / 2] = value;
+      sum += value;
+    }
+    a.offset[pair * 8 + half * 4] = 8 * sum;
+    for (int l = 0; l < 4; ++l) a.scale[pair * 8 + half * 4 + l] = amax / 127.f;
+  }
+}
+
+template <int M>
+inline void int4_pair_rows(const PairActivations& a, int64_t pairs, const uint8_t* row, const Scales& sp,
+                           int64_t first, int shift, float* out) {
+  constexpr int U = unroll<M>() > 2 ? 2 : unroll<M>();
+  const __m256i low_mask = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
+  __m256 acc[U][M];
+  for (int u = 0; u < U; ++u)
+    for (int m = 0; m < M; ++m) acc[u][m] = _mm256_setzero_ps();
+  for (int64_t p0 = 0; p0 < pairs; p0 += U) {
+    for (int u = 0; u < U && p0 + u < pairs; ++u) {
+      const int64_t p = p0 + u;
+      const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + p * BLOCK));
+      const __m256i low = _mm256_and_si256(raw, low_mask), high = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low_mask);
+      const __m256 ws = _mm256_set_m128(_mm_set1_ps(sp[first + ((2 * p + 1) >> shift)]),
+                                        _mm_set1_ps(sp[first + ((2 * p) >> shift)]));
+      for (int m = 0; m < M; ++m) {
+        const int64_t at = m * pairs + p;
+        const int8_t* xq = a.q.data() + at * 2 * BLOCK;
+        const __m256i products = _mm256_add_epi16(
+            _mm256_maddubs_epi16(low, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq))),
+            _mm256_maddubs_epi16(high, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + BLOCK))));
+        const __m256i sums = _mm256_sub_epi32(_mm256_madd_epi16(products, ones),
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.offset.data() + at * 8)));
+        const __m256 scale = _mm256_mul_ps(_mm256_loadu_ps(a.scale.data() + at * 8), ws);
+        acc[u][m] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(sums), acc[u][m]);
+      }
+    }
+  }
+  for (int m = 0; m < M; ++m) {
+    BlockAcc total;
+    for (int u = 0; u < U; ++u) total.v = _mm256_add_ps(total.v, acc[u][m]);
+    out[m] = total.sum();
+  }
+}
+#endif
+
 at::Tensor gemv_int4(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales, int64_t group) {
   const int64_t N = w.size(0), K = 2 * w.size(1);
   check(x, w, K);
@@ -296,12 +368,22 @@ at::Tensor gemv_int4(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
   int shift = 0;  // block -> group is a shift, not a division in the inner loop
   while ((BLOCK << shift) < group) ++shift;
   TORCH_CHECK(scales.numel() == N * groups, "scales must be (N, K / group)");
-  std::vector<int8_t> xq;
-  std::vector<float> xs;
-  quantize_rows(x, true, xq, xs);
   const uint8_t* wp = w.data_ptr<uint8_t>();
   const Scales sp(scales);
   const int64_t M = x.size(0);
+#if defined(__AVX2__) && defined(__FMA__)
+  if (K % (2 * BLOCK) == 0) {
+    PairActivations a;
+    quantize_pairs(x, a);
+    const int64_t pairs = K / (2 * BLOCK);
+    return run(x, N, [&](int64_t n, float* out) {
+      DISPATCH_ROWS(M, (int4_pair_rows<R>(a, pairs, wp + n * (K / 2), sp, n * groups, shift, out)));
+    });
+  }
+#endif
+  std::vector<int8_t> xq;
+  std::vector<float> xs;
+  quantize_rows(x, true, xq, xs);
   return run(x, N, [&](int64_t n, float* out) {
     const uint8_t* row = wp + n * (K / 2);
     const int64_t first = n * groups;
