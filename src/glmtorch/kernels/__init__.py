@@ -47,6 +47,7 @@ def _build() -> bool:
     try:
         from torch.utils.cpp_extension import load
 
+        _put_ninja_on_path()
         if sys.stderr.isatty():
             print("glmtorch: building the CPU decode kernels (once per machine and torch version)...",
                   file=sys.stderr, flush=True)
@@ -61,6 +62,20 @@ def _build() -> bool:
                       "library paths. Install a C++ compiler (g++) to get them, or set GLMTORCH_KERNELS=0 to "
                       "silence this.", stacklevel=3)
         return False
+
+
+def _put_ninja_on_path() -> None:
+    """torch's extension builder runs `ninja` from PATH; the `ninja` wheel (a dependency) puts it in the
+    environment's bin folder, which is not on PATH when Python is run from a venv without activating it."""
+    try:
+        import ninja
+
+        folders = [ninja.BIN_DIR]
+    except (ImportError, AttributeError):
+        folders = []
+    folders.append(os.path.dirname(sys.executable))
+    path = os.environ.get("PATH", "").split(os.pathsep)
+    os.environ["PATH"] = os.pathsep.join([f for f in folders if f not in path] + path)
 
 
 def _register_shapes() -> None:

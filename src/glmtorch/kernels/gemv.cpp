@@ -58,11 +58,12 @@ struct Vec16 {
   __m256 a, b;
   static Vec16 zero() { return {_mm256_setzero_ps(), _mm256_setzero_ps()}; }
   static Vec16 load(const float* p) { return {_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)}; }
-  static Vec16 from_bf16(const uint16_t* p) {  // bf16 is the top half of an fp32
-    __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-    __m256i lo = _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_castsi256_si128(raw)), 16);
-    __m256i hi = _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_extracti128_si256(raw, 1)), 16);
-    return {_mm256_castsi256_ps(lo), _mm256_castsi256_ps(hi)};
+  static Vec16 from_bf16_pairs(const uint16_t* p) {
+    // Each 32-bit lane holds elements 2i (low half) and 2i + 1 (high half); a bf16 is the top half of an fp32,
+    // so a shift gives the even elements and a mask the odd ones: x must be ordered evens, then odds.
+    const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    return {_mm256_castsi256_ps(_mm256_slli_epi32(raw, 16)),
+            _mm256_castsi256_ps(_mm256_and_si256(raw, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))))};
   }
   void add_product(const Vec16& x, const Vec16& w) { a = _mm256_fmadd_ps(x.a, w.a, a); b = _mm256_fmadd_ps(x.b, w.b, b); }
   float sum() const {
@@ -160,10 +161,22 @@ at::Tensor gemv_float(const at::Tensor& x, const at::Tensor& w) {
   }
   TORCH_CHECK(w.scalar_type() == at::kBFloat16, "weight must be fp32 or bf16");
   const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.data_ptr());
+#if defined(__AVX2__) && defined(__FMA__)
+  std::vector<float> paired(M * K);  // x with each chunk of 16 reordered: 8 even elements, then 8 odd ones
+  for (int64_t i = 0; i < M * K; ++i) {
+    const int64_t chunk = i / LANES, j = i % LANES;
+    paired[chunk * LANES + (j % 2) * (LANES / 2) + j / 2] = xp[i];
+  }
+  return run(x, N, [&](int64_t n, float* out) {
+    const uint16_t* row = wp + n * K;
+    DISPATCH_ROWS(M, (dot_rows<R>(paired.data(), K, [&](int64_t k) { return Vec16::from_bf16_pairs(row + k); }, out)));
+  });
+#else
   return run(x, N, [&](int64_t n, float* out) {
     const uint16_t* row = wp + n * K;
     DISPATCH_ROWS(M, (dot_rows<R>(xp, K, [&](int64_t k) { return Vec16::from_bf16(row + k); }, out)));
   });
+#endif
 }
 
 // Integer weights (int8, int4) are multiplied in integers, as llama.cpp does: each row of x is quantized to int8
