@@ -144,7 +144,7 @@ def test_bench_serve_and_ttft_under_load(served):
     report = bench_serve(served[0].url, requests=6, concurrency=3, prompt_words=10, max_tokens=8)
     assert report["completed"] == 6 and report["error_count"] == 0 and report["output_tokens"] == 48
     assert report["ttft_s"]["p50"] > 0 and "tok/s" in format_serve_report(report)
-    ttft = ttft_under_load(served[0].url, background=3, long_tokens=100, probes=2)
+    ttft = ttft_under_load(served[0].url, background=3, long_tokens=60, long_words=20, probes=2)
     assert ttft["ttft_unloaded_s"] > 0 and ttft["ttft_loaded_s"] > 0 and len(ttft["loaded_all_s"]) == 2
     assert "while 3 long requests" in format_serve_report(ttft)
     deadline = time.time() + 30
@@ -179,6 +179,7 @@ def test_client_disconnect_frees_the_slot(served):
     ({"messages": [{"role": "user", "content": "x"}], "temperature": "hot"}, 400, "temperature"),
     ({"messages": [{"role": "user", "content": "x"}], "n": 0}, 400, "n"),
     ({"messages": [{"role": "user", "content": "x"}], "stream": "yes"}, 400, "stream"),
+    ({"messages": [{"role": "user", "content": "x"}], "ignore_eos": "yes"}, 400, "ignore_eos"),
     ({"messages": [{"role": "user", "content": "x"}], "model": "gpt-9"}, 404, "model"),
     ({"messages": [{"role": "user", "content": "x"}], "max_tokens": 100000}, 400, "max_tokens"),
 ])

@@ -310,8 +310,8 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
     from .serve.bench import bench_serve, format_serve_report, ttft_under_load
 
     if args.ttft_under_load:
-        report = ttft_under_load(args.url, args.ttft_under_load, args.max_tokens, model=args.model, api_key=args.api_key,
-                                 chat=args.chat)
+        report = ttft_under_load(args.url, args.ttft_under_load, args.max_tokens, args.prompt_words, model=args.model,
+                                 api_key=args.api_key, chat=args.chat)
     else:
         report = bench_serve(args.url, args.requests, args.concurrency, args.prompt_words, args.max_tokens,
                              args.model, args.api_key, args.chat, args.temperature)
@@ -334,7 +334,7 @@ def _bench_serve_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chat", action="store_true", help="use /v1/chat/completions instead of /v1/completions")
     p.add_argument("--ttft-under-load", type=int, default=0, metavar="N",
                    help="instead: time to first token of a short request alone and while N long requests "
-                        "(--max-tokens each) decode")
+                        "(--prompt-words and --max-tokens each) decode")
     p.add_argument("--out", default=None, help="also write the report as JSON")
 
 

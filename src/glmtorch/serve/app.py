@@ -74,6 +74,8 @@ def sampling_params(body: dict) -> tuple[SamplingParams, int | None, int]:
                                       "must be in (0, 10]")),
         seed=_get(body, "seed", (int,), None, lambda v: v >= 0, "must be >= 0"),
         stop=stop, logprobs=bool(logprobs), top_logprobs=top_logprobs,
+        # vLLM's extension, which benchmarks send so that every request produces max_tokens
+        ignore_eos=_get(body, "ignore_eos", (bool,), False),
     )
     n = _get(body, "n", (int,), 1, lambda v: 1 <= v <= 16, "must be in [1, 16]")
     return params, max_tokens, n

@@ -122,10 +122,10 @@ async def _run(base_url: str, requests: int, concurrency: int, prompt_words: int
     }
 
 
-async def _ttft_under_load(base_url: str, background: int, long_tokens: int, probes: int, model: str | None,
-                           api_key: str | None, chat: bool) -> dict[str, Any]:
+async def _ttft_under_load(base_url: str, background: int, long_tokens: int, long_words: int, probes: int,
+                           model: str | None, api_key: str | None, chat: bool) -> dict[str, Any]:
     """Time to first token of a short request (8 words, 8 tokens) alone, then while `background` long requests
-    (100-word prompts, `long_tokens` new tokens each) are decoding; medians of `probes` requests each."""
+    (`long_words`-word prompts, `long_tokens` new tokens each) are decoding; medians of `probes` requests each."""
     import httpx
 
     base = _base(base_url)
@@ -145,7 +145,7 @@ async def _ttft_under_load(base_url: str, background: int, long_tokens: int, pro
         started = [asyncio.Event() for _ in range(background)]
         long_ones = []
         for i in range(background):
-            url, body = _request(base, model, i, 100, long_tokens, chat, 0.0)
+            url, body = _request(base, model, i, long_words, long_tokens, chat, 0.0)
             long_ones.append(asyncio.create_task(_one(client, url, body, headers, started[i])))
         await asyncio.gather(*(e.wait() for e in started))  # every long request is decoding
         failed = [t.result()["error"] for t in long_ones if t.done() and "error" in t.result()]
@@ -162,9 +162,9 @@ async def _ttft_under_load(base_url: str, background: int, long_tokens: int, pro
             "ratio": loaded_s / unloaded_s, "unloaded_all_s": alone, "loaded_all_s": loaded}
 
 
-def ttft_under_load(url: str, background: int = 16, long_tokens: int = 256, probes: int = 5,
+def ttft_under_load(url: str, background: int = 16, long_tokens: int = 256, long_words: int = 100, probes: int = 5,
                     model: str | None = None, api_key: str | None = None, chat: bool = False) -> dict[str, Any]:
-    return asyncio.run(_ttft_under_load(url, background, long_tokens, probes, model, api_key, chat))
+    return asyncio.run(_ttft_under_load(url, background, long_tokens, long_words, probes, model, api_key, chat))
 
 
 def bench_serve(url: str, requests: int = 64, concurrency: int = 64, prompt_words: int = 100, max_tokens: int = 64,

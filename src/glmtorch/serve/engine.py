@@ -42,6 +42,7 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     logprobs: bool = False
     top_logprobs: int = 0
+    ignore_eos: bool = False  # keep going past end-of-turn / end-of-text tokens (benchmarks)
 
     def generation_config(self) -> GenerationConfig:
         greedy = self.temperature == 0
@@ -264,7 +265,7 @@ class Engine:
                 entry["top_logprobs"] = [{"token": self.tokenizer.decode([int(t)]), "logprob": float(v)}
                                          for v, t in zip(top.values, top.indices)]
             r.pending_logprobs.append(entry)
-        if token in self.stop_ids:
+        if token in self.stop_ids and not r.params.ignore_eos:
             return self._finish(r, "stop")
         r.detok.add_token(token)
         text = r.detok.text
