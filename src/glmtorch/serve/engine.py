@@ -151,6 +151,9 @@ class Engine:
             try:
                 if admitted:
                     self._prefill(admitted)
+                    # Let the server's event loop send the first tokens now: the decode step that follows holds
+                    # the GIL for most of its run (compiled kernels), which would hold them back a whole step.
+                    time.sleep(0.001)
                 self._drop_cancelled()
                 if any(self.slots):
                     self._decode_step()
