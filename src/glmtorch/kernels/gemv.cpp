@@ -55,6 +55,7 @@ struct Scales {
 // Float weights (fp32, bf16) are widened into these once per chunk, then multiplied into each row of x.
 #if defined(__AVX2__) && defined(__FMA__)
 struct Vec16 {
+  static constexpr int WIDTH = 16;
   __m256 a, b;
   static Vec16 zero() { return {_mm256_setzero_ps(), _mm256_setzero_ps()}; }
   static Vec16 load(const float* p) { return {_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)}; }
@@ -74,8 +75,28 @@ struct Vec16 {
     return _mm_cvtss_f32(h);
   }
 };
+// Eight lanes, one register: with 3 or more rows, one accumulator per row and a register for the weights and one
+// for x leave no accumulator spilled to memory (16 lanes per row would need two registers a row).
+struct Vec8 {
+  static constexpr int WIDTH = 8;
+  __m256 v;
+  static Vec8 zero() { return {_mm256_setzero_ps()}; }
+  static Vec8 load(const float* p) { return {_mm256_loadu_ps(p)}; }
+  static Vec8 from_bf16(const uint16_t* p) {
+    const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    return {_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16))};
+  }
+  void add_product(const Vec8& x, const Vec8& w) { v = _mm256_fmadd_ps(x.v, w.v, v); }
+  float sum() const {
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_add_ss(h, _mm_movehdup_ps(h));
+    return _mm_cvtss_f32(h);
+  }
+};
 #else
 struct Vec16 {
+  static constexpr int WIDTH = 16;
   float v[LANES];
   static Vec16 zero() { return Vec16{}; }
   static Vec16 load(const float* p) { Vec16 r; for (int j = 0; j < LANES; ++j) r.v[j] = p[j]; return r; }
@@ -91,23 +112,23 @@ struct Vec16 {
 template <int M>
 constexpr int unroll() { return M <= 2 ? 4 : (M <= 4 ? 2 : 1); }
 
-template <int M, typename Load>
+template <int M, typename V, typename Load>
 inline void dot_rows(const float* x, int64_t K, Load load_weight, float* out) {
-  // out[m] = sum_k x[m, k] * w[k]; load_weight(k) widens the LANES weights from k on.
-  constexpr int U = unroll<M>();
-  Vec16 acc[U][M];
+  // out[m] = sum_k x[m, k] * w[k]; load_weight(k) widens the V::WIDTH weights from k on.
+  constexpr int U = unroll<M>(), W = V::WIDTH;
+  V acc[U][M];
   for (int u = 0; u < U; ++u)
-    for (int m = 0; m < M; ++m) acc[u][m] = Vec16::zero();
+    for (int m = 0; m < M; ++m) acc[u][m] = V::zero();
   int64_t k = 0;
-  for (; k + U * LANES <= K; k += U * LANES) {
+  for (; k + U * W <= K; k += U * W) {
     for (int u = 0; u < U; ++u) {
-      const Vec16 w = load_weight(k + u * LANES);
-      for (int m = 0; m < M; ++m) acc[u][m].add_product(Vec16::load(x + m * K + k + u * LANES), w);
+      const V w = load_weight(k + u * W);
+      for (int m = 0; m < M; ++m) acc[u][m].add_product(V::load(x + m * K + k + u * W), w);
     }
   }
-  for (; k < K; k += LANES) {
-    const Vec16 w = load_weight(k);
-    for (int m = 0; m < M; ++m) acc[0][m].add_product(Vec16::load(x + m * K + k), w);
+  for (; k < K; k += W) {
+    const V w = load_weight(k);
+    for (int m = 0; m < M; ++m) acc[0][m].add_product(V::load(x + m * K + k), w);
   }
   for (int m = 0; m < M; ++m) {
     float total = 0.f;
@@ -147,6 +168,32 @@ void check(const at::Tensor& x, const at::Tensor& w, int64_t K) {
   TORCH_CHECK(w.is_contiguous() && w.device().is_cpu(), "the weight must be contiguous on the CPU");
 }
 
+#if defined(__AVX2__) && defined(__FMA__)
+constexpr bool HAS_AVX2 = true;
+#else
+constexpr bool HAS_AVX2 = false;
+using Vec8 = Vec16;  // one vector type where there are no intrinsics
+#endif
+
+template <int M>
+inline void f32_row(const float* x, int64_t K, const float* row, float* out) {
+  if constexpr (M <= 2 || !HAS_AVX2) dot_rows<M, Vec16>(x, K, [&](int64_t k) { return Vec16::load(row + k); }, out);
+  else dot_rows<M, Vec8>(x, K, [&](int64_t k) { return Vec8::load(row + k); }, out);
+}
+
+template <int M>
+inline void bf16_row(const float* x, const float* paired, int64_t K, const uint16_t* row, float* out) {
+#if defined(__AVX2__) && defined(__FMA__)
+  if constexpr (M <= 2) {
+    dot_rows<M, Vec16>(paired, K, [&](int64_t k) { return Vec16::from_bf16_pairs(row + k); }, out);
+    return;
+  }
+  dot_rows<M, Vec8>(x, K, [&](int64_t k) { return Vec8::from_bf16(row + k); }, out);
+#else
+  dot_rows<M, Vec16>(x, K, [&](int64_t k) { return Vec16::from_bf16(row + k); }, out);
+#endif
+}
+
 at::Tensor gemv_float(const at::Tensor& x, const at::Tensor& w) {
   const int64_t N = w.size(0), K = w.size(1);
   check(x, w, K);
@@ -154,29 +201,19 @@ at::Tensor gemv_float(const at::Tensor& x, const at::Tensor& w) {
   const int64_t M = x.size(0);
   if (w.scalar_type() == at::kFloat) {
     const float* wp = w.data_ptr<float>();
-    return run(x, N, [&](int64_t n, float* out) {
-      const float* row = wp + n * K;
-      DISPATCH_ROWS(M, (dot_rows<R>(xp, K, [&](int64_t k) { return Vec16::load(row + k); }, out)));
-    });
+    return run(x, N, [&](int64_t n, float* out) { DISPATCH_ROWS(M, (f32_row<R>(xp, K, wp + n * K, out))); });
   }
   TORCH_CHECK(w.scalar_type() == at::kBFloat16, "weight must be fp32 or bf16");
   const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.data_ptr());
-#if defined(__AVX2__) && defined(__FMA__)
-  std::vector<float> paired(M * K);  // x with each chunk of 16 reordered: 8 even elements, then 8 odd ones
-  for (int64_t i = 0; i < M * K; ++i) {
+  // For one or two rows (AVX2), x with each chunk of 16 reordered: 8 even elements, then 8 odd ones
+  std::vector<float> paired(HAS_AVX2 && M <= 2 ? M * K : 0);
+  for (int64_t i = 0; i < static_cast<int64_t>(paired.size()); ++i) {
     const int64_t chunk = i / LANES, j = i % LANES;
     paired[chunk * LANES + (j % 2) * (LANES / 2) + j / 2] = xp[i];
   }
   return run(x, N, [&](int64_t n, float* out) {
-    const uint16_t* row = wp + n * K;
-    DISPATCH_ROWS(M, (dot_rows<R>(paired.data(), K, [&](int64_t k) { return Vec16::from_bf16_pairs(row + k); }, out)));
+    DISPATCH_ROWS(M, (bf16_row<R>(xp, paired.data(), K, wp + n * K, out)));
   });
-#else
-  return run(x, N, [&](int64_t n, float* out) {
-    const uint16_t* row = wp + n * K;
-    DISPATCH_ROWS(M, (dot_rows<R>(xp, K, [&](int64_t k) { return Vec16::from_bf16(row + k); }, out)));
-  });
-#endif
 }
 
 // Integer weights (int8, int4) are multiplied in integers, as llama.cpp does: each row of x is quantized to int8
