@@ -23,7 +23,7 @@ def test_kernels_build_here():
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("rows", [1, 3, 8])
+@pytest.mark.parametrize("rows", [1, 2, 3, 8, 13])  # 13: a group of 8 rows, then one of 5
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_float_gemv_matches_linear(rows, dtype):
     g = torch.Generator().manual_seed(rows)
@@ -36,7 +36,7 @@ def test_float_gemv_matches_linear(rows, dtype):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("rows", [1, 5, 8])
+@pytest.mark.parametrize("rows", [1, 5, 8, 20])
 def test_int8_gemv_matches_dequantized_product(rows):
     g = torch.Generator().manual_seed(rows)
     layer = Int8Linear.from_linear(torch.nn.Linear(512, 300, bias=True))
@@ -54,7 +54,8 @@ def test_int4_gemv_matches_dequantized_product(group, scale_dtype):
     g = torch.Generator().manual_seed(group)
     linear = torch.nn.Linear(256, 100, bias=False).to(scale_dtype)
     layer = Int4Linear.from_linear(linear, group_size=group)
-    x = torch.randn(3, 256, generator=g).to(scale_dtype)
+    x = torch.randn(11, 256, generator=g).to(scale_dtype)
+    assert kernels.usable(x, layer.weight, 256)
     expected = x.float() @ layer.dequantized(torch.float32).t()
     got = layer(x)
     assert got.dtype == scale_dtype and rel(got, expected) < 2e-2
@@ -77,12 +78,13 @@ def test_kernels_are_not_taken_for_training_or_many_rows():
     out.sum().backward()
     assert x.grad is not None
     with torch.no_grad():
-        many = torch.randn(9, 64)
+        many = torch.randn(kernels.MAX_ROWS + 1, 64)  # a prefill: the library's matrix product
         assert torch.equal(layer(many), F.linear(many, layer.weight, layer.bias))
 
 
 def test_bad_shapes_are_named():
-    with pytest.raises(RuntimeError, match="at most 8 rows"):
-        torch.ops.glmtorch_kernels.gemv_float(torch.randn(9, 32), torch.randn(4, 32))
+    with pytest.raises(RuntimeError, match="group must be"):
+        torch.ops.glmtorch_kernels.gemv_int4(torch.randn(1, 96), torch.zeros(4, 48, dtype=torch.uint8),
+                                             torch.ones(4, 2), 48)
     with pytest.raises(RuntimeError, match="K must match"):
         torch.ops.glmtorch_kernels.gemv_float(torch.randn(1, 48), torch.randn(4, 32))

@@ -1,8 +1,8 @@
 // Matrix-vector products for decoding on the CPU: y[m, n] = sum_k x[m, k] * W[n, k] for a few rows m.
 //
 // Decoding reads every weight once per step, so these loops are written to stream W exactly once, whatever
-// the number of rows (up to MAX_ROWS): each weight chunk is loaded, decoded in registers and multiplied into
-// every row's accumulators before the next chunk. AVX2 + FMA intrinsics where the compiler targets them
+// the number of rows: each weight chunk is loaded, decoded in registers and multiplied into every row's
+// accumulators (MAX_ROWS rows at a time; further groups of rows find the weight row in cache). AVX2 + FMA intrinsics where the compiler targets them
 // (-march=native), plain loops elsewhere; rows of W are split across torch's intra-op threads. Activations
 // come in and results go out as fp32.
 //
@@ -161,9 +161,16 @@ at::Tensor run(const at::Tensor& x, int64_t N, RowFn row_fn) {
     default: { constexpr int R = 8; CALL; break; }                           \
   }
 
+// Rows of x in groups of MAX_ROWS against one weight row, which stays in cache between groups. CALL sees R
+// (rows in this group, a constant) and g0 (the group's first row).
+#define FOR_ROW_GROUPS(M, CALL)                                              \
+  for (int64_t g0 = 0; g0 < (M); g0 += MAX_ROWS) {                          \
+    DISPATCH_ROWS(std::min<int64_t>(MAX_ROWS, (M) - g0), CALL)               \
+  }
+
 void check(const at::Tensor& x, const at::Tensor& w, int64_t K) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x must be contiguous fp32 (M, K)");
-  TORCH_CHECK(x.size(0) >= 1 && x.size(0) <= MAX_ROWS, "at most ", MAX_ROWS, " rows, got ", x.size(0));
+  TORCH_CHECK(x.size(0) >= 1, "x has no rows");
   TORCH_CHECK(x.size(1) == K && K % LANES == 0, "K must match the weight and be a multiple of ", LANES);
   TORCH_CHECK(w.is_contiguous() && w.device().is_cpu(), "the weight must be contiguous on the CPU");
 }
@@ -182,16 +189,8 @@ inline void f32_row(const float* x, int64_t K, const float* row, float* out) {
 }
 
 template <int M>
-inline void bf16_row(const float* x, const float* paired, int64_t K, const uint16_t* row, float* out) {
-#if defined(__AVX2__) && defined(__FMA__)
-  if constexpr (M <= 2) {
-    dot_rows<M, Vec16>(paired, K, [&](int64_t k) { return Vec16::from_bf16_pairs(row + k); }, out);
-    return;
-  }
-  dot_rows<M, Vec8>(x, K, [&](int64_t k) { return Vec8::from_bf16(row + k); }, out);
-#else
-  dot_rows<M, Vec16>(x, K, [&](int64_t k) { return Vec16::from_bf16(row + k); }, out);
-#endif
+inline void bf16_row(const float* x, int64_t K, const uint16_t* row, float* out) {
+  dot_rows<M, Vec8>(x, K, [&](int64_t k) { return Vec8::from_bf16(row + k); }, out);  // Vec16 without AVX2
 }
 
 at::Tensor gemv_float(const at::Tensor& x, const at::Tensor& w) {
@@ -201,18 +200,29 @@ at::Tensor gemv_float(const at::Tensor& x, const at::Tensor& w) {
   const int64_t M = x.size(0);
   if (w.scalar_type() == at::kFloat) {
     const float* wp = w.data_ptr<float>();
-    return run(x, N, [&](int64_t n, float* out) { DISPATCH_ROWS(M, (f32_row<R>(xp, K, wp + n * K, out))); });
+    return run(x, N, [&](int64_t n, float* out) {
+      FOR_ROW_GROUPS(M, (f32_row<R>(xp + g0 * K, K, wp + n * K, out + g0)));
+    });
   }
   TORCH_CHECK(w.scalar_type() == at::kBFloat16, "weight must be fp32 or bf16");
   const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.data_ptr());
-  // For one or two rows (AVX2), x with each chunk of 16 reordered: 8 even elements, then 8 odd ones
-  std::vector<float> paired(HAS_AVX2 && M <= 2 ? M * K : 0);
-  for (int64_t i = 0; i < static_cast<int64_t>(paired.size()); ++i) {
-    const int64_t chunk = i / LANES, j = i % LANES;
-    paired[chunk * LANES + (j % 2) * (LANES / 2) + j / 2] = xp[i];
+#if defined(__AVX2__) && defined(__FMA__)
+  if (M <= 2) {  // x with each chunk of 16 reordered, 8 even elements then 8 odd ones, for from_bf16_pairs
+    std::vector<float> paired(M * K);
+    for (int64_t i = 0; i < M * K; ++i) {
+      const int64_t chunk = i / LANES, j = i % LANES;
+      paired[chunk * LANES + (j % 2) * (LANES / 2) + j / 2] = xp[i];
+    }
+    const float* pp = paired.data();
+    return run(x, N, [&](int64_t n, float* out) {
+      const uint16_t* row = wp + n * K;
+      if (M == 1) dot_rows<1, Vec16>(pp, K, [&](int64_t k) { return Vec16::from_bf16_pairs(row + k); }, out);
+      else dot_rows<2, Vec16>(pp, K, [&](int64_t k) { return Vec16::from_bf16_pairs(row + k); }, out);
+    });
   }
+#endif
   return run(x, N, [&](int64_t n, float* out) {
-    DISPATCH_ROWS(M, (bf16_row<R>(xp, paired.data(), K, wp + n * K, out)));
+    FOR_ROW_GROUPS(M, (bf16_row<R>(xp + g0 * K, K, wp + n * K, out + g0)));
   });
 }
 
@@ -330,9 +340,9 @@ at::Tensor gemv_int8(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
   return run(x, N, [&](int64_t n, float* out) {
     const int8_t* row = wp + n * K;
     const float row_scale = sp[n];
-    DISPATCH_ROWS(M, (int_dot_rows<R>(xq.data(), xs.data(), blocks,
-                                      [&](int64_t c) { return load_int8x32(row + c * BLOCK); },
-                                      [&](int64_t) { return row_scale; }, out)));
+    FOR_ROW_GROUPS(M, (int_dot_rows<R>(xq.data() + g0 * K, xs.data() + g0 * blocks, blocks,
+                                       [&](int64_t c) { return load_int8x32(row + c * BLOCK); },
+                                       [&](int64_t) { return row_scale; }, out + g0)));
   });
 }
 
@@ -373,8 +383,9 @@ void quantize_pairs(const at::Tensor& x, PairActivations& a) {
 }
 
 template <int M>
-inline void int4_pair_rows(const PairActivations& a, int64_t pairs, const uint8_t* row, const Scales& sp,
-                           int64_t first, int shift, float* out) {
+inline void int4_pair_rows(const PairActivations& a, int64_t m0, int64_t pairs, const uint8_t* row,
+                           const Scales& sp, int64_t first, int shift, float* out) {
+  // rows m0 .. m0 + M - 1 of the activations
   constexpr int U = unroll<M>() > 2 ? 2 : unroll<M>();
   const __m256i low_mask = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
   __m256 acc[U][M];
@@ -388,7 +399,7 @@ inline void int4_pair_rows(const PairActivations& a, int64_t pairs, const uint8_
       const __m256 ws = _mm256_set_m128(_mm_set1_ps(sp[first + ((2 * p + 1) >> shift)]),
                                         _mm_set1_ps(sp[first + ((2 * p) >> shift)]));
       for (int m = 0; m < M; ++m) {
-        const int64_t at = m * pairs + p;
+        const int64_t at = (m0 + m) * pairs + p;
         const int8_t* xq = a.q.data() + at * 2 * BLOCK;
         const __m256i products = _mm256_add_epi16(
             _mm256_maddubs_epi16(low, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq))),
@@ -427,7 +438,7 @@ at::Tensor gemv_int4(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
     quantize_pairs(x, a);
     const int64_t pairs = K / (2 * BLOCK);
     return run(x, N, [&](int64_t n, float* out) {
-      DISPATCH_ROWS(M, (int4_pair_rows<R>(a, pairs, wp + n * (K / 2), sp, n * groups, shift, out)));
+      FOR_ROW_GROUPS(M, (int4_pair_rows<R>(a, g0, pairs, wp + n * (K / 2), sp, n * groups, shift, out + g0)));
     });
   }
 #endif
@@ -437,9 +448,9 @@ at::Tensor gemv_int4(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
   return run(x, N, [&](int64_t n, float* out) {
     const uint8_t* row = wp + n * (K / 2);
     const int64_t first = n * groups;
-    DISPATCH_ROWS(M, (int_dot_rows<R>(xq.data(), xs.data(), blocks,
-                                      [&](int64_t c) { return unpack_nibbles(row + c * (BLOCK / 2)); },
-                                      [&](int64_t c) { return sp[first + (c >> shift)]; }, out)));
+    FOR_ROW_GROUPS(M, (int_dot_rows<R>(xq.data() + g0 * K, xs.data() + g0 * blocks, blocks,
+                                       [&](int64_t c) { return unpack_nibbles(row + c * (BLOCK / 2)); },
+                                       [&](int64_t c) { return sp[first + (c >> shift)]; }, out + g0)));
   });
 }
 
