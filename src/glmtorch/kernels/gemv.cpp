@@ -54,6 +54,13 @@ struct Scales {
 // Sixteen fp32 lanes: two AVX2 registers where the compiler targets AVX2 + FMA, a plain array elsewhere.
 // Float weights (fp32, bf16) are widened into these once per chunk, then multiplied into each row of x.
 #if defined(__AVX2__) && defined(__FMA__)
+inline float horizontal_sum(__m256 v) {
+  __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+  h = _mm_add_ss(h, _mm_movehdup_ps(h));
+  return _mm_cvtss_f32(h);
+}
+
 struct Vec16 {
   static constexpr int WIDTH = 16;
   __m256 a, b;
@@ -67,13 +74,7 @@ struct Vec16 {
             _mm256_castsi256_ps(_mm256_and_si256(raw, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))))};
   }
   void add_product(const Vec16& x, const Vec16& w) { a = _mm256_fmadd_ps(x.a, w.a, a); b = _mm256_fmadd_ps(x.b, w.b, b); }
-  float sum() const {
-    __m256 v = _mm256_add_ps(a, b);
-    __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-    h = _mm_add_ss(h, _mm_movehdup_ps(h));
-    return _mm_cvtss_f32(h);
-  }
+  float sum() const { return horizontal_sum(_mm256_add_ps(a, b)); }
 };
 // Eight lanes, one register: with 3 or more rows, one accumulator per row and a register for the weights and one
 // for x leave no accumulator spilled to memory (16 lanes per row would need two registers a row).
@@ -87,12 +88,7 @@ struct Vec8 {
     return {_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16))};
   }
   void add_product(const Vec8& x, const Vec8& w) { v = _mm256_fmadd_ps(x.v, w.v, v); }
-  float sum() const {
-    __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-    h = _mm_add_ss(h, _mm_movehdup_ps(h));
-    return _mm_cvtss_f32(h);
-  }
+  float sum() const { return horizontal_sum(v); }
 };
 #else
 struct Vec16 {
@@ -249,12 +245,7 @@ struct BlockAcc {
     const __m256i sums = _mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
     v = _mm256_fmadd_ps(_mm256_set1_ps(scale), _mm256_cvtepi32_ps(sums), v);
   }
-  float sum() const {
-    __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-    h = _mm_add_ss(h, _mm_movehdup_ps(h));
-    return _mm_cvtss_f32(h);
-  }
+  float sum() const { return horizontal_sum(v); }
 };
 #else
 struct Int8x32 { int8_t v[BLOCK]; };
