@@ -208,7 +208,8 @@ def test_queue_full_is_503(chat_checkpoint):
     try:
         with httpx.Client(timeout=60) as c:
             with c.stream("POST", server.url + "/v1/completions",
-                          json={"prompt": "Busy", "max_tokens": 240, "stream": True, "temperature": 1.0}) as r:
+                          json={"prompt": "Busy", "max_tokens": 240, "stream": True, "temperature": 1.0,
+                                "ignore_eos": True}) as r:  # cannot end before the second request arrives
                 next(line for line in r.iter_lines() if line.startswith("data:"))
                 busy = c.post(server.url + "/v1/completions", json={"prompt": "Me too", "max_tokens": 2})
                 assert busy.status_code == 503 and busy.json()["error"]["code"] == "queue_full"

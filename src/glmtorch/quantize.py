@@ -46,15 +46,15 @@ class Int8Linear(nn.Module):
             out.bias.data = linear.bias.detach().clone()
         return out
 
-    def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
-        return self.weight.to(dtype) * self.scales.to(dtype)[:, None]
+    def dequantized(self, dtype: torch.dtype, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """The weight rows [start, stop) as a dense matrix."""
+        return self.weight[start:stop].to(dtype) * self.scales[start:stop, None].to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if kernels.usable(x, self.weight, self.in_features):
             y = kernels.gemv_int8(x, self.weight, self.scales)
         elif x.device.type == "cpu" and x.numel() > x.shape[-1]:  # prefill: dequantize in chunks, fp32 GEMM
-            y = kernels.fp32_matmul(x, lambda i, j: self.weight[i:j].float() * self.scales[i:j, None].float(),
-                                    self.out_features)
+            y = kernels.fp32_matmul(x, lambda i, j: self.dequantized(torch.float32, i, j), self.out_features)
         elif x.device.type == "cpu" and _HAS_INT8_KERNEL:
             # One row (batch-1 decode): torch's int8 weight-only kernel reads one byte per weight; it takes bf16
             # activations (fp32 there measured 6x slower).
@@ -113,8 +113,7 @@ class Int4Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.group_size in (32, 64, 128, 256) and kernels.usable(x, self.weight, self.in_features):
             y = kernels.gemv_int4(x, self.weight, self.scales, self.group_size)
-            return y + self.bias if self.bias is not None else y
-        if x.device.type == "cpu":  # dequantize in chunks of rows, multiply in fp32
+        elif x.device.type == "cpu":  # dequantize in chunks of rows, multiply in fp32
             y = kernels.fp32_matmul(x, lambda i, j: self.dequantized(torch.float32, i, j), self.out_features)
         else:
             y = F.linear(x, self.dequantized(x.dtype))

@@ -134,24 +134,25 @@ def usable(x: torch.Tensor, weight: torch.Tensor, in_features: int) -> bool:
             and available())
 
 
+def _rows_through(op, x: torch.Tensor, out_features: int, *args) -> torch.Tensor:
+    """Run a kernel on x (..., K) as fp32 rows (M, K); the result comes back as (..., N) in x's dtype."""
+    y = op(x.reshape(-1, x.shape[-1]).float().contiguous(), *args)
+    return y.to(x.dtype).view(*x.shape[:-1], out_features)
+
+
 def gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x (..., K) @ weight.T for an fp32 or bf16 weight (N, K); result in x's dtype."""
-    rows = x.reshape(-1, x.shape[-1]).float().contiguous()
-    y = torch.ops.glmtorch_kernels.gemv_float(rows, weight)
-    return y.to(x.dtype).view(*x.shape[:-1], weight.shape[0])
+    """x (..., K) @ weight.T for an fp32 or bf16 weight (N, K)."""
+    return _rows_through(torch.ops.glmtorch_kernels.gemv_float, x, weight.shape[0], weight)
 
 
 def gemv_int8(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """x @ (weight * scales[:, None]).T for int8 weight (N, K) and per-row scales (N,). Like llama.cpp's Q8_0
     path, x is quantized to int8 in blocks of 32 for the product (one fp32 scale per block)."""
-    rows = x.reshape(-1, x.shape[-1]).float().contiguous()
-    y = torch.ops.glmtorch_kernels.gemv_int8(rows, weight, scales.contiguous())
-    return y.to(x.dtype).view(*x.shape[:-1], weight.shape[0])
+    return _rows_through(torch.ops.glmtorch_kernels.gemv_int8, x, weight.shape[0], weight, scales.contiguous())
 
 
 def gemv_int4(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, group: int) -> torch.Tensor:
     """x @ W.T for int4 W stored two per byte (element 2i low nibble, 2i+1 high; value q + 8) with per-row,
     per-group scales (N, K / group); x quantized to int8 in blocks of 32, as for int8."""
-    rows = x.reshape(-1, x.shape[-1]).float().contiguous()
-    y = torch.ops.glmtorch_kernels.gemv_int4(rows, packed, scales.contiguous(), group)
-    return y.to(x.dtype).view(*x.shape[:-1], packed.shape[0])
+    return _rows_through(torch.ops.glmtorch_kernels.gemv_int4, x, packed.shape[0], packed, scales.contiguous(),
+                         group)

@@ -73,8 +73,7 @@ class Request:
     position: int = 0
     last_token: int = 0
     generated: int = 0
-    history: torch.Tensor | None = None  # (1, prompt + max_tokens), filled up to `filled`: no per-token concat
-    filled: int = 0
+    history: torch.Tensor | None = None  # (1, prompt + max_tokens), filled as tokens come: no per-token concat
     processors: list = field(default_factory=list)
     generator: torch.Generator | None = None
     detok: StreamingDetokenizer | None = None
@@ -115,7 +114,6 @@ class Engine:
             prompt = torch.tensor(request.prompt_ids, dtype=torch.long)
             request.history = torch.empty(1, len(prompt) + request.params.max_tokens, dtype=torch.long)
             request.history[0, :len(prompt)] = prompt
-            request.filled = len(prompt)
             request.processors = make_processors(request.params.generation_config())
             request.generator = torch.Generator().manual_seed(
                 request.params.seed if request.params.seed is not None else int.from_bytes(os.urandom(6), "little"))
@@ -211,17 +209,17 @@ class Engine:
         them."""
         first = requests[0].slot
         T = max(len(r.prompt_ids) for r in requests)
+        lengths = torch.tensor([len(r.prompt_ids) for r in requests])
         ids = torch.zeros(len(requests), T, dtype=torch.long)
-        real = torch.zeros(len(requests), T, dtype=torch.long)
         for i, r in enumerate(requests):
             ids[i, :len(r.prompt_ids)] = torch.tensor(r.prompt_ids)
-            real[i, :len(r.prompt_ids)] = 1
+        real = (torch.arange(T) < lengths[:, None]).long()
         rows = self.cache.rows(first, first + len(requests))
         rows.length = T  # the prompts attend to themselves only
         self.prefill_passes += 1
         hidden = self.model.model(ids.to(self.device), attention_mask=real.to(self.device), past_key_values=rows,
                                   cache_position=torch.arange(T, device=self.device), use_cache=True).last_hidden_state
-        last = torch.tensor([len(r.prompt_ids) - 1 for r in requests], device=self.device)
+        last = (lengths - 1).to(self.device)
         logits = self.model.lm_head(hidden[torch.arange(len(requests), device=self.device), last]).float()
         for r, row_logits in zip(requests, logits):
             r.position = len(r.prompt_ids)
@@ -250,14 +248,14 @@ class Engine:
         """Sample the request's next token from its logits, stream its text, finish it when it stops."""
         raw = logits
         row = logits[None].cpu()
+        filled = len(r.prompt_ids) + r.generated  # tokens in the history so far
         for process in r.processors:
-            row = process(r.history[:, :r.filled], row)
+            row = process(r.history[:, :filled], row)
         if r.params.temperature == 0:
             token = int(row.argmax(-1))
         else:
             token = int(torch.multinomial(torch.softmax(row, -1), 1, generator=r.generator))
-        r.history[0, r.filled] = token
-        r.filled += 1
+        r.history[0, filled] = token
         r.last_token = token
         r.generated += 1
         if r.params.logprobs:
