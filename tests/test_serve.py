@@ -204,16 +204,24 @@ def test_queue_full_is_503(chat_checkpoint):
     model = glmtorch.AutoModelForCausalLM.from_pretrained(path)
     tokenizer = glmtorch.AutoTokenizer.from_pretrained(path)
     engine = build_engine(model, tokenizer, max_batch=1, max_queue=0)
+    # The busy request must still hold the one slot when the second arrives, however fast this machine decodes:
+    # its decode steps wait until the test has seen the 503.
+    released = threading.Event()
+    decode_step = engine._decode_step
+    engine._decode_step = lambda: (released.wait(60), decode_step())
     server = RunningServer(create_app(engine, tokenizer, "tiny-glm"))
     try:
         with httpx.Client(timeout=60) as c:
             with c.stream("POST", server.url + "/v1/completions",
-                          json={"prompt": "Busy", "max_tokens": 240, "stream": True, "temperature": 1.0,
-                                "ignore_eos": True}) as r:  # cannot end before the second request arrives
-                next(line for line in r.iter_lines() if line.startswith("data:"))
+                          json={"prompt": "Busy", "max_tokens": 8, "stream": True, "ignore_eos": True}) as r:
+                lines = r.iter_lines()
+                next(line for line in lines if line.startswith("data:"))
                 busy = c.post(server.url + "/v1/completions", json={"prompt": "Me too", "max_tokens": 2})
                 assert busy.status_code == 503 and busy.json()["error"]["code"] == "queue_full"
+                released.set()
+                assert any('"finish_reason":"length"' in line.replace(" ", "") for line in lines)
     finally:
+        released.set()
         server.close()
         engine.stop()
 

@@ -108,8 +108,8 @@ class Engine:
         with self.cond:
             if not self.running:
                 raise QueueFull("the server is shutting down")
-            busy = sum(s is not None for s in self.slots)
-            if busy >= self.max_batch and len(self.waiting) >= self.max_queue:
+            # Count requests not yet taken into a slot too: the engine thread may not have admitted them yet.
+            if self.active + len(self.waiting) >= self.max_batch + self.max_queue:
                 raise QueueFull(f"{len(self.waiting)} requests are already waiting (--max-queue {self.max_queue})")
             prompt = torch.tensor(request.prompt_ids, dtype=torch.long)
             request.history = torch.empty(1, len(prompt) + request.params.max_tokens, dtype=torch.long)
