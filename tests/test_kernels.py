@@ -48,14 +48,15 @@ def test_int8_gemv_matches_dequantized_product(rows):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("group", [32, 64])
+@pytest.mark.parametrize("group,in_features", [(32, 256), (64, 256), (128, 256), (32, 224)])  # 224: not pairs of blocks
 @pytest.mark.parametrize("scale_dtype", [torch.float32, torch.bfloat16])
-def test_int4_gemv_matches_dequantized_product(group, scale_dtype):
+@pytest.mark.parametrize("rows", [1, 11])
+def test_int4_gemv_matches_dequantized_product(group, in_features, scale_dtype, rows):
     g = torch.Generator().manual_seed(group)
-    linear = torch.nn.Linear(256, 100, bias=False).to(scale_dtype)
+    linear = torch.nn.Linear(in_features, 100, bias=False).to(scale_dtype)
     layer = Int4Linear.from_linear(linear, group_size=group)
-    x = torch.randn(11, 256, generator=g).to(scale_dtype)
-    assert kernels.usable(x, layer.weight, 256)
+    x = torch.randn(rows, in_features, generator=g).to(scale_dtype)
+    assert kernels.usable(x, layer.weight, in_features)
     expected = x.float() @ layer.dequantized(torch.float32).t()
     got = layer(x)
     assert got.dtype == scale_dtype and rel(got, expected) < 2e-2
