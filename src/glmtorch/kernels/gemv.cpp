@@ -154,7 +154,7 @@ at::Tensor run(const at::Tensor& x, int64_t N, RowFn row_fn) {
   at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) row_fn(n, yp + n * M);
   });
-  return y.t().contiguous();
+  return M == 1 ? y.view({1, N}) : y.t().contiguous();  // one row: (N, 1) is (1, N) already
 }
 
 #define DISPATCH_ROWS(M, CALL)                                               \
