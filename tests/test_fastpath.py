@@ -99,6 +99,8 @@ def test_weight_only_quantization(tmp_path, pair, mode, logit_tol, ppl_tol):
     assert size < (0.4 if mode == "int8" else 0.3) * full
     again = glmtorch.GlmForCausalLM.from_pretrained(tmp_path / mode)
     assert torch.equal(again(ids).logits, approx.logits)
+    if mode == "int4":  # fp16 scales, as saved, in an fp32 model
+        assert again.lm_head.scales.dtype == torch.float16 and again.dtype == torch.float32
     with pytest.raises(ValueError, match="stored as"):
         glmtorch.GlmForCausalLM.from_pretrained(tmp_path / mode, quantize="int4" if mode == "int8" else "int8")
 

@@ -49,17 +49,20 @@ def test_int8_gemv_matches_dequantized_product(rows):
 
 @torch.no_grad()
 @pytest.mark.parametrize("group,in_features", [(32, 256), (64, 256), (128, 256), (32, 224)])  # 224: not pairs of blocks
-@pytest.mark.parametrize("scale_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("scale_dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("rows", [1, 11])
 def test_int4_gemv_matches_dequantized_product(group, in_features, scale_dtype, rows):
+    # int4 layers keep fp16 scales; fp32 / bf16 ones come from older checkpoints or a later model.to(dtype)
     g = torch.Generator().manual_seed(group)
-    linear = torch.nn.Linear(in_features, 100, bias=False).to(scale_dtype)
-    layer = Int4Linear.from_linear(linear, group_size=group)
-    x = torch.randn(rows, in_features, generator=g).to(scale_dtype)
+    dtype = torch.bfloat16 if scale_dtype == torch.bfloat16 else torch.float32
+    layer = Int4Linear.from_linear(torch.nn.Linear(in_features, 100, bias=False).to(dtype), group_size=group)
+    assert layer.scales.dtype == torch.float16
+    layer.scales.data = layer.scales.data.to(scale_dtype)
+    x = torch.randn(rows, in_features, generator=g).to(dtype)
     assert kernels.usable(x, layer.weight, in_features)
     expected = x.float() @ layer.dequantized(torch.float32).t()
     got = layer(x)
-    assert got.dtype == scale_dtype and rel(got, expected) < 2e-2
+    assert got.dtype == dtype and rel(got, expected) < 2e-2
 
 
 def test_kernels_run_inside_a_compiled_graph():

@@ -227,7 +227,7 @@ def load_weights(model: nn.Module, files: list[str], fmt: WeightFormat, dtype: t
                 problems.append(f"tensor {stored!r} has shape {tuple(part.shape)}, but {target!r} needs {expected} "
                                 "(config.json does not match the weights)")
                 continue
-            _assign(model, target, part.to(device=device, dtype=dtype if part.is_floating_point() else None))
+            _assign(model, target, part.to(device=device, dtype=_dtype_for(model, target, dtype, part)))
             loaded[target] = stored
     bar.close()
     missing = [n for n in dict(model.named_parameters()) if n not in loaded and not (tied and n == "lm_head.weight")]
@@ -257,6 +257,14 @@ def _to_model_name(target: str, prefix: str) -> str:
     if prefix == "" and target.startswith("model."):
         return target[len("model."):]
     return target
+
+
+def _dtype_for(model: nn.Module, name: str, dtype: torch.dtype, tensor: torch.Tensor) -> torch.dtype | None:
+    """The model's dtype for floating-point tensors, except where a layer keeps its own (int4 scales: fp16)."""
+    if not tensor.is_floating_point():
+        return None
+    module_name, _, leaf = name.rpartition(".")
+    return getattr(model.get_submodule(module_name), "stored_dtypes", {}).get(leaf, dtype)
 
 
 def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:

@@ -11,7 +11,7 @@
 //   int8       (N, K) int8, one scale per output row
 //   int4       (N, K/2) uint8, two values per byte (element 2i in the low nibble, 2i+1 in the high one),
 //              stored as q + 8 with q in [-8, 7]; one scale per row and group of `group` inputs.
-// Scales are fp32 or bf16.
+// Scales are fp32, bf16 or fp16.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -50,17 +50,44 @@ inline float bf16_to_float(uint16_t v) {
   return out;
 }
 
-// Scales may be fp32 or bf16 (the model's dtype); widened one at a time, they cost nothing next to the weights.
+inline float fp16_to_float(uint16_t h) {
+#if defined(__F16C__)
+  return _cvtsh_ss(h);
+#else
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16, exponent = (h >> 10) & 0x1F, mantissa = h & 0x3FF;
+  uint32_t bits;
+  if (exponent == 0x1F) {
+    bits = sign | 0x7F800000u | (mantissa << 13);  // inf / nan
+  } else if (exponent != 0) {
+    bits = sign | ((exponent + 112) << 23) | (mantissa << 13);
+  } else if (mantissa == 0) {
+    bits = sign;
+  } else {  // subnormal: value = mantissa * 2^-24
+    float value = std::ldexp(static_cast<float>(mantissa), -24);
+    std::memcpy(&bits, &value, sizeof(bits));
+    bits |= sign;
+  }
+  float out;
+  std::memcpy(&out, &bits, sizeof(out));
+  return out;
+#endif
+}
+
+// Scales may be fp32, bf16 or fp16 (int4 keeps fp16, as llama.cpp's Q4_0 does); widened one at a time where they
+// are read once per row, and in registers where they are read once per block (PairScales).
 struct Scales {
   const float* f32 = nullptr;
   const uint16_t* bf16 = nullptr;
+  const uint16_t* f16 = nullptr;
   explicit Scales(const at::Tensor& t) {
-    TORCH_CHECK(t.is_contiguous() && (t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16),
-                "scales must be contiguous fp32 or bf16");
-    if (t.scalar_type() == at::kFloat) f32 = t.data_ptr<float>();
-    else bf16 = reinterpret_cast<const uint16_t*>(t.data_ptr());
+    const auto type = t.scalar_type();
+    TORCH_CHECK(t.is_contiguous() && (type == at::kFloat || type == at::kBFloat16 || type == at::kHalf),
+                "scales must be contiguous fp32, bf16 or fp16");
+    if (type == at::kFloat) f32 = t.data_ptr<float>();
+    else if (type == at::kBFloat16) bf16 = reinterpret_cast<const uint16_t*>(t.data_ptr());
+    else f16 = reinterpret_cast<const uint16_t*>(t.data_ptr());
   }
-  float operator[](int64_t i) const { return f32 ? f32[i] : bf16_to_float(bf16[i]); }
+  float operator[](int64_t i) const { return f32 ? f32[i] : (bf16 ? bf16_to_float(bf16[i]) : fp16_to_float(f16[i])); }
 };
 
 // Sixteen fp32 lanes: two AVX2 registers where the compiler targets AVX2 + FMA, a plain array elsewhere.
@@ -450,6 +477,16 @@ struct PairScales {
     const __m256i v = _mm256_sllv_epi32(_mm256_set1_epi32(both), _mm256_setr_epi32(16, 16, 16, 16, 0, 0, 0, 0));
     return _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
   }
+  static __m256 f16_pair(const uint16_t* s) {
+#if defined(__F16C__)
+    int32_t both;
+    std::memcpy(&both, s, sizeof(both));
+    const __m128 wide = _mm_cvtph_ps(_mm_cvtsi32_si128(both));  // [s0, s1, 0, 0]
+    return _mm256_permutevar8x32_ps(_mm256_castps128_ps256(wide), _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1));
+#else
+    return _mm256_set_m128(_mm_set1_ps(fp16_to_float(s[1])), _mm_set1_ps(fp16_to_float(s[0])));
+#endif
+  }
   static __m256 f32_pair(const float* s) {
     const __m128 both = _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(s)));
     return _mm256_permutevar8x32_ps(_mm256_castps128_ps256(both), _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1));
@@ -484,6 +521,8 @@ at::Tensor gemv_int4(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
     };
     if (group == BLOCK && sp.bf16)
       return with_scales([&](int64_t first, int64_t p) { return PairScales::bf16_pair(sp.bf16 + first + 2 * p); });
+    if (group == BLOCK && sp.f16)
+      return with_scales([&](int64_t first, int64_t p) { return PairScales::f16_pair(sp.f16 + first + 2 * p); });
     if (group == BLOCK)
       return with_scales([&](int64_t first, int64_t p) { return PairScales::f32_pair(sp.f32 + first + 2 * p); });
     // larger groups: both blocks of a pair share one scale
