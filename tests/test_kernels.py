@@ -23,15 +23,16 @@ def test_kernels_build_here():
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("rows", [1, 2, 3, 8, 13])  # 13: a group of 8 rows, then one of 5
+@pytest.mark.parametrize("rows", [1, 2, 3, 8, 13, 40])  # 13: a group of 8 rows, then one of 5; 40: tiles of 4 x 3
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_float_gemv_matches_linear(rows, dtype):
+@pytest.mark.parametrize("out_features", [1000, 1001])  # not multiples of 8 or 3, and leaving 1 or 2 after 3s
+def test_float_gemv_matches_linear(rows, dtype, out_features):
     g = torch.Generator().manual_seed(rows)
-    w = torch.randn(1000, 256, generator=g).to(dtype)  # N not a multiple of anything: every row is computed
+    w = torch.randn(out_features, 256, generator=g).to(dtype)
     x = torch.randn(rows, 256, generator=g).to(dtype)
     expected = x.float() @ w.float().t()
     got = kernels.gemv(x, w)
-    assert got.dtype == dtype and got.shape == (rows, 1000)
+    assert got.dtype == dtype and got.shape == (rows, out_features)
     assert rel(got, expected) < (1e-6 if dtype == torch.float32 else 1e-2)
 
 

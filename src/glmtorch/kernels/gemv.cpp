@@ -2,9 +2,10 @@
 //
 // Decoding reads every weight once per step, so these loops are written to stream W exactly once, whatever
 // the number of rows: each weight chunk is loaded, decoded in registers and multiplied into every row's
-// accumulators (MAX_ROWS rows at a time; further groups of rows find the weight row in cache). AVX2 + FMA intrinsics where the compiler targets them
-// (-march=native), plain loops elsewhere; rows of W are split across torch's intra-op threads. Activations
-// come in and results go out as fp32.
+// accumulators (integer weights: MAX_ROWS rows at a time, further groups finding the weight row in cache; float
+// weights from 3 rows on: register tiles of 4 rows x 3 weight rows). AVX2 + FMA intrinsics where the compiler
+// targets them (-march=native), plain loops elsewhere; rows of W are split across torch's intra-op threads.
+// Activations come in and results go out as fp32.
 //
 // Weight formats (the same tensors glmtorch keeps in its state dict):
 //   f32, bf16  (N, K)
@@ -229,6 +230,66 @@ inline void bf16_row(const float* x, int64_t K, const uint16_t* row, float* out)
   dot_rows<M, Vec8>(x, K, [&](int64_t k) { prefetch_ahead(row + k); return Vec8::from_bf16(row + k); }, out);  // Vec16 without AVX2
 }
 
+#if defined(__AVX2__) && defined(__FMA__)
+// Three rows or more: a register tile of MR rows of x against NR weight rows. With one weight row at a time, every
+// weight vector meets every row of x, so each multiply-add needs its own load of x (from L2 once x outgrows L1:
+// 64 rows of 1024 fp32 are 256 KB) and the loads, not the multiplies, set the pace. A 4 x 3 tile loads 7 vectors
+// for 12 multiply-adds and keeps its 12 accumulators, 3 weight vectors and one x vector in the 16 registers.
+constexpr int TILE_M = 4, TILE_N = 3;  // measured against 6 x 2, 3 x 4, 2 x 4: 4 x 3 and 6 x 2 lead
+
+template <int MR, int NR, typename LoadWeights>
+inline void tile(const float* x, int64_t K, LoadWeights load_weights, float* out, int64_t M) {
+  // out[j * M + m] = sum_k x[m, k] * w_j[k] for m < MR, j < NR; load_weights(j, k) widens 8 weights of row j
+  Vec8 acc[NR][MR];
+  for (int j = 0; j < NR; ++j)
+    for (int m = 0; m < MR; ++m) acc[j][m] = Vec8::zero();
+  for (int64_t k = 0; k < K; k += Vec8::WIDTH) {
+    Vec8 w[NR];
+    for (int j = 0; j < NR; ++j) w[j] = load_weights(j, k);
+    for (int m = 0; m < MR; ++m) {
+      const Vec8 xv = Vec8::load(x + m * K + k);
+      for (int j = 0; j < NR; ++j) acc[j][m].add_product(xv, w[j]);
+    }
+  }
+  for (int j = 0; j < NR; ++j)
+    for (int m = 0; m < MR; ++m) out[j * M + m] = acc[j][m].sum();
+}
+
+template <int NR, typename LoadWeights>
+inline void tile_column(const float* x, int64_t M, int64_t K, LoadWeights load_weights, float* out) {
+  // every row of x against NR weight rows, TILE_M rows at a time; the weight rows stay in L1 between tiles
+  int64_t m0 = 0;
+  for (; m0 + TILE_M <= M; m0 += TILE_M) tile<TILE_M, NR>(x + m0 * K, K, load_weights, out + m0, M);
+  switch (M - m0) {  // the last rows, fewer than TILE_M
+    case 1: tile<1, NR>(x + m0 * K, K, load_weights, out + m0, M); break;
+    case 2: tile<2, NR>(x + m0 * K, K, load_weights, out + m0, M); break;
+    case 3: tile<3, NR>(x + m0 * K, K, load_weights, out + m0, M); break;
+    default: break;
+  }
+}
+
+template <typename LoadWeights>  // load_weights(n, k) -> Vec8 of weight row n from k
+at::Tensor run_tiled(const at::Tensor& x, int64_t N, LoadWeights load_weights) {
+  const int64_t M = x.size(0), K = x.size(1);
+  const float* xp = x.data_ptr<float>();
+  auto y = at::empty({N, M}, x.options());
+  float* yp = y.data_ptr<float>();
+  const int64_t columns = (N + TILE_N - 1) / TILE_N;
+  at::parallel_for(0, columns, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      const int64_t n0 = c * TILE_N;
+      auto rows_from_n0 = [&](int j, int64_t k) { return load_weights(n0 + j, k); };
+      switch (std::min<int64_t>(TILE_N, N - n0)) {
+        case 1: tile_column<1>(xp, M, K, rows_from_n0, yp + n0 * M); break;
+        case 2: tile_column<2>(xp, M, K, rows_from_n0, yp + n0 * M); break;
+        default: tile_column<3>(xp, M, K, rows_from_n0, yp + n0 * M); break;
+      }
+    }
+  });
+  return y.t().contiguous();
+}
+#endif
+
 at::Tensor gemv_float(const at::Tensor& x, const at::Tensor& w) {
   const int64_t N = w.size(0), K = w.size(1);
   check(x, w, K);
@@ -236,6 +297,10 @@ at::Tensor gemv_float(const at::Tensor& x, const at::Tensor& w) {
   const int64_t M = x.size(0);
   if (w.scalar_type() == at::kFloat) {
     const float* wp = w.data_ptr<float>();
+#if defined(__AVX2__) && defined(__FMA__)
+    if (M >= 3)
+      return run_tiled(x, N, [&](int64_t n, int64_t k) { prefetch_ahead(wp + n * K + k); return Vec8::load(wp + n * K + k); });
+#endif
     return run(x, N, [&](int64_t n, float* out) {
       FOR_ROW_GROUPS(M, (f32_row<R>(xp + g0 * K, K, wp + n * K, out + g0)));
     });
@@ -257,6 +322,7 @@ at::Tensor gemv_float(const at::Tensor& x, const at::Tensor& w) {
       else dot_rows<2, Vec16>(pp, K, load, out);
     });
   }
+  return run_tiled(x, N, [&](int64_t n, int64_t k) { prefetch_ahead(wp + n * K + k); return Vec8::from_bf16(wp + n * K + k); });
 #endif
   return run(x, N, [&](int64_t n, float* out) {
     FOR_ROW_GROUPS(M, (bf16_row<R>(xp + g0 * K, K, wp + n * K, out + g0)));
