@@ -205,23 +205,33 @@ def test_queue_full_is_503(chat_checkpoint):
     tokenizer = glmtorch.AutoTokenizer.from_pretrained(path)
     engine = build_engine(model, tokenizer, max_batch=1, max_queue=0)
     # The busy request must still hold the one slot when the second arrives, however fast this machine decodes:
-    # its decode steps wait until the test has seen the 503.
+    # its decode steps wait until the test has seen the 503. (Its first token may decode to no text, so the test
+    # watches the engine's slot, not the stream.)
     released = threading.Event()
     decode_step = engine._decode_step
     engine._decode_step = lambda: (released.wait(60), decode_step())
     server = RunningServer(create_app(engine, tokenizer, "tiny-glm"))
+    busy_reply = {}
+
+    def busy_request():
+        busy_reply["body"] = httpx.post(server.url + "/v1/completions", timeout=120,
+                                        json={"prompt": "Busy", "max_tokens": 8, "ignore_eos": True}).json()
+
+    busy = threading.Thread(target=busy_request)
     try:
-        with httpx.Client(timeout=60) as c:
-            with c.stream("POST", server.url + "/v1/completions",
-                          json={"prompt": "Busy", "max_tokens": 8, "stream": True, "ignore_eos": True}) as r:
-                lines = r.iter_lines()
-                next(line for line in lines if line.startswith("data:"))
-                busy = c.post(server.url + "/v1/completions", json={"prompt": "Me too", "max_tokens": 2})
-                assert busy.status_code == 503 and busy.json()["error"]["code"] == "queue_full"
-                released.set()
-                assert any('"finish_reason":"length"' in line.replace(" ", "") for line in lines)
+        busy.start()
+        deadline = time.monotonic() + 60
+        while engine.active == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert engine.active == 1
+        refused = httpx.post(server.url + "/v1/completions", json={"prompt": "Me too", "max_tokens": 2}, timeout=30)
+        assert refused.status_code == 503 and refused.json()["error"]["code"] == "queue_full"
+        released.set()
+        busy.join(timeout=120)
+        assert busy_reply["body"]["choices"][0]["finish_reason"] == "length"
     finally:
         released.set()
+        busy.join(timeout=120)
         server.close()
         engine.stop()
 
