@@ -105,12 +105,34 @@ def test_weight_only_quantization(tmp_path, pair, mode, logit_tol, ppl_tol):
         glmtorch.GlmForCausalLM.from_pretrained(tmp_path / mode, quantize="int4" if mode == "int8" else "int8")
 
 
+@torch.no_grad()
+def test_int4_checkpoint_with_wider_scales_still_loads(tmp_path, pair):
+    # int4 checkpoints saved before scales were kept in fp16 hold them in the model's dtype (fp32 here)
+    from safetensors.torch import load_file, save_file
+
+    _, path = pair
+    quant = glmtorch.GlmForCausalLM.from_pretrained(path, quantize="int4")
+    quant.save_pretrained(tmp_path / "int4")
+    weights = tmp_path / "int4" / "model.safetensors"
+    tensors = {k: (v.float() if k.endswith(".scales") else v) for k, v in load_file(weights).items()}
+    save_file(tensors, weights, metadata={"format": "pt"})
+    again = glmtorch.GlmForCausalLM.from_pretrained(tmp_path / "int4")
+    assert again.lm_head.scales.dtype == torch.float16
+    ids = torch.randint(1, 160, (2, 12), generator=torch.Generator().manual_seed(5))
+    assert torch.equal(again(ids).logits, quant(ids).logits)  # fp16 values widened and narrowed: exact
+
+
 def test_bad_quantize_arguments(pair):
     _, path = pair
     with pytest.raises(ValueError, match="quantize='int3'"):
         glmtorch.GlmForCausalLM.from_pretrained(path, quantize="int3")
     with pytest.raises(ValueError, match="group_size"):
         glmtorch.GlmForCausalLM.from_pretrained(path, quantize="int4", group_size=3)
+    huge = torch.nn.Linear(64, 4)
+    with torch.no_grad():
+        huge.weight[0, 0] = 1e6  # its group scale would be 125000, past fp16's 65504
+    with pytest.raises(ValueError, match="quantize this model to int8"):
+        Int4Linear.from_linear(huge)
 
 
 @pytest.mark.slow
