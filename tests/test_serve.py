@@ -8,6 +8,7 @@ import time
 
 import httpx
 import pytest
+import torch
 
 import glmtorch
 from glmtorch.serve.app import create_app
@@ -308,3 +309,41 @@ def test_lookalike_tool_calls_stay_content(tokenizer_dir, reply):
         assert out.choices[0].finish_reason == "stop"
     finally:
         server.close()
+
+
+@pytest.mark.slow
+@torch.no_grad()
+def test_compiled_engine_steps_any_row_count_with_one_graph(chat_checkpoint, monkeypatch):
+    """The compiled decode step takes exactly the active rows (a dynamic batch dimension): every count from 2 up
+    shares one graph, and each request's greedy text equals generate's for it alone."""
+    from torch._dynamo.utils import counters
+
+    from glmtorch.serve.engine import Request, SamplingParams
+
+    _, path = chat_checkpoint
+    tokenizer = glmtorch.AutoTokenizer.from_pretrained(path)
+    prompts = [list(range(3, 3 + n)) for n in (4, 9, 6, 12, 7)]
+    monkeypatch.setenv("GLMTORCH_COMPILE", "0")
+    eager = glmtorch.AutoModelForCausalLM.from_pretrained(path)
+    expected = [eager.generate(torch.tensor([p]), max_new_tokens=6, do_sample=False, eos_token_id=[])[0, len(p):].tolist()
+                for p in prompts]
+    monkeypatch.setenv("GLMTORCH_COMPILE", "1")
+    model = glmtorch.AutoModelForCausalLM.from_pretrained(path)
+    engine = build_engine(model, tokenizer, max_batch=8, max_queue=8)
+
+    def burst(batch):
+        done = [threading.Event() for _ in batch]
+        requests = [Request(p, SamplingParams(max_tokens=6, temperature=0, ignore_eos=True),
+                            lambda e, d=d: e.kind != "text" and d.set()) for p, d in zip(batch, done)]
+        for r in requests:
+            engine.submit(r)
+        assert all(d.wait(300) for d in done)
+        return [r.history[0, len(r.prompt_ids):].tolist() for r in requests]
+
+    try:
+        assert burst(prompts) == expected
+        graphs = counters["stats"]["unique_graphs"]
+        assert burst(prompts[:3]) == expected[:3]  # other row counts: no new graph
+        assert counters["stats"]["unique_graphs"] == graphs
+    finally:
+        engine.stop()
