@@ -31,10 +31,15 @@ def build_engine(model, tokenizer, max_batch: int, max_queue: int, max_context: 
 
 
 def warm_up(engine: Engine) -> None:
-    """Run one tiny request so the compiled decode step exists before the first client arrives."""
-    done = threading.Event()
-    engine.submit(Request([0, 1, 2], SamplingParams(max_tokens=2, temperature=0), lambda e: e.kind != "text" and done.set()))
-    done.wait(timeout=900)
+    """Run tiny requests so the compiled decode steps exist before the first client arrives: one alone (the
+    one-row step), then two together (the step for any larger batch, whose row count is dynamic)."""
+    for batch in (1, 2) if engine.max_batch > 1 else (1,):
+        done = [threading.Event() for _ in range(batch)]
+        for d in done:
+            engine.submit(Request([0, 1, 2], SamplingParams(max_tokens=3, temperature=0, ignore_eos=True),
+                                  lambda e, d=d: e.kind != "text" and d.set()))
+        for d in done:
+            d.wait(timeout=900)
 
 
 def serve(model_path: str | None = None, host: str = "127.0.0.1", port: int = 8000, dtype: str = "auto",
