@@ -86,9 +86,14 @@ def compiled_decode_step(model):
             compiled = torch.compile(decode_step, mode="reduce-overhead" if model.device.type == "cuda" else None)
 
             def step(*args):
-                torch._dynamo.mark_dynamic(args[4], 1)  # the attended length grows every step
-                for buffer in args[5].keys + args[5].values:  # and caches differ in size between calls
+                tokens, positions, mask, cache = args[1], args[2], args[4], args[5]
+                torch._dynamo.mark_dynamic(mask, 1)  # the attended length grows every step
+                for buffer in cache.keys + cache.values:  # and caches differ in size between calls
                     torch._dynamo.mark_dynamic(buffer, 2)
+                # so do batches (the server's active requests change every few steps): one graph for every row
+                # count from 2 up (a single row specializes, and gets its own)
+                for t in (tokens, positions, mask, cache.seq_lengths, *cache.keys, *cache.values):
+                    torch._dynamo.maybe_mark_dynamic(t, 0)
                 try:
                     return compiled(*args)
                 except Exception as e:  # no compiler toolchain, an unsupported op: stay correct, warn once

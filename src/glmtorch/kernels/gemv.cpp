@@ -51,28 +51,7 @@ inline float bf16_to_float(uint16_t v) {
   return out;
 }
 
-inline float fp16_to_float(uint16_t h) {
-#if defined(__F16C__)
-  return _cvtsh_ss(h);
-#else
-  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16, exponent = (h >> 10) & 0x1F, mantissa = h & 0x3FF;
-  uint32_t bits;
-  if (exponent == 0x1F) {
-    bits = sign | 0x7F800000u | (mantissa << 13);  // inf / nan
-  } else if (exponent != 0) {
-    bits = sign | ((exponent + 112) << 23) | (mantissa << 13);
-  } else if (mantissa == 0) {
-    bits = sign;
-  } else {  // subnormal: value = mantissa * 2^-24
-    float value = std::ldexp(static_cast<float>(mantissa), -24);
-    std::memcpy(&bits, &value, sizeof(bits));
-    bits |= sign;
-  }
-  float out;
-  std::memcpy(&out, &bits, sizeof(out));
-  return out;
-#endif
-}
+inline float fp16_to_float(uint16_t h) { return static_cast<float>(c10::Half(h, c10::Half::from_bits())); }
 
 // Scales may be fp32, bf16 or fp16 (int4 keeps fp16, as llama.cpp's Q4_0 does); widened one at a time where they
 // are read once per row, and in registers where they are read once per block (PairScales).
@@ -220,18 +199,14 @@ void check(const at::Tensor& x, const at::Tensor& w, int64_t K) {
   TORCH_CHECK(w.is_contiguous() && w.device().is_cpu(), "the weight must be contiguous on the CPU");
 }
 
-#if defined(__AVX2__) && defined(__FMA__)
-constexpr bool HAS_AVX2 = true;
-#else
-constexpr bool HAS_AVX2 = false;
+#if !(defined(__AVX2__) && defined(__FMA__))
 using Vec8 = Vec16;  // one vector type where there are no intrinsics
 #endif
 
 template <int M>
 inline void f32_row(const float* x, int64_t K, const float* row, Out out) {
-  if constexpr (M <= 2 || !HAS_AVX2)
-    dot_rows<M, Vec16>(x, K, [&](int64_t k) { prefetch_ahead(row + k); return Vec16::load(row + k); }, out);
-  else dot_rows<M, Vec8>(x, K, [&](int64_t k) { prefetch_ahead(row + k); return Vec8::load(row + k); }, out);
+  // 1-2 rows (3 and more take the register tiles where there are intrinsics)
+  dot_rows<M, Vec16>(x, K, [&](int64_t k) { prefetch_ahead(row + k); return Vec16::load(row + k); }, out);
 }
 
 template <int M>
@@ -347,7 +322,6 @@ constexpr int64_t BLOCK = 32;
 #if defined(__AVX2__) && defined(__FMA__)
 using Int8x32 = __m256i;
 inline Int8x32 load_int8x32(const int8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
-
 inline Int8x32 unpack_nibbles(const uint8_t* p) {  // 16 bytes -> [16 low nibbles | 16 high nibbles] - 8
   const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
   const __m128i mask = _mm_set1_epi8(15);

@@ -227,17 +227,15 @@ class Engine:
 
     def _decode_step(self) -> None:
         active = [(i, r) for i, r in enumerate(self.slots) if r is not None]  # rows 0..len-1 (kept packed)
-        # Exactly the active rows: the compiled step's batch dimension is dynamic (one graph for every count
-        # from 2 up; 1 gets its own), so 17 requests cost 17 rows, not 32.
+        # Exactly the active rows: the compiled step's batch dimension is dynamic (fastpath), so 17 requests
+        # cost 17 rows, not 32.
         rows = len(active)
         tokens = torch.tensor([[r.last_token] for _, r in active], device=self.device)
         positions = torch.tensor([[r.position] for _, r in active], device=self.device)
         # attention reads the slots up to the furthest active row, not the whole context
         window = max(r.position for _, r in active) + 1
-        mask, cache = self.ones[:rows, :window], self.cache.rows(0, rows)
-        for t in (tokens, positions, mask, cache.seq_lengths, *cache.keys, *cache.values):
-            torch._dynamo.maybe_mark_dynamic(t, 0)
-        logits = self.step_fn(self.model, tokens, positions, positions, mask, cache)
+        logits = self.step_fn(self.model, tokens, positions, positions, self.ones[:rows, :window],
+                              self.cache.rows(0, rows))
         self.steps += 1
         for i, r in active:  # logits rows are the slots as they were during the step
             r.position += 1
