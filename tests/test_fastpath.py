@@ -8,7 +8,7 @@ import torch
 
 import glmtorch
 from glmtorch.cache import StaticCache
-from glmtorch.fastpath import GemvLinear
+from glmtorch.fastpath import GemvLinear, compiled_decode_step
 from glmtorch.quantize import Int4Linear, Int8Linear
 from conftest import CONFIGS, make_hf_model, rel_err, save_hf
 
@@ -77,6 +77,17 @@ def test_compiled_decode_matches_eager_and_does_not_recompile(pair, monkeypatch)
     shorter = model.generate(ids[:, 1:], max_new_tokens=9, **{**kw, "attention_mask": mask[:, 1:]})
     assert shorter.shape == (2, 5 + 9)
     assert counters["stats"]["unique_graphs"] == compiles
+    # the compiled step's logits (its attention is the decode form, not SDPA) against the reference's
+    T, new = ids.shape[1], torch.tensor([[3], [4]])
+    full_mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1)
+    positions = (full_mask.cumsum(-1) - 1).clamp(min=0)
+    cache = model.new_static_cache(2, 16)
+    cache.length = T
+    model(ids, attention_mask=mask, position_ids=positions[:, :T], past_key_values=cache,
+          cache_position=torch.arange(T))
+    logits = compiled_decode_step(model)(model, new, positions[:, T:], torch.tensor([T]), full_mask, cache)
+    expected = ref(torch.cat([ids, new], 1), attention_mask=full_mask, position_ids=positions).logits[:, -1]
+    assert rel_err(logits, expected) < 1e-5
 
 
 @torch.no_grad()
