@@ -148,6 +148,23 @@ def test_missing_unexpected_and_misshaped_tensors_are_listed(tmp_path, gqa_check
     assert "unexpected tensor 'model.layers.0.self_attn.extra.weight'" in message
 
 
+def test_missing_or_repeated_part_of_the_fused_qkv(tmp_path, gqa_checkpoint):
+    """q, k and v load into one stacked qkv_proj: a part that is missing is named, as is a mis-shaped one."""
+    _, path = gqa_checkpoint
+    from safetensors.torch import load_file
+
+    tensors = load_file(os.path.join(path, "model.safetensors"))
+    bad = copy_checkpoint(path, tmp_path / "bad_qkv")
+    tensors.pop("model.layers.1.self_attn.k_proj.weight")
+    tensors["model.layers.0.self_attn.v_proj.bias"] = torch.zeros(3, 2)
+    save_file(tensors, bad / "model.safetensors")
+    with pytest.raises(CheckpointError) as info:
+        glmtorch.GlmForCausalLM.from_pretrained(bad)
+    message = str(info.value)
+    assert "missing tensors: model.layers.1.self_attn.k_proj.weight" in message
+    assert "'model.layers.0.self_attn.v_proj.bias' has shape (3, 2)" in message
+
+
 def test_config_that_does_not_match_weights(tmp_path, gqa_checkpoint):
     _, path = gqa_checkpoint
     bad = copy_checkpoint(path, tmp_path / "mismatch")

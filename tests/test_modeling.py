@@ -31,6 +31,20 @@ def test_logits_match_reference(hf_checkpoint):
 
 
 @torch.no_grad()
+def test_state_dict_speaks_transformers_names(hf_checkpoint):
+    """The fused qkv_proj is an implementation detail: state_dict and load_state_dict use q/k/v_proj, both ways."""
+    ref_model, path = hf_checkpoint
+    model = glmtorch.GlmForCausalLM.from_pretrained(path)
+    ours, theirs = model.state_dict(), ref_model.state_dict()
+    assert set(ours) == set(theirs) and not any("qkv_proj" in n for n in ours)
+    assert all(torch.equal(ours[n], theirs[n]) for n in theirs)
+    fresh = glmtorch.GlmForCausalLM.from_config(model.config)
+    fresh.load_state_dict(theirs)
+    ids = torch.randint(1, 160, (1, 7), generator=torch.Generator().manual_seed(2))
+    assert torch.equal(fresh(ids).logits, model(ids).logits)
+
+
+@torch.no_grad()
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_padded_batch_matches_reference(hf_checkpoint, side):
     ref_model, path = hf_checkpoint

@@ -17,7 +17,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .attention import check_attention_backend
-from .checkpoint.formats import WeightFormat
+from .checkpoint.formats import STACKED, WeightFormat, part_name, split_stacked
 from .checkpoint.gguf import GGUF_FORMAT, GgufFile, gguf_config, is_gguf
 from .checkpoint.resolve import CheckpointError, resolve_checkpoint
 from .checkpoint.safetensors_io import (
@@ -189,6 +189,7 @@ def load_weights(model: nn.Module, files: list[str], fmt: WeightFormat, dtype: t
     entries = list(iter_tensor_names(files))
     bar = tqdm(total=len(entries), desc="Loading weights", unit="tensor", disable=_quiet(progress))
     handles = {}
+    pending: dict[str, dict[str, tuple[torch.Tensor, str]]] = {}  # stacked parameter -> its parts read so far
     for path, stored, _ in entries:
         bar.update()
         mapped = fmt.map_name(stored)
@@ -200,37 +201,62 @@ def load_weights(model: nn.Module, files: list[str], fmt: WeightFormat, dtype: t
         targets = [_to_model_name(t, prefix) for t in targets]
         if tied:
             targets = [t if t != "lm_head.weight" else None for t in targets]
-        if not any(t is not None and t in params for t in targets) and all(
+        if not any(t is not None and split_stacked(t)[0] in params for t in targets) and all(
                 t is None or t.startswith(_HEAD_TENSORS) for t in targets):
             continue  # a head this class does not have (an LM checkpoint loaded as GlmModel, say) or a dropped name
         handle = handles.get(path) or handles.setdefault(path, open_safetensors(path))
-        if tp is not None and transform is None and hasattr(handle, "get_slice") and targets[0] in params:
-            # Read only this rank's rows/columns from the file.
-            parts = (tp.slice(targets[0], handle.get_slice(stored), handle.shape(stored), model.config),)
+        if tp is not None and transform is None and hasattr(handle, "get_slice") and split_stacked(targets[0])[0] in params:
+            # Read only this rank's rows/columns from the file (the plan knows a stacked part by its own name).
+            parts = (tp.slice(part_name(targets[0]), handle.get_slice(stored), handle.shape(stored), model.config),)
         else:
             tensor = read_tensor(handle, path, stored)
             parts = transform(tensor, model.config) if transform else (tensor,)
             if tp is not None:
-                parts = tuple(tp.slice(t, p, tuple(p.shape), model.config) if t in params else p
+                parts = tuple(tp.slice(part_name(t), p, tuple(p.shape), model.config)
+                              if t is not None and split_stacked(t)[0] in params else p
                               for t, p in zip(targets, parts))
         for target, part in zip(targets, parts):
             if target is None:
                 continue
+            target, piece = split_stacked(target)
             if target not in params:
                 problems.append(f"unexpected tensor {stored!r}: the model has no parameter {target!r}")
                 continue
+            source = stored
+            if piece is not None:  # one part of a stacked parameter: kept until all its parts are read
+                got = pending.setdefault(target, {})
+                if piece in got:
+                    problems.append(f"{part_name(target + '#' + piece)!r} is given twice, by {got[piece][1]!r} and "
+                                    f"{stored!r}")
+                    continue
+                if tuple(part.shape[1:]) != tuple(params[target].shape[1:]):
+                    problems.append(f"tensor {stored!r} has shape {tuple(part.shape)}, but "
+                                    f"{part_name(target + '#' + piece)!r} needs {tuple(params[target].shape[1:])} "
+                                    "per row (config.json does not match the weights)")
+                    continue
+                got[piece] = (part, stored)
+                order = STACKED[target.rpartition(".")[0].rpartition(".")[2]]
+                if len(got) < len(order):
+                    continue
+                part = torch.cat([got[p][0] for p in order], dim=0)
+                source = " + ".join(got[p][1] for p in order)
+                del pending[target]
             if target in loaded:
-                problems.append(f"{target!r} is given twice, by {loaded[target]!r} and {stored!r}")
+                problems.append(f"{target!r} is given twice, by {loaded[target]!r} and {source!r}")
                 continue
             expected = tuple(params[target].shape)
             if tuple(part.shape) != expected:
-                problems.append(f"tensor {stored!r} has shape {tuple(part.shape)}, but {target!r} needs {expected} "
+                problems.append(f"tensor {source!r} has shape {tuple(part.shape)}, but {target!r} needs {expected} "
                                 "(config.json does not match the weights)")
                 continue
             _assign(model, target, part.to(device=device, dtype=_dtype_for(model, target, dtype, part)))
-            loaded[target] = stored
+            loaded[target] = source
     bar.close()
-    missing = [n for n in dict(model.named_parameters()) if n not in loaded and not (tied and n == "lm_head.weight")]
+    for target, got in pending.items():
+        order = STACKED[target.rpartition(".")[0].rpartition(".")[2]]
+        problems.append(f"missing tensors: {', '.join(part_name(target + '#' + p) for p in order if p not in got)}")
+    missing = [n for n in dict(model.named_parameters())
+               if n not in loaded and n not in pending and not (tied and n == "lm_head.weight")]
     fresh_heads = [n for n in missing if n.startswith("score.")]
     missing = [n for n in missing if n not in fresh_heads]
     if missing:

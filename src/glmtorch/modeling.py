@@ -5,7 +5,9 @@ GLM-4 is a Llama-style decoder. What differs from Llama, kept visible here:
      of each head are rotated (half of them for GLM-4), and they rotate in adjacent pairs (x0, x1),
      (x2, x3), ... instead of Llama's two halves;
   2. the MLP's gate and up projections are one fused `gate_up_proj` matrix, split by `chunk`;
-  3. q/k/v projections carry a bias (`attention_bias`), o_proj never does;
+  3. q/k/v projections carry a bias (`attention_bias`), o_proj never does; they run as one fused `qkv_proj`
+     matrix [q | k | v] (one matrix product instead of three, as THUDM's checkpoints store it), while the
+     state dict keeps transformers' q_proj / k_proj / v_proj names;
   4. the LM head is untied from the embedding by default.
 
 Shapes: B batch, T new tokens, S key length (cached + new), H query heads, KV key/value heads, D head_dim.
@@ -99,18 +101,21 @@ class Attention(nn.Module):
         self.head_dim = config.head_dim
         self.scale = config.head_dim ** -0.5
         self.dropout = config.attention_dropout
-        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=config.attention_bias)
-        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=config.attention_bias)
-        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=config.attention_bias)
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.qkv_proj = nn.Linear(config.hidden_size, q_size + 2 * kv_size, bias=config.attention_bias)
+        self.qkv_sizes = [q_size, kv_size, kv_size]  # rows of q, k, v in qkv_proj (this rank's, under TP)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
         self.attend = ATTENTION_BACKENDS["sdpa"]
+        self.register_state_dict_post_hook(_split_qkv_state)
+        self.register_load_state_dict_pre_hook(_fuse_qkv_state)
 
     def forward(self, x, rope, mask, cache, cache_position, need_weights=False):
         B, T, _ = x.shape
+        q, k, v = self.qkv_proj(x).split(self.qkv_sizes, dim=-1)
         # Head counts come from the weights, so a tensor-parallel shard (fewer heads per rank) runs as is.
-        q = self.q_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = self.k_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, KV, T, D)
-        v = self.v_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, KV, T, D)
+        q = q.view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, KV, T, D)
+        v = v.view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, KV, T, D)
         cos, sin = rope
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
@@ -118,6 +123,26 @@ class Attention(nn.Module):
         dropout = self.dropout if self.training else 0.0
         out, probs = self.attend(q, k, v, mask, self.scale, dropout, need_weights)  # (B, T, H, D)
         return self.o_proj(out.reshape(B, T, -1)), probs
+
+
+# The state dict speaks transformers' names (q_proj, k_proj, v_proj): save_pretrained, load_state_dict and
+# every tool that reads a state dict see the checkpoint layout, while the module runs the fused matrix.
+QKV_PARTS = ("q_proj", "k_proj", "v_proj")
+
+
+def _split_qkv_state(module, state_dict, prefix, local_metadata) -> None:
+    for leaf in ("weight", "bias", "scales"):  # scales: weight-only quantized layers
+        fused = state_dict.pop(f"{prefix}qkv_proj.{leaf}", None)
+        if fused is not None:
+            for part, rows in zip(QKV_PARTS, fused.split(module.qkv_sizes, dim=0)):
+                state_dict[f"{prefix}{part}.{leaf}"] = rows
+
+
+def _fuse_qkv_state(module, state_dict, prefix, *args) -> None:
+    for leaf in ("weight", "bias", "scales"):
+        names = [f"{prefix}{part}.{leaf}" for part in QKV_PARTS]
+        if all(n in state_dict for n in names):
+            state_dict[f"{prefix}qkv_proj.{leaf}"] = torch.cat([state_dict.pop(n) for n in names], dim=0)
 
 
 class MLP(nn.Module):
@@ -191,7 +216,7 @@ class GlmPreTrainedModel(nn.Module, PretrainedMixin):
     def new_static_cache(self, batch_size: int, max_length: int) -> StaticCache:
         """A preallocated cache for this model (this rank's KV heads only, under tensor parallelism)."""
         attention = next(m for m in self.modules() if isinstance(m, Attention))
-        kv_heads = attention.k_proj.weight.shape[0] // attention.head_dim
+        kv_heads = attention.qkv_sizes[1] // attention.head_dim
         return StaticCache(self.config.num_hidden_layers, batch_size, kv_heads, max_length, attention.head_dim,
                            dtype=self.dtype, device=self.device)
 

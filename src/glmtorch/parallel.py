@@ -5,6 +5,8 @@ The plan is data: each weight's name pattern says how it is cut across `world` r
     q_proj            columns (output rows) by query heads
     k_proj, v_proj    columns by key/value heads; replicated per group when there are fewer KV heads than
                       ranks (MQA), each rank keeping the one its query heads use
+    qkv_proj          the model's fused [q | k | v]: this rank's rows of each part, stacked (its parts load
+                      one by one, each cut by its own rule above)
     gate_up_proj      columns, cut per half so each rank keeps matching [gate | up] slices
     o_proj, down_proj rows (input columns), outputs summed with an all-reduce
     embed_tokens      by vocabulary (each rank embeds its id range, summed with an all-reduce)
@@ -29,6 +31,7 @@ TP_PLAN = {
     "*self_attn.q_proj.*": "heads_q",
     "*self_attn.k_proj.*": "heads_kv",
     "*self_attn.v_proj.*": "heads_kv",
+    "*self_attn.qkv_proj.*": "heads_qkv",
     "*self_attn.o_proj.weight": "rowwise",
     "*mlp.gate_up_proj.weight": "fused_pair",
     "*mlp.down_proj.weight": "rowwise",
@@ -59,6 +62,11 @@ class TensorParallel:
         if style == "heads_q":
             per = config.num_attention_heads // n
             return 0, [(r * per * D, (r + 1) * per * D)]
+        if style == "heads_qkv":  # [q | k | v] rows: each part's own ranges, shifted to where the part starts
+            q_rows, kv_rows = config.num_attention_heads * D, config.num_key_value_heads * D
+            (q,), (kv,) = self.index(".self_attn.q_proj.weight", shape, config)[1], \
+                self.index(".self_attn.k_proj.weight", shape, config)[1]
+            return 0, [q, (q_rows + kv[0], q_rows + kv[1]), (q_rows + kv_rows + kv[0], q_rows + kv_rows + kv[1])]
         if style == "heads_kv":
             kv = config.num_key_value_heads
             if kv >= n:
@@ -143,6 +151,10 @@ def shard_meta_model(model: nn.Module, tp: TensorParallel) -> None:
             module_name, _, leaf = name.rpartition(".")
             setattr(model.get_submodule(module_name), leaf,
                     nn.Parameter(torch.empty(shape, device="meta", dtype=param.dtype), requires_grad=False))
+    for name, module in model.named_modules():
+        if hasattr(module, "qkv_sizes"):  # where the fused projection's output splits, on this rank
+            full = (sum(module.qkv_sizes), config.hidden_size)
+            module.qkv_sizes = [b - a for a, b in tp.index(f"{name}.qkv_proj.weight", full, config)[1]]
 
 
 def add_communication(model: nn.Module, tp: TensorParallel) -> None:

@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from ..config import CONFIG_NAME, read_config_json
+from .formats import part_name
 from .resolve import CheckpointError, resolve_checkpoint
 from .safetensors_io import (
     SAFE_INDEX_NAME,
@@ -67,7 +68,10 @@ def _expected_shapes(config) -> dict[str, tuple[int, ...]]:
 
     with torch.device("meta"):
         model = GlmForCausalLM(config)
-    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}  # a tied head appears once, as embed_tokens
+    # the state dict's names are transformers' (q_proj, k_proj, v_proj, not the fused qkv_proj)
+    shapes = {n: tuple(p.shape) for n, p in model.state_dict().items()}
+    if config.tie_word_embeddings:
+        shapes.pop("lm_head.weight", None)  # stored once, as embed_tokens
     return shapes
 
 
@@ -102,6 +106,7 @@ def _write_shards(files, fmt, config, expected, dtype, limit, out_dir, progress)
         tensor = read_tensor(handle, path, name)
         parts = transform(tensor, config) if transform else (tensor,)
         for target, part in zip(targets, parts):
+            target = part_name(target)  # written unstacked, under transformers' names
             if target == "lm_head.weight" and config.tie_word_embeddings:
                 continue
             if target not in expected:

@@ -5,7 +5,7 @@ Names (one table, both directions):
     GGUF                        ours
     token_embd                  model.embed_tokens
     blk.N.attn_norm             model.layers.N.input_layernorm
-    blk.N.attn_qkv (+ bias)     q_proj | k_proj | v_proj, fused as in THUDM's format
+    blk.N.attn_qkv (+ bias)     model.layers.N.self_attn.qkv_proj ([q | k | v], as in THUDM's format)
     blk.N.attn_output           model.layers.N.self_attn.o_proj
     blk.N.ffn_norm              model.layers.N.post_attention_layernorm
     blk.N.ffn_up                model.layers.N.mlp.gate_up_proj ([gate | up], llama.cpp's SWIGLU split)
@@ -35,9 +35,9 @@ ARCH = "chatglm"
 GGUF_FORMAT = WeightFormat("GGUF chatglm", (
     Rule(r"token_embd\.weight", ("model.embed_tokens.weight",)),
     Rule(r"blk\.(\d+)\.attn_norm\.weight", (r"model.layers.\1.input_layernorm.weight",)),
-    Rule(r"blk\.(\d+)\.attn_qkv\.(weight|bias)", (r"model.layers.\1.self_attn.q_proj.\2",
-                                                  r"model.layers.\1.self_attn.k_proj.\2",
-                                                  r"model.layers.\1.self_attn.v_proj.\2"), split_qkv),
+    Rule(r"blk\.(\d+)\.attn_qkv\.(weight|bias)", (r"model.layers.\1.self_attn.qkv_proj.\2#q_proj",
+                                                  r"model.layers.\1.self_attn.qkv_proj.\2#k_proj",
+                                                  r"model.layers.\1.self_attn.qkv_proj.\2#v_proj"), split_qkv),
     Rule(r"blk\.(\d+)\.attn_output\.weight", (r"model.layers.\1.self_attn.o_proj.weight",)),
     Rule(r"blk\.(\d+)\.ffn_norm\.weight", (r"model.layers.\1.post_attention_layernorm.weight",)),
     Rule(r"blk\.(\d+)\.ffn_up\.weight", (r"model.layers.\1.mlp.gate_up_proj.weight",)),
@@ -238,9 +238,11 @@ def _gguf_tensors(model) -> dict[str, torch.Tensor]:
     for n in range(config.num_hidden_layers):
         p = f"model.layers.{n}."
         out[f"blk.{n}.attn_norm.weight"] = sd[p + "input_layernorm.weight"]
-        out[f"blk.{n}.attn_qkv.weight"] = torch.cat([sd[p + f"self_attn.{x}_proj.weight"] for x in "qkv"])
+        qkv = model.get_submodule(p + "self_attn.qkv_proj")  # already [q | k | v], as attn_qkv wants
+        out[f"blk.{n}.attn_qkv.weight"] = (qkv.dequantized(torch.float32) if hasattr(qkv, "dequantized")
+                                           else qkv.weight.detach())
         if config.attention_bias:
-            out[f"blk.{n}.attn_qkv.bias"] = torch.cat([sd[p + f"self_attn.{x}_proj.bias"] for x in "qkv"])
+            out[f"blk.{n}.attn_qkv.bias"] = qkv.bias.detach()
         out[f"blk.{n}.attn_output.weight"] = sd[p + "self_attn.o_proj.weight"]
         out[f"blk.{n}.ffn_norm.weight"] = sd[p + "post_attention_layernorm.weight"]
         out[f"blk.{n}.ffn_up.weight"] = sd[p + "mlp.gate_up_proj.weight"]

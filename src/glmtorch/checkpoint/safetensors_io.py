@@ -149,6 +149,13 @@ def read_tensor(handle, path: str, name: str) -> torch.Tensor:
         raise CheckpointError(f"{path}: tensor {name!r} cannot be read ({e}); the file is corrupt") from None
 
 
+def _standalone(t: torch.Tensor) -> torch.Tensor:
+    """A CPU tensor owning its memory: safetensors refuses tensors that share it (the q, k and v rows of the
+    fused qkv_proj are views of one matrix), so a view is copied, one shard at a time."""
+    t = t.detach().contiguous().cpu()
+    return t.clone() if t.untyped_storage().nbytes() != t.numel() * t.element_size() else t
+
+
 def save_safetensors(
     tensors: dict[str, torch.Tensor],
     directory: str,
@@ -178,7 +185,7 @@ def save_safetensors(
         for name, shard in zip(names, shards):
             tmp = os.path.join(directory, f".{name}.tmp-{os.getpid()}")
             tmp_paths.append(tmp)
-            save_file({k: v.detach().contiguous().cpu() for k, v in shard.items()}, tmp, metadata=metadata)
+            save_file({k: _standalone(v) for k, v in shard.items()}, tmp, metadata=metadata)
         index_text = None
         if len(shards) > 1:
             weight_map = {k: name for name, shard in zip(names, shards) for k in shard}

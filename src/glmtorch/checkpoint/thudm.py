@@ -4,7 +4,7 @@ and ChatGLM3-6B, which transformers only runs with `trust_remote_code`. The same
     theirs                                                   ours
     transformer.embedding.word_embeddings                    model.embed_tokens
     transformer.encoder.layers.N.input_layernorm             model.layers.N.input_layernorm
-    transformer.encoder.layers.N.self_attention.query_key_value   q_proj | k_proj | v_proj (split by head counts)
+    transformer.encoder.layers.N.self_attention.query_key_value   model.layers.N.self_attn.qkv_proj ([q | k | v])
     transformer.encoder.layers.N.self_attention.dense        model.layers.N.self_attn.o_proj
     transformer.encoder.layers.N.post_attention_layernorm    model.layers.N.post_attention_layernorm
     transformer.encoder.layers.N.mlp.dense_h_to_4h           model.layers.N.mlp.gate_up_proj (already fused)
@@ -30,7 +30,9 @@ _LAYER = r"transformer\.encoder\.layers\.(\d+)\."
 
 
 def split_qkv(tensor: torch.Tensor, config: GlmConfig) -> tuple[torch.Tensor, ...]:
-    """The fused [q | k | v] rows (weight or bias) into three tensors."""
+    """The fused [q | k | v] rows (weight or bias) as three tensors, checked against the head counts: the
+    loader stacks them again (reading each rank's heads under tensor parallelism), the converter writes them
+    under transformers' names."""
     q = config.num_attention_heads * config.head_dim
     kv = config.num_key_value_heads * config.head_dim
     if tensor.shape[0] != q + 2 * kv:
@@ -43,8 +45,8 @@ THUDM = WeightFormat("THUDM chatglm", (
     Rule(r"transformer\.embedding\.word_embeddings\.weight", ("model.embed_tokens.weight",)),
     Rule(_LAYER + r"input_layernorm\.weight", (r"model.layers.\1.input_layernorm.weight",)),
     Rule(_LAYER + r"self_attention\.query_key_value\.(weight|bias)",
-         (r"model.layers.\1.self_attn.q_proj.\2", r"model.layers.\1.self_attn.k_proj.\2",
-          r"model.layers.\1.self_attn.v_proj.\2"), split_qkv),
+         (r"model.layers.\1.self_attn.qkv_proj.\2#q_proj", r"model.layers.\1.self_attn.qkv_proj.\2#k_proj",
+          r"model.layers.\1.self_attn.qkv_proj.\2#v_proj"), split_qkv),
     Rule(_LAYER + r"self_attention\.dense\.weight", (r"model.layers.\1.self_attn.o_proj.weight",)),
     Rule(_LAYER + r"post_attention_layernorm\.weight", (r"model.layers.\1.post_attention_layernorm.weight",)),
     Rule(_LAYER + r"mlp\.dense_h_to_4h\.weight", (r"model.layers.\1.mlp.gate_up_proj.weight",)),
