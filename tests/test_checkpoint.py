@@ -130,19 +130,26 @@ def test_missing_shard(tmp_path):
         glmtorch.GlmForCausalLM.from_pretrained(path)
 
 
-def test_missing_unexpected_and_misshaped_tensors_are_listed(tmp_path, gqa_checkpoint):
-    _, path = gqa_checkpoint
+def load_error_after(edit, path, dest) -> str:
+    """The CheckpointError message of loading a copy of `path` whose tensors `edit` changed."""
     from safetensors.torch import load_file
 
     tensors = load_file(os.path.join(path, "model.safetensors"))
-    bad = copy_checkpoint(path, tmp_path / "bad")
-    tensors.pop("model.layers.1.mlp.down_proj.weight")
-    tensors["model.layers.0.self_attn.q_proj.weight"] = torch.zeros(3, 3)
-    tensors["model.layers.0.self_attn.extra.weight"] = torch.zeros(2)
+    bad = copy_checkpoint(path, dest)
+    edit(tensors)
     save_file(tensors, bad / "model.safetensors")
     with pytest.raises(CheckpointError) as info:
         glmtorch.GlmForCausalLM.from_pretrained(bad)
-    message = str(info.value)
+    return str(info.value)
+
+
+def test_missing_unexpected_and_misshaped_tensors_are_listed(tmp_path, gqa_checkpoint):
+    def edit(tensors):
+        tensors.pop("model.layers.1.mlp.down_proj.weight")
+        tensors["model.layers.0.self_attn.q_proj.weight"] = torch.zeros(3, 3)
+        tensors["model.layers.0.self_attn.extra.weight"] = torch.zeros(2)
+
+    message = load_error_after(edit, gqa_checkpoint[1], tmp_path / "bad")
     assert "model.layers.1.mlp.down_proj.weight" in message
     assert "has shape (3, 3)" in message
     assert "unexpected tensor 'model.layers.0.self_attn.extra.weight'" in message
@@ -150,17 +157,11 @@ def test_missing_unexpected_and_misshaped_tensors_are_listed(tmp_path, gqa_check
 
 def test_missing_or_repeated_part_of_the_fused_qkv(tmp_path, gqa_checkpoint):
     """q, k and v load into one stacked qkv_proj: a part that is missing is named, as is a mis-shaped one."""
-    _, path = gqa_checkpoint
-    from safetensors.torch import load_file
+    def edit(tensors):
+        tensors.pop("model.layers.1.self_attn.k_proj.weight")
+        tensors["model.layers.0.self_attn.v_proj.bias"] = torch.zeros(3, 2)
 
-    tensors = load_file(os.path.join(path, "model.safetensors"))
-    bad = copy_checkpoint(path, tmp_path / "bad_qkv")
-    tensors.pop("model.layers.1.self_attn.k_proj.weight")
-    tensors["model.layers.0.self_attn.v_proj.bias"] = torch.zeros(3, 2)
-    save_file(tensors, bad / "model.safetensors")
-    with pytest.raises(CheckpointError) as info:
-        glmtorch.GlmForCausalLM.from_pretrained(bad)
-    message = str(info.value)
+    message = load_error_after(edit, gqa_checkpoint[1], tmp_path / "bad_qkv")
     assert "missing tensors: model.layers.1.self_attn.k_proj.weight" in message
     assert "'model.layers.0.self_attn.v_proj.bias' has shape (3, 2)" in message
 
