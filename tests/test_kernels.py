@@ -66,6 +66,30 @@ def test_int4_gemv_matches_dequantized_product(group, in_features, scale_dtype, 
     assert got.dtype == dtype and rel(got, expected) < 2e-2
 
 
+@torch.no_grad()
+@pytest.mark.parametrize("rows", [1, 2, 11])
+def test_int4_interleaved_rows_give_the_plain_layouts_results(rows):
+    """Loading puts int4 rows in blocks of 4 for the kernels; results, dequantized rows and the state dict stay
+    those of the plain layout (rows 1: the one-row block kernel, 2 and 11: row groups reading strided pairs)."""
+    g = torch.Generator().manual_seed(rows)
+    plain = Int4Linear.from_linear(torch.nn.Linear(256, 36, bias=True))
+    layer = Int4Linear.from_linear(torch.nn.Linear(256, 36, bias=True))
+    layer.load_state_dict(plain.state_dict())
+    assert layer.interleave_rows(kernels.int4_row_interleave()) and layer.interleave == 4
+    assert not torch.equal(layer.weight, plain.weight)  # the memory layout did change
+    x = torch.randn(rows, 256, generator=g)
+    assert rel(layer(x), plain(x)) < 1e-6
+    assert torch.equal(layer.dequantized(torch.float32, 5, 23), plain.dequantized(torch.float32, 5, 23))
+    state = layer.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in plain.state_dict().items())
+    other = Int4Linear.from_linear(torch.nn.Linear(256, 36, bias=True))
+    other.interleave_rows(4)
+    other.load_state_dict(state)  # plain layout in, interleaved in memory
+    assert torch.equal(other.weight, layer.weight) and torch.equal(other.scales, layer.scales)
+    odd = Int4Linear.from_linear(torch.nn.Linear(256, 30))  # 30 rows: not whole blocks, stays plain
+    assert not odd.interleave_rows(4) and odd.interleave == 1
+
+
 def test_kernels_run_inside_a_compiled_graph():
     layer = GemvLinear(256, 64)
     x = torch.randn(1, 256)

@@ -144,6 +144,10 @@ class PretrainedMixin:
             from .quantize import quantize_model
 
             quantize_model(model, quantize, group_size)
+        if quantize or stored_quantization:
+            from .quantize import interleave_int4_rows
+
+            interleave_int4_rows(model)
         use_gemv_linears(model)
         if tp is not None:
             add_communication(model, tp)

@@ -74,6 +74,10 @@ class Int4Linear(nn.Module):
 
     weight_bytes = True
     stored_dtypes = {"scales": torch.float16}  # whatever the model's dtype (loading keeps it)
+    # Rows per interleaved block in memory (1: plain). On a CPU with the kernels, loading interleaves the rows
+    # (interleave_int4_rows) so that the decode kernel reads one sequential stream; the state dict, dequantized()
+    # and everything outside the kernel see the plain layout.
+    interleave = 1
 
     def __init__(self, in_features: int, out_features: int, bias: bool, group_size: int = 32,
                  dtype=torch.float32, device=None) -> None:
@@ -86,6 +90,8 @@ class Int4Linear(nn.Module):
         self.scales = nn.Parameter(torch.empty(out_features, in_features // group_size,
                                                dtype=self.stored_dtypes["scales"], device=device), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
+        self.register_state_dict_post_hook(_plain_int4_state)
+        self.register_load_state_dict_pre_hook(_interleaved_int4_state)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, group_size: int = 32) -> "Int4Linear":
@@ -109,9 +115,31 @@ class Int4Linear(nn.Module):
             out.bias.data = linear.bias.detach().clone()
         return out
 
+    def interleave_rows(self, rows: int) -> bool:
+        """Store the weight and scales with `rows` rows interleaved (the kernels' layout); False where it does not
+        apply (its kernel needs group 32, fp16 scales, 64 | in_features and rows | out_features)."""
+        if (rows <= 1 or self.interleave != 1 or self.group_size != 32 or self.in_features % 64
+                or self.out_features % rows or self.scales.dtype != torch.float16 or self.weight.device.type != "cpu"):
+            return False
+        self.weight.data = _interleave(self.weight.data, rows, 32)
+        self.scales.data = _interleave(self.scales.data, rows, 2)
+        self.interleave = rows
+        return True
+
+    def plain(self, start: int = 0, stop: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(packed weight, scales) of rows [start, stop) in the plain row-major layout."""
+        stop = self.out_features if stop is None else stop
+        R = self.interleave
+        if R == 1:
+            return self.weight[start:stop], self.scales[start:stop]
+        first, last = start // R * R, -(-stop // R) * R  # whole blocks around the rows asked for
+        packed = _deinterleave(self.weight[first:last], R, 32)[start - first:stop - first]
+        scales = _deinterleave(self.scales[first:last], R, 2)[start - first:stop - first]
+        return packed, scales
+
     def dequantized(self, dtype: torch.dtype, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """The weight rows [start, stop) as a dense matrix."""
-        packed, scales = self.weight[start:stop], self.scales[start:stop]
+        packed, scales = self.plain(start, stop)
         rows = packed.shape[0]
         low = (packed & 0xF).to(torch.int8) - 8
         high = (packed >> 4).to(torch.int8) - 8
@@ -120,12 +148,47 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.group_size in (32, 64, 128, 256) and kernels.usable(x, self.weight, self.in_features):
-            y = kernels.gemv_int4(x, self.weight, self.scales, self.group_size)
+            y = kernels.gemv_int4(x, self.weight, self.scales, self.group_size, self.interleave)
         elif x.device.type == "cpu":  # dequantize in chunks of rows, multiply in fp32
             y = kernels.fp32_matmul(x, lambda i, j: self.dequantized(torch.float32, i, j), self.out_features)
         else:
             y = F.linear(x, self.dequantized(x.dtype))
         return y + self.bias if self.bias is not None else y
+
+
+def _interleave(t: torch.Tensor, rows: int, unit: int) -> torch.Tensor:
+    """(N, C) -> the same values with each block of `rows` rows stored unit by unit: [unit 0 of every row of the
+    block | unit 1 of every row | ...] (a 32-byte unit is one pair of int4 blocks, a 2-scale unit its scales)."""
+    N, C = t.shape
+    return t.reshape(N // rows, rows, C // unit, unit).transpose(1, 2).contiguous().view(N, C)
+
+
+def _deinterleave(t: torch.Tensor, rows: int, unit: int) -> torch.Tensor:
+    N, C = t.shape
+    return t.reshape(N // rows, C // unit, rows, unit).transpose(1, 2).contiguous().view(N, C)
+
+
+def _plain_int4_state(module, state_dict, prefix, local_metadata) -> None:
+    """The state dict holds the plain layout, whatever the layer keeps in memory."""
+    if module.interleave > 1:
+        state_dict[prefix + "weight"], state_dict[prefix + "scales"] = module.plain()
+
+
+def _interleaved_int4_state(module, state_dict, prefix, *args) -> None:
+    if module.interleave > 1 and prefix + "weight" in state_dict and prefix + "scales" in state_dict:
+        state_dict[prefix + "weight"] = _interleave(state_dict[prefix + "weight"], module.interleave, 32)
+        state_dict[prefix + "scales"] = _interleave(state_dict[prefix + "scales"], module.interleave, 2)
+
+
+def interleave_int4_rows(model: nn.Module) -> nn.Module:
+    """Put every int4 layer of a CPU model in the layout its decode kernel reads fastest (no-op without the
+    kernels): called once weights are loaded."""
+    layers = [m for m in model.modules() if isinstance(m, Int4Linear) and m.weight.device.type == "cpu"]
+    if layers:
+        rows = kernels.int4_row_interleave()
+        for layer in layers:
+            layer.interleave_rows(rows)
+    return model
 
 
 def quantize_model(model: nn.Module, mode: str, group_size: int = 32, from_meta: bool = False) -> nn.Module:

@@ -94,7 +94,7 @@ def _register_shapes() -> None:
         return x.new_empty(x.shape[0], w.shape[0])
 
     @torch.library.register_fake("glmtorch_kernels::gemv_int4")
-    def _(x, w, scales, group):
+    def _(x, w, scales, group, interleave=1):
         return x.new_empty(x.shape[0], w.shape[0])
 
 
@@ -151,8 +151,16 @@ def gemv_int8(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> to
     return _rows_through(torch.ops.glmtorch_kernels.gemv_int8, x, weight.shape[0], weight, scales.contiguous())
 
 
-def gemv_int4(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, group: int) -> torch.Tensor:
+def gemv_int4(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, group: int,
+              interleave: int = 1) -> torch.Tensor:
     """x @ W.T for int4 W stored two per byte (element 2i low nibble, 2i+1 high; value q + 8) with per-row,
-    per-group scales (N, K / group); x quantized to int8 in blocks of 32, as for int8."""
+    per-group scales (N, K / group), rows interleaved in blocks of `interleave` (see int4_row_interleave); x
+    quantized to int8 in blocks of 32, as for int8."""
     return _rows_through(torch.ops.glmtorch_kernels.gemv_int4, x, packed.shape[0], packed, scales.contiguous(),
-                         group)
+                         group, interleave)
+
+
+def int4_row_interleave() -> int:
+    """How many int4 weight rows the kernels want interleaved in one block (gemv.cpp: one sequential stream per
+    block, each activation load serving every row of it; 1 when the kernels are not there or have no AVX2)."""
+    return int(torch.ops.glmtorch_kernels.int4_row_interleave()) if available() else 1

@@ -11,7 +11,10 @@
 //   f32, bf16  (N, K)
 //   int8       (N, K) int8, one scale per output row
 //   int4       (N, K/2) uint8, two values per byte (element 2i in the low nibble, 2i+1 in the high one),
-//              stored as q + 8 with q in [-8, 7]; one scale per row and group of `group` inputs.
+//              stored as q + 8 with q in [-8, 7]; one scale per row and group of `group` inputs. Optionally
+//              row-interleaved (`interleave` R > 1, group 32, fp16 scales): each block of R rows stores its 32-byte
+//              pairs (64 weights) row by row, pair after pair, [pair 0 of rows 0..R-1 | pair 1 of rows 0..R-1 | ...],
+//              and its scales the same way, two per row and pair; still (N, K/2) and (N, K/32) tensors.
 // Scales are fp32, bf16 or fp16.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -318,6 +321,7 @@ at::Tensor gemv_float(const at::Tensor& x, const at::Tensor& w) {
 // scaled once. Widening every weight to fp32 instead costs more instructions than the memory system needs time
 // to deliver the bytes, so that path would be compute-bound.
 constexpr int64_t BLOCK = 32;
+constexpr int64_t INTERLEAVE = 4;  // rows per interleaved int4 block (the CPU layout glmtorch loads int4 weights in)
 
 #if defined(__AVX2__) && defined(__FMA__)
 using Int8x32 = __m256i;
@@ -479,8 +483,9 @@ void quantize_pairs(const at::Tensor& x, PairActivations& a) {
 
 template <int M, typename WeightScales>
 inline void int4_pair_rows(const PairActivations& a, int64_t m0, int64_t pairs, const uint8_t* row,
-                           WeightScales weight_scales, Out out) {
-  // rows m0 .. m0 + M - 1 of the activations; weight_scales(p) gives pair p's block scales (lanes 0-3, 4-7)
+                           WeightScales weight_scales, Out out, int64_t pair_stride = BLOCK) {
+  // rows m0 .. m0 + M - 1 of the activations; weight_scales(p) gives pair p's block scales (lanes 0-3, 4-7); the
+  // weight row's pairs are pair_stride bytes apart (BLOCK, or BLOCK x R in a row-interleaved block)
   constexpr int U = unroll<M>() > 2 ? 2 : unroll<M>();
   const __m256i low_mask = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
   const int8_t* xq = a.q.data() + m0 * pairs * 2 * BLOCK;
@@ -490,8 +495,8 @@ inline void int4_pair_rows(const PairActivations& a, int64_t m0, int64_t pairs, 
   for (int u = 0; u < U; ++u)
     for (int m = 0; m < M; ++m) acc[u][m] = _mm256_setzero_ps();
   auto pair = [&](int64_t p, __m256* into) {
-    prefetch_ahead(row + p * BLOCK);
-    const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + p * BLOCK));
+    prefetch_ahead(row + p * pair_stride);
+    const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + p * pair_stride));
     const __m256i low = _mm256_and_si256(raw, low_mask), high = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low_mask);
     const __m256 ws = weight_scales(p);
     for (int m = 0; m < M; ++m) {
@@ -541,9 +546,38 @@ struct PairScales {
     return _mm256_permutevar8x32_ps(_mm256_castps128_ps256(both), _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1));
   }
 };
+
+// One row of x against a row-interleaved block of R weight rows: the block is one sequential stream, and each
+// pair of x (values, offsets, scales) is loaded once for R rows. Measured on the "small" shapes against the plain
+// layout, one row: 14.3 -> 11.1 ms for all int4 products of a step (the LM head 16 -> 22 GB/s).
+template <int R>
+void int4_interleaved_block(const PairActivations& a, int64_t pairs, const uint8_t* block, const uint16_t* scales,
+                            float* out) {
+  const __m256i low_mask = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
+  __m256 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+  for (int64_t p = 0; p < pairs; ++p) {
+    const __m256i xl = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.q.data() + p * 2 * BLOCK));
+    const __m256i xh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.q.data() + p * 2 * BLOCK + BLOCK));
+    const __m256i offset = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.offset.data() + p * 8));
+    const __m256 xs = _mm256_loadu_ps(a.scale.data() + p * 8);
+    const uint8_t* w = block + p * R * BLOCK;
+    for (int r = 0; r < R; ++r) {
+      prefetch_ahead(w + r * BLOCK);
+      const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + r * BLOCK));
+      const __m256i low = _mm256_and_si256(raw, low_mask), high = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low_mask);
+      const __m256i products = _mm256_add_epi16(_mm256_maddubs_epi16(low, xl), _mm256_maddubs_epi16(high, xh));
+      const __m256i sums = _mm256_sub_epi32(_mm256_madd_epi16(products, ones), offset);
+      const __m256 ws = PairScales::f16_pair(scales + (p * R + r) * 2);
+      acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(xs, ws), _mm256_cvtepi32_ps(sums), acc[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) out[r] = horizontal_sum(acc[r]);
+}
 #endif
 
-at::Tensor gemv_int4(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales, int64_t group) {
+at::Tensor gemv_int4(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales, int64_t group,
+                     int64_t interleave) {
   const int64_t N = w.size(0), K = 2 * w.size(1);
   check(x, w, K);
   TORCH_CHECK(w.scalar_type() == at::kByte, "weight must be uint8 (N, K/2)");
@@ -556,7 +590,33 @@ at::Tensor gemv_int4(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
   const uint8_t* wp = w.data_ptr<uint8_t>();
   const Scales sp(scales);
   const int64_t M = x.size(0);
+  TORCH_CHECK(interleave == 1 || (interleave == INTERLEAVE && N % INTERLEAVE == 0 && group == BLOCK && sp.f16 &&
+                                  K % (2 * BLOCK) == 0),
+              "row interleaving is ", INTERLEAVE, " rows, for fp16 scales, group ", BLOCK, " and N a multiple of ",
+              INTERLEAVE);
 #if defined(__AVX2__) && defined(__FMA__)
+  if (interleave > 1) {
+    constexpr int IR = INTERLEAVE;
+    PairActivations a;
+    quantize_pairs(x, a);
+    const int64_t pairs = K / (2 * BLOCK), block_bytes = IR * (K / 2), block_scales = IR * groups;
+    if (M == 1) {
+      auto y = at::empty({1, N}, x.options());
+      float* yp = y.data_ptr<float>();
+      at::parallel_for(0, N / IR, 16, [&](int64_t begin, int64_t end) {
+        for (int64_t b = begin; b < end; ++b)
+          int4_interleaved_block<IR>(a, pairs, wp + b * block_bytes, sp.f16 + b * block_scales, yp + b * IR);
+      });
+      return y;
+    }
+    return run(x, N, [&](int64_t n, Out out) {  // row n of block b: its pairs are IR x 32 bytes apart
+      const int64_t b = n / IR, r = n % IR;
+      const uint16_t* s = sp.f16 + b * block_scales + r * 2;
+      auto scales_of = [&](int64_t p) { return PairScales::f16_pair(s + p * IR * 2); };
+      FOR_ROW_GROUPS(M, (int4_pair_rows<R>(a, g0, pairs, wp + b * block_bytes + r * BLOCK, scales_of,
+                                           out.from_row(g0), IR * BLOCK)));
+    });
+  }
   if (K % (2 * BLOCK) == 0) {
     PairActivations a;
     quantize_pairs(x, a);
@@ -578,6 +638,7 @@ at::Tensor gemv_int4(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
     return with_scales([&](int64_t first, int64_t p) { return _mm256_set1_ps(sp[first + ((2 * p) >> shift)]); });
   }
 #endif
+  TORCH_CHECK(interleave == 1, "row-interleaved int4 needs the AVX2 kernels");
   RowActivations a;
   quantize_rows(x, true, a);
   return run(x, N, [&](int64_t n, Out out) {
@@ -589,12 +650,21 @@ at::Tensor gemv_int4(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
   });
 }
 
+int64_t int4_row_interleave() {  // rows per interleaved int4 block these kernels read (1: plain layout only)
+#if defined(__AVX2__) && defined(__FMA__)
+  return INTERLEAVE;
+#else
+  return 1;
+#endif
+}
+
 }  // namespace
 
 TORCH_LIBRARY(glmtorch_kernels, m) {
   m.def("gemv_float(Tensor x, Tensor w) -> Tensor");
   m.def("gemv_int8(Tensor x, Tensor w, Tensor scales) -> Tensor");
-  m.def("gemv_int4(Tensor x, Tensor w, Tensor scales, int group) -> Tensor");
+  m.def("gemv_int4(Tensor x, Tensor w, Tensor scales, int group, int interleave=1) -> Tensor");
+  m.def("int4_row_interleave() -> int", &int4_row_interleave);
 }
 
 TORCH_LIBRARY_IMPL(glmtorch_kernels, CPU, m) {
