@@ -88,6 +88,9 @@ def test_int4_interleaved_rows_give_the_plain_layouts_results(rows):
     assert torch.equal(other.weight, layer.weight) and torch.equal(other.scales, layer.scales)
     odd = Int4Linear.from_linear(torch.nn.Linear(256, 30))  # 30 rows: not whole blocks, stays plain
     assert not odd.interleave_rows(4) and odd.interleave == 1
+    layer.to(torch.bfloat16)  # bf16 scales: a layout every path reads again
+    assert layer.interleave == 1 and torch.equal(layer.weight, plain.weight)
+    assert rel(layer(x), plain.to(torch.bfloat16)(x)) < 1e-6
 
 
 def test_kernels_run_inside_a_compiled_graph():

@@ -126,6 +126,16 @@ class Int4Linear(nn.Module):
         self.interleave = rows
         return True
 
+    def _apply(self, fn, recurse=True):
+        # .to(dtype / device) and friends: the interleaved kernel reads fp16 scales on the CPU only, so a layer
+        # moved or cast away from that goes back to the plain layout (which every path reads)
+        super()._apply(fn, recurse)
+        if self.interleave > 1 and (self.scales.dtype != torch.float16 or self.weight.device.type != "cpu"):
+            weight, scales = self.plain()
+            self.weight.data, self.scales.data = weight, scales
+            self.interleave = 1
+        return self
+
     def plain(self, start: int = 0, stop: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(packed weight, scales) of rows [start, stop) in the plain row-major layout."""
         stop = self.out_features if stop is None else stop
