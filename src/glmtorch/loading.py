@@ -17,7 +17,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .attention import check_attention_backend
-from .checkpoint.formats import STACKED, WeightFormat, part_name, split_stacked
+from .checkpoint.formats import WeightFormat, part_name, split_stacked, stacked_parts
 from .checkpoint.gguf import GGUF_FORMAT, GgufFile, gguf_config, is_gguf
 from .checkpoint.resolve import CheckpointError, resolve_checkpoint
 from .checkpoint.safetensors_io import (
@@ -229,17 +229,16 @@ def load_weights(model: nn.Module, files: list[str], fmt: WeightFormat, dtype: t
             source = stored
             if piece is not None:  # one part of a stacked parameter: kept until all its parts are read
                 got = pending.setdefault(target, {})
+                unstacked = part_name(f"{target}#{piece}")
                 if piece in got:
-                    problems.append(f"{part_name(target + '#' + piece)!r} is given twice, by {got[piece][1]!r} and "
-                                    f"{stored!r}")
+                    problems.append(f"{unstacked!r} is given twice, by {got[piece][1]!r} and {stored!r}")
                     continue
                 if tuple(part.shape[1:]) != tuple(params[target].shape[1:]):
-                    problems.append(f"tensor {stored!r} has shape {tuple(part.shape)}, but "
-                                    f"{part_name(target + '#' + piece)!r} needs {tuple(params[target].shape[1:])} "
-                                    "per row (config.json does not match the weights)")
+                    problems.append(f"tensor {stored!r} has shape {tuple(part.shape)}, but {unstacked!r} needs "
+                                    f"{tuple(params[target].shape[1:])} per row (config.json does not match the weights)")
                     continue
                 got[piece] = (part, stored)
-                order = STACKED[target.rpartition(".")[0].rpartition(".")[2]]
+                order = stacked_parts(target)
                 if len(got) < len(order):
                     continue
                 part = torch.cat([got[p][0] for p in order], dim=0)
@@ -257,8 +256,8 @@ def load_weights(model: nn.Module, files: list[str], fmt: WeightFormat, dtype: t
             loaded[target] = source
     bar.close()
     for target, got in pending.items():
-        order = STACKED[target.rpartition(".")[0].rpartition(".")[2]]
-        problems.append(f"missing tensors: {', '.join(part_name(target + '#' + p) for p in order if p not in got)}")
+        problems.append("missing tensors: " + ", ".join(part_name(f"{target}#{p}") for p in stacked_parts(target)
+                                                         if p not in got))
     missing = [n for n in dict(model.named_parameters())
                if n not in loaded and n not in pending and not (tied and n == "lm_head.weight")]
     fresh_heads = [n for n in missing if n.startswith("score.")]

@@ -22,6 +22,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .attention import ATTENTION_BACKENDS, check_attention_backend
 from .cache import DynamicCache, StaticCache, make_attention_mask
+from .checkpoint.formats import STACKED
 from .config import GlmConfig
 from .generation.mixin import GenerationMixin
 from .loading import PretrainedMixin
@@ -127,7 +128,7 @@ class Attention(nn.Module):
 
 # The state dict speaks transformers' names (q_proj, k_proj, v_proj): save_pretrained, load_state_dict and
 # every tool that reads a state dict see the checkpoint layout, while the module runs the fused matrix.
-QKV_PARTS = ("q_proj", "k_proj", "v_proj")
+QKV_PARTS = STACKED["qkv_proj"]
 
 
 def _split_qkv_state(module, state_dict, prefix, local_metadata) -> None:

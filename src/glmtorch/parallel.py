@@ -58,23 +58,14 @@ class TensorParallel:
         if style is None:
             return None
         r, n = self.rank, self.world
-        D = config.head_dim
         if style == "heads_q":
-            per = config.num_attention_heads // n
-            return 0, [(r * per * D, (r + 1) * per * D)]
-        if style == "heads_qkv":  # [q | k | v] rows: each part's own ranges, shifted to where the part starts
-            q_rows, kv_rows = config.num_attention_heads * D, config.num_key_value_heads * D
-            (q,), (kv,) = self.index(".self_attn.q_proj.weight", shape, config)[1], \
-                self.index(".self_attn.k_proj.weight", shape, config)[1]
-            return 0, [q, (q_rows + kv[0], q_rows + kv[1]), (q_rows + kv_rows + kv[0], q_rows + kv_rows + kv[1])]
+            return 0, [self._query_rows(config)]
         if style == "heads_kv":
-            kv = config.num_key_value_heads
-            if kv >= n:
-                per = kv // n
-                return 0, [(r * per * D, (r + 1) * per * D)]
-            # Fewer KV heads than ranks: keep the KV head this rank's query heads belong to.
-            head = (r * (config.num_attention_heads // n)) // config.num_key_value_groups
-            return 0, [(head * D, (head + 1) * D)]
+            return 0, [self._key_value_rows(config)]
+        if style == "heads_qkv":  # [q | k | v] rows: each part's own range, shifted to where the part starts
+            q_rows, kv_rows = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
+            q, (a, b) = self._query_rows(config), self._key_value_rows(config)
+            return 0, [q, (q_rows + a, q_rows + b), (q_rows + kv_rows + a, q_rows + kv_rows + b)]
         if style == "fused_pair":
             half = shape[0] // 2
             per = half // n
@@ -88,6 +79,19 @@ class TensorParallel:
             per = config.vocab_size // n
             return 0, [(r * per, (r + 1) * per)]
         raise AssertionError(style)
+
+    def _query_rows(self, config) -> tuple[int, int]:
+        per, D = config.num_attention_heads // self.world, config.head_dim
+        return self.rank * per * D, (self.rank + 1) * per * D
+
+    def _key_value_rows(self, config) -> tuple[int, int]:
+        kv, D = config.num_key_value_heads, config.head_dim
+        if kv >= self.world:
+            per = kv // self.world
+            return self.rank * per * D, (self.rank + 1) * per * D
+        # Fewer KV heads than ranks: keep the KV head this rank's query heads belong to.
+        head = (self.rank * (config.num_attention_heads // self.world)) // config.num_key_value_groups
+        return head * D, (head + 1) * D
 
     def shard_shape(self, name: str, shape: tuple[int, ...], config) -> tuple[int, ...]:
         spec = self.index(name, shape, config)

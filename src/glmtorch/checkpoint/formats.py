@@ -35,6 +35,11 @@ def split_stacked(target: str) -> tuple[str, str | None]:
     return name, part or None
 
 
+def stacked_parts(name: str) -> tuple[str, ...]:
+    """The parts of a stacked parameter, in row order ('...self_attn.qkv_proj.weight' -> q, k, v_proj)."""
+    return STACKED[name.rpartition(".")[0].rpartition(".")[2]]
+
+
 def part_name(target: str) -> str:
     """The unstacked name of a target ('...self_attn.k_proj.weight' for the example above): how the
     tensor-parallel plan and error messages know it."""

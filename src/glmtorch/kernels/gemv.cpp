@@ -481,13 +481,23 @@ void quantize_pairs(const at::Tensor& x, PairActivations& a) {
   }
 }
 
+// The integer dot products of one weight pair (32 bytes: 64 int4 values) with one row's pair of x: block 0's
+// sum in lanes 0-3, block 1's in lanes 4-7, the "- 8" of every weight already taken off (offset = 8 * sum(x)).
+inline __m256i int4_pair_sums(__m256i raw, __m256i x_even, __m256i x_odd, __m256i offset) {
+  const __m256i low_mask = _mm256_set1_epi8(15);
+  const __m256i low = _mm256_and_si256(raw, low_mask), high = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low_mask);
+  const __m256i products = _mm256_add_epi16(_mm256_maddubs_epi16(low, x_even), _mm256_maddubs_epi16(high, x_odd));
+  return _mm256_sub_epi32(_mm256_madd_epi16(products, _mm256_set1_epi16(1)), offset);
+}
+
+inline __m256i load_256(const void* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+
 template <int M, typename WeightScales>
 inline void int4_pair_rows(const PairActivations& a, int64_t m0, int64_t pairs, const uint8_t* row,
                            WeightScales weight_scales, Out out, int64_t pair_stride = BLOCK) {
   // rows m0 .. m0 + M - 1 of the activations; weight_scales(p) gives pair p's block scales (lanes 0-3, 4-7); the
   // weight row's pairs are pair_stride bytes apart (BLOCK, or BLOCK x R in a row-interleaved block)
   constexpr int U = unroll<M>() > 2 ? 2 : unroll<M>();
-  const __m256i low_mask = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
   const int8_t* xq = a.q.data() + m0 * pairs * 2 * BLOCK;
   const int32_t* offset = a.offset.data() + m0 * pairs * 8;
   const float* xs = a.scale.data() + m0 * pairs * 8;
@@ -496,16 +506,12 @@ inline void int4_pair_rows(const PairActivations& a, int64_t m0, int64_t pairs, 
     for (int m = 0; m < M; ++m) acc[u][m] = _mm256_setzero_ps();
   auto pair = [&](int64_t p, __m256* into) {
     prefetch_ahead(row + p * pair_stride);
-    const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + p * pair_stride));
-    const __m256i low = _mm256_and_si256(raw, low_mask), high = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low_mask);
+    const __m256i raw = load_256(row + p * pair_stride);
     const __m256 ws = weight_scales(p);
     for (int m = 0; m < M; ++m) {
       const int64_t at = m * pairs + p;
-      const __m256i products = _mm256_add_epi16(
-          _mm256_maddubs_epi16(low, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + at * 2 * BLOCK))),
-          _mm256_maddubs_epi16(high, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + at * 2 * BLOCK + BLOCK))));
-      const __m256i sums = _mm256_sub_epi32(_mm256_madd_epi16(products, ones),
-          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(offset + at * 8)));
+      const __m256i sums = int4_pair_sums(raw, load_256(xq + at * 2 * BLOCK), load_256(xq + at * 2 * BLOCK + BLOCK),
+                                          load_256(offset + at * 8));
       into[m] = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_loadu_ps(xs + at * 8), ws), _mm256_cvtepi32_ps(sums), into[m]);
     }
   };
@@ -553,21 +559,16 @@ struct PairScales {
 template <int R>
 void int4_interleaved_block(const PairActivations& a, int64_t pairs, const uint8_t* block, const uint16_t* scales,
                             float* out) {
-  const __m256i low_mask = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
   __m256 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
   for (int64_t p = 0; p < pairs; ++p) {
-    const __m256i xl = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.q.data() + p * 2 * BLOCK));
-    const __m256i xh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.q.data() + p * 2 * BLOCK + BLOCK));
-    const __m256i offset = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.offset.data() + p * 8));
+    const __m256i x_even = load_256(a.q.data() + p * 2 * BLOCK), x_odd = load_256(a.q.data() + p * 2 * BLOCK + BLOCK);
+    const __m256i offset = load_256(a.offset.data() + p * 8);
     const __m256 xs = _mm256_loadu_ps(a.scale.data() + p * 8);
     const uint8_t* w = block + p * R * BLOCK;
     for (int r = 0; r < R; ++r) {
       prefetch_ahead(w + r * BLOCK);
-      const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + r * BLOCK));
-      const __m256i low = _mm256_and_si256(raw, low_mask), high = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low_mask);
-      const __m256i products = _mm256_add_epi16(_mm256_maddubs_epi16(low, xl), _mm256_maddubs_epi16(high, xh));
-      const __m256i sums = _mm256_sub_epi32(_mm256_madd_epi16(products, ones), offset);
+      const __m256i sums = int4_pair_sums(load_256(w + r * BLOCK), x_even, x_odd, offset);
       const __m256 ws = PairScales::f16_pair(scales + (p * R + r) * 2);
       acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(xs, ws), _mm256_cvtepi32_ps(sums), acc[r]);
     }
@@ -595,32 +596,30 @@ at::Tensor gemv_int4(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
               "row interleaving is ", INTERLEAVE, " rows, for fp16 scales, group ", BLOCK, " and N a multiple of ",
               INTERLEAVE);
 #if defined(__AVX2__) && defined(__FMA__)
-  if (interleave > 1) {
-    constexpr int IR = INTERLEAVE;
-    PairActivations a;
-    quantize_pairs(x, a);
-    const int64_t pairs = K / (2 * BLOCK), block_bytes = IR * (K / 2), block_scales = IR * groups;
-    if (M == 1) {
-      auto y = at::empty({1, N}, x.options());
-      float* yp = y.data_ptr<float>();
-      at::parallel_for(0, N / IR, 16, [&](int64_t begin, int64_t end) {
-        for (int64_t b = begin; b < end; ++b)
-          int4_interleaved_block<IR>(a, pairs, wp + b * block_bytes, sp.f16 + b * block_scales, yp + b * IR);
-      });
-      return y;
-    }
-    return run(x, N, [&](int64_t n, Out out) {  // row n of block b: its pairs are IR x 32 bytes apart
-      const int64_t b = n / IR, r = n % IR;
-      const uint16_t* s = sp.f16 + b * block_scales + r * 2;
-      auto scales_of = [&](int64_t p) { return PairScales::f16_pair(s + p * IR * 2); };
-      FOR_ROW_GROUPS(M, (int4_pair_rows<R>(a, g0, pairs, wp + b * block_bytes + r * BLOCK, scales_of,
-                                           out.from_row(g0), IR * BLOCK)));
-    });
-  }
   if (K % (2 * BLOCK) == 0) {
     PairActivations a;
     quantize_pairs(x, a);
     const int64_t pairs = K / (2 * BLOCK);
+    if (interleave > 1) {
+      constexpr int IR = INTERLEAVE;
+      const int64_t block_bytes = IR * (K / 2), block_scales = IR * groups;
+      if (M == 1) {
+        auto y = at::empty({1, N}, x.options());
+        float* yp = y.data_ptr<float>();
+        at::parallel_for(0, N / IR, 16, [&](int64_t begin, int64_t end) {
+          for (int64_t b = begin; b < end; ++b)
+            int4_interleaved_block<IR>(a, pairs, wp + b * block_bytes, sp.f16 + b * block_scales, yp + b * IR);
+        });
+        return y;
+      }
+      return run(x, N, [&](int64_t n, Out out) {  // row n of block b: its pairs are IR x 32 bytes apart
+        const int64_t b = n / IR, r = n % IR;
+        const uint16_t* s = sp.f16 + b * block_scales + r * 2;
+        auto scales_of = [&](int64_t p) { return PairScales::f16_pair(s + p * IR * 2); };
+        FOR_ROW_GROUPS(M, (int4_pair_rows<R>(a, g0, pairs, wp + b * block_bytes + r * BLOCK, scales_of,
+                                             out.from_row(g0), IR * BLOCK)));
+      });
+    }
     auto with_scales = [&](auto pair_scales) {  // pair_scales(first scale of the row, pair) -> __m256
       return run(x, N, [&](int64_t n, Out out) {
         const int64_t first = n * groups;
