@@ -23,13 +23,15 @@ def test_kernels_build_here():
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("rows", [1, 2, 3, 8, 13, 40])  # 13: a group of 8 rows, then one of 5; 40: tiles of 4 x 3
+# 1-2 rows: one weight row at a time; 3, 13, 31: register tiles of 4 x 3 (and the rows left over); 40, 64: packed
+# panels of 16 weight rows in tiles of 6 rows (and 4 left over)
+@pytest.mark.parametrize("rows", [1, 2, 3, 13, 31, 40, 64])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("out_features", [1000, 1001])  # not multiples of 8 or 3, and leaving 1 or 2 after 3s
+@pytest.mark.parametrize("out_features", [1000, 1001])  # leaving 1 or 2 after 3s, 8 or 9 after 16s
 def test_float_gemv_matches_linear(rows, dtype, out_features):
     g = torch.Generator().manual_seed(rows)
-    w = torch.randn(out_features, 256, generator=g).to(dtype)
-    x = torch.randn(rows, 256, generator=g).to(dtype)
+    w = torch.randn(out_features, 272, generator=g).to(dtype)  # 272 inputs: panels take 256, then 16
+    x = torch.randn(rows, 272, generator=g).to(dtype)
     expected = x.float() @ w.float().t()
     got = kernels.gemv(x, w)
     assert got.dtype == dtype and got.shape == (rows, out_features)
@@ -110,7 +112,7 @@ def test_kernels_are_not_taken_for_training_or_many_rows():
     out.sum().backward()
     assert x.grad is not None
     with torch.no_grad():
-        many = torch.randn(kernels.MAX_ROWS + 1, 64)  # a prefill: the library's matrix product
+        many = torch.randn(kernels.FLOAT_MAX_ROWS + 1, 64)  # a long prefill: the library's matrix product
         assert torch.equal(layer(many), F.linear(many, layer.weight, layer.bias))
 
 

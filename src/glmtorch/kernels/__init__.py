@@ -6,8 +6,10 @@ generated int8 / int4 loops fall onto a slow partial-vector load on AVX2. A plai
 chunk once and multiplies it into every row gets much closer to the bandwidth at every precision (fp32, bf16,
 int8, int4).
 
-They take any number of rows, 8 at a time against each weight row (which stays in cache for the next 8);
-glmtorch sends them up to MAX_ROWS rows (decode steps of a batch), where they beat the BLAS matrix product.
+They take any number of rows (integer weights 8 at a time against each weight row, which stays in cache for the
+next 8; float weights in register tiles, and from 32 rows on as a small packed matrix product); glmtorch sends
+them as many rows as they beat the BLAS matrix product with: decode steps of a served batch, and for float weights
+short prompts too.
 
 The library is compiled with -O3 -march=native by torch.utils.cpp_extension (a C++ compiler is needed; the
 result is cached under ~/.cache/torch_extensions, so later sessions load it in a second). When it cannot be
@@ -26,9 +28,11 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-# Up to this many rows the kernels beat the BLAS matrix product here (measured on the "small" shapes: 2-4x at
-# 8-16 rows, even at 64, behind from 128 rows), so decode steps of a served batch take them too.
+# Up to this many rows the kernels beat the BLAS matrix product here, measured on the "small" shapes: integer
+# weights 2-4x at 8-16 rows, even at 64, behind from 128 rows; float weights (packed panels) 1.2-2x at 64 rows,
+# 1.05-1.4x at 256 (bf16 against widening + BLAS), behind from 512.
 MAX_ROWS = 64
+FLOAT_MAX_ROWS = 256
 _lock = threading.Lock()
 _state: dict[str, bool] = {}
 
@@ -126,9 +130,10 @@ def fp32_matmul(x: torch.Tensor, weight_rows, out_features: int, bias: torch.Ten
 
 
 def usable(x: torch.Tensor, weight: torch.Tensor, in_features: int) -> bool:
-    """Whether a product of x (..., K) with this weight should take a kernel: CPU, a few rows, no autograd,
-    an input width the loops handle, and the kernels built."""
-    return (x.device.type == "cpu" and weight.device.type == "cpu" and x.numel() // in_features <= MAX_ROWS
+    """Whether a product of x (..., K) with this weight should take a kernel: CPU, few enough rows for the
+    weight's kind, no autograd, an input width the loops handle, and the kernels built."""
+    max_rows = FLOAT_MAX_ROWS if weight.is_floating_point() else MAX_ROWS
+    return (x.device.type == "cpu" and weight.device.type == "cpu" and x.numel() // in_features <= max_rows
             and weight.is_contiguous()
             and in_features % 16 == 0 and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
             and available())

@@ -3,7 +3,8 @@
 // Decoding reads every weight once per step, so these loops are written to stream W exactly once, whatever
 // the number of rows: each weight chunk is loaded, decoded in registers and multiplied into every row's
 // accumulators (integer weights: MAX_ROWS rows at a time, further groups finding the weight row in cache; float
-// weights from 3 rows on: register tiles of 4 rows x 3 weight rows). AVX2 + FMA intrinsics where the compiler
+// weights from 3 rows on: register tiles of 4 rows x 3 weight rows; from 24 rows on, a small matrix product on
+// packed panels of weights). AVX2 + FMA intrinsics where the compiler
 // targets them (-march=native), plain loops elsewhere; rows of W are split across torch's intra-op threads.
 // Activations come in and results go out as fp32.
 //
@@ -275,6 +276,124 @@ at::Tensor run_tiled(const at::Tensor& x, int64_t N, LoadWeights load_weights) {
   });
   return y;
 }
+
+// Many rows (a served batch's decode step): a matrix product, computed as BLAS libraries do. Weight rows are
+// copied, PANEL_N at a time and PANEL_K inputs at a time, into a small transposed panel (16 outputs per input, fp32,
+// stays in L1); a 6 x 16 register tile then multiplies it with 6 rows of x at once: per input, two panel loads
+// and six broadcasts of x feed twelve multiply-adds, and no horizontal sums are left at the end. The weights of
+// the next panel are prefetched into L2 while this one is multiplied (copying them in cold would stall).
+// Measured on the "small" shapes, 2 threads, against the register tiles above: 1.15-1.35x at 48-64 rows, 1.0-1.2x at 32.
+constexpr int PANEL_N = 16, PANEL_M = 6;
+constexpr int64_t PANEL_K = 256;
+constexpr int64_t PANEL_MIN_ROWS = 32;  // from here on panels beat the register tiles (equal at 16-28 rows)
+
+inline void transpose8x8(__m256 r[8]) {
+  const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+  const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+  const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+  const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+  const __m256 s0 = _mm256_shuffle_ps(t0, t2, 0x44), s1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+  const __m256 s2 = _mm256_shuffle_ps(t1, t3, 0x44), s3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+  const __m256 s4 = _mm256_shuffle_ps(t4, t6, 0x44), s5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+  const __m256 s6 = _mm256_shuffle_ps(t5, t7, 0x44), s7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+  r[0] = _mm256_permute2f128_ps(s0, s4, 0x20); r[1] = _mm256_permute2f128_ps(s1, s5, 0x20);
+  r[2] = _mm256_permute2f128_ps(s2, s6, 0x20); r[3] = _mm256_permute2f128_ps(s3, s7, 0x20);
+  r[4] = _mm256_permute2f128_ps(s0, s4, 0x31); r[5] = _mm256_permute2f128_ps(s1, s5, 0x31);
+  r[6] = _mm256_permute2f128_ps(s2, s6, 0x31); r[7] = _mm256_permute2f128_ps(s3, s7, 0x31);
+}
+
+template <typename LoadWeights>  // load_weights(n, k) -> Vec8 of weight row n from k
+void pack_panel(LoadWeights load_weights, int64_t n0, int64_t rows, int64_t k0, int64_t kc, float* panel) {
+  // panel[k * PANEL_N + j] = W[n0 + j, k0 + k]; rows past the weight's end are zeros
+  for (int g = 0; g < PANEL_N / 8; ++g)
+    for (int64_t k = 0; k < kc; k += 8) {
+      __m256 r[8];
+      for (int j = 0; j < 8; ++j) r[j] = g * 8 + j < rows ? load_weights(n0 + g * 8 + j, k0 + k).v : _mm256_setzero_ps();
+      transpose8x8(r);
+      for (int i = 0; i < 8; ++i) _mm256_store_ps(panel + (k + i) * PANEL_N + g * 8, r[i]);
+    }
+}
+
+template <int M>
+inline void panel_tile(const float* x, int64_t K, const float* panel, int64_t kc, Out out, bool accumulate, int cols) {
+  // out(m, j) (+)= sum_k x[m, k] * panel[k, j] for m < M, j < cols
+  __m256 lo[M], hi[M];  // separate arrays, no address taken: GCC keeps them in registers
+#pragma GCC unroll 8
+  for (int m = 0; m < M; ++m) lo[m] = hi[m] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < kc; ++k) {
+    const __m256 w_lo = _mm256_load_ps(panel + k * PANEL_N), w_hi = _mm256_load_ps(panel + k * PANEL_N + 8);
+#pragma GCC unroll 8
+    for (int m = 0; m < M; ++m) {
+      const __m256 xm = _mm256_broadcast_ss(x + m * K + k);
+      lo[m] = _mm256_fmadd_ps(xm, w_lo, lo[m]);
+      hi[m] = _mm256_fmadd_ps(xm, w_hi, hi[m]);
+    }
+  }
+  if (cols == PANEL_N) {
+#pragma GCC unroll 8
+    for (int m = 0; m < M; ++m) {
+      float* o = &out(m);
+      _mm256_storeu_ps(o, accumulate ? _mm256_add_ps(lo[m], _mm256_loadu_ps(o)) : lo[m]);
+      _mm256_storeu_ps(o + 8, accumulate ? _mm256_add_ps(hi[m], _mm256_loadu_ps(o + 8)) : hi[m]);
+    }
+    return;
+  }
+  alignas(32) float sums[M][PANEL_N];
+#pragma GCC unroll 8
+  for (int m = 0; m < M; ++m) { _mm256_store_ps(sums[m], lo[m]); _mm256_store_ps(sums[m] + 8, hi[m]); }
+  for (int m = 0; m < M; ++m)
+    for (int j = 0; j < cols; ++j) out(m, j) = (accumulate ? out(m, j) : 0.f) + sums[m][j];
+}
+
+template <typename LoadWeights>
+at::Tensor run_panels(const at::Tensor& x, const at::Tensor& w, LoadWeights load_weights) {
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  const float* xp = x.data_ptr<float>();
+  const char* wbytes = static_cast<const char*>(w.data_ptr());
+  const int64_t row_bytes = K * w.element_size();
+  auto y = at::empty({M, N}, x.options());
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, (N + PANEL_N - 1) / PANEL_N, 4, [&](int64_t begin, int64_t end) {
+    alignas(64) float panel[PANEL_K * PANEL_N];
+    for (int64_t p = begin; p < end; ++p) {
+      const int64_t n0 = p * PANEL_N;
+      const int cols = static_cast<int>(std::min<int64_t>(PANEL_N, N - n0));
+      for (int64_t k0 = 0; k0 < K; k0 += PANEL_K) {
+        const int64_t kc = std::min(PANEL_K, K - k0);
+        pack_panel(load_weights, n0, cols, k0, kc, panel);
+        // the next panel's weight bytes (this rows' next inputs, or the next rows'), into L2 a share per tile
+        const int64_t next_n = k0 + kc < K ? n0 : n0 + PANEL_N, next_k = k0 + kc < K ? k0 + kc : 0;
+        const int64_t next_rows = std::max<int64_t>(0, std::min<int64_t>(PANEL_N, N - next_n));
+        const int64_t lines_per_row = (std::min(PANEL_K, K - next_k) * w.element_size() + 63) / 64;
+        const int64_t lines = next_rows * lines_per_row, tiles = (M + PANEL_M - 1) / PANEL_M;
+        int64_t fetched = 0;
+        auto prefetch_share = [&]() {
+          for (const int64_t until = std::min(lines, fetched + (lines + tiles - 1) / tiles); fetched < until; ++fetched)
+            _mm_prefetch(wbytes + (next_n + fetched / lines_per_row) * row_bytes + next_k * w.element_size() +
+                         (fetched % lines_per_row) * 64, _MM_HINT_T1);
+        };
+        const bool accumulate = k0 > 0;
+        Out out{yp + n0, N};
+        int64_t m0 = 0;
+        for (; m0 + PANEL_M <= M; m0 += PANEL_M) {
+          prefetch_share();
+          panel_tile<PANEL_M>(xp + m0 * K + k0, K, panel, kc, out.from_row(m0), accumulate, cols);
+        }
+        prefetch_share();
+        const float* xr = xp + m0 * K + k0;
+        switch (M - m0) {
+          case 1: panel_tile<1>(xr, K, panel, kc, out.from_row(m0), accumulate, cols); break;
+          case 2: panel_tile<2>(xr, K, panel, kc, out.from_row(m0), accumulate, cols); break;
+          case 3: panel_tile<3>(xr, K, panel, kc, out.from_row(m0), accumulate, cols); break;
+          case 4: panel_tile<4>(xr, K, panel, kc, out.from_row(m0), accumulate, cols); break;
+          case 5: panel_tile<5>(xr, K, panel, kc, out.from_row(m0), accumulate, cols); break;
+          default: break;
+        }
+      }
+    }
+  });
+  return y;
+}
 #endif
 
 at::Tensor gemv_float(const at::Tensor& x, const at::Tensor& w) {
@@ -285,6 +404,7 @@ at::Tensor gemv_float(const at::Tensor& x, const at::Tensor& w) {
   if (w.scalar_type() == at::kFloat) {
     const float* wp = w.data_ptr<float>();
 #if defined(__AVX2__) && defined(__FMA__)
+    if (M >= PANEL_MIN_ROWS) return run_panels(x, w, [&](int64_t n, int64_t k) { return Vec8::load(wp + n * K + k); });
     if (M >= 3)
       return run_tiled(x, N, [&](int64_t n, int64_t k) { prefetch_ahead(wp + n * K + k); return Vec8::load(wp + n * K + k); });
 #endif
@@ -309,6 +429,7 @@ at::Tensor gemv_float(const at::Tensor& x, const at::Tensor& w) {
       else dot_rows<2, Vec16>(pp, K, load, out);
     });
   }
+  if (M >= PANEL_MIN_ROWS) return run_panels(x, w, [&](int64_t n, int64_t k) { return Vec8::from_bf16(wp + n * K + k); });
   return run_tiled(x, N, [&](int64_t n, int64_t k) { prefetch_ahead(wp + n * K + k); return Vec8::from_bf16(wp + n * K + k); });
 #endif
   return run(x, N, [&](int64_t n, Out out) {
