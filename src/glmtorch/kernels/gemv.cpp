@@ -243,23 +243,29 @@ inline void tile(const float* x, int64_t K, LoadWeights load_weights, Out out) {
     for (int m = 0; m < MR; ++m) out(m, j) = acc[j][m].sum();
 }
 
-template <int NR, typename LoadWeights>
-inline void tile_column(const float* x, int64_t M, int64_t K, LoadWeights load_weights, Out out) {
-  // every row of x against NR weight rows, TILE_M rows at a time; the weight rows stay in L1 between tiles
-  int64_t m0 = 0;
-  for (; m0 + TILE_M <= M; m0 += TILE_M) tile<TILE_M, NR>(x + m0 * K, K, load_weights, out.from_row(m0));
-  switch (M - m0) {  // the last rows, fewer than TILE_M
-    case 1: tile<1, NR>(x + m0 * K, K, load_weights, out.from_row(m0)); break;
-    case 2: tile<2, NR>(x + m0 * K, K, load_weights, out.from_row(m0)); break;
-    case 3: tile<3, NR>(x + m0 * K, K, load_weights, out.from_row(m0)); break;
-    default: break;
-  }
+template <int NR, typename FirstLoad, typename Load>
+inline void tile_column(const float* x, int64_t M, int64_t K, FirstLoad first_load, Load load, Out out) {
+  // every row of x against NR weight rows, TILE_M rows at a time: the first tile loads the weight rows from memory
+  // (first_load also asks for the next column's), the others find them in L1
+  auto rows_from = [&](int64_t m0, auto load_weights) {
+    const float* xm = x + m0 * K;
+    switch (std::min<int64_t>(TILE_M, M - m0)) {
+      case 1: tile<1, NR>(xm, K, load_weights, out.from_row(m0)); break;
+      case 2: tile<2, NR>(xm, K, load_weights, out.from_row(m0)); break;
+      case 3: tile<3, NR>(xm, K, load_weights, out.from_row(m0)); break;
+      default: tile<TILE_M, NR>(xm, K, load_weights, out.from_row(m0)); break;
+    }
+  };
+  rows_from(0, first_load);
+  for (int64_t m0 = TILE_M; m0 < M; m0 += TILE_M) rows_from(m0, load);
 }
 
 template <typename LoadWeights>  // load_weights(n, k) -> Vec8 of weight row n from k
-at::Tensor run_tiled(const at::Tensor& x, int64_t N, LoadWeights load_weights) {
-  const int64_t M = x.size(0), K = x.size(1);
+at::Tensor run_tiled(const at::Tensor& x, const at::Tensor& w, LoadWeights load_weights) {
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
   const float* xp = x.data_ptr<float>();
+  const char* wbytes = static_cast<const char*>(w.data_ptr());
+  const int64_t esize = w.element_size();
   auto y = at::empty({M, N}, x.options());
   float* yp = y.data_ptr<float>();
   const int64_t columns = (N + TILE_N - 1) / TILE_N;
@@ -267,10 +273,17 @@ at::Tensor run_tiled(const at::Tensor& x, int64_t N, LoadWeights load_weights) {
     for (int64_t c = begin; c < end; ++c) {
       const int64_t n0 = c * TILE_N;
       auto rows_from_n0 = [&](int j, int64_t k) { return load_weights(n0 + j, k); };
+      // the next column's rows start arriving while this column's are multiplied (the hardware prefetcher does
+      // not follow the jump from one row to the next; ahead within the row would be this column's own bytes).
+      // A step's weights from memory, 3-24 rows: fp32 1.15-1.26x, bf16 1.0-1.09x against prefetching within rows.
+      auto fetching_rows_from_n0 = [&](int j, int64_t k) {
+        _mm_prefetch(wbytes + (std::min(n0 + TILE_N + j, N - 1) * K + k) * esize, _MM_HINT_T0);
+        return load_weights(n0 + j, k);
+      };
       switch (std::min<int64_t>(TILE_N, N - n0)) {
-        case 1: tile_column<1>(xp, M, K, rows_from_n0, Out{yp + n0, N}); break;
-        case 2: tile_column<2>(xp, M, K, rows_from_n0, Out{yp + n0, N}); break;
-        default: tile_column<3>(xp, M, K, rows_from_n0, Out{yp + n0, N}); break;
+        case 1: tile_column<1>(xp, M, K, fetching_rows_from_n0, rows_from_n0, Out{yp + n0, N}); break;
+        case 2: tile_column<2>(xp, M, K, fetching_rows_from_n0, rows_from_n0, Out{yp + n0, N}); break;
+        default: tile_column<3>(xp, M, K, fetching_rows_from_n0, rows_from_n0, Out{yp + n0, N}); break;
       }
     }
   });
@@ -406,7 +419,7 @@ at::Tensor gemv_float(const at::Tensor& x, const at::Tensor& w) {
 #if defined(__AVX2__) && defined(__FMA__)
     if (M >= PANEL_MIN_ROWS) return run_panels(x, w, [&](int64_t n, int64_t k) { return Vec8::load(wp + n * K + k); });
     if (M >= 3)
-      return run_tiled(x, N, [&](int64_t n, int64_t k) { prefetch_ahead(wp + n * K + k); return Vec8::load(wp + n * K + k); });
+      return run_tiled(x, w, [&](int64_t n, int64_t k) { return Vec8::load(wp + n * K + k); });
 #endif
     return run(x, N, [&](int64_t n, Out out) {
       FOR_ROW_GROUPS(M, (f32_row<R>(xp + g0 * K, K, wp + n * K, out.from_row(g0))));
@@ -430,7 +443,7 @@ at::Tensor gemv_float(const at::Tensor& x, const at::Tensor& w) {
     });
   }
   if (M >= PANEL_MIN_ROWS) return run_panels(x, w, [&](int64_t n, int64_t k) { return Vec8::from_bf16(wp + n * K + k); });
-  return run_tiled(x, N, [&](int64_t n, int64_t k) { prefetch_ahead(wp + n * K + k); return Vec8::from_bf16(wp + n * K + k); });
+  return run_tiled(x, w, [&](int64_t n, int64_t k) { return Vec8::from_bf16(wp + n * K + k); });
 #endif
   return run(x, N, [&](int64_t n, Out out) {
     FOR_ROW_GROUPS(M, (bf16_row<R>(xp + g0 * K, K, wp + n * K, out.from_row(g0))));
