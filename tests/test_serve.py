@@ -145,7 +145,7 @@ def test_bench_serve_and_ttft_under_load(served):
     report = bench_serve(served[0].url, requests=6, concurrency=3, prompt_words=10, max_tokens=8)
     assert report["completed"] == 6 and report["error_count"] == 0 and report["output_tokens"] == 48
     assert report["ttft_s"]["p50"] > 0 and "tok/s" in format_serve_report(report)
-    ttft = ttft_under_load(served[0].url, background=3, long_tokens=60, long_words=20, probes=2)
+    ttft = ttft_under_load(served[0].url, background=3, long_tokens=60, long_words=20, probes=2, max_pause=0.1)
     assert ttft["ttft_unloaded_s"] > 0 and ttft["ttft_loaded_s"] > 0 and len(ttft["loaded_all_s"]) == 2
     assert "while 3 long requests" in format_serve_report(ttft)
     deadline = time.time() + 30

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import statistics
 import time
 from typing import Any
@@ -123,10 +124,17 @@ async def _run(base_url: str, requests: int, concurrency: int, prompt_words: int
 
 
 async def _ttft_under_load(base_url: str, background: int, long_tokens: int, long_words: int, probes: int,
-                           model: str | None, api_key: str | None, chat: bool) -> dict[str, Any]:
+                           model: str | None, api_key: str | None, chat: bool, max_pause: float) -> dict[str, Any]:
     """Time to first token of a short request (8 words, 8 tokens) alone, then while `background` long requests
-    (`long_words`-word prompts, `long_tokens` new tokens each) are decoding; medians of `probes` requests each."""
+    (`long_words`-word prompts, `long_tokens` new tokens each) are decoding; medians of `probes` requests each.
+
+    Each probe waits a random pause (0-`max_pause` s, seeded) before it is sent, so that probes arrive at random
+    points of the server's decode loop, as independent clients do. Sent the moment the previous probe ended, they
+    would all arrive just after a step began (a probe ends with a step) and wait that whole step: the worst case
+    every time, which `loaded_all_s` can still show when max_pause is 0."""
     import httpx
+
+    pauses = random.Random(0)
 
     base = _base(base_url)
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -134,6 +142,7 @@ async def _ttft_under_load(base_url: str, background: int, long_tokens: int, lon
         model = await _model_name(client, base, headers, model)
 
         async def probe(i: int) -> float:
+            await asyncio.sleep(pauses.uniform(0.0, max_pause))
             url, body = _request(base, model, 1000 + i, 8, 8, chat, 0.0)
             result = await _one(client, url, body, headers)
             if "error" in result:
@@ -158,13 +167,16 @@ async def _ttft_under_load(base_url: str, background: int, long_tokens: int, lon
         await asyncio.gather(*long_ones, return_exceptions=True)
     unloaded_s, loaded_s = statistics.median(alone), statistics.median(loaded)
     return {"url": base_url, "model": model, "background_requests": background, "probes": probes,
-            "long_tokens": long_tokens, "background_still_decoding": still_running, "ttft_unloaded_s": unloaded_s, "ttft_loaded_s": loaded_s,
+            "long_tokens": long_tokens, "max_pause_s": max_pause, "background_still_decoding": still_running,
+            "ttft_unloaded_s": unloaded_s, "ttft_loaded_s": loaded_s,
             "ratio": loaded_s / unloaded_s, "unloaded_all_s": alone, "loaded_all_s": loaded}
 
 
-def ttft_under_load(url: str, background: int = 16, long_tokens: int = 256, long_words: int = 100, probes: int = 5,
-                    model: str | None = None, api_key: str | None = None, chat: bool = False) -> dict[str, Any]:
-    return asyncio.run(_ttft_under_load(url, background, long_tokens, long_words, probes, model, api_key, chat))
+def ttft_under_load(url: str, background: int = 16, long_tokens: int = 256, long_words: int = 100, probes: int = 9,
+                    model: str | None = None, api_key: str | None = None, chat: bool = False,
+                    max_pause: float = 0.5) -> dict[str, Any]:
+    return asyncio.run(_ttft_under_load(url, background, long_tokens, long_words, probes, model, api_key, chat,
+                                        max_pause))
 
 
 def bench_serve(url: str, requests: int = 64, concurrency: int = 64, prompt_words: int = 100, max_tokens: int = 64,
