@@ -237,21 +237,29 @@ class Engine:
         logits = self.step_fn(self.model, tokens, positions, positions, self.ones[:rows, :window],
                               self.cache.rows(0, rows))
         self.steps += 1
-        for i, r in active:  # logits rows are the slots as they were during the step
+        # Greedy rows whose logits nothing adjusts take one argmax over the whole batch (rows spread over the
+        # threads: 64 rows of a 151552-word vocabulary cost ~25 ms one by one, ~1/20 of a 64-row step).
+        plain = [r.params.temperature == 0 and not r.processors for _, r in active]
+        best = logits.argmax(-1).tolist() if any(plain) else []
+        for (i, r), use_best in zip(active, plain):  # logits rows are the slots as they were during the step
             r.position += 1
-            self._accept(r, logits[i])
+            self._accept(r, logits[i], best[i] if use_best else None)
 
-    def _accept(self, r: Request, logits: torch.Tensor) -> None:
-        """Sample the request's next token from its logits, stream its text, finish it when it stops."""
+    def _accept(self, r: Request, logits: torch.Tensor, greedy_token: int | None = None) -> None:
+        """Sample the request's next token from its logits (or take greedy_token, its argmax already found),
+        stream its text, finish it when it stops."""
         raw = logits
-        row = logits[None].cpu()
         filled = len(r.prompt_ids) + r.generated  # tokens in the history so far
-        for process in r.processors:
-            row = process(r.history[:, :filled], row)
-        if r.params.temperature == 0:
-            token = int(row.argmax(-1))
+        if greedy_token is not None:
+            token = greedy_token
         else:
-            token = int(torch.multinomial(torch.softmax(row, -1), 1, generator=r.generator))
+            row = logits[None].cpu()
+            for process in r.processors:
+                row = process(r.history[:, :filled], row)
+            if r.params.temperature == 0:
+                token = int(row.argmax(-1))
+            else:
+                token = int(torch.multinomial(torch.softmax(row, -1), 1, generator=r.generator))
         r.history[0, filled] = token
         r.last_token = token
         r.generated += 1
