@@ -154,6 +154,13 @@ def test_bench_serve_and_ttft_under_load(served):
     assert served[1].active == 0
 
 
+def test_ttft_under_load_rejects_a_negative_probe_pause():
+    from glmtorch.serve.bench import ttft_under_load
+
+    with pytest.raises(ValueError, match="probe pause must be 0 seconds or more"):
+        ttft_under_load("http://127.0.0.1:9", max_pause=-1)
+
+
 def test_client_disconnect_frees_the_slot(served):
     server, engine, _, _ = served
     with httpx.Client(timeout=60) as c:

@@ -311,7 +311,7 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
 
     if args.ttft_under_load:
         report = ttft_under_load(args.url, args.ttft_under_load, args.max_tokens, args.prompt_words, model=args.model,
-                                 api_key=args.api_key, chat=args.chat)
+                                 api_key=args.api_key, chat=args.chat, max_pause=args.probe_pause)
     else:
         report = bench_serve(args.url, args.requests, args.concurrency, args.prompt_words, args.max_tokens,
                              args.model, args.api_key, args.chat, args.temperature)
@@ -335,6 +335,10 @@ def _bench_serve_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ttft-under-load", type=int, default=0, metavar="N",
                    help="instead: time to first token of a short request alone and while N long requests "
                         "(--prompt-words and --max-tokens each) decode")
+    p.add_argument("--probe-pause", type=float, default=0.5, metavar="SECONDS",
+                   help="with --ttft-under-load: each probe waits a random pause of up to this long, so probes "
+                        "arrive at random points of the server's decode loop (0: right after the previous one "
+                        "ended, which lands just after a decode step began: the worst case)")
     p.add_argument("--out", default=None, help="also write the report as JSON")
 
 

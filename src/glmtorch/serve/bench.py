@@ -131,7 +131,7 @@ async def _ttft_under_load(base_url: str, background: int, long_tokens: int, lon
     Each probe waits a random pause (0-`max_pause` s, seeded) before it is sent, so that probes arrive at random
     points of the server's decode loop, as independent clients do. Sent the moment the previous probe ended, they
     would all arrive just after a step began (a probe ends with a step) and wait that whole step: the worst case
-    every time, which `loaded_all_s` can still show when max_pause is 0."""
+    every time, which max_pause=0 measures."""
     import httpx
 
     pauses = random.Random(0)
@@ -175,6 +175,8 @@ async def _ttft_under_load(base_url: str, background: int, long_tokens: int, lon
 def ttft_under_load(url: str, background: int = 16, long_tokens: int = 256, long_words: int = 100, probes: int = 9,
                     model: str | None = None, api_key: str | None = None, chat: bool = False,
                     max_pause: float = 0.5) -> dict[str, Any]:
+    if not max_pause >= 0:
+        raise ValueError(f"the probe pause must be 0 seconds or more, got {max_pause}")
     return asyncio.run(_ttft_under_load(url, background, long_tokens, long_words, probes, model, api_key, chat,
                                         max_pause))
 
