@@ -363,7 +363,7 @@ at::Tensor run_panels(const at::Tensor& x, const at::Tensor& w, LoadWeights load
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
   const float* xp = x.data_ptr<float>();
   const char* wbytes = static_cast<const char*>(w.data_ptr());
-  const int64_t row_bytes = K * w.element_size();
+  const int64_t esize = w.element_size(), row_bytes = K * esize;
   auto y = at::empty({M, N}, x.options());
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, (N + PANEL_N - 1) / PANEL_N, 4, [&](int64_t begin, int64_t end) {
@@ -377,12 +377,12 @@ at::Tensor run_panels(const at::Tensor& x, const at::Tensor& w, LoadWeights load
         // the next panel's weight bytes (this rows' next inputs, or the next rows'), into L2 a share per tile
         const int64_t next_n = k0 + kc < K ? n0 : n0 + PANEL_N, next_k = k0 + kc < K ? k0 + kc : 0;
         const int64_t next_rows = std::max<int64_t>(0, std::min<int64_t>(PANEL_N, N - next_n));
-        const int64_t lines_per_row = (std::min(PANEL_K, K - next_k) * w.element_size() + 63) / 64;
+        const int64_t lines_per_row = (std::min(PANEL_K, K - next_k) * esize + 63) / 64;
         const int64_t lines = next_rows * lines_per_row, tiles = (M + PANEL_M - 1) / PANEL_M;
         int64_t fetched = 0;
         auto prefetch_share = [&]() {
           for (const int64_t until = std::min(lines, fetched + (lines + tiles - 1) / tiles); fetched < until; ++fetched)
-            _mm_prefetch(wbytes + (next_n + fetched / lines_per_row) * row_bytes + next_k * w.element_size() +
+            _mm_prefetch(wbytes + (next_n + fetched / lines_per_row) * row_bytes + next_k * esize +
                          (fetched % lines_per_row) * 64, _MM_HINT_T1);
         };
         const bool accumulate = k0 > 0;
