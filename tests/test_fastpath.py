@@ -8,7 +8,7 @@ import torch
 
 import glmtorch
 from glmtorch.cache import StaticCache
-from glmtorch.fastpath import GemvLinear, compiled_decode_step
+from glmtorch.fastpath import FusedDecodeStep, GemvLinear, compiled_decode_step, decode_step, fused_step_supported
 from glmtorch.quantize import Int4Linear, Int8Linear
 from conftest import CONFIGS, make_hf_model, rel_err, save_hf
 
@@ -63,6 +63,7 @@ def test_per_row_cache_positions(pair):
 def test_compiled_decode_matches_eager_and_does_not_recompile(pair, monkeypatch):
     ref, path = pair
     monkeypatch.setenv("GLMTORCH_COMPILE", "1")
+    monkeypatch.setenv("GLMTORCH_FUSED_STEP", "0")  # the compiled step itself (bf16 models and GPUs take it)
     model = glmtorch.GlmForCausalLM.from_pretrained(path)
     assert all(type(m) is not torch.nn.Linear for m in model.modules()) and isinstance(model.lm_head, GemvLinear)
     ids = torch.tensor([[0, 0, 5, 6, 7, 8], [9, 10, 11, 12, 13, 14]])
@@ -88,6 +89,83 @@ def test_compiled_decode_matches_eager_and_does_not_recompile(pair, monkeypatch)
     logits = compiled_decode_step(model)(model, new, positions[:, T:], torch.tensor([T]), full_mask, cache)
     expected = ref(torch.cat([ids, new], 1), attention_mask=full_mask, position_ids=positions).logits[:, -1]
     assert rel_err(logits, expected) < 1e-5
+
+
+def _prefilled(model, ids, mask, capacity=16):
+    """A static cache holding the (left-padded) prompts, and the decode step's inputs for one more token."""
+    T = ids.shape[1]
+    full_mask = torch.cat([mask, torch.ones(ids.shape[0], 1, dtype=torch.long)], 1)
+    positions = (full_mask.cumsum(-1) - 1).clamp(min=0)
+    cache = model.new_static_cache(ids.shape[0], capacity)
+    cache.length = T
+    model(ids, attention_mask=mask, position_ids=positions[:, :T], past_key_values=cache,
+          cache_position=torch.arange(T))
+    return cache, positions, full_mask
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_fused_decode_step_matches_reference(tmp_path, name):
+    """The whole-step C++ kernel (fp32, int8, int4 weights) against transformers and against the eager step, on
+    a left-padded batch; then rows at different positions (the server's batches) against each row alone."""
+    ref = make_hf_model(**CONFIGS[name])
+    path = save_hf(ref, tmp_path)
+    ids = torch.tensor([[0, 0, 5, 6, 7, 8], [9, 10, 11, 12, 13, 14]])
+    mask, new = (ids != 0).long(), torch.tensor([[3], [4]])
+    for quantize in (None, "int8", "int4"):
+        model = glmtorch.GlmForCausalLM.from_pretrained(path, **({"quantize": quantize} if quantize else {}))
+        if CONFIGS[name].get("hidden_act", "silu") != "silu":  # outside what the C++ step does: the compiled one
+            assert not fused_step_supported(model)
+            return
+        assert fused_step_supported(model)
+        step = compiled_decode_step(model)
+        assert isinstance(step, FusedDecodeStep)
+        cache, positions, full_mask = _prefilled(model, ids, mask)
+        T = ids.shape[1]
+        eager_cache, _, _ = _prefilled(model, ids, mask)
+        fused = step(model, new, positions[:, T:], torch.tensor([T]), full_mask, cache)
+        assert step.plan is not None and cache.seq_lengths.tolist() == [T + 1] * 2
+        eager = decode_step(model, new, positions[:, T:], torch.tensor([T]), full_mask, eager_cache)
+        assert rel_err(fused, eager) < 1e-5
+        for mine, theirs in ((cache.key_buffer, eager_cache.key_buffer), (cache.value_buffer, eager_cache.value_buffer)):
+            assert rel_err(mine, theirs) < 1e-6  # the new keys and values written where eager writes them
+        if quantize is None:
+            expected = ref(torch.cat([ids, new], 1), attention_mask=full_mask, position_ids=positions).logits[:, -1]
+            assert rel_err(fused, expected) < 1e-5
+    # per-row slots: row 0 decodes at position 5, row 1 at 3, in one step
+    a, b = torch.tensor([[5, 6, 7, 8, 9]]), torch.tensor([[10, 11, 12]])
+    cache = model.new_static_cache(2, 16)
+    for row, prompt in ((0, a), (1, b)):
+        model(prompt, past_key_values=cache.rows(row, row + 1), cache_position=torch.arange(prompt.shape[1]))
+    slots = torch.tensor([[5], [3]])
+    out = step(model, torch.tensor([[20], [21]]), slots, slots, torch.ones(2, 6, dtype=torch.long), cache)
+    for row, prompt, token in ((0, a, 20), (1, b, 21)):
+        alone = model(torch.cat([prompt, torch.tensor([[token]])], 1)).logits[0, -1]
+        assert rel_err(out[row], alone) < 1e-5
+
+
+@torch.no_grad()
+def test_fused_decode_step_falls_back(pair, monkeypatch):
+    """Batches past the kernels' row limit, and models it does not cover (bf16 here, after .to()), take the
+    compiled / eager step, with the same results."""
+    _, path = pair
+    model = glmtorch.GlmForCausalLM.from_pretrained(path)
+    ids, mask = torch.tensor([[5, 6, 7], [8, 9, 10]]), torch.ones(2, 3, dtype=torch.long)
+    calls = []
+    step = FusedDecodeStep(lambda *args: calls.append(1) or decode_step(*args))
+    monkeypatch.setattr(glmtorch.kernels, "FLOAT_MAX_ROWS", 1)
+    cache, positions, full_mask = _prefilled(model, ids, mask)
+    out = step(model, torch.tensor([[3], [4]]), positions[:, 3:], torch.tensor([3]), full_mask, cache)
+    assert calls == [1] and step.plan is not None and step.max_rows == 1
+    monkeypatch.undo()
+    model.to(torch.bfloat16)
+    cache, positions, full_mask = _prefilled(model, ids, mask)
+    out16 = step(model, torch.tensor([[3], [4]]), positions[:, 3:], torch.tensor([3]), full_mask, cache)
+    assert calls == [1, 1] and step.plan is None and out16.dtype == torch.float32
+    assert rel_err(out16, out) < 2e-2
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("GLMTORCH_FUSED_STEP", "0")
+        assert not fused_step_supported(model.float())
 
 
 @torch.no_grad()
@@ -155,3 +233,15 @@ def test_bench_tiny_preset_runs(tmp_path):
     assert report["results"]["glmtorch"]["decode_b1_tok_s"] > 0 and report["bandwidth_gb_s"] > 0
     assert "glmtorch/transformers" in report["ratios"] and os.path.isfile(tmp_path / "b.png")
     assert "roofline" in format_report(report)
+
+
+@torch.no_grad()
+def test_int8_decode_when_inputs_are_not_whole_blocks(tmp_path):
+    # hidden 48: the int8 kernel works in blocks of 32 inputs, so these layers take the library path
+    model = glmtorch.GlmForCausalLM.from_pretrained(save_hf(make_hf_model(**CONFIGS["six_heads_gelu"]), tmp_path),
+                                                    quantize="int8")
+    exact = glmtorch.GlmForCausalLM.from_pretrained(tmp_path)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    out = model.generate(ids, max_new_tokens=3, do_sample=False, eos_token_id=[])
+    assert out.shape == (1, 7)
+    assert rel_err(model(out).logits, exact(out).logits) < 2e-2

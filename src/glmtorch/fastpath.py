@@ -6,8 +6,10 @@ kernels in glmtorch.kernels (built on first use) stream each weight once for up 
 
 - `GemvLinear` is an nn.Linear (same parameters, same state dict) whose forward takes those kernels for a few
   rows on the CPU without autograd (decode steps); everywhere else it is F.linear, bit for bit.
-- `compiled_decode_step` compiles one decode step (embedding -> layers -> logits, static KV cache) once per
-  model and shape; prefill stays eager, where large matrix products are what the libraries do best.
+- `compiled_decode_step` gives the decode step (embedding -> layers -> logits, static KV cache): on a CPU, for
+  the fp32 models it covers (fp32, int8, int4 weights), the whole step in one C++ call (`FusedDecodeStep`,
+  kernels/decode_step.cpp); elsewhere the model's forward compiled once per model and shape. Prefill stays
+  eager, where large matrix products are what the libraries do best.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import kernels
+from .quantize import Int4Linear, Int8Linear
 
 
 class GemvLinear(nn.Linear):
@@ -73,34 +76,140 @@ def decode_step(model, tokens, position_ids, cache_position, attention_mask, cac
     return out.logits[:, -1].float()
 
 
+class FusedDecodeStep:
+    """decode_step in one C++ call (kernels/decode_step.cpp) on the model's own tensors (no copies), for the CPU
+    models `fused_step_supported` accepts; other models, and batches past the kernels' row limit, go to
+    `fallback` (the compiled step).
+
+    Why: at batch 1 the matrix products are nearly all of the work, and a compiled graph spent ~18% of an int4
+    step of the "small" model around them (its Python wrapper calling ~165 kernels, guard checks). The plan is
+    rebuilt when the model's weights are swapped (`.to(...)`, quantization): each call compares the embedding
+    and LM head tensors with the ones it was built on."""
+
+    def __init__(self, fallback) -> None:
+        self.fallback, self.plan, self.max_rows, self.built_for = fallback, None, 0, None
+
+    def __call__(self, model, tokens, position_ids, cache_position, attention_mask, cache) -> torch.Tensor:
+        key = _weights_key(model)
+        if key != self.built_for:
+            self.plan, self.max_rows = _build_plan(model) if fused_step_supported(model) else (None, 0)
+            self.built_for = key
+        if tokens.shape[0] > self.max_rows:
+            return self.fallback(model, tokens, position_ids, cache_position, attention_mask, cache)
+        cache.length = attention_mask.shape[1]
+        logits = self.plan.step(tokens, position_ids, cache_position, attention_mask, cache.key_buffer,
+                                cache.value_buffer)
+        cache.advance(1)
+        return logits
+
+
+def _weights_key(model) -> tuple:
+    embed, head = model.model.embed_tokens.weight, model.lm_head.weight
+    return id(model), embed.data_ptr(), embed.dtype, embed.device, head.data_ptr(), head.dtype, type(model.lm_head)
+
+
+def _linear_spec(layer) -> tuple | None:
+    """(kind, weight, scales, bias, group, interleave) as the plan takes a layer, or None for a layer the kernels
+    do not cover."""
+    bias = layer.bias
+    if bias is not None and bias.dtype != torch.float32:
+        return None
+    if type(layer) is GemvLinear and layer.weight.dtype == torch.float32 and layer.in_features % 16 == 0:
+        return 0, layer.weight, None, bias, 0, 1
+    if isinstance(layer, Int8Linear) and layer.in_features % 32 == 0:
+        return 1, layer.weight, layer.scales, bias, 0, 1
+    if isinstance(layer, Int4Linear) and layer.group_size in (32, 64, 128, 256) and layer.in_features % 32 == 0:
+        return 2, layer.weight, layer.scales, bias, layer.group_size, layer.interleave
+    return None
+
+
+def fused_step_supported(model) -> bool:
+    """Whether FusedDecodeStep covers this model: a CPU GlmForCausalLM with fp32 activations, SiLU, whole (not
+    tensor-parallel) layers of fp32 / int8 / int4 weights the kernels take, and the kernels built.
+    GLMTORCH_FUSED_STEP=0 turns it off."""
+    if os.environ.get("GLMTORCH_FUSED_STEP", "").lower() in ("0", "false", "no"):
+        return False
+    if model.device.type != "cpu" or not hasattr(model, "lm_head") or model.config.hidden_act not in ("silu", "swish"):
+        return False
+    base = model.model
+    if base.embed_tokens.weight.dtype != torch.float32 or not kernels.available():
+        return False
+    config = model.config
+    q_size = config.num_attention_heads * config.head_dim
+    for layer in base.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        if attn.qkv_sizes[0] != q_size or attn.num_heads % attn.num_kv_heads:
+            return False
+        norms = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
+        if any(n.dtype != torch.float32 for n in norms):
+            return False
+        if any(_linear_spec(lin) is None for lin in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)):
+            return False
+    return base.norm.weight.dtype == torch.float32 and _linear_spec(model.lm_head) is not None
+
+
+def _build_plan(model) -> tuple:
+    """The C++ plan of the model's decode step, and the most rows it takes (the kernels' limit for its weights)."""
+    base, config = model.model, model.config
+    plan = torch.classes.glmtorch_kernels.DecodePlan(
+        config.num_attention_heads, config.num_key_value_heads, config.head_dim, config.rotary_dim,
+        float(config.rms_norm_eps), base.embed_tokens.weight.detach(), base.norm.weight.detach(),
+        base.rotary_emb.inv_freq.float().contiguous())
+
+    def linear(layer) -> int:
+        kind, weight, scales, bias, group, interleave = _linear_spec(layer)
+        return plan.add_linear(kind, weight.detach(), None if scales is None else scales.detach().contiguous(),
+                               None if bias is None else bias.detach().contiguous(), group, interleave)
+
+    for layer in base.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        plan.add_layer(layer.input_layernorm.weight.detach(), linear(attn.qkv_proj), linear(attn.o_proj),
+                       layer.post_attention_layernorm.weight.detach(), linear(mlp.gate_up_proj),
+                       linear(mlp.down_proj))
+    plan.set_lm_head(linear(model.lm_head))
+    integer = any(isinstance(m, (Int8Linear, Int4Linear)) for m in model.modules())
+    return plan, kernels.MAX_ROWS if integer else kernels.FLOAT_MAX_ROWS
+
+
 def compiled_decode_step(model):
-    """The model's compiled decode step (built on first use, kept on the model), or the eager one when
-    compiling is off or has failed once."""
+    """The model's decode step (built on first use, kept on the model): on a CPU the fused C++ step where it
+    covers the model; elsewhere, and as its fallback, the compiled forward, or the eager one when compiling is off
+    or has failed once."""
     step = getattr(model, "_glmtorch_decode_step", None)
     if step is None:
         if model.device.type == "cpu":
             kernels.available()  # built before tracing, so the compiled graph calls them
-        if not compile_enabled(model):
-            step = decode_step
-        else:
-            compiled = torch.compile(decode_step, mode="reduce-overhead" if model.device.type == "cuda" else None)
-
-            def step(*args):
-                tokens, positions, mask, cache = args[1], args[2], args[4], args[5]
-                torch._dynamo.mark_dynamic(mask, 1)  # the attended length grows every step
-                for buffer in cache.keys + cache.values:  # and caches differ in size between calls
-                    torch._dynamo.mark_dynamic(buffer, 2)
-                # so do batches (the server's active requests change every few steps): one graph for every row
-                # count from 2 up (a single row specializes, and gets its own)
-                for t in (tokens, positions, mask, cache.seq_lengths, *cache.keys, *cache.values):
-                    torch._dynamo.maybe_mark_dynamic(t, 0)
-                try:
-                    return compiled(*args)
-                except Exception as e:  # no compiler toolchain, an unsupported op: stay correct, warn once
-                    warnings.warn(f"torch.compile of the decode step failed ({type(e).__name__}: {e}); "
-                                  "decoding eagerly", stacklevel=2)
-                    model._glmtorch_decode_step = decode_step
-                    return decode_step(*args)
-
+        step = _compiled_step(model) if compile_enabled(model) else decode_step
+        if model.device.type == "cpu":
+            step = FusedDecodeStep(step)
         model._glmtorch_decode_step = step
+    return step
+
+
+def _compiled_step(model):
+    compiled = torch.compile(decode_step, mode="reduce-overhead" if model.device.type == "cuda" else None)
+    failed = False
+
+    def step(*args):
+        nonlocal failed
+        if failed:
+            return decode_step(*args)
+        tokens, positions, mask, cache = args[1], args[2], args[4], args[5]
+        torch._dynamo.mark_dynamic(mask, 1)  # the attended length grows every step
+        for buffer in (cache.key_buffer, cache.value_buffer):  # and caches differ in size between calls
+            torch._dynamo.mark_dynamic(buffer, 3)
+        # so do batches (the server's active requests change every few steps): one graph for every row count
+        # from 2 up (a single row specializes, and gets its own)
+        for t in (tokens, positions, mask, cache.seq_lengths):
+            torch._dynamo.maybe_mark_dynamic(t, 0)
+        for buffer in (cache.key_buffer, cache.value_buffer):
+            torch._dynamo.maybe_mark_dynamic(buffer, 1)
+        try:
+            return compiled(*args)
+        except Exception as e:  # no compiler toolchain, an unsupported op: stay correct, warn once
+            warnings.warn(f"torch.compile of the decode step failed ({type(e).__name__}: {e}); decoding eagerly",
+                          stacklevel=2)
+            failed = True
+            return decode_step(*args)
+
     return step

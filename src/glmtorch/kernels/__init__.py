@@ -53,7 +53,8 @@ def _build() -> bool:
         return False
     if hasattr(torch.ops, "glmtorch_kernels") and hasattr(torch.ops.glmtorch_kernels, "gemv_float"):
         return True
-    source = os.path.join(os.path.dirname(__file__), "gemv.cpp")
+    folder = os.path.dirname(__file__)
+    sources = [os.path.join(folder, name) for name in ("gemv.cpp", "decode_step.cpp")]
     try:
         from torch.utils.cpp_extension import load
 
@@ -62,7 +63,7 @@ def _build() -> bool:
             print("glmtorch: building the CPU decode kernels (once per machine and torch version)...",
                   file=sys.stderr, flush=True)
         flags = ["-O3", "-march=native", "-fopenmp"]
-        load(name="glmtorch_gemv", sources=[source], extra_cflags=flags, extra_ldflags=["-fopenmp"],
+        load(name="glmtorch_gemv", sources=sources, extra_cflags=flags, extra_ldflags=["-fopenmp"],
              is_python_module=False, verbose=False)
         _register_shapes()
         return True
@@ -131,11 +132,12 @@ def fp32_matmul(x: torch.Tensor, weight_rows, out_features: int, bias: torch.Ten
 
 def usable(x: torch.Tensor, weight: torch.Tensor, in_features: int) -> bool:
     """Whether a product of x (..., K) with this weight should take a kernel: CPU, few enough rows for the
-    weight's kind, no autograd, an input width the loops handle, and the kernels built."""
+    weight's kind, no autograd, an input width the loops handle (float: a multiple of 16; int8 / int4: of their
+    32-value blocks), and the kernels built."""
     max_rows = FLOAT_MAX_ROWS if weight.is_floating_point() else MAX_ROWS
     return (x.device.type == "cpu" and weight.device.type == "cpu" and x.numel() // in_features <= max_rows
-            and weight.is_contiguous()
-            and in_features % 16 == 0 and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+            and weight.is_contiguous() and in_features % (16 if weight.is_floating_point() else 32) == 0
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
             and available())
 
 

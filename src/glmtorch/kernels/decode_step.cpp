@@ -1,0 +1,258 @@
+// One whole decode step of a GLM model on the CPU in a single call: embedding -> N x [RMSNorm -> fused QKV ->
+// interleaved partial rotary -> KV cache write -> attention -> o_proj -> residual -> RMSNorm -> gate_up ->
+// silu(gate) * up -> down -> residual] -> RMSNorm -> LM head, for B rows of one new token each.
+//
+// Why: at batch 1 a step of the "small" int4 model is ~12 ms of weight streaming, and a compiled graph spent
+// another ~2.7 ms around it (its Python wrapper calling ~165 kernels, guard checks, small fused loops with a
+// thread barrier each). Here the matrix products are the gemv kernels (called through the dispatcher, no
+// Python), and everything between them is a few loops over B x hidden values.
+//
+// It is the math of modeling.py in fp32, the activations' dtype of an fp32 (or fp32 int8 / int4) model; the
+// Python side (glmtorch/fastpath.py) builds a plan only for models this covers and checks it against the
+// compiled step in the tests. Shapes: B rows, H hidden, Q query heads, KV key/value heads, D head_dim, R
+// rotary_dim, I intermediate, L attended cache slots.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/custom_class.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+// A linear layer as the kernels take it (gemv.cpp): float weights (fp32 / bf16), int8 with per-row scales, or
+// int4 with per-group scales and an optional row interleave.
+struct Linear {
+  int64_t kind = 0;  // KIND_FLOAT, KIND_INT8, KIND_INT4
+  at::Tensor weight, scales, bias;  // scales / bias undefined when absent
+  int64_t group = 0, interleave = 1;
+};
+constexpr int64_t KIND_FLOAT = 0, KIND_INT8 = 1, KIND_INT4 = 2;
+
+at::Tensor apply(const Linear& l, const at::Tensor& x) {
+  static auto gemv_float = c10::Dispatcher::singleton()
+      .findSchemaOrThrow("glmtorch_kernels::gemv_float", "").typed<at::Tensor(const at::Tensor&, const at::Tensor&)>();
+  static auto gemv_int8 = c10::Dispatcher::singleton()
+      .findSchemaOrThrow("glmtorch_kernels::gemv_int8", "")
+      .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&)>();
+  static auto gemv_int4 = c10::Dispatcher::singleton()
+      .findSchemaOrThrow("glmtorch_kernels::gemv_int4", "")
+      .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, int64_t)>();
+  at::Tensor y = l.kind == KIND_FLOAT  ? gemv_float.call(x, l.weight)
+                 : l.kind == KIND_INT8 ? gemv_int8.call(x, l.weight, l.scales)
+                                       : gemv_int4.call(x, l.weight, l.scales, l.group, l.interleave);
+  if (l.bias.defined()) {
+    const int64_t M = y.size(0), N = y.size(1);
+    float* yp = y.data_ptr<float>();
+    const float* bp = l.bias.data_ptr<float>();
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t n = 0; n < N; ++n) yp[m * N + n] += bp[n];
+  }
+  return y;
+}
+
+// weight * (x / sqrt(mean(x^2) + eps)) per row, as RMSNorm in fp32
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  const int64_t M = x.size(0), H = x.size(1);
+  auto y = at::empty_like(x);
+  const float* xp = x.data_ptr<float>();
+  const float* wp = weight.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  for (int64_t m = 0; m < M; ++m) {
+    const float* row = xp + m * H;
+    float squares = 0.f;
+#pragma omp simd reduction(+ : squares)
+    for (int64_t i = 0; i < H; ++i) squares += row[i] * row[i];
+    const float inverse = 1.f / std::sqrt(squares / static_cast<float>(H) + static_cast<float>(eps));
+    for (int64_t i = 0; i < H; ++i) yp[m * H + i] = wp[i] * (row[i] * inverse);
+  }
+  return y;
+}
+
+void add_into(at::Tensor& x, const at::Tensor& y) {
+  float* xp = x.data_ptr<float>();
+  const float* yp = y.data_ptr<float>();
+  const int64_t n = x.numel();
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) xp[i] += yp[i];
+}
+
+struct DecodePlan : torch::CustomClassHolder {
+  int64_t heads, kv_heads, head_dim, rotary_dim;
+  double eps, scale;
+  at::Tensor embed, final_norm, inv_freq;
+  std::vector<Linear> linears;  // indexed by the numbers add_linear returns
+  struct Layer {
+    at::Tensor input_norm, post_norm;
+    int64_t qkv, o, gate_up, down;
+  };
+  std::vector<Layer> layers;
+  int64_t lm_head = -1;
+
+  DecodePlan(int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t rotary_dim, double eps, at::Tensor embed,
+             at::Tensor final_norm, at::Tensor inv_freq)
+      : heads(heads), kv_heads(kv_heads), head_dim(head_dim), rotary_dim(rotary_dim), eps(eps),
+        scale(1.0 / std::sqrt(static_cast<double>(head_dim))), embed(std::move(embed)),
+        final_norm(std::move(final_norm)), inv_freq(std::move(inv_freq)) {}
+
+  int64_t add_linear(int64_t kind, at::Tensor weight, c10::optional<at::Tensor> scales, c10::optional<at::Tensor> bias,
+                     int64_t group, int64_t interleave) {
+    Linear l;
+    l.kind = kind;
+    l.weight = std::move(weight);
+    if (scales) l.scales = *scales;
+    if (bias) l.bias = *bias;
+    l.group = group;
+    l.interleave = interleave;
+    linears.push_back(std::move(l));
+    return static_cast<int64_t>(linears.size()) - 1;
+  }
+
+  void add_layer(at::Tensor input_norm, int64_t qkv, int64_t o, at::Tensor post_norm, int64_t gate_up, int64_t down) {
+    layers.push_back({std::move(input_norm), std::move(post_norm), qkv, o, gate_up, down});
+  }
+
+  void set_lm_head(int64_t index) { lm_head = index; }
+
+  // tokens (B, 1), positions (B, 1) rotary positions, slots (1,) or (B, 1) cache slots written, mask (B, L) 0/1
+  // padding over the attended slots; keys / values (layers, B, KV, capacity, D). Returns (B, vocab) logits.
+  at::Tensor step(const at::Tensor& tokens, const at::Tensor& positions, const at::Tensor& slots,
+                  const at::Tensor& mask, const at::Tensor& keys, const at::Tensor& values) const {
+    const int64_t B = tokens.size(0), H = embed.size(1), L = mask.size(1), D = head_dim, R = rotary_dim;
+    const int64_t Q = heads, KV = kv_heads, G = Q / KV;
+    TORCH_CHECK(keys.scalar_type() == at::kFloat && values.scalar_type() == at::kFloat && keys.stride(4) == 1 &&
+                    values.stride(4) == 1 && keys.sizes() == values.sizes() && keys.size(1) == B &&
+                    keys.size(2) == KV && keys.size(4) == D && L <= keys.size(3),
+                "the cache must be fp32 (layers, B, KV, capacity, D) buffers covering the mask");
+    const auto tok = tokens.to(at::kLong).contiguous(), pos = positions.to(at::kLong).contiguous();
+    const auto slot = slots.to(at::kLong).contiguous(), visible = mask.to(at::kBool).contiguous();
+    const int64_t* tp = tok.data_ptr<int64_t>();
+    const int64_t* pp = pos.data_ptr<int64_t>();
+    const int64_t* sp = slot.data_ptr<int64_t>();
+    const bool* vp = visible.data_ptr<bool>();
+    const bool shared_slot = slot.numel() == 1;  // every row writes the same slot (a batch that began together)
+    std::vector<int64_t> row_slot(B);
+    for (int64_t b = 0; b < B; ++b) {
+      row_slot[b] = sp[shared_slot ? 0 : b];
+      TORCH_CHECK(tp[b] >= 0 && tp[b] < embed.size(0), "token id ", tp[b], " is outside the vocabulary");
+      TORCH_CHECK(row_slot[b] >= 0 && row_slot[b] < L, "cache slot ", row_slot[b], " is outside the mask");
+    }
+
+    // Rotary angles per row: position * inv_freq[i] for channel pair i, in fp32 as RotaryEmbedding computes them.
+    std::vector<float> cos_table(B * R / 2), sin_table(B * R / 2);
+    const float* freq = inv_freq.data_ptr<float>();
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t i = 0; i < R / 2; ++i) {
+        const float angle = static_cast<float>(pp[b]) * freq[i];
+        cos_table[b * R / 2 + i] = std::cos(angle);
+        sin_table[b * R / 2 + i] = std::sin(angle);
+      }
+
+    auto x = at::empty({B, H}, embed.options());
+    for (int64_t b = 0; b < B; ++b)
+      std::memcpy(x.data_ptr<float>() + b * H, embed.data_ptr<float>() + tp[b] * H, H * sizeof(float));
+
+    auto attended = at::empty({B, Q * D}, x.options());
+    for (size_t layer = 0; layer < layers.size(); ++layer) {
+      const Layer& ly = layers[layer];
+      at::Tensor qkv = apply(linears[ly.qkv], rms_norm(x, ly.input_norm, eps));  // (B, (Q + 2 KV) D)
+      float* qkvp = qkv.data_ptr<float>();
+      const int64_t width = (Q + 2 * KV) * D;
+      float* kc = keys.data_ptr<float>() + layer * keys.stride(0);
+      float* vc = values.data_ptr<float>() + layer * values.stride(0);
+      for (int64_t b = 0; b < B; ++b) {
+        float* row = qkvp + b * width;
+        // rotate adjacent pairs of the first R channels of every query and key head
+        for (int64_t h = 0; h < Q + KV; ++h) {
+          float* v = row + h * D;
+          for (int64_t i = 0; i < R / 2; ++i) {
+            const float c = cos_table[b * R / 2 + i], s = sin_table[b * R / 2 + i];
+            const float x0 = v[2 * i], x1 = v[2 * i + 1];
+            v[2 * i] = x0 * c - x1 * s;
+            v[2 * i + 1] = x1 * c + x0 * s;
+          }
+        }
+        for (int64_t h = 0; h < KV; ++h) {
+          const int64_t at_slot = b * keys.stride(1) + h * keys.stride(2) + row_slot[b] * keys.stride(3);
+          std::memcpy(kc + at_slot, row + (Q + h) * D, D * sizeof(float));
+          std::memcpy(vc + b * values.stride(1) + h * values.stride(2) + row_slot[b] * values.stride(3),
+                      row + (Q + KV + h) * D, D * sizeof(float));
+        }
+      }
+      // Attention of each row's G query heads over one key/value head: the keys a row sees are slots j <= its
+      // own slot that are not padding (its own slot always).
+      float* outp = attended.data_ptr<float>();
+      const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, L * D * G));
+      at::parallel_for(0, B * KV, grain, [&](int64_t begin, int64_t end) {
+        std::vector<float> scores(G * L);
+        std::vector<float> acc(D);
+        for (int64_t task = begin; task < end; ++task) {
+          const int64_t b = task / KV, h = task % KV, last = row_slot[b];
+          const float* k_rows = kc + b * keys.stride(1) + h * keys.stride(2);
+          const float* v_rows = vc + b * values.stride(1) + h * values.stride(2);
+          const bool* seen = vp + b * L;
+          for (int64_t g = 0; g < G; ++g) {
+            const float* q = qkvp + b * width + (h * G + g) * D;
+            float* s = scores.data() + g * L;
+            float top = -INFINITY;
+            for (int64_t j = 0; j <= last; ++j) {
+              if (!seen[j] && j != last) {
+                s[j] = -INFINITY;
+                continue;
+              }
+              const float* k = k_rows + j * keys.stride(3);
+              float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+              for (int64_t d = 0; d < D; ++d) dot += q[d] * k[d];
+              s[j] = dot * static_cast<float>(scale);
+              top = std::max(top, s[j]);
+            }
+            float total = 0.f;
+            for (int64_t j = 0; j <= last; ++j) {
+              s[j] = std::exp(s[j] - top);
+              total += s[j];
+            }
+            std::fill(acc.begin(), acc.end(), 0.f);
+            for (int64_t j = 0; j <= last; ++j) {
+              if (s[j] == 0.f) continue;
+              const float p = s[j];
+              const float* v = v_rows + j * values.stride(3);
+#pragma omp simd
+              for (int64_t d = 0; d < D; ++d) acc[d] += p * v[d];
+            }
+            float* out = outp + b * Q * D + (h * G + g) * D;
+            for (int64_t d = 0; d < D; ++d) out[d] = acc[d] / total;
+          }
+        }
+      });
+      add_into(x, apply(linears[ly.o], attended));
+
+      at::Tensor gate_up = apply(linears[ly.gate_up], rms_norm(x, ly.post_norm, eps));  // (B, 2 I): [gate | up]
+      const int64_t I = gate_up.size(1) / 2;
+      auto act = at::empty({B, I}, x.options());
+      const float* gu = gate_up.data_ptr<float>();
+      float* ap = act.data_ptr<float>();
+      for (int64_t b = 0; b < B; ++b)
+        for (int64_t i = 0; i < I; ++i) {
+          const float g = gu[b * 2 * I + i];
+          ap[b * I + i] = gu[b * 2 * I + I + i] * (g / (1.f + std::exp(-g)));
+        }
+      add_into(x, apply(linears[ly.down], act));
+    }
+    return apply(linears[lm_head], rms_norm(x, final_norm, eps));
+  }
+};
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(glmtorch_kernels, m) {
+  m.class_<DecodePlan>("DecodePlan")
+      .def(torch::init<int64_t, int64_t, int64_t, int64_t, double, at::Tensor, at::Tensor, at::Tensor>())
+      .def("add_linear", &DecodePlan::add_linear)
+      .def("add_layer", &DecodePlan::add_layer)
+      .def("set_lm_head", &DecodePlan::set_lm_head)
+      .def("step", &DecodePlan::step);
+}
