@@ -16,6 +16,8 @@ result is cached under ~/.cache/torch_extensions, so later sessions load it in a
 built, glmtorch warns once and uses the library paths: slower, same results. GLMTORCH_KERNELS=0 turns it off.
 
 The ops are registered as torch.ops.glmtorch_kernels.* with shape functions, so compiled graphs call them too.
+decode_step.cpp adds torch.classes.glmtorch_kernels.DecodePlan: a whole decode step of an fp32 / int8 / int4
+model in one call over these kernels (used by glmtorch.fastpath.FusedDecodeStep).
 """
 
 from __future__ import annotations
