@@ -92,7 +92,8 @@ class FusedDecodeStep:
     def __call__(self, model, tokens, position_ids, cache_position, attention_mask, cache) -> torch.Tensor:
         key = _weights_key(model)
         if key != self.built_for:
-            self.plan, self.max_rows = _build_plan(model) if fused_step_supported(model) else (None, 0)
+            layout = _fused_step_layout(model)
+            self.plan, self.max_rows = _build_plan(model, layout) if layout else (None, 0)
             self.built_for = key
         if tokens.shape[0] > self.max_rows:
             return self.fallback(model, tokens, position_ids, cache_position, attention_mask, cache)
@@ -123,32 +124,39 @@ def _linear_spec(layer) -> tuple | None:
     return None
 
 
+def _fused_step_layout(model) -> tuple | None:
+    """What the C++ plan is built from: per layer (input norm, qkv, o_proj, post norm, gate_up, down) with each
+    linear as _linear_spec gives it, and the LM head's spec; None where FusedDecodeStep does not cover the model
+    (see fused_step_supported)."""
+    if os.environ.get("GLMTORCH_FUSED_STEP", "").lower() in ("0", "false", "no"):
+        return None
+    if model.device.type != "cpu" or not hasattr(model, "lm_head") or model.config.hidden_act not in ("silu", "swish"):
+        return None
+    base, config = model.model, model.config
+    if any(w.dtype != torch.float32 for w in (base.embed_tokens.weight, base.norm.weight)) or not kernels.available():
+        return None
+    q_size = config.num_attention_heads * config.head_dim
+    layers = []
+    for layer in base.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        norms = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
+        specs = [_linear_spec(lin) for lin in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)]
+        if (attn.qkv_sizes[0] != q_size or attn.num_heads % attn.num_kv_heads  # a tensor-parallel shard
+                or any(n.dtype != torch.float32 for n in norms) or None in specs):
+            return None
+        layers.append((norms[0], specs[0], specs[1], norms[1], specs[2], specs[3]))
+    head = _linear_spec(model.lm_head)
+    return (layers, head) if head is not None else None
+
+
 def fused_step_supported(model) -> bool:
     """Whether FusedDecodeStep covers this model: a CPU GlmForCausalLM with fp32 activations, SiLU, whole (not
     tensor-parallel) layers of fp32 / int8 / int4 weights the kernels take, and the kernels built.
     GLMTORCH_FUSED_STEP=0 turns it off."""
-    if os.environ.get("GLMTORCH_FUSED_STEP", "").lower() in ("0", "false", "no"):
-        return False
-    if model.device.type != "cpu" or not hasattr(model, "lm_head") or model.config.hidden_act not in ("silu", "swish"):
-        return False
-    base = model.model
-    if base.embed_tokens.weight.dtype != torch.float32 or not kernels.available():
-        return False
-    config = model.config
-    q_size = config.num_attention_heads * config.head_dim
-    for layer in base.layers:
-        attn, mlp = layer.self_attn, layer.mlp
-        if attn.qkv_sizes[0] != q_size or attn.num_heads % attn.num_kv_heads:
-            return False
-        norms = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
-        if any(n.dtype != torch.float32 for n in norms):
-            return False
-        if any(_linear_spec(lin) is None for lin in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)):
-            return False
-    return base.norm.weight.dtype == torch.float32 and _linear_spec(model.lm_head) is not None
+    return _fused_step_layout(model) is not None
 
 
-def _build_plan(model) -> tuple:
+def _build_plan(model, layout) -> tuple:
     """The C++ plan of the model's decode step, and the most rows it takes (the kernels' limit for its weights)."""
     base, config = model.model, model.config
     plan = torch.classes.glmtorch_kernels.DecodePlan(
@@ -156,19 +164,19 @@ def _build_plan(model) -> tuple:
         float(config.rms_norm_eps), base.embed_tokens.weight.detach(), base.norm.weight.detach(),
         base.rotary_emb.inv_freq.float().contiguous())
 
-    def linear(layer) -> int:
-        kind, weight, scales, bias, group, interleave = _linear_spec(layer)
+    kinds = set()
+
+    def linear(spec) -> int:
+        kind, weight, scales, bias, group, interleave = spec
+        kinds.add(kind)
         return plan.add_linear(kind, weight.detach(), None if scales is None else scales.detach().contiguous(),
                                None if bias is None else bias.detach().contiguous(), group, interleave)
 
-    for layer in base.layers:
-        attn, mlp = layer.self_attn, layer.mlp
-        plan.add_layer(layer.input_layernorm.weight.detach(), linear(attn.qkv_proj), linear(attn.o_proj),
-                       layer.post_attention_layernorm.weight.detach(), linear(mlp.gate_up_proj),
-                       linear(mlp.down_proj))
-    plan.set_lm_head(linear(model.lm_head))
-    integer = any(isinstance(m, (Int8Linear, Int4Linear)) for m in model.modules())
-    return plan, kernels.MAX_ROWS if integer else kernels.FLOAT_MAX_ROWS
+    layers, head = layout
+    for input_norm, qkv, o, post_norm, gate_up, down in layers:
+        plan.add_layer(input_norm.detach(), linear(qkv), linear(o), post_norm.detach(), linear(gate_up), linear(down))
+    plan.set_lm_head(linear(head))
+    return plan, kernels.FLOAT_MAX_ROWS if kinds == {0} else kernels.MAX_ROWS  # 0: float weights only
 
 
 def compiled_decode_step(model):
