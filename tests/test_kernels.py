@@ -23,11 +23,12 @@ def test_kernels_build_here():
 
 
 @torch.no_grad()
-# 1-2 rows: one weight row at a time; 3, 13, 31: register tiles of 4 x 3 (and the rows left over); 40, 64: packed
+# 1-2 rows: fp32 weights 4 rows at a time, bf16 one row at a time; 3, 13, 31: register tiles of 4 x 3 (and the rows left over); 40, 64: packed
 # panels of 16 weight rows in tiles of 6 rows (and 4 left over)
 @pytest.mark.parametrize("rows", [1, 2, 3, 13, 31, 40, 64])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("out_features", [1000, 1001])  # leaving 1 or 2 after 3s, 8 or 9 after 16s
+# leaving 0, 1 or 3 after 4s, 1 or 2 after 3s, 8, 9 or 11 after 16s
+@pytest.mark.parametrize("out_features", [1000, 1001, 1003])
 def test_float_gemv_matches_linear(rows, dtype, out_features):
     g = torch.Generator().manual_seed(rows)
     w = torch.randn(out_features, 272, generator=g).to(dtype)  # 272 inputs: panels take 256, then 16

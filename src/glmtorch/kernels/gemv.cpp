@@ -3,7 +3,7 @@
 // Decoding reads every weight once per step, so these loops are written to stream W exactly once, whatever
 // the number of rows: each weight chunk is loaded, decoded in registers and multiplied into every row's
 // accumulators (integer weights: MAX_ROWS rows at a time, further groups finding the weight row in cache; float
-// weights from 3 rows on: register tiles of 4 rows x 3 weight rows; from 32 rows on, a small matrix product on
+// weights: 1-2 rows against 4 weight rows at once, from 3 rows on register tiles of 4 rows x 3 weight rows; from 32 rows on, a small matrix product on
 // packed panels of weights). AVX2 + FMA intrinsics where the compiler
 // targets them (-march=native), plain loops elsewhere; rows of W are split across torch's intra-op threads.
 // Activations come in and results go out as fp32.
@@ -132,6 +132,7 @@ struct Out {
   int64_t stride;
   float& operator()(int64_t m, int64_t j = 0) const { return p[m * stride + j]; }
   Out from_row(int64_t m) const { return {p + m * stride, stride}; }
+  Out at(int64_t j) const { return {p + j, stride}; }
 };
 
 // With few rows, one accumulator per row would make every step wait for the previous fused multiply-add (a
@@ -209,7 +210,7 @@ using Vec8 = Vec16;  // one vector type where there are no intrinsics
 
 template <int M>
 inline void f32_row(const float* x, int64_t K, const float* row, Out out) {
-  // 1-2 rows (3 and more take the register tiles where there are intrinsics)
+  // without AVX2 + FMA intrinsics (with them, fp32 weights take run_streams and the register tiles)
   dot_rows<M, Vec16>(x, K, [&](int64_t k) { prefetch_ahead(row + k); return Vec16::load(row + k); }, out);
 }
 
@@ -284,6 +285,38 @@ at::Tensor run_tiled(const at::Tensor& x, const at::Tensor& w, LoadWeights load_
         case 1: tile_column<1>(xp, M, K, fetching_rows_from_n0, rows_from_n0, Out{yp + n0, N}); break;
         case 2: tile_column<2>(xp, M, K, fetching_rows_from_n0, rows_from_n0, Out{yp + n0, N}); break;
         default: tile_column<3>(xp, M, K, fetching_rows_from_n0, rows_from_n0, Out{yp + n0, N}); break;
+      }
+    }
+  });
+  return y;
+}
+
+// One or two rows of fp32 weights: STREAMS weight rows side by side, one register per row of x and weight row
+// (llama.cpp's fp32 tiles do the same). A loop that reads one weight row at a time keeps one stream of loads in
+// flight per thread, and the memory system answers one stream more slowly than several: on a decode step's fp32
+// weights here (small model, 2 threads, same process) 4 rows at once read 18-20 GB/s where one row at a time read
+// 15-17 (as fast as torch.sum streams the same bytes; 8 rows: no better). bf16 gains nothing: its widening loop
+// is as fast as torch.sum already.
+constexpr int STREAMS = 4;
+
+template <typename LoadWeights>  // load_weights(n, k) -> Vec8 of weight row n from k
+at::Tensor run_streams(const at::Tensor& x, const at::Tensor& w, LoadWeights load_weights) {
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  const float* xp = x.data_ptr<float>();
+  auto y = at::empty({M, N}, x.options());
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, (N + STREAMS - 1) / STREAMS, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t g = begin; g < end; ++g) {
+      const int64_t n0 = g * STREAMS;
+      auto rows_from_n0 = [&](int j, int64_t k) { return load_weights(n0 + j, k); };
+      const Out out{yp + n0, N};
+      const int64_t rows = std::min<int64_t>(STREAMS, N - n0);
+      if (M == 1) {
+        if (rows == STREAMS) tile<1, STREAMS>(xp, K, rows_from_n0, out);
+        else for (int64_t j = 0; j < rows; ++j) tile<1, 1>(xp, K, [&](int, int64_t k) { return load_weights(n0 + j, k); }, out.at(j));
+      } else {
+        if (rows == STREAMS) tile<2, STREAMS>(xp, K, rows_from_n0, out);
+        else for (int64_t j = 0; j < rows; ++j) tile<2, 1>(xp, K, [&](int, int64_t k) { return load_weights(n0 + j, k); }, out.at(j));
       }
     }
   });
@@ -418,8 +451,8 @@ at::Tensor gemv_float(const at::Tensor& x, const at::Tensor& w) {
     const float* wp = w.data_ptr<float>();
 #if defined(__AVX2__) && defined(__FMA__)
     if (M >= PANEL_MIN_ROWS) return run_panels(x, w, [&](int64_t n, int64_t k) { return Vec8::load(wp + n * K + k); });
-    if (M >= 3)
-      return run_tiled(x, w, [&](int64_t n, int64_t k) { return Vec8::load(wp + n * K + k); });
+    if (M >= 3) return run_tiled(x, w, [&](int64_t n, int64_t k) { return Vec8::load(wp + n * K + k); });
+    return run_streams(x, w, [&](int64_t n, int64_t k) { return Vec8::load(wp + n * K + k); });
 #endif
     return run(x, N, [&](int64_t n, Out out) {
       FOR_ROW_GROUPS(M, (f32_row<R>(xp + g0 * K, K, wp + n * K, out.from_row(g0))));
