@@ -228,11 +228,17 @@ def test_bad_quantize_arguments(pair):
 def test_bench_tiny_preset_runs(tmp_path):
     from glmtorch.bench import format_report, run_bench
 
-    report = run_bench(preset="tiny", prefill=64, new_tokens=4, batches=(1, 2), reps=1, out=str(tmp_path / "b.json"))
+    report = run_bench(preset="tiny", prefill=64, new_tokens=4, batches=(1, 2), reps=2, out=str(tmp_path / "b.json"))
     assert set(report["results"]) == {"glmtorch", "transformers"}
     assert report["results"]["glmtorch"]["decode_b1_tok_s"] > 0 and report["bandwidth_gb_s"] > 0
-    assert "glmtorch/transformers" in report["ratios"] and os.path.isfile(tmp_path / "b.png")
-    assert "roofline" in format_report(report)
+    assert os.path.isfile(tmp_path / "b.png")
+    # ratios pair each repetition's measurements (taken minutes apart at most), then take the median
+    ours, theirs = (report["repetitions"][n]["decode_b1_tok_s"] for n in ("glmtorch", "transformers"))
+    assert len(ours) == len(theirs) == 2
+    paired = sorted(a / b for a, b in zip(ours, theirs))
+    assert report["ratios"]["glmtorch/transformers"]["decode_b1_tok_s"] == pytest.approx(sum(paired) / 2)
+    assert report["ratio_ranges"]["glmtorch/transformers"]["decode_b1_tok_s"] == pytest.approx(paired)
+    assert "roofline" in format_report(report) and "x (" in format_report(report)
 
 
 @torch.no_grad()
