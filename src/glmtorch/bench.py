@@ -88,7 +88,7 @@ def make_checkpoint(preset: str, directory: str, dtype: torch.dtype, seed: int =
 
 
 def run_bench(model_path: str | None = None, preset: str = "small", dtype: str = "float32",
-              quantize: str | None = None, device: str | None = None, prefill: int = 512, new_tokens: int = 32,
+              quantize: str | None = None, device: str | None = None, prefill: int = 512, new_tokens: int = 64,
               batches: tuple[int, ...] = (1, 8), reps: int = 5, with_transformers: bool = True,
               llama_cpp: str | None = None, out: str | None = None) -> dict[str, Any]:
     from .checkpoint.safetensors_io import parse_dtype
@@ -129,7 +129,7 @@ def run_bench(model_path: str | None = None, preset: str = "small", dtype: str =
         first = _time(lambda: generate(model, ids, 1), dev)
         return ids.shape[0] * new_tokens / max(full - first, 1e-9)
 
-    llama = _LlamaCpp(ours, model_path, llama_cpp, dtype, quantize, prefill) if llama_cpp else None
+    llama = _LlamaCpp(ours, model_path, llama_cpp, dtype, quantize, prefill, new_tokens) if llama_cpp else None
     if llama:
         results["llama.cpp"] = {}
     with torch.no_grad():
@@ -192,7 +192,7 @@ class _LlamaCpp:
     """llama.cpp's own llama-bench on the same weights, exported to GGUF (F32, BF16, Q8_0 or Q4_0 to match the
     precision measured), one repetition per call so that it interleaves with the PyTorch runs."""
 
-    def __init__(self, model, model_path, build_dir, dtype, quantize, prefill) -> None:
+    def __init__(self, model, model_path, build_dir, dtype, quantize, prefill, new_tokens) -> None:
         from .checkpoint.gguf import write_gguf
         from .tokenizer import AutoTokenizer
 
@@ -205,7 +205,7 @@ class _LlamaCpp:
                                     "../shared/peers/llamacpp/build.sh)")
         self.tmp = tempfile.mkdtemp(prefix="glmtorch-llamacpp-")
         self.path = os.path.join(self.tmp, f"model-{kind}.gguf")
-        self.prefill = prefill
+        self.prefill, self.new_tokens = prefill, new_tokens
         try:
             tokenizer = AutoTokenizer.from_pretrained(model_path)
         except Exception:
@@ -215,7 +215,7 @@ class _LlamaCpp:
         write_gguf(model, tokenizer, self.path, kind, progress=False)
 
     def run(self) -> dict[str, float]:
-        result = subprocess.run([self.exe, "-m", self.path, "-p", str(self.prefill), "-n", "64", "-r", "1",
+        result = subprocess.run([self.exe, "-m", self.path, "-p", str(self.prefill), "-n", str(self.new_tokens), "-r", "1",
                                  "-t", str(torch.get_num_threads()), "-o", "json"],
                                 capture_output=True, text=True, timeout=1800, check=True)
         out = {}

@@ -268,7 +268,7 @@ def _bench_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantize", default=None, choices=["int8", "int4"])
     p.add_argument("--device", default=None)
     p.add_argument("--prefill", type=int, default=512)
-    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--new-tokens", type=int, default=64, help="decode length (llama.cpp decodes as many)")
     p.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--no-transformers", action="store_true")
