@@ -47,6 +47,7 @@ def test_from_pretrained_puts_large_weights_in_huge_pages(tmp_path):
     assert embedding.data_ptr() % HUGE_PAGE == 0 and head.data_ptr() % HUGE_PAGE == 0
     assert _huge_kb(head.data_ptr()) >= 2048  # backed by a huge page, not just aligned
     assert model.model.layers[0].mlp.down_proj.weight.data_ptr() % HUGE_PAGE != 0  # small ones stay
+    assert move_weights_to_huge_pages(model) == 0  # the loader wrote them there: nothing is copied twice
     ids = torch.tensor([[5, 6, 7, 4000]])
     plain = GlmForCausalLM.from_pretrained(path)
     for p in plain.parameters():

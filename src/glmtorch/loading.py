@@ -31,7 +31,7 @@ from .checkpoint.safetensors_io import (
 from .config import CONFIG_NAME, GlmConfig, read_config_json
 from .device import infer_device
 from .fastpath import use_gemv_linears
-from .hugepages import move_weights_to_huge_pages
+from .hugepages import move_weights_to_huge_pages, place_on_cpu
 
 _HEAD_TENSORS = ("lm_head.", "score.")
 
@@ -150,7 +150,7 @@ class PretrainedMixin:
 
             interleave_int4_rows(model)
         use_gemv_linears(model)
-        move_weights_to_huge_pages(model)  # CPU weights only; decoding reads them faster from 2 MB pages
+        move_weights_to_huge_pages(model)  # what quantization made since loading (loaded weights are there already)
         if tp is not None:
             add_communication(model, tp)
         model.set_attn_implementation(attn_implementation)
@@ -254,7 +254,7 @@ def load_weights(model: nn.Module, files: list[str], fmt: WeightFormat, dtype: t
                 problems.append(f"tensor {source!r} has shape {tuple(part.shape)}, but {target!r} needs {expected} "
                                 "(config.json does not match the weights)")
                 continue
-            _assign(model, target, part.to(device=device, dtype=_dtype_for(model, target, dtype, part)))
+            _assign(model, target, _materialise(part, device, _dtype_for(model, target, dtype, part)))
             loaded[target] = source
     bar.close()
     for target, got in pending.items():
@@ -296,6 +296,13 @@ def _dtype_for(model: nn.Module, name: str, dtype: torch.dtype, tensor: torch.Te
         return None
     module_name, _, leaf = name.rpartition(".")
     return getattr(model.get_submodule(module_name), "stored_dtypes", {}).get(leaf, dtype)
+
+
+def _materialise(tensor: torch.Tensor, device: torch.device, dtype: torch.dtype | None) -> torch.Tensor:
+    """The weight on `device` as `dtype`; on a CPU in 2 MB pages when large (glmtorch.hugepages)."""
+    if device.type == "cpu":
+        return place_on_cpu(tensor, dtype)
+    return tensor.to(device=device, dtype=dtype)
 
 
 def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
