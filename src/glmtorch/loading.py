@@ -140,7 +140,9 @@ class PretrainedMixin:
 
             check_divisible(config, tp.world)  # on every rank, before any communication: no hang
             shard_meta_model(model, tp)
-        load_weights(model, files, fmt, dtype, target_device, progress if tp is None or tp.rank == 0 else False, tp)
+        # weights about to be quantized are not worth a copy into huge pages: what quantization makes goes there below
+        load_weights(model, files, fmt, dtype, target_device, progress if tp is None or tp.rank == 0 else False, tp,
+                     huge_pages=not (quantize and not stored_quantization))
         if quantize and not stored_quantization:
             from .quantize import quantize_model
 
@@ -183,10 +185,11 @@ class PretrainedMixin:
 
 
 def load_weights(model: nn.Module, files: list[str], fmt: WeightFormat, dtype: torch.dtype,
-                 device: torch.device, progress: bool | None = None, tp=None) -> list[str]:
+                 device: torch.device, progress: bool | None = None, tp=None, huge_pages: bool = True) -> list[str]:
     """Stream tensors from `files` into `model`'s meta parameters through `fmt`'s table. Raises one
     CheckpointError listing every unknown, unexpected, duplicate or mis-shaped tensor, and every missing one
-    (a classification head's fresh `score` layer excepted, with a warning). Returns the names loaded."""
+    (a classification head's fresh `score` layer excepted, with a warning). Returns the names loaded.
+    `huge_pages`: large CPU weights are written into 2 MB pages (glmtorch.hugepages)."""
     prefix = model.base_model_prefix
     params = dict(model.named_parameters(remove_duplicate=False))
     tied = getattr(model.config, "tie_word_embeddings", False) and "lm_head.weight" in params
@@ -254,7 +257,7 @@ def load_weights(model: nn.Module, files: list[str], fmt: WeightFormat, dtype: t
                 problems.append(f"tensor {source!r} has shape {tuple(part.shape)}, but {target!r} needs {expected} "
                                 "(config.json does not match the weights)")
                 continue
-            _assign(model, target, _materialise(part, device, _dtype_for(model, target, dtype, part)))
+            _assign(model, target, _materialise(part, device, _dtype_for(model, target, dtype, part), huge_pages))
             loaded[target] = source
     bar.close()
     for target, got in pending.items():
@@ -298,9 +301,10 @@ def _dtype_for(model: nn.Module, name: str, dtype: torch.dtype, tensor: torch.Te
     return getattr(model.get_submodule(module_name), "stored_dtypes", {}).get(leaf, dtype)
 
 
-def _materialise(tensor: torch.Tensor, device: torch.device, dtype: torch.dtype | None) -> torch.Tensor:
+def _materialise(tensor: torch.Tensor, device: torch.device, dtype: torch.dtype | None,
+                 huge_pages: bool = True) -> torch.Tensor:
     """The weight on `device` as `dtype`; on a CPU in 2 MB pages when large (glmtorch.hugepages)."""
-    if device.type == "cpu":
+    if device.type == "cpu" and huge_pages:
         return place_on_cpu(tensor, dtype)
     return tensor.to(device=device, dtype=dtype)
 
