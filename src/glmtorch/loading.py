@@ -257,7 +257,10 @@ def load_weights(model: nn.Module, files: list[str], fmt: WeightFormat, dtype: t
                 problems.append(f"tensor {source!r} has shape {tuple(part.shape)}, but {target!r} needs {expected} "
                                 "(config.json does not match the weights)")
                 continue
-            _assign(model, target, _materialise(part, device, _dtype_for(model, target, dtype, part), huge_pages))
+            # an untied embedding is read a row per token: 2 MB pages would cost a copy and speed up nothing
+            lookup = not tied and isinstance(model.get_submodule(target.rpartition(".")[0]), nn.Embedding)
+            _assign(model, target, _materialise(part, device, _dtype_for(model, target, dtype, part),
+                                                huge_pages and not lookup))
             loaded[target] = source
     bar.close()
     for target, got in pending.items():
