@@ -23,8 +23,8 @@ def test_kernels_build_here():
 
 
 @torch.no_grad()
-# 1-2 rows: fp32 weights 4 rows at a time, bf16 one row at a time; 3, 13, 31: register tiles of 4 x 3 (and the rows left over); 40, 64: packed
-# panels of 16 weight rows in tiles of 6 rows (and 4 left over)
+# 1-2 rows: fp32 weights 4 rows at a time, bf16 one row at a time; 3, 13, 31: register tiles of 4 x 3 (and the
+# rows left over); 40, 64: packed panels of 16 weight rows in tiles of 6 rows (and 4 left over)
 @pytest.mark.parametrize("rows", [1, 2, 3, 13, 31, 40, 64])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 # leaving 0, 1 or 3 after 4s, 1 or 2 after 3s, 8, 9 or 11 after 16s

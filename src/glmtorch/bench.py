@@ -215,8 +215,8 @@ class _LlamaCpp:
         write_gguf(model, tokenizer, self.path, kind, progress=False)
 
     def run(self) -> dict[str, float]:
-        result = subprocess.run([self.exe, "-m", self.path, "-p", str(self.prefill), "-n", str(self.new_tokens), "-r", "1",
-                                 "-t", str(torch.get_num_threads()), "-o", "json"],
+        result = subprocess.run([self.exe, "-m", self.path, "-p", str(self.prefill), "-n", str(self.new_tokens),
+                                 "-r", "1", "-t", str(torch.get_num_threads()), "-o", "json"],
                                 capture_output=True, text=True, timeout=1800, check=True)
         out = {}
         for row in json.loads(result.stdout):

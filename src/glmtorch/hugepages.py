@@ -5,13 +5,13 @@ gemv kernels read four rows side by side). Measured on the "small" model, 2 thre
 
 torch allocates through malloc, whose large blocks are plain mmaps in 4 KB pages unless the machine turns
 transparent huge pages on for everything (`always`; the usual setting is `madvise`, which needs the madvise
-below); safetensors' tensors, views of the mapped file, measured no faster. So each large weight gets its own anonymous mapping, asked for huge pages before it is first written,
-and the tensor takes that memory in place (`t.data = ...`: every module and optimizer holding the tensor keeps
-it). One mapping per tensor, not one arena: a tensor dropped later (quantization, `.to()`) frees its own memory;
-the cost is the rest of each tensor's last 2 MB page (at most 2 MB a tensor, ~1% of a GLM-4-9B).
-The price is a copy of every large weight at load (safetensors' tensors are otherwise views of the mapped file,
-read on first use): loading the small fp32 model (1.9 GB) here took 3.0-3.5 s against 1.8-2.4 s without.
-GLMTORCH_HUGE_PAGES=0 turns it off.
+below); safetensors' tensors, views of the mapped file, measured no faster. So each large weight gets its own
+anonymous mapping, asked for huge pages before it is first written, and the tensor takes that memory in place
+(`t.data = ...`: every module and optimizer holding the tensor keeps it). One mapping per tensor, not one arena:
+a tensor dropped later (quantization, `.to()`) frees its own memory; the cost is the rest of each tensor's last
+2 MB page (at most 2 MB a tensor, ~1% of a GLM-4-9B). The price is a copy of every large weight at load
+(safetensors' tensors are otherwise views of the mapped file, read on first use): loading the small fp32 model
+(1.9 GB) here took 3.0-3.5 s against 1.8-2.4 s without. GLMTORCH_HUGE_PAGES=0 turns it off.
 """
 
 from __future__ import annotations

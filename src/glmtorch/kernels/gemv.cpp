@@ -299,6 +299,14 @@ at::Tensor run_tiled(const at::Tensor& x, const at::Tensor& w, LoadWeights load_
 // is as fast as torch.sum already.
 constexpr int STREAMS = 4;
 
+template <int MR, typename LoadWeights>
+inline void stream_group(const float* x, int64_t K, int64_t n0, int64_t rows, LoadWeights load_weights, Out out) {
+  // weight rows n0 .. n0 + rows - 1 (rows <= STREAMS) against the MR rows of x
+  if (rows == STREAMS) return tile<MR, STREAMS>(x, K, [&](int j, int64_t k) { return load_weights(n0 + j, k); }, out);
+  for (int64_t j = 0; j < rows; ++j)  // the last few rows of W
+    tile<MR, 1>(x, K, [&](int, int64_t k) { return load_weights(n0 + j, k); }, out.at(j));
+}
+
 template <typename LoadWeights>  // load_weights(n, k) -> Vec8 of weight row n from k
 at::Tensor run_streams(const at::Tensor& x, const at::Tensor& w, LoadWeights load_weights) {
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
@@ -306,18 +314,10 @@ at::Tensor run_streams(const at::Tensor& x, const at::Tensor& w, LoadWeights loa
   auto y = at::empty({M, N}, x.options());
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, (N + STREAMS - 1) / STREAMS, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t g = begin; g < end; ++g) {
-      const int64_t n0 = g * STREAMS;
-      auto rows_from_n0 = [&](int j, int64_t k) { return load_weights(n0 + j, k); };
-      const Out out{yp + n0, N};
+    for (int64_t n0 = begin * STREAMS; n0 < std::min(end * STREAMS, N); n0 += STREAMS) {
       const int64_t rows = std::min<int64_t>(STREAMS, N - n0);
-      if (M == 1) {
-        if (rows == STREAMS) tile<1, STREAMS>(xp, K, rows_from_n0, out);
-        else for (int64_t j = 0; j < rows; ++j) tile<1, 1>(xp, K, [&](int, int64_t k) { return load_weights(n0 + j, k); }, out.at(j));
-      } else {
-        if (rows == STREAMS) tile<2, STREAMS>(xp, K, rows_from_n0, out);
-        else for (int64_t j = 0; j < rows; ++j) tile<2, 1>(xp, K, [&](int, int64_t k) { return load_weights(n0 + j, k); }, out.at(j));
-      }
+      if (M == 1) stream_group<1>(xp, K, n0, rows, load_weights, Out{yp + n0, N});
+      else stream_group<2>(xp, K, n0, rows, load_weights, Out{yp + n0, N});
     }
   });
   return y;
