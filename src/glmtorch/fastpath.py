@@ -113,13 +113,13 @@ def _linear_spec(layer) -> tuple | None:
     """(kind, weight, scales, bias, group, interleave) as the plan takes a layer, or None for a layer the kernels
     do not cover."""
     bias = layer.bias
-    if bias is not None and bias.dtype != torch.float32:
+    if (bias is not None and bias.dtype != torch.float32) or not kernels.takes_width(layer.weight, layer.in_features):
         return None
-    if type(layer) is GemvLinear and layer.weight.dtype == torch.float32 and layer.in_features % 16 == 0:
+    if type(layer) is GemvLinear and layer.weight.dtype == torch.float32:
         return 0, layer.weight, None, bias, 0, 1
-    if isinstance(layer, Int8Linear) and layer.in_features % 32 == 0:
+    if isinstance(layer, Int8Linear):
         return 1, layer.weight, layer.scales, bias, 0, 1
-    if isinstance(layer, Int4Linear) and layer.group_size in (32, 64, 128, 256) and layer.in_features % 32 == 0:
+    if isinstance(layer, Int4Linear) and layer.group_size in (32, 64, 128, 256):
         return 2, layer.weight, layer.scales, bias, layer.group_size, layer.interleave
     return None
 

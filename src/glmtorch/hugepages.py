@@ -70,32 +70,36 @@ def _address(area: mmap.mmap) -> int:
     return torch.frombuffer(memoryview(area)[:1], dtype=torch.uint8).data_ptr()
 
 
+def _tensors_to_place(model: nn.Module) -> dict[int, tuple[torch.Tensor, list[str]]]:
+    """id -> (tensor, its names) of every parameter and buffer except embedding tables no other layer shares (read a
+    row per token: 2 MB pages would cost a copy and speed up nothing). Tied weights are one entry."""
+    found: dict[int, tuple[torch.Tensor, list[str]]] = {}
+    lookup_only: dict[int, bool] = {}
+    for module_name, module in model.named_modules():
+        for leaf, t in list(module._parameters.items()) + list(module._buffers.items()):
+            if t is None:
+                continue
+            found.setdefault(id(t), (t, []))[1].append(f"{module_name}.{leaf}" if module_name else leaf)
+            lookup_only[id(t)] = lookup_only.get(id(t), True) and isinstance(module, nn.Embedding)
+    return {key: entry for key, entry in found.items() if not lookup_only[key]}
+
+
+def huge_page_names(model: nn.Module) -> set[str]:
+    """The names of the tensors that belong in huge pages when large (the loader asks before it loads them)."""
+    return {name for _, names in _tensors_to_place(model).values() for name in names}
+
+
 @torch.no_grad()
 def move_weights_to_huge_pages(model: nn.Module, min_bytes: int = HUGE_PAGE) -> int:
-    """Put every CPU parameter and buffer of at least `min_bytes` that owns its storage into huge pages, in place,
-    except those that start on a 2 MB boundary already (the loader's, from place_on_cpu; a malloc'd one so aligned by
-    chance stays where it is) and embedding tables no other layer shares (read a row per token, nothing to gain).
-    Returns the bytes moved (0 where huge pages are not available)."""
+    """Put every CPU tensor of `_tensors_to_place` of at least `min_bytes` that owns its storage into huge pages, in
+    place, except those that start on a 2 MB boundary already (the loader's, from place_on_cpu; a malloc'd one so
+    aligned by chance stays where it is). Returns the bytes moved (0 where huge pages are not available)."""
     if not huge_pages_available():
         return 0
-    tensors: dict[int, list[torch.Tensor]] = {}  # storage address -> the tensor objects on it (tied weights)
-    lookup_only: dict[int, bool] = {}  # storage address -> whether only embeddings hold it
-    for module in model.modules():
-        for t in list(module._parameters.values()) + list(module._buffers.values()):
-            if (t is not None and t.device.type == "cpu" and t.nbytes >= min_bytes and t.is_contiguous()
-                    and t.storage_offset() == 0 and t.untyped_storage().nbytes() == t.nbytes
-                    and t.data_ptr() % HUGE_PAGE != 0):
-                same = tensors.setdefault(t.data_ptr(), [])
-                if all(s is not t for s in same):
-                    same.append(t)
-                embedding = isinstance(module, nn.Embedding)
-                lookup_only[t.data_ptr()] = lookup_only.get(t.data_ptr(), True) and embedding
     moved = 0
-    for address, same in tensors.items():
-        if lookup_only[address]:
-            continue
-        copy = tensor_in_huge_pages(same[0].detach())
-        for t in same:
-            t.data = copy
-        moved += copy.nbytes
+    for t, _ in _tensors_to_place(model).values():
+        if (t.device.type == "cpu" and t.nbytes >= min_bytes and t.is_contiguous() and t.storage_offset() == 0
+                and t.untyped_storage().nbytes() == t.nbytes and t.data_ptr() % HUGE_PAGE != 0):
+            t.data = tensor_in_huge_pages(t.detach())
+            moved += t.nbytes
     return moved

@@ -31,7 +31,7 @@ from .checkpoint.safetensors_io import (
 from .config import CONFIG_NAME, GlmConfig, read_config_json
 from .device import infer_device
 from .fastpath import use_gemv_linears
-from .hugepages import move_weights_to_huge_pages, place_on_cpu
+from .hugepages import huge_page_names, move_weights_to_huge_pages, place_on_cpu
 
 _HEAD_TENSORS = ("lm_head.", "score.")
 
@@ -189,9 +189,10 @@ def load_weights(model: nn.Module, files: list[str], fmt: WeightFormat, dtype: t
     """Stream tensors from `files` into `model`'s meta parameters through `fmt`'s table. Raises one
     CheckpointError listing every unknown, unexpected, duplicate or mis-shaped tensor, and every missing one
     (a classification head's fresh `score` layer excepted, with a warning). Returns the names loaded.
-    `huge_pages`: large CPU weights are written into 2 MB pages (glmtorch.hugepages)."""
+    `huge_pages`: large CPU weights are written into 2 MB pages (the ones glmtorch.hugepages names)."""
     prefix = model.base_model_prefix
     params = dict(model.named_parameters(remove_duplicate=False))
+    placed = huge_page_names(model) if huge_pages else set()
     tied = getattr(model.config, "tie_word_embeddings", False) and "lm_head.weight" in params
     problems: list[str] = []
     loaded: dict[str, str] = {}  # our name -> the stored name it came from
@@ -257,10 +258,8 @@ def load_weights(model: nn.Module, files: list[str], fmt: WeightFormat, dtype: t
                 problems.append(f"tensor {source!r} has shape {tuple(part.shape)}, but {target!r} needs {expected} "
                                 "(config.json does not match the weights)")
                 continue
-            # an untied embedding is read a row per token: 2 MB pages would cost a copy and speed up nothing
-            lookup = not tied and isinstance(model.get_submodule(target.rpartition(".")[0]), nn.Embedding)
             _assign(model, target, _materialise(part, device, _dtype_for(model, target, dtype, part),
-                                                huge_pages and not lookup))
+                                                target in placed))
             loaded[target] = source
     bar.close()
     for target, got in pending.items():

@@ -132,13 +132,18 @@ def fp32_matmul(x: torch.Tensor, weight_rows, out_features: int, bias: torch.Ten
     return y.to(x.dtype)
 
 
+def takes_width(weight: torch.Tensor, in_features: int) -> bool:
+    """Whether the loops handle this input width: float weights a multiple of 16, int8 / int4 of their 32-value
+    blocks."""
+    return in_features % (16 if weight.is_floating_point() else 32) == 0
+
+
 def usable(x: torch.Tensor, weight: torch.Tensor, in_features: int) -> bool:
     """Whether a product of x (..., K) with this weight should take a kernel: CPU, few enough rows for the
-    weight's kind, no autograd, an input width the loops handle (float: a multiple of 16; int8 / int4: of their
-    32-value blocks), and the kernels built."""
+    weight's kind, no autograd, an input width the loops handle, and the kernels built."""
     max_rows = FLOAT_MAX_ROWS if weight.is_floating_point() else MAX_ROWS
     return (x.device.type == "cpu" and weight.device.type == "cpu" and x.numel() // in_features <= max_rows
-            and weight.is_contiguous() and in_features % (16 if weight.is_floating_point() else 32) == 0
+            and weight.is_contiguous() and takes_width(weight, in_features)
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
             and available())
 
