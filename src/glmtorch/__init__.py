@@ -1,36 +1,46 @@
-"""glmtorch: the GLM-4 language-model family in pure PyTorch."""
+"""glmtorch: the GLM-4 language-model family in pure PyTorch.
 
+The names below are imported on first use (PEP 562), so `import glmtorch` and `glmtorch --help` cost nothing:
+no torch, no model, no server until something asks for them.
+"""
+
+import importlib as _importlib
 import os as _os
-
-from .attention import ATTENTION_BACKENDS
-from .auto import (
-    AutoConfig,
-    AutoModel,
-    AutoModelForCausalLM,
-    AutoModelForSequenceClassification,
-    AutoModelForTokenClassification,
-)
-from .cache import DynamicCache, StaticCache
-from .checkpoint import CheckpointError
-from .config import ConfigError, GlmConfig
-from .chat import AssistantReply, ChatFormatError, ToolCall, parse_assistant_reply
-from .device import infer_device
-from .generation.config import GenerationConfig
-from .generation.streaming import TextIteratorStreamer, stream_text
-from .modeling import GlmForCausalLM, GlmForSequenceClassification, GlmForTokenClassification, GlmModel, GlmPreTrainedModel
-
-from .tokenizer import AutoTokenizer, GlmTokenizer, TokenizerError
 
 __version__ = "0.1.0"
 
 # The small GLM chat model that ships inside the package (trained on Tiny Shakespeare; see README).
 DEMO_MODEL = _os.path.join(_os.path.dirname(__file__), "demo_model")
 
-__all__ = [
-    "DEMO_MODEL", "ATTENTION_BACKENDS", "AutoConfig", "AutoModel", "AutoModelForCausalLM", "AutoModelForSequenceClassification",
-    "AutoModelForTokenClassification", "CheckpointError", "ConfigError", "DynamicCache", "GlmConfig",
-    "GlmForCausalLM", "GlmForSequenceClassification", "GlmForTokenClassification", "GlmModel",
-    "GlmPreTrainedModel", "StaticCache", "infer_device", "AssistantReply", "ChatFormatError", "ToolCall",
-    "parse_assistant_reply", "GenerationConfig", "TextIteratorStreamer", "stream_text", "AutoTokenizer",
-    "GlmTokenizer", "TokenizerError",
-]
+# public name -> the module (relative to this package) that defines it
+_EXPORTS = {
+    "ATTENTION_BACKENDS": "attention",
+    "AutoConfig": "auto", "AutoModel": "auto", "AutoModelForCausalLM": "auto",
+    "AutoModelForSequenceClassification": "auto", "AutoModelForTokenClassification": "auto",
+    "DynamicCache": "cache", "StaticCache": "cache",
+    "CheckpointError": "checkpoint.resolve",
+    "ConfigError": "config", "GlmConfig": "config",
+    "AssistantReply": "chat", "ChatFormatError": "chat", "ToolCall": "chat", "parse_assistant_reply": "chat",
+    "infer_device": "device",
+    "MissingDependency": "extras",
+    "GenerationConfig": "generation.config",
+    "TextIteratorStreamer": "generation.streaming", "stream_text": "generation.streaming",
+    "GlmForCausalLM": "modeling", "GlmForSequenceClassification": "modeling", "GlmForTokenClassification": "modeling",
+    "GlmModel": "modeling", "GlmPreTrainedModel": "modeling",
+    "AutoTokenizer": "tokenizer", "GlmTokenizer": "tokenizer", "TokenizerError": "tokenizer",
+}
+
+__all__ = ["DEMO_MODEL", *_EXPORTS]
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'glmtorch' has no attribute {name!r}")
+    value = getattr(_importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -17,11 +17,14 @@ import resource
 import shutil
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from typing import Any
 
 import torch
+
+from .extras import install_hint
 
 PRESETS = {
     "tiny": dict(vocab_size=2048, hidden_size=128, intermediate_size=352, num_hidden_layers=2, num_attention_heads=4,
@@ -111,7 +114,7 @@ def run_bench(model_path: str | None = None, preset: str = "small", dtype: str =
             runners["transformers"] = transformers.AutoModelForCausalLM.from_pretrained(
                 model_path, dtype=torch_dtype).to(dev).eval()
         except ImportError:
-            pass
+            print(f"glmtorch: bench without the transformers side: {install_hint('transformers')}", file=sys.stderr)
     vocab = ours.config.vocab_size
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, vocab, (1, prefill), generator=g).to(dev)

@@ -236,7 +236,10 @@ def cmd_convert(args: argparse.Namespace) -> int:
     if args.dst.endswith(".gguf"):
         from .auto import AutoModelForCausalLM
         from .checkpoint.gguf import write_gguf
+        from .extras import require
         from .tokenizer import AutoTokenizer
+
+        require("gguf", "writing a GGUF file")
 
         if os.path.exists(args.dst):
             raise UsageError(f"{args.dst}: already exists; choose a new destination or remove it first")
@@ -343,6 +346,9 @@ def _bench_serve_flags(p: argparse.ArgumentParser) -> None:
 
 
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable]] = {}
+# Optional packages a subcommand cannot start without, checked before it loads anything (extras.EXTRAS says which
+# pip extra brings each).
+NEEDS: dict[str, tuple[str, ...]] = {"serve": ("fastapi", "uvicorn"), "bench-serve": ("httpx",)}
 
 
 def _generate_flags(p: argparse.ArgumentParser) -> None:
@@ -375,16 +381,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .extras import MissingDependency, install_hint, missing_message, require
+
     args = build_parser().parse_args(argv)
     try:
+        for module in NEEDS.get(args.command, ()):
+            require(module, f"glmtorch {args.command}")
         return COMMANDS[args.command][2](args)
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130
-    except (UsageError, ValueError, OSError) as e:  # our clear errors (ConfigError, CheckpointError, ...) included
+    except ModuleNotFoundError as e:  # an optional package reached without require(): still one line, if we know it
+        if e.name is None or install_hint(e.name) is None:
+            raise
+        message = missing_message(e.name)
+    except (UsageError, ValueError, OSError, MissingDependency) as e:  # ConfigError, CheckpointError ... included
         message = " ".join(line.strip() for line in str(e).splitlines()) or type(e).__name__
-        print(f"glmtorch: error: {message}", file=sys.stderr)
-        return 2
+    print(f"glmtorch: error: {message}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

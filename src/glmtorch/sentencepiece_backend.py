@@ -10,6 +10,8 @@ import re
 import shutil
 from dataclasses import dataclass
 
+from .extras import require
+
 CHATGLM3_SPECIAL_TOKENS = ("[MASK]", "[gMASK]", "[sMASK]", "sop", "eop", "<|system|>", "<|user|>", "<|assistant|>",
                            "<|observation|>")
 
@@ -44,11 +46,7 @@ def is_sentencepiece_model(path: str) -> bool:
 
 class SentencePieceBackend:
     def __init__(self, path: str, special_tokens=CHATGLM3_SPECIAL_TOKENS) -> None:
-        try:
-            import sentencepiece as spm
-        except ImportError:
-            raise ValueError(f"{path} is a SentencePiece model (ChatGLM2/3); reading it needs the sentencepiece "
-                             "package: pip install sentencepiece protobuf") from None
+        spm = require("sentencepiece", f"{path} is a SentencePiece model (ChatGLM2/3); reading it")
         self.path = path
         try:
             self.sp = spm.SentencePieceProcessor(model_file=path)

@@ -22,10 +22,10 @@ from __future__ import annotations
 import os
 from typing import Any
 
-import numpy as np
 import torch
 
 from ..config import ConfigError, GlmConfig
+from ..extras import require
 from .formats import Rule, WeightFormat
 from .resolve import CheckpointError
 from .thudm import split_qkv
@@ -49,11 +49,8 @@ GGUF_FORMAT = WeightFormat("GGUF chatglm", (
 
 
 def _gguf():
-    try:
-        import gguf
-    except ImportError:
-        raise CheckpointError("reading or writing GGUF files needs the gguf package: pip install gguf") from None
-    return gguf
+    """The gguf package (it brings numpy), or a one-line error naming the extra that installs it."""
+    return require("gguf", "reading or writing GGUF files")
 
 
 def is_gguf(path: str | os.PathLike) -> bool:
@@ -95,7 +92,7 @@ class GgufFile:
         except NotImplementedError:
             raise CheckpointError(f"{self.path}: tensor {name!r} is {t.tensor_type.name}, which the gguf package "
                                   "cannot dequantize") from None
-        return torch.from_numpy(np.array(data, dtype=np.float32, copy=True)).reshape(self.shape(name))
+        return torch.tensor(data, dtype=torch.float32).reshape(self.shape(name))
 
 
 def gguf_config(handle: GgufFile, **overrides: Any) -> GlmConfig:
@@ -178,6 +175,8 @@ def write_gguf(model, tokenizer, path: str, file_type: str = "f32", progress: bo
     from tqdm.auto import tqdm
 
     gguf = _gguf()
+    import numpy as np  # installed with gguf
+
     if file_type not in GGUF_TYPES:
         raise ValueError(f"--type {file_type!r}: choose one of {', '.join(GGUF_TYPES)}")
     qtype = getattr(gguf.GGMLQuantizationType, GGUF_TYPES[file_type])

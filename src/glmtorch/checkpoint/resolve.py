@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import re
 
+from ..extras import MissingDependency, require
+
 WEIGHT_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer*", "*.model", "*.txt"]
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -32,12 +34,9 @@ def resolve_checkpoint(path: str | os.PathLike, need_weights: bool = True) -> st
 
 def _from_hub(repo_id: str, need_weights: bool) -> str:
     try:
-        import huggingface_hub
-    except ImportError:
-        raise CheckpointError(
-            f"{repo_id}: no such local directory. To fetch it as a Hugging Face hub id, install "
-            "huggingface_hub (pip install huggingface_hub), or download it elsewhere and pass its directory"
-        ) from None
+        huggingface_hub = require("huggingface_hub", f"{repo_id}: no such local directory; fetching it as a hub id")
+    except MissingDependency as e:  # also a CheckpointError: the path is what was wrong, most likely
+        raise CheckpointError(f"{e} (or download it elsewhere and pass its directory)") from None
     patterns = WEIGHT_PATTERNS if need_weights else ["*.json", "*.jinja", "tokenizer*", "*.model"]
     try:  # the cache first: works offline and costs nothing
         return huggingface_hub.snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True)

@@ -22,9 +22,11 @@ model in one call over these kernels (used by glmtorch.fastpath.FusedDecodeStep)
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import threading
+import time
 import warnings
 
 import torch
@@ -61,12 +63,10 @@ def _build() -> bool:
         from torch.utils.cpp_extension import load
 
         _put_ninja_on_path()
-        if sys.stderr.isatty():
-            print("glmtorch: building the CPU decode kernels (once per machine and torch version)...",
-                  file=sys.stderr, flush=True)
         flags = ["-O3", "-march=native", "-fopenmp"]
-        load(name="glmtorch_gemv", sources=sources, extra_cflags=flags, extra_ldflags=["-fopenmp"],
-             is_python_module=False, verbose=False)
+        with _announce_build():
+            load(name="glmtorch_gemv", sources=sources, extra_cflags=flags, extra_ldflags=["-fopenmp"],
+                 is_python_module=False, verbose=False)
         _register_shapes()
         return True
     except Exception as e:  # no compiler, an unsupported platform: the library paths still work
@@ -75,6 +75,32 @@ def _build() -> bool:
                       "library paths. Install a C++ compiler (g++) to get them, or set GLMTORCH_KERNELS=0 to "
                       "silence this.", stacklevel=3)
         return False
+
+
+@contextlib.contextmanager
+def _announce_build():
+    """One line on a terminal while the kernels compile (first use on a machine): how long it takes, then how
+    long it took. A cached build loads in well under a second and prints nothing."""
+    start = time.perf_counter()
+    shown = False
+
+    def announce():
+        nonlocal shown
+        shown = True
+        print("glmtorch: building the CPU decode kernels, once per machine and torch version (15-40 s on 2 "
+              "cores)...", end="", file=sys.stderr, flush=True)
+
+    timer = threading.Timer(1.0, announce) if sys.stderr.isatty() else None
+    if timer is not None:
+        timer.daemon = True
+        timer.start()
+    try:
+        yield
+    finally:
+        if timer is not None:
+            timer.cancel()
+        if shown:
+            print(f" done in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
 
 
 def _put_ninja_on_path() -> None:
