@@ -18,6 +18,7 @@ Each rank reads only its slices from the safetensors files. Attention infers the
 
 from __future__ import annotations
 
+import atexit
 import fnmatch
 import os
 from dataclasses import dataclass
@@ -140,10 +141,18 @@ def init_tensor_parallel(tp_size: int | None) -> TensorParallel:
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         dist.init_process_group(backend)
+        # Tear the group down before the interpreter does: a gloo group left to static destructors at exit can
+        # abort the process ("terminate called without an active exception", seen on a loaded machine).
+        atexit.register(_leave_process_group)
     world = dist.get_world_size()
     if tp_size is not None and tp_size != world:
         raise ParallelError(f"tp_size={tp_size} but the job has {world} processes; they must match")
     return TensorParallel(dist.get_rank(), world)
+
+
+def _leave_process_group() -> None:
+    if dist.is_initialized():  # no barrier: a rank that failed must not keep the others waiting at exit
+        dist.destroy_process_group()
 
 
 def shard_meta_model(model: nn.Module, tp: TensorParallel) -> None:
