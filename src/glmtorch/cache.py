@@ -14,7 +14,11 @@ length (continuous batching).
 
 from __future__ import annotations
 
+import math
+
 import torch
+
+from .device import check_allocation
 
 
 def make_attention_mask(
@@ -90,6 +94,10 @@ class StaticCache:
     def __init__(self, num_layers: int, batch_size: int, num_kv_heads: int, max_length: int, head_dim: int,
                  dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> None:
         shape = (num_layers, batch_size, num_kv_heads, max_length, head_dim)
+        check_allocation(2 * math.prod(shape) * torch.empty((), dtype=dtype).element_size(), device or "cpu",
+                         f"a KV cache of {batch_size} sequences x {max_length} tokens",
+                         "ask for fewer sequences or tokens (generate: max_new_tokens; serve: --max-batch, "
+                         "--max-context)")
         self.key_buffer = torch.zeros(shape, dtype=dtype, device=device)
         self.value_buffer = torch.zeros(shape, dtype=dtype, device=device)
         self.seq_lengths = torch.zeros(batch_size, dtype=torch.long, device=device)

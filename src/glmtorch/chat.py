@@ -13,7 +13,11 @@ name on the role line and the JSON arguments below it:
 
 from __future__ import annotations
 
+import contextvars
 import json
+import re
+import secrets
+import time
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import lru_cache
@@ -80,18 +84,100 @@ def _text(content: Any, index: int) -> str:
 
 
 def render_chat(template: str, messages: list[dict[str, Any]], tools: list[dict] | None = None,
-                add_generation_prompt: bool = False, **extra: Any) -> str:
+                add_generation_prompt: bool = False, special_tokens: tuple[str, ...] = (), **extra: Any) -> str:
+    """The conversation as text. `special_tokens`: control tokens that JSON written by the template (tools)
+    must not spell, so a tool's description cannot open a turn (their first character is \\u-escaped)."""
+    return _render(template, normalize_messages(messages), tools, add_generation_prompt, special_tokens, extra)
+
+
+def render_chat_spans(template: str, messages: list[dict[str, Any]], tools: list[dict] | None = None,
+                      add_generation_prompt: bool = False, special_tokens: tuple[str, ...] = (),
+                      **extra: Any) -> tuple[str, list[tuple[int, int]] | None]:
+    """(text, where each message's content lies in it), so that content can be tokenised as plain text: a user
+    who types `<|assistant|>` gets those characters, not the control token. The spans come from a second
+    rendering with each content wrapped in markers nobody can type (a fresh nonce); they are trusted only when
+    removing the markers gives back exactly the plain rendering (else None: the template inspected or rewrote the
+    content, and the caller falls back to `defuse`)."""
+    normalized = normalize_messages(messages)
+    text = _render(template, normalized, tools, add_generation_prompt, special_tokens, extra)
+    nonce = secrets.token_hex(8)
+    marked = [{**m, "content": f"\x02{nonce}{m['content']}\x03{nonce}"} if m["content"] else m for m in normalized]
     try:
-        return _compile(template).render(messages=normalize_messages(messages), tools=tools or None,
-                                          add_generation_prompt=add_generation_prompt, **extra)
+        with_markers = _render(template, marked, tools, add_generation_prompt, special_tokens, extra)
+    except ChatFormatError:
+        return text, None
+    spans, out, position = [], [], 0
+    for match in re.finditer(f"\x02{nonce}(.*?)\x03{nonce}", with_markers, flags=re.S):
+        out.append(with_markers[position:match.start()])
+        start = sum(map(len, out))
+        out.append(match.group(1))
+        spans.append((start, start + len(match.group(1))))
+        position = match.end()
+    out.append(with_markers[position:])
+    if "".join(out) != text or nonce in text:
+        return text, None
+    return text, spans
+
+
+def defuse(messages: list[dict[str, Any]], special_tokens: tuple[str, ...]) -> list[dict[str, Any]]:
+    """Messages whose content cannot spell a control token (a zero-width space after each one's first
+    character): the fallback for templates whose content spans cannot be traced."""
+    def fix(text: Any) -> Any:
+        if not isinstance(text, str):
+            return text
+        for token in special_tokens:
+            text = text.replace(token, token[0] + "\u200b" + token[1:])
+        return text
+
+    out = []
+    for m in messages:
+        content = m.get("content")
+        if isinstance(content, list):
+            content = [{**p, "text": fix(p.get("text"))} if isinstance(p, dict) else fix(p) for p in content]
+        out.append({**m, "content": fix(content)})
+    return out
+
+
+# A checkpoint's template is untrusted code: besides the sandbox (no attribute escapes), it gets a budget. Real
+# templates are a few KB, render in milliseconds and loop over the messages; these limits are far above that.
+MAX_TEMPLATE_CHARS = 256 * 1024
+MAX_RENDER_SECONDS = 5.0
+RANGE_BUDGET = 1_000_000  # elements all range() calls of one rendering may produce together
+MAX_PRODUCT_ITEMS = 1_000_000  # 'x' * n, [..] * n
+
+
+def _render(template: str, normalized: list[dict[str, Any]], tools, add_generation_prompt: bool,
+            special_tokens: tuple[str, ...], extra: dict[str, Any]) -> str:
+    if len(template) > MAX_TEMPLATE_CHARS:
+        raise ChatFormatError(f"the chat template is {len(template)} characters, more than the {MAX_TEMPLATE_CHARS} "
+                              "glmtorch renders; it is not a chat template")
+    # the output may be as long as the conversation plus a generous allowance for markup
+    text_size = sum(len(str(m.get("content") or "")) for m in normalized) + len(json.dumps(tools or [], default=str))
+    limit = 2 * text_size + 1_000_000
+    budget = _budget.set({"range": RANGE_BUDGET})
+    start, size, parts = time.monotonic(), 0, []
+    try:
+        for part in _compile(template, tuple(special_tokens)).generate(
+                messages=normalized, tools=tools or None, add_generation_prompt=add_generation_prompt, **extra):
+            parts.append(part)
+            size += len(part)
+            if size > limit or time.monotonic() - start > MAX_RENDER_SECONDS:
+                raise ChatFormatError(f"the chat template's output grew past {limit} characters or "
+                                      f"{MAX_RENDER_SECONDS:.0f} s; it is not rendering a conversation")
+        return "".join(parts)
     except ChatFormatError:
         raise
-    except Exception as e:  # jinja2 errors, raise_exception() in the template, sandbox violations
+    except Exception as e:  # jinja2 errors, raise_exception() in the template, sandbox violations, budgets
         raise ChatFormatError(f"the chat template failed to render: {e}") from None
+    finally:
+        _budget.reset(budget)
+
+
+_budget: contextvars.ContextVar[dict] = contextvars.ContextVar("glmtorch_template_budget")
 
 
 @lru_cache(maxsize=16)
-def _compile(template: str):
+def _compile(template: str, special_tokens: tuple[str, ...] = ()):
     from jinja2.exceptions import TemplateError
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -99,9 +185,37 @@ def _compile(template: str):
         raise TemplateError(message)
 
     def tojson(value, indent=None, ensure_ascii=False, sort_keys=False):
-        return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, sort_keys=sort_keys)
+        text = json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, sort_keys=sort_keys)
+        for token in special_tokens:  # inside JSON strings only, where \\uXXXX means the same character
+            if token in text:
+                text = text.replace(token, f"\\u{ord(token[0]):04x}" + token[1:])
+        return text
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    class BoundedSandbox(ImmutableSandboxedEnvironment):
+        """The sandbox, with `*` and `**` checked: "x" * 10**9 or 10 ** 10**8 would take the memory or the CPU."""
+
+        intercepted_binops = frozenset(["*", "**"])
+
+        def call_binop(self, context, operator, left, right):
+            if operator == "**" and isinstance(right, (int, float)) and abs(right) > 256:
+                raise TemplateError(f"exponent {right} is too large for a chat template")
+            if operator == "*":
+                for seq, count in ((left, right), (right, left)):
+                    if isinstance(seq, (str, list, tuple)) and isinstance(count, int) \
+                            and len(seq) * count > MAX_PRODUCT_ITEMS:
+                        raise TemplateError("a repetition in the chat template is too large")
+            return super().call_binop(context, operator, left, right)
+
+    def bounded_range(*args):
+        r = range(*args)
+        budget = _budget.get({"range": RANGE_BUDGET})
+        budget["range"] -= len(r)
+        if budget["range"] < 0:
+            raise TemplateError(f"the chat template iterates over more than {RANGE_BUDGET} numbers")
+        return r
+
+    env = BoundedSandbox(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env.globals["range"] = bounded_range
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)

@@ -5,12 +5,56 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable
 
 
 class UsageError(Exception):
     """A problem with what the user asked for: printed as one line, exit code 2."""
+
+
+# -- flag values: one range per kind of value, checked as argparse reads it ----------------------------------------
+def ranged(kind: type, low: float, high: float) -> Callable[[str], float]:
+    """An argparse type: a finite number of `kind` in [low, high], else a usage error naming the range."""
+    import math
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if not (math.isfinite(value) and low <= value <= high):
+            raise argparse.ArgumentTypeError(f"{text} is out of range: must be in [{low}, {high}]")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+def sampling_value(name: str) -> Callable[[str], float]:
+    """An argparse type checked against generate()'s declared range for `name` (generation.config)."""
+    def parse(text: str):
+        from .generation.config import SAMPLING_BOUNDS, SamplingValueError, check_sampling_value
+
+        try:
+            value = SAMPLING_BOUNDS[name].kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        try:
+            return check_sampling_value(name, value)
+        except SamplingValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    parse.__name__ = name
+    return parse
+
+
+def clean_text(text: str) -> str:
+    """Text from argv or stdin as valid UTF-8: undecodable bytes (a Latin-1 'é' in a UTF-8 terminal) become U+FFFD
+    instead of failing deep inside the tokenizer."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 # -- shared flags ---------------------------------------------------------------------------------------------
@@ -22,13 +66,13 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
 
 
 def add_sampling_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=None, help="0 means greedy")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--min-p", type=float, default=None)
-    p.add_argument("--repetition-penalty", type=float, default=None)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--max-new-tokens", type=sampling_value("max_new_tokens"), default=256)
+    p.add_argument("--temperature", type=sampling_value("temperature"), default=None, help="0 means greedy")
+    p.add_argument("--top-k", type=sampling_value("top_k"), default=None)
+    p.add_argument("--top-p", type=sampling_value("top_p"), default=None)
+    p.add_argument("--min-p", type=sampling_value("min_p"), default=None)
+    p.add_argument("--repetition-penalty", type=sampling_value("repetition_penalty"), default=None)
+    p.add_argument("--seed", type=sampling_value("seed"), default=None)
     p.add_argument("--greedy", action="store_true", help="always pick the most likely token")
     p.add_argument("--system", default=None, help="a system prompt")
 
@@ -74,7 +118,7 @@ def is_main_process() -> bool:
 
 def read_line_everywhere() -> str:
     """A line of stdin read by rank 0 and shared with every rank of a tensor-parallel job ("" at the end)."""
-    line = sys.stdin.readline() if is_main_process() else None
+    line = clean_text(sys.stdin.readline()) if is_main_process() else None
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         import torch.distributed as dist
 
@@ -109,6 +153,7 @@ def stream_reply(model, tokenizer, input_ids, kwargs, out=None) -> str:
 
 # -- subcommands ----------------------------------------------------------------------------------------------
 def cmd_generate(args: argparse.Namespace) -> int:
+    args.prompt, args.system = clean_text(args.prompt), args.system and clean_text(args.system)
     model, tokenizer = load(args)
     if args.raw:
         ids = tokenizer(args.prompt, return_tensors="pt").input_ids
@@ -121,6 +166,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
+    args.system = args.system and clean_text(args.system)
+    if is_main_process() and hasattr(sys.stdin, "reconfigure"):
+        sys.stdin.reconfigure(errors="surrogateescape")  # undecodable bytes reach clean_text, not a traceback
     model, tokenizer = load(args)
     interactive = sys.stdin.isatty() and is_main_process()
     system = [{"role": "system", "content": args.system}] if args.system else []
@@ -270,10 +318,10 @@ def _bench_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--quantize", default=None, choices=["int8", "int4"])
     p.add_argument("--device", default=None)
-    p.add_argument("--prefill", type=int, default=512)
-    p.add_argument("--new-tokens", type=int, default=64, help="decode length (llama.cpp decodes as many)")
-    p.add_argument("--batch", type=int, nargs="+", default=[1, 8])
-    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--prefill", type=ranged(int, 1, 2**20), default=512)
+    p.add_argument("--new-tokens", type=ranged(int, 1, 2**20), default=64, help="decode length (llama.cpp decodes as many)")
+    p.add_argument("--batch", type=ranged(int, 1, 4096), nargs="+", default=[1, 8])
+    p.add_argument("--reps", type=ranged(int, 1, 1000), default=5)
     p.add_argument("--no-transformers", action="store_true")
     p.add_argument("--llama-cpp", default=None, help="a llama.cpp build directory (with llama-bench)")
     p.add_argument("--out", default=None, help="write the report here as JSON (and a PNG chart beside it)")
@@ -292,19 +340,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .serve.server import serve
 
     serve(args.model, host=args.host, port=args.port, dtype=args.dtype, device=args.device, quantize=args.quantize,
-          max_batch=args.max_batch, max_queue=args.max_queue, api_key=args.api_key, max_context=args.max_context)
+          max_batch=args.max_batch, max_queue=args.max_queue, api_key=args.api_key, max_context=args.max_context,
+          max_body_bytes=args.max_request_body_size)
     return 0
 
 
 def _serve_flags(p: argparse.ArgumentParser) -> None:
     add_model_flags(p)
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=ranged(int, 1, 65535), default=8000)
     p.add_argument("--quantize", default=None, choices=["int8", "int4"])
-    p.add_argument("--max-batch", type=int, default=8, help="requests decoded together (KV cache slots)")
-    p.add_argument("--max-queue", type=int, default=64, help="requests allowed to wait; beyond: HTTP 503")
-    p.add_argument("--max-context", type=int, default=None, help="tokens per slot (default: the model's)")
+    p.add_argument("--max-batch", type=ranged(int, 1, 4096), default=8, help="requests decoded together (KV cache slots)")
+    p.add_argument("--max-queue", type=ranged(int, 0, 1_000_000), default=64, help="requests allowed to wait; beyond: HTTP 503")
+    p.add_argument("--max-context", type=ranged(int, 2, 2**24), default=None, help="tokens per slot (default: the model's)")
     p.add_argument("--api-key", default=os.environ.get("GLMTORCH_API_KEY"), help="require this bearer key")
+    p.add_argument("--max-request-body-size", type=ranged(int, 1024, 2**31), default=32 * 2**20, metavar="BYTES",
+                   help="larger request bodies get HTTP 413 (default 32 MiB)")
 
 
 def cmd_bench_serve(args: argparse.Namespace) -> int:
@@ -327,18 +378,18 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
 
 def _bench_serve_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("url", help="server base URL, e.g. http://127.0.0.1:8000")
-    p.add_argument("--requests", type=int, default=64)
-    p.add_argument("--concurrency", type=int, default=64)
-    p.add_argument("--prompt-words", type=int, default=100)
-    p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--requests", type=ranged(int, 1, 1_000_000), default=64)
+    p.add_argument("--concurrency", type=ranged(int, 1, 100_000), default=64)
+    p.add_argument("--prompt-words", type=ranged(int, 1, 1_000_000), default=100)
+    p.add_argument("--max-tokens", type=ranged(int, 1, 2**20), default=64)
+    p.add_argument("--temperature", type=sampling_value("temperature"), default=0.0)
     p.add_argument("--model", default=None, help="model name (default: the server's first)")
     p.add_argument("--api-key", default=None)
     p.add_argument("--chat", action="store_true", help="use /v1/chat/completions instead of /v1/completions")
-    p.add_argument("--ttft-under-load", type=int, default=0, metavar="N",
+    p.add_argument("--ttft-under-load", type=ranged(int, 0, 100_000), default=0, metavar="N",
                    help="instead: time to first token of a short request alone and while N long requests "
                         "(--prompt-words and --max-tokens each) decode")
-    p.add_argument("--probe-pause", type=float, default=0.5, metavar="SECONDS",
+    p.add_argument("--probe-pause", type=ranged(float, 0.0, 3600.0), default=0.5, metavar="SECONDS",
                    help="with --ttft-under-load: each probe waits a random pause of up to this long, so probes "
                         "arrive at random points of the server's decode loop (0: right after the previous one "
                         "ended, which lands just after a decode step began: the worst case)")
@@ -380,10 +431,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _exit_on_signal(signum, frame) -> None:
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     from .extras import MissingDependency, install_hint, missing_message, require
 
     args = build_parser().parse_args(argv)
+    if threading.current_thread() is threading.main_thread():
+        # SIGTERM (kill, a job scheduler, a container stopping) unwinds like Ctrl-C, so what cleans up half-written
+        # files on an exception (convert, GGUF export, training checkpoints) runs on it too
+        signal.signal(signal.SIGTERM, _exit_on_signal)
     try:
         for module in NEEDS.get(args.command, ()):
             require(module, f"glmtorch {args.command}")
@@ -395,7 +454,7 @@ def main(argv: list[str] | None = None) -> int:
         if e.name is None or install_hint(e.name) is None:
             raise
         message = missing_message(e.name)
-    except (UsageError, ValueError, OSError, MissingDependency) as e:  # ConfigError, CheckpointError ... included
+    except (UsageError, ValueError, OSError, MemoryError, MissingDependency) as e:  # ConfigError, CheckpointError..
         message = " ".join(line.strip() for line in str(e).splitlines()) or type(e).__name__
     print(f"glmtorch: error: {message}", file=sys.stderr)
     return 2

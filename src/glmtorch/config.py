@@ -17,7 +17,9 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 import os
+import sys
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,6 +36,32 @@ _METADATA_KEYS = {
     "auto_map", "return_dict", "output_hidden_states", "output_attentions", "is_decoder",
     "chunk_size_feed_forward", "tokenizer_class", "quantization", "_attn_implementation", "is_encoder_decoder",
 }
+
+
+# Declared range of every number in the config, checked in one place (__post_init__) before anything is
+# allocated: wide enough for every GLM released (GLM-4-9B-chat-1M's 1,048,576 positions, 151,552 words) and far
+# beyond, narrow enough that a typo (num_hidden_layers=1000000000) is an error, not a hang while memory grows.
+FIELD_RANGES: dict[str, tuple[type, float, float]] = {
+    "vocab_size": (int, 1, 2**24),
+    "hidden_size": (int, 1, 2**17),
+    "intermediate_size": (int, 1, 2**20),
+    "num_hidden_layers": (int, 1, 1024),
+    "num_attention_heads": (int, 1, 1024),
+    "num_key_value_heads": (int, 1, 1024),
+    "head_dim": (int, 2, 4096),
+    "max_position_embeddings": (int, 1, 2**24),
+    "partial_rotary_factor": (float, 0.0, 1.0),
+    "attention_dropout": (float, 0.0, 1.0),
+    "initializer_range": (float, 0.0, 10.0),
+    "rms_norm_eps": (float, 0.0, 1.0),
+    "rope_theta": (float, 0.0, 1e12),
+    "pad_token_id": (int, 0, 2**24),
+    "bos_token_id": (int, 0, 2**31 - 1),
+    "num_labels": (int, 1, 2**20),
+    "classifier_dropout": (float, 0.0, 1.0),
+}
+OPTIONAL_FIELDS = {"num_key_value_heads", "head_dim", "pad_token_id", "bos_token_id", "num_labels",
+                   "classifier_dropout"}
 
 
 class ConfigError(ValueError):
@@ -82,11 +110,19 @@ class GlmConfig:
         def fail(name: str, why: str) -> None:
             raise ConfigError(f"GlmConfig.{name}={getattr(self, name)!r}: {why}")
 
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                     "num_attention_heads", "max_position_embeddings"):
+        for name, (kind, low, high) in FIELD_RANGES.items():  # every size and number, before anything uses it
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                fail(name, "must be a positive integer")
+            if value is None and name in OPTIONAL_FIELDS:
+                continue
+            if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
+                fail(name, f"must be an integer in [{low}, {high}]")
+            if kind is float:
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                    fail(name, f"must be a finite number in [{low}, {high}]")
+                if value != 0 and abs(value) < sys.float_info.min:
+                    fail(name, "is subnormal")
+            if not low <= value <= high:
+                fail(name, f"out of range: must be in [{low}, {high}]")
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         if self.head_dim is None:
@@ -94,10 +130,11 @@ class GlmConfig:
                 fail("hidden_size", f"head_dim is not set and hidden_size is not divisible by "
                      f"num_attention_heads={self.num_attention_heads}; set head_dim explicitly")
             self.head_dim = self.hidden_size // self.num_attention_heads
-        if not isinstance(self.num_key_value_heads, int) or self.num_key_value_heads < 1:
-            fail("num_key_value_heads", "must be a positive integer")
-        if not isinstance(self.head_dim, int) or self.head_dim < 1:
-            fail("head_dim", "must be a positive integer")
+        if self.num_key_value_heads > self.num_attention_heads:
+            fail("num_key_value_heads", f"must not exceed num_attention_heads={self.num_attention_heads}")
+        if not 0 <= (self.pad_token_id if self.pad_token_id is not None else 0) < self.vocab_size:
+            fail("pad_token_id", f"must be a token id below vocab_size={self.vocab_size} (padding is fed to the "
+                 "model as a token), or null")
         if self.num_attention_heads % self.num_key_value_heads:
             fail("num_key_value_heads", f"num_attention_heads={self.num_attention_heads} must be divisible "
                  "by num_key_value_heads (each key/value head serves a whole group of query heads)")
@@ -113,7 +150,7 @@ class GlmConfig:
             fail("rope_theta", "must be positive")
         if self.rms_norm_eps <= 0:
             fail("rms_norm_eps", "must be positive")
-        if not 0.0 <= self.attention_dropout < 1.0:
+        if self.attention_dropout >= 1.0:
             fail("attention_dropout", "must be in [0, 1)")
         if self.rope_scaling is not None:
             self.rope_scaling = dict(self.rope_scaling)

@@ -323,6 +323,10 @@ class GlmModel(GlmPreTrainedModel):
                 raise ValueError(f"inputs_embeds must be (batch, seq, {self.config.hidden_size}), "
                                  f"got {tuple(inputs_embeds.shape)}")
             return inputs_embeds
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dtype.is_floating_point \
+                or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
+            raise ValueError("input_ids must be an integer tensor of token ids, got "
+                             f"{getattr(input_ids, 'dtype', type(input_ids).__name__)}")
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}; "
                              "add a batch dimension with input_ids[None]")

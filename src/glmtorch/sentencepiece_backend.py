@@ -6,6 +6,7 @@ Needs the `sentencepiece` package (optional: only ChatGLM2/3 checkpoints use it)
 
 from __future__ import annotations
 
+import copy
 import re
 import shutil
 from dataclasses import dataclass
@@ -57,13 +58,15 @@ class SentencePieceBackend:
         self.special_by_id = {i: t for t, i in self.special.items()}
         self.split = re.compile("(" + "|".join(re.escape(t) for t in sorted(self.special, key=len, reverse=True)) + ")")
 
+    plain = False  # True in without_special_tokens()'s view
+
     def encode(self, text: str, add_special_tokens: bool = True) -> Encoding:
         ids, offsets, tokens = [], [], []
         position = 0
         for segment in self.split.split(text):
             if not segment:
                 continue
-            if segment in self.special:
+            if segment in self.special and not self.plain:
                 ids.append(self.special[segment])
                 offsets.append((position, position + len(segment)))
                 tokens.append(segment)
@@ -78,6 +81,13 @@ class SentencePieceBackend:
                     tokens.append(piece.piece)
             position += len(segment)
         return Encoding(ids, offsets, tokens)
+
+    def without_special_tokens(self) -> "SentencePieceBackend":
+        """A view of this tokenizer that encodes control-token spellings as ordinary text (chat content)."""
+        plain = copy.copy(self)
+        plain.split = re.compile("(?!)")  # matches nothing: the text stays one segment
+        plain.plain = True
+        return plain
 
     def encode_batch(self, texts, add_special_tokens: bool = True) -> list[Encoding]:
         return [self.encode(t, add_special_tokens) for t in texts]
@@ -109,6 +119,9 @@ class SentencePieceBackend:
         if i in self.special_by_id:
             return self.special_by_id[i]
         return self.sp.id_to_piece(i) if 0 <= i < self.n else None
+
+    def get_vocab(self) -> dict[str, int]:
+        return {**{self.sp.id_to_piece(i): i for i in range(self.n)}, **self.special}
 
     def get_vocab_size(self, with_added_tokens: bool = True) -> int:
         return self.n + (len(self.special) if with_added_tokens else 0)

@@ -11,12 +11,13 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
 
-from .chat import default_chat_template, normalize_messages, render_chat
+from .chat import default_chat_template, defuse, normalize_messages, render_chat, render_chat_spans
 
 TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
@@ -146,6 +147,8 @@ class GlmTokenizer:
         self.pad_token = pad_token if pad_token is not None and self.backend.token_to_id(pad_token) is not None else None
         if padding_side not in ("left", "right"):
             raise TokenizerError(f"padding_side={padding_side!r}: expected 'left' or 'right'")
+        self._special_tokens: tuple[str, ...] | None = None
+        self._plain_backend = None  # a copy of the backend that reads control tokens as text (chat content)
 
     # -- loading and saving ---------------------------------------------------------------------------
     @classmethod
@@ -318,12 +321,68 @@ class GlmTokenizer:
         """Render a conversation with the checkpoint's template (GLM-4's built-in one if it has none).
         tokenize=False gives the text; otherwise ids (no extra special tokens: the template writes them)."""
         template = chat_template or self.chat_template or default_chat_template()
-        text = render_chat(template, messages, tools=tools, add_generation_prompt=add_generation_prompt,
-                           eos_token=self.eos_token, pad_token=self.pad_token, **template_kwargs)
-        if not tokenize:
-            return text
-        encoded = self(text, return_tensors=return_tensors, add_special_tokens=False)
+        kwargs = dict(tools=tools, add_generation_prompt=add_generation_prompt, special_tokens=self.special_tokens,
+                      eos_token=self.eos_token, pad_token=self.pad_token, **template_kwargs)
+        if not tokenize:  # text: whoever tokenises it again reads control tokens wherever they are spelled
+            return render_chat(template, messages, **kwargs)
+        text, spans = render_chat_spans(template, messages, **kwargs)
+        if spans is None:  # the template rewrote content: it cannot be traced, so it must not spell control tokens
+            text, spans = render_chat(template, defuse(messages, self.special_tokens), **kwargs), []
+        ids = self.encode_with_plain_spans(text, spans)
+        if return_tensors == "pt":
+            encoded = BatchEncoding(input_ids=torch.tensor([ids], dtype=torch.long),
+                                    attention_mask=torch.ones(1, len(ids), dtype=torch.long))
+        elif return_tensors is not None:
+            raise ValueError(f"return_tensors={return_tensors!r}: only 'pt' (PyTorch) is supported")
+        else:
+            encoded = BatchEncoding(input_ids=ids, attention_mask=[1] * len(ids))
         return encoded if return_dict else encoded["input_ids"]
+
+    @property
+    def max_token_bytes(self) -> int:
+        """The most UTF-8 bytes one token stands for: a text of n bytes is at least n / max_token_bytes tokens,
+        which lets a server turn away an over-long prompt before tokenising it."""
+        if getattr(self, "_max_token_bytes", None) is None:
+            vocab = self.backend.get_vocab() if hasattr(self.backend, "get_vocab") else {}
+            # byte-level BPE writes one character per byte; SentencePiece pieces are UTF-8 text (an upper bound)
+            longest = max((len(t.encode("utf-8")) for t in vocab), default=0)
+            self._max_token_bytes = max(longest, max((len(t.encode("utf-8")) for t in self.special_tokens), default=1),
+                                        16 if not vocab else 1)
+        return self._max_token_bytes
+
+    @property
+    def special_tokens(self) -> tuple[str, ...]:
+        """The control tokens' texts, longest first (the order they are matched in)."""
+        if self._special_tokens is None:
+            texts = {t.content for t in self.backend.get_added_tokens_decoder().values() if t.special}
+            self._special_tokens = tuple(sorted(texts, key=len, reverse=True))
+        return self._special_tokens
+
+    def encode_with_plain_spans(self, text: str, spans: list[tuple[int, int]]) -> list[int]:
+        """Ids of `text` where control tokens are read only outside `spans`; inside them their spelling is plain
+        text. The tokenizer itself splits on control tokens first and encodes the pieces between them one by
+        one, so splitting here and encoding the pieces with control tokens turned off gives the same ids as
+        encode() wherever the spans spell none."""
+        if self._plain_backend is None:
+            self._plain_backend = self.backend.without_special_tokens() if hasattr(
+                self.backend, "without_special_tokens") else _plain_copy(self.backend)
+        ids: list[int] = []
+        position = 0
+
+        def add_plain(piece: str) -> None:
+            if piece:
+                ids.extend(self._plain_backend.encode(piece, add_special_tokens=False).ids)
+
+        if self.special_tokens:
+            pattern = re.compile("|".join(re.escape(t) for t in self.special_tokens))
+            for match in pattern.finditer(text):
+                if any(start < match.end() and match.start() < end for start, end in spans):
+                    continue  # spelled inside content: stays text
+                add_plain(text[position:match.start()])
+                ids.append(self.backend.token_to_id(match.group()))
+                position = match.end()
+        add_plain(text[position:])
+        return ids
 
     def encode_conversation(self, messages: list[dict[str, Any]], tools: list[dict] | None = None,
                             end_token: str = "<|endoftext|>") -> tuple[list[int], list[bool], list[int]]:
@@ -396,3 +455,12 @@ class AutoTokenizer:
 
             return gguf_tokenizer(os.fspath(path))
         return GlmTokenizer.from_pretrained(path, **kwargs)
+
+
+def _plain_copy(backend):
+    """A `tokenizers.Tokenizer` like `backend` that encodes control-token spellings as ordinary text."""
+    from tokenizers import Tokenizer
+
+    plain = Tokenizer.from_str(backend.to_str())
+    plain.encode_special_tokens = True
+    return plain

@@ -15,6 +15,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -66,6 +68,7 @@ class TrainConfig:
             raise ValueError(f"lr={self.lr}: must be > 0")
         if not 0 < self.val_fraction < 1:
             raise ValueError(f"val_fraction={self.val_fraction}: must be in (0, 1)")
+        check_output_directory(self.out)
 
 
 # -- data -----------------------------------------------------------------------------------------------------
@@ -281,24 +284,48 @@ def train(model, tokenizer, cfg: TrainConfig, state: TrainerState | None = None,
 
 
 def save_checkpoint(model, tokenizer, optimizer, state: TrainerState, out: str) -> None:
-    """Write the model, tokenizer, optimizer and trainer state, then swap the directory into place."""
-    tmp = f"{out.rstrip('/')}.tmp-{os.getpid()}"
-    os.makedirs(tmp, exist_ok=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    torch.save(optimizer.state_dict(), os.path.join(tmp, OPTIMIZER_STATE))
-    with open(os.path.join(tmp, TRAINER_STATE), "w", encoding="utf-8") as f:
-        json.dump(asdict(state), f, indent=1)
-    plot_loss_curve(state, os.path.join(tmp, "loss_curve.png"))
-    if os.path.isdir(out):
-        old = f"{out.rstrip('/')}.old-{os.getpid()}"
-        os.replace(out, old)
-        os.replace(tmp, out)
-        import shutil
+    """Write the model, tokenizer, optimizer and trainer state into `out`, touching only files of our own.
 
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
+    Everything is written to a sibling folder first and then moved in file by file, so an interruption leaves
+    the previous checkpoint's files or the new ones, never a half-written file; files of an earlier save that this
+    one does not write again (more shards then) are removed by name; nothing else in `out` is deleted.
+    """
+    tmp = f"{out.rstrip(os.sep)}.tmp-{os.getpid()}"
+    os.makedirs(tmp, exist_ok=True)
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        torch.save(optimizer.state_dict(), os.path.join(tmp, OPTIMIZER_STATE))
+        with open(os.path.join(tmp, TRAINER_STATE), "w", encoding="utf-8") as f:
+            json.dump(asdict(state), f, indent=1)
+        plot_loss_curve(state, os.path.join(tmp, "loss_curve.png"))
+        os.makedirs(out, exist_ok=True)
+        written = set(os.listdir(tmp))
+        # the trainer state goes last: a folder with it is a complete checkpoint of ours
+        for name in sorted(written - {TRAINER_STATE}) + [TRAINER_STATE]:
+            os.replace(os.path.join(tmp, name), os.path.join(out, name))
+        for name in os.listdir(out):
+            if name not in written and _is_checkpoint_file(name):
+                os.remove(os.path.join(out, name))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _is_checkpoint_file(name: str) -> bool:
+    """A file name that save_checkpoint writes (weights shards and their index, configs, tokenizer, states)."""
+    return bool(re.fullmatch(r"model(-\d+-of-\d+)?\.safetensors(\.index\.json)?|config\.json|"
+                             r"generation_config\.json|tokenizer(_config)?\.json|tokenizer\.model|chat_template\.jinja|"
+                             rf"{re.escape(OPTIMIZER_STATE)}|{re.escape(TRAINER_STATE)}|loss_curve\.png", name))
+
+
+def check_output_directory(out: str) -> None:
+    """`--out` must be new, empty, or a training checkpoint of ours (to be updated in place): a folder holding
+    anything else is refused before training starts, so no one's files are ever overwritten or deleted."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise DataError(f"--out {out}: exists and is not a directory; choose a new directory")
+    if os.path.isdir(out) and os.listdir(out) and not os.path.isfile(os.path.join(out, TRAINER_STATE)):
+        raise DataError(f"--out {out}: the directory is not empty and is not a glmtorch training checkpoint (no "
+                        f"{TRAINER_STATE}); choose a new or empty directory. Nothing in it was touched")
 
 
 def load_checkpoint_state(directory: str) -> tuple[TrainerState, dict | None]:

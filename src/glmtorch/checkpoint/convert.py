@@ -22,6 +22,7 @@ from .safetensors_io import (
     SAFE_INDEX_NAME,
     SAFE_WEIGHTS_NAME,
     iter_tensor_names,
+    make_shareable,
     open_safetensors,
     parse_dtype,
     parse_size,
@@ -56,6 +57,8 @@ def convert_checkpoint(src: str, dst: str, dtype=None, max_shard_size: int | str
         config = config.copy(architectures=["GlmForCausalLM"], dtype=str(out_dtype).removeprefix("torch."))
         config.save_pretrained(tmp)
         written = shard_names + [CONFIG_NAME] + _copy_tokenizer(directory, tmp)
+        for name in os.listdir(tmp):
+            make_shareable(os.path.join(tmp, name))
         os.replace(tmp, dst)
         return written
     except BaseException:

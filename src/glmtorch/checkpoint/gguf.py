@@ -101,15 +101,23 @@ def gguf_config(handle: GgufFile, **overrides: Any) -> GlmConfig:
         raise ConfigError(f"{handle.path}: general.architecture is {arch!r}; glmtorch reads llama.cpp's {ARCH!r} "
                           "(GLM-4 / ChatGLM) GGUF files")
 
-    def need(key: str):
-        value = handle.field(f"{ARCH}.{key}")
+    def need(key: str, default: Any = None, kind: type = int):
+        """A metadata number, checked where it is read: a count of 0 must be an error naming the key, not a
+        ZeroDivisionError two lines later."""
+        value = handle.field(f"{ARCH}.{key}", default)
         if value is None:
             raise ConfigError(f"{handle.path}: GGUF metadata {ARCH}.{key} is missing")
-        return value
+        try:
+            number = kind(value)
+        except (TypeError, ValueError):
+            number = None
+        if number is None or isinstance(value, bool) or (kind is int and (number != value or number < 1)):
+            raise ConfigError(f"{handle.path}: GGUF metadata {ARCH}.{key}={value!r} must be a positive integer")
+        return number
 
-    hidden, heads = int(need("embedding_length")), int(need("attention.head_count"))
-    head_dim = int(handle.field(f"{ARCH}.attention.key_length", hidden // heads))
-    rope_dims = int(handle.field(f"{ARCH}.rope.dimension_count", head_dim // 2))
+    hidden, heads = need("embedding_length"), need("attention.head_count")
+    head_dim = need("attention.key_length", hidden // heads)
+    rope_dims = need("rope.dimension_count", head_dim // 2)
     eos = [handle.field(k) for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id",
                                      "tokenizer.ggml.eom_token_id")]
     eos = sorted({int(e) for e in eos if e is not None})
@@ -117,15 +125,15 @@ def gguf_config(handle: GgufFile, **overrides: Any) -> GlmConfig:
     fields = dict(
         vocab_size=handle.shape("token_embd.weight")[0],
         hidden_size=hidden,
-        intermediate_size=int(need("feed_forward_length")),
-        num_hidden_layers=int(need("block_count")),
+        intermediate_size=need("feed_forward_length"),
+        num_hidden_layers=need("block_count"),
         num_attention_heads=heads,
-        num_key_value_heads=int(handle.field(f"{ARCH}.attention.head_count_kv", heads)),
+        num_key_value_heads=need("attention.head_count_kv", heads),
         head_dim=head_dim,
         partial_rotary_factor=rope_dims / head_dim,
-        rms_norm_eps=float(need("attention.layer_norm_rms_epsilon")),
-        max_position_embeddings=int(need("context_length")),
-        rope_theta=float(handle.field(f"{ARCH}.rope.freq_base", 10000.0)),
+        rms_norm_eps=need("attention.layer_norm_rms_epsilon", kind=float),
+        max_position_embeddings=need("context_length"),
+        rope_theta=need("rope.freq_base", 10000.0, kind=float),
         attention_bias="blk.0.attn_qkv.bias" in names,
         tie_word_embeddings="output.weight" not in names,
         eos_token_id=eos or None,

@@ -201,13 +201,19 @@ def save_safetensors(
         f for f in os.listdir(directory) if re.fullmatch(r"model-\d{5}-of-\d{5}\.safetensors", f)}
     for f in stale - set(names):
         os.remove(os.path.join(directory, f)) if os.path.exists(os.path.join(directory, f)) else None
-    umask = os.umask(0)
-    os.umask(umask)
     for name, tmp in zip(names, tmp_paths):
-        os.chmod(tmp, 0o666 & ~umask)  # safetensors creates its files private; a checkpoint is meant to be shared
+        make_shareable(tmp)
         os.replace(tmp, os.path.join(directory, name))
     if index_text is not None:
         with open(os.path.join(directory, SAFE_INDEX_NAME), "w", encoding="utf-8") as f:
             f.write(index_text)
         names.append(SAFE_INDEX_NAME)
     return names
+
+
+def make_shareable(path: str) -> None:
+    """Give a written file the permissions the user's umask asks for (safetensors creates its files 0600; a
+    checkpoint is meant to be read by others, as any file the user writes)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)

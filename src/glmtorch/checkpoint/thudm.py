@@ -86,7 +86,7 @@ def config_from_thudm(data: dict[str, Any], **overrides: Any) -> GlmConfig:
         "num_hidden_layers": data["num_layers"],
         "num_attention_heads": heads,
         "num_key_value_heads": kv_heads,
-        "head_dim": data.get("kv_channels") or hidden // heads,
+        "head_dim": data.get("kv_channels"),  # None: GlmConfig derives hidden // heads once it has checked both
         "partial_rotary_factor": 0.5,
         "attention_bias": bool(data.get("add_qkv_bias", False)),
         "rms_norm_eps": data.get("layernorm_epsilon", 1e-5),

@@ -5,11 +5,76 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
 GENERATION_CONFIG_NAME = "generation_config.json"
+
+
+class SamplingValueError(ValueError):
+    """A decoding parameter outside its declared range; `field` names it (the server answers 400 with it)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+@dataclass(frozen=True)
+class Bound:
+    """The values a decoding parameter may take: an int or a finite, non-subnormal float in [low, high] (low
+    excluded when `low_open`), or exactly 0 when `zero_ok` (temperature: 0 means greedy)."""
+
+    kind: type
+    low: float
+    high: float
+    low_open: bool = False
+    zero_ok: bool = False
+    why: str = ""
+
+
+INT_MAX = 2**31 - 1
+SEED_MAX = 2**63 - 1
+# Every decoding parameter's range, checked here for generate(), the command line and the server alike. The
+# bounds are where the arithmetic stays finite: logits / temperature and logits / repetition_penalty overflow
+# to inf (and softmax to NaN) for divisors near 0, so temperatures below 1e-5 are an error (0 is greedy).
+SAMPLING_BOUNDS: dict[str, Bound] = {
+    "temperature": Bound(float, 1e-5, 100.0, zero_ok=True, why="0 (greedy) or between 1e-05 and 100"),
+    "top_p": Bound(float, 0.0, 1.0, low_open=True, why="in (0, 1]"),
+    "top_k": Bound(int, 0, INT_MAX, why="an integer >= 0 (0 disables it)"),
+    "min_p": Bound(float, 0.0, 1.0, why="in [0, 1]"),
+    "repetition_penalty": Bound(float, 0.01, 100.0, why="between 0.01 and 100 (1.0 disables it)"),
+    "max_new_tokens": Bound(int, 1, INT_MAX, why="an integer >= 1"),
+    "max_length": Bound(int, 1, INT_MAX, why="an integer >= 1"),
+    "seed": Bound(int, 0, SEED_MAX, why=f"an integer in [0, {SEED_MAX}]"),
+}
+
+
+def check_sampling_value(name: str, value: Any, shown: str | None = None) -> Any:
+    """`value` if it lies in SAMPLING_BOUNDS[name] (as a float for float parameters), else SamplingValueError
+    naming the parameter as `shown` (the caller's spelling, e.g. the API's max_tokens)."""
+    bound, shown = SAMPLING_BOUNDS[name], shown or name
+
+    def bad(why: str):
+        raise SamplingValueError(shown, f"{shown}={value!r}: {why}")
+
+    kinds = (int,) if bound.kind is int else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds):
+        bad(f"must be {'an integer' if bound.kind is int else 'a number'}, {bound.why}")
+    if bound.kind is float:
+        value = float(value)
+        if not math.isfinite(value):
+            bad(f"must be finite, {bound.why}")
+        if value != 0 and abs(value) < sys.float_info.min:
+            bad(f"is subnormal; must be {bound.why}")
+    if value == 0 and bound.zero_ok:
+        return value
+    below = value <= bound.low if bound.low_open else value < bound.low
+    if below or value > bound.high:
+        bad(f"out of range: must be {bound.why}")
+    return value
 
 
 @dataclass
@@ -82,23 +147,11 @@ class GenerationConfig:
         def bad(name: str, why: str) -> None:
             raise ValueError(f"{name}={getattr(self, name)!r}: {why}")
 
-        if self.max_new_tokens is not None and (not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1):
-            bad("max_new_tokens", "must be an integer >= 1")
-        if self.max_length is not None and (not isinstance(self.max_length, int) or self.max_length < 1):
-            bad("max_length", "must be an integer >= 1")
-        if self.do_sample:
-            if self.temperature is not None and not self.temperature > 0:
-                bad("temperature", "must be > 0 when sampling; use do_sample=False for greedy decoding")
-        elif self.temperature is not None and self.temperature < 0:
-            bad("temperature", "must be >= 0")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
-            bad("top_p", "must be in (0, 1]")
-        if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 0):
-            bad("top_k", "must be an integer >= 0 (0 disables it)")
-        if self.min_p is not None and not 0 <= self.min_p <= 1:
-            bad("min_p", "must be in [0, 1]")
-        if self.repetition_penalty is not None and not self.repetition_penalty > 0:
-            bad("repetition_penalty", "must be > 0 (1.0 disables it)")
+        for name in SAMPLING_BOUNDS:
+            if getattr(self, name, None) is not None:
+                setattr(self, name, check_sampling_value(name, getattr(self, name)))
+        if self.do_sample and self.temperature == 0:
+            bad("temperature", "must be > 0 when sampling; use do_sample=False for greedy decoding")
         for i in self.eos_token_ids:
             if not isinstance(i, int) or i < 0:
                 bad("eos_token_id", "must be a non-negative token id or a list of them")

@@ -62,7 +62,14 @@ class GenerationMixin:
         if input_ids is None:
             raise ValueError("generate() needs input_ids (from the tokenizer)")
         if not isinstance(input_ids, torch.Tensor):
-            input_ids = torch.as_tensor(input_ids)
+            try:
+                input_ids = torch.as_tensor(input_ids)
+            except (TypeError, ValueError, RuntimeError, OverflowError):
+                raise ValueError("input_ids must be a (batch, seq) batch of integer token ids with rows of one "
+                                 "length (pad them, with an attention_mask)") from None
+        if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
+            raise ValueError(f"input_ids must hold integer token ids, got {input_ids.dtype}")
+        input_ids = input_ids.long()
         if input_ids.dim() == 1:
             input_ids = input_ids[None]
         if input_ids.dim() != 2 or input_ids.shape[1] == 0:
@@ -73,6 +80,9 @@ class GenerationMixin:
         if lo < 0 or hi >= vocab:
             raise ValueError(f"token id {hi if hi >= vocab else lo} is out of range for this model's vocabulary "
                              f"(vocab_size={vocab}); the tokenizer and the model do not match")
+        if config.pad_token_id is not None and not 0 <= config.pad_token_id < vocab:
+            raise ValueError(f"pad_token_id={config.pad_token_id} is not a token of this model (vocab_size={vocab}); "
+                             "finished rows are filled with it")
         limit = self.config.max_position_embeddings
         if input_ids.shape[1] > limit:
             raise ValueError(f"the prompt has {input_ids.shape[1]} tokens but the model allows at most {limit} "

@@ -6,6 +6,8 @@ from collections.abc import Callable
 
 import torch
 
+from .config import check_sampling_value
+
 Sampler = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -16,6 +18,9 @@ def make_sampler(do_sample: bool, generator: torch.Generator | None = None) -> S
 
     def sample(logits: torch.Tensor) -> torch.Tensor:
         probs = torch.softmax(logits.float(), dim=-1)
+        if not bool(torch.isfinite(probs).all()):  # NaN logits, or every token masked: say so, not torch's assert
+            raise ValueError("sampling met non-finite probabilities (the logits hold NaN or every token was "
+                             "filtered out); check the model's weights and the sampling parameters")
         return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
 
     return sample
@@ -24,6 +29,4 @@ def make_sampler(do_sample: bool, generator: torch.Generator | None = None) -> S
 def make_generator(seed: int | None, device: torch.device) -> torch.Generator | None:
     if seed is None:
         return None
-    if not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"seed={seed!r}: must be a non-negative integer")
-    return torch.Generator(device=device).manual_seed(seed)
+    return torch.Generator(device=device).manual_seed(check_sampling_value("seed", seed))

@@ -4,17 +4,28 @@ the engine, encode its events as an OpenAI response or as Server-Sent Events."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
+import re
 import secrets
 import time
+from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 
 from ..chat import ChatFormatError, parse_assistant_reply
+from ..generation.config import SEED_MAX, SamplingValueError, check_sampling_value
 from .engine import Engine, Event, QueueFull, Request as EngineRequest, SamplingParams, default_max_tokens
+
+# The largest request body accepted (413 beyond): vLLM's frontend default. --max-request-body-size changes it.
+DEFAULT_MAX_BODY_BYTES = 32 * 2**20
+MAX_JSON_DEPTH = 64  # deeper JSON is 400, before any handler walks it
+# OpenAI's rule for function names; they are written into the prompt's markup (the role line), so nothing else.
+FUNCTION_NAME = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
+MESSAGE_FIELDS = ("role", "content", "name", "tool_calls", "tool_call_id")  # the OpenAI schema; others ignored
 
 
 class ApiError(Exception):
@@ -48,12 +59,22 @@ def _get(body: dict, name: str, kinds: tuple, default: Any = _MISSING, check=Non
     return value
 
 
+def _sampling(body: dict, name: str, field: str, default: Any) -> Any:
+    """A decoding parameter checked against generate()'s declared range (generation.config.SAMPLING_BOUNDS):
+    the same rule for the library, the command line and the server."""
+    if body.get(name) is None:
+        return default
+    try:
+        return check_sampling_value(field, body[name], name)
+    except SamplingValueError as e:
+        raise ApiError(400, str(e), name, "invalid_value") from None
+
+
 def sampling_params(body: dict) -> tuple[SamplingParams, int | None, int]:
     """(params, max_tokens or None, n) from an OpenAI request body."""
-    num = (int, float)
-    max_tokens = _get(body, "max_completion_tokens", (int,), None, lambda v: v >= 1, "must be >= 1")
+    max_tokens = _sampling(body, "max_completion_tokens", "max_new_tokens", None)
     if max_tokens is None:
-        max_tokens = _get(body, "max_tokens", (int,), None, lambda v: v >= 1, "must be >= 1")
+        max_tokens = _sampling(body, "max_tokens", "max_new_tokens", None)
     stop = _get(body, "stop", (str, list), [])
     stop = [stop] if isinstance(stop, str) else stop
     if not all(isinstance(s, str) and s for s in stop) or len(stop) > 16:
@@ -64,69 +85,175 @@ def sampling_params(body: dict) -> tuple[SamplingParams, int | None, int]:
         if not 0 <= logprobs <= 20:
             raise ApiError(400, "'logprobs' must be in [0, 20]", "logprobs", "invalid_value")
         top_logprobs, logprobs = logprobs, True
+    n = _get(body, "n", (int,), 1, lambda v: 1 <= v <= 16, "must be in [1, 16]")
+    seed = _sampling(body, "seed", "seed", None)
+    if seed is not None and seed + n - 1 > SEED_MAX:  # choice i of n samples with seed + i
+        raise ApiError(400, f"'seed'={seed} leaves no room for n={n} choices (seed + n - 1 must be <= {SEED_MAX})",
+                       "seed", "invalid_value")
     params = SamplingParams(
         max_tokens=max_tokens or 0,
-        temperature=float(_get(body, "temperature", num, 1.0, lambda v: 0 <= v <= 2, "must be in [0, 2]")),
-        top_p=float(_get(body, "top_p", num, 1.0, lambda v: 0 < v <= 1, "must be in (0, 1]")),
-        top_k=_get(body, "top_k", (int,), 0, lambda v: v >= 0, "must be >= 0"),
-        min_p=float(_get(body, "min_p", num, 0.0, lambda v: 0 <= v <= 1, "must be in [0, 1]")),
-        repetition_penalty=float(_get(body, "repetition_penalty", num, 1.0, lambda v: 0 < v <= 10,
-                                      "must be in (0, 10]")),
-        seed=_get(body, "seed", (int,), None, lambda v: v >= 0, "must be >= 0"),
-        stop=stop, logprobs=bool(logprobs), top_logprobs=top_logprobs,
+        temperature=_sampling(body, "temperature", "temperature", 1.0),
+        top_p=_sampling(body, "top_p", "top_p", 1.0),
+        top_k=_sampling(body, "top_k", "top_k", 0),
+        min_p=_sampling(body, "min_p", "min_p", 0.0),
+        repetition_penalty=_sampling(body, "repetition_penalty", "repetition_penalty", 1.0),
+        seed=seed, stop=stop, logprobs=bool(logprobs), top_logprobs=top_logprobs,
         # vLLM's extension, which benchmarks send so that every request produces max_tokens
         ignore_eos=_get(body, "ignore_eos", (bool,), False),
     )
-    n = _get(body, "n", (int,), 1, lambda v: 1 <= v <= 16, "must be in [1, 16]")
     return params, max_tokens, n
 
 
+def stream_flags(body: dict) -> tuple[bool, bool]:
+    """(stream, stream_options.include_usage)."""
+    stream = _get(body, "stream", (bool,), False)
+    options = _get(body, "stream_options", (dict,), {})
+    include_usage = options.get("include_usage", False)
+    if include_usage is not None and not isinstance(include_usage, bool):
+        raise ApiError(400, "'stream_options.include_usage' must be a boolean", "stream_options.include_usage",
+                       "invalid_type")
+    return stream, bool(include_usage)
+
+
 def chat_messages(body: dict) -> list[dict]:
+    """The messages, each rebuilt from the OpenAI schema's fields only: a client's extra field (say `metadata`)
+    never reaches the template, and every name that the template writes into markup is a plain identifier."""
     messages = _get(body, "messages", (list,))
     if not messages:
         raise ApiError(400, "'messages' must not be empty", "messages", "invalid_value")
+    out = []
     for i, m in enumerate(messages):
+        where = f"messages[{i}]"
         if not isinstance(m, dict):
-            raise ApiError(400, f"messages[{i}] must be an object", f"messages[{i}]", "invalid_type")
-        if m.get("role") not in ("system", "user", "assistant", "tool", "developer"):
-            raise ApiError(400, f"messages[{i}].role={m.get('role')!r} is not one of system, user, assistant, tool",
-                           f"messages[{i}].role", "invalid_value")
-        content = m.get("content")
-        if content is not None and not isinstance(content, (str, list)):
-            raise ApiError(400, f"messages[{i}].content must be a string or a list of text parts",
-                           f"messages[{i}].content", "invalid_type")
-        if content is None and not (m["role"] == "assistant" and m.get("tool_calls")):
-            raise ApiError(400, f"messages[{i}].content is required", f"messages[{i}].content", "invalid_value")
-    return [{**m, "role": "system" if m["role"] == "developer" else m["role"]} for m in messages]
+            raise ApiError(400, f"{where} must be an object", where, "invalid_type")
+        role = m.get("role")
+        if role not in ("system", "user", "assistant", "tool", "developer"):
+            raise ApiError(400, f"{where}.role={role!r} is not one of system, user, assistant, tool",
+                           f"{where}.role", "invalid_value")
+        message = {"role": "system" if role == "developer" else role, "content": _content(m.get("content"), where)}
+        if isinstance(m.get("name"), str):
+            message["name"] = m["name"]
+        if role == "tool" and isinstance(m.get("tool_call_id"), str):
+            message["tool_call_id"] = m["tool_call_id"]
+        if role == "assistant" and m.get("tool_calls") is not None:
+            message["tool_calls"] = _tool_calls(m["tool_calls"], f"{where}.tool_calls")
+        if message["content"] is None and not message.get("tool_calls"):
+            raise ApiError(400, f"{where}.content is required", f"{where}.content", "invalid_value")
+        out.append(message)
+    return out
+
+
+def _content(content: Any, where: str) -> str | list | None:
+    if content is None or isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise ApiError(400, f"{where}.content must be a string or a list of text parts", f"{where}.content",
+                       "invalid_type")
+    for k, part in enumerate(content):
+        if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
+            raise ApiError(400, f"{where}.content[{k}] must be {{'type': 'text', 'text': '...'}} (only text parts are "
+                           "supported)", f"{where}.content[{k}]", "invalid_value")
+    return [{"type": "text", "text": part["text"]} for part in content]
+
+
+def _tool_calls(calls: Any, where: str) -> list[dict]:
+    if not isinstance(calls, list):
+        raise ApiError(400, f"{where} must be a list", where, "invalid_type")
+    out = []
+    for k, call in enumerate(calls):
+        function = call.get("function") if isinstance(call, dict) else None
+        name = function.get("name") if isinstance(function, dict) else None
+        arguments = function.get("arguments", "{}") if isinstance(function, dict) else None
+        if not isinstance(name, str) or not FUNCTION_NAME.fullmatch(name) or not isinstance(arguments, (str, dict)):
+            raise ApiError(400, f"{where}[{k}] must be {{'type': 'function', 'function': {{'name': NAME, "
+                           "'arguments': '...'}}}} with NAME of letters, digits, '_', '.', '-' (at most 64)",
+                           f"{where}[{k}]", "invalid_value")
+        out.append({"type": "function", "function": {"name": name, "arguments": arguments}})
+    return out
 
 
 def chat_tools(body: dict) -> list[dict] | None:
     tools = _get(body, "tools", (list,), None)
+    choice = body.get("tool_choice", "auto")
+    if isinstance(choice, dict):
+        function = choice.get("function")
+        if choice.get("type", "function") != "function" or not isinstance(function, dict) \
+                or not isinstance(function.get("name"), str):
+            raise ApiError(400, "'tool_choice' must be 'none', 'auto', 'required' or {'type': 'function', "
+                           "'function': {'name': ...}}", "tool_choice", "invalid_value")
+    elif choice not in ("auto", "required", "none"):
+        raise ApiError(400, f"'tool_choice'={choice!r} must be 'none', 'auto', 'required' or a named function",
+                       "tool_choice", "invalid_value")
     if not tools:
         return None
     for i, t in enumerate(tools):
-        if not isinstance(t, dict) or t.get("type") != "function" or not isinstance(t.get("function"), dict) \
-                or not isinstance(t["function"].get("name"), str):
-            raise ApiError(400, f"tools[{i}] must be {{'type': 'function', 'function': {{'name': ...}}}}",
-                           f"tools[{i}]", "invalid_value")
-    choice = body.get("tool_choice", "auto")
+        function = t.get("function") if isinstance(t, dict) else None
+        if not isinstance(t, dict) or t.get("type") != "function" or not isinstance(function, dict) \
+                or not isinstance(function.get("name"), str) or not FUNCTION_NAME.fullmatch(function["name"]):
+            raise ApiError(400, f"tools[{i}] must be {{'type': 'function', 'function': {{'name': NAME, ...}}}} with "
+                           "NAME of letters, digits, '_', '.', '-' (at most 64)", f"tools[{i}]", "invalid_value")
+        if function.get("parameters") is not None and not isinstance(function["parameters"], dict):
+            raise ApiError(400, f"tools[{i}].function.parameters must be a JSON schema object",
+                           f"tools[{i}].function.parameters", "invalid_type")
     if choice == "none":
         return None
     if isinstance(choice, dict):  # a named function: offer only that one
-        name = (choice.get("function") or {}).get("name")
+        name = choice["function"]["name"]
         tools = [t for t in tools if t["function"]["name"] == name]
         if not tools:
             raise ApiError(400, f"tool_choice names {name!r}, which is not in tools", "tool_choice", "invalid_value")
-    elif choice not in ("auto", "required"):
-        raise ApiError(400, f"tool_choice={choice!r} must be 'none', 'auto', 'required' or a named function",
-                       "tool_choice", "invalid_value")
     return tools
 
 
+def parse_body(raw: bytes) -> dict:
+    """A request body as a JSON object, or ApiError 400 saying what is wrong with it: not UTF-8, not JSON (NaN
+    and Infinity are not JSON), nested deeper than MAX_JSON_DEPTH, or a string holding a lone surrogate (valid
+    JSON escapes, but no text: the tokenizer could not encode it). Runs off the event loop."""
+    def constant(name: str):
+        raise ValueError(f"{name} is not valid JSON")
+
+    try:
+        body = json.loads(raw, parse_constant=constant)
+    except RecursionError:
+        raise ApiError(400, f"the request body is nested deeper than {MAX_JSON_DEPTH} levels", None,
+                       "invalid_json") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ApiError(400, f"the request body is not valid JSON ({e})", None, "invalid_json") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "the request body must be a JSON object", None, "invalid_json")
+    stack: list[tuple[Any, str, int]] = [(body, "", 0)]
+    while stack:
+        value, path, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise ApiError(400, f"the request body is nested deeper than {MAX_JSON_DEPTH} levels", path or None,
+                           "invalid_json")
+        items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+        for key, item in items:
+            where = f"{path}.{key}" if isinstance(key, str) and path else (key if isinstance(key, str) else f"{path}[{key}]")
+            for text in (key, item):
+                if isinstance(text, str):
+                    try:
+                        text.encode("utf-8")
+                    except UnicodeEncodeError:
+                        raise ApiError(400, f"'{where}' holds a lone UTF-16 surrogate, which is not text", where,
+                                       "invalid_value") from None
+            if isinstance(item, (dict, list)):
+                stack.append((item, where, depth + 1))
+    return body
+
+
 # -- the app ---------------------------------------------------------------------------------------------------
-def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None = None) -> FastAPI:
+def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None = None,
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
     app = FastAPI(title="glmtorch", docs_url=None, redoc_url=None)
     created = int(time.time())
+    # Parsing and tokenising run here, off the event loop: a large body must not freeze /health or the streams.
+    # Two threads: what they do is bounded by the body limit, and a flood waits its turn instead of adding threads.
+    workers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="glmtorch-requests")
+    app.router.on_shutdown.append(lambda: workers.shutdown(wait=False, cancel_futures=True))
+
+    async def off_loop(fn, *args, **kwargs):
+        return await asyncio.get_running_loop().run_in_executor(workers, functools.partial(fn, *args, **kwargs))
 
     @app.exception_handler(ApiError)
     async def api_error(_: Request, e: ApiError):
@@ -135,8 +262,9 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
     @app.middleware("http")
     async def check_key(request: Request, call_next):
         if api_key and request.url.path.startswith("/v1/"):
-            given = request.headers.get("authorization", "")
-            if not secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+            scheme, _, given = request.headers.get("authorization", "").strip().partition(" ")
+            # the scheme is case-insensitive (RFC 9110); the key is compared in constant time
+            if scheme.lower() != "bearer" or not secrets.compare_digest(given.strip().encode(), api_key.encode()):
                 return ApiError(401, "missing or wrong API key (send 'Authorization: Bearer KEY')", None,
                                 "invalid_api_key").response()
         return await call_next(request)
@@ -145,10 +273,19 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
     async def health():
         return {"status": "ok", "active": engine.active, "waiting": len(engine.waiting)}
 
+    def model_card() -> dict:
+        return {"id": model_name, "object": "model", "created": created, "owned_by": "glmtorch"}
+
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
-                                            "owned_by": "glmtorch"}]}
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{name:path}")
+    async def model(name: str):
+        if name != model_name:
+            raise ApiError(404, f"model {name!r} does not exist; this server serves {model_name!r}", "model",
+                           "model_not_found")
+        return model_card()
 
     @app.get("/", response_class=HTMLResponse)
     async def page():
@@ -160,17 +297,37 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
                     "usage": usage(prompt_tokens, completion_tokens)})
 
     async def read_body(request: Request) -> dict:
-        try:
-            body = json.loads(await request.body())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ApiError(400, f"the request body is not valid JSON ({e})", None, "invalid_json") from None
-        if not isinstance(body, dict):
-            raise ApiError(400, "the request body must be a JSON object", None, "invalid_json")
+        # JSON only: a page on another site can send text/plain or a form without asking the browser first
+        # (no CORS preflight), so accepting those would let any web page drive a server without --api-key.
+        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if kind != "application/json" and not kind.endswith("+json"):
+            raise ApiError(415, f"the request body must be sent as Content-Type: application/json (got "
+                           f"{kind or 'none'!r})", None, "unsupported_media_type")
+        too_large = ApiError(413, f"the request body is larger than this server accepts ({max_body_bytes} bytes; "
+                             "--max-request-body-size)", None, "request_too_large")
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > max_body_bytes:
+            raise too_large
+        chunks, size = [], 0
+        async for chunk in request.stream():  # counted as it arrives: a missing or false Content-Length is no way round
+            size += len(chunk)
+            if size > max_body_bytes:
+                raise too_large
+            chunks.append(chunk)
+        body = await off_loop(parse_body, b"".join(chunks))
         name = body.get("model")
         if name is not None and name != model_name:
             raise ApiError(404, f"model {name!r} does not exist; this server serves {model_name!r}", "model",
                            "model_not_found")
         return body
+
+    def check_text_length(texts: list[str]) -> None:
+        """Turn away text that cannot fit the context before tokenising it: n bytes are at least
+        n / max_token_bytes tokens."""
+        least = sum(len(t.encode("utf-8")) for t in texts) // tokenizer.max_token_bytes
+        if least >= engine.context:
+            raise ApiError(400, f"this model's context is {engine.context} tokens; the prompt is at least {least}. "
+                           "Shorten the prompt", "messages", "context_length_exceeded")
 
     def check_context(prompt_tokens: int, max_tokens: int | None) -> int:
         if max_tokens is None:
@@ -199,19 +356,29 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
         try:
             for r in requests:
                 engine.submit(r)
-        except QueueFull as e:
+        except BaseException as e:  # all of a request's choices run, or none: no orphan decodes for nobody
             for r in requests:
                 r.cancelled.set()
-            raise ApiError(503, f"the server is busy: {e}; retry later", None, "queue_full", "server_error") from None
+            if isinstance(e, QueueFull):
+                raise ApiError(503, f"the server is busy: {e}; retry later", None, "queue_full",
+                               "server_error") from None
+            raise
         return queue, requests
 
-    async def collect(queue, requests) -> list[dict]:
+    async def collect(queue, requests, http: Request) -> list[dict] | None:
+        """Every choice's text and numbers, or None when the client went away first (its sequences are cancelled
+        at once: a non-streaming client that hangs up must not leave its work decoding for nobody)."""
         results = [{"text": "", "finish_reason": None, "logprobs": [], "completion_tokens": 0, "prompt_tokens": 0}
                    for _ in requests]
         done = 0
         try:
             while done < len(requests):
-                index, event = await queue.get()
+                try:
+                    index, event = await asyncio.wait_for(queue.get(), timeout=0.25)
+                except asyncio.TimeoutError:
+                    if await http.is_disconnected():
+                        return None
+                    continue
                 r = results[index]
                 if event.kind == "error":
                     raise ApiError(500, event.error, None, "server_error", "server_error")
@@ -231,10 +398,11 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
         body = await read_body(request)
         messages, tools = chat_messages(body), chat_tools(body)
         params, max_tokens, n = sampling_params(body)
-        stream = _get(body, "stream", (bool,), False)
-        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        stream, include_usage = stream_flags(body)
+        check_text_length([p["text"] if isinstance(p, dict) else p for m in messages
+                           for p in (m["content"] if isinstance(m["content"], list) else [m["content"] or ""])])
         try:
-            ids = tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True)
+            ids = await off_loop(tokenizer.apply_chat_template, messages, tools=tools, add_generation_prompt=True)
         except ChatFormatError as e:
             raise ApiError(400, str(e), "messages", "invalid_value") from None
         params.max_tokens = check_context(len(ids), max_tokens)
@@ -243,7 +411,9 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
         if stream:
             return StreamingResponse(stream_chat(queue, requests, rid, now, tools, include_usage, len(ids)),
                                      media_type="text/event-stream")
-        results = await collect(queue, requests)
+        results = await collect(queue, requests, request)
+        if results is None:
+            return Response(status_code=499)  # nobody is listening; the status is for the access log
         choices = []
         for i, r in enumerate(results):
             message, finish = assistant_message(r["text"], tools, r["finish_reason"])
@@ -321,9 +491,14 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
         params, max_tokens, n = sampling_params(body)
         if max_tokens is None:
             max_tokens = 16  # OpenAI's default for completions
-        stream = _get(body, "stream", (bool,), False)
-        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-        encoded = [tokenizer.encode(p) for p in prompts]
+        stream, include_usage = stream_flags(body)
+        echo = _get(body, "echo", (bool,), False)
+        if echo and params.logprobs:
+            raise ApiError(400, "'echo' with 'logprobs' is not supported (the prompt's log-probabilities are not "
+                           "computed); drop one of them", "echo", "invalid_value")
+        for prompt_text in prompts:
+            check_text_length([prompt_text])
+        encoded = await off_loop(lambda: [tokenizer.encode(p) for p in prompts])
         if any(not ids for ids in encoded):
             raise ApiError(400, "'prompt' must not be empty", "prompt", "invalid_value")
         for ids in encoded:
@@ -331,23 +506,29 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
         queue, requests = start(encoded, params, n)
         rid, now = f"cmpl-{secrets.token_hex(12)}", int(time.time())
         prompt_tokens = sum(len(ids) for ids in encoded)
+        echoed = [prompts[i // n] if echo else "" for i in range(len(requests))]  # choice i answers prompt i // n
         if stream:
-            return StreamingResponse(stream_completion(queue, requests, rid, now, include_usage, prompt_tokens),
-                                     media_type="text/event-stream")
-        results = await collect(queue, requests)
-        choices = [{"index": i, "text": r["text"], "finish_reason": r["finish_reason"],
+            return StreamingResponse(stream_completion(queue, requests, rid, now, include_usage, prompt_tokens,
+                                                       echoed), media_type="text/event-stream")
+        results = await collect(queue, requests, request)
+        if results is None:
+            return Response(status_code=499)
+        choices = [{"index": i, "text": echoed[i] + r["text"], "finish_reason": r["finish_reason"],
                     "logprobs": completion_logprobs(r["logprobs"]) if params.logprobs else None}
                    for i, r in enumerate(results)]
         return {"id": rid, "object": "text_completion", "created": now, "model": model_name, "choices": choices,
                 "usage": usage(prompt_tokens, sum(r["completion_tokens"] for r in results))}
 
-    async def stream_completion(queue, requests, rid, now, include_usage, prompt_tokens):
+    async def stream_completion(queue, requests, rid, now, include_usage, prompt_tokens, echoed):
         def chunk(index, text, finish=None, logprobs=None):
             return sse({"id": rid, "object": "text_completion", "created": now, "model": model_name,
                         "choices": [{"index": index, "text": text, "finish_reason": finish, "logprobs": logprobs}]})
 
         completion, done = 0, 0
         try:
+            for index, text in enumerate(echoed):
+                if text:
+                    yield chunk(index, text)
             while done < len(requests):
                 index, event = await queue.get()
                 if event.kind == "error":

@@ -155,12 +155,10 @@ class Engine:
                 self._drop_cancelled()
                 if any(self.slots):
                     self._decode_step()
-            except Exception as e:  # a bug must not leave clients hanging
+            except Exception as e:  # the batched forward itself failed: every row in it is lost, nobody hangs
                 with self.cond:
-                    for i, r in enumerate(self.slots):
-                        if r is not None:
-                            r.emit(Event("error", error=f"internal error: {type(e).__name__}: {e}"))
-                            self.slots[i] = None
+                    for r in [r for r in self.slots if r is not None]:
+                        self._fail(r, e)
 
     def _take_waiting(self) -> list[Request]:
         """Move waiting requests into free slots (the free slots follow the occupied ones), as many as fit in one
@@ -223,7 +221,7 @@ class Engine:
         logits = self.model.lm_head(hidden[torch.arange(len(requests), device=self.device), last]).float()
         for r, row_logits in zip(requests, logits):
             r.position = len(r.prompt_ids)
-            self._accept(r, row_logits)
+            self._accept_or_fail(r, row_logits)
 
     def _decode_step(self) -> None:
         active = [(i, r) for i, r in enumerate(self.slots) if r is not None]  # rows 0..len-1 (kept packed)
@@ -243,7 +241,21 @@ class Engine:
         best = logits.argmax(-1).tolist() if any(plain) else []
         for (i, r), use_best in zip(active, plain):  # logits rows are the slots as they were during the step
             r.position += 1
-            self._accept(r, logits[i], best[i] if use_best else None)
+            self._accept_or_fail(r, logits[i], best[i] if use_best else None)
+
+    def _accept_or_fail(self, r: Request, logits: torch.Tensor, greedy_token: int | None = None) -> None:
+        """One request's share of a step: what goes wrong in it (sampling, detokenising, its processors) ends
+        that request with its own error; the other rows of the batch carry on."""
+        try:
+            self._accept(r, logits, greedy_token)
+        except Exception as e:
+            self._fail(r, e)
+
+    def _fail(self, r: Request, e: Exception) -> None:
+        message = str(e) if isinstance(e, ValueError) else f"internal error: {type(e).__name__}: {e}"
+        r.emit(Event("error", error=message))
+        r.cancelled.set()
+        self._release(r)
 
     def _accept(self, r: Request, logits: torch.Tensor, greedy_token: int | None = None) -> None:
         """Sample the request's next token from its logits (or take greedy_token, its argmax already found),

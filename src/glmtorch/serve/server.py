@@ -44,7 +44,7 @@ def warm_up(engine: Engine) -> None:
 
 def serve(model_path: str | None = None, host: str = "127.0.0.1", port: int = 8000, dtype: str = "auto",
           device: str | None = None, quantize: str | None = None, max_batch: int = 8, max_queue: int = 64,
-          api_key: str | None = None, max_context: int | None = None) -> None:
+          api_key: str | None = None, max_context: int | None = None, max_body_bytes: int | None = None) -> None:
     import uvicorn
 
     model, tokenizer, name = load_for_serving(model_path, dtype, device, quantize)
@@ -53,7 +53,7 @@ def serve(model_path: str | None = None, host: str = "127.0.0.1", port: int = 80
         print("glmtorch: no MODEL given, serving the built-in demo model", file=sys.stderr)
     print("glmtorch: warming up...", file=sys.stderr, flush=True)
     warm_up(engine)
-    app = create_app(engine, tokenizer, name, api_key)
+    app = create_app(engine, tokenizer, name, api_key, **({"max_body_bytes": max_body_bytes} if max_body_bytes else {}))
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig, frame):  # end in-flight requests with an error at once, then stop
