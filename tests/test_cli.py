@@ -51,3 +51,30 @@ def test_broken_checkpoint_is_one_line(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
     result = run("chat", str(tmp_path), stdin="hi\n")
     assert result.returncode == 2 and "not valid JSON" in result.stderr and result.stderr.count("\n") == 1
+
+
+def test_chat_survives_bytes_that_are_not_utf8():
+    result = subprocess.run([EXE, "chat", "--max-new-tokens", "3", "--greedy"], input="caf\xe9 au lait\n".encode("latin-1"),
+                            capture_output=True, timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr.decode()
+    assert b"Traceback" not in result.stderr and result.stdout.strip()
+
+
+@pytest.mark.parametrize("args, flag", [
+    (["serve", "--max-batch", "0"], "--max-batch"),  # was a hang at warm-up
+    (["serve", "--max-batch", "-3"], "--max-batch"),
+    (["serve", "--max-batch", "100000000"], "--max-batch"),
+    (["serve", "--max-context", "-1"], "--max-context"),
+    (["serve", "--port", "99999"], "--port"),
+    (["serve", "--port", "http"], "--port"),
+    (["serve", "--max-request-body-size", "1"], "--max-request-body-size"),
+    (["generate", "--prompt", "hi", "--temperature", "1e-300"], "--temperature"),
+    (["generate", "--prompt", "hi", "--temperature", "nan"], "--temperature"),
+    (["generate", "--prompt", "hi", "--top-p", "0"], "--top-p"),
+    (["generate", "--prompt", "hi", "--seed", "-5"], "--seed"),
+    (["generate", "--prompt", "hi", "--max-new-tokens", "0"], "--max-new-tokens"),
+    (["bench-serve", "http://x", "--concurrency", "0"], "--concurrency"),
+])
+def test_out_of_range_flags_are_usage_errors(args, flag):
+    result = run(*args, timeout=60)
+    assert result.returncode == 2 and f"argument {flag}:" in result.stderr and "Traceback" not in result.stderr

@@ -112,3 +112,35 @@ def test_linear_rope_scaling_matches_reference(tmp_path):
     ids = torch.randint(1, 160, (1, 20))
     with torch.no_grad():
         assert rel_err(ours(ids).logits, ref(ids).logits) < 1e-5
+
+
+@pytest.mark.parametrize("changes, field", [
+    (dict(num_hidden_layers=10**9), "num_hidden_layers"),  # was a hang while memory grew
+    (dict(vocab_size=2**40), "vocab_size"),
+    (dict(rms_norm_eps=float("nan")), "rms_norm_eps"),  # was NaN logits
+    (dict(rms_norm_eps=5e-324), "rms_norm_eps"),
+    (dict(rope_theta=float("inf")), "rope_theta"),
+    (dict(rope_theta=-1.0), "rope_theta"),
+    (dict(initializer_range=float("nan")), "initializer_range"),
+    (dict(attention_dropout=float("nan")), "attention_dropout"),
+    (dict(pad_token_id=151552), "pad_token_id"),  # was a failure inside the C++ decode step
+    (dict(pad_token_id=-1), "pad_token_id"),
+    (dict(num_key_value_heads=64), "num_key_value_heads"),
+    (dict(hidden_size=True), "hidden_size"),
+    (dict(max_position_embeddings=2.5), "max_position_embeddings"),
+])
+def test_every_number_has_a_declared_range(changes, field):
+    with pytest.raises(ConfigError, match=f"GlmConfig.{field}"):
+        GlmConfig(**changes)
+
+
+def test_config_json_out_of_range_is_one_line_from_the_cli(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "glm", "num_hidden_layers": 1000000000}))
+    exe = os.path.join(os.path.dirname(sys.executable), "glmtorch")
+    result = subprocess.run([exe, "generate", str(tmp_path), "--prompt", "hi"], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 2 and "num_hidden_layers" in result.stderr and "Traceback" not in result.stderr

@@ -249,3 +249,46 @@ def test_chatglm3_shaped_checkpoint_with_sentencepiece_tokenizer(tmp_path, sente
     back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
     assert rel_err(back(ids_in).logits, ref(ids_in).logits) < 1e-5
     assert glmtorch.AutoTokenizer.from_pretrained(tmp_path / "hf").encode("Hello world!") == sp.encode("Hello world!")
+
+
+def test_converted_files_follow_the_umask(tmp_path):
+    src = tmp_path / "src"
+    make_hf_model(**CONFIGS["gqa"]).save_pretrained(src)
+    old = os.umask(0o022)
+    try:
+        convert_checkpoint(src, tmp_path / "dst")
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "dst").iterdir()}
+    assert modes and set(modes.values()) == {0o644}, modes
+
+
+SLOW_CONVERT = """
+import sys, time
+import safetensors.torch
+save = safetensors.torch.save_file
+def slow_save(*args, **kwargs):
+    save(*args, **kwargs)
+    print("writing", flush=True)
+    time.sleep(60)
+safetensors.torch.save_file = slow_save
+import glmtorch.checkpoint.convert as convert
+convert.save_file = slow_save
+from glmtorch.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_sigterm_during_convert_leaves_no_partial_files(tmp_path):
+    import signal
+
+    src = tmp_path / "src"
+    make_hf_model(**CONFIGS["gqa"]).save_pretrained(src)
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_CONVERT, "convert", str(src), str(tmp_path / "dst")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "writing"  # a shard is on disk, in the .partial folder
+    assert [p for p in tmp_path.iterdir() if ".partial-" in p.name]
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]

@@ -9,7 +9,9 @@ import glmtorch
 from glmtorch import AutoModelForCausalLM, AutoTokenizer, TextIteratorStreamer, stream_text
 from glmtorch.generation import processors as P
 from glmtorch.generation.config import GenerationConfig
-from conftest import CONFIGS, make_hf_model, save_hf
+from conftest import BASE, CONFIGS, make_hf_model, save_hf
+
+TINY = dict(BASE, **CONFIGS["gqa"])
 
 
 @pytest.fixture(scope="module")
@@ -172,3 +174,36 @@ def test_seed_usage_snippet_runs_with_only_the_import_changed(chat_checkpoint):
     generated_ids = [output_ids[len(input_ids):] for input_ids, output_ids in zip(model_inputs.input_ids, generated_ids)]
     response = tokenizer.batch_decode(generated_ids, skip_special_tokens=True)[0]
     assert isinstance(response, str) and device == model.device.type
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(do_sample=True, temperature=1e-300), "temperature"),  # was NaN from softmax
+    (dict(do_sample=True, temperature=float("inf")), "temperature"),
+    (dict(do_sample=True, top_p=5e-324), "top_p"),
+    (dict(repetition_penalty=1e-300), "repetition_penalty"),
+    (dict(top_k=-1), "top_k"),
+    (dict(max_new_tokens=2**40), "max_new_tokens"),
+    (dict(seed=2**64), "seed"),
+    (dict(pad_token_id=10**6), "pad_token_id"),
+])
+def test_decoding_values_outside_their_range_are_named(kwargs, match):
+    model = glmtorch.GlmForCausalLM(glmtorch.GlmConfig(**TINY))
+    with pytest.raises(ValueError, match=match):
+        model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=kwargs.pop("max_new_tokens", 2), **kwargs)
+
+
+@pytest.mark.parametrize("input_ids", [torch.tensor([[1.5, 2.0]]), [[1, 2], [3]], torch.tensor([[True, False]])])
+def test_input_ids_that_are_not_integer_ids_are_named(input_ids):
+    model = glmtorch.GlmForCausalLM(glmtorch.GlmConfig(**TINY))
+    with pytest.raises(ValueError, match="input_ids"):
+        model.generate(input_ids, max_new_tokens=2)
+    if isinstance(input_ids, torch.Tensor):
+        with pytest.raises(ValueError, match="input_ids"):
+            model(input_ids)
+
+
+def test_sampler_names_non_finite_probabilities():
+    from glmtorch.generation.sampling import sample_from_logits
+
+    with pytest.raises(ValueError, match="non-finite probabilities"):
+        sample_from_logits(torch.full((1, 8), float("nan")))

@@ -146,3 +146,16 @@ def _save(model, path):
     from conftest import save_hf
 
     return save_hf(model, path)
+
+
+@pytest.mark.parametrize("key", ["head_count", "block_count", "embedding_length"])
+def test_zero_counts_in_gguf_metadata_name_the_key(tmp_path, tokenizer, hf_model, key):
+    path = tmp_path / "zero.gguf"
+    original = getattr(gguf.GGUFWriter, f"add_{key}")
+    try:  # the reference writer, with one count written as 0
+        setattr(gguf.GGUFWriter, f"add_{key}", lambda self, value: original(self, 0))
+        write_reference_gguf(hf_model, tokenizer, path)
+    finally:
+        setattr(gguf.GGUFWriter, f"add_{key}", original)
+    with pytest.raises(glmtorch.ConfigError, match=f"chatglm.*{key.split('_')[0]}.*must be a positive integer"):
+        glmtorch.AutoModelForCausalLM.from_pretrained(path)

@@ -104,3 +104,38 @@ def test_train_command_on_text(tmp_path):
     model = glmtorch.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     tok = glmtorch.AutoTokenizer.from_pretrained(tmp_path / "out")
     assert model.config.vocab_size == tok.vocab_size == 300
+
+
+def test_out_folder_of_someone_else_is_refused_untouched(tmp_path):
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "thesis.tex").write_text("years of work")
+    with pytest.raises(DataError, match="not empty and is not a glmtorch training checkpoint"):
+        TrainConfig(data="d.txt", out=str(theirs)).validate()
+    assert (theirs / "thesis.tex").read_text() == "years of work"
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(DataError, match="not a directory"):
+        TrainConfig(data="d.txt", out=str(tmp_path / "file")).validate()
+    TrainConfig(data="d.txt", out=str(tmp_path / "new")).validate()  # new and empty folders are fine
+    (tmp_path / "empty").mkdir()
+    TrainConfig(data="d.txt", out=str(tmp_path / "empty")).validate()
+
+
+def test_saving_into_its_own_checkpoint_keeps_other_files(tmp_path, tokenizer):
+    """Training data kept inside the checkpoint folder survives every save; files of our own are replaced."""
+    out = tmp_path / "ckpt"
+    data = out / "data.jsonl"
+    common = dict(block_size=16, batch_size=2, eval_every=2, eval_windows=2, warmup_steps=1, val_fraction=0.25,
+                  save_every=1)
+    out.mkdir()
+    write_jsonl(data, [{"text": t} for t in TOKENIZER_TEXT * 4])
+    (out / "trainer_state.json").write_text("{}")  # an earlier checkpoint of ours (so --out is accepted)
+    (out / "model-00001-of-00002.safetensors").write_text("stale shard of an earlier save")
+    (out / "notes.txt").write_text("mine")
+    cfg = TrainConfig(out=str(out), max_steps=2, data=str(data), **common)
+    cfg.validate()
+    train(tiny_model(tokenizer), tokenizer, cfg)
+    assert (out / "notes.txt").read_text() == "mine" and data.is_file()
+    assert not (out / "model-00001-of-00002.safetensors").exists()  # ours, not written again: removed
+    assert glmtorch.AutoModelForCausalLM.from_pretrained(out).config.vocab_size == tokenizer.vocab_size
+    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]

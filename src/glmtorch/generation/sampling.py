@@ -16,14 +16,16 @@ def make_sampler(do_sample: bool, generator: torch.Generator | None = None) -> S
     if not do_sample:
         return lambda logits: torch.argmax(logits, dim=-1)
 
-    def sample(logits: torch.Tensor) -> torch.Tensor:
-        probs = torch.softmax(logits.float(), dim=-1)
-        if not bool(torch.isfinite(probs).all()):  # NaN logits, or every token masked: say so, not torch's assert
-            raise ValueError("sampling met non-finite probabilities (the logits hold NaN or every token was "
-                             "filtered out); check the model's weights and the sampling parameters")
-        return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
+    return lambda logits: sample_from_logits(logits, generator)
 
-    return sample
+
+def sample_from_logits(logits: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """(B, V) processed logits -> (B,) ids drawn from softmax(logits); generate() and the server both draw here."""
+    probs = torch.softmax(logits.float(), dim=-1)
+    if not bool(torch.isfinite(probs).all()):  # NaN logits, or every token masked: say so, not torch's assert
+        raise ValueError("sampling met non-finite probabilities (the logits hold NaN or every token was "
+                         "filtered out); check the model's weights and the sampling parameters")
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
 
 
 def make_generator(seed: int | None, device: torch.device) -> torch.Generator | None:

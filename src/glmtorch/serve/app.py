@@ -14,7 +14,7 @@ from importlib import resources
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, Response, StreamingResponse
 
 from ..chat import ChatFormatError, parse_assistant_reply
 from ..generation.config import SEED_MAX, SamplingValueError, check_sampling_value
@@ -34,9 +34,10 @@ class ApiError(Exception):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
 
-    def response(self) -> JSONResponse:
-        return JSONResponse({"error": {"message": self.message, "type": self.kind, "param": self.param,
-                                       "code": self.code}}, status_code=self.status)
+    def response(self) -> Response:
+        # ASCII JSON: a message may quote what the client sent, lone surrogates included, and must still encode
+        body = {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+        return Response(json.dumps(body), status_code=self.status, media_type="application/json")
 
 
 # -- decoding requests ---------------------------------------------------------------------------------------
@@ -225,11 +226,15 @@ def parse_body(raw: bytes) -> dict:
     while stack:
         value, path, depth = stack.pop()
         if depth > MAX_JSON_DEPTH:
-            raise ApiError(400, f"the request body is nested deeper than {MAX_JSON_DEPTH} levels", path or None,
+            raise ApiError(400, f"the request body is nested deeper than {MAX_JSON_DEPTH} levels (at {path})", None,
                            "invalid_json")
         items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
         for key, item in items:
-            where = f"{path}.{key}" if isinstance(key, str) and path else (key if isinstance(key, str) else f"{path}[{key}]")
+            if isinstance(key, str):  # the path names the field as sent, with undecodable characters escaped
+                shown = key.encode("utf-8", "backslashreplace").decode("utf-8")
+                where = f"{path}.{shown}" if path else shown
+            else:
+                where = f"{path}[{key}]"
             for text in (key, item):
                 if isinstance(text, str):
                     try:
@@ -240,6 +245,25 @@ def parse_body(raw: bytes) -> dict:
             if isinstance(item, (dict, list)):
                 stack.append((item, where, depth + 1))
     return body
+
+
+class RequireApiKey:
+    """ASGI middleware: /v1/ answers 401 without `Authorization: Bearer KEY`. Plain ASGI rather than
+    @app.middleware: that wrapper hides a client's disconnect from the handlers, which must cancel its work."""
+
+    def __init__(self, app, api_key: str) -> None:
+        self.app, self.key = app, api_key.encode()
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+            given = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+            scheme, _, token = given.strip().partition(" ")
+            # the scheme is case-insensitive (RFC 9110); the key is compared in constant time
+            if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode("latin-1"), self.key):
+                response = ApiError(401, "missing or wrong API key (send 'Authorization: Bearer KEY')", None,
+                                    "invalid_api_key").response()
+                return await response(scope, receive, send)
+        await self.app(scope, receive, send)
 
 
 # -- the app ---------------------------------------------------------------------------------------------------
@@ -259,15 +283,8 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
     async def api_error(_: Request, e: ApiError):
         return e.response()
 
-    @app.middleware("http")
-    async def check_key(request: Request, call_next):
-        if api_key and request.url.path.startswith("/v1/"):
-            scheme, _, given = request.headers.get("authorization", "").strip().partition(" ")
-            # the scheme is case-insensitive (RFC 9110); the key is compared in constant time
-            if scheme.lower() != "bearer" or not secrets.compare_digest(given.strip().encode(), api_key.encode()):
-                return ApiError(401, "missing or wrong API key (send 'Authorization: Bearer KEY')", None,
-                                "invalid_api_key").response()
-        return await call_next(request)
+    if api_key:
+        app.add_middleware(RequireApiKey, api_key=api_key)
 
     @app.get("/health")
     async def health():
@@ -370,15 +387,19 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
         at once: a non-streaming client that hangs up must not leave its work decoding for nobody)."""
         results = [{"text": "", "finish_reason": None, "logprobs": [], "completion_tokens": 0, "prompt_tokens": 0}
                    for _ in requests]
+
+        async def watch() -> None:  # a blocking receive, the one way to hear a hang-up while nothing is sent
+            while (await http.receive())["type"] != "http.disconnect":
+                pass
+            queue.put_nowait((None, None))
+
+        watcher = asyncio.create_task(watch())
         done = 0
         try:
             while done < len(requests):
-                try:
-                    index, event = await asyncio.wait_for(queue.get(), timeout=0.25)
-                except asyncio.TimeoutError:
-                    if await http.is_disconnected():
-                        return None
-                    continue
+                index, event = await queue.get()
+                if event is None:
+                    return None
                 r = results[index]
                 if event.kind == "error":
                     raise ApiError(500, event.error, None, "server_error", "server_error")
@@ -389,6 +410,7 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
                              prompt_tokens=event.prompt_tokens)
                     done += 1
         finally:
+            watcher.cancel()
             for request in requests:
                 request.cancelled.set()  # a no-op for finished ones; frees the slots of a dropped client
         return results

@@ -22,6 +22,7 @@ import torch
 from ..fastpath import compiled_decode_step
 from ..generation.config import GenerationConfig
 from ..generation.processors import make_processors
+from ..generation.sampling import sample_from_logits
 from ..generation.stopping import find_stop, partial_stop_length
 from ..generation.streaming import StreamingDetokenizer
 
@@ -271,7 +272,7 @@ class Engine:
             if r.params.temperature == 0:
                 token = int(row.argmax(-1))
             else:
-                token = int(torch.multinomial(torch.softmax(row, -1), 1, generator=r.generator))
+                token = int(sample_from_logits(row, r.generator))
         r.history[0, filled] = token
         r.last_token = token
         r.generated += 1
