@@ -82,6 +82,13 @@ def wait_idle(engine, seconds=10):
     ('{"messages": [{"role": "user", "content": "x", "\\udfff": 1}]}', "messages[0].\\udfff"),
     ('{"messages": ' + "[" * 100 + "]" * 100 + "}", None),
     ('{"messages": ' + "[" * 100000 + "]" * 100000 + "}", None),
+    ('{"messages": [{"role": "user", "content": "x"}], "temperature": -Infinity}', None),
+    ('{"messages": [{"role": "user", "content": "x"}], "temperature": 1e999}', "temperature"),
+    ({"messages": USER, "temperature": 1e-6}, "temperature"),
+    ({"messages": USER, "min_p": 1e-310}, "min_p"),
+    ({"messages": USER, "stop": ["a" * 5000]}, "stop"),
+    ({"messages": USER, "response_format": {"type": "json_object"}}, "response_format"),
+    ({"messages": USER, "model": ["demo"]}, "model"),
     ("[1, 2]", None),
     ("\xff\xfe", None),
 ])

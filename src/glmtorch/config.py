@@ -132,6 +132,10 @@ class GlmConfig:
             self.head_dim = self.hidden_size // self.num_attention_heads
         if self.num_key_value_heads > self.num_attention_heads:
             fail("num_key_value_heads", f"must not exceed num_attention_heads={self.num_attention_heads}")
+        eos = self.eos_token_id if isinstance(self.eos_token_id, list) else [self.eos_token_id]
+        if self.eos_token_id is not None and not all(
+                isinstance(i, int) and not isinstance(i, bool) and 0 <= i < 2**31 for i in eos):
+            fail("eos_token_id", "must be a token id (an integer >= 0), a list of them, or null")
         if not 0 <= (self.pad_token_id if self.pad_token_id is not None else 0) < self.vocab_size:
             fail("pad_token_id", f"must be a token id below vocab_size={self.vocab_size} (padding is fed to the "
                  "model as a token), or null")
@@ -161,7 +165,8 @@ class GlmConfig:
             self.rope_scaling.pop("type", None)
             if rope_type == "default":
                 self.rope_scaling = None
-            elif not isinstance(self.rope_scaling.get("factor"), (int, float)) or self.rope_scaling["factor"] <= 0:
+            elif not isinstance(self.rope_scaling.get("factor"), (int, float)) \
+                    or not 0 < self.rope_scaling["factor"] <= 1e6:
                 fail("rope_scaling", f"rope type {rope_type!r} needs a positive 'factor'")
         if self.problem_type is not None and self.problem_type not in PROBLEM_TYPES:
             fail("problem_type", f"expected one of {', '.join(PROBLEM_TYPES)}")

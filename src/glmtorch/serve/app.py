@@ -78,8 +78,13 @@ def sampling_params(body: dict) -> tuple[SamplingParams, int | None, int]:
         max_tokens = _sampling(body, "max_tokens", "max_new_tokens", None)
     stop = _get(body, "stop", (str, list), [])
     stop = [stop] if isinstance(stop, str) else stop
-    if not all(isinstance(s, str) and s for s in stop) or len(stop) > 16:
-        raise ApiError(400, "'stop' must be a non-empty string or a list of up to 16 of them", "stop", "invalid_value")
+    if not all(isinstance(s, str) and 0 < len(s) <= 1024 for s in stop) or len(stop) > 16:
+        raise ApiError(400, "'stop' must be a non-empty string of at most 1024 characters or a list of up to 16 of "
+                       "them", "stop", "invalid_value")
+    response_format = body.get("response_format")
+    if response_format is not None and response_format != {"type": "text"}:  # never a silently unconstrained reply
+        raise ApiError(400, "'response_format' other than {'type': 'text'} is not supported by this server yet",
+                       "response_format", "unsupported_value")
     logprobs = _get(body, "logprobs", (bool, int), False)
     top_logprobs = _get(body, "top_logprobs", (int,), 0, lambda v: 0 <= v <= 20, "must be in [0, 20]")
     if isinstance(logprobs, int) and not isinstance(logprobs, bool):  # /v1/completions: logprobs is a count
@@ -332,7 +337,7 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
                 raise too_large
             chunks.append(chunk)
         body = await off_loop(parse_body, b"".join(chunks))
-        name = body.get("model")
+        name = _get(body, "model", (str,), None)
         if name is not None and name != model_name:
             raise ApiError(404, f"model {name!r} does not exist; this server serves {model_name!r}", "model",
                            "model_not_found")
@@ -422,7 +427,8 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
         params, max_tokens, n = sampling_params(body)
         stream, include_usage = stream_flags(body)
         check_text_length([p["text"] if isinstance(p, dict) else p for m in messages
-                           for p in (m["content"] if isinstance(m["content"], list) else [m["content"] or ""])])
+                           for p in (m["content"] if isinstance(m["content"], list) else [m["content"] or ""])]
+                          + [json.dumps(tools or [], ensure_ascii=False)])
         try:
             ids = await off_loop(tokenizer.apply_chat_template, messages, tools=tools, add_generation_prompt=True)
         except ChatFormatError as e:
