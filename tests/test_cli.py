@@ -78,3 +78,14 @@ def test_chat_survives_bytes_that_are_not_utf8():
 def test_out_of_range_flags_are_usage_errors(args, flag):
     result = run(*args, timeout=60)
     assert result.returncode == 2 and f"argument {flag}:" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_taken_port_is_one_line_before_loading():
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        result = run("serve", "--port", str(taken.getsockname()[1]), timeout=60)
+    assert result.returncode == 2 and "address already in use" in result.stderr
+    assert result.stderr.count("\n") == 1 and "warming up" not in result.stderr

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import sys
 import threading
 
@@ -42,11 +43,28 @@ def warm_up(engine: Engine) -> None:
             d.wait(timeout=900)
 
 
+def check_address(host: str, port: int) -> None:
+    """Fail at once, in one line, when the address cannot be listened on (taken, or not this machine's)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise OSError(f"--host {host}: cannot be resolved ({e.strerror})") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: TIME_WAIT is no obstacle
+        try:
+            probe.bind(address)
+        except OSError as e:
+            raise OSError(f"cannot listen on {host}:{port}: {e.strerror.lower() if e.strerror else e}; choose "
+                          "another --port (or --host)") from None
+
+
 def serve(model_path: str | None = None, host: str = "127.0.0.1", port: int = 8000, dtype: str = "auto",
           device: str | None = None, quantize: str | None = None, max_batch: int = 8, max_queue: int = 64,
           api_key: str | None = None, max_context: int | None = None, max_body_bytes: int | None = None) -> None:
     import uvicorn
 
+    check_address(host, port)  # before minutes of loading, not after
     model, tokenizer, name = load_for_serving(model_path, dtype, device, quantize)
     engine = build_engine(model, tokenizer, max_batch, max_queue, max_context)
     if model_path is None:
