@@ -10,6 +10,8 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("GLMTORCH_DISPATCH_CACHE", os.path.join(__import__("tempfile").mkdtemp(prefix="glmtorch-dispatch-"),
+                                                             "dispatch.json"))  # the tests' shapes stay out of the user's table
 os.environ.setdefault("GLMTORCH_COMPILE", "0")  # compiled decoding is tested where asked (test_fastpath.py)
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 

@@ -21,19 +21,36 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import kernels
+from . import dispatch, kernels
 from .quantize import Int4Linear, Int8Linear
 
 
 class GemvLinear(nn.Linear):
+    """nn.Linear whose CPU inference products take the path measured fastest here (glmtorch.dispatch)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        dispatch.register(self)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.weight.dtype in (torch.float32, torch.bfloat16) and kernels.usable(x, self.weight, self.in_features):
-            out = kernels.gemv(x, self.weight)
-            return out + self.bias if self.bias is not None else out
-        if (self.weight.dtype == torch.bfloat16 and x.device.type == "cpu" and not torch.is_grad_enabled()
-                and not kernels.native_bf16()):  # emulated bf16 GEMM: widen the weights, multiply in fp32
-            return kernels.fp32_matmul(x, lambda i, j: self.weight[i:j].float(), self.out_features, self.bias)
-        return F.linear(x, self.weight, self.bias)
+        w = self.weight
+        if (x.device.type == "cpu" and w.dtype in (torch.float32, torch.bfloat16) and x.dtype == w.dtype
+                and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))):
+            y = dispatch.linear(self, x)
+            return y + self.bias if self.bias is not None else y
+        return F.linear(x, w, self.bias)
+
+    def cpu_paths(self, dtype: torch.dtype) -> tuple[str, dict]:
+        """(kind, {path: fn(x) -> x @ w.T}) for glmtorch.dispatch: the library product in the weight's dtype, the
+        kernels where they take it, and for bf16 the weights widened into an fp32 product (the fast one on CPUs
+        that emulate bf16)."""
+        w = self.weight
+        paths = {"library": lambda x: F.linear(x, w)}
+        if w.is_contiguous() and kernels.takes_width(w, w.shape[1]) and kernels.available():
+            paths["kernel"] = lambda x: kernels.gemv(x, w)
+        if w.dtype == torch.bfloat16:
+            paths["widen_fp32"] = lambda x: kernels.fp32_matmul(x, lambda i, j: w[i:j].float(), w.shape[0])
+        return str(w.dtype).removeprefix("torch."), paths
 
 
 def use_gemv_linears(model: nn.Module) -> nn.Module:
@@ -46,6 +63,7 @@ def use_gemv_linears(model: nn.Module) -> nn.Module:
                 fast.in_features, fast.out_features = child.in_features, child.out_features
                 fast.weight = child.weight
                 fast.bias = child.bias
+                dispatch.register(fast)
                 setattr(module, child_name, fast)
     return model
 
@@ -88,20 +106,53 @@ class FusedDecodeStep:
 
     def __init__(self, fallback) -> None:
         self.fallback, self.plan, self.max_rows, self.built_for = fallback, None, 0, None
+        self.linears: list = []  # one layer per distinct (kind, shape) in the plan
+        self.kernels_win: dict[int, bool] = {}  # per row bucket
 
     def __call__(self, model, tokens, position_ids, cache_position, attention_mask, cache) -> torch.Tensor:
         key = _weights_key(model)
         if key != self.built_for:
             layout = _fused_step_layout(model)
             self.plan, self.max_rows = _build_plan(model, layout) if layout else (None, 0)
+            self.linears = _distinct_linears(model) if layout else []
+            self.kernels_win.clear()
             self.built_for = key
-        if tokens.shape[0] > self.max_rows:
+        rows = tokens.shape[0]
+        if rows > self.max_rows or not self._kernels_win(rows):
             return self.fallback(model, tokens, position_ids, cache_position, attention_mask, cache)
         cache.length = attention_mask.shape[1]
         logits = self.plan.step(tokens, position_ids, cache_position, attention_mask, cache.key_buffer,
                                 cache.value_buffer)
         cache.advance(1)
         return logits
+
+
+    def _kernels_win(self, rows: int) -> bool:
+        """Whether the kernels are the measured choice for every matrix of the step at this many rows (batch 1:
+        always, that is what the plan is for). Where the library wins some (a served batch on a CPU with fast
+        matrix units), the step runs layer by layer and each product takes its own measured path."""
+        if rows == 1:
+            return True
+        bucket = dispatch.row_bucket(rows)
+        if bucket not in self.kernels_win:
+            won = True
+            for layer in self.linears:
+                kind, paths = layer.cpu_paths(torch.float32)
+                won &= dispatch.choose(kind, layer.out_features, layer.in_features, rows, paths,
+                                       torch.float32) == "kernel"
+            self.kernels_win[bucket] = won
+        return self.kernels_win[bucket]
+
+
+def _distinct_linears(model) -> list:
+    seen, out = set(), []
+    for layer in model.modules():
+        if hasattr(layer, "cpu_paths"):
+            kind, _ = layer.cpu_paths(torch.float32)
+            if (kind, layer.out_features, layer.in_features) not in seen:
+                seen.add((kind, layer.out_features, layer.in_features))
+                out.append(layer)
+    return out
 
 
 def _weights_key(model) -> tuple:

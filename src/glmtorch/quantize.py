@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import kernels
+from . import dispatch, kernels
 
 MODES = ("int8", "int4")
 _HAS_INT8_KERNEL = hasattr(torch.ops.aten, "_weight_int8pack_mm")
@@ -29,6 +29,7 @@ class Int8Linear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, bias: bool, dtype=torch.float32, device=None) -> None:
         super().__init__()
+        dispatch.register(self)
         self.in_features, self.out_features = in_features, out_features
         self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=torch.int8, device=device),
                                    requires_grad=False)
@@ -50,11 +51,21 @@ class Int8Linear(nn.Module):
         """The weight rows [start, stop) as a dense matrix."""
         return self.weight[start:stop].to(dtype) * self.scales[start:stop, None].to(dtype)
 
+    def cpu_paths(self, dtype: torch.dtype) -> tuple[str, dict]:
+        """(kind, {path: fn(x)}) for glmtorch.dispatch: the integer kernels, or the weights dequantized chunk by
+        chunk into the library product (in bf16 too for bf16 activations: the matrix units of AMX CPUs)."""
+        paths = {"widen_fp32": lambda x: kernels.fp32_matmul(x, lambda i, j: self.dequantized(torch.float32, i, j),
+                                                             self.out_features)}
+        if dtype == torch.bfloat16:
+            paths["widen_bf16"] = lambda x: _bf16_matmul(x, lambda i, j: self.dequantized(torch.bfloat16, i, j),
+                                                         self.out_features)
+        if kernels.takes_width(self.weight, self.in_features) and kernels.available():
+            paths["kernel"] = lambda x: kernels.gemv_int8(x, self.weight, self.scales)
+        return "int8", paths
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if kernels.usable(x, self.weight, self.in_features):
-            y = kernels.gemv_int8(x, self.weight, self.scales)
-        elif x.device.type == "cpu" and x.numel() > x.shape[-1]:  # prefill: dequantize in chunks, fp32 GEMM
-            y = kernels.fp32_matmul(x, lambda i, j: self.dequantized(torch.float32, i, j), self.out_features)
+        if x.device.type == "cpu" and (kernels.available() or x.numel() > x.shape[-1]):
+            y = dispatch.linear(self, x)
         elif x.device.type == "cpu" and _HAS_INT8_KERNEL:
             # One row (batch-1 decode): torch's int8 weight-only kernel reads one byte per weight; it takes bf16
             # activations (fp32 there measured 6x slower).
@@ -82,6 +93,7 @@ class Int4Linear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool, group_size: int = 32,
                  dtype=torch.float32, device=None) -> None:
         super().__init__()
+        dispatch.register(self)
         if in_features % group_size or group_size % 2:
             raise ValueError(f"int4 group_size={group_size} must be even and divide in_features={in_features}")
         self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
@@ -156,14 +168,34 @@ class Int4Linear(nn.Module):
         q = torch.stack([low, high], dim=-1).view(rows, self.in_features // self.group_size, self.group_size)
         return (q.to(dtype) * scales.to(dtype)[..., None]).view(rows, self.in_features)
 
+    def cpu_paths(self, dtype: torch.dtype) -> tuple[str, dict]:
+        """As Int8Linear.cpu_paths, with the int4 kernels (groups of 32-256)."""
+        paths = {"widen_fp32": lambda x: kernels.fp32_matmul(x, lambda i, j: self.dequantized(torch.float32, i, j),
+                                                             self.out_features)}
+        if dtype == torch.bfloat16:
+            paths["widen_bf16"] = lambda x: _bf16_matmul(x, lambda i, j: self.dequantized(torch.bfloat16, i, j),
+                                                         self.out_features)
+        if (self.group_size in (32, 64, 128, 256) and kernels.takes_width(self.weight, self.in_features)
+                and kernels.available()):
+            paths["kernel"] = lambda x: kernels.gemv_int4(x, self.weight, self.scales, self.group_size,
+                                                          self.interleave)
+        return f"int4g{self.group_size}", paths
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.group_size in (32, 64, 128, 256) and kernels.usable(x, self.weight, self.in_features):
-            y = kernels.gemv_int4(x, self.weight, self.scales, self.group_size, self.interleave)
-        elif x.device.type == "cpu":  # dequantize in chunks of rows, multiply in fp32
-            y = kernels.fp32_matmul(x, lambda i, j: self.dequantized(torch.float32, i, j), self.out_features)
+        if x.device.type == "cpu":
+            y = dispatch.linear(self, x)
         else:
             y = F.linear(x, self.dequantized(x.dtype))
         return y + self.bias if self.bias is not None else y
+
+
+def _bf16_matmul(x: torch.Tensor, weight_rows, out_features: int) -> torch.Tensor:
+    """x @ W.T in bf16, W widened (dequantized) chunk by chunk: the library's bf16 product, which CPUs with
+    AVX512-BF16 or AMX run on their matrix units."""
+    xb = x.to(torch.bfloat16)
+    parts = [F.linear(xb, weight_rows(i, min(i + kernels.ROW_CHUNK, out_features)))
+             for i in range(0, out_features, kernels.ROW_CHUNK)]
+    return (parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)).to(x.dtype)
 
 
 def _interleave(t: torch.Tensor, rows: int, unit: int) -> torch.Tensor:

@@ -1,0 +1,210 @@
+"""Which path each CPU matrix product takes, decided by measuring on this machine.
+
+A linear layer on the CPU can run several ways: glmtorch's C++ kernels (glmtorch.kernels: stream each weight once,
+multiply in fp32 FMA or integers), the library product in the weight's own dtype (F.linear: oneDNN / MKL, which
+on CPUs with AVX512-BF16 or AMX multiplies bf16 on the matrix units), or the weights widened chunk by chunk
+(bf16 -> fp32, int8 / int4 -> bf16 or fp32) into the library product. Which is fastest depends on the CPU, the
+weight's shape and kind, and the number of rows: on an AVX2 machine without native bf16 the kernels won every
+product up to 256 rows; on an AMX machine oneDNN's bf16 product is 5-10x faster from 16 rows on. CPU flags do not
+settle it (a VM can list AMX and not grant it), so the first time a (kind, shape, row bucket) is seen, each
+candidate runs on random input of that size (a few ms), the fastest is kept, and the table is written beside the
+built kernels, keyed by CPU, torch version and thread count, for every later process.
+
+GLMTORCH_LINEAR_PATH=kernel|library|widen_fp32|widen_bf16 forces a path wherever the layer offers it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import threading
+import time
+import warnings
+import weakref
+from collections.abc import Callable
+
+import torch
+
+PATHS = ("kernel", "library", "widen_fp32", "widen_bf16")
+BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+FORMAT = 1
+MEASURE_SECONDS = 0.02  # per candidate, after its warm-up run; at least two timed runs whatever the size
+
+_lock = threading.RLock()
+_state: dict = {"table": None, "path": None, "dirty": False}
+_seen: dict[str, str] = {}  # decisions this process used, for `glmtorch bench`
+
+
+def row_bucket(rows: int) -> int:
+    """The smallest bucket holding `rows` (decisions are per bucket: 3 rows run as 4 would)."""
+    for b in BUCKETS:
+        if rows <= b:
+            return b
+    return BUCKETS[-1]
+
+
+def choose(kind: str, n: int, k: int, rows: int, paths: dict[str, Callable[[torch.Tensor], torch.Tensor]],
+           dtype: torch.dtype) -> str:
+    """The path to take for `rows` rows through an (n, k) weight of `kind`, among `paths` (name -> fn(x) -> y,
+    bias excluded). Forced by GLMTORCH_LINEAR_PATH, else measured once per machine and cached."""
+    forced = os.environ.get("GLMTORCH_LINEAR_PATH", "").strip().lower()
+    if forced:
+        if forced not in PATHS:
+            raise ValueError(f"GLMTORCH_LINEAR_PATH={forced!r}: expected one of {', '.join(PATHS)}")
+        if forced in paths:
+            return forced
+    if len(paths) == 1:
+        return next(iter(paths))
+    key = f"{kind} {n}x{k} rows<={row_bucket(rows)}"
+    table = _table()
+    choice = table.get(key)
+    if choice not in paths:
+        with _lock:
+            choice = table.get(key)
+            if choice not in paths:
+                choice = _measure(paths, row_bucket(rows), k, dtype)
+                table[key] = choice
+                _state["dirty"] = True
+                _save()
+    _seen[key] = choice
+    return choice
+
+
+def linear(layer, x: torch.Tensor) -> torch.Tensor:
+    """x through `layer` (a linear layer with `cpu_paths(dtype)`, `in_features`, `out_features`; bias left to the
+    caller) by the path measured fastest for this many rows. Inside a compiled graph it is one opaque op, so the
+    choice is made at run time for the actual row count (dynamic there), not baked in at trace time."""
+    if torch.compiler.is_compiling():  # the layer was registered when it was made (register())
+        return torch.ops.glmtorch.cpu_linear(x, layer.weight, id(layer))
+    kind, paths = layer.cpu_paths(x.dtype)
+    rows = x.numel() // x.shape[-1]
+    return paths[choose(kind, layer.out_features, layer.in_features, rows, paths, x.dtype)](x)
+
+
+_layers: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+
+
+def register(layer) -> None:
+    """Make `layer` reachable by the compiled graphs' opaque op (by id; a weak reference)."""
+    _layers[id(layer)] = layer
+
+
+@torch.library.custom_op("glmtorch::cpu_linear", mutates_args=())
+def _cpu_linear(x: torch.Tensor, weight: torch.Tensor, layer_id: int) -> torch.Tensor:
+    return linear(_layers[layer_id], x)
+
+
+@_cpu_linear.register_fake
+def _(x, weight, layer_id):
+    return x.new_empty(*x.shape[:-1], weight.shape[0])  # weight rows are output features (int4: packed pairs)
+
+
+def decisions() -> dict[str, str]:
+    """What this process chose, per (kind, shape, row bucket): shown by `glmtorch bench`."""
+    return dict(sorted(_seen.items()))
+
+
+def cache_file() -> str:
+    """dispatch.json beside the built kernels (one per machine and torch version); GLMTORCH_DISPATCH_CACHE names
+    another file."""
+    if _state["path"] is None and os.environ.get("GLMTORCH_DISPATCH_CACHE"):
+        _state["path"] = os.environ["GLMTORCH_DISPATCH_CACHE"]
+    if _state["path"] is None:
+        try:
+            from torch.utils.cpp_extension import _get_build_directory
+
+            folder = _get_build_directory("glmtorch_gemv", verbose=False)
+        except Exception:  # an unusual torch: a folder of our own
+            folder = os.path.join(os.path.expanduser("~"), ".cache", "glmtorch")
+        _state["path"] = os.path.join(folder, "dispatch.json")
+    return _state["path"]
+
+
+def machine() -> str:
+    """What a decision depends on besides the shape: the CPU (model and flags), torch, the thread count."""
+    cpu, flags = platform.processor() or platform.machine(), ""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                elif line.startswith("flags"):
+                    flags = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    digest = hashlib.sha256(flags.encode()).hexdigest()[:12]
+    return f"{cpu} | flags {digest} | torch {torch.__version__} | {torch.get_num_threads()} threads"
+
+
+def _table() -> dict[str, str]:
+    if _state["table"] is None:
+        with _lock:
+            if _state["table"] is None:
+                _state["table"] = _load()
+    return _state["table"]
+
+
+def _load() -> dict[str, str]:
+    path = cache_file()
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+        if not isinstance(data, dict) or not isinstance(data.get("choices"), dict):
+            raise ValueError("not a dispatch table")
+        if data.get("format") != FORMAT or data.get("machine") != machine():
+            return {}  # another CPU, torch or thread count: measure again (and overwrite)
+        return {k: v for k, v in data["choices"].items() if isinstance(k, str) and v in PATHS}
+    except (OSError, ValueError) as e:
+        warnings.warn(f"glmtorch: ignoring the unreadable dispatch cache {path} ({e}); measuring again",
+                      stacklevel=3)
+        return {}
+
+
+def _save() -> None:
+    """Write the table (atomically: a crash leaves the old file or the new one)."""
+    path = cache_file()
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump({"format": FORMAT, "machine": machine(), "choices": dict(sorted(_table().items()))}, f,
+                      indent=1)
+        os.replace(tmp, path)
+        _state["dirty"] = False
+    except OSError:
+        pass  # a read-only home: decisions stay in memory for this process
+
+
+def _measure(paths: dict[str, Callable], rows: int, k: int, dtype: torch.dtype) -> str:
+    x = torch.randn(rows, k, generator=torch.Generator().manual_seed(0)).to(dtype)
+    best_name, best = None, float("inf")
+    with torch.no_grad():
+        for name, fn in paths.items():
+            start = time.perf_counter()
+            fn(x)  # warm-up: builds oneDNN primitives, faults in scratch memory
+            first = time.perf_counter() - start
+            if first > 4 * best:  # already far behind: no need to time it again
+                continue
+            times, spent = [], 0.0
+            while len(times) < 2 or spent < MEASURE_SECONDS:
+                start = time.perf_counter()
+                fn(x)
+                times.append(time.perf_counter() - start)
+                spent += times[-1]
+                if len(times) >= 20:
+                    break
+            if min(times) < best:
+                best_name, best = name, min(times)
+    return best_name
+
+
+def forget() -> None:
+    """Drop the in-memory table and this process's decisions (tests; a changed thread count)."""
+    with _lock:
+        _state["table"], _state["path"] = None, None
+        _seen.clear()
