@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import resource
 import shutil
 import statistics
@@ -24,6 +23,7 @@ from typing import Any
 
 import torch
 
+from . import dispatch
 from .extras import install_hint
 
 PRESETS = {
@@ -155,7 +155,8 @@ def run_bench(model_path: str | None = None, preset: str = "small", dtype: str =
     weights = weight_bytes_per_token(ours)
     report: dict[str, Any] = {
         "model": model_path if tmp is None else f"preset:{preset}", "dtype": dtype, "quantize": quantize,
-        "device": str(dev), "machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+        "device": str(dev), "cpu": dispatch.cpu_description(), "threads": torch.get_num_threads(),
+        "linear_paths": dispatch.decisions(),
         "torch": torch.__version__, "prefill_tokens": prefill, "new_tokens": new_tokens, "reps": reps,
         "weight_bytes_per_token": weights, "bandwidth_gb_s": bandwidth,
         "roofline_decode_b1_tok_s": bandwidth * 1e9 / weights,
@@ -261,8 +262,10 @@ def plot_report(report: dict[str, Any], path: str) -> bool:
 
 
 def format_report(report: dict[str, Any]) -> str:
+    cpu = report.get("cpu", {})
     lines = [f"{report['model']}  dtype={report['dtype']} quantize={report['quantize']} device={report['device']} "
              f"threads={report['threads']}",
+             f"CPU: {cpu.get('model', '?')} ({', '.join(cpu.get('flags', [])) or 'no matrix flags'})",
              f"bandwidth {report['bandwidth_gb_s']:.1f} GB/s, weights {report['weight_bytes_per_token'] / 1e6:.1f} MB "
              f"per token -> roofline {report['roofline_decode_b1_tok_s']:.1f} tok/s at batch 1"]
     for name, r in report["results"].items():
@@ -272,6 +275,14 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append(f"  {peer:24s} " + "  ".join(
             f"{k}={v:.2f}x" + (" ({:.2f}-{:.2f})".format(*spread[k]) if report["reps"] > 1 and k in spread else "")
             for k, v in sorted(r.items())))
+    if report.get("linear_paths"):  # which path glmtorch's products took, per weight and row count
+        by_matrix: dict[str, list[str]] = {}
+        for key, path in report["linear_paths"].items():
+            matrix, rows = key.rsplit(" ", 1)
+            by_matrix.setdefault(matrix, []).append(f"{rows}: {path}")
+        lines.append("  linear paths (measured here): " + "; ".join(
+            f"{m} [{', '.join(sorted(v, key=lambda r: int(r.split('<=')[1].split(':')[0])))}]"
+            for m, v in sorted(by_matrix.items())))
     if "fraction_of_roofline" in report:
         lines.append(f"  glmtorch batch-1 decode reads weights at {report['measured_weight_gb_s']:.1f} GB/s = "
                      f"{100 * report['fraction_of_roofline']:.0f}% of the measured bandwidth")

@@ -139,6 +139,26 @@ def machine() -> str:
     return f"{cpu} | flags {digest} | torch {torch.__version__} | {torch.get_num_threads()} threads"
 
 
+MATRIX_FLAGS = ("fma", "avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_bf16",
+                "amx_int8")
+
+
+def cpu_description() -> dict:
+    """The CPU a figure was measured on: lscpu's model name and the flags that decide the matrix paths."""
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                elif line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    break
+    except OSError:
+        pass
+    return {"model": model, "flags": [f for f in MATRIX_FLAGS if f in flags], "cores": os.cpu_count()}
+
+
 def _table() -> dict[str, str]:
     if _state["table"] is None:
         with _lock:

@@ -1,0 +1,141 @@
+"""The CPU linear dispatch: every path gives the product, a forced path is honoured, and the measured table is
+written once, reused, and survives being corrupted. Every path is exercised through the library calls that exist
+on every CPU, whatever this machine's measurement would pick."""
+
+import json
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from glmtorch import dispatch, kernels
+from glmtorch.fastpath import GemvLinear
+from glmtorch.quantize import Int4Linear, Int8Linear
+
+
+@pytest.fixture
+def table(tmp_path, monkeypatch):
+    """A dispatch table of this test's own."""
+    path = tmp_path / "dispatch.json"
+    monkeypatch.setenv("GLMTORCH_DISPATCH_CACHE", str(path))
+    dispatch.forget()
+    yield path
+    dispatch.forget()
+
+
+def rel(a, b):
+    return float((a.double() - b.double()).norm() / b.double().norm().clamp(min=1e-30))
+
+
+def layers(dtype):
+    torch.manual_seed(0)
+    base = torch.nn.Linear(96, 80, bias=True)
+    out = {"float": GemvLinear(96, 80, dtype=dtype)}
+    with torch.no_grad():
+        out["float"].weight.copy_(base.weight.to(dtype))
+        out["float"].bias.copy_(base.bias.to(dtype))
+    if dtype == torch.float32 or dtype == torch.bfloat16:
+        out["int8"] = Int8Linear.from_linear(base.to(dtype))
+        out["int4"] = Int4Linear.from_linear(base.to(dtype))
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 3, 17, 64, 200, 512])
+def test_every_path_gives_the_same_product(table, monkeypatch, dtype, rows):
+    x = torch.randn(rows, 96).to(dtype)
+    for name, layer in layers(dtype).items():
+        kind, paths = layer.cpu_paths(dtype)
+        reference = x.double() @ (layer.weight.double() if name == "float" else
+                                  layer.dequantized(torch.float64)).T
+        tolerance = 1e-5 if dtype == torch.float32 else 2e-2  # bf16: within its rounding
+        if name != "float":  # int8 / int4 kernels quantize the activations in blocks of 32, as llama.cpp does
+            tolerance = max(tolerance, 2e-2)
+        assert {"widen_fp32"} <= set(paths) or "library" in paths
+        for path in paths:
+            monkeypatch.setenv("GLMTORCH_LINEAR_PATH", path)
+            with torch.no_grad():
+                y = layer(x)
+            bias = layer.bias.double() if layer.bias is not None else 0
+            assert y.dtype == dtype and y.shape == (rows, 80)
+            assert rel(y.double() - bias, reference) < tolerance, (name, path)
+
+
+def test_forced_path_is_honoured_and_checked(table, monkeypatch):
+    layer = GemvLinear(64, 32)
+    calls = []
+    real_gemv = kernels.gemv
+    monkeypatch.setattr(kernels, "gemv", lambda *a: (calls.append("kernel"), real_gemv(*a))[1])
+    monkeypatch.setenv("GLMTORCH_LINEAR_PATH", "kernel")
+    with torch.no_grad():
+        layer(torch.randn(300, 64))  # far past any measured kernel range: still the kernel, as forced
+    assert calls == ["kernel"]
+    monkeypatch.setenv("GLMTORCH_LINEAR_PATH", "library")
+    with torch.no_grad():
+        x = torch.randn(2, 64)
+        assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))  # bit for bit the library's
+    monkeypatch.setenv("GLMTORCH_LINEAR_PATH", "fastest")
+    with pytest.raises(ValueError, match="GLMTORCH_LINEAR_PATH='fastest'"):
+        with torch.no_grad():
+            layer(x)
+
+
+def test_table_is_written_once_and_reused(table, monkeypatch):
+    layer = GemvLinear(128, 48)
+    with torch.no_grad():
+        layer(torch.randn(5, 128))
+    saved = json.loads(table.read_text())
+    assert saved["machine"] == dispatch.machine() and saved["format"] == dispatch.FORMAT
+    assert list(saved["choices"]) == ["float32 48x128 rows<=8"]
+    assert dispatch.decisions() == saved["choices"]
+    dispatch.forget()  # a new process: the table is read, nothing is measured again
+    monkeypatch.setattr(dispatch, "_measure", lambda *a: pytest.fail("measured again"))
+    with torch.no_grad():
+        layer(torch.randn(7, 128))
+    assert dispatch.decisions() == saved["choices"]
+    mtime = table.stat().st_mtime_ns
+    with torch.no_grad():
+        layer(torch.randn(6, 128))
+    assert table.stat().st_mtime_ns == mtime  # not rewritten for a known bucket
+
+
+def test_a_table_of_another_machine_is_measured_again(table):
+    table.write_text(json.dumps({"format": 1, "machine": "some other CPU", "choices": {"float32 48x128 rows<=8": "library"}}))
+    layer = GemvLinear(128, 48)
+    with torch.no_grad():
+        layer(torch.randn(5, 128))
+    assert json.loads(table.read_text())["machine"] == dispatch.machine()
+
+
+@pytest.mark.parametrize("content", ["{not json", "[]", json.dumps({"choices": 5})])
+def test_a_corrupted_table_is_ignored_with_a_warning(table, content):
+    table.write_text(content)
+    layer = GemvLinear(128, 48)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with torch.no_grad():
+            y = layer(torch.randn(5, 128))
+    assert y.shape == (5, 48)
+    assert any("ignoring the unreadable dispatch cache" in str(w.message) for w in caught)
+    assert json.loads(table.read_text())["choices"]  # rewritten whole
+
+
+def test_the_measurement_picks_the_faster_path(table):
+    import time
+
+    slow = lambda x: (time.sleep(0.002), x.sum())[1]  # noqa: E731
+    fast = lambda x: x.sum()  # noqa: E731
+    assert dispatch.choose("test", 1, 8, 4, {"library": slow, "kernel": fast}, torch.float32) == "kernel"
+    assert dispatch.choose("test", 2, 8, 4, {"library": fast, "kernel": slow}, torch.float32) == "library"
+    assert dispatch.row_bucket(3) == 4 and dispatch.row_bucket(513) == 512 and dispatch.row_bucket(1) == 1
+
+
+def test_compiled_graph_dispatches_at_run_time(table, monkeypatch):
+    layer = GemvLinear(64, 32)
+    compiled = torch.compile(layer, fullgraph=True, dynamic=True)
+    with torch.no_grad():
+        for rows in (2, 9, 40):
+            x = torch.randn(rows, 64)
+            assert rel(compiled(x), F.linear(x, layer.weight, layer.bias)) < 1e-6
+    assert {k.split("<=")[1] for k in dispatch.decisions()} == {"2", "16", "64"}
