@@ -16,7 +16,8 @@ def _percentiles(values: list[float]) -> dict[str, float]:
         return {}
     values = sorted(values)
     pick = lambda q: values[min(len(values) - 1, int(q * len(values)))]  # noqa: E731
-    return {"mean": statistics.fmean(values), "p50": pick(0.5), "p90": pick(0.9), "p99": pick(0.99)}
+    return {"mean": statistics.fmean(values), "p50": pick(0.5), "p90": pick(0.9), "p99": pick(0.99),
+            "max": values[-1]}
 
 
 async def _one(client, url: str, body: dict, headers: dict, started: asyncio.Event | None = None) -> dict[str, Any]:

@@ -91,7 +91,10 @@ class Engine:
         self.prefill_tokens = prefill_tokens
         self.context = min(max_context or model.config.max_position_embeddings, model.config.max_position_embeddings)
         self.stop_ids = set(stop_ids or ())
-        self.cache = model.new_static_cache(max_batch, self.context)
+        # One row more than can ever be active: a decode step reads a view of the first `active` rows, and a view
+        # of all rows would be contiguous where every other is not, which a compiled step guards on: the first
+        # full batch recompiled it, a 60-75 s stall for every stream (measured on "small" bf16, 64 at once).
+        self.cache = model.new_static_cache(max_batch + 1, self.context)
         self.ones = torch.ones(max_batch, self.context, dtype=torch.long, device=model.device)
         self.slots: list[Request | None] = [None] * max_batch
         self.waiting: deque[Request] = deque()
