@@ -22,7 +22,7 @@ import torch
 from ..fastpath import compiled_decode_step
 from ..generation.config import GenerationConfig
 from ..generation.processors import make_processors
-from ..generation.sampling import sample_from_logits
+from ..generation.sampling import greedy_tokens, sample_from_logits
 from ..generation.stopping import find_stop, partial_stop_length
 from ..generation.streaming import StreamingDetokenizer
 
@@ -242,7 +242,7 @@ class Engine:
         # Greedy rows whose logits nothing adjusts take one argmax over the whole batch (rows spread over the
         # threads: 64 rows of a 151552-word vocabulary cost ~25 ms one by one, ~1/20 of a 64-row step).
         plain = [r.params.temperature == 0 and not r.processors for _, r in active]
-        best = logits.argmax(-1).tolist() if any(plain) else []
+        best = greedy_tokens(logits).tolist() if any(plain) else []
         for (i, r), use_best in zip(active, plain):  # logits rows are the slots as they were during the step
             r.position += 1
             self._accept_or_fail(r, logits[i], best[i] if use_best else None)
@@ -273,7 +273,7 @@ class Engine:
             for process in r.processors:
                 row = process(r.history[:, :filled], row)
             if r.params.temperature == 0:
-                token = int(row.argmax(-1))
+                token = int(greedy_tokens(row)[0])
             else:
                 token = int(sample_from_logits(row, r.generator))
         r.history[0, filled] = token
