@@ -85,10 +85,10 @@ def check_serve() -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             _, err = proc.communicate()
-    if proc.returncode not in (0, -15) or reply is None:
+    if proc.returncode not in (0, -15, 143) or reply is None:  # 143: SIGTERM handled (128 + 15)
         hint = HINT.match(err)
         check("glmtorch serve", hint is not None and hint.group(1) == "serve",
-              f"exit {proc.returncode}, no reply; stderr {err.strip()[-1500:]!r}")
+              f"exit {proc.returncode}, reply {reply!r}; stderr {err.strip()[-1500:]!r}")
     else:
         check("glmtorch serve", "Traceback" not in err, f"replied {reply!r}" if "Traceback" not in err else err[-2000:])
 
