@@ -25,9 +25,9 @@ _EXPORTS = {
     "MissingDependency": "extras",
     "GenerationConfig": "generation.config",
     "TextIteratorStreamer": "generation.streaming", "stream_text": "generation.streaming",
-    "GlmForCausalLM": "modeling", "GlmForSequenceClassification": "modeling", "GlmForTokenClassification": "modeling",
-    "GlmModel": "modeling", "GlmPreTrainedModel": "modeling",
-    "AutoTokenizer": "tokenizer", "GlmTokenizer": "tokenizer", "TokenizerError": "tokenizer",
+    "GlmForCausalLM": "models", "GlmForSequenceClassification": "models", "GlmForTokenClassification": "models",
+    "GlmModel": "models", "GlmPreTrainedModel": "models",
+    "AutoTokenizer": "auto", "GlmTokenizer": "tokenizer", "TokenizerError": "tokenizer",
 }
 
 __all__ = ["DEMO_MODEL", *_EXPORTS]

@@ -7,7 +7,9 @@ from typing import Any
 
 from .checkpoint.resolve import resolve_checkpoint
 from .config import GlmConfig
+from . import models
 from .loading import load_config
+from .tokenizer import GlmTokenizer
 
 
 class AutoConfig:
@@ -23,9 +25,7 @@ class _AutoModel:
 
     @classmethod
     def model_class(cls):
-        from . import modeling
-
-        return getattr(modeling, cls.class_name)
+        return getattr(models, cls.class_name)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *args: Any, **kwargs: Any):
@@ -50,3 +50,16 @@ class AutoModelForSequenceClassification(_AutoModel):
 
 class AutoModelForTokenClassification(_AutoModel):
     class_name = "GlmForTokenClassification"
+
+
+class AutoTokenizer:
+    """The tokenizer of a checkpoint directory, hub id or GGUF file (which carries its own)."""
+
+    @staticmethod
+    def from_pretrained(path: str | os.PathLike, **kwargs: Any) -> GlmTokenizer:
+        kwargs.pop("trust_remote_code", None)
+        if os.fspath(path).endswith(".gguf"):
+            from .checkpoint.gguf import gguf_tokenizer
+
+            return gguf_tokenizer(os.fspath(path))
+        return GlmTokenizer.from_pretrained(path, **kwargs)

@@ -78,7 +78,7 @@ def _time(fn, device) -> float:
 
 def make_checkpoint(preset: str, directory: str, dtype: torch.dtype, seed: int = 0) -> str:
     from .config import GlmConfig
-    from .modeling import GlmForCausalLM
+    from .models import GlmForCausalLM
 
     torch.manual_seed(seed)
     config = GlmConfig(**PRESETS[preset], pad_token_id=0, max_position_embeddings=4096)
@@ -96,7 +96,7 @@ def run_bench(model_path: str | None = None, preset: str = "small", dtype: str =
               llama_cpp: str | None = None, out: str | None = None) -> dict[str, Any]:
     from .checkpoint.safetensors_io import parse_dtype
     from .device import infer_device
-    from .modeling import GlmForCausalLM
+    from .models import GlmForCausalLM
 
     torch_dtype = parse_dtype(dtype)
     dev = torch.device(device or infer_device())
@@ -198,7 +198,7 @@ class _LlamaCpp:
 
     def __init__(self, model, model_path, build_dir, dtype, quantize, prefill, new_tokens) -> None:
         from .checkpoint.gguf import write_gguf
-        from .tokenizer import AutoTokenizer
+        from .auto import AutoTokenizer
 
         kind = {"int8": "q8_0", "int4": "q4_0"}.get(quantize or "",
                                                     {"bfloat16": "bf16", "bf16": "bf16"}.get(dtype, "f32"))

@@ -92,7 +92,7 @@ def load(args: argparse.Namespace):
     from . import DEMO_MODEL
     from .auto import AutoModelForCausalLM
     from .device import infer_device
-    from .tokenizer import AutoTokenizer
+    from .auto import AutoTokenizer
 
     path = args.model
     if path is None:
@@ -217,7 +217,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .auto import AutoModelForCausalLM
     from .config import GlmConfig
     from .device import infer_device
-    from .tokenizer import AutoTokenizer, train_bpe_tokenizer
+    from .auto import AutoTokenizer
+    from .tokenizer import train_bpe_tokenizer
     from .train import TrainConfig, load_checkpoint_state, read_rows, train
 
     cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)})
@@ -285,7 +286,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         from .auto import AutoModelForCausalLM
         from .checkpoint.gguf import write_gguf
         from .extras import require
-        from .tokenizer import AutoTokenizer
+        from .auto import AutoTokenizer
 
         require("gguf", "writing a GGUF file")
 

@@ -22,10 +22,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .attention import ATTENTION_BACKENDS, check_attention_backend
 from .cache import DynamicCache, StaticCache, make_attention_mask
-from .checkpoint.formats import STACKED
 from .config import GlmConfig
-from .generation.mixin import GenerationMixin
-from .loading import PretrainedMixin
 from .losses import causal_lm_loss, sequence_classification_loss, token_classification_loss
 from .outputs import (
     BaseModelOutputWithPast,
@@ -128,6 +125,10 @@ class Attention(nn.Module):
 
 # The state dict speaks transformers' names (q_proj, k_proj, v_proj): save_pretrained, load_state_dict and
 # every tool that reads a state dict see the checkpoint layout, while the module runs the fused matrix.
+# Parameters the model keeps fused that checkpoints store in parts, and the parts' order in the fused matrix:
+# q, k and v run as one matrix product (THUDM and GGUF store them so too); transformers' checkpoints and
+# state_dict() name them apart. The format tables (checkpoint/formats.py) read this; the model owns it.
+STACKED = {"qkv_proj": ("q_proj", "k_proj", "v_proj")}
 QKV_PARTS = STACKED["qkv_proj"]
 
 
@@ -173,7 +174,7 @@ class DecoderLayer(nn.Module):
         return x, probs
 
 
-class GlmPreTrainedModel(nn.Module, PretrainedMixin):
+class GlmPreTrainedModel(nn.Module):
     """What every GLM model class shares: its config, weight init and the attention backend switch."""
 
     config_class = GlmConfig
@@ -359,7 +360,7 @@ class GlmModel(GlmPreTrainedModel):
         return make_attention_mask(cache_position, kv_length, attention_mask)
 
 
-class GlmForCausalLM(GlmPreTrainedModel, GenerationMixin):
+class GlmForCausalLM(GlmPreTrainedModel):
     def __init__(self, config: GlmConfig) -> None:
         super().__init__(config)
         self.model = GlmModel(config)

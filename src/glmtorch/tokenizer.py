@@ -446,17 +446,6 @@ def _token_text(value: Any) -> str | None:
     return value
 
 
-class AutoTokenizer:
-    @staticmethod
-    def from_pretrained(path: str | os.PathLike, **kwargs: Any) -> GlmTokenizer:
-        kwargs.pop("trust_remote_code", None)
-        if os.fspath(path).endswith(".gguf"):
-            from .checkpoint.gguf import gguf_tokenizer
-
-            return gguf_tokenizer(os.fspath(path))
-        return GlmTokenizer.from_pretrained(path, **kwargs)
-
-
 def _plain_copy(backend):
     """A `tokenizers.Tokenizer` like `backend` that encodes control-token spellings as ordinary text."""
     from tokenizers import Tokenizer

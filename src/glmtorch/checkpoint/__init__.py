@@ -1,5 +1,6 @@
 """Checkpoints: resolving paths and hub ids, safetensors I/O, and one name table per format."""
 
+from . import gguf as _gguf  # noqa: F401  (registers the .gguf weight reader)
 from .formats import TRANSFORMERS, Rule, WeightFormat
 from .resolve import CheckpointError, resolve_checkpoint
 from .safetensors_io import parse_dtype, parse_size, save_safetensors, weight_files

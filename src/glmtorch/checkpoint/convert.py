@@ -67,7 +67,7 @@ def convert_checkpoint(src: str, dst: str, dtype=None, max_shard_size: int | str
 
 
 def _expected_shapes(config) -> dict[str, tuple[int, ...]]:
-    from ..modeling import GlmForCausalLM
+    from ..models import GlmForCausalLM
 
     with torch.device("meta"):
         model = GlmForCausalLM(config)

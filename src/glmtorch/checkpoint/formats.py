@@ -20,14 +20,11 @@ from dataclasses import dataclass
 import torch
 
 from ..config import GlmConfig
+from ..modeling import STACKED  # the model owns its fused parameters and their parts' order
 
 Transform = Callable[[torch.Tensor, GlmConfig], tuple[torch.Tensor, ...]]
 
 _LAYER = r"(?:model\.)?layers\.(\d+)\."
-
-# stacked parameter -> its parts, in row order
-STACKED = {"qkv_proj": ("q_proj", "k_proj", "v_proj")}
-
 
 def split_stacked(target: str) -> tuple[str, str | None]:
     """'...self_attn.qkv_proj.weight#k_proj' -> ('...self_attn.qkv_proj.weight', 'k_proj'); plain names -> (name, None)."""

@@ -28,6 +28,7 @@ from ..config import ConfigError, GlmConfig
 from ..extras import require
 from .formats import Rule, WeightFormat
 from .resolve import CheckpointError
+from .safetensors_io import WEIGHT_READERS
 from .thudm import split_qkv
 
 ARCH = "chatglm"
@@ -93,6 +94,9 @@ class GgufFile:
             raise CheckpointError(f"{self.path}: tensor {name!r} is {t.tensor_type.name}, which the gguf package "
                                   "cannot dequantize") from None
         return torch.tensor(data, dtype=torch.float32).reshape(self.shape(name))
+
+
+WEIGHT_READERS[".gguf"] = GgufFile  # the loader's and converter's file reader for .gguf weight files
 
 
 def gguf_config(handle: GgufFile, **overrides: Any) -> GlmConfig:

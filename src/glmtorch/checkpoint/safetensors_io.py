@@ -10,7 +10,8 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -125,12 +126,16 @@ class _SafetensorsFile:
         return self.handle.get_slice(name).get_dtype()
 
 
+# Readers of other weight files by suffix: a format with files of its own registers its reader here when its
+# module is imported (gguf.py: ".gguf"), so this I/O layer never imports a format.
+WEIGHT_READERS: dict[str, Callable[[str], Any]] = {}
+
+
 def open_safetensors(path: str):
     """A reader for one weight file: keys(), shape(name), get_tensor(name)."""
-    if path.endswith(".gguf"):
-        from .gguf import GgufFile
-
-        return GgufFile(path)
+    for suffix, reader in WEIGHT_READERS.items():
+        if path.endswith(suffix):
+            return reader(path)
     return _BinFile(path) if path.endswith(".bin") else _SafetensorsFile(path)
 
 

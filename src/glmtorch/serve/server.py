@@ -16,7 +16,7 @@ def load_for_serving(model_path: str | None, dtype: str = "auto", device: str | 
     from .. import DEMO_MODEL
     from ..auto import AutoModelForCausalLM
     from ..device import infer_device
-    from ..tokenizer import AutoTokenizer
+    from ..auto import AutoTokenizer
 
     path = model_path or DEMO_MODEL
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device=device or infer_device(), quantize=quantize)
