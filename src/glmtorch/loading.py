@@ -25,6 +25,7 @@ from .checkpoint.safetensors_io import (
     open_safetensors,
     parse_dtype,
     read_tensor,
+    safetensors_dtype,
     save_safetensors,
     weight_files,
 )
@@ -332,7 +333,7 @@ def _checkpoint_dtype(config: GlmConfig, files: list[str]) -> torch.dtype:
             if isinstance(handle, GgufFile):
                 return torch.float32  # dequantized values are fp32; "auto" keeps them exact
             if hasattr(handle, "dtype_name"):
-                dtype = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}.get(handle.dtype_name(name))
+                dtype = safetensors_dtype(handle.dtype_name(name))
             else:
                 dtype = handle.get_tensor(name).dtype
             if dtype in (torch.float32, torch.bfloat16, torch.float16):

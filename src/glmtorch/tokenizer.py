@@ -87,8 +87,6 @@ def tokenizer_from_tiktoken(path: str, special_tokens: Sequence[str] = GLM4_SPEC
     A token's rank is its merge priority, so each multi-byte token contributes the merges of its two parts
     (both already tokens), ordered by the rank of the token they make.
     """
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
-
     ranks = read_tiktoken_ranks(path)
     byte_char = _bytes_to_unicode()
     as_text = lambda b: "".join(byte_char[x] for x in b)  # noqa: E731
@@ -100,13 +98,25 @@ def tokenizer_from_tiktoken(path: str, special_tokens: Sequence[str] = GLM4_SPEC
         pairs = [(token[:i], token[i:]) for i in range(1, len(token)) if token[:i] in ranks and token[i:] in ranks]
         pairs.sort(key=lambda p: (ranks[p[0]], ranks[p[1]]))
         merges.extend((as_text(a), as_text(b)) for a, b in pairs)
-    tok = Tokenizer(models.BPE(vocab, merges, fuse_unk=False, ignore_merges=True))
+    return byte_level_bpe(vocab, merges, special_tokens, pattern)
+
+
+def byte_level_bpe(vocab: dict[str, int] | None = None, merges: list[tuple[str, str]] | None = None,
+                   special_tokens: Sequence[str] = (), pattern: str = GLM4_SPLIT_PATTERN):
+    """GLM-4's tokenizer pipeline, the one place it is built: split by `pattern`, byte-level BPE over `vocab` and
+    `merges` (an empty model to train when None), byte-level decoding, `special_tokens` as control tokens.
+    Used for THUDM's tiktoken files, GGUF's embedded vocabularies and training a new tokenizer."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    model = models.BPE() if vocab is None else models.BPE(vocab, merges or [], fuse_unk=False, ignore_merges=True)
+    tok = Tokenizer(model)
     tok.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(pattern), behavior="isolated", invert=False),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
     ])
     tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special_tokens])
+    if special_tokens:
+        tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special_tokens])
     return tok
 
 
@@ -114,18 +124,13 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, chat_template: st
                         special_tokens: Sequence[str] = GLM4_SPECIAL_TOKENS) -> "GlmTokenizer":
     """Train a byte-level BPE tokenizer shaped like GLM-4's (its split pattern, its special tokens right after
     the learned vocabulary, <|endoftext|> as eos and pad, the GLM-4 chat template)."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import AddedToken, pre_tokenizers, trainers
 
     learned = vocab_size - len(special_tokens)
     if learned < 257:
         raise ValueError(f"vocab_size={vocab_size} is too small: byte-level BPE needs 256 byte tokens plus "
                          f"{len(special_tokens)} special tokens and at least one merge")
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(GLM4_SPLIT_PATTERN), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
-    tok.decoder = decoders.ByteLevel()
+    tok = byte_level_bpe()
     trainer = trainers.BpeTrainer(vocab_size=learned, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   show_progress=False)
     tok.train_from_iterator(texts, trainer)

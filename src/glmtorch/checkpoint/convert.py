@@ -27,6 +27,7 @@ from .safetensors_io import (
     parse_dtype,
     parse_size,
     read_tensor,
+    safetensors_dtype,
     weight_files,
 )
 
@@ -144,7 +145,7 @@ def _write_shards(files, fmt, config, expected, dtype, limit, out_dir, progress)
         for member in members:
             weight_map[member] = name
             t = handle.get_slice(member)
-            total += _numel(t.get_shape()) * {"F32": 4, "BF16": 2, "F16": 2}.get(t.get_dtype(), 4)
+            total += _numel(t.get_shape()) * safetensors_dtype(t.get_dtype(), torch.float32).itemsize
     with open(os.path.join(out_dir, SAFE_INDEX_NAME), "w", encoding="utf-8") as f:
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
     return names + [SAFE_INDEX_NAME]
@@ -160,7 +161,7 @@ def _numel(shape) -> int:
 def _first_dtype(out_dir: str, names: list[str]) -> torch.dtype:
     handle = open_safetensors(os.path.join(out_dir, names[0]))
     first = next(iter(handle.keys()))
-    return {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}.get(handle.dtype_name(first), torch.float32)
+    return safetensors_dtype(handle.dtype_name(first), torch.float32)
 
 
 def _copy_tokenizer(src: str, dst: str) -> list[str]:

@@ -148,9 +148,7 @@ def gguf_config(handle: GgufFile, **overrides: Any) -> GlmConfig:
 
 def gguf_tokenizer(path: str):
     """The tokenizer stored in a GGUF file, as a GlmTokenizer (byte-level BPE with GLM-4's split)."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
-
-    from ..tokenizer import GLM4_SPLIT_PATTERN, GlmTokenizer
+    from ..tokenizer import GlmTokenizer, byte_level_bpe
 
     handle = GgufFile(path)
     tokens = handle.field("tokenizer.ggml.tokens")
@@ -159,14 +157,8 @@ def gguf_tokenizer(path: str):
     if not tokens or merges is None or handle.field("tokenizer.ggml.model") != "gpt2":
         raise CheckpointError(f"{path}: carries no byte-level BPE tokenizer (tokenizer.ggml.model 'gpt2' with merges)")
     vocab = {token: i for i, token in enumerate(tokens)}
-    tok = Tokenizer(models.BPE(vocab, [tuple(m.split(" ", 1)) for m in merges], fuse_unk=False, ignore_merges=True))
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(GLM4_SPLIT_PATTERN), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
-    tok.decoder = decoders.ByteLevel()
     control = [t for t, kind in zip(tokens, types) if int(kind) == 3]
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in control])
+    tok = byte_level_bpe(vocab, [tuple(m.split(" ", 1)) for m in merges], control)
     eos = handle.field("tokenizer.ggml.eos_token_id")
     pad = handle.field("tokenizer.ggml.padding_token_id")
     template = handle.field("tokenizer.chat_template")

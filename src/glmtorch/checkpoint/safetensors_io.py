@@ -31,6 +31,15 @@ DTYPES = {
 }
 
 
+# safetensors' dtype names of the float types glmtorch reads, and their sizes in bytes
+SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+
+
+def safetensors_dtype(name: str, default: torch.dtype | None = None) -> torch.dtype | None:
+    """torch dtype of a safetensors dtype name ("BF16"), or `default` for the others (integers, F64...)."""
+    return SAFETENSORS_DTYPES.get(name, default)
+
+
 def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | str | None:
     """torch.dtype, a name ("bf16", "bfloat16", "torch.float16"), "auto" or None."""
     if dtype is None or isinstance(dtype, torch.dtype) or dtype == "auto":
