@@ -254,3 +254,19 @@ def test_int8_decode_when_inputs_are_not_whole_blocks(tmp_path):
     out = model.generate(ids, max_new_tokens=3, do_sample=False, eos_token_id=[])
     assert out.shape == (1, 7)
     assert rel_err(model(out).logits, exact(out).logits) < 2e-2
+
+
+@torch.no_grad()
+def test_fused_step_says_why_it_does_not_cover_a_model(tmp_path):
+    from glmtorch.fastpath import FUSED_STEP_FEATURES, describe_decode_step, fused_step_support
+
+    path = save_hf(make_hf_model(**CONFIGS["gqa"]), tmp_path / "gqa")
+    model = glmtorch.GlmForCausalLM.from_pretrained(path)
+    assert fused_step_support(model) == (True, "") and describe_decode_step(model).startswith("fused C++ step")
+    assert fused_step_support(model.to(torch.bfloat16)) == (False, FUSED_STEP_FEATURES[3])
+    gelu = glmtorch.GlmForCausalLM.from_pretrained(save_hf(make_hf_model(**CONFIGS["six_heads_gelu"]), tmp_path / "g"))
+    assert fused_step_support(gelu) == (False, "SiLU MLP")
+    assert "not fused, needs SiLU MLP" in describe_decode_step(gelu)
+    model = glmtorch.GlmForCausalLM.from_pretrained(path)
+    model.model.layers[0].post_self_attn_layernorm = torch.nn.Identity()  # a layer the C++ step does not know
+    assert fused_step_support(model) == (False, FUSED_STEP_FEATURES[6])

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from . import dispatch
+from .fastpath import describe_decode_step
 from .extras import install_hint
 
 PRESETS = {
@@ -156,7 +157,7 @@ def run_bench(model_path: str | None = None, preset: str = "small", dtype: str =
     report: dict[str, Any] = {
         "model": model_path if tmp is None else f"preset:{preset}", "dtype": dtype, "quantize": quantize,
         "device": str(dev), "cpu": dispatch.cpu_description(), "threads": torch.get_num_threads(),
-        "linear_paths": dispatch.decisions(),
+        "linear_paths": dispatch.decisions(), "decode_step": describe_decode_step(ours),
         "torch": torch.__version__, "prefill_tokens": prefill, "new_tokens": new_tokens, "reps": reps,
         "weight_bytes_per_token": weights, "bandwidth_gb_s": bandwidth,
         "roofline_decode_b1_tok_s": bandwidth * 1e9 / weights,
@@ -275,6 +276,8 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append(f"  {peer:24s} " + "  ".join(
             f"{k}={v:.2f}x" + (" ({:.2f}-{:.2f})".format(*spread[k]) if report["reps"] > 1 and k in spread else "")
             for k, v in sorted(r.items())))
+    if report.get("decode_step"):
+        lines.append(f"  decode step: {report['decode_step']}")
     if report.get("linear_paths"):  # which path glmtorch's products took, per weight and row count
         by_matrix: dict[str, list[str]] = {}
         for key, path in report["linear_paths"].items():

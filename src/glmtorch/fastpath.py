@@ -118,7 +118,7 @@ class FusedDecodeStep:
     def __call__(self, model, tokens, position_ids, cache_position, attention_mask, cache) -> torch.Tensor:
         key = _weights_key(model)
         if key != self.built_for:
-            layout = _fused_step_layout(model)
+            layout, _ = _fused_step_layout(model)
             self.plan, self.max_rows = _build_plan(model, layout) if layout else (None, 0)
             self.linears = _distinct_linears(model) if layout else []
             self.kernels_win.clear()
@@ -181,36 +181,78 @@ def _linear_spec(layer) -> tuple | None:
     return None
 
 
-def _fused_step_layout(model) -> tuple | None:
-    """What the C++ plan is built from: per layer (input norm, qkv, o_proj, post norm, gate_up, down) with each
-    linear as _linear_spec gives it, and the LM head's spec; None where FusedDecodeStep does not cover the model
-    (see fused_step_supported)."""
+# What the fused C++ step (kernels/decode_step.cpp) computes, checked one by one by _fused_step_layout; a model
+# outside any of them takes the layer-by-layer step, and says which (fused_step_support). A model change (a new
+# norm, another activation, another weight kind) must add its feature here and to the C++ step, or be refused.
+FUSED_STEP_FEATURES = (
+    "switched on (GLMTORCH_FUSED_STEP is not 0)",
+    "a CPU model with a language-model head",
+    "SiLU MLP",
+    "fp32 embedding and norms (fp32 activations)",
+    "the C++ kernels built",
+    "whole layers (not a tensor-parallel shard)",
+    "per layer exactly: input norm, fused QKV (+ bias), o_proj, post-attention norm, gate_up, down",
+    "every linear fp32, int8 or int4 (groups 32-256) with fp32 bias, of an input width the kernels take",
+)
+
+
+def _fused_step_layout(model) -> tuple[tuple | None, str]:
+    """(what the C++ plan is built from, why not): per layer (input norm, qkv, o_proj, post norm, gate_up, down)
+    with each linear as _linear_spec gives it, and the LM head's spec; or None and the first of
+    FUSED_STEP_FEATURES the model lacks."""
+    features = FUSED_STEP_FEATURES
     if os.environ.get("GLMTORCH_FUSED_STEP", "").lower() in ("0", "false", "no"):
-        return None
-    if model.device.type != "cpu" or not hasattr(model, "lm_head") or model.config.hidden_act not in ("silu", "swish"):
-        return None
+        return None, features[0]
+    if model.device.type != "cpu" or not hasattr(model, "lm_head"):
+        return None, features[1]
+    if model.config.hidden_act not in ("silu", "swish"):
+        return None, features[2]
     base, config = model.model, model.config
-    if any(w.dtype != torch.float32 for w in (base.embed_tokens.weight, base.norm.weight)) or not kernels.available():
-        return None
+    if any(w.dtype != torch.float32 for w in (base.embed_tokens.weight, base.norm.weight)):
+        return None, features[3]
+    if not kernels.available():
+        return None, features[4]
     q_size = config.num_attention_heads * config.head_dim
     layers = []
+    expected = {"input_layernorm", "self_attn", "post_attention_layernorm", "mlp"}
     for layer in base.layers:
         attn, mlp = layer.self_attn, layer.mlp
+        if attn.qkv_sizes[0] != q_size or attn.num_heads % attn.num_kv_heads:
+            return None, features[5]
+        if {name for name, _ in layer.named_children()} != expected:  # e.g. extra (sandwich) norms
+            return None, features[6]
         norms = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
         specs = [_linear_spec(lin) for lin in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)]
-        if (attn.qkv_sizes[0] != q_size or attn.num_heads % attn.num_kv_heads  # a tensor-parallel shard
-                or any(n.dtype != torch.float32 for n in norms) or None in specs):
-            return None
+        if any(n.dtype != torch.float32 for n in norms):
+            return None, features[3]
+        if None in specs:
+            return None, features[7]
         layers.append((norms[0], specs[0], specs[1], norms[1], specs[2], specs[3]))
     head = _linear_spec(model.lm_head)
-    return (layers, head) if head is not None else None
+    return ((layers, head), "") if head is not None else (None, features[7])
+
+
+def fused_step_support(model) -> tuple[bool, str]:
+    """(whether FusedDecodeStep covers this model, the first feature of FUSED_STEP_FEATURES it lacks)."""
+    layout, missing = _fused_step_layout(model)
+    return layout is not None, missing
 
 
 def fused_step_supported(model) -> bool:
     """Whether FusedDecodeStep covers this model: a CPU GlmForCausalLM with fp32 activations, SiLU, whole (not
     tensor-parallel) layers of fp32 / int8 / int4 weights the kernels take, and the kernels built.
     GLMTORCH_FUSED_STEP=0 turns it off."""
-    return _fused_step_layout(model) is not None
+    return fused_step_support(model)[0]
+
+
+def describe_decode_step(model) -> str:
+    """Which decode step a model takes at batch 1, and why: what `glmtorch bench` prints."""
+    if model.device.type != "cpu":
+        return "compiled forward" if compile_enabled(model) else "eager forward"
+    covered, missing = fused_step_support(model)
+    if covered:
+        return "fused C++ step (kernels/decode_step.cpp)"
+    return f"layer by layer ({'compiled' if compile_enabled(model) else 'eager'}): not fused, needs {missing}"
 
 
 def _build_plan(model, layout) -> tuple:
