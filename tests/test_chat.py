@@ -167,3 +167,28 @@ def test_hostile_templates_end_quickly_with_an_error(template, match):
     with pytest.raises(ChatFormatError, match=match):
         render_chat(template, [{"role": "user", "content": "hi"}])
     assert time.perf_counter() - start < 2
+
+
+# -- a reply as it streams -------------------------------------------------------------------------------------
+from glmtorch.chat import ReplyStream  # noqa: E402
+
+
+def stream(pieces, tools):
+    s = ReplyStream(tools)
+    return "".join(s.feed(p) for p in pieces), s.held_back()
+
+
+@pytest.mark.parametrize("pieces, sent, held", [
+    (["\nHel", "lo", " there"], "Hello there", None),  # an answer: sent as it comes, opening newline dropped
+    (["get_w", "eather\n{\"ci", "ty\": \"Paris\"}"], "", 'get_weather\n{"city": "Paris"}'),  # a call: held whole
+    (["Hello"], "", "Hello"),  # ended before its first line did: held, parsed at the end
+    (["\n", "\n", "Hi"], "Hi", None),  # leading newlines before the first text are dropped
+])
+def test_reply_stream_with_tools(pieces, sent, held):
+    assert stream(pieces, [WEATHER_TOOL]) == (sent, held)
+
+
+def test_reply_stream_without_tools_sends_everything():
+    assert stream(["\n", "get_weather\n", "{}"], None) == ("get_weather\n{}", None)
+    reply = parse_assistant_reply(stream(["get_weather\n", '{"city": "Oslo"}'], [WEATHER_TOOL])[1], [WEATHER_TOOL])
+    assert reply.tool_calls[0].name == "get_weather" and reply.tool_calls[0].arguments == {"city": "Oslo"}

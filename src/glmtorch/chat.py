@@ -262,3 +262,39 @@ def parse_assistant_reply(text: str, tools: list[dict] | None = None) -> Assista
     if not isinstance(arguments, dict):
         return AssistantReply(content=text.strip(), error=f"tool call {name!r} arguments are not a JSON object")
     return AssistantReply(content="", tool_calls=[ToolCall(name, arguments)])
+
+
+class ReplyStream:
+    """A GLM-4 reply read as it streams in, when tools were offered: text comes out as soon as the reply is known
+    to be an answer; a tool call ("name\n{json}": a first line that is not empty) is held back whole, to be parsed
+    at the end (`held_back`). Without tools every piece is content. The newline GLM-4 opens an answer with is dropped.
+    """
+
+    def __init__(self, tools: list[dict] | None) -> None:
+        self.tools = tools
+        self.mode = "undecided" if tools else "content"  # -> "content" or "call" once the first line is complete
+        self.held = ""
+        self.started = False
+
+    def feed(self, piece: str) -> str:
+        """The content to send now for this piece of generated text ("" while undecided or inside a call)."""
+        if self.mode == "undecided":
+            self.held += piece
+            piece = ""
+            if "\n" in self.held:
+                if self.held.split("\n", 1)[0].strip():
+                    self.mode = "call"
+                else:
+                    self.mode, piece, self.held = "content", self.held, ""
+        elif self.mode == "call":
+            self.held += piece
+            piece = ""
+        if self.mode == "content" and piece and not self.started:
+            piece = piece.lstrip("\n")
+            self.started = bool(piece)
+        return piece
+
+    def held_back(self) -> str | None:
+        """At the end of the reply: the text held back (a tool call, or content that only looked like one, to be
+        parsed with parse_assistant_reply), or None when everything was sent as content already."""
+        return None if self.mode == "content" else self.held

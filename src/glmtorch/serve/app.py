@@ -10,13 +10,14 @@ import re
 import secrets
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import HTMLResponse, Response, StreamingResponse
 
-from ..chat import ChatFormatError, parse_assistant_reply
+from ..chat import ChatFormatError, ReplyStream, parse_assistant_reply
 from ..generation.config import SEED_MAX, SamplingValueError, check_sampling_value
 from .engine import Engine, Event, QueueFull, Request as EngineRequest, SamplingParams, default_max_tokens
 
@@ -272,311 +273,329 @@ class RequireApiKey:
 
 
 # -- the app ---------------------------------------------------------------------------------------------------
+@dataclass
+class Served:
+    """What every handler reads (app.state.served): the engine, the tokenizer, the served name, the limits, and the
+    two worker threads that parse and tokenise off the event loop (a large body must not freeze /health or the
+    streams; two, so that a flood waits its turn instead of adding threads)."""
+
+    engine: Engine
+    tokenizer: Any
+    model_name: str
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    created: int = field(default_factory=lambda: int(time.time()))
+    workers: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(max_workers=2, thread_name_prefix="glmtorch-requests"))
+
+    async def off_loop(self, fn, *args, **kwargs):
+        return await asyncio.get_running_loop().run_in_executor(self.workers, functools.partial(fn, *args, **kwargs))
+
+    def model_card(self) -> dict:
+        return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "glmtorch"}
+
+    def check_model(self, name: str) -> None:
+        if name != self.model_name:
+            raise ApiError(404, f"model {name!r} does not exist; this server serves {self.model_name!r}", "model",
+                           "model_not_found")
+
+
+router = APIRouter()
+
+
 def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None = None,
                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
     app = FastAPI(title="glmtorch", docs_url=None, redoc_url=None)
-    created = int(time.time())
-    # Parsing and tokenising run here, off the event loop: a large body must not freeze /health or the streams.
-    # Two threads: what they do is bounded by the body limit, and a flood waits its turn instead of adding threads.
-    workers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="glmtorch-requests")
-    app.router.on_shutdown.append(lambda: workers.shutdown(wait=False, cancel_futures=True))
-
-    async def off_loop(fn, *args, **kwargs):
-        return await asyncio.get_running_loop().run_in_executor(workers, functools.partial(fn, *args, **kwargs))
-
-    @app.exception_handler(ApiError)
-    async def api_error(_: Request, e: ApiError):
-        return e.response()
-
+    app.state.served = served = Served(engine, tokenizer, model_name, max_body_bytes)
+    app.router.on_shutdown.append(lambda: served.workers.shutdown(wait=False, cancel_futures=True))
+    app.add_exception_handler(ApiError, api_error)
     if api_key:
         app.add_middleware(RequireApiKey, api_key=api_key)
-
-    @app.get("/health")
-    async def health():
-        return {"status": "ok", "active": engine.active, "waiting": len(engine.waiting)}
-
-    def model_card() -> dict:
-        return {"id": model_name, "object": "model", "created": created, "owned_by": "glmtorch"}
-
-    @app.get("/v1/models")
-    async def models():
-        return {"object": "list", "data": [model_card()]}
-
-    @app.get("/v1/models/{name:path}")
-    async def model(name: str):
-        if name != model_name:
-            raise ApiError(404, f"model {name!r} does not exist; this server serves {model_name!r}", "model",
-                           "model_not_found")
-        return model_card()
-
-    @app.get("/", response_class=HTMLResponse)
-    async def page():
-        return resources.files("glmtorch.serve").joinpath("static/index.html").read_text(encoding="utf-8")
-
-    def usage_chunk(kind: str, rid: str, now: int, prompt_tokens: int, completion_tokens: int) -> str:
-        """The last chunk of a stream with stream_options.include_usage: no choices, the token counts."""
-        return sse({"id": rid, "object": kind, "created": now, "model": model_name, "choices": [],
-                    "usage": usage(prompt_tokens, completion_tokens)})
-
-    async def read_body(request: Request) -> dict:
-        # JSON only: a page on another site can send text/plain or a form without asking the browser first
-        # (no CORS preflight), so accepting those would let any web page drive a server without --api-key.
-        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        if kind != "application/json" and not kind.endswith("+json"):
-            raise ApiError(415, f"the request body must be sent as Content-Type: application/json (got "
-                           f"{kind or 'none'!r})", None, "unsupported_media_type")
-        too_large = ApiError(413, f"the request body is larger than this server accepts ({max_body_bytes} bytes; "
-                             "--max-request-body-size)", None, "request_too_large")
-        declared = request.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > max_body_bytes:
-            raise too_large
-        chunks, size = [], 0
-        async for chunk in request.stream():  # counted as it arrives: a missing or false Content-Length is no way round
-            size += len(chunk)
-            if size > max_body_bytes:
-                raise too_large
-            chunks.append(chunk)
-        body = await off_loop(parse_body, b"".join(chunks))
-        name = _get(body, "model", (str,), None)
-        if name is not None and name != model_name:
-            raise ApiError(404, f"model {name!r} does not exist; this server serves {model_name!r}", "model",
-                           "model_not_found")
-        return body
-
-    def check_text_length(texts: list[str]) -> None:
-        """Turn away text that cannot fit the context before tokenising it: n bytes are at least
-        n / max_token_bytes tokens."""
-        least = sum(len(t.encode("utf-8")) for t in texts) // tokenizer.max_token_bytes
-        if least >= engine.context:
-            raise ApiError(400, f"this model's context is {engine.context} tokens; the prompt is at least {least}. "
-                           "Shorten the prompt", "messages", "context_length_exceeded")
-
-    def check_context(prompt_tokens: int, max_tokens: int | None) -> int:
-        if max_tokens is None:
-            max_tokens = default_max_tokens(engine, prompt_tokens)
-        if prompt_tokens + max_tokens > engine.context:
-            raise ApiError(400, f"this model's context is {engine.context} tokens; the prompt has {prompt_tokens} and "
-                           f"max_tokens asks for {max_tokens} more. Shorten the prompt or lower max_tokens",
-                           "max_tokens", "context_length_exceeded")
-        return max_tokens
-
-    def start(prompts: list[list[int]], params: SamplingParams, n: int) -> tuple[asyncio.Queue, list[EngineRequest]]:
-        """Submit n requests per prompt; their events arrive on one queue as (choice index, event)."""
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
-        requests = []
-        for p, ids in enumerate(prompts):
-            for i in range(n):
-                index = p * n + i
-                seeded = params if params.seed is None or i == 0 else \
-                    SamplingParams(**{**params.__dict__, "seed": params.seed + i})
-
-                def emit(event: Event, index=index):
-                    loop.call_soon_threadsafe(queue.put_nowait, (index, event))
-
-                requests.append(EngineRequest(list(ids), seeded, emit))
-        try:
-            for r in requests:
-                engine.submit(r)
-        except BaseException as e:  # all of a request's choices run, or none: no orphan decodes for nobody
-            for r in requests:
-                r.cancelled.set()
-            if isinstance(e, QueueFull):
-                raise ApiError(503, f"the server is busy: {e}; retry later", None, "queue_full",
-                               "server_error") from None
-            raise
-        return queue, requests
-
-    async def collect(queue, requests, http: Request) -> list[dict] | None:
-        """Every choice's text and numbers, or None when the client went away first (its sequences are cancelled
-        at once: a non-streaming client that hangs up must not leave its work decoding for nobody)."""
-        results = [{"text": "", "finish_reason": None, "logprobs": [], "completion_tokens": 0, "prompt_tokens": 0}
-                   for _ in requests]
-
-        async def watch() -> None:  # a blocking receive, the one way to hear a hang-up while nothing is sent
-            while (await http.receive())["type"] != "http.disconnect":
-                pass
-            queue.put_nowait((None, None))
-
-        watcher = asyncio.create_task(watch())
-        done = 0
-        try:
-            while done < len(requests):
-                index, event = await queue.get()
-                if event is None:
-                    return None
-                r = results[index]
-                if event.kind == "error":
-                    raise ApiError(500, event.error, None, "server_error", "server_error")
-                r["text"] += event.text
-                r["logprobs"] += event.token_logprobs
-                if event.kind == "done":
-                    r.update(finish_reason=event.finish_reason, completion_tokens=event.completion_tokens,
-                             prompt_tokens=event.prompt_tokens)
-                    done += 1
-        finally:
-            watcher.cancel()
-            for request in requests:
-                request.cancelled.set()  # a no-op for finished ones; frees the slots of a dropped client
-        return results
-
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request):
-        body = await read_body(request)
-        messages, tools = chat_messages(body), chat_tools(body)
-        params, max_tokens, n = sampling_params(body)
-        stream, include_usage = stream_flags(body)
-        check_text_length([p["text"] if isinstance(p, dict) else p for m in messages
-                           for p in (m["content"] if isinstance(m["content"], list) else [m["content"] or ""])]
-                          + [json.dumps(tools or [], ensure_ascii=False)])
-        try:
-            ids = await off_loop(tokenizer.apply_chat_template, messages, tools=tools, add_generation_prompt=True)
-        except ChatFormatError as e:
-            raise ApiError(400, str(e), "messages", "invalid_value") from None
-        params.max_tokens = check_context(len(ids), max_tokens)
-        queue, requests = start([ids], params, n)
-        rid, now = f"chatcmpl-{secrets.token_hex(12)}", int(time.time())
-        if stream:
-            return StreamingResponse(stream_chat(queue, requests, rid, now, tools, include_usage, len(ids)),
-                                     media_type="text/event-stream")
-        results = await collect(queue, requests, request)
-        if results is None:
-            return Response(status_code=499)  # nobody is listening; the status is for the access log
-        choices = []
-        for i, r in enumerate(results):
-            message, finish = assistant_message(r["text"], tools, r["finish_reason"])
-            choice = {"index": i, "message": message, "finish_reason": finish, "logprobs": None}
-            if params.logprobs:
-                choice["logprobs"] = {"content": [chat_logprob(e) for e in r["logprobs"]]}
-            choices.append(choice)
-        completion = sum(r["completion_tokens"] for r in results)
-        return {"id": rid, "object": "chat.completion", "created": now, "model": model_name, "choices": choices,
-                "usage": usage(len(ids), completion)}
-
-    async def stream_chat(queue, requests, rid, now, tools, include_usage, prompt_tokens):
-        def chunk(index, delta, finish=None, logprobs=None):
-            choice = {"index": index, "delta": delta, "finish_reason": finish, "logprobs": logprobs}
-            return sse({"id": rid, "object": "chat.completion.chunk", "created": now, "model": model_name,
-                        "choices": [choice]})
-
-        states = [{"mode": "undecided" if tools else "content", "buffer": "", "started": False} for _ in requests]
-        completion, done = 0, 0
-        try:
-            for i in range(len(requests)):
-                yield chunk(i, {"role": "assistant", "content": ""})
-            while done < len(requests):
-                index, event = await queue.get()
-                st = states[index]
-                if event.kind == "error":
-                    yield sse_error(event.error)
-                    break
-                lp = {"content": [chat_logprob(e) for e in event.token_logprobs]} if event.token_logprobs else None
-                piece = event.text
-                if st["mode"] == "undecided":  # with tools: the first line tells a call from an answer
-                    st["buffer"] += piece
-                    piece = ""
-                    if "\n" in st["buffer"]:
-                        head = st["buffer"].split("\n", 1)[0]
-                        if head.strip():
-                            st["mode"] = "call"
-                        else:
-                            st["mode"], piece, st["buffer"] = "content", st["buffer"], ""
-                elif st["mode"] == "call":
-                    st["buffer"] += piece
-                    piece = ""
-                if st["mode"] == "content" and piece:
-                    if not st["started"]:
-                        piece = piece.lstrip("\n")  # GLM-4 opens an answer with a newline
-                        st["started"] = bool(piece)
-                    if piece or lp:
-                        yield chunk(index, {"content": piece}, logprobs=lp)
-                if event.kind == "done":
-                    done += 1
-                    completion += event.completion_tokens
-                    finish = event.finish_reason
-                    if st["mode"] != "content":
-                        message, finish = assistant_message(st["buffer"], tools, finish)
-                        if message.get("tool_calls"):
-                            calls = [{**c, "index": k} for k, c in enumerate(message["tool_calls"])]
-                            yield chunk(index, {"tool_calls": calls})
-                        elif message["content"]:
-                            yield chunk(index, {"content": message["content"]})
-                    yield chunk(index, {}, finish)
-            if include_usage:
-                yield usage_chunk("chat.completion.chunk", rid, now, prompt_tokens, completion)
-            yield "data: [DONE]\n\n"
-        finally:
-            for r in requests:
-                r.cancelled.set()
-
-    @app.post("/v1/completions")
-    async def completions(request: Request):
-        body = await read_body(request)
-        prompt = _get(body, "prompt", (str, list))
-        prompts = [prompt] if isinstance(prompt, str) else prompt
-        if not prompts or not all(isinstance(p, str) for p in prompts):
-            raise ApiError(400, "'prompt' must be a string or a non-empty list of strings", "prompt", "invalid_value")
-        params, max_tokens, n = sampling_params(body)
-        if max_tokens is None:
-            max_tokens = 16  # OpenAI's default for completions
-        stream, include_usage = stream_flags(body)
-        echo = _get(body, "echo", (bool,), False)
-        if echo and params.logprobs:
-            raise ApiError(400, "'echo' with 'logprobs' is not supported (the prompt's log-probabilities are not "
-                           "computed); drop one of them", "echo", "invalid_value")
-        for prompt_text in prompts:
-            check_text_length([prompt_text])
-        encoded = await off_loop(lambda: [tokenizer.encode(p) for p in prompts])
-        if any(not ids for ids in encoded):
-            raise ApiError(400, "'prompt' must not be empty", "prompt", "invalid_value")
-        for ids in encoded:
-            params.max_tokens = check_context(len(ids), max_tokens)
-        queue, requests = start(encoded, params, n)
-        rid, now = f"cmpl-{secrets.token_hex(12)}", int(time.time())
-        prompt_tokens = sum(len(ids) for ids in encoded)
-        echoed = [prompts[i // n] if echo else "" for i in range(len(requests))]  # choice i answers prompt i // n
-        if stream:
-            return StreamingResponse(stream_completion(queue, requests, rid, now, include_usage, prompt_tokens,
-                                                       echoed), media_type="text/event-stream")
-        results = await collect(queue, requests, request)
-        if results is None:
-            return Response(status_code=499)
-        choices = [{"index": i, "text": echoed[i] + r["text"], "finish_reason": r["finish_reason"],
-                    "logprobs": completion_logprobs(r["logprobs"]) if params.logprobs else None}
-                   for i, r in enumerate(results)]
-        return {"id": rid, "object": "text_completion", "created": now, "model": model_name, "choices": choices,
-                "usage": usage(prompt_tokens, sum(r["completion_tokens"] for r in results))}
-
-    async def stream_completion(queue, requests, rid, now, include_usage, prompt_tokens, echoed):
-        def chunk(index, text, finish=None, logprobs=None):
-            return sse({"id": rid, "object": "text_completion", "created": now, "model": model_name,
-                        "choices": [{"index": index, "text": text, "finish_reason": finish, "logprobs": logprobs}]})
-
-        completion, done = 0, 0
-        try:
-            for index, text in enumerate(echoed):
-                if text:
-                    yield chunk(index, text)
-            while done < len(requests):
-                index, event = await queue.get()
-                if event.kind == "error":
-                    yield sse_error(event.error)
-                    break
-                if event.text or event.token_logprobs:
-                    lp = completion_logprobs(event.token_logprobs) if event.token_logprobs else None
-                    yield chunk(index, event.text, logprobs=lp)
-                if event.kind == "done":
-                    done += 1
-                    completion += event.completion_tokens
-                    yield chunk(index, "", event.finish_reason)
-            if include_usage:
-                yield usage_chunk("text_completion", rid, now, prompt_tokens, completion)
-            yield "data: [DONE]\n\n"
-        finally:
-            for r in requests:
-                r.cancelled.set()
-
+    app.include_router(router)
     return app
+
+
+# -- handlers ----------------------------------------------------------------------------------------------------
+async def api_error(_: Request, e: ApiError) -> Response:  # async: a plain function would run on a worker thread
+    return e.response()
+
+
+@router.get("/health")
+async def health(request: Request):
+    engine = request.app.state.served.engine
+    return {"status": "ok", "active": engine.active, "waiting": len(engine.waiting)}
+
+
+@router.get("/v1/models")
+async def models(request: Request):
+    return {"object": "list", "data": [request.app.state.served.model_card()]}
+
+
+@router.get("/v1/models/{name:path}")
+async def model(name: str, request: Request):
+    served = request.app.state.served
+    served.check_model(name)
+    return served.model_card()
+
+
+@router.get("/", response_class=HTMLResponse)
+async def page():
+    return resources.files("glmtorch.serve").joinpath("static/index.html").read_text(encoding="utf-8")
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(request: Request):
+    served: Served = request.app.state.served
+    body = await read_body(served, request)
+    messages, tools = chat_messages(body), chat_tools(body)
+    params, max_tokens, n = sampling_params(body)
+    stream, include_usage = stream_flags(body)
+    check_text_length(served, [p["text"] if isinstance(p, dict) else p for m in messages
+                               for p in (m["content"] if isinstance(m["content"], list) else [m["content"] or ""])]
+                      + [json.dumps(tools or [], ensure_ascii=False)])
+    try:
+        ids = await served.off_loop(served.tokenizer.apply_chat_template, messages, tools=tools,
+                                    add_generation_prompt=True)
+    except ChatFormatError as e:
+        raise ApiError(400, str(e), "messages", "invalid_value") from None
+    params.max_tokens = check_context(served, len(ids), max_tokens)
+    queue, requests = start(served, [ids], params, n)
+    head = {"id": f"chatcmpl-{secrets.token_hex(12)}", "created": int(time.time()), "model": served.model_name}
+    if stream:
+        return StreamingResponse(stream_chat(queue, requests, head, tools, include_usage, len(ids)),
+                                 media_type="text/event-stream")
+    results = await collect(queue, requests, request)
+    if results is None:
+        return Response(status_code=499)  # nobody is listening; the status is for the access log
+    choices = []
+    for i, r in enumerate(results):
+        message, finish = assistant_message(r["text"], tools, r["finish_reason"])
+        choice = {"index": i, "message": message, "finish_reason": finish, "logprobs": None}
+        if params.logprobs:
+            choice["logprobs"] = {"content": [chat_logprob(e) for e in r["logprobs"]]}
+        choices.append(choice)
+    completion = sum(r["completion_tokens"] for r in results)
+    return {**head, "object": "chat.completion", "choices": choices, "usage": usage(len(ids), completion)}
+
+
+@router.post("/v1/completions")
+async def completions(request: Request):
+    served: Served = request.app.state.served
+    body = await read_body(served, request)
+    prompt = _get(body, "prompt", (str, list))
+    prompts = [prompt] if isinstance(prompt, str) else prompt
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise ApiError(400, "'prompt' must be a string or a non-empty list of strings", "prompt", "invalid_value")
+    params, max_tokens, n = sampling_params(body)
+    if max_tokens is None:
+        max_tokens = 16  # OpenAI's default for completions
+    stream, include_usage = stream_flags(body)
+    echo = _get(body, "echo", (bool,), False)
+    if echo and params.logprobs:
+        raise ApiError(400, "'echo' with 'logprobs' is not supported (the prompt's log-probabilities are not "
+                       "computed); drop one of them", "echo", "invalid_value")
+    for prompt_text in prompts:
+        check_text_length(served, [prompt_text])
+    encoded = await served.off_loop(lambda: [served.tokenizer.encode(p) for p in prompts])
+    if any(not ids for ids in encoded):
+        raise ApiError(400, "'prompt' must not be empty", "prompt", "invalid_value")
+    for ids in encoded:
+        params.max_tokens = check_context(served, len(ids), max_tokens)
+    queue, requests = start(served, encoded, params, n)
+    head = {"id": f"cmpl-{secrets.token_hex(12)}", "created": int(time.time()), "model": served.model_name}
+    prompt_tokens = sum(len(ids) for ids in encoded)
+    echoed = [prompts[i // n] if echo else "" for i in range(len(requests))]  # choice i answers prompt i // n
+    if stream:
+        return StreamingResponse(stream_completion(queue, requests, head, include_usage, prompt_tokens, echoed),
+                                 media_type="text/event-stream")
+    results = await collect(queue, requests, request)
+    if results is None:
+        return Response(status_code=499)
+    choices = [{"index": i, "text": echoed[i] + r["text"], "finish_reason": r["finish_reason"],
+                "logprobs": completion_logprobs(r["logprobs"]) if params.logprobs else None}
+               for i, r in enumerate(results)]
+    return {**head, "object": "text_completion", "choices": choices,
+            "usage": usage(prompt_tokens, sum(r["completion_tokens"] for r in results))}
+
+
+# -- what the handlers share ---------------------------------------------------------------------------------------
+async def read_body(served: Served, request: Request) -> dict:
+    # JSON only: a page on another site can send text/plain or a form without asking the browser first
+    # (no CORS preflight), so accepting those would let any web page drive a server without --api-key.
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind != "application/json" and not kind.endswith("+json"):
+        raise ApiError(415, f"the request body must be sent as Content-Type: application/json (got "
+                       f"{kind or 'none'!r})", None, "unsupported_media_type")
+    limit = served.max_body_bytes
+    too_large = ApiError(413, f"the request body is larger than this server accepts ({limit} bytes; "
+                         "--max-request-body-size)", None, "request_too_large")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large
+    chunks, size = [], 0
+    async for chunk in request.stream():  # counted as it arrives: a missing or false Content-Length is no way round
+        size += len(chunk)
+        if size > limit:
+            raise too_large
+        chunks.append(chunk)
+    body = await served.off_loop(parse_body, b"".join(chunks))
+    name = _get(body, "model", (str,), None)
+    if name is not None:
+        served.check_model(name)
+    return body
+
+
+def check_text_length(served: Served, texts: list[str]) -> None:
+    """Turn away text that cannot fit the context before tokenising it: n bytes are at least
+    n / max_token_bytes tokens."""
+    context = served.engine.context
+    least = sum(len(t.encode("utf-8")) for t in texts) // served.tokenizer.max_token_bytes
+    if least >= context:
+        raise ApiError(400, f"this model's context is {context} tokens; the prompt is at least {least}. "
+                       "Shorten the prompt", "messages", "context_length_exceeded")
+
+
+def check_context(served: Served, prompt_tokens: int, max_tokens: int | None) -> int:
+    engine = served.engine
+    if max_tokens is None:
+        max_tokens = default_max_tokens(engine, prompt_tokens)
+    if prompt_tokens + max_tokens > engine.context:
+        raise ApiError(400, f"this model's context is {engine.context} tokens; the prompt has {prompt_tokens} and "
+                       f"max_tokens asks for {max_tokens} more. Shorten the prompt or lower max_tokens",
+                       "max_tokens", "context_length_exceeded")
+    return max_tokens
+
+
+def start(served: Served, prompts: list[list[int]], params: SamplingParams,
+          n: int) -> tuple[asyncio.Queue, list[EngineRequest]]:
+    """Submit n requests per prompt; their events arrive on one queue as (choice index, event)."""
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue = asyncio.Queue()
+    requests = []
+    for p, ids in enumerate(prompts):
+        for i in range(n):
+            index = p * n + i
+            seeded = params if params.seed is None or i == 0 else \
+                SamplingParams(**{**params.__dict__, "seed": params.seed + i})
+
+            def emit(event: Event, index=index):
+                loop.call_soon_threadsafe(queue.put_nowait, (index, event))
+
+            requests.append(EngineRequest(list(ids), seeded, emit))
+    try:
+        for r in requests:
+            served.engine.submit(r)
+    except BaseException as e:  # all of a request's choices run, or none: no orphan decodes for nobody
+        for r in requests:
+            r.cancelled.set()
+        if isinstance(e, QueueFull):
+            raise ApiError(503, f"the server is busy: {e}; retry later", None, "queue_full", "server_error") from None
+        raise
+    return queue, requests
+
+
+async def collect(queue, requests, http: Request) -> list[dict] | None:
+    """Every choice's text and numbers, or None when the client went away first (its sequences are cancelled
+    at once: a non-streaming client that hangs up must not leave its work decoding for nobody)."""
+    results = [{"text": "", "finish_reason": None, "logprobs": [], "completion_tokens": 0, "prompt_tokens": 0}
+               for _ in requests]
+
+    async def watch() -> None:  # a blocking receive, the one way to hear a hang-up while nothing is sent
+        while (await http.receive())["type"] != "http.disconnect":
+            pass
+        queue.put_nowait((None, None))
+
+    watcher = asyncio.create_task(watch())
+    done = 0
+    try:
+        while done < len(requests):
+            index, event = await queue.get()
+            if event is None:
+                return None
+            r = results[index]
+            if event.kind == "error":
+                raise ApiError(500, event.error, None, "server_error", "server_error")
+            r["text"] += event.text
+            r["logprobs"] += event.token_logprobs
+            if event.kind == "done":
+                r.update(finish_reason=event.finish_reason, completion_tokens=event.completion_tokens,
+                         prompt_tokens=event.prompt_tokens)
+                done += 1
+    finally:
+        watcher.cancel()
+        for request in requests:
+            request.cancelled.set()  # a no-op for finished ones; frees the slots of a dropped client
+    return results
+
+
+async def stream_chat(queue, requests, head: dict, tools, include_usage: bool, prompt_tokens: int):
+    def chunk(index, delta, finish=None, logprobs=None):
+        choice = {"index": index, "delta": delta, "finish_reason": finish, "logprobs": logprobs}
+        return sse({**head, "object": "chat.completion.chunk", "choices": [choice]})
+
+    replies = [ReplyStream(tools) for _ in requests]
+    completion, done = 0, 0
+    try:
+        for i in range(len(requests)):
+            yield chunk(i, {"role": "assistant", "content": ""})
+        while done < len(requests):
+            index, event = await queue.get()
+            if event.kind == "error":
+                yield sse_error(event.error)
+                break
+            lp = {"content": [chat_logprob(e) for e in event.token_logprobs]} if event.token_logprobs else None
+            piece = replies[index].feed(event.text)
+            if piece or (lp and replies[index].mode == "content"):
+                yield chunk(index, {"content": piece}, logprobs=lp)
+            if event.kind == "done":
+                done += 1
+                completion += event.completion_tokens
+                finish = event.finish_reason
+                held = replies[index].held_back()
+                if held is not None:
+                    message, finish = assistant_message(held, tools, finish)
+                    if message.get("tool_calls"):
+                        calls = [{**c, "index": k} for k, c in enumerate(message["tool_calls"])]
+                        yield chunk(index, {"tool_calls": calls})
+                    elif message["content"]:
+                        yield chunk(index, {"content": message["content"]})
+                yield chunk(index, {}, finish)
+        if include_usage:
+            yield sse({**head, "object": "chat.completion.chunk", "choices": [],
+                       "usage": usage(prompt_tokens, completion)})
+        yield "data: [DONE]\n\n"
+    finally:
+        for r in requests:
+            r.cancelled.set()
+
+
+async def stream_completion(queue, requests, head: dict, include_usage: bool, prompt_tokens: int, echoed):
+    def chunk(index, text, finish=None, logprobs=None):
+        return sse({**head, "object": "text_completion",
+                    "choices": [{"index": index, "text": text, "finish_reason": finish, "logprobs": logprobs}]})
+
+    completion, done = 0, 0
+    try:
+        for index, text in enumerate(echoed):
+            if text:
+                yield chunk(index, text)
+        while done < len(requests):
+            index, event = await queue.get()
+            if event.kind == "error":
+                yield sse_error(event.error)
+                break
+            if event.text or event.token_logprobs:
+                lp = completion_logprobs(event.token_logprobs) if event.token_logprobs else None
+                yield chunk(index, event.text, logprobs=lp)
+            if event.kind == "done":
+                done += 1
+                completion += event.completion_tokens
+                yield chunk(index, "", event.finish_reason)
+        if include_usage:
+            yield sse({**head, "object": "text_completion", "choices": [], "usage": usage(prompt_tokens, completion)})
+        yield "data: [DONE]\n\n"
+    finally:
+        for r in requests:
+            r.cancelled.set()
 
 
 # -- encoding responses ----------------------------------------------------------------------------------------
