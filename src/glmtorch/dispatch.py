@@ -135,19 +135,9 @@ def cache_file() -> str:
 
 def machine() -> str:
     """What a decision depends on besides the shape: the CPU (model and flags), torch, the thread count."""
-    cpu, flags = platform.processor() or platform.machine(), ""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                elif line.startswith("flags"):
-                    flags = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    digest = hashlib.sha256(flags.encode()).hexdigest()[:12]
-    return f"{cpu} | flags {digest} | torch {torch.__version__} | {torch.get_num_threads()} threads"
+    model, flags = _cpuinfo()
+    digest = hashlib.sha256(" ".join(flags).encode()).hexdigest()[:12]
+    return f"{model} | flags {digest} | torch {torch.__version__} | {torch.get_num_threads()} threads"
 
 
 MATRIX_FLAGS = ("fma", "avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_bf16",
@@ -156,18 +146,24 @@ MATRIX_FLAGS = ("fma", "avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf1
 
 def cpu_description() -> dict:
     """The CPU a figure was measured on: lscpu's model name and the flags that decide the matrix paths."""
-    model, flags = platform.processor() or platform.machine(), set()
+    model, flags = _cpuinfo()
+    return {"model": model, "flags": [f for f in MATRIX_FLAGS if f in flags], "cores": os.cpu_count()}
+
+
+def _cpuinfo() -> tuple[str, list[str]]:
+    """(model name, flags) of the first CPU in /proc/cpuinfo; platform's names where there is none."""
+    model, flags = platform.processor() or platform.machine(), []
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
             for line in f:
                 if line.startswith("model name"):
                     model = line.split(":", 1)[1].strip()
                 elif line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
+                    flags = line.split(":", 1)[1].split()
                     break
     except OSError:
         pass
-    return {"model": model, "flags": [f for f in MATRIX_FLAGS if f in flags], "cores": os.cpu_count()}
+    return model, flags
 
 
 def _table() -> dict[str, str]:
