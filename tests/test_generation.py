@@ -207,3 +207,27 @@ def test_sampler_names_non_finite_probabilities():
 
     with pytest.raises(ValueError, match="non-finite probabilities"):
         sample_from_logits(torch.full((1, 8), float("nan")))
+
+
+def test_text_stream_holds_back_stop_prefixes_and_flushes_them_at_eos(tokenizer_dir):
+    """Text that might begin a stop string is held back, and given out when the sequence ends another way (the
+    server used to drop it at an end-of-sequence token)."""
+    from glmtorch.generation.streaming import TextStream
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    ids = tok.encode("To be, or not to be", add_special_tokens=False)
+    eos = tok.convert_tokens_to_ids("<|endoftext|>")
+    stream = TextStream(tok, ["be!"], [eos])
+    out = [stream.add(i) for i in ids]
+    assert all(reason is None for _, reason in out)
+    assert "".join(p for p, _ in out) == "To be, or not to "  # the last "be" may begin "be!": held
+    assert stream.add(eos) == ("be", "stop")
+    stop, shown = TextStream(tok, ["not"], [eos]), ""
+    for i in ids:
+        piece, reason = stop.add(i)
+        shown += piece
+        if reason:
+            break
+    assert (shown, reason) == ("To be, or ", "stop")  # the stop string itself is never shown
+    ignored = TextStream(tok, None, [eos], ignore_eos=True)
+    assert ignored.add(eos)[1] is None

@@ -401,6 +401,15 @@ class GlmForCausalLM(GlmPreTrainedModel):
         result = CausalLMOutputWithPast(loss, logits, out.past_key_values, out.hidden_states, out.attentions)
         return result if return_dict is not False else result.to_tuple()
 
+    def last_token_logits(self, input_ids, lengths, attention_mask, past_key_values, cache_position) -> torch.Tensor:
+        """(B, vocab) fp32 logits at each row's last real token of a right-padded batch (row i's are at
+        lengths[i] - 1): a server prefilling several prompts of different lengths at once. Only those B rows go
+        through the LM head."""
+        h = self.model(input_ids, attention_mask, past_key_values=past_key_values, cache_position=cache_position,
+                       use_cache=True, return_dict=True).last_hidden_state
+        last = (lengths - 1).to(h.device)
+        return self.lm_head(h[torch.arange(h.shape[0], device=h.device), last]).float()
+
 
 class GlmForSequenceClassification(GlmPreTrainedModel):
     """Scores the last real token of each row (the rightmost that is not padding)."""

@@ -94,6 +94,42 @@ class TextIteratorStreamer:
             yield item
 
 
+class TextStream:
+    """One generated sequence as text, token by token: what `stream_text` and the server both stream.
+
+    `add(token)` returns (text now final, finish reason or None): an end-of-sequence id (unless `ignore_eos`) or
+    a completed stop string finishes with "stop"; the stop string itself is never shown, and text that could be
+    the start of one is held back until it is known not to be. `finish()` flushes what is left when the length
+    limit ends the sequence."""
+
+    def __init__(self, tokenizer, stop_strings: list[str] | None = None, eos_ids=(), ignore_eos: bool = False) -> None:
+        self.detok = StreamingDetokenizer(tokenizer)
+        self.stops = list(stop_strings or [])
+        self.eos = set() if ignore_eos else set(eos_ids)
+        self.shown = 0  # characters of detok.text already returned
+
+    def add(self, token: int) -> tuple[str, str | None]:
+        if token in self.eos:
+            return self.finish()[0], "stop"
+        self.detok.add_token(token)
+        text = self.detok.text
+        cut = find_stop(text, self.stops) if self.stops else -1
+        if cut >= 0:
+            return self._take(cut), "stop"
+        return self._take(len(text) - (partial_stop_length(text, self.stops) if self.stops else 0)), None
+
+    def finish(self) -> tuple[str, str | None]:
+        """(the rest of the text, "stop" if finalizing completed a stop string else None)."""
+        self.detok.finalize()
+        cut = find_stop(self.detok.text, self.stops) if self.stops else -1
+        return self._take(cut if cut >= 0 else len(self.detok.text)), "stop" if cut >= 0 else None
+
+    def _take(self, end: int) -> str:
+        piece = self.detok.text[self.shown:end] if end > self.shown else ""
+        self.shown = max(self.shown, end)
+        return piece
+
+
 def stream_text(model, tokenizer, input_ids: torch.Tensor, stop_strings: list[str] | None = None,
                 **generate_kwargs) -> Iterator[tuple[str, str | None]]:
     """Generate for one prompt, yielding (text piece, None) as text becomes final, then ("", finish_reason)
@@ -114,30 +150,15 @@ def stream_text(model, tokenizer, input_ids: torch.Tensor, stop_strings: list[st
         raise ValueError("stream_text streams one prompt at a time")
     max_new_tokens = model._room_for_new_tokens(input_ids.shape[1], config)
     generator = generator or make_generator(seed, input_ids.device)
-    stops = list(stop_strings or [])
-    eos = set(config.eos_token_ids)
-    detok = StreamingDetokenizer(tokenizer)
-    shown = 0  # characters of detok.text already yielded
-    reason = "length"
+    text = TextStream(tokenizer, stop_strings, config.eos_token_ids)
     for tokens, _, _ in decode_tokens(model, input_ids, attention_mask, config, max_new_tokens, generator):
-        token = int(tokens[0])
-        if token in eos:
-            reason = "stop"
-            break
-        detok.add_token(token)
-        cut = find_stop(detok.text, stops) if stops else -1
-        if cut >= 0:
-            if cut > shown:
-                yield detok.text[shown:cut], None
-            yield "", "stop"
+        piece, reason = text.add(int(tokens[0]))
+        if piece:
+            yield piece, None
+        if reason:
+            yield "", reason
             return
-        safe = len(detok.text) - (partial_stop_length(detok.text, stops) if stops else 0)
-        if safe > shown:
-            yield detok.text[shown:safe], None
-            shown = safe
-    detok.finalize()
-    cut = find_stop(detok.text, stops) if stops else -1
-    end = cut if cut >= 0 else len(detok.text)
-    if end > shown:
-        yield detok.text[shown:end], None
-    yield "", "stop" if cut >= 0 else reason
+    piece, reason = text.finish()
+    if piece:
+        yield piece, None
+    yield "", reason or "length"

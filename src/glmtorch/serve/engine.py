@@ -23,8 +23,7 @@ from ..fastpath import compiled_decode_step
 from ..generation.config import GenerationConfig
 from ..generation.processors import make_processors
 from ..generation.sampling import greedy_tokens, sample_from_logits
-from ..generation.stopping import find_stop, partial_stop_length
-from ..generation.streaming import StreamingDetokenizer
+from ..generation.streaming import TextStream
 
 
 class QueueFull(Exception):
@@ -77,8 +76,7 @@ class Request:
     history: torch.Tensor | None = None  # (1, prompt + max_tokens), filled as tokens come: no per-token concat
     processors: list = field(default_factory=list)
     generator: torch.Generator | None = None
-    detok: StreamingDetokenizer | None = None
-    shown: int = 0
+    text: TextStream | None = None
     pending_logprobs: list[dict] = field(default_factory=list)
     arrived: float = field(default_factory=time.perf_counter)
 
@@ -121,7 +119,7 @@ class Engine:
             request.processors = make_processors(request.params.generation_config())
             request.generator = torch.Generator().manual_seed(
                 request.params.seed if request.params.seed is not None else int.from_bytes(os.urandom(6), "little"))
-            request.detok = StreamingDetokenizer(self.tokenizer)
+            request.text = TextStream(self.tokenizer, request.params.stop, self.stop_ids, request.params.ignore_eos)
             self.waiting.append(request)
             self.cond.notify()
 
@@ -219,10 +217,8 @@ class Engine:
         rows = self.cache.rows(first, first + len(requests))
         rows.length = T  # the prompts attend to themselves only
         self.prefill_passes += 1
-        hidden = self.model.model(ids.to(self.device), attention_mask=real.to(self.device), past_key_values=rows,
-                                  cache_position=torch.arange(T, device=self.device), use_cache=True).last_hidden_state
-        last = (lengths - 1).to(self.device)
-        logits = self.model.lm_head(hidden[torch.arange(len(requests), device=self.device), last]).float()
+        logits = self.model.last_token_logits(ids.to(self.device), lengths, real.to(self.device), rows,
+                                              torch.arange(T, device=self.device))
         for r, row_logits in zip(requests, logits):
             r.position = len(r.prompt_ids)
             self._accept_or_fail(r, row_logits)
@@ -287,25 +283,17 @@ class Engine:
                 entry["top_logprobs"] = [{"token": self.tokenizer.decode([int(t)]), "logprob": float(v)}
                                          for v, t in zip(top.values, top.indices)]
             r.pending_logprobs.append(entry)
-        if token in self.stop_ids and not r.params.ignore_eos:
-            return self._finish(r, "stop")
-        r.detok.add_token(token)
-        text = r.detok.text
-        cut = find_stop(text, r.params.stop) if r.params.stop else -1
-        if cut >= 0:
-            self._send(r, text[r.shown:cut])
-            return self._finish(r, "stop")
-        if r.generated >= r.params.max_tokens or r.position + 1 >= self.context:
-            r.detok.finalize()
-            self._send(r, r.detok.text[r.shown:])
-            return self._finish(r, "length")
-        safe = len(text) - (partial_stop_length(text, r.params.stop) if r.params.stop else 0)
-        self._send(r, text[r.shown:safe])
+        piece, reason = r.text.add(token)  # the same text stream as generation.stream_text
+        if reason is None and (r.generated >= r.params.max_tokens or r.position + 1 >= self.context):
+            rest, reason = r.text.finish()
+            piece, reason = piece + rest, reason or "length"
+        self._send(r, piece)
+        if reason is not None:
+            self._finish(r, reason)
 
     def _send(self, r: Request, piece: str) -> None:
         if piece or r.pending_logprobs:
             r.emit(Event("text", text=piece, token_logprobs=r.pending_logprobs))
-            r.shown += len(piece)
             r.pending_logprobs = []
 
     def _finish(self, r: Request, reason: str) -> None:
