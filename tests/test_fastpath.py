@@ -270,3 +270,28 @@ def test_fused_step_says_why_it_does_not_cover_a_model(tmp_path):
     model = glmtorch.GlmForCausalLM.from_pretrained(path)
     model.model.layers[0].post_self_attn_layernorm = torch.nn.Identity()  # a layer the C++ step does not know
     assert fused_step_support(model) == (False, FUSED_STEP_FEATURES[6])
+
+
+@torch.no_grad()
+def test_fused_step_is_timed_as_a_whole_where_matrices_disagree(pair, monkeypatch):
+    """Where some products would rather take the library, the fused step is kept if the whole step is faster
+    fused (measured on a scratch cache), and dropped if not; the real cache is untouched by the timing."""
+    from glmtorch import dispatch
+
+    _, path = pair
+    model = glmtorch.GlmForCausalLM.from_pretrained(path)
+    monkeypatch.setattr(dispatch, "choose", lambda kind, n, k, rows, paths, dtype: "library")
+    ids, mask = torch.tensor([[5, 6, 7], [8, 9, 10]]), torch.ones(2, 3, dtype=torch.long)
+    for fused_faster in (True, False):
+        calls = []
+        step = FusedDecodeStep(lambda *args: calls.append(1) or decode_step(*args))
+        monkeypatch.setattr(FusedDecodeStep, "_fused_step_is_faster", lambda self, m, rows: fused_faster)
+        cache, positions, full_mask = _prefilled(model, ids, mask)
+        before = cache.key_buffer.clone()
+        out = step(model, torch.tensor([[3], [4]]), positions[:, 3:], torch.tensor([3]), full_mask, cache)
+        assert (calls == []) == fused_faster and out.shape == (2, model.config.vocab_size)
+        assert torch.equal(cache.key_buffer[:, :, :, :3], before[:, :, :, :3])
+    monkeypatch.undo()
+    step = FusedDecodeStep(decode_step)
+    step(model, torch.tensor([[3], [4]]), positions[:, 3:], torch.tensor([3]), full_mask, _prefilled(model, ids, mask)[0])
+    assert isinstance(step._fused_step_is_faster(model, 2), bool)  # the real timing runs on a scratch cache
