@@ -273,16 +273,20 @@ def test_fused_step_says_why_it_does_not_cover_a_model(tmp_path):
 
 
 @torch.no_grad()
-def test_fused_step_is_timed_as_a_whole_where_matrices_disagree(pair, monkeypatch):
+def test_fused_step_is_timed_as_a_whole_where_matrices_disagree(pair, monkeypatch, tmp_path):
     """Where some products would rather take the library, the fused step is kept if the whole step is faster
-    fused (measured on a scratch cache), and dropped if not; the real cache is untouched by the timing."""
+    fused (measured on a scratch cache, once per machine: the choice is kept in the dispatch table), and dropped
+    if not; the real cache is untouched by the timing."""
     from glmtorch import dispatch
 
     _, path = pair
+    monkeypatch.setenv("GLMTORCH_DISPATCH_CACHE", str(tmp_path / "dispatch.json"))
     model = glmtorch.GlmForCausalLM.from_pretrained(path)
     monkeypatch.setattr(dispatch, "choose", lambda kind, n, k, rows, paths, dtype: "library")
     ids, mask = torch.tensor([[5, 6, 7], [8, 9, 10]]), torch.ones(2, 3, dtype=torch.long)
     for fused_faster in (True, False):
+        dispatch.forget()
+        (tmp_path / "dispatch.json").unlink(missing_ok=True)
         calls = []
         step = FusedDecodeStep(lambda *args: calls.append(1) or decode_step(*args))
         monkeypatch.setattr(FusedDecodeStep, "_fused_step_is_faster", lambda self, m, rows: fused_faster)
@@ -291,7 +295,11 @@ def test_fused_step_is_timed_as_a_whole_where_matrices_disagree(pair, monkeypatc
         out = step(model, torch.tensor([[3], [4]]), positions[:, 3:], torch.tensor([3]), full_mask, cache)
         assert (calls == []) == fused_faster and out.shape == (2, model.config.vocab_size)
         assert torch.equal(cache.key_buffer[:, :, :, :3], before[:, :, :, :3])
+        kept = [v for k, v in json.loads((tmp_path / "dispatch.json").read_text())["choices"].items()
+                if k.startswith("fused-step")]
+        assert kept == ["kernel" if fused_faster else "library"]
     monkeypatch.undo()
+    dispatch.forget()
     step = FusedDecodeStep(decode_step)
     step(model, torch.tensor([[3], [4]]), positions[:, 3:], torch.tensor([3]), full_mask, _prefilled(model, ids, mask)[0])
     assert isinstance(step._fused_step_is_faster(model, 2), bool)  # the real timing runs on a scratch cache

@@ -72,6 +72,19 @@ def choose(kind: str, n: int, k: int, rows: int, paths: dict[str, Callable[[torc
     return choice
 
 
+def decide(key: str, measure: Callable[[], str]) -> str:
+    """A machine-level choice other than one product's path (the fused decode step against the layer-by-layer
+    one, say): looked up in the same table, else measured by `measure()` once and kept."""
+    table = _table()
+    if table.get(key) not in PATHS:
+        with _lock:
+            if table.get(key) not in PATHS:
+                table[key] = measure()
+                _save()
+    _seen[key] = table[key]
+    return table[key]
+
+
 def linear(layer, x: torch.Tensor) -> torch.Tensor:
     """x through `layer` (a linear layer with `cpu_paths(dtype)`, `in_features`, `out_features`; bias left to the
     caller) by the path measured fastest for this many rows. Inside a compiled graph it is one opaque op, so the

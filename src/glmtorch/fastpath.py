@@ -150,7 +150,13 @@ class FusedDecodeStep:
                 kind, paths = layer.cpu_paths(torch.float32)
                 won &= dispatch.choose(kind, layer.out_features, layer.in_features, rows, paths,
                                        torch.float32) == "kernel"
-            self.kernels_win[bucket] = won or self._fused_step_is_faster(model, bucket)
+            if not won:  # timed once per machine (kept in dispatch.json), not in every server's first steps
+                shapes = sorted({(layer.cpu_paths(torch.float32)[0], layer.out_features, layer.in_features)
+                                 for layer in self.linears})
+                key = f"fused-step {len(model.model.layers)} layers {shapes} rows<={bucket}"
+                won = dispatch.decide(key, lambda: "kernel" if self._fused_step_is_faster(model, bucket)
+                                      else "library") == "kernel"
+            self.kernels_win[bucket] = won
         return self.kernels_win[bucket]
 
     def _fused_step_is_faster(self, model, rows: int, length: int = 32) -> bool:
@@ -167,8 +173,8 @@ class FusedDecodeStep:
             cache.length = length
             self.plan.step(tokens, positions, slot, mask, cache.key_buffer, cache.value_buffer)
 
-        def layered():
-            self.fallback(model, tokens, positions, slot, mask, cache)
+        def layered():  # eager: a compiled fallback (GLMTORCH_COMPILE=1) would build a graph for the scratch shapes
+            decode_step(model, tokens, positions, slot, mask, cache)
 
         times = {}
         with torch.no_grad():
