@@ -437,6 +437,35 @@ def _exit_on_signal(signum, frame) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    code = _main(argv)
+    if "torch.distributed" in sys.modules:
+        _leave_distributed_job(code)
+    return code
+
+
+def _leave_distributed_job(code: int) -> None:
+    """Under torchrun: wait for every rank (bounded), then exit without running C++ destructors. A gloo group
+    torn down at interpreter exit while a peer still talks to it aborted a rank now and then ("terminate called
+    without an active exception", test_generate_command_under_torchrun on a loaded machine)."""
+    import datetime
+
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return
+    try:
+        if dist.get_backend() == "gloo":
+            dist.monitored_barrier(timeout=datetime.timedelta(seconds=60))
+        else:
+            dist.barrier()
+    except Exception:  # a peer that already failed: leave anyway
+        pass
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _main(argv: list[str] | None = None) -> int:
     from .extras import MissingDependency, install_hint, missing_message, require
 
     args = build_parser().parse_args(argv)
