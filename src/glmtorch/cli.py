@@ -90,9 +90,8 @@ def sampling_kwargs(args: argparse.Namespace) -> dict:
 def load(args: argparse.Namespace):
     """(model, tokenizer), with the demo model when no MODEL is given."""
     from . import DEMO_MODEL
-    from .auto import AutoModelForCausalLM
+    from .auto import AutoModelForCausalLM, AutoTokenizer
     from .device import infer_device
-    from .auto import AutoTokenizer
 
     path = args.model
     if path is None:
@@ -214,10 +213,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     import json
     from dataclasses import fields
 
-    from .auto import AutoModelForCausalLM
+    from .auto import AutoModelForCausalLM, AutoTokenizer
     from .config import GlmConfig
     from .device import infer_device
-    from .auto import AutoTokenizer
     from .tokenizer import train_bpe_tokenizer
     from .train import TrainConfig, load_checkpoint_state, read_rows, train
 
@@ -283,10 +281,9 @@ def _train_flags(p: argparse.ArgumentParser) -> None:
 
 def cmd_convert(args: argparse.Namespace) -> int:
     if args.dst.endswith(".gguf"):
-        from .auto import AutoModelForCausalLM
+        from .auto import AutoModelForCausalLM, AutoTokenizer
         from .checkpoint.gguf import write_gguf
         from .extras import require
-        from .auto import AutoTokenizer
 
         require("gguf", "writing a GGUF file")
 

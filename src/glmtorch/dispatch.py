@@ -33,7 +33,7 @@ FORMAT = 1
 MEASURE_SECONDS = 0.02  # per candidate, after its warm-up run; at least two timed runs whatever the size
 
 _lock = threading.RLock()
-_state: dict = {"table": None, "path": None, "dirty": False}
+_state: dict = {"table": None, "path": None}
 _seen: dict[str, str] = {}  # decisions this process used, for `glmtorch bench`
 
 
@@ -66,7 +66,6 @@ def choose(kind: str, n: int, k: int, rows: int, paths: dict[str, Callable[[torc
             if choice not in paths:
                 choice = _measure(paths, row_bucket(rows), k, dtype)
                 table[key] = choice
-                _state["dirty"] = True
                 _save()
     _seen[key] = choice
     return choice
@@ -215,7 +214,6 @@ def _save() -> None:
             json.dump({"format": FORMAT, "machine": machine(), "choices": dict(sorted(_table().items()))}, f,
                       indent=1)
         os.replace(tmp, path)
-        _state["dirty"] = False
     except OSError:
         pass  # a read-only home: decisions stay in memory for this process
 

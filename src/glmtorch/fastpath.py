@@ -50,7 +50,7 @@ class GemvLinear(nn.Linear):
         if w.is_contiguous() and kernels.takes_width(w, w.shape[1]) and kernels.available():
             paths["kernel"] = lambda x: kernels.gemv(x, w)
         if w.dtype == torch.bfloat16:
-            paths["widen_fp32"] = lambda x: kernels.fp32_matmul(x, lambda i, j: w[i:j].float(), w.shape[0])
+            paths["widen_fp32"] = lambda x: kernels.widened_matmul(x, lambda i, j: w[i:j].float(), w.shape[0])
         return str(w.dtype).removeprefix("torch."), paths
 
 
@@ -114,6 +114,7 @@ class FusedDecodeStep:
     def __init__(self, fallback) -> None:
         self.fallback, self.plan, self.max_rows, self.built_for = fallback, None, 0, None
         self.linears: list = []  # one layer per distinct (kind, shape) in the plan
+        self.shapes: list = []  # their (kind, out, in)
         self.kernels_win: dict[int, bool] = {}  # per row bucket
 
     def __call__(self, model, tokens, position_ids, cache_position, attention_mask, cache) -> torch.Tensor:
@@ -122,6 +123,8 @@ class FusedDecodeStep:
             layout, _ = _fused_step_layout(model)
             self.plan, self.max_rows = _build_plan(model, layout) if layout else (None, 0)
             self.linears = _distinct_linears(model) if layout else []
+            self.shapes = [(layer.cpu_paths(torch.float32)[0], layer.out_features, layer.in_features)
+                           for layer in self.linears]
             self.kernels_win.clear()
             self.built_for = key
         rows = tokens.shape[0]
@@ -132,7 +135,6 @@ class FusedDecodeStep:
                                 cache.value_buffer)
         cache.advance(1)
         return logits
-
 
     def _kernels_win(self, model, rows: int) -> bool:
         """Whether the fused step is the faster way to run this many rows (batch 1: always, that is what the plan
@@ -151,9 +153,7 @@ class FusedDecodeStep:
                 won &= dispatch.choose(kind, layer.out_features, layer.in_features, rows, paths,
                                        torch.float32) == "kernel"
             if not won:  # timed once per machine (kept in dispatch.json), not in every server's first steps
-                shapes = sorted({(layer.cpu_paths(torch.float32)[0], layer.out_features, layer.in_features)
-                                 for layer in self.linears})
-                key = f"fused-step {len(model.model.layers)} layers {shapes} rows<={bucket}"
+                key = f"fused-step {len(model.model.layers)} layers {self.shapes} rows<={bucket}"
                 won = dispatch.decide(key, lambda: "kernel" if self._fused_step_is_faster(model, bucket)
                                       else "library") == "kernel"
             self.kernels_win[bucket] = won

@@ -53,12 +53,8 @@ class Int8Linear(nn.Module):
 
     def cpu_paths(self, dtype: torch.dtype) -> tuple[str, dict]:
         """(kind, {path: fn(x)}) for glmtorch.dispatch: the integer kernels, or the weights dequantized chunk by
-        chunk into the library product (in bf16 too for bf16 activations: the matrix units of AMX CPUs)."""
-        paths = {"widen_fp32": lambda x: kernels.fp32_matmul(x, lambda i, j: self.dequantized(torch.float32, i, j),
-                                                             self.out_features)}
-        if dtype == torch.bfloat16:
-            paths["widen_bf16"] = lambda x: _bf16_matmul(x, lambda i, j: self.dequantized(torch.bfloat16, i, j),
-                                                         self.out_features)
+        chunk into the library product (_widened_paths)."""
+        paths = _widened_paths(self, dtype)
         if kernels.takes_width(self.weight, self.in_features) and kernels.available():
             paths["kernel"] = lambda x: kernels.gemv_int8(x, self.weight, self.scales)
         return "int8", paths
@@ -170,11 +166,7 @@ class Int4Linear(nn.Module):
 
     def cpu_paths(self, dtype: torch.dtype) -> tuple[str, dict]:
         """As Int8Linear.cpu_paths, with the int4 kernels (groups of 32-256)."""
-        paths = {"widen_fp32": lambda x: kernels.fp32_matmul(x, lambda i, j: self.dequantized(torch.float32, i, j),
-                                                             self.out_features)}
-        if dtype == torch.bfloat16:
-            paths["widen_bf16"] = lambda x: _bf16_matmul(x, lambda i, j: self.dequantized(torch.bfloat16, i, j),
-                                                         self.out_features)
+        paths = _widened_paths(self, dtype)
         if (self.group_size in (32, 64, 128, 256) and kernels.takes_width(self.weight, self.in_features)
                 and kernels.available()):
             paths["kernel"] = lambda x: kernels.gemv_int4(x, self.weight, self.scales, self.group_size,
@@ -189,13 +181,15 @@ class Int4Linear(nn.Module):
         return y + self.bias if self.bias is not None else y
 
 
-def _bf16_matmul(x: torch.Tensor, weight_rows, out_features: int) -> torch.Tensor:
-    """x @ W.T in bf16, W widened (dequantized) chunk by chunk: the library's bf16 product, which CPUs with
-    AVX512-BF16 or AMX run on their matrix units."""
-    xb = x.to(torch.bfloat16)
-    parts = [F.linear(xb, weight_rows(i, min(i + kernels.ROW_CHUNK, out_features)))
-             for i in range(0, out_features, kernels.ROW_CHUNK)]
-    return (parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)).to(x.dtype)
+def _widened_paths(layer, dtype: torch.dtype) -> dict:
+    """A quantized layer's weights dequantized chunk by chunk into the library product: in fp32, and for bf16
+    activations in bf16 too (the matrix units of AVX512-BF16 / AMX CPUs)."""
+    paths = {"widen_fp32": lambda x: kernels.widened_matmul(
+        x, lambda i, j: layer.dequantized(torch.float32, i, j), layer.out_features)}
+    if dtype == torch.bfloat16:
+        paths["widen_bf16"] = lambda x: kernels.widened_matmul(
+            x, lambda i, j: layer.dequantized(torch.bfloat16, i, j), layer.out_features, torch.bfloat16)
+    return paths
 
 
 def _interleave(t: torch.Tensor, rows: int, unit: int) -> torch.Tensor:

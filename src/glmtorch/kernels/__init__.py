@@ -7,9 +7,8 @@ chunk once and multiplies it into every row gets much closer to the bandwidth at
 int8, int4).
 
 They take any number of rows (integer weights 8 at a time against each weight row, which stays in cache for the
-next 8; float weights in register tiles, and from 32 rows on as a small packed matrix product); glmtorch sends
-them as many rows as they beat the BLAS matrix product with: decode steps of a served batch, and for float weights
-short prompts too.
+next 8; float weights in register tiles, and from 32 rows on as a small packed matrix product); which products go
+to them rather than to the library is measured on each machine (glmtorch.dispatch).
 
 The library is compiled with -O3 -march=native by torch.utils.cpp_extension (a C++ compiler is needed; the
 result is cached under ~/.cache/torch_extensions, so later sessions load it in a second). When it cannot be
@@ -131,31 +130,18 @@ def _register_shapes() -> None:
         return x.new_empty(x.shape[0], w.shape[0])
 
 
-def native_bf16() -> bool:
-    """Whether this CPU multiplies bf16 matrices natively (AVX-512 and up); without it, oneDNN's bf16 matrix
-    product is emulated and runs several times slower than fp32 (measured here: prefill 48 vs 270 tok/s)."""
-    if "bf16" not in _state:
-        try:
-            _state["bf16"] = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-        except (AttributeError, RuntimeError):
-            _state["bf16"] = False
-    return _state["bf16"]
-
-
 ROW_CHUNK = 4096  # output features widened at a time: bounded scratch memory whatever the matrix
 
 
-def fp32_matmul(x: torch.Tensor, weight_rows, out_features: int, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ W.T computed in fp32, with W produced `ROW_CHUNK` output rows at a time by weight_rows(start, stop)
-    (a bf16 matrix widened, or an int8 / int4 one dequantized). For the matrix products of prefill on a CPU: the
-    fp32 GEMM is the fast one, and widening the weights costs little next to it."""
-    xf = x.float()
-    parts = [F.linear(xf, weight_rows(i, min(i + ROW_CHUNK, out_features)))
+def widened_matmul(x: torch.Tensor, weight_rows, out_features: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """x @ W.T computed in `dtype`, with W produced `ROW_CHUNK` output rows at a time by weight_rows(start, stop)
+    (a bf16 matrix widened to fp32, an int8 / int4 one dequantized to fp32 or bf16): the library's matrix product
+    without a dense copy of the whole weight. fp32 on CPUs that emulate bf16; bf16 on those with AVX512-BF16 or
+    AMX (glmtorch.dispatch measures which)."""
+    xw = x.to(dtype)
+    parts = [F.linear(xw, weight_rows(i, min(i + ROW_CHUNK, out_features)))
              for i in range(0, out_features, ROW_CHUNK)]
-    y = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
-    if bias is not None:
-        y = y + bias.float()
-    return y.to(x.dtype)
+    return (parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)).to(x.dtype)
 
 
 def takes_width(weight: torch.Tensor, in_features: int) -> bool:
