@@ -6,6 +6,12 @@ few large matrix products instead of many small ones and running streams pause o
 next step; a finished or cancelled request leaves at once and its slot is reused.
 Each request keeps its own sampling parameters and random generator, so a seed gives the same text whether
 the request runs alone or in a full batch.
+
+Where the loop runs matters on a CPU: torch's OpenMP threads answer a parallel region started from the process's
+main thread in ~9 us, from any other thread in ~70 us (measured with 2 threads, AMX Xeon; libgomp keeps only the
+main thread's team spinning), which made a 64-row step of "small" bf16 135 ms instead of 108 ms. So `glmtorch
+serve` runs the loop in the main thread (`Engine(..., thread=False)`, then `run()`) and the HTTP server beside
+it; embedded uses (tests, notebooks) get their own thread by default.
 """
 
 from __future__ import annotations
@@ -83,7 +89,7 @@ class Request:
 
 class Engine:
     def __init__(self, model, tokenizer, max_batch: int = 8, max_queue: int = 64, max_context: int | None = None,
-                 stop_ids: set[int] | None = None, prefill_tokens: int = 2048) -> None:
+                 stop_ids: set[int] | None = None, prefill_tokens: int = 2048, thread: bool = True) -> None:
         self.model, self.tokenizer = model, tokenizer
         self.max_batch, self.max_queue = max_batch, max_queue
         self.prefill_tokens = prefill_tokens
@@ -102,8 +108,10 @@ class Engine:
         self.device = model.device
         self.steps = 0  # decode steps
         self.prefill_passes = 0  # forward passes that prefilled prompts (several requests each under load)
-        self.thread = threading.Thread(target=self._run, name="glmtorch-engine", daemon=True)
-        self.thread.start()
+        self.thread = None
+        if thread:
+            self.thread = threading.Thread(target=self.run, name="glmtorch-engine", daemon=True)
+            self.thread.start()
 
     # -- the outside ---------------------------------------------------------------------------------------
     def submit(self, request: Request) -> None:
@@ -124,29 +132,41 @@ class Engine:
             self.cond.notify()
 
     def stop(self) -> None:
-        """End every request with an error and stop the thread (SIGTERM / Ctrl-C)."""
+        """End every request with an error and stop the loop's thread (SIGTERM / Ctrl-C)."""
+        self.request_stop()
+        if self.thread is not None and self.thread is not threading.current_thread():
+            self.thread.join(timeout=30)
+        self._end_all()  # if the loop is stuck in a step, its clients hear now; if not, this finds nothing
+
+    def request_stop(self) -> None:
+        """Ask the loop to end every request with an error and return: only sets a flag, so a signal handler
+        may call it while the loop it interrupted holds the lock (the loop polls the flag while idle)."""
+        self.running = False
+
+    def _end_all(self) -> None:
         with self.cond:
-            self.running = False
             for r in list(self.waiting) + [s for s in self.slots if s is not None]:
                 r.emit(Event("error", error="the server is shutting down"))
             self.waiting.clear()
             self.slots = [None] * self.max_batch
-            self.cond.notify()
-        self.thread.join(timeout=30)
 
     @property
     def active(self) -> int:
         return sum(s is not None for s in self.slots)
 
     # -- the loop ------------------------------------------------------------------------------------------
-    def _run(self) -> None:
+    def run(self, until_idle: bool = False) -> None:
+        """The loop: admit, prefill, decode, until request_stop() (or, with until_idle, until nothing is left to
+        do). Runs in the engine's own thread, or in the caller's when it was made with thread=False."""
         torch.set_grad_enabled(False)
         while True:
             with self.cond:
                 while self.running and not self.waiting and not any(self.slots):
-                    self.cond.wait()
+                    if until_idle:
+                        return
+                    self.cond.wait(timeout=0.25)  # a timeout: request_stop() does not notify
                 if not self.running:
-                    return
+                    break
                 admitted = self._take_waiting()
             try:
                 if admitted:
@@ -161,6 +181,7 @@ class Engine:
                 with self.cond:
                     for r in [r for r in self.slots if r is not None]:
                         self._fail(r, e)
+        self._end_all()
 
     def _take_waiting(self) -> list[Request]:
         """Move waiting requests into free slots (the free slots follow the occupied ones), as many as fit in one

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import sys
 import threading
@@ -25,10 +26,11 @@ def load_for_serving(model_path: str | None, dtype: str = "auto", device: str | 
     return model, tokenizer, name
 
 
-def build_engine(model, tokenizer, max_batch: int, max_queue: int, max_context: int | None = None) -> Engine:
+def build_engine(model, tokenizer, max_batch: int, max_queue: int, max_context: int | None = None,
+                 thread: bool = True) -> Engine:
     stop_ids = tokenizer.stop_token_ids(getattr(model.generation_config, "eos_token_id", None))
     return Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue, max_context=max_context,
-                  stop_ids={i for i in stop_ids if i < model.config.vocab_size})
+                  stop_ids={i for i in stop_ids if i < model.config.vocab_size}, thread=thread)
 
 
 def warm_up(engine: Engine) -> None:
@@ -39,6 +41,8 @@ def warm_up(engine: Engine) -> None:
         for d in done:
             engine.submit(Request([0, 1, 2], SamplingParams(max_tokens=3, temperature=0, ignore_eos=True),
                                   lambda e, d=d: e.kind != "text" and d.set()))
+        if engine.thread is None:
+            engine.run(until_idle=True)
         for d in done:
             d.wait(timeout=900)
 
@@ -66,26 +70,36 @@ def serve(model_path: str | None = None, host: str = "127.0.0.1", port: int = 80
 
     check_address(host, port)  # before minutes of loading, not after
     model, tokenizer, name = load_for_serving(model_path, dtype, device, quantize)
-    engine = build_engine(model, tokenizer, max_batch, max_queue, max_context)
+    engine = build_engine(model, tokenizer, max_batch, max_queue, max_context, thread=False)
     if model_path is None:
         print("glmtorch: no MODEL given, serving the built-in demo model", file=sys.stderr)
     print("glmtorch: warming up...", file=sys.stderr, flush=True)
     warm_up(engine)
     app = create_app(engine, tokenizer, name, api_key, **({"max_body_bytes": max_body_bytes} if max_body_bytes else {}))
 
-    class Server(uvicorn.Server):
-        def handle_exit(self, sig, frame):  # end in-flight requests with an error at once, then stop
-            threading.Thread(target=engine.stop, daemon=True).start()
-            super().handle_exit(sig, frame)
-
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
-    server = Server(config)
+    server = uvicorn.Server(config)  # in a thread of its own: it installs no signal handlers there
 
     def announce():
         shown = "localhost" if host in ("0.0.0.0", "127.0.0.1") else host
         print(f"glmtorch: serving {name!r} at http://{shown}:{port}/v1 (chat page: http://{shown}:{port}/)",
               flush=True)
 
+    def http():
+        try:
+            server.run()
+        finally:  # the HTTP side ended (shut down, or failed to start): the engine ends too
+            engine.request_stop()
+
+    def leave(signum, frame):  # Ctrl-C / SIGTERM: in-flight requests end with an error at once, then both stop
+        engine.request_stop()
+        server.should_exit = True
+
     app.router.on_startup.append(announce)
-    server.run()
-    engine.stop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, leave)
+    http_thread = threading.Thread(target=http, name="glmtorch-http", daemon=True)
+    http_thread.start()
+    engine.run()  # the model runs in the main thread (see glmtorch.serve.engine)
+    server.should_exit = True
+    http_thread.join(timeout=10)
