@@ -303,3 +303,68 @@ def test_fused_step_is_timed_as_a_whole_where_matrices_disagree(pair, monkeypatc
     step = FusedDecodeStep(decode_step)
     step(model, torch.tensor([[3], [4]]), positions[:, 3:], torch.tensor([3]), full_mask, _prefilled(model, ids, mask)[0])
     assert isinstance(step._fused_step_is_faster(model, 2), bool)  # the real timing runs on a scratch cache
+
+
+needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
+
+
+@needs_onednn
+@pytest.mark.parametrize("config", ["gqa", "tied_narrow_heads"])
+@torch.no_grad()
+def test_packed_weights_give_the_library_product_bit_for_bit(tmp_path, monkeypatch, config):
+    """GLMTORCH_PACK=1: every unshared linear of a bf16 model holds one packed (oneDNN) weight; logits equal the
+    plain library path exactly, the state dict and a saved checkpoint hold the plain matrices, and `.to()` and
+    unpack_weights bring the plain weights back."""
+    from glmtorch.fastpath import pack_weights, unpack_weights
+
+    path = save_hf(make_hf_model(**CONFIGS[config]), tmp_path / "ref")
+    model = glmtorch.GlmForCausalLM.from_pretrained(path, dtype="bfloat16")
+    ids = torch.randint(1, 160, (3, 9), generator=torch.Generator().manual_seed(2))
+    plain_state = {k: v.clone() for k, v in model.state_dict().items()}
+    monkeypatch.setenv("GLMTORCH_LINEAR_PATH", "library")
+    expected = model(ids).logits
+    monkeypatch.setenv("GLMTORCH_PACK", "1")
+    linears = [m for m in model.modules() if isinstance(m, GemvLinear)]
+    assert pack_weights(model, rows=8) == len(linears) - (config == "tied_narrow_heads")
+    assert model.lm_head.packed is (config != "tied_narrow_heads")  # a tied head stays the embedding's matrix
+    assert model.model.layers[0].mlp.gate_up_proj.packed
+    assert torch.equal(model(ids).logits, expected)
+    state = model.state_dict()
+    assert not any(v.is_mkldnn for v in state.values())
+    assert all(torch.equal(state[k], plain_state[k]) for k in plain_state)
+    model.save_pretrained(tmp_path / "saved")
+    again = glmtorch.GlmForCausalLM.from_pretrained(tmp_path / "saved", dtype="bfloat16")
+    assert torch.equal(again(ids).logits, expected)
+    with pytest.raises(RuntimeError, match="unpack_weights"):  # a product that needs the plain weight says so
+        with torch.enable_grad():
+            model.model.layers[0].mlp.down_proj(torch.zeros(1, 96, dtype=torch.bfloat16, requires_grad=True))
+    unpack_weights(model)
+    assert not any(m.packed for m in linears)
+    assert all(p.requires_grad for p in model.parameters())
+    assert torch.equal(model(ids).logits, expected)
+    pack_weights(model, rows=8)
+    wide = model.to(torch.float32)  # .to() unpacks first
+    assert not any(m.packed for m in linears) and wide.lm_head.weight.dtype == torch.float32
+
+
+@needs_onednn
+@torch.no_grad()
+def test_packing_is_decided_by_timing_the_step_once(pair, monkeypatch):
+    """Unforced, pack_weights times the decode step both ways and keeps the faster layout in the dispatch table,
+    which the next call reads instead of timing again; fp32 models the fused step covers are left plain."""
+    from glmtorch import dispatch, fastpath
+
+    _, path = pair
+    assert fastpath.pack_weights(glmtorch.GlmForCausalLM.from_pretrained(path)) == 0  # fp32: the fused step's
+    model = glmtorch.GlmForCausalLM.from_pretrained(path, dtype="bfloat16")
+    timed = []
+    real = fastpath.time_decode_step
+    monkeypatch.setattr(fastpath, "time_decode_step", lambda *a, **k: timed.append(a[1]) or real(*a, **k))
+    packed = fastpath.pack_weights(model, rows=5)
+    assert timed == [8, 8]  # plain, then packed, at the row bucket
+    choice = [v for k, v in dispatch.decisions().items() if k.startswith("layout") and k.endswith("rows<=8")]
+    assert choice == ["packed" if packed else "plain"]
+    assert fastpath.pack_weights(model, rows=7) == packed and timed == [8, 8]
+    monkeypatch.setenv("GLMTORCH_PACK", "0")
+    assert fastpath.pack_weights(model, rows=5) == 0
+    assert not any(getattr(m, "packed", False) for m in model.modules())

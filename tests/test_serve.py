@@ -355,3 +355,32 @@ def test_compiled_engine_steps_any_row_count_with_one_graph(chat_checkpoint, mon
         assert counters["stats"]["unique_graphs"] == graphs  # and none of them compiled a new graph
     finally:
         engine.stop()
+
+
+def test_engine_runs_in_the_callers_thread(chat_checkpoint):
+    """Engine(thread=False): `glmtorch serve` runs the loop in the main thread (OpenMP is several times quicker to
+    start a parallel region there); run(until_idle=True) serves what is queued and returns, stop() ends the rest."""
+    import threading
+
+    from glmtorch.serve.engine import Engine, Request, SamplingParams
+
+    _, path = chat_checkpoint
+    model = glmtorch.AutoModelForCausalLM.from_pretrained(path)
+    tokenizer = glmtorch.AutoTokenizer.from_pretrained(path)
+    engine = Engine(model, tokenizer, max_batch=2, thread=False)
+    assert engine.thread is None
+    events, threads = [], set()
+
+    def emit(event):
+        events.append(event)
+        threads.add(threading.current_thread())
+
+    for _ in range(3):
+        engine.submit(Request([5, 6, 7], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True), emit))
+    engine.run(until_idle=True)
+    assert torch.is_grad_enabled()  # the caller's grad mode is left as it was
+    assert [e.completion_tokens for e in events if e.kind == "done"] == [4, 4, 4]
+    assert threads == {threading.current_thread()}
+    engine.submit(Request([5, 6], SamplingParams(max_tokens=4), emit))
+    engine.stop()
+    assert events[-1].kind == "error" and "shutting down" in events[-1].error

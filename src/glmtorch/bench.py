@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from . import dispatch
-from .fastpath import describe_decode_step
+from .fastpath import describe_decode_step, pack_weights
 from .extras import install_hint
 
 PRESETS = {
@@ -107,6 +107,7 @@ def run_bench(model_path: str | None = None, preset: str = "small", dtype: str =
         model_path = make_checkpoint(preset, tmp, torch_dtype)
     runners: dict[str, Any] = {}
     ours = GlmForCausalLM.from_pretrained(model_path, dtype=torch_dtype, device=dev, quantize=quantize)
+    pack_weights(ours)  # as `glmtorch generate` / `chat` / `serve` run it
     runners["glmtorch"] = ours
     if with_transformers and quantize is None:
         try:

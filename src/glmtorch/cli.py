@@ -92,6 +92,7 @@ def load(args: argparse.Namespace):
     from . import DEMO_MODEL
     from .auto import AutoModelForCausalLM, AutoTokenizer
     from .device import infer_device
+    from .fastpath import pack_weights
 
     path = args.model
     if path is None:
@@ -107,6 +108,7 @@ def load(args: argparse.Namespace):
         model = AutoModelForCausalLM.from_pretrained(path, dtype=args.dtype, device=device, tp_size=world)
     else:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=args.dtype, device=args.device or infer_device())
+        pack_weights(model)  # inference only from here on
     tokenizer = AutoTokenizer.from_pretrained(path)
     return model, tokenizer
 

@@ -10,7 +10,12 @@ settle it (a VM can list AMX and not grant it), so the first time a (kind, shape
 candidate runs on random input of that size (a few ms), the fastest is kept, and the table is written beside the
 built kernels, keyed by CPU, torch version and thread count, for every later process.
 
-GLMTORCH_LINEAR_PATH=kernel|library|widen_fp32|widen_bf16 forces a path wherever the layer offers it.
+Where the library product wins, the weight can also be kept in the layout oneDNN wants (`packed`: reordered
+once into its blocked format, the only copy; glmtorch.fastpath.pack_weights), which is measured on the whole
+decode step, once per model shape and row bucket (a layer is either packed or not for every row count).
+
+GLMTORCH_LINEAR_PATH=kernel|library|widen_fp32|widen_bf16 forces a path wherever the layer offers it (a packed
+layer offers only `packed`; GLMTORCH_PACK=0 keeps every weight plain, =1 packs without measuring).
 """
 
 from __future__ import annotations
@@ -27,7 +32,8 @@ from collections.abc import Callable
 
 import torch
 
-PATHS = ("kernel", "library", "widen_fp32", "widen_bf16")
+PATHS = ("kernel", "library", "widen_fp32", "widen_bf16", "packed")
+LAYOUTS = ("packed", "plain")
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 FORMAT = 1
 MEASURE_SECONDS = 0.02  # per candidate, after its warm-up run; at least two timed runs whatever the size
@@ -75,9 +81,9 @@ def decide(key: str, measure: Callable[[], str]) -> str:
     """A machine-level choice other than one product's path (the fused decode step against the layer-by-layer
     one, say): looked up in the same table, else measured by `measure()` once and kept."""
     table = _table()
-    if table.get(key) not in PATHS:
+    if table.get(key) not in PATHS + LAYOUTS:
         with _lock:
-            if table.get(key) not in PATHS:
+            if table.get(key) not in PATHS + LAYOUTS:
                 table[key] = measure()
                 _save()
     _seen[key] = table[key]
@@ -96,7 +102,7 @@ def linear(layer, x: torch.Tensor) -> torch.Tensor:
     # batch-1 step of "small" bf16). The weights' addresses are in the key: .to(), quantization or int4
     # interleaving replace them, and the kept functions hold the old tensors.
     scales = getattr(layer, "scales", None)
-    key = (row_bucket(rows), x.dtype, os.environ.get("GLMTORCH_LINEAR_PATH"), layer.weight.data_ptr(),
+    key = (row_bucket(rows), x.dtype, os.environ.get("GLMTORCH_LINEAR_PATH"), _address(layer.weight),
            layer.weight.dtype, None if scales is None else scales.data_ptr())
     kept = layer.__dict__.setdefault("_dispatched", {})
     fn = kept.get(key)
@@ -104,6 +110,11 @@ def linear(layer, x: torch.Tensor) -> torch.Tensor:
         kind, paths = layer.cpu_paths(x.dtype)
         fn = kept[key] = paths[choose(kind, layer.out_features, layer.in_features, rows, paths, x.dtype)]
     return fn(x)
+
+
+def _address(t: torch.Tensor) -> int:
+    """Where a weight lives: its data pointer, or for a packed (opaque oneDNN) weight, which has none, its id."""
+    return id(t) if t.is_mkldnn else t.data_ptr()
 
 
 _layers: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
@@ -197,7 +208,7 @@ def _load() -> dict[str, str]:
             raise ValueError("not a dispatch table")
         if data.get("format") != FORMAT or data.get("machine") != machine():
             return {}  # another CPU, torch or thread count: measure again (and overwrite)
-        return {k: v for k, v in data["choices"].items() if isinstance(k, str) and v in PATHS}
+        return {k: v for k, v in data["choices"].items() if isinstance(k, str) and v in PATHS + LAYOUTS}
     except (OSError, ValueError) as e:
         warnings.warn(f"glmtorch: ignoring the unreadable dispatch cache {path} ({e}); measuring again",
                       stacklevel=3)
@@ -219,26 +230,33 @@ def _save() -> None:
 
 
 def _measure(paths: dict[str, Callable], rows: int, k: int, dtype: torch.dtype) -> str:
+    times = time_paths(paths, rows, k, dtype)
+    return min(times, key=times.get)
+
+
+def time_paths(paths: dict[str, Callable], rows: int, k: int, dtype: torch.dtype) -> dict[str, float]:
+    """Seconds per call of each path on random (rows, k) input, best of a few runs after a warm-up; a path whose
+    warm-up is already 4x slower than the best so far is not timed again (its warm-up time is what it gets)."""
     x = torch.randn(rows, k, generator=torch.Generator().manual_seed(0)).to(dtype)
-    best_name, best = None, float("inf")
+    times: dict[str, float] = {}
     with torch.no_grad():
         for name, fn in paths.items():
-            start = time.perf_counter()
-            fn(x)  # warm-up: builds oneDNN primitives, faults in scratch memory
-            first = time.perf_counter() - start
-            if first > 4 * best:  # already far behind: no need to time it again
-                continue
-            times, spent = [], 0.0
-            while len(times) < 2 or spent < MEASURE_SECONDS:
+            for _ in range(2):  # warm-up: builds oneDNN primitives (~1 ms), faults in scratch memory
                 start = time.perf_counter()
                 fn(x)
-                times.append(time.perf_counter() - start)
-                spent += times[-1]
-                if len(times) >= 20:
+                times[name] = time.perf_counter() - start
+            if times[name] > 4 * min(times.values()):  # already far behind: no need to time it again
+                continue
+            runs, spent = [], 0.0
+            while len(runs) < 2 or spent < MEASURE_SECONDS:
+                start = time.perf_counter()
+                fn(x)
+                runs.append(time.perf_counter() - start)
+                spent += runs[-1]
+                if len(runs) >= 20:
                     break
-            if min(times) < best:
-                best_name, best = name, min(times)
-    return best_name
+            times[name] = min(runs)
+    return times
 
 
 def forget() -> None:

@@ -158,7 +158,10 @@ class Engine:
     def run(self, until_idle: bool = False) -> None:
         """The loop: admit, prefill, decode, until request_stop() (or, with until_idle, until nothing is left to
         do). Runs in the engine's own thread, or in the caller's when it was made with thread=False."""
-        torch.set_grad_enabled(False)
+        with torch.no_grad():  # not set_grad_enabled: in the caller's thread, its grad mode must come back
+            self._loop(until_idle)
+
+    def _loop(self, until_idle: bool) -> None:
         while True:
             with self.cond:
                 while self.running and not self.waiting and not any(self.slots):

@@ -8,6 +8,7 @@ import socket
 import sys
 import threading
 
+from ..fastpath import pack_weights
 from .app import create_app
 from .engine import Engine, Request, SamplingParams
 
@@ -70,6 +71,7 @@ def serve(model_path: str | None = None, host: str = "127.0.0.1", port: int = 80
 
     check_address(host, port)  # before minutes of loading, not after
     model, tokenizer, name = load_for_serving(model_path, dtype, device, quantize)
+    pack_weights(model, rows=max_batch)  # the server only runs inference, in batches of up to max_batch rows
     engine = build_engine(model, tokenizer, max_batch, max_queue, max_context, thread=False)
     if model_path is None:
         print("glmtorch: no MODEL given, serving the built-in demo model", file=sys.stderr)
