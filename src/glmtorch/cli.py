@@ -399,6 +399,7 @@ def _bench_serve_flags(p: argparse.ArgumentParser) -> None:
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable]] = {}
 # Optional packages a subcommand cannot start without, checked before it loads anything (extras.EXTRAS says which
 # pip extra brings each).
+RUNS_A_MODEL = ("generate", "chat", "serve", "bench", "train")  # the allocator is tuned for them (reuse_freed_memory)
 NEEDS: dict[str, tuple[str, ...]] = {"serve": ("fastapi", "uvicorn"), "bench-serve": ("httpx",)}
 
 
@@ -475,6 +476,10 @@ def _main(argv: list[str] | None = None) -> int:
     try:
         for module in NEEDS.get(args.command, ()):
             require(module, f"glmtorch {args.command}")
+        if args.command in RUNS_A_MODEL:
+            from .device import reuse_freed_memory
+
+            reuse_freed_memory()
         return COMMANDS[args.command][2](args)
     except KeyboardInterrupt:
         print(file=sys.stderr)

@@ -77,6 +77,6 @@ def decode_tokens(
         if i == max_new_tokens - 1 or bool(finished.all()):
             return
         # attend to the slots written so far: the mask's length (dynamic in the compiled step) says how many
-        logits = step(model, tokens[:, None], next_position, slot, mask[:, :T + i + 1], cache)
+        logits = step(model, tokens[:, None], next_position, slot, mask[:, :T + i + 1], cache).float()
         next_position = next_position + 1
         slot = slot + 1

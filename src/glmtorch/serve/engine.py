@@ -289,7 +289,7 @@ class Engine:
         if greedy_token is not None:
             token = greedy_token
         else:
-            row = logits[None].cpu()
+            row = logits[None].float().cpu()  # a decode step's logits come in the model's dtype
             for process in r.processors:
                 row = process(r.history[:, :filled], row)
             if r.params.temperature == 0:
