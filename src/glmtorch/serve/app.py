@@ -8,7 +8,9 @@ import functools
 import json
 import re
 import secrets
+import threading
 import time
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from importlib import resources
@@ -299,6 +301,43 @@ class Served:
                            "model_not_found")
 
 
+class Mailbox:
+    """Events from the engine's thread to one event loop, with one wake-up per batch: a decode step of 64 streams
+    posts 64 events, and `call_soon_threadsafe` for each wrote to the loop's wake-up pipe 64 times a step and
+    took the GIL from the engine 64 times."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop, self.lock, self.pending = loop, threading.Lock(), []
+
+    def post(self, queue: asyncio.Queue, item) -> None:
+        with self.lock:
+            self.pending.append((queue, item))
+            first = len(self.pending) == 1
+        if first:
+            try:
+                self.loop.call_soon_threadsafe(self._deliver)
+            except RuntimeError:  # the loop has closed (shutdown): nobody is listening
+                pass
+
+    def _deliver(self) -> None:
+        with self.lock:
+            pending, self.pending = self.pending, []
+        for queue, item in pending:
+            queue.put_nowait(item)
+
+
+_mailboxes: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def mailbox() -> Mailbox:
+    """The running event loop's mailbox."""
+    loop = asyncio.get_running_loop()
+    box = _mailboxes.get(loop)
+    if box is None:
+        box = _mailboxes[loop] = Mailbox(loop)
+    return box
+
+
 router = APIRouter()
 
 
@@ -468,7 +507,7 @@ def check_context(served: Served, prompt_tokens: int, max_tokens: int | None) ->
 def start(served: Served, prompts: list[list[int]], params: SamplingParams,
           n: int) -> tuple[asyncio.Queue, list[EngineRequest]]:
     """Submit n requests per prompt; their events arrive on one queue as (choice index, event)."""
-    loop = asyncio.get_running_loop()
+    box = mailbox()
     queue: asyncio.Queue = asyncio.Queue()
     requests = []
     for p, ids in enumerate(prompts):
@@ -478,7 +517,7 @@ def start(served: Served, prompts: list[list[int]], params: SamplingParams,
                 SamplingParams(**{**params.__dict__, "seed": params.seed + i})
 
             def emit(event: Event, index=index):
-                loop.call_soon_threadsafe(queue.put_nowait, (index, event))
+                box.post(queue, (index, event))
 
             requests.append(EngineRequest(list(ids), seeded, emit))
     try:
