@@ -384,3 +384,26 @@ def test_engine_runs_in_the_callers_thread(chat_checkpoint):
     engine.submit(Request([5, 6], SamplingParams(max_tokens=4), emit))
     engine.stop()
     assert events[-1].kind == "error" and "shutting down" in events[-1].error
+
+
+def test_prefill_pass_is_bounded_in_time_while_others_decode(chat_checkpoint):
+    """A prefill pass is every decoding stream's wait for its next token: while any decode, a pass takes only as
+    many prompt tokens as the measured prefill rate allows in prefill_seconds; with none decoding, a full pass."""
+    from glmtorch.serve.engine import Engine, Request, SamplingParams
+
+    _, path = chat_checkpoint
+    model = glmtorch.AutoModelForCausalLM.from_pretrained(path)
+    tokenizer = glmtorch.AutoTokenizer.from_pretrained(path)
+    engine = Engine(model, tokenizer, max_batch=8, thread=False, prefill_tokens=1000, prefill_seconds=0.5)
+    params = SamplingParams(max_tokens=2, temperature=0, ignore_eos=True)
+
+    def submit(count):
+        for _ in range(count):
+            engine.submit(Request(list(range(5, 25)), params, lambda e: None))
+
+    submit(4)
+    engine.prefill_rate = 80.0  # tokens/s: 40 tokens (two 20-token prompts) fit in half a second
+    assert len(engine._take_waiting()) == 4  # nobody decoding: no bound
+    submit(4)
+    assert len(engine._take_waiting()) == 2  # four decoding: two prompts per pass
+    engine.stop()
