@@ -368,3 +368,30 @@ def test_packing_is_decided_by_timing_the_step_once(pair, monkeypatch):
     monkeypatch.setenv("GLMTORCH_PACK", "0")
     assert fastpath.pack_weights(model, rows=5) == 0
     assert not any(getattr(m, "packed", False) for m in model.modules())
+
+
+@pytest.mark.parametrize("config", sorted(CONFIGS))
+@torch.no_grad()
+def test_fused_norm_and_mlp_match_the_reference(tmp_path, monkeypatch, config):
+    """The C++ RMSNorm and SiLU-times-up (forced: GLMTORCH_LINEAR_PATH=kernel) keep fp32 parity with transformers
+    on every odd config (widths that are no multiple of the vector size included), and bf16 within its rounding
+    of the eager ops."""
+    from glmtorch.fastpath import FusedRMSNorm, FusedSiluMLP
+
+    ref = make_hf_model(**CONFIGS[config])
+    path = save_hf(ref, tmp_path)
+    model = glmtorch.GlmForCausalLM.from_pretrained(path)
+    assert isinstance(model.model.norm, FusedRMSNorm)
+    assert isinstance(model.model.layers[0].mlp, FusedSiluMLP) is (model.config.hidden_act == "silu")
+    ids = torch.randint(1, 160, (3, 11), generator=torch.Generator().manual_seed(4))
+    monkeypatch.setenv("GLMTORCH_LINEAR_PATH", "kernel")
+    with torch.profiler.profile() as run:
+        logits = model(ids).logits
+    ran = {event.name for event in run.events()}
+    assert "glmtorch_kernels::rms_norm" in ran
+    assert ("glmtorch_kernels::silu_mul" in ran) is (model.config.hidden_act == "silu")
+    assert rel_err(logits, ref(ids).logits) < 1e-5
+    model.to(torch.bfloat16)
+    fused = model(ids).logits
+    monkeypatch.setenv("GLMTORCH_LINEAR_PATH", "library")
+    assert rel_err(fused, model(ids).logits) < 2e-2

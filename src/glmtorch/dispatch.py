@@ -234,10 +234,13 @@ def _measure(paths: dict[str, Callable], rows: int, k: int, dtype: torch.dtype) 
     return min(times, key=times.get)
 
 
-def time_paths(paths: dict[str, Callable], rows: int, k: int, dtype: torch.dtype) -> dict[str, float]:
-    """Seconds per call of each path on random (rows, k) input, best of a few runs after a warm-up; a path whose
-    warm-up is already 4x slower than the best so far is not timed again (its warm-up time is what it gets)."""
-    x = torch.randn(rows, k, generator=torch.Generator().manual_seed(0)).to(dtype)
+def time_paths(paths: dict[str, Callable], rows: int, k: int, dtype: torch.dtype,
+               x: torch.Tensor | None = None) -> dict[str, float]:
+    """Seconds per call of each path on x (by default random (rows, k) input), best of a few runs after a warm-up;
+    a path whose warm-up is already 4x slower than the best so far is not timed again (its warm-up time is what it
+    gets)."""
+    if x is None:
+        x = torch.randn(rows, k, generator=torch.Generator().manual_seed(0)).to(dtype)
     times: dict[str, float] = {}
     with torch.no_grad():
         for name, fn in paths.items():

@@ -24,6 +24,7 @@ from torch import nn
 
 from . import dispatch, kernels
 from .hugepages import place_on_cpu
+from .modeling import MLP, RMSNorm
 from .quantize import Int4Linear, Int8Linear
 
 
@@ -192,6 +193,80 @@ def use_gemv_linears(model: nn.Module) -> nn.Module:
                 fast.bias = child.bias
                 dispatch.register(fast)
                 setattr(module, child_name, fast)
+    return model
+
+
+def _inference_on_cpu(x: torch.Tensor, weight: torch.Tensor | None = None) -> bool:
+    """Whether x goes through a C++ elementwise kernel: CPU, fp32 / bf16, contiguous, no autograd, kernels built."""
+    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and x.is_contiguous()
+            and (weight is None or (weight.dtype == x.dtype and weight.device.type == "cpu"))
+            and not (torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad)))
+            and kernels.available())
+
+
+def _fused_is_faster(name: str, x: torch.Tensor, fused, eager) -> bool:
+    """Whether the fused kernel beats the eager ops for this (op, dtype, width, row bucket) here: timed once on
+    random input of that size, kept in dispatch.json (the bf16 SiLU-times-up lost to torch's on the AMX Xeon, the
+    fp32 one won 2x; the norms won 3-13x)."""
+    forced = os.environ.get("GLMTORCH_LINEAR_PATH", "").strip().lower()
+    if forced in ("kernel", "library"):  # the kernels, or the library (torch's own ops), everywhere
+        return forced == "kernel"
+    width, rows = x.shape[-1], x.numel() // max(x.shape[-1], 1)
+    bucket = dispatch.row_bucket(rows)
+    known = _fused_choices.get((name, x.dtype, width, bucket))
+    if known is not None:
+        return known
+    key = f"{name} {str(x.dtype).removeprefix('torch.')} {width} rows<={bucket}"
+
+    def measure() -> str:
+        sample = torch.randn(bucket, width, generator=torch.Generator().manual_seed(0)).to(x.dtype)
+        times = dispatch.time_paths({"kernel": fused, "library": eager}, bucket, width, x.dtype, sample)
+        return min(times, key=times.get)
+
+    choice = _fused_choices[(name, x.dtype, width, bucket)] = dispatch.decide(key, measure) == "kernel"
+    return choice
+
+
+_fused_choices: dict[tuple, bool] = {}  # this process's decisions, without building the key string per call
+
+
+class FusedRMSNorm(RMSNorm):
+    """RMSNorm whose CPU inference runs as one C++ pass (kernels/elementwise.cpp: statistics in fp32, rounded
+    where the eager norm rounds), where that is measured faster."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        if _inference_on_cpu(x, w) and _fused_is_faster(
+                "rms_norm", x, lambda t: torch.ops.glmtorch_kernels.rms_norm(t, w, self.eps),
+                lambda t: RMSNorm.forward(self, t)):
+            return torch.ops.glmtorch_kernels.rms_norm(x, w, self.eps)
+        return super().forward(x)
+
+
+class FusedSiluMLP(MLP):
+    """The SiLU MLP with silu(gate) * up in one C++ pass over gate_up_proj's output, where measured faster."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate_up = self.gate_up_proj(x)
+        if _inference_on_cpu(gate_up) and _fused_is_faster(
+                "silu_mul", gate_up, torch.ops.glmtorch_kernels.silu_mul, _silu_mul):
+            return self.down_proj(torch.ops.glmtorch_kernels.silu_mul(gate_up))
+        return self.down_proj(_silu_mul(gate_up))
+
+
+def _silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    gate, up = gate_up.chunk(2, dim=-1)
+    return up * F.silu(gate)
+
+
+def use_fused_elementwise(model: nn.Module) -> nn.Module:
+    """Give every RMSNorm, and every MLP whose activation is SiLU, its fused CPU inference path (the class is
+    swapped in place: same parameters, same state dict, same results up to fp32 rounding)."""
+    for module in model.modules():
+        if type(module) is RMSNorm:
+            module.__class__ = FusedRMSNorm
+        elif type(module) is MLP and module.act is F.silu:
+            module.__class__ = FusedSiluMLP
     return model
 
 

@@ -31,7 +31,7 @@ from .checkpoint.safetensors_io import (
 )
 from .config import CONFIG_NAME, GlmConfig, read_config_json
 from .device import infer_device
-from .fastpath import use_gemv_linears
+from .fastpath import use_fused_elementwise, use_gemv_linears
 from .hugepages import huge_page_names, move_weights_to_huge_pages, place_on_cpu
 
 _HEAD_TENSORS = ("lm_head.", "score.")
@@ -74,7 +74,7 @@ class PretrainedMixin:
                     attn_implementation: str | None = None):
         """A randomly initialised model (reference init: N(0, initializer_range))."""
         dtype = parse_dtype(dtype)
-        model = use_gemv_linears(cls(config))
+        model = use_fused_elementwise(use_gemv_linears(cls(config)))
         model.init_weights()
         model.to(device=resolve_device(device), dtype=dtype if isinstance(dtype, torch.dtype) else None)
         model.set_attn_implementation(attn_implementation or "sdpa")
@@ -152,7 +152,7 @@ class PretrainedMixin:
             from .quantize import interleave_int4_rows
 
             interleave_int4_rows(model)
-        use_gemv_linears(model)
+        use_fused_elementwise(use_gemv_linears(model))
         move_weights_to_huge_pages(model)  # what quantization made since loading (loaded weights are there already)
         if tp is not None:
             add_communication(model, tp)

@@ -57,7 +57,7 @@ def _build() -> bool:
     if hasattr(torch.ops, "glmtorch_kernels") and hasattr(torch.ops.glmtorch_kernels, "gemv_float"):
         return True
     folder = os.path.dirname(__file__)
-    sources = [os.path.join(folder, name) for name in ("gemv.cpp", "decode_step.cpp")]
+    sources = [os.path.join(folder, name) for name in ("gemv.cpp", "decode_step.cpp", "elementwise.cpp")]
     try:
         from torch.utils.cpp_extension import load
 
@@ -128,6 +128,14 @@ def _register_shapes() -> None:
     @torch.library.register_fake("glmtorch_kernels::gemv_int4")
     def _(x, w, scales, group, interleave=1):
         return x.new_empty(x.shape[0], w.shape[0])
+
+    @torch.library.register_fake("glmtorch_kernels::rms_norm")
+    def _(x, weight, eps):
+        return torch.empty_like(x)
+
+    @torch.library.register_fake("glmtorch_kernels::silu_mul")
+    def _(gate_up):
+        return gate_up.new_empty(*gate_up.shape[:-1], gate_up.shape[-1] // 2)
 
 
 ROW_CHUNK = 4096  # output features widened at a time: bounded scratch memory whatever the matrix
