@@ -12,7 +12,7 @@ ROOT = os.path.dirname(glmtorch.__file__)
 # layer -> its modules, lowest first: the data path, checkpoint files -> config -> model -> fast paths ->
 # loading and generation -> the public classes -> what is built on them -> the command line
 LAYERS = [
-    ("utilities", ["glmtorch.extras", "glmtorch.device", "glmtorch.outputs", "glmtorch.losses", "glmtorch.chat",
+    ("utilities", ["glmtorch.extras", "glmtorch.cpuinfo", "glmtorch.device", "glmtorch.outputs", "glmtorch.losses", "glmtorch.chat",
                    "glmtorch.hugepages", "glmtorch.kernels", "glmtorch.dispatch", "glmtorch.sentencepiece_backend",
                    "glmtorch.generation", "glmtorch.serve"]),
     ("checkpoint I/O", ["glmtorch.checkpoint.resolve", "glmtorch.checkpoint.safetensors_io"]),

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from . import dispatch
+from .cpuinfo import cpu_description
 from .fastpath import describe_decode_step, pack_weights
 from .extras import install_hint
 
@@ -157,7 +158,7 @@ def run_bench(model_path: str | None = None, preset: str = "small", dtype: str =
     weights = weight_bytes_per_token(ours)
     report: dict[str, Any] = {
         "model": model_path if tmp is None else f"preset:{preset}", "dtype": dtype, "quantize": quantize,
-        "device": str(dev), "cpu": dispatch.cpu_description(), "threads": torch.get_num_threads(),
+        "device": str(dev), "cpu": cpu_description(), "threads": torch.get_num_threads(),
         "linear_paths": dispatch.decisions(), "decode_step": describe_decode_step(ours),
         "torch": torch.__version__, "prefill_tokens": prefill, "new_tokens": new_tokens, "reps": reps,
         "weight_bytes_per_token": weights, "bandwidth_gb_s": bandwidth,

@@ -23,7 +23,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import platform
 import threading
 import time
 import warnings
@@ -31,6 +30,8 @@ import weakref
 from collections.abc import Callable
 
 import torch
+
+from .cpuinfo import cpu_model_and_flags
 
 PATHS = ("kernel", "library", "widen_fp32", "widen_bf16", "packed")
 LAYOUTS = ("packed", "plain")
@@ -158,35 +159,9 @@ def cache_file() -> str:
 
 def machine() -> str:
     """What a decision depends on besides the shape: the CPU (model and flags), torch, the thread count."""
-    model, flags = _cpuinfo()
+    model, flags = cpu_model_and_flags()
     digest = hashlib.sha256(" ".join(flags).encode()).hexdigest()[:12]
     return f"{model} | flags {digest} | torch {torch.__version__} | {torch.get_num_threads()} threads"
-
-
-MATRIX_FLAGS = ("fma", "avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_bf16",
-                "amx_int8")
-
-
-def cpu_description() -> dict:
-    """The CPU a figure was measured on: lscpu's model name and the flags that decide the matrix paths."""
-    model, flags = _cpuinfo()
-    return {"model": model, "flags": [f for f in MATRIX_FLAGS if f in flags], "cores": os.cpu_count()}
-
-
-def _cpuinfo() -> tuple[str, list[str]]:
-    """(model name, flags) of the first CPU in /proc/cpuinfo; platform's names where there is none."""
-    model, flags = platform.processor() or platform.machine(), []
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                elif line.startswith("flags"):
-                    flags = line.split(":", 1)[1].split()
-                    break
-    except OSError:
-        pass
-    return model, flags
 
 
 def _table() -> dict[str, str]:

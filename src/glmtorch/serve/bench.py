@@ -10,6 +10,8 @@ import statistics
 import time
 from typing import Any
 
+from ..cpuinfo import cpu_description
+
 
 def _percentiles(values: list[float]) -> dict[str, float]:
     if not values:
@@ -114,7 +116,8 @@ async def _run(base_url: str, requests: int, concurrency: int, prompt_words: int
     ok = [r for r in results if "error" not in r]
     out_tokens = sum(r["tokens"] for r in ok)
     return {
-        "url": base_url, "model": model, "requests": requests, "concurrency": concurrency,
+        "url": base_url, "model": model, "client_cpu": cpu_description(), "requests": requests,
+        "concurrency": concurrency,
         "prompt_words": prompt_words, "max_tokens": max_tokens, "completed": len(ok),
         "errors": [r["error"] for r in results if "error" in r][:10], "error_count": len(results) - len(ok),
         "wall_s": wall, "output_tokens": out_tokens, "output_tok_s": out_tokens / wall,
@@ -167,7 +170,8 @@ async def _ttft_under_load(base_url: str, background: int, long_tokens: int, lon
             t.cancel()
         await asyncio.gather(*long_ones, return_exceptions=True)
     unloaded_s, loaded_s = statistics.median(alone), statistics.median(loaded)
-    return {"url": base_url, "model": model, "background_requests": background, "probes": probes,
+    return {"url": base_url, "model": model, "client_cpu": cpu_description(), "background_requests": background,
+            "probes": probes,
             "long_tokens": long_tokens, "max_pause_s": max_pause, "background_still_decoding": still_running,
             "ttft_unloaded_s": unloaded_s, "ttft_loaded_s": loaded_s,
             "ratio": loaded_s / unloaded_s, "unloaded_all_s": alone, "loaded_all_s": loaded}
@@ -199,4 +203,11 @@ def format_serve_report(r: dict[str, Any]) -> str:
     return (f"{r['url']} model={r['model']}: {r['completed']}/{r['requests']} completed, {r['error_count']} errors, "
             f"concurrency {r['concurrency']}\n"
             f"  output {r['output_tokens']} tokens in {r['wall_s']:.1f}s = {r['output_tok_s']:.1f} tok/s\n"
-            f"  time to first token: {ms(r['ttft_s'])}\n  inter-token latency: {ms(r['itl_s'])}")
+            f"  time to first token: {ms(r['ttft_s'])}\n  inter-token latency: {ms(r['itl_s'])}\n"
+            f"  measured from: {_cpu_line(r.get('client_cpu'))}")
+
+
+def _cpu_line(cpu: dict | None) -> str:
+    if not cpu:
+        return "an unrecorded CPU"
+    return f"{cpu['model']} ({', '.join(cpu['flags']) or 'no listed matrix flags'}; {cpu['cores']} cores)"
