@@ -1,28 +1,32 @@
 #!/usr/bin/env bash
-# vLLM (CPU build, in its own venv: see ../shared/peers/vllm) and glmtorch serving the same bf16 "small" model,
+# vLLM (CPU build, in its own venv: see ../shared/peers/vllm) and glmtorch serving the same "small" model,
 # one after the other, measured with the same bench-serve lines. Never from CI (vLLM is several GB).
 #   python scripts/make_bench_checkpoint.py small /tmp/small-serve-bf16 --dtype bfloat16
 #   VLLM_PY=/tmp/vllmenv/bin/python bash scripts/bench_vllm_vs_glmtorch.sh /tmp/small-serve-bf16
+#   DTYPE=float32 TAG=amx-small-fp32 bash scripts/bench_vllm_vs_glmtorch.sh /tmp/small-serve-fp32
+# Reports: benchmarks/serve-vllm-$TAG-*.json and benchmarks/serve-$TAG-*.json (each names the CPU it ran on).
 M=${1:?checkpoint directory}
+DTYPE=${DTYPE:-bfloat16}
+TAG=${TAG:-small-bf16}
 VLLM_PY=${VLLM_PY:-/tmp/vllmenv/bin/python}
 G=glmtorch
 VLLM_CPU_KVCACHE_SPACE=2 VLLM_CPU_OMP_THREADS_BIND=0-1 $VLLM_PY -m vllm.entrypoints.openai.api_server \
-  --model $M --dtype bfloat16 --max-model-len 1024 --host 127.0.0.1 --port 8021 --served-model-name glm > /tmp/vllm_server.log 2>&1 &
+  --model $M --dtype $DTYPE --max-model-len 1024 --host 127.0.0.1 --port 8021 --served-model-name glm > /tmp/vllm_server.log 2>&1 &
 VP=$!
 for i in $(seq 1 400); do curl -sf http://127.0.0.1:8021/health >/dev/null && break; sleep 1; done
 echo "vllm up after $i s"
 U=http://127.0.0.1:8021
 $G bench-serve $U --requests 8 --concurrency 8 --max-tokens 4 --prompt-words 125 > /dev/null
-$G bench-serve $U --requests 64 --concurrency 64 --max-tokens 64 --prompt-words 125 --out benchmarks/serve-vllm-small-bf16-c64.json
-$G bench-serve $U --requests 4 --concurrency 1 --max-tokens 64 --prompt-words 125 --out benchmarks/serve-vllm-small-bf16-c1.json
-$G bench-serve $U --ttft-under-load 16 --max-tokens 256 --prompt-words 100 --out benchmarks/serve-vllm-small-bf16-ttft.json
+$G bench-serve $U --requests 64 --concurrency 64 --max-tokens 64 --prompt-words 125 --out benchmarks/serve-vllm-$TAG-c64.json
+$G bench-serve $U --requests 4 --concurrency 1 --max-tokens 64 --prompt-words 125 --out benchmarks/serve-vllm-$TAG-c1.json
+$G bench-serve $U --ttft-under-load 16 --max-tokens 256 --prompt-words 100 --out benchmarks/serve-vllm-$TAG-ttft.json
 kill -INT $VP; sleep 5; kill -9 $VP 2>/dev/null
-$G serve $M --dtype bfloat16 --port 8022 --max-batch 64 --max-queue 256 --max-context 1024 > /tmp/serve_gbf16.log 2>&1 &
+$G serve $M --dtype $DTYPE --port 8022 --max-batch 64 --max-queue 256 --max-context 1024 > /tmp/serve_glmtorch_$TAG.log 2>&1 &
 SP=$!
 for i in $(seq 1 400); do curl -sf http://127.0.0.1:8022/health >/dev/null && break; sleep 1; done
 U=http://127.0.0.1:8022
 for c in 64 17 1; do $G bench-serve $U --requests $c --concurrency $c --max-tokens 4 --prompt-words 125 > /dev/null; done
-$G bench-serve $U --requests 64 --concurrency 64 --max-tokens 64 --prompt-words 125 --out benchmarks/serve-small-bf16-c64.json
-$G bench-serve $U --requests 4 --concurrency 1 --max-tokens 64 --prompt-words 125 --out benchmarks/serve-small-bf16-c1.json
-$G bench-serve $U --ttft-under-load 16 --max-tokens 256 --prompt-words 100 --out benchmarks/serve-small-bf16-ttft.json
+$G bench-serve $U --requests 64 --concurrency 64 --max-tokens 64 --prompt-words 125 --out benchmarks/serve-$TAG-c64.json
+$G bench-serve $U --requests 4 --concurrency 1 --max-tokens 64 --prompt-words 125 --out benchmarks/serve-$TAG-c1.json
+$G bench-serve $U --ttft-under-load 16 --max-tokens 256 --prompt-words 100 --out benchmarks/serve-$TAG-ttft.json
 kill -TERM $SP; wait $SP

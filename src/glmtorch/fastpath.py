@@ -47,6 +47,8 @@ class GemvLinear(nn.Linear):
         w = self.weight
         if (x.device.type == "cpu" and w.dtype in (torch.float32, torch.bfloat16) and x.dtype == w.dtype
                 and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))):
+            if self.packed and not os.environ.get("GLMTORCH_LINEAR_PATH"):  # its one path, the bias added inside
+                return _packed_linear(x, w, self.bias)
             y = dispatch.linear(self, x)
             return y + self.bias if self.bias is not None else y
         if self.packed:
@@ -71,12 +73,16 @@ class GemvLinear(nn.Linear):
         return kind, paths
 
     def pack(self) -> None:
+        global _layout_changes
+        _layout_changes += 1  # a fused decode plan built on the plain weights is rebuilt (_weights_key)
         if not self.packed:
             self._plain_requires_grad = self.weight.requires_grad
             self.__dict__.pop("_dispatched", None)  # its kept paths hold the plain tensor: it would stay resident
             self.weight = nn.Parameter(_reorder(self.weight.detach()), requires_grad=False)
 
     def unpack(self) -> None:
+        global _layout_changes
+        _layout_changes += 1
         if self.packed:
             self.__dict__.pop("_dispatched", None)
             self.weight = nn.Parameter(place_on_cpu(self.weight.to_dense()),
@@ -97,6 +103,7 @@ class GemvLinear(nn.Linear):
         return super()._apply(fn, recurse)
 
 
+_layout_changes = 0
 PACK_HINT_ROWS = 64  # the row count oneDNN is told to expect; measured: results within noise of a per-size packing
 
 
@@ -104,8 +111,8 @@ def _reorder(weight: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(weight, PACK_HINT_ROWS)
 
 
-def _packed_linear(x: torch.Tensor, packed_weight: torch.Tensor) -> torch.Tensor:
-    return torch.ops.mkldnn._linear_pointwise(x, packed_weight, None, "none", [], "")
+def _packed_linear(x: torch.Tensor, packed_weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, packed_weight, bias, "none", [], "")
 
 
 def pack_weights(model: nn.Module, rows: int = 1) -> int:
@@ -113,19 +120,18 @@ def pack_weights(model: nn.Module, rows: int = 1) -> int:
     makes the decode step faster here, else plain; returns how many layers were packed. The serving engine packs
     for its full batch, the CLI's generate / chat for one row.
 
-    Decided by timing the whole layer-by-layer decode step both ways once per machine, model shape and row bucket
-    (dispatch.json), not matrix by matrix: matrices timed alone sit in the cache, and the hand kernels read plain
-    weights from huge pages. Measured on "small" bf16 (AMX Xeon, 2 threads): packed 90 ms against 107 ms at 64 rows,
-    41 against 36 ms at 1 row; results bit-identical to the library product. Left alone: models the fused C++ step
-    covers (it reads plain weights), weights shared between layers (tied embeddings: the embedding looks rows up
-    in the plain matrix), and all of it where GLMTORCH_PACK=0 or torch has no oneDNN. GLMTORCH_PACK=1 packs without
-    measuring."""
+    Decided by timing the model's decode step both ways once per machine, model shape and row bucket (dispatch.json),
+    not matrix by matrix: matrices timed alone sit in the cache, and the hand kernels read plain weights from huge
+    pages; plain fp32 weights may also run the fused C++ step, which packed ones cannot. Measured on "small" (AMX
+    Xeon, 2 threads): bf16 packed 90 ms against 107 ms at 64 rows, 41 against 36 ms at 1 row; results bit-identical
+    to the library product. Left alone: weights shared between layers (tied embeddings: the embedding looks rows
+    up in the plain matrix), and all of it where GLMTORCH_PACK=0 or torch has no oneDNN. GLMTORCH_PACK=1 packs
+    without measuring."""
     forced = os.environ.get("GLMTORCH_PACK", "").strip().lower()
     if forced in ("0", "false", "no"):
         unpack_weights(model)
         return 0
-    if (not torch.backends.mkldnn.is_available()
-            or getattr(model, "device", torch.device("cpu")).type != "cpu" or fused_step_supported(model)):
+    if not torch.backends.mkldnn.is_available() or getattr(model, "device", torch.device("cpu")).type != "cpu":
         return 0
     uses: dict[int, int] = {}
     for _, p in model.named_parameters(remove_duplicate=False):
@@ -140,10 +146,13 @@ def pack_weights(model: nn.Module, rows: int = 1) -> int:
     key = f"layout {len(model.model.layers)} layers {shapes} rows<={dispatch.row_bucket(rows)}"
 
     def measure() -> str:
-        plain = time_decode_step(model, dispatch.row_bucket(rows))
+        # each layout with the decode step the model takes with it: plain fp32 weights may run the fused C++
+        # step (which reads them as they are), packed ones the layer-by-layer step
+        step = lambda *args: compiled_decode_step(model)(model, *args)  # noqa: E731
+        plain = time_decode_step(model, dispatch.row_bucket(rows), step=step)
         for layer in layers:
             layer.pack()
-        return "packed" if time_decode_step(model, dispatch.row_bucket(rows)) < plain else "plain"
+        return "packed" if time_decode_step(model, dispatch.row_bucket(rows), step=step) < plain else "plain"
 
     with torch.no_grad():
         for layer in layers:
@@ -389,7 +398,7 @@ def _distinct_linears(model) -> list:
 def _weights_key(model) -> tuple:
     embed, head = model.model.embed_tokens.weight, model.lm_head.weight
     return (id(model), embed.data_ptr(), embed.dtype, embed.device, id(head) if head.is_mkldnn else head.data_ptr(),
-            head.dtype, type(model.lm_head))
+            head.dtype, type(model.lm_head), _layout_changes)
 
 
 def _linear_spec(layer) -> tuple | None:
