@@ -353,21 +353,22 @@ def test_packed_weights_give_the_library_product_bit_for_bit(tmp_path, monkeypat
 @needs_onednn
 @torch.no_grad()
 def test_packing_is_decided_by_timing_the_step_once(pair, monkeypatch):
-    """Unforced, pack_weights times the decode step both ways and keeps the faster layout in the dispatch table,
-    which the next call reads instead of timing again; fp32 models the fused step covers are left plain."""
+    """Unforced, pack_weights times the decode step both ways (at one row and at the batch) and keeps the chosen
+    layout in the dispatch table, which the next call reads instead of timing again; GLMTORCH_PACK=0 unpacks."""
     from glmtorch import dispatch, fastpath
 
     _, path = pair
-    assert fastpath.pack_weights(glmtorch.GlmForCausalLM.from_pretrained(path)) == 0  # fp32: the fused step's
     model = glmtorch.GlmForCausalLM.from_pretrained(path, dtype="bfloat16")
     timed = []
     real = fastpath.time_decode_step
     monkeypatch.setattr(fastpath, "time_decode_step", lambda *a, **k: timed.append(a[1]) or real(*a, **k))
     packed = fastpath.pack_weights(model, rows=5)
-    assert timed == [8, 8]  # plain, then packed, at the row bucket
+    assert timed == [1, 8, 1, 8]  # plain, then packed: at one row and at the row bucket
     choice = [v for k, v in dispatch.decisions().items() if k.startswith("layout") and k.endswith("rows<=8")]
     assert choice == ["packed" if packed else "plain"]
-    assert fastpath.pack_weights(model, rows=7) == packed and timed == [8, 8]
+    assert fastpath.pack_weights(model, rows=7) == packed and timed == [1, 8, 1, 8]
+    monkeypatch.setenv("GLMTORCH_PACK", "1")
+    assert fastpath.pack_weights(model, rows=5) > 0
     monkeypatch.setenv("GLMTORCH_PACK", "0")
     assert fastpath.pack_weights(model, rows=5) == 0
     assert not any(getattr(m, "packed", False) for m in model.modules())
