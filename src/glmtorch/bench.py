@@ -108,7 +108,6 @@ def run_bench(model_path: str | None = None, preset: str = "small", dtype: str =
         model_path = make_checkpoint(preset, tmp, torch_dtype)
     runners: dict[str, Any] = {}
     ours = GlmForCausalLM.from_pretrained(model_path, dtype=torch_dtype, device=dev, quantize=quantize)
-    pack_weights(ours)  # as `glmtorch generate` / `chat` / `serve` run it
     runners["glmtorch"] = ours
     if with_transformers and quantize is None:
         try:
@@ -138,17 +137,25 @@ def run_bench(model_path: str | None = None, preset: str = "small", dtype: str =
     llama = _LlamaCpp(ours, model_path, llama_cpp, dtype, quantize, prefill, new_tokens) if llama_cpp else None
     if llama:
         results["llama.cpp"] = {}
+    def layout_for(model, rows):  # the weight layout glmtorch takes for batches of `rows` (fastpath.pack_weights)
+        if not _is_hf(model):
+            pack_weights(model, rows)
+
     with torch.no_grad():
         for model in runners.values():  # warm-up: compiles the decode step, touches every page
             model(prompt, logits_to_keep=1)
             for b in batches:
+                layout_for(model, b)
                 decode_rate(model, short[b])
         for _ in range(reps):  # interleaved, so drift on a shared machine hits everyone alike
             for name, model in runners.items():
                 r = results[name]
+                layout_for(model, 1)
                 r.setdefault("prefill_tok_s", []).append(prefill / _time(lambda: model(prompt, logits_to_keep=1), dev))
                 for b in batches:
+                    layout_for(model, b)
                     r.setdefault(f"decode_b{b}_tok_s", []).append(decode_rate(model, short[b]))
+            layout_for(ours, 1)
             if llama:
                 for k, v in llama.run().items():
                     results["llama.cpp"].setdefault(k, []).append(v)
@@ -284,6 +291,8 @@ def format_report(report: dict[str, Any]) -> str:
         by_matrix: dict[str, list[str]] = {}
         for key, path in report["linear_paths"].items():
             matrix, rows = key.rsplit(" ", 1)
+            for prefix, shown in (("layout", "weight layout (packed or plain)"), ("fused-step", "fused C++ step")):
+                matrix = shown if matrix.startswith(prefix) else matrix  # whole-model choices: the shapes say little
             by_matrix.setdefault(matrix, []).append(f"{rows}: {path}")
         lines.append("  linear paths (measured here): " + "; ".join(
             f"{m} [{', '.join(sorted(v, key=lambda r: int(r.split('<=')[1].split(':')[0])))}]"
