@@ -18,7 +18,7 @@ LAYERS = [
     ("checkpoint I/O", ["glmtorch.checkpoint.resolve", "glmtorch.checkpoint.safetensors_io"]),
     ("config and tokenizer", ["glmtorch.config", "glmtorch.tokenizer"]),
     ("model math", ["glmtorch.attention", "glmtorch.cache", "glmtorch.modeling"]),
-    ("checkpoint formats", ["glmtorch.checkpoint", "glmtorch.checkpoint.formats", "glmtorch.checkpoint.thudm",
+    ("checkpoint formats", ["glmtorch.checkpoint", "glmtorch.checkpoint.formats", "glmtorch.checkpoint.stream", "glmtorch.checkpoint.thudm",
                             "glmtorch.checkpoint.gguf"]),
     ("fast paths", ["glmtorch.quantize", "glmtorch.fastpath", "glmtorch.parallel"]),
     ("loading and generation", ["glmtorch.loading", "glmtorch.generation.config", "glmtorch.generation.processors",

@@ -14,17 +14,15 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from .attention import check_attention_backend
-from .checkpoint.formats import WeightFormat, part_name, split_stacked, stacked_parts
+from .checkpoint.formats import WeightFormat, split_stacked
 from .checkpoint.gguf import GGUF_FORMAT, GgufFile, gguf_config, is_gguf
 from .checkpoint.resolve import CheckpointError, resolve_checkpoint
+from .checkpoint.stream import CheckpointStream
 from .checkpoint.safetensors_io import (
-    iter_tensor_names,
     open_safetensors,
     parse_dtype,
-    read_tensor,
     safetensors_dtype,
     save_safetensors,
     weight_files,
@@ -187,94 +185,30 @@ class PretrainedMixin:
 
 def load_weights(model: nn.Module, files: list[str], fmt: WeightFormat, dtype: torch.dtype,
                  device: torch.device, progress: bool | None = None, tp=None, huge_pages: bool = True) -> list[str]:
-    """Stream tensors from `files` into `model`'s meta parameters through `fmt`'s table. Raises one
-    CheckpointError listing every unknown, unexpected, duplicate or mis-shaped tensor, and every missing one
-    (a classification head's fresh `score` layer excepted, with a warning). Returns the names loaded.
+    """Stream tensors from `files` into `model`'s meta parameters through `fmt`'s table (checkpoint.stream).
+    Raises one CheckpointError listing every unknown, unexpected, duplicate or mis-shaped tensor, and every missing
+    one (a classification head's fresh `score` layer excepted, with a warning). Returns the names loaded.
     `huge_pages`: large CPU weights are written into 2 MB pages (the ones glmtorch.hugepages names)."""
     prefix = model.base_model_prefix
     params = dict(model.named_parameters(remove_duplicate=False))
     placed = huge_page_names(model) if huge_pages else set()
     tied = getattr(model.config, "tie_word_embeddings", False) and "lm_head.weight" in params
-    problems: list[str] = []
-    loaded: dict[str, str] = {}  # our name -> the stored name it came from
-    entries = list(iter_tensor_names(files))
-    bar = tqdm(total=len(entries), desc="Loading weights", unit="tensor", disable=_quiet(progress))
-    handles = {}
-    pending: dict[str, dict[str, tuple[torch.Tensor, str]]] = {}  # stacked parameter -> its parts read so far
-    for path, stored, _ in entries:
-        bar.update()
-        mapped = fmt.map_name(stored)
-        if mapped is None:
-            problems.append(f"unexpected tensor {stored!r} (in {os.path.basename(path)}): the "
-                            f"{fmt.name} format has no such weight")
-            continue
-        targets, transform = mapped
-        targets = [_to_model_name(t, prefix) for t in targets]
-        if tied:
-            targets = [t if t != "lm_head.weight" else None for t in targets]
-        if not any(t is not None and split_stacked(t)[0] in params for t in targets) and all(
-                t is None or t.startswith(_HEAD_TENSORS) for t in targets):
-            continue  # a head this class does not have (an LM checkpoint loaded as GlmModel, say) or a dropped name
-        handle = handles.get(path) or handles.setdefault(path, open_safetensors(path))
-        if tp is not None and transform is None and hasattr(handle, "get_slice") and split_stacked(targets[0])[0] in params:
-            # Read only this rank's rows/columns from the file (the plan knows a stacked part by its own name).
-            parts = (tp.slice(part_name(targets[0]), handle.get_slice(stored), handle.shape(stored), model.config),)
-        else:
-            tensor = read_tensor(handle, path, stored)
-            parts = transform(tensor, model.config) if transform else (tensor,)
-            if tp is not None:
-                parts = tuple(tp.slice(part_name(t), p, tuple(p.shape), model.config)
-                              if t is not None and split_stacked(t)[0] in params else p
-                              for t, p in zip(targets, parts))
-        for target, part in zip(targets, parts):
-            if target is None:
-                continue
-            target, piece = split_stacked(target)
-            if target not in params:
-                problems.append(f"unexpected tensor {stored!r}: the model has no parameter {target!r}")
-                continue
-            source = stored
-            if piece is not None:  # one part of a stacked parameter: kept until all its parts are read
-                got = pending.setdefault(target, {})
-                unstacked = part_name(f"{target}#{piece}")
-                if piece in got:
-                    problems.append(f"{unstacked!r} is given twice, by {got[piece][1]!r} and {stored!r}")
-                    continue
-                if tuple(part.shape[1:]) != tuple(params[target].shape[1:]):
-                    problems.append(f"tensor {stored!r} has shape {tuple(part.shape)}, but {unstacked!r} needs "
-                                    f"{tuple(params[target].shape[1:])} per row (config.json does not match the weights)")
-                    continue
-                got[piece] = (part, stored)
-                order = stacked_parts(target)
-                if len(got) < len(order):
-                    continue
-                part = torch.cat([got[p][0] for p in order], dim=0)
-                source = " + ".join(got[p][1] for p in order)
-                del pending[target]
-            if target in loaded:
-                problems.append(f"{target!r} is given twice, by {loaded[target]!r} and {source!r}")
-                continue
-            expected = tuple(params[target].shape)
-            if tuple(part.shape) != expected:
-                problems.append(f"tensor {source!r} has shape {tuple(part.shape)}, but {target!r} needs {expected} "
-                                "(config.json does not match the weights)")
-                continue
-            _assign(model, target, _materialise(part, device, _dtype_for(model, target, dtype, part),
-                                                target in placed))
-            loaded[target] = source
-    bar.close()
-    for target, got in pending.items():
-        problems.append("missing tensors: " + ", ".join(part_name(f"{target}#{p}") for p in stacked_parts(target)
-                                                         if p not in got))
-    missing = [n for n in dict(model.named_parameters())
-               if n not in loaded and n not in pending and not (tied and n == "lm_head.weight")]
-    fresh_heads = [n for n in missing if n.startswith("score.")]
-    missing = [n for n in missing if n not in fresh_heads]
-    if missing:
-        problems.append(f"missing tensors: {', '.join(missing[:20])}" + (" ..." if len(missing) > 20 else ""))
-    if problems:
-        raise CheckpointError(f"checkpoint {os.path.dirname(files[0])} does not match {type(model).__name__}:\n  "
-                              + "\n  ".join(problems[:30]))
+
+    def skip(target: str) -> bool:  # a tied head is the embedding; a head this class lacks is not an error
+        name = split_stacked(target)[0]
+        return (tied and name == "lm_head.weight") or (name.startswith(_HEAD_TENSORS) and name not in params)
+
+    expected = {name: tuple(p.shape) for name, p in params.items() if not (tied and name == "lm_head.weight")}
+    shard = (lambda name, source, shape: tp.slice(name, source, shape, model.config)) if tp is not None else None
+    stream = CheckpointStream(files, fmt, model.config, expected, stack=True,
+                              rename=lambda target: _to_model_name(target, prefix), skip=skip, shard=shard,
+                              progress=progress)
+    for target, tensor, _ in stream:
+        _assign(model, target, _materialise(tensor, device, _dtype_for(model, target, dtype, tensor),
+                                            target in placed))
+    fresh_heads = [n for n in stream.missing() if n.startswith("score.")]
+    stream.finish(f"checkpoint {os.path.dirname(files[0])} does not match {type(model).__name__}",
+                  optional=lambda name: name in fresh_heads)
     if fresh_heads:
         warnings.warn(f"{type(model).__name__}: {', '.join(fresh_heads)} not in the checkpoint; initialised "
                       "randomly. Train this head before using its outputs.", stacklevel=3)
@@ -286,7 +220,7 @@ def load_weights(model: nn.Module, files: list[str], fmt: WeightFormat, dtype: t
             _assign(model, name, init.to(device=device, dtype=dtype))
     model.tie_weights()
     _check_materialised(model)
-    return list(loaded)
+    return list(stream.done)
 
 
 def _to_model_name(target: str, prefix: str) -> str:
@@ -351,6 +285,3 @@ def _attach_generation_config(model: nn.Module, directory: str) -> None:
         model.generation_config = GenerationConfig.from_model_config(model.config)
 
 
-def _quiet(progress: bool | None) -> bool | None:
-    """tqdm's `disable`: None hides the bar when stderr is not a terminal."""
-    return None if progress is None else not progress

@@ -7,29 +7,15 @@ temporary directory beside DST and renamed into place at the end: a failure leav
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 
 import torch
-from safetensors.torch import save_file
-from tqdm.auto import tqdm
 
 from ..config import CONFIG_NAME, read_config_json
-from .formats import part_name
 from .resolve import CheckpointError, resolve_checkpoint
-from .safetensors_io import (
-    SAFE_INDEX_NAME,
-    SAFE_WEIGHTS_NAME,
-    iter_tensor_names,
-    make_shareable,
-    open_safetensors,
-    parse_dtype,
-    parse_size,
-    read_tensor,
-    safetensors_dtype,
-    weight_files,
-)
+from .safetensors_io import make_shareable, parse_dtype, parse_size, save_safetensors, weight_files
+from .stream import CheckpointStream
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json",
                    "generation_config.json")
@@ -53,8 +39,8 @@ def convert_checkpoint(src: str, dst: str, dtype=None, max_shard_size: int | str
     tmp = f"{os.path.abspath(dst).rstrip('/')}.partial-{os.getpid()}"
     os.makedirs(tmp)
     try:
-        shard_names = _write_shards(files, fmt, config, expected, dtype, limit, tmp, progress)
-        out_dtype = dtype or _first_dtype(tmp, shard_names)
+        shard_names, first_dtype = _write_shards(files, fmt, config, expected, dtype, limit, tmp, progress)
+        out_dtype = dtype or first_dtype
         config = config.copy(architectures=["GlmForCausalLM"], dtype=str(out_dtype).removeprefix("torch."))
         config.save_pretrained(tmp)
         written = shard_names + [CONFIG_NAME] + _copy_tokenizer(directory, tmp)
@@ -79,89 +65,23 @@ def _expected_shapes(config) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def _write_shards(files, fmt, config, expected, dtype, limit, out_dir, progress) -> list[str]:
-    entries = list(iter_tensor_names(files))
-    handles: dict[str, object] = {}
-    shard: dict[str, torch.Tensor] = {}
-    shard_bytes = 0
-    shards: list[dict[str, str]] = []  # per shard: its tensor names
-    seen: dict[str, str] = {}
-    problems: list[str] = []
+def _write_shards(files, fmt, config, expected, dtype, limit, out_dir, progress) -> tuple[list[str], torch.dtype]:
+    """Every tensor through the checkpoint stream (unstacked, under transformers' names) into shards; returns the
+    files written and the dtype of the first tensor."""
+    stream = CheckpointStream(files, fmt, config, expected, stack=False,
+                              skip=lambda target: target == "lm_head.weight" and config.tie_word_embeddings,
+                              keep_open=False, desc="Converting", progress=progress)
+    first: list[torch.dtype] = []
 
-    def flush() -> None:
-        nonlocal shard, shard_bytes
-        if shard:
-            save_file(shard, os.path.join(out_dir, f"shard-{len(shards):05d}.tmp"), metadata={"format": "pt"})
-            shards.append(list(shard))
-            shard, shard_bytes = {}, 0
+    def tensors():
+        for name, tensor, _ in stream:
+            tensor = (tensor.to(dtype) if dtype is not None else tensor).contiguous()
+            first.append(tensor.dtype) if not first else None
+            yield name, tensor
+        stream.finish("cannot convert")  # raising here: save_safetensors removes the shards it wrote
 
-    for path, name, _ in tqdm(entries, desc="Converting", unit="tensor", disable=None if progress is None else not progress):
-        mapped = fmt.map_name(name)
-        if mapped is None:
-            problems.append(f"unexpected tensor {name!r}")
-            continue
-        targets, transform = mapped
-        if not targets:
-            continue
-        if path not in handles:  # one source file mapped at a time keeps resident memory to about one shard
-            handles.clear()
-            handles[path] = open_safetensors(path)
-        handle = handles[path]
-        tensor = read_tensor(handle, path, name)
-        parts = transform(tensor, config) if transform else (tensor,)
-        for target, part in zip(targets, parts):
-            target = part_name(target)  # written unstacked, under transformers' names
-            if target == "lm_head.weight" and config.tie_word_embeddings:
-                continue
-            if target not in expected:
-                problems.append(f"unexpected tensor {name!r} -> {target!r}")
-            elif tuple(part.shape) != expected[target]:
-                problems.append(f"tensor {name!r} has shape {tuple(part.shape)}, {target!r} needs {expected[target]}")
-            elif target in seen:
-                problems.append(f"{target!r} is given twice, by {seen[target]!r} and {name!r}")
-            else:
-                seen[target] = name
-                part = part.to(dtype) if dtype is not None else part
-                nbytes = part.numel() * part.element_size()
-                if shard and shard_bytes + nbytes > limit:
-                    flush()
-                shard[target] = part.contiguous()
-                shard_bytes += nbytes
-    flush()
-    missing = sorted(set(expected) - set(seen))
-    if missing:
-        problems.append(f"missing tensors: {', '.join(missing[:20])}")
-    if problems:
-        raise CheckpointError("cannot convert:\n  " + "\n  ".join(problems[:30]))
-    if len(shards) == 1:
-        os.replace(os.path.join(out_dir, "shard-00000.tmp"), os.path.join(out_dir, SAFE_WEIGHTS_NAME))
-        return [SAFE_WEIGHTS_NAME]
-    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    weight_map = {}
-    total = 0
-    for i, (name, members) in enumerate(zip(names, shards)):
-        os.replace(os.path.join(out_dir, f"shard-{i:05d}.tmp"), os.path.join(out_dir, name))
-        handle = open_safetensors(os.path.join(out_dir, name))
-        for member in members:
-            weight_map[member] = name
-            t = handle.get_slice(member)
-            total += _numel(t.get_shape()) * safetensors_dtype(t.get_dtype(), torch.float32).itemsize
-    with open(os.path.join(out_dir, SAFE_INDEX_NAME), "w", encoding="utf-8") as f:
-        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-    return names + [SAFE_INDEX_NAME]
-
-
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
-
-
-def _first_dtype(out_dir: str, names: list[str]) -> torch.dtype:
-    handle = open_safetensors(os.path.join(out_dir, names[0]))
-    first = next(iter(handle.keys()))
-    return safetensors_dtype(handle.dtype_name(first), torch.float32)
+    names = save_safetensors(tensors(), out_dir, limit)
+    return names, (first[0] if first else torch.float32)
 
 
 def _copy_tokenizer(src: str, dst: str) -> list[str]:

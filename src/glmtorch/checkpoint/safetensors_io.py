@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -171,45 +171,59 @@ def _standalone(t: torch.Tensor) -> torch.Tensor:
 
 
 def save_safetensors(
-    tensors: dict[str, torch.Tensor],
+    tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
     directory: str,
     max_shard_size: int | str = "5GB",
     metadata: dict[str, str] | None = None,
 ) -> list[str]:
-    """Write tensors as `model.safetensors`, or as `model-0000i-of-0000n.safetensors` shards plus an index
-    when they exceed `max_shard_size`. Returns the file names written."""
+    """Write tensors (a dict, or (name, tensor) pairs as they come: only one shard is held at a time) as
+    `model.safetensors`, or as `model-0000i-of-0000n.safetensors` shards plus an index when they exceed
+    `max_shard_size`. Shards go to temporary files first: an exception, from the writing or from the source of the
+    pairs, leaves the directory as it was. Returns the file names written."""
     limit = parse_size(max_shard_size)
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for name, t in tensors.items():
-        nbytes = t.numel() * t.element_size()
-        if shards[-1] and size + nbytes > limit:
-            shards.append({})
-            size = 0
-        shards[-1][name] = t
-        size += nbytes
     metadata = {"format": "pt", **(metadata or {})}
-    if len(shards) == 1:
-        names = [SAFE_WEIGHTS_NAME]
-    else:
-        names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    pairs = tensors.items() if isinstance(tensors, Mapping) else tensors
     os.makedirs(directory, exist_ok=True)
-    tmp_paths = []
-    try:
-        for name, shard in zip(names, shards):
-            tmp = os.path.join(directory, f".{name}.tmp-{os.getpid()}")
+    tmp_paths: list[str] = []
+    members: list[list[str]] = []  # per shard: its tensor names
+    shard: dict[str, torch.Tensor] = {}
+    size = total = 0
+
+    def flush() -> None:
+        nonlocal shard, size
+        if shard:
+            tmp = os.path.join(directory, f".shard-{len(tmp_paths):05d}.tmp-{os.getpid()}")
             tmp_paths.append(tmp)
             save_file({k: _standalone(v) for k, v in shard.items()}, tmp, metadata=metadata)
-        index_text = None
-        if len(shards) > 1:
-            weight_map = {k: name for name, shard in zip(names, shards) for k in shard}
-            total = sum(t.numel() * t.element_size() for t in tensors.values())
-            index_text = json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+            members.append(list(shard))
+            shard, size = {}, 0
+
+    try:
+        for name, t in pairs:
+            nbytes = t.numel() * t.element_size()
+            if shard and size + nbytes > limit:
+                flush()
+            shard[name] = t
+            size += nbytes
+            total += nbytes
+        flush()
     except BaseException:
         for tmp in tmp_paths:
             if os.path.exists(tmp):
                 os.remove(tmp)
         raise
+    if len(tmp_paths) <= 1:
+        names = [SAFE_WEIGHTS_NAME]
+        if not tmp_paths:  # no tensors at all: still a valid (empty) file
+            empty = os.path.join(directory, f".shard-00000.tmp-{os.getpid()}")
+            save_file({}, empty, metadata=metadata)
+            tmp_paths.append(empty)
+    else:
+        names = [f"model-{i + 1:05d}-of-{len(tmp_paths):05d}.safetensors" for i in range(len(tmp_paths))]
+    index_text = None
+    if len(names) > 1:
+        weight_map = {k: name for name, shard_members in zip(names, members) for k in shard_members}
+        index_text = json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
     # Everything is on disk: swap it in, and drop weight files of an earlier save that would now confuse a reader.
     stale = {SAFE_WEIGHTS_NAME, SAFE_INDEX_NAME} | {
         f for f in os.listdir(directory) if re.fullmatch(r"model-\d{5}-of-\d{5}\.safetensors", f)}
