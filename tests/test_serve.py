@@ -407,3 +407,33 @@ def test_prefill_pass_is_bounded_in_time_while_others_decode(chat_checkpoint):
     submit(4)
     assert len(engine._take_waiting()) == 2  # four decoding: two prompts per pass
     engine.stop()
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_between_decode_steps(chat_checkpoint):
+    """A prompt longer than one pass goes in chunks while another stream decodes: that stream keeps getting
+    tokens between the chunks, and both replies equal the same requests served alone (whole-prompt prefill)."""
+    from glmtorch.serve.engine import Engine, Request, SamplingParams
+
+    _, path = chat_checkpoint
+    model = glmtorch.AutoModelForCausalLM.from_pretrained(path)
+    tokenizer = glmtorch.AutoTokenizer.from_pretrained(path)
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    short, long = [5, 6, 7], [(7 * i) % 150 + 3 for i in range(90)]
+
+    def reply_alone(ids):
+        engine, pieces = Engine(model, tokenizer, max_batch=2, thread=False), []
+        engine.submit(Request(ids, params, lambda e: pieces.append(e.text)))
+        engine.run(until_idle=True)
+        return "".join(pieces)
+
+    engine = Engine(model, tokenizer, max_batch=2, thread=False, prefill_tokens=32)
+    engine.prefill_rate = 64.0  # tokens/s "measured": 32-token passes while a stream decodes
+    replies: dict[int, list[str]] = {0: [], 1: []}
+    passes_seen_by_short: list[int] = []
+    engine.submit(Request(short, params, lambda e: (replies[0].append(e.text),
+                                                    passes_seen_by_short.append(engine.prefill_passes))))
+    engine.submit(Request(long, params, lambda e: replies[1].append(e.text)))
+    engine.run(until_idle=True)
+    assert engine.prefill_passes == 4  # the short prompt, then the long one in chunks of 32, 32 and 26 tokens
+    assert len(set(passes_seen_by_short)) >= 3  # the short stream's tokens kept coming between the chunks
+    assert "".join(replies[0]) == reply_alone(short) and "".join(replies[1]) == reply_alone(long)

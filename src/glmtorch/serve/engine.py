@@ -3,7 +3,9 @@
 Every step decodes one token for every active request together; the requests waiting for a slot are prefilled
 between steps, several in one forward pass (up to `prefill_tokens` padded tokens, so a burst of arrivals costs a
 few large matrix products instead of many small ones and running streams pause only briefly), and join the
-next step; a finished or cancelled request leaves at once and its slot is reused.
+next step; a finished or cancelled request leaves at once and its slot is reused. While streams decode, a pass
+takes only what this machine prefills in `prefill_seconds`; a prompt longer than that goes in chunks, one per
+loop turn between decode steps.
 Each request keeps its own sampling parameters and random generator, so a seed gives the same text whether
 the request runs alone or in a full batch.
 
@@ -77,6 +79,7 @@ class Request:
     # engine-side state
     slot: int = -1
     position: int = 0
+    prefilled: int = 0  # prompt tokens in the cache so far (a long prompt goes in chunks)
     last_token: int = 0
     generated: int = 0
     history: torch.Tensor | None = None  # (1, prompt + max_tokens), filled as tokens come: no per-token concat
@@ -99,6 +102,7 @@ class Engine:
         # the AMX Xeon prefills 2048 tokens in 0.6 s (no change), fp32 in 2.4 s: a 2.5 s gap in every stream.
         self.prefill_seconds = prefill_seconds
         self.prefill_rate: float | None = None  # tokens per second, a running average over passes
+        self.chunking: Request | None = None  # a prompt longer than one pass, prefilled a chunk per loop turn
         self.context = min(max_context or model.config.max_position_embeddings, model.config.max_position_embeddings)
         self.stop_ids = set(stop_ids or ())
         # One row more than can ever be active: a decode step reads a view of the first `active` rows, and a view
@@ -151,6 +155,7 @@ class Engine:
 
     def _end_all(self) -> None:
         with self.cond:
+            self.chunking = None
             for r in list(self.waiting) + [s for s in self.slots if s is not None]:
                 r.emit(Event("error", error="the server is shutting down"))
             self.waiting.clear()
@@ -176,9 +181,15 @@ class Engine:
                     self.cond.wait(timeout=0.25)  # a timeout: request_stop() does not notify
                 if not self.running:
                     break
-                admitted = self._take_waiting()
+                # a prompt being prefilled in chunks goes on first; others wait behind it, as in a queue
+                admitted = [] if self.chunking is not None else self._take_waiting()
             try:
-                if admitted:
+                if self.chunking is not None:
+                    self._prefill_chunk(self.chunking)
+                elif len(admitted) == 1 and len(admitted[0].prompt_ids) > self._prefill_budget():
+                    self.chunking = admitted[0]
+                    self._prefill_chunk(self.chunking)
+                elif admitted:
                     self._prefill(admitted)
                     # Let the server's event loop send the first tokens now: the decode step that follows holds
                     # the GIL for most of its run (compiled kernels), which would hold them back a whole step.
@@ -198,9 +209,7 @@ class Engine:
         least one."""
         out: list[Request] = []
         longest = 0
-        budget = self.prefill_tokens
-        if self.prefill_rate is not None and any(self.slots):
-            budget = min(budget, int(self.prefill_rate * self.prefill_seconds))
+        budget = self._prefill_budget()
         for slot in range(self.max_batch):
             while self.slots[slot] is None and self.waiting:
                 request = self.waiting[0]
@@ -216,6 +225,13 @@ class Engine:
                 request.slot = slot
                 out.append(request)
         return out
+
+    def _prefill_budget(self) -> int:
+        """Prompt tokens one prefill pass may take: `prefill_tokens`, and while others decode only what the
+        measured rate prefills in `prefill_seconds` (at least one 16-token chunk)."""
+        if self.prefill_rate is not None and any(self.slots):
+            return max(16, min(self.prefill_tokens, int(self.prefill_rate * self.prefill_seconds)))
+        return self.prefill_tokens
 
     def _drop_cancelled(self) -> None:
         for r in [r for r in self.slots if r is not None and r.cancelled.is_set()]:
@@ -254,12 +270,40 @@ class Engine:
         start = time.perf_counter()
         logits = self.model.last_token_logits(ids.to(self.device), lengths, real.to(self.device), rows,
                                               torch.arange(T, device=self.device))
-        if T * len(requests) >= 256:  # a pass big enough to time: small ones are mostly fixed costs
-            rate = T * len(requests) / (time.perf_counter() - start)
-            self.prefill_rate = rate if self.prefill_rate is None else 0.5 * (self.prefill_rate + rate)
+        self._note_prefill_rate(T * len(requests), time.perf_counter() - start)
         for r, row_logits in zip(requests, logits):
             r.position = len(r.prompt_ids)
             self._accept_or_fail(r, row_logits)
+
+    def _prefill_chunk(self, r: Request) -> None:
+        """The next chunk of a prompt longer than one pass, into its slot after the chunks before it: every
+        other stream waits one chunk, not the whole prompt (a 30,000-token prompt is ~40 s of fp32 prefill on two
+        cores). Until its last chunk the request sits out of the decode steps' results."""
+        if r.cancelled.is_set() or r.slot < 0:
+            self.chunking = None
+            return
+        start = r.prefilled
+        end = min(len(r.prompt_ids), start + self._prefill_budget())
+        rows = self.cache.rows(r.slot, r.slot + 1)
+        rows.length = end  # this chunk attends to the chunks before it and to itself
+        self.prefill_passes += 1
+        began = time.perf_counter()
+        logits = self.model.last_token_logits(
+            torch.tensor([r.prompt_ids[start:end]], device=self.device), torch.tensor([end - start]),
+            torch.ones(1, end, dtype=torch.long, device=self.device), rows,
+            torch.arange(start, end, device=self.device))
+        self._note_prefill_rate(end - start, time.perf_counter() - began)
+        # a decode step that runs meanwhile computes this row too and writes its key at `position`: the next
+        # chunk starts there and overwrites it
+        r.prefilled = r.position = end
+        if end == len(r.prompt_ids):
+            self.chunking = None
+            self._accept_or_fail(r, logits[0])
+
+    def _note_prefill_rate(self, tokens: int, seconds: float) -> None:
+        if tokens >= 256:  # a pass big enough to time: small ones are mostly fixed costs
+            rate = tokens / seconds
+            self.prefill_rate = rate if self.prefill_rate is None else 0.5 * (self.prefill_rate + rate)
 
     def _decode_step(self) -> None:
         active = [(i, r) for i, r in enumerate(self.slots) if r is not None]  # rows 0..len-1 (kept packed)
@@ -278,6 +322,8 @@ class Engine:
         plain = [r.params.temperature == 0 and not r.processors for _, r in active]
         best = greedy_tokens(logits).tolist() if any(plain) else []
         for (i, r), use_best in zip(active, plain):  # logits rows are the slots as they were during the step
+            if r is self.chunking:  # its prompt is not all in yet: this row's result means nothing
+                continue
             r.position += 1
             self._accept_or_fail(r, logits[i], best[i] if use_best else None)
 
