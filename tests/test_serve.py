@@ -255,6 +255,11 @@ def test_api_key(chat_checkpoint):
         assert httpx.get(server.url + "/v1/models", headers={"Authorization": "Bearer nope"}).status_code == 401
         good = openai.OpenAI(base_url=server.url + "/v1", api_key="sesame", max_retries=0)
         assert good.models.list().data[0].id == "tiny-glm"
+        for path in ("/tokenize", "/detokenize", "/TOKENIZE"):  # the key guards them too (paths are exact)
+            assert httpx.post(server.url + path, json={"prompt": "x"}).status_code in (401, 404)
+        assert httpx.post(server.url + "/tokenize", json={"prompt": "x"},
+                          headers={"Authorization": "Bearer sesame"}).status_code == 200
+        assert httpx.get(server.url + "/metrics").status_code == 200  # open to scrapers, as vLLM's
     finally:
         server.close()
         engine.stop()
@@ -437,3 +442,47 @@ def test_a_long_prompt_is_prefilled_in_chunks_between_decode_steps(chat_checkpoi
     assert engine.prefill_passes == 4  # the short prompt, then the long one in chunks of 32, 32 and 26 tokens
     assert len(set(passes_seen_by_short)) >= 3  # the short stream's tokens kept coming between the chunks
     assert "".join(replies[0]) == reply_alone(short) and "".join(replies[1]) == reply_alone(long)
+
+
+def test_metrics_count_what_was_served(served, client):
+    """GET /metrics parses as Prometheus text with vLLM's names; a finished request moves the token counters, the
+    success counter and the latency histograms."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def scrape():
+        r = httpx.get(served[0].url + "/metrics", timeout=30)
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+        return {s.name + str(sorted(s.labels.items())): s.value
+                for family in text_string_to_metric_families(r.text) for s in family.samples}
+
+    before = scrape()
+    client.completions.create(model="tiny-glm", prompt="Hello there", max_tokens=5, temperature=0,
+                              extra_body={"ignore_eos": True})
+    after = scrape()
+    name = "[('model_name', 'tiny-glm')]"
+    assert after["vllm:generation_tokens_total" + name] - before.get("vllm:generation_tokens_total" + name, 0) == 5
+    assert after["vllm:prompt_tokens_total" + name] > before.get("vllm:prompt_tokens_total" + name, 0)
+    done = "vllm:request_success_total[('finished_reason', 'length'), ('model_name', 'tiny-glm')]"
+    assert after[done] - before.get(done, 0) == 1
+    assert after["vllm:time_to_first_token_seconds_count" + name] >= 1
+    assert after["vllm:inter_token_latency_seconds_count" + name] >= 4
+    assert after["vllm:num_requests_running" + name] == 0 and after["vllm:kv_cache_usage_perc" + name] == 0
+
+
+def test_tokenize_and_detokenize(served):
+    """vLLM's /tokenize (a prompt, or chat messages through the template) and /detokenize, checked like the rest."""
+    _, _, _, tokenizer = served
+    url = served[0].url
+    r = httpx.post(url + "/tokenize", json={"prompt": "Hello there"}, timeout=30).json()
+    assert r["tokens"] == tokenizer.encode("Hello there") and r["count"] == len(r["tokens"])
+    assert r["max_model_len"] == 256
+    chat = httpx.post(url + "/tokenize", json={"messages": [{"role": "user", "content": "Hi"}]}, timeout=30).json()
+    assert chat["tokens"] == tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}],
+                                                           add_generation_prompt=True)
+    back = httpx.post(url + "/detokenize", json={"tokens": r["tokens"]}, timeout=30).json()
+    assert back["prompt"] == tokenizer.decode(r["tokens"])
+    for body in ({"tokens": [True]}, {"tokens": [-1]}, {"tokens": [10 ** 9]}, {"tokens": "12"}, {}):
+        bad = httpx.post(url + "/detokenize", json=body, timeout=30)
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "tokens"
+    assert httpx.post(url + "/tokenize", json={"prompt": 5}, timeout=30).status_code == 400
+    assert httpx.post(url + "/tokenize", json={"prompt": "x", "model": "other"}, timeout=30).status_code == 404

@@ -400,7 +400,7 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callab
 # Optional packages a subcommand cannot start without, checked before it loads anything (extras.EXTRAS says which
 # pip extra brings each).
 RUNS_A_MODEL = ("generate", "chat", "serve", "bench", "train")  # the allocator is tuned for them (reuse_freed_memory)
-NEEDS: dict[str, tuple[str, ...]] = {"serve": ("fastapi", "uvicorn"), "bench-serve": ("httpx",)}
+NEEDS: dict[str, tuple[str, ...]] = {"serve": ("fastapi", "uvicorn", "prometheus_client"), "bench-serve": ("httpx",)}
 
 
 def _generate_flags(p: argparse.ArgumentParser) -> None:

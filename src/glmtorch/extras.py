@@ -19,6 +19,7 @@ EXTRAS: dict[str, tuple[str, str]] = {
     "transformers": ("bench", "the transformers side of glmtorch bench"),
     "fastapi": ("serve", "glmtorch serve"),
     "uvicorn": ("serve", "glmtorch serve"),
+    "prometheus_client": ("serve", "glmtorch serve's /metrics"),
 }
 
 

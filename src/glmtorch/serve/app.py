@@ -22,6 +22,7 @@ from fastapi.responses import HTMLResponse, Response, StreamingResponse
 from ..chat import ChatFormatError, ReplyStream, parse_assistant_reply
 from ..generation.config import SEED_MAX, SamplingValueError, check_sampling_value
 from .engine import Engine, Event, QueueFull, Request as EngineRequest, SamplingParams, default_max_tokens
+from .metrics import CONTENT_TYPE_LATEST, ServingMetrics
 
 # The largest request body accepted (413 beyond): vLLM's frontend default. --max-request-body-size changes it.
 DEFAULT_MAX_BODY_BYTES = 32 * 2**20
@@ -255,15 +256,18 @@ def parse_body(raw: bytes) -> dict:
     return body
 
 
+PROTECTED_PATHS = ("/v1/", "/tokenize", "/detokenize")  # /health, /metrics and the page stay open, as vLLM's
+
+
 class RequireApiKey:
-    """ASGI middleware: /v1/ answers 401 without `Authorization: Bearer KEY`. Plain ASGI rather than
+    """ASGI middleware: /v1/ (and tokenize / detokenize) answer 401 without `Authorization: Bearer KEY`. Plain ASGI rather than
     @app.middleware: that wrapper hides a client's disconnect from the handlers, which must cancel its work."""
 
     def __init__(self, app, api_key: str) -> None:
         self.app, self.key = app, api_key.encode()
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+        if scope["type"] == "http" and scope["path"].startswith(PROTECTED_PATHS):
             given = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
             scheme, _, token = given.strip().partition(" ")
             # the scheme is case-insensitive (RFC 9110); the key is compared in constant time
@@ -288,6 +292,7 @@ class Served:
     created: int = field(default_factory=lambda: int(time.time()))
     workers: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(max_workers=2, thread_name_prefix="glmtorch-requests"))
+    metrics: Any = None  # ServingMetrics: GET /metrics
 
     async def off_loop(self, fn, *args, **kwargs):
         return await asyncio.get_running_loop().run_in_executor(self.workers, functools.partial(fn, *args, **kwargs))
@@ -345,6 +350,9 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
     app = FastAPI(title="glmtorch", docs_url=None, redoc_url=None)
     app.state.served = served = Served(engine, tokenizer, model_name, max_body_bytes)
+    served.metrics = ServingMetrics(engine, model_name)
+    if hasattr(engine, "observer"):
+        engine.observer = served.metrics
     app.router.on_shutdown.append(lambda: served.workers.shutdown(wait=False, cancel_futures=True))
     app.add_exception_handler(ApiError, api_error)
     if api_key:
@@ -385,17 +393,9 @@ async def page():
 async def chat_completions(request: Request):
     served: Served = request.app.state.served
     body = await read_body(served, request)
-    messages, tools = chat_messages(body), chat_tools(body)
+    tools, ids = await chat_prompt(served, body)
     params, max_tokens, n = sampling_params(body)
     stream, include_usage = stream_flags(body)
-    check_text_length(served, [p["text"] if isinstance(p, dict) else p for m in messages
-                               for p in (m["content"] if isinstance(m["content"], list) else [m["content"] or ""])]
-                      + [json.dumps(tools or [], ensure_ascii=False)])
-    try:
-        ids = await served.off_loop(served.tokenizer.apply_chat_template, messages, tools=tools,
-                                    add_generation_prompt=True)
-    except ChatFormatError as e:
-        raise ApiError(400, str(e), "messages", "invalid_value") from None
     params.max_tokens = check_context(served, len(ids), max_tokens)
     queue, requests = start(served, [ids], params, n)
     head = {"id": f"chatcmpl-{secrets.token_hex(12)}", "created": int(time.time()), "model": served.model_name}
@@ -456,7 +456,57 @@ async def completions(request: Request):
             "usage": usage(prompt_tokens, sum(r["completion_tokens"] for r in results))}
 
 
+@router.post("/tokenize")
+async def tokenize(request: Request):
+    """vLLM's /tokenize: {"prompt": text} or {"messages": [...]} (rendered as a chat with the reply's opening) ->
+    {"count", "max_model_len", "tokens"}."""
+    served: Served = request.app.state.served
+    body = await read_body(served, request)
+    if "messages" in body:
+        _, ids = await chat_prompt(served, body)
+    else:
+        prompt = _get(body, "prompt", (str,))
+        check_text_length(served, [prompt])
+        ids = await served.off_loop(served.tokenizer.encode, prompt)
+    return {"count": len(ids), "max_model_len": served.engine.context, "tokens": list(ids)}
+
+
+@router.post("/detokenize")
+async def detokenize(request: Request):
+    """vLLM's /detokenize: {"tokens": [ids]} -> {"prompt": text}."""
+    served: Served = request.app.state.served
+    body = await read_body(served, request)
+    tokens = _get(body, "tokens", (list,))
+    vocab = served.engine.model.config.vocab_size
+    if len(tokens) > served.engine.context or not all(
+            type(t) is int and 0 <= t < vocab for t in tokens):  # bool is an int subclass: type(), not isinstance
+        raise ApiError(400, f"'tokens' must be at most {served.engine.context} integers in [0, {vocab})", "tokens",
+                       "invalid_value")
+    return {"prompt": await served.off_loop(served.tokenizer.decode, tokens)}
+
+
+@router.get("/metrics")
+async def metrics(request: Request):
+    served: Served = request.app.state.served
+    return Response(served.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
 # -- what the handlers share ---------------------------------------------------------------------------------------
+async def chat_prompt(served: Served, body: dict) -> tuple[list[dict] | None, list[int]]:
+    """(tools, prompt ids) of a chat request: its messages and tools checked, sized, and rendered through the
+    model's chat template (off the event loop)."""
+    messages, tools = chat_messages(body), chat_tools(body)
+    check_text_length(served, [p["text"] if isinstance(p, dict) else p for m in messages
+                               for p in (m["content"] if isinstance(m["content"], list) else [m["content"] or ""])]
+                      + [json.dumps(tools or [], ensure_ascii=False)])
+    try:
+        ids = await served.off_loop(served.tokenizer.apply_chat_template, messages, tools=tools,
+                                    add_generation_prompt=True)
+    except ChatFormatError as e:
+        raise ApiError(400, str(e), "messages", "invalid_value") from None
+    return tools, ids
+
+
 async def read_body(served: Served, request: Request) -> dict:
     # JSON only: a page on another site can send text/plain or a form without asking the browser first
     # (no CORS preflight), so accepting those would let any web page drive a server without --api-key.

@@ -88,6 +88,7 @@ class Request:
     text: TextStream | None = None
     pending_logprobs: list[dict] = field(default_factory=list)
     arrived: float = field(default_factory=time.perf_counter)
+    last_token_at: float = 0.0  # when its latest token was made (inter-token latency)
 
 
 class Engine:
@@ -103,6 +104,7 @@ class Engine:
         self.prefill_seconds = prefill_seconds
         self.prefill_rate: float | None = None  # tokens per second, a running average over passes
         self.chunking: Request | None = None  # a prompt longer than one pass, prefilled a chunk per loop turn
+        self.observer = None  # serve.metrics.ServingMetrics, or anything with first_token / token / finished
         self.context = min(max_context or model.config.max_position_embeddings, model.config.max_position_embeddings)
         self.stop_ids = set(stop_ids or ())
         # One row more than can ever be active: a decode step reads a view of the first `active` rows, and a view
@@ -164,6 +166,11 @@ class Engine:
     @property
     def active(self) -> int:
         return sum(s is not None for s in self.slots)
+
+    def cache_usage(self) -> float:
+        """Fraction of the cache's token slots (max_batch x context) holding a running request's tokens."""
+        used = sum(r.position for r in list(self.slots) if r is not None)
+        return used / (self.max_batch * self.context)
 
     # -- the loop ------------------------------------------------------------------------------------------
     def run(self, until_idle: bool = False) -> None:
@@ -359,6 +366,9 @@ class Engine:
         r.history[0, filled] = token
         r.last_token = token
         r.generated += 1
+        if self.observer is not None:
+            r.last_token_at = (self.observer.first_token(r.arrived, len(r.prompt_ids)) if r.generated == 1
+                               else self.observer.token(r.last_token_at))
         if r.params.logprobs:
             logp = torch.log_softmax(raw.float().cpu(), -1)
             entry = {"token": self.tokenizer.decode([token]), "logprob": float(logp[token])}
@@ -382,6 +392,8 @@ class Engine:
 
     def _finish(self, r: Request, reason: str) -> None:
         r.emit(Event("done", finish_reason=reason, prompt_tokens=len(r.prompt_ids), completion_tokens=r.generated))
+        if self.observer is not None:
+            self.observer.finished(r.arrived, reason)
         self._release(r)
 
 
