@@ -93,7 +93,10 @@ def serve(model_path: str | None = None, host: str = "127.0.0.1", port: int = 80
         finally:  # the HTTP side ended (shut down, or failed to start): the engine ends too
             engine.request_stop()
 
+    signalled = []
+
     def leave(signum, frame):  # Ctrl-C / SIGTERM: in-flight requests end with an error at once, then both stop
+        signalled.append(signum)
         engine.request_stop()
         server.should_exit = True
 
@@ -105,3 +108,5 @@ def serve(model_path: str | None = None, host: str = "127.0.0.1", port: int = 80
     engine.run()  # the model runs in the main thread (see glmtorch.serve.engine)
     server.should_exit = True
     http_thread.join(timeout=10)
+    if not server.started and not signalled:  # uvicorn could not listen after all (taken since check_address): say so, exit non-zero
+        raise OSError(f"cannot listen on {host}:{port}; choose another --port (or --host)")
