@@ -211,29 +211,34 @@ def _measure(paths: dict[str, Callable], rows: int, k: int, dtype: torch.dtype) 
 
 def time_paths(paths: dict[str, Callable], rows: int, k: int, dtype: torch.dtype,
                x: torch.Tensor | None = None) -> dict[str, float]:
-    """Seconds per call of each path on x (by default random (rows, k) input), best of a few runs after a warm-up;
-    a path whose warm-up is already 4x slower than the best so far is not timed again (its warm-up time is what it
-    gets)."""
+    """Seconds per call of each path on x (by default random (rows, k) input): two warm-up calls each, then rounds
+    that call every remaining path once in turn (at least 3, until MEASURE_SECONDS per path or 20 rounds), and the
+    best of each path's runs. Interleaved, so a burst of load on a shared machine hits every candidate alike: timed
+    one after the other, a single slow stretch once sent a 512-row fp32 product to the kernels at half the
+    library's speed, and the table keeps a choice for good. A path whose warm-up is already 4x slower than the
+    best is not timed further (its warm-up time is what it gets)."""
     if x is None:
         x = torch.randn(rows, k, generator=torch.Generator().manual_seed(0)).to(dtype)
-    times: dict[str, float] = {}
+
+    def timed(fn) -> float:
+        start = time.perf_counter()
+        fn(x)
+        return time.perf_counter() - start
+
     with torch.no_grad():
+        times = {}
         for name, fn in paths.items():
-            for _ in range(2):  # warm-up: builds oneDNN primitives (~1 ms), faults in scratch memory
-                start = time.perf_counter()
-                fn(x)
-                times[name] = time.perf_counter() - start
-            if times[name] > 4 * min(times.values()):  # already far behind: no need to time it again
-                continue
-            runs, spent = [], 0.0
-            while len(runs) < 2 or spent < MEASURE_SECONDS:
-                start = time.perf_counter()
-                fn(x)
-                runs.append(time.perf_counter() - start)
-                spent += runs[-1]
-                if len(runs) >= 20:
-                    break
-            times[name] = min(runs)
+            timed(fn)  # builds oneDNN primitives (~1 ms), faults in scratch memory
+            times[name] = timed(fn)
+        contenders = [name for name in paths if times[name] <= 4 * min(times.values())]
+        spent = 0.0
+        for round_ in range(20):
+            if round_ >= 3 and spent >= MEASURE_SECONDS * len(contenders):
+                break
+            for name in contenders:
+                run = timed(paths[name])
+                times[name] = min(times[name], run)
+                spent += run
     return times
 
 
