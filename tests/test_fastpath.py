@@ -353,7 +353,7 @@ def test_packed_weights_give_the_library_product_bit_for_bit(tmp_path, monkeypat
 @needs_onednn
 @torch.no_grad()
 def test_packing_is_decided_by_timing_the_step_once(pair, monkeypatch):
-    """Unforced, pack_weights times the decode step both ways (at one row and at the batch) and keeps the chosen
+    """Unforced, pack_weights times the decode step each way (at one row and at the batch) and keeps the chosen
     layout in the dispatch table, which the next call reads instead of timing again; GLMTORCH_PACK=0 unpacks."""
     from glmtorch import dispatch, fastpath
 
@@ -363,10 +363,11 @@ def test_packing_is_decided_by_timing_the_step_once(pair, monkeypatch):
     real = fastpath.time_decode_step
     monkeypatch.setattr(fastpath, "time_decode_step", lambda *a, **k: timed.append(a[1]) or real(*a, **k))
     packed = fastpath.pack_weights(model, rows=5)
-    assert timed == [1, 8, 1, 8]  # plain, then packed: at one row and at the row bucket
+    assert timed == [1, 8] * 3  # plain, the LM head packed, all packed: at one row and at the row bucket
     choice = [v for k, v in dispatch.decisions().items() if k.startswith("layout") and k.endswith("rows<=8")]
-    assert choice == ["packed" if packed else "plain"]
-    assert fastpath.pack_weights(model, rows=7) == packed and timed == [1, 8, 1, 8]
+    assert choice == [{0: "plain", 1: "packed_head"}.get(packed, "packed")]
+    assert model.lm_head.packed is (packed > 0)
+    assert fastpath.pack_weights(model, rows=7) == packed and timed == [1, 8] * 3
     monkeypatch.setenv("GLMTORCH_PACK", "1")
     assert fastpath.pack_weights(model, rows=5) > 0
     monkeypatch.setenv("GLMTORCH_PACK", "0")
@@ -399,3 +400,23 @@ def test_fused_norm_and_mlp_match_the_reference(tmp_path, monkeypatch, config):
     fused = model(ids).logits
     monkeypatch.setenv("GLMTORCH_LINEAR_PATH", "library")
     assert rel_err(fused, model(ids).logits) < 2e-2
+
+
+@needs_onednn
+@torch.no_grad()
+def test_fused_step_with_a_packed_lm_head(pair):
+    """An fp32 model whose LM head alone is packed keeps the fused C++ step (one row: always the fused step): it
+    stops at the final norm and the packed head runs after it, with the eager step's logits."""
+    _, path = pair
+    model = glmtorch.GlmForCausalLM.from_pretrained(path)
+    ids, mask = torch.tensor([[5, 6, 7]]), torch.ones(1, 3, dtype=torch.long)
+    cache, positions, full_mask = _prefilled(model, ids, mask)
+    expected = decode_step(model, torch.tensor([[3]]), positions[:, 3:], torch.tensor([3]), full_mask, cache)
+    model.lm_head.pack()
+    assert fused_step_supported(model)
+    calls = []
+    step = FusedDecodeStep(lambda *args: calls.append(1) or decode_step(*args))
+    cache, positions, full_mask = _prefilled(model, ids, mask)
+    out = step(model, torch.tensor([[3]]), positions[:, 3:], torch.tensor([3]), full_mask, cache)
+    assert calls == [] and step.plan is not None
+    assert rel_err(out, expected) < 1e-5

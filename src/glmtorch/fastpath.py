@@ -117,8 +117,9 @@ def _packed_linear(x: torch.Tensor, packed_weight: torch.Tensor, bias: torch.Ten
 
 
 def pack_weights(model: nn.Module, rows: int = 1) -> int:
-    """For inference at batches of up to `rows`: keep the CPU linears' weights in oneDNN's packed layout if that
-    makes the decode step faster here, else plain; returns how many layers were packed. The CLI's generate / chat
+    """For inference at batches of up to `rows`: keep the CPU linears' weights (all of them, or only the LM head's)
+    in oneDNN's packed layout if that makes the decode step faster here, else plain; returns how many layers were
+    packed. The CLI's generate / chat
     decode one row; the serving engine up to its full batch, and one row when a single client is served: for it the
     step is timed at both, and packing must gain more at the full batch than it loses at one row (relative times;
     measured on "small" at 64 rows, AMX Xeon: bf16 gains 1.19x and loses 1.15x, so it packs; fp32 gains 1.24x
@@ -149,25 +150,29 @@ def pack_weights(model: nn.Module, rows: int = 1) -> int:
                      for layer in layers})
     key = f"layout {len(model.model.layers)} layers {shapes} rows<={dispatch.row_bucket(rows)}"
 
+    head = getattr(model, "lm_head", None)
+    choices = {"plain": [], "packed_head": [layer for layer in layers if layer is head], "packed": layers}
+
     def measure() -> str:
         # each layout with the decode step the model takes with it: plain fp32 weights may run the fused C++
-        # step (which reads them as they are), packed ones the layer-by-layer step
+        # step (which reads them as they are, and leaves a packed LM head to oneDNN), packed ones layer by layer
         step = lambda *args: compiled_decode_step(model)(model, *args)  # noqa: E731
         sizes = sorted({1, dispatch.row_bucket(rows)})
-        plain = [time_decode_step(model, n, step=step) for n in sizes]
-        for layer in layers:
-            layer.pack()
-        packed = [time_decode_step(model, n, step=step) for n in sizes]
-        gain = math.prod(p / q for p, q in zip(plain, packed))  # > 1: packed is faster on the whole
-        return "packed" if gain > 1 else "plain"
+        times = {}
+        for name, packed in choices.items():
+            if name != "plain" and not packed:
+                continue
+            for layer in layers:
+                layer.pack() if layer in packed else layer.unpack()
+            times[name] = [time_decode_step(model, n, step=step) for n in sizes]
+        # relative times multiplied over the sizes: a layout that gains 1.2x at the batch and loses 1.15x alone wins
+        return min(times, key=lambda name: math.prod(t / p for t, p in zip(times[name], times["plain"])))
 
     with torch.no_grad():
-        for layer in layers:
-            layer.unpack()
         choice = "packed" if forced in ("1", "true", "yes") else dispatch.decide(key, measure)
         for layer in layers:
-            layer.pack() if choice == "packed" else layer.unpack()
-    return len(layers) if choice == "packed" else 0
+            layer.pack() if layer in choices.get(choice, []) else layer.unpack()
+    return len(choices.get(choice, []))
 
 
 def time_decode_step(model, rows: int, length: int = 32, step=None) -> float:
@@ -353,6 +358,8 @@ class FusedDecodeStep:
         logits = self.plan.step(tokens, position_ids, cache_position, attention_mask, cache.key_buffer,
                                 cache.value_buffer)
         cache.advance(1)
+        if getattr(model.lm_head, "packed", False):  # the plan stopped at the final norm (_fused_step_layout)
+            logits = model.lm_head(logits)
         return logits
 
     def _kernels_win(self, model, rows: int) -> bool:
@@ -385,7 +392,9 @@ class FusedDecodeStep:
 
         def fused(tokens, positions, slot, mask, cache):
             cache.length = mask.shape[1]
-            self.plan.step(tokens, positions, slot, mask, cache.key_buffer, cache.value_buffer)
+            out = self.plan.step(tokens, positions, slot, mask, cache.key_buffer, cache.value_buffer)
+            if getattr(model.lm_head, "packed", False):
+                model.lm_head(out)
 
         # the layered side eager: a compiled fallback (GLMTORCH_COMPILE=1) would build a graph for the scratch shapes
         return time_decode_step(model, rows, step=fused) <= time_decode_step(model, rows)
@@ -436,7 +445,8 @@ FUSED_STEP_FEATURES = (
     "the C++ kernels built",
     "whole layers (not a tensor-parallel shard)",
     "per layer exactly: input norm, fused QKV (+ bias), o_proj, post-attention norm, gate_up, down",
-    "every linear fp32, int8 or int4 (groups 32-256) with fp32 bias, of an input width the kernels take, unpacked",
+    "every linear fp32, int8 or int4 (groups 32-256) with fp32 bias, of an input width the kernels take, unpacked "
+    "(the LM head may be packed: it then runs after the step)",
 )
 
 
@@ -473,6 +483,8 @@ def _fused_step_layout(model) -> tuple[tuple | None, str]:
             return None, features[7]
         layers.append((norms[0], specs[0], specs[1], norms[1], specs[2], specs[3]))
     head = _linear_spec(model.lm_head)
+    if head is None and getattr(model.lm_head, "packed", False):
+        return (layers, None), ""  # the step stops at the final norm; the packed head runs after it
     return ((layers, head), "") if head is not None else (None, features[7])
 
 
@@ -518,7 +530,8 @@ def _build_plan(model, layout) -> tuple:
     layers, head = layout
     for input_norm, qkv, o, post_norm, gate_up, down in layers:
         plan.add_layer(input_norm.detach(), linear(qkv), linear(o), post_norm.detach(), linear(gate_up), linear(down))
-    plan.set_lm_head(linear(head))
+    if head is not None:  # else the step returns the final norm's output and the caller applies the head
+        plan.set_lm_head(linear(head))
     return plan, kernels.FLOAT_MAX_ROWS if kinds == {0} else kernels.MAX_ROWS  # 0: float weights only
 
 

@@ -242,6 +242,7 @@ struct DecodePlan : torch::CustomClassHolder {
         }
       add_into(x, apply(linears[ly.down], act));
     }
+    if (lm_head < 0) return rms_norm(x, final_norm, eps);  // the head runs outside (a packed oneDNN weight)
     return apply(linears[lm_head], rms_norm(x, final_norm, eps));
   }
 };
