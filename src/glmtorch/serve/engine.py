@@ -193,7 +193,7 @@ class Engine:
             try:
                 if self.chunking is not None:
                     self._prefill_chunk(self.chunking)
-                elif len(admitted) == 1 and len(admitted[0].prompt_ids) > self._prefill_budget():
+                elif len(admitted) == 1 and len(admitted[0].prompt_ids) > self._prefill_budget(admitted):
                     self.chunking = admitted[0]
                     self._prefill_chunk(self.chunking)
                 elif admitted:
@@ -233,10 +233,11 @@ class Engine:
                 out.append(request)
         return out
 
-    def _prefill_budget(self) -> int:
-        """Prompt tokens one prefill pass may take: `prefill_tokens`, and while others decode only what the
-        measured rate prefills in `prefill_seconds` (at least one 16-token chunk)."""
-        if self.prefill_rate is not None and any(self.slots):
+    def _prefill_budget(self, prefilling: list[Request] = ()) -> int:
+        """Prompt tokens one prefill pass may take: `prefill_tokens`, and while others (requests not in
+        `prefilling`) decode only what the measured rate prefills in `prefill_seconds` (at least 16)."""
+        others = any(r is not None and r not in prefilling for r in self.slots)
+        if self.prefill_rate is not None and others:
             return max(16, min(self.prefill_tokens, int(self.prefill_rate * self.prefill_seconds)))
         return self.prefill_tokens
 
@@ -290,7 +291,7 @@ class Engine:
             self.chunking = None
             return
         start = r.prefilled
-        end = min(len(r.prompt_ids), start + self._prefill_budget())
+        end = min(len(r.prompt_ids), start + self._prefill_budget([r]))
         rows = self.cache.rows(r.slot, r.slot + 1)
         rows.length = end  # this chunk attends to the chunks before it and to itself
         self.prefill_passes += 1
