@@ -26,7 +26,7 @@ LAYERS = [
                                 "glmtorch.generation.loop", "glmtorch.generation.streaming",
                                 "glmtorch.generation.mixin"]),
     ("public classes", ["glmtorch.models", "glmtorch.auto", "glmtorch"]),
-    ("applications", ["glmtorch.train", "glmtorch.bench", "glmtorch.checkpoint.convert", "glmtorch.serve.engine", "glmtorch.serve.metrics",
+    ("applications", ["glmtorch.train", "glmtorch.bench", "glmtorch.checkpoint.convert", "glmtorch.serve.engine", "glmtorch.serve.metrics", "glmtorch.serve.offline",
                       "glmtorch.serve.app", "glmtorch.serve.server", "glmtorch.serve.bench"]),
     ("command line", ["glmtorch.cli", "glmtorch.__main__"]),
 ]

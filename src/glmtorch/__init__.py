@@ -28,6 +28,7 @@ _EXPORTS = {
     "GlmForCausalLM": "models", "GlmForSequenceClassification": "models", "GlmForTokenClassification": "models",
     "GlmModel": "models", "GlmPreTrainedModel": "models",
     "AutoTokenizer": "auto", "GlmTokenizer": "tokenizer", "TokenizerError": "tokenizer",
+    "LLM": "serve.offline", "SamplingParams": "serve.offline",
 }
 
 __all__ = ["DEMO_MODEL", *_EXPORTS]
