@@ -486,3 +486,18 @@ def test_tokenize_and_detokenize(served):
         assert bad.status_code == 400 and bad.json()["error"]["param"] == "tokens"
     assert httpx.post(url + "/tokenize", json={"prompt": 5}, timeout=30).status_code == 400
     assert httpx.post(url + "/tokenize", json={"prompt": "x", "model": "other"}, timeout=30).status_code == 404
+
+
+def test_default_slots_follow_the_kv_cache_budget(chat_checkpoint):
+    """--max-batch by default: as many full-context slots as the KV budget holds, at most 64, at least one."""
+    from glmtorch.serve.server import MAX_AUTO_BATCH, choose_max_batch, kv_bytes_per_slot
+
+    _, path = chat_checkpoint
+    model = glmtorch.AutoModelForCausalLM.from_pretrained(path)
+    per_slot = kv_bytes_per_slot(model, 256)
+    cache = model.new_static_cache(1, 256)
+    assert per_slot == sum(t.numel() * t.element_size() for t in (cache.key_buffer, cache.value_buffer))
+    assert choose_max_batch(model, 256, kv_cache_memory=10 * per_slot + 1) == 10
+    assert choose_max_batch(model, 256, kv_cache_memory=per_slot // 2) == 1
+    assert choose_max_batch(model, 256, kv_cache_memory=10**6 * per_slot) == MAX_AUTO_BATCH
+    assert 1 <= choose_max_batch(model, 256) <= MAX_AUTO_BATCH  # a quarter of the free memory here

@@ -16,6 +16,22 @@ class UsageError(Exception):
 
 
 # -- flag values: one range per kind of value, checked as argparse reads it ----------------------------------------
+def byte_size(text: str) -> int:
+    """An argparse type: bytes from "4GiB", "500MB", "2000000" (checkpoint.parse_size), at least 1 MiB."""
+    from .checkpoint.safetensors_io import parse_size
+
+    try:
+        value = parse_size(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size such as 4GiB or 500MB") from None
+    if value < 2**20:
+        raise argparse.ArgumentTypeError(f"{text} is too small: at least 1MiB")
+    return value
+
+
+byte_size.__name__ = "size"
+
+
 def ranged(kind: type, low: float, high: float) -> Callable[[str], float]:
     """An argparse type: a finite number of `kind` in [low, high], else a usage error naming the range."""
     import math
@@ -340,7 +356,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .serve.server import serve
 
     serve(args.model, host=args.host, port=args.port, dtype=args.dtype, device=args.device, quantize=args.quantize,
-          max_batch=args.max_batch, max_queue=args.max_queue, api_key=args.api_key, max_context=args.max_context,
+          max_batch=args.max_batch, max_queue=args.max_queue, kv_cache_memory=args.kv_cache_memory,
+          api_key=args.api_key, max_context=args.max_context,
           max_body_bytes=args.max_request_body_size)
     return 0
 
@@ -350,8 +367,13 @@ def _serve_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=ranged(int, 1, 65535), default=8000)
     p.add_argument("--quantize", default=None, choices=["int8", "int4"])
-    p.add_argument("--max-batch", type=ranged(int, 1, 4096), default=8, help="requests decoded together (KV cache slots)")
-    p.add_argument("--max-queue", type=ranged(int, 0, 1_000_000), default=64, help="requests allowed to wait; beyond: HTTP 503")
+    p.add_argument("--max-batch", type=ranged(int, 1, 4096), default=None,
+                   help="requests decoded together (KV cache slots; default: as many as --kv-cache-memory holds, "
+                        "at most 64)")
+    p.add_argument("--kv-cache-memory", type=byte_size, default=None, metavar="SIZE",
+                   help="memory for the KV cache when choosing --max-batch, e.g. 4GiB (default: a quarter of what is "
+                        "free after loading)")
+    p.add_argument("--max-queue", type=ranged(int, 0, 1_000_000), default=256, help="requests allowed to wait; beyond: HTTP 503")
     p.add_argument("--max-context", type=ranged(int, 2, 2**24), default=None, help="tokens per slot (default: the model's)")
     p.add_argument("--api-key", default=os.environ.get("GLMTORCH_API_KEY"), help="require this bearer key")
     p.add_argument("--max-request-body-size", type=ranged(int, 1024, 2**31), default=32 * 2**20, metavar="BYTES",

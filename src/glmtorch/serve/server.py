@@ -34,6 +34,31 @@ def build_engine(model, tokenizer, max_batch: int, max_queue: int, max_context: 
                   stop_ids={i for i in stop_ids if i < model.config.vocab_size}, thread=thread)
 
 
+MAX_AUTO_BATCH = 64  # the most slots chosen by default: beyond, a 2-core CPU gains little throughput per row
+KV_SHARE = 0.25  # of the memory free after loading, what the KV cache may take by default
+
+
+def kv_bytes_per_slot(model, context: int) -> int:
+    """Bytes of keys and values one slot of `context` tokens holds (this rank's heads)."""
+    cache = model.config
+    heads = cache.num_key_value_heads or cache.num_attention_heads
+    return 2 * cache.num_hidden_layers * heads * cache.head_dim * context * model.dtype.itemsize
+
+
+def choose_max_batch(model, context: int, kv_cache_memory: int | None = None) -> int:
+    """How many slots of `context` tokens the KV cache gets by default: as many as fit `kv_cache_memory` bytes
+    (default: a quarter of the memory free after loading the model), at most MAX_AUTO_BATCH, at least one. The
+    demo model gets 64; GLM-4-9B in bf16 with its full 128K context (5.4 GB a slot) gets one on most machines,
+    which says to lower --max-context."""
+    from ..device import available_memory
+
+    budget = kv_cache_memory
+    if budget is None:
+        free = available_memory(model.device)
+        budget = int(free * KV_SHARE) if free is not None else 4 << 30
+    return max(1, min(MAX_AUTO_BATCH, budget // max(1, kv_bytes_per_slot(model, context))))
+
+
 def warm_up(engine: Engine) -> None:
     """Run tiny requests so the compiled decode steps exist before the first client arrives: one alone (the
     one-row step), then two together (the step for any larger batch, whose row count is dynamic)."""
@@ -65,12 +90,19 @@ def check_address(host: str, port: int) -> None:
 
 
 def serve(model_path: str | None = None, host: str = "127.0.0.1", port: int = 8000, dtype: str = "auto",
-          device: str | None = None, quantize: str | None = None, max_batch: int = 8, max_queue: int = 64,
+          device: str | None = None, quantize: str | None = None, max_batch: int | None = None,
+          max_queue: int = 256, kv_cache_memory: int | None = None,
           api_key: str | None = None, max_context: int | None = None, max_body_bytes: int | None = None) -> None:
     import uvicorn
 
     check_address(host, port)  # before minutes of loading, not after
     model, tokenizer, name = load_for_serving(model_path, dtype, device, quantize)
+    if max_batch is None:
+        context = min(max_context or model.config.max_position_embeddings, model.config.max_position_embeddings)
+        max_batch = choose_max_batch(model, context, kv_cache_memory)
+        print(f"glmtorch: KV cache of {max_batch} slots x {context} tokens "
+              f"({max_batch * kv_bytes_per_slot(model, context) / 2**30:.2f} GiB; --max-batch, --max-context and "
+              "--kv-cache-memory change it)", file=sys.stderr, flush=True)
     pack_weights(model, rows=max_batch)  # the server only runs inference, in batches of up to max_batch rows
     engine = build_engine(model, tokenizer, max_batch, max_queue, max_context, thread=False)
     if model_path is None:
