@@ -119,18 +119,18 @@ def _packed_linear(x: torch.Tensor, packed_weight: torch.Tensor, bias: torch.Ten
 def pack_weights(model: nn.Module, rows: int = 1) -> int:
     """For inference at batches of up to `rows`: keep the CPU linears' weights (all of them, or only the LM head's)
     in oneDNN's packed layout if that makes the decode step faster here, else plain; returns how many layers were
-    packed. The CLI's generate / chat
-    decode one row; the serving engine up to its full batch, and one row when a single client is served: for it the
-    step is timed at both, and packing must gain more at the full batch than it loses at one row (relative times;
-    measured on "small" at 64 rows, AMX Xeon: bf16 gains 1.19x and loses 1.15x, so it packs; fp32 gains 1.24x
-    and loses 1.43x against the fused C++ step, so it does not).
+    packed. The CLI's generate / chat decode one row; the server up to its full batch, and one row when a single
+    client is served, so for rows > 1 the step is timed at both and a layout must gain more at the batch than it
+    loses at one row (relative times multiplied).
 
-    Decided by timing the model's decode step both ways once per machine, model shape and row bucket (dispatch.json),
+    Decided by timing the model's decode step each way once per machine, model shape and row bucket (dispatch.json),
     not matrix by matrix: matrices timed alone sit in the cache, and the hand kernels read plain weights from huge
-    pages; plain fp32 weights may also run the fused C++ step, which packed ones cannot. Measured on "small" (AMX
-    Xeon, 2 threads): bf16 packed 90 ms against 107 ms at 64 rows, 41 against 36 ms at 1 row; results bit-identical
-    to the library product. Left alone: weights shared between layers (tied embeddings: the embedding looks rows
-    up in the plain matrix), and all of it where GLMTORCH_PACK=0 or torch has no oneDNN. GLMTORCH_PACK=1 packs
+    pages; plain fp32 weights may also run the fused C++ step (which takes a packed LM head, not packed layers).
+    Measured on "small" (AMX Xeon, 2 threads): bf16 all packed 61 against 75 ms at 64 rows, 38 against 33 ms at one
+    row, so the server packs and the CLI does not; fp32 all packed 190 against 214 ms at 64 rows but 64 against
+    43 ms at one row (the fused step lost), LM head alone 198 / 48 ms: plain. Results are bit-identical to the
+    library product. Left alone: weights shared between layers (tied embeddings: the embedding looks rows up in
+    the plain matrix), and all of it where GLMTORCH_PACK=0 or torch has no oneDNN. GLMTORCH_PACK=1 packs all
     without measuring."""
     forced = os.environ.get("GLMTORCH_PACK", "").strip().lower()
     if forced in ("0", "false", "no"):
@@ -176,8 +176,8 @@ def pack_weights(model: nn.Module, rows: int = 1) -> int:
 
 
 def time_decode_step(model, rows: int, length: int = 32, step=None) -> float:
-    """Seconds of one decode step of `rows` rows on a scratch cache of `length` slots (best of 5 after a warm-up);
-    the eager layer-by-layer step unless `step` (a function of no arguments over the same cache) is given."""
+    """Seconds of one decode step of `rows` rows on a scratch cache of `length` slots (best of 5 after a warm-up):
+    the eager layer-by-layer step, or `step(tokens, positions, slot, mask, cache)` when given."""
     cache = model.new_static_cache(rows, length)
     tokens = torch.zeros(rows, 1, dtype=torch.long, device=model.device)
     positions = torch.full((rows, 1), length - 1, dtype=torch.long, device=model.device)

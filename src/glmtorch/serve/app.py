@@ -260,8 +260,9 @@ PROTECTED_PATHS = ("/v1/", "/tokenize", "/detokenize")  # /health, /metrics and 
 
 
 class RequireApiKey:
-    """ASGI middleware: /v1/ (and tokenize / detokenize) answer 401 without `Authorization: Bearer KEY`. Plain ASGI rather than
-    @app.middleware: that wrapper hides a client's disconnect from the handlers, which must cancel its work."""
+    """ASGI middleware: /v1/ (and tokenize / detokenize) answer 401 without `Authorization: Bearer KEY`. Plain
+    ASGI rather than @app.middleware: that wrapper hides a client's disconnect from the handlers, which must cancel
+    its work."""
 
     def __init__(self, app, api_key: str) -> None:
         self.app, self.key = app, api_key.encode()
