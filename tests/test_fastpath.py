@@ -305,20 +305,31 @@ def test_fused_step_is_timed_as_a_whole_where_matrices_disagree(pair, monkeypatc
     assert isinstance(step._fused_step_is_faster(model, 2), bool)  # the real timing runs on a scratch cache
 
 
-needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
+def _packs(dtype):
+    from glmtorch.fastpath import packing_supported
+
+    return packing_supported(dtype)
 
 
-@needs_onednn
+def packable(*dtypes):
+    """The dtypes whose weights oneDNN packs on this CPU, as pytest params; the others skipped (torch refuses bf16
+    on CPUs without AVX512-BF16-class support)."""
+    return [pytest.param(d, marks=pytest.mark.skipif(not _packs(getattr(torch, d)),
+                                                      reason=f"oneDNN cannot pack {d} weights on this CPU"))
+            for d in dtypes]
+
+
+@pytest.mark.parametrize("dtype", packable("bfloat16", "float32"))
 @pytest.mark.parametrize("config", ["gqa", "tied_narrow_heads"])
 @torch.no_grad()
-def test_packed_weights_give_the_library_product_bit_for_bit(tmp_path, monkeypatch, config):
+def test_packed_weights_give_the_library_product_bit_for_bit(tmp_path, monkeypatch, config, dtype):
     """GLMTORCH_PACK=1: every unshared linear of a bf16 model holds one packed (oneDNN) weight; logits equal the
     plain library path exactly, the state dict and a saved checkpoint hold the plain matrices, and `.to()` and
     unpack_weights bring the plain weights back."""
     from glmtorch.fastpath import pack_weights, unpack_weights
 
     path = save_hf(make_hf_model(**CONFIGS[config]), tmp_path / "ref")
-    model = glmtorch.GlmForCausalLM.from_pretrained(path, dtype="bfloat16")
+    model = glmtorch.GlmForCausalLM.from_pretrained(path, dtype=dtype)
     ids = torch.randint(1, 160, (3, 9), generator=torch.Generator().manual_seed(2))
     plain_state = {k: v.clone() for k, v in model.state_dict().items()}
     monkeypatch.setenv("GLMTORCH_LINEAR_PATH", "library")
@@ -336,11 +347,11 @@ def test_packed_weights_give_the_library_product_bit_for_bit(tmp_path, monkeypat
     assert not any(v.is_mkldnn for v in state.values())
     assert all(torch.equal(state[k], plain_state[k]) for k in plain_state)
     model.save_pretrained(tmp_path / "saved")
-    again = glmtorch.GlmForCausalLM.from_pretrained(tmp_path / "saved", dtype="bfloat16")
+    again = glmtorch.GlmForCausalLM.from_pretrained(tmp_path / "saved", dtype=dtype)
     assert torch.equal(again(ids).logits, expected)
     with pytest.raises(RuntimeError, match="unpack_weights"):  # a product that needs the plain weight says so
         with torch.enable_grad():
-            model.model.layers[0].mlp.down_proj(torch.zeros(1, 96, dtype=torch.bfloat16, requires_grad=True))
+            model.model.layers[0].mlp.down_proj(torch.zeros(1, 96, dtype=getattr(torch, dtype), requires_grad=True))
     unpack_weights(model)
     assert not any(m.packed for m in linears)
     assert all(p.requires_grad for p in model.parameters())
@@ -350,15 +361,15 @@ def test_packed_weights_give_the_library_product_bit_for_bit(tmp_path, monkeypat
     assert not any(m.packed for m in linears) and wide.lm_head.weight.dtype == torch.float32
 
 
-@needs_onednn
+@pytest.mark.parametrize("dtype", packable("bfloat16"))
 @torch.no_grad()
-def test_packing_is_decided_by_timing_the_step_once(pair, monkeypatch):
+def test_packing_is_decided_by_timing_the_step_once(pair, monkeypatch, dtype):
     """Unforced, pack_weights times the decode step each way (at one row and at the batch) and keeps the chosen
     layout in the dispatch table, which the next call reads instead of timing again; GLMTORCH_PACK=0 unpacks."""
     from glmtorch import dispatch, fastpath
 
     _, path = pair
-    model = glmtorch.GlmForCausalLM.from_pretrained(path, dtype="bfloat16")
+    model = glmtorch.GlmForCausalLM.from_pretrained(path, dtype=dtype)
     timed = []
     real = fastpath.time_decode_step
     monkeypatch.setattr(fastpath, "time_decode_step", lambda *a, **k: timed.append(a[1]) or real(*a, **k))
@@ -402,7 +413,7 @@ def test_fused_norm_and_mlp_match_the_reference(tmp_path, monkeypatch, config):
     assert rel_err(fused, model(ids).logits) < 2e-2
 
 
-@needs_onednn
+@pytest.mark.skipif(not _packs(torch.float32), reason="oneDNN cannot pack fp32 weights on this CPU")
 @torch.no_grad()
 def test_fused_step_with_a_packed_lm_head(pair):
     """An fp32 model whose LM head alone is packed keeps the fused C++ step (one row: always the fused step): it
@@ -420,3 +431,20 @@ def test_fused_step_with_a_packed_lm_head(pair):
     out = step(model, torch.tensor([[3]]), positions[:, 3:], torch.tensor([3]), full_mask, cache)
     assert calls == [] and step.plan is not None
     assert rel_err(out, expected) < 1e-5
+
+
+@torch.no_grad()
+def test_packing_is_skipped_where_onednn_refuses_the_dtype(pair, monkeypatch):
+    """On a CPU where torch's oneDNN refuses bf16 (no AVX512-BF16-class support), pack_weights leaves the model
+    as it is instead of failing: even forced, nothing is packed and the logits do not change."""
+    from glmtorch import fastpath
+
+    _, path = pair
+    model = glmtorch.GlmForCausalLM.from_pretrained(path, dtype="bfloat16")
+    ids = torch.tensor([[5, 6, 7, 8]])
+    before = model(ids).logits
+    monkeypatch.setitem(fastpath._can_pack, torch.bfloat16, False)
+    monkeypatch.setenv("GLMTORCH_PACK", "1")
+    assert fastpath.pack_weights(model, rows=8) == 0
+    assert not any(getattr(m, "packed", False) for m in model.modules())
+    assert torch.equal(model(ids).logits, before)

@@ -108,6 +108,23 @@ _layout_changes = 0
 PACK_HINT_ROWS = 64  # the row count oneDNN is told to expect; measured: results within noise of a per-size packing
 
 
+_can_pack: dict[torch.dtype, bool] = {}
+
+
+def packing_supported(dtype: torch.dtype) -> bool:
+    """Whether oneDNN can pack and multiply `dtype` weights on this CPU: tried once on a small matrix (bf16 needs
+    AVX512-BF16-class support in torch's build; on an AVX2-only CPU torch refuses it)."""
+    if dtype not in _can_pack:
+        try:
+            w = torch.ones(16, 16, dtype=dtype)
+            ok = torch.equal(_packed_linear(torch.ones(2, 16, dtype=dtype), _reorder(w)),
+                             torch.nn.functional.linear(torch.ones(2, 16, dtype=dtype), w))
+        except (RuntimeError, AttributeError, NotImplementedError):
+            ok = False
+        _can_pack[dtype] = ok and torch.backends.mkldnn.is_available()
+    return _can_pack[dtype]
+
+
 def _reorder(weight: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(weight, PACK_HINT_ROWS)
 
@@ -143,7 +160,7 @@ def pack_weights(model: nn.Module, rows: int = 1) -> int:
         uses[id(p)] = uses.get(id(p), 0) + 1
     layers = [layer for layer in model.modules()
               if type(layer) is GemvLinear and (layer.packed or uses.get(id(layer.weight)) == 1)
-              and layer.weight.dtype in (torch.float32, torch.bfloat16)]
+              and layer.weight.dtype in (torch.float32, torch.bfloat16) and packing_supported(layer.weight.dtype)]
     if not layers:
         return 0
     shapes = sorted({(str(layer.weight.dtype).removeprefix("torch."), layer.out_features, layer.in_features)
