@@ -389,9 +389,9 @@ def test_packing_is_decided_by_timing_the_step_once(pair, monkeypatch, dtype):
 @pytest.mark.parametrize("config", sorted(CONFIGS))
 @torch.no_grad()
 def test_fused_norm_and_mlp_match_the_reference(tmp_path, monkeypatch, config):
-    """The C++ RMSNorm and SiLU-times-up (forced: GLMTORCH_LINEAR_PATH=kernel) keep fp32 parity with transformers
-    on every odd config (widths that are no multiple of the vector size included), and bf16 within its rounding
-    of the eager ops."""
+    """The C++ RMSNorm, rotary embedding and SiLU-times-up (forced: GLMTORCH_LINEAR_PATH=kernel) keep fp32 parity
+    with transformers on every odd config (widths that are no multiple of the vector size, partial and full
+    rotary, head_dim 8 to 24 included), and bf16 within its rounding of the eager ops."""
     from glmtorch.fastpath import FusedRMSNorm, FusedSiluMLP
 
     ref = make_hf_model(**CONFIGS[config])
@@ -404,7 +404,7 @@ def test_fused_norm_and_mlp_match_the_reference(tmp_path, monkeypatch, config):
     with torch.profiler.profile() as run:
         logits = model(ids).logits
     ran = {event.name for event in run.events()}
-    assert "glmtorch_kernels::rms_norm" in ran
+    assert "glmtorch_kernels::rms_norm" in ran and "glmtorch_kernels::rotary" in ran
     assert ("glmtorch_kernels::silu_mul" in ran) is (model.config.hidden_act == "silu")
     assert rel_err(logits, ref(ids).logits) < 1e-5
     model.to(torch.bfloat16)

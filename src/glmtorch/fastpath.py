@@ -25,7 +25,7 @@ from torch import nn
 
 from . import dispatch, kernels
 from .hugepages import place_on_cpu
-from .modeling import MLP, RMSNorm
+from .modeling import MLP, Attention, RMSNorm
 from .quantize import Int4Linear, Int8Linear
 
 
@@ -242,23 +242,24 @@ def _inference_on_cpu(x: torch.Tensor, weight: torch.Tensor | None = None) -> bo
             and kernels.available())
 
 
-def _fused_is_faster(name: str, x: torch.Tensor, fused, eager) -> bool:
-    """Whether the fused kernel beats the eager ops for this (op, dtype, width, row bucket) here: timed once on
-    random input of that size, kept in dispatch.json (the bf16 SiLU-times-up lost to torch's on the AMX Xeon, the
-    fp32 one won 2x; the norms won 3-13x)."""
+def _fused_is_faster(name: str, x: torch.Tensor, fused, eager, rows: int | None = None) -> bool:
+    """Whether the fused kernel beats the eager ops for this (op, dtype, width, row bucket) here, x's last axis the
+    width: timed once, kept in dispatch.json (the bf16 SiLU-times-up lost to torch's on the AMX Xeon, the fp32 one
+    won 2x; the norms won 3-13x). fused / eager take one tensor: random (rows, width) input; or, where `rows` is
+    given (an op whose other inputs fix the shape), x itself, which they may ignore."""
     forced = os.environ.get("GLMTORCH_LINEAR_PATH", "").strip().lower()
     if forced in ("kernel", "library"):  # the kernels, or the library (torch's own ops), everywhere
         return forced == "kernel"
-    width, rows = x.shape[-1], x.numel() // max(x.shape[-1], 1)
-    bucket = dispatch.row_bucket(rows)
+    width = x.shape[-1]
+    bucket = dispatch.row_bucket(rows if rows is not None else x.numel() // max(width, 1))
     known = _fused_choices.get((name, x.dtype, width, bucket))
     if known is not None:
         return known
     key = f"{name} {str(x.dtype).removeprefix('torch.')} {width} rows<={bucket}"
 
     def measure() -> str:
-        sample = torch.randn(bucket, width, generator=torch.Generator().manual_seed(0)).to(x.dtype)
-        times = dispatch.time_paths({"kernel": fused, "library": eager}, bucket, width, x.dtype, sample)
+        sample = x if rows is not None else torch.randn(bucket, width, generator=torch.Generator().manual_seed(0))
+        times = dispatch.time_paths({"kernel": fused, "library": eager}, bucket, width, x.dtype, sample.to(x.dtype))
         return min(times, key=times.get)
 
     choice = _fused_choices[(name, x.dtype, width, bucket)] = dispatch.decide(key, measure) == "kernel"
@@ -292,17 +293,36 @@ class FusedSiluMLP(MLP):
         return self.down_proj(_silu_mul(gate_up))
 
 
+class FusedRotaryAttention(Attention):
+    """Attention whose CPU inference applies the rotary embedding to q and k in one C++ pass each, straight out of
+    the fused QKV product's output (kernels/elementwise.cpp: rounded where the eager ops round, so bf16 results
+    are the same bits), where measured faster."""
+
+    def rotate(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        cos, sin = rope
+        # decided per (dtype, head_dim, tokens x heads), timed on these very inputs
+        if (x.stride(-1) == 1 and _inference_on_cpu(cos) and cos.dtype == x.dtype and sin.is_contiguous()
+                and not (torch.is_grad_enabled() and x.requires_grad)
+                and _fused_is_faster("rotary", x, lambda _: torch.ops.glmtorch_kernels.rotary(x, cos, sin),
+                                     lambda _: Attention.rotate(self, x, rope), rows=x.numel() // x.shape[-1])):
+            return torch.ops.glmtorch_kernels.rotary(x, cos, sin)
+        return super().rotate(x, rope)
+
+
 def _silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     gate, up = gate_up.chunk(2, dim=-1)
     return up * F.silu(gate)
 
 
 def use_fused_elementwise(model: nn.Module) -> nn.Module:
-    """Give every RMSNorm, and every MLP whose activation is SiLU, its fused CPU inference path (the class is
-    swapped in place: same parameters, same state dict, same results up to fp32 rounding)."""
+    """Give every RMSNorm, every attention's rotary embedding, and every MLP whose activation is SiLU its fused CPU
+    inference path (the class is swapped in place: same parameters, same state dict, same results up to fp32
+    rounding)."""
     for module in model.modules():
         if type(module) is RMSNorm:
             module.__class__ = FusedRMSNorm
+        elif type(module) is Attention:
+            module.__class__ = FusedRotaryAttention
         elif type(module) is MLP and module.act is F.silu:
             module.__class__ = FusedSiluMLP
     return model

@@ -107,15 +107,18 @@ class Attention(nn.Module):
         self.register_state_dict_post_hook(_split_qkv_state)
         self.register_load_state_dict_pre_hook(_fuse_qkv_state)
 
+    def rotate(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """(B, T, heads, D) -> (B, heads, T, D) with the rotary embedding applied."""
+        cos, sin = rope
+        return apply_rotary(x.transpose(1, 2), cos, sin)
+
     def forward(self, x, rope, mask, cache, cache_position, need_weights=False):
         B, T, _ = x.shape
         q, k, v = self.qkv_proj(x).split(self.qkv_sizes, dim=-1)
         # Head counts come from the weights, so a tensor-parallel shard (fewer heads per rank) runs as is.
-        q = q.view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = k.view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, KV, T, D)
+        q = self.rotate(q.view(B, T, -1, self.head_dim), rope)  # (B, H, T, D)
+        k = self.rotate(k.view(B, T, -1, self.head_dim), rope)  # (B, KV, T, D)
         v = v.view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, KV, T, D)
-        cos, sin = rope
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v, cache_position)  # (B, KV, S, D)
         dropout = self.dropout if self.training else 0.0

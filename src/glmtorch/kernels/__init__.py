@@ -137,6 +137,10 @@ def _register_shapes() -> None:
     def _(gate_up):
         return gate_up.new_empty(*gate_up.shape[:-1], gate_up.shape[-1] // 2)
 
+    @torch.library.register_fake("glmtorch_kernels::rotary")
+    def _(x, cos, sin):
+        return x.new_empty(x.shape[0], x.shape[2], x.shape[1], x.shape[3])
+
 
 ROW_CHUNK = 4096  # output features widened at a time: bounded scratch memory whatever the matrix
 

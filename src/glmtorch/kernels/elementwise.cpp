@@ -100,6 +100,38 @@ void silu_mul_rows(const T* gate_up, T* y, int64_t rows, int64_t I) {
   });
 }
 
+// GLM's partial interleaved rotary embedding of q or k, out of the fused QKV product's output:
+//   x: (B, T, N, D) with any strides but a contiguous last axis (a view of that output)
+//   cos, sin: (B or 1, 1, T, R) contiguous, each frequency repeated for its channel pair, in x's dtype
+//   out: (B, N, T, D) contiguous; pairs (2j, 2j+1) of the first R channels rotated as the eager ops round:
+//   out = round(round(x * cos) + round(rotate_pairs(x) * sin)), rotate_pairs(x) = (-x1, x0, -x3, x2, ...);
+//   the other D - R channels copied.
+template <typename T>
+void rotary_rows(const at::Tensor& x, const T* cos, const T* sin, bool per_row, T* out, int64_t R) {
+  const int64_t B = x.size(0), Tn = x.size(1), N = x.size(2), D = x.size(3);
+  const int64_t sb = x.stride(0), st = x.stride(1), sn = x.stride(2);
+  const T* xp = x.data_ptr<T>();
+  at::parallel_for(0, B * N, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t bn = begin; bn < end; ++bn) {
+      const int64_t b = bn / N, n = bn % N;
+      for (int64_t t = 0; t < Tn; ++t) {
+        const T* row = xp + b * sb + t * st + n * sn;
+        const T* c = cos + ((per_row ? b : 0) * Tn + t) * R;
+        const T* s = sin + ((per_row ? b : 0) * Tn + t) * R;
+        T* o = out + (bn * Tn + t) * D;
+        for (int64_t i = 0; i < R; i += 2) {
+          const float x0 = load(row, i), x1 = load(row, i + 1);
+          const float a0 = round_to(x0 * load(c, i), row), a1 = round_to(x1 * load(c, i + 1), row);
+          const float b0 = round_to(-x1 * load(s, i), row), b1 = round_to(x0 * load(s, i + 1), row);
+          store(o, i, round_to(a0 + b0, row));
+          store(o, i + 1, round_to(a1 + b1, row));
+        }
+        for (int64_t i = R; i < D; ++i) store(o, i, load(row, i));
+      }
+    }
+  });
+}
+
 void check(const at::Tensor& t, const char* what) {
   TORCH_CHECK(t.device().is_cpu() && t.is_contiguous(), what, " must be a contiguous CPU tensor");
   TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16, what, " must be fp32 or bf16");
@@ -135,14 +167,36 @@ at::Tensor silu_mul(const at::Tensor& gate_up) {
   return y;
 }
 
+at::Tensor rotary(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 4 && x.stride(3) == 1, "x must be a (B, T, N, D) CPU view with a "
+              "contiguous last axis");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "x must be fp32 or bf16");
+  check(cos, "cos");
+  check(sin, "sin");
+  const int64_t B = x.size(0), Tn = x.size(1), R = cos.size(-1);
+  TORCH_CHECK(cos.scalar_type() == x.scalar_type() && sin.sizes() == cos.sizes() && cos.dim() == 4 &&
+              (cos.size(0) == 1 || cos.size(0) == B) && cos.size(2) == Tn && R % 2 == 0 && R <= x.size(3),
+              "cos / sin must be (B or 1, 1, T, R) in x's dtype, R even and at most D");
+  auto out = at::empty({B, x.size(2), Tn, x.size(3)}, x.options());
+  const bool per_row = cos.size(0) == B && B > 1;
+  if (x.scalar_type() == at::kFloat)
+    rotary_rows(x, cos.data_ptr<float>(), sin.data_ptr<float>(), per_row, out.data_ptr<float>(), R);
+  else
+    rotary_rows(x, cos.data_ptr<c10::BFloat16>(), sin.data_ptr<c10::BFloat16>(), per_row,
+                out.data_ptr<c10::BFloat16>(), R);
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(glmtorch_kernels, m) {
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
   m.def("silu_mul(Tensor gate_up) -> Tensor");
+  m.def("rotary(Tensor x, Tensor cos, Tensor sin) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(glmtorch_kernels, CPU, m) {
   m.impl("rms_norm", &rms_norm);
   m.impl("silu_mul", &silu_mul);
+  m.impl("rotary", &rotary);
 }
