@@ -490,11 +490,11 @@ def test_tokenize_and_detokenize(served):
 
 def test_default_slots_follow_the_kv_cache_budget(chat_checkpoint):
     """--max-batch by default: as many full-context slots as the KV budget holds, at most 64, at least one."""
-    from glmtorch.serve.server import MAX_AUTO_BATCH, choose_max_batch, kv_bytes_per_slot
+    from glmtorch.serve.server import MAX_AUTO_BATCH, choose_max_batch
 
     _, path = chat_checkpoint
     model = glmtorch.AutoModelForCausalLM.from_pretrained(path)
-    per_slot = kv_bytes_per_slot(model, 256)
+    per_slot = model.static_cache_bytes(1, 256)
     cache = model.new_static_cache(1, 256)
     assert per_slot == sum(t.numel() * t.element_size() for t in (cache.key_buffer, cache.value_buffer))
     assert choose_max_batch(model, 256, kv_cache_memory=10 * per_slot + 1) == 10

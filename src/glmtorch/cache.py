@@ -14,8 +14,6 @@ length (continuous batching).
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from .device import check_allocation
@@ -91,10 +89,16 @@ class StaticCache:
     positions from it, and `advance` moves it forward once per forward pass.
     """
 
+    @staticmethod
+    def nbytes(num_layers: int, batch_size: int, num_kv_heads: int, max_length: int, head_dim: int,
+               dtype: torch.dtype = torch.float32) -> int:
+        """Bytes the keys and values of such a cache take."""
+        return 2 * num_layers * batch_size * num_kv_heads * max_length * head_dim * dtype.itemsize
+
     def __init__(self, num_layers: int, batch_size: int, num_kv_heads: int, max_length: int, head_dim: int,
                  dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> None:
         shape = (num_layers, batch_size, num_kv_heads, max_length, head_dim)
-        check_allocation(2 * math.prod(shape) * torch.empty((), dtype=dtype).element_size(), device or "cpu",
+        check_allocation(StaticCache.nbytes(*shape, dtype=dtype), device or "cpu",
                          f"a KV cache of {batch_size} sequences x {max_length} tokens",
                          "ask for fewer sequences or tokens (generate: max_new_tokens; serve: --max-batch, "
                          "--max-context)")

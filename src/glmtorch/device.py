@@ -61,8 +61,9 @@ def reuse_freed_memory() -> bool:
     same forward pass may find its activations in reused memory or page-fault them in anew, depending on history:
     measured on "small" bf16 (AMX Xeon, 2 threads), 64 requests served in-process took prefill passes of 0.75 s or
     0.57 s, and the whole burst 466-482 against 503-529 tok/s with this set. The price is up to 256 MB of freed
-    memory kept (TRIM_THRESHOLD). Process-wide, so the CLI calls it (generate, chat, serve, bench), not importing
-    glmtorch; a no-op off glibc or with GLMTORCH_MALLOC_TUNING=0. Returns whether it was set."""
+    memory kept (TRIM_THRESHOLD). Process-wide, so the CLI calls it for the commands that run a model
+    (cli.RUNS_A_MODEL), not importing glmtorch; a no-op off glibc or with GLMTORCH_MALLOC_TUNING=0. Returns
+    whether it was set."""
     if not sys.platform.startswith("linux") or os.environ.get("GLMTORCH_MALLOC_TUNING", "") in ("0", "false", "no"):
         return False
     try:

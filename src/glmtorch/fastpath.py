@@ -75,16 +75,16 @@ class GemvLinear(nn.Linear):
 
     def pack(self) -> None:
         global _layout_changes
-        _layout_changes += 1  # a fused decode plan built on the plain weights is rebuilt (_weights_key)
         if not self.packed:
+            _layout_changes += 1  # a fused decode plan built on the plain weights is rebuilt (_weights_key)
             self._plain_requires_grad = self.weight.requires_grad
             self.__dict__.pop("_dispatched", None)  # its kept paths hold the plain tensor: it would stay resident
             self.weight = nn.Parameter(_reorder(self.weight.detach()), requires_grad=False)
 
     def unpack(self) -> None:
         global _layout_changes
-        _layout_changes += 1
         if self.packed:
+            _layout_changes += 1
             self.__dict__.pop("_dispatched", None)
             self.weight = nn.Parameter(place_on_cpu(self.weight.to_dense()),
                                        requires_grad=getattr(self, "_plain_requires_grad", True))
@@ -374,6 +374,7 @@ class FusedDecodeStep:
 
     def __init__(self, fallback) -> None:
         self.fallback, self.plan, self.max_rows, self.built_for = fallback, None, 0, None
+        self.head_outside = False  # the plan stops at the final norm; the (packed) LM head runs after it
         self.linears: list = []  # one layer per distinct (kind, shape) in the plan
         self.shapes: list = []  # their (kind, out, in)
         self.kernels_win: dict[int, bool] = {}  # per row bucket
@@ -383,6 +384,7 @@ class FusedDecodeStep:
         if key != self.built_for:
             layout, _ = _fused_step_layout(model)
             self.plan, self.max_rows = _build_plan(model, layout) if layout else (None, 0)
+            self.head_outside = layout is not None and layout[1] is None
             self.linears = _distinct_linears(model) if layout else []
             self.shapes = [(layer.cpu_paths(torch.float32)[0], layer.out_features, layer.in_features)
                            for layer in self.linears]
@@ -391,13 +393,15 @@ class FusedDecodeStep:
         rows = tokens.shape[0]
         if rows > self.max_rows or not self._kernels_win(model, rows):
             return self.fallback(model, tokens, position_ids, cache_position, attention_mask, cache)
-        cache.length = attention_mask.shape[1]
-        logits = self.plan.step(tokens, position_ids, cache_position, attention_mask, cache.key_buffer,
-                                cache.value_buffer)
+        logits = self._run_plan(model, tokens, position_ids, cache_position, attention_mask, cache)
         cache.advance(1)
-        if getattr(model.lm_head, "packed", False):  # the plan stopped at the final norm (_fused_step_layout)
-            logits = model.lm_head(logits)
         return logits
+
+    def _run_plan(self, model, tokens, position_ids, cache_position, attention_mask, cache) -> torch.Tensor:
+        cache.length = attention_mask.shape[1]
+        out = self.plan.step(tokens, position_ids, cache_position, attention_mask, cache.key_buffer,
+                             cache.value_buffer)
+        return model.lm_head(out) if self.head_outside else out
 
     def _kernels_win(self, model, rows: int) -> bool:
         """Whether the fused step is the faster way to run this many rows (batch 1: always, that is what the plan
@@ -427,11 +431,8 @@ class FusedDecodeStep:
         if forced:  # a forced path is honoured: the fused step is the kernels
             return forced == "kernel"
 
-        def fused(tokens, positions, slot, mask, cache):
-            cache.length = mask.shape[1]
-            out = self.plan.step(tokens, positions, slot, mask, cache.key_buffer, cache.value_buffer)
-            if getattr(model.lm_head, "packed", False):
-                model.lm_head(out)
+        def fused(*args):
+            self._run_plan(model, *args)
 
         # the layered side eager: a compiled fallback (GLMTORCH_COMPILE=1) would build a graph for the scratch shapes
         return time_decode_step(model, rows, step=fused) <= time_decode_step(model, rows)

@@ -220,10 +220,16 @@ class GlmPreTrainedModel(nn.Module):
 
     def new_static_cache(self, batch_size: int, max_length: int) -> StaticCache:
         """A preallocated cache for this model (this rank's KV heads only, under tensor parallelism)."""
+        return StaticCache(*self._static_cache_shape(batch_size, max_length), dtype=self.dtype, device=self.device)
+
+    def static_cache_bytes(self, batch_size: int, max_length: int) -> int:
+        """What new_static_cache(batch_size, max_length) would take, without taking it."""
+        return StaticCache.nbytes(*self._static_cache_shape(batch_size, max_length), dtype=self.dtype)
+
+    def _static_cache_shape(self, batch_size: int, max_length: int) -> tuple[int, int, int, int, int]:
         attention = next(m for m in self.modules() if isinstance(m, Attention))
         kv_heads = attention.qkv_sizes[1] // attention.head_dim
-        return StaticCache(self.config.num_hidden_layers, batch_size, kv_heads, max_length, attention.head_dim,
-                           dtype=self.dtype, device=self.device)
+        return self.config.num_hidden_layers, batch_size, kv_heads, max_length, attention.head_dim
 
     @property
     def device(self) -> torch.device:

@@ -18,11 +18,12 @@ from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import HTMLResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from ..chat import ChatFormatError, ReplyStream, parse_assistant_reply
 from ..generation.config import SEED_MAX, SamplingValueError, check_sampling_value
 from .engine import Engine, Event, QueueFull, Request as EngineRequest, SamplingParams, default_max_tokens
-from .metrics import CONTENT_TYPE_LATEST, ServingMetrics
+from .metrics import ServingMetrics
 
 # The largest request body accepted (413 beyond): vLLM's frontend default. --max-request-body-size changes it.
 DEFAULT_MAX_BODY_BYTES = 32 * 2**20

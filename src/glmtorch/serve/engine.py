@@ -79,7 +79,6 @@ class Request:
     # engine-side state
     slot: int = -1
     position: int = 0
-    prefilled: int = 0  # prompt tokens in the cache so far (a long prompt goes in chunks)
     last_token: int = 0
     generated: int = 0
     history: torch.Tensor | None = None  # (1, prompt + max_tokens), filled as tokens come: no per-token concat
@@ -290,7 +289,7 @@ class Engine:
         if r.cancelled.is_set() or r.slot < 0:
             self.chunking = None
             return
-        start = r.prefilled
+        start = r.position  # the prompt tokens in its cache so far
         end = min(len(r.prompt_ids), start + self._prefill_budget([r]))
         rows = self.cache.rows(r.slot, r.slot + 1)
         rows.length = end  # this chunk attends to the chunks before it and to itself
@@ -303,7 +302,7 @@ class Engine:
         self._note_prefill_rate(end - start, time.perf_counter() - began)
         # a decode step that runs meanwhile computes this row too and writes its key at `position`: the next
         # chunk starts there and overwrites it
-        r.prefilled = r.position = end
+        r.position = end
         if end == len(r.prompt_ids):
             self.chunking = None
             self._accept_or_fail(r, logits[0])

@@ -38,13 +38,6 @@ MAX_AUTO_BATCH = 64  # the most slots chosen by default: beyond, a 2-core CPU ga
 KV_SHARE = 0.25  # of the memory free after loading, what the KV cache may take by default
 
 
-def kv_bytes_per_slot(model, context: int) -> int:
-    """Bytes of keys and values one slot of `context` tokens holds (this rank's heads)."""
-    cache = model.config
-    heads = cache.num_key_value_heads or cache.num_attention_heads
-    return 2 * cache.num_hidden_layers * heads * cache.head_dim * context * model.dtype.itemsize
-
-
 def choose_max_batch(model, context: int, kv_cache_memory: int | None = None) -> int:
     """How many slots of `context` tokens the KV cache gets by default: as many as fit `kv_cache_memory` bytes
     (default: a quarter of the memory free after loading the model), at most MAX_AUTO_BATCH, at least one. The
@@ -56,7 +49,7 @@ def choose_max_batch(model, context: int, kv_cache_memory: int | None = None) ->
     if budget is None:
         free = available_memory(model.device)
         budget = int(free * KV_SHARE) if free is not None else 4 << 30
-    return max(1, min(MAX_AUTO_BATCH, budget // max(1, kv_bytes_per_slot(model, context))))
+    return max(1, min(MAX_AUTO_BATCH, budget // max(1, model.static_cache_bytes(1, context))))
 
 
 def warm_up(engine: Engine) -> None:
@@ -101,7 +94,7 @@ def serve(model_path: str | None = None, host: str = "127.0.0.1", port: int = 80
         context = min(max_context or model.config.max_position_embeddings, model.config.max_position_embeddings)
         max_batch = choose_max_batch(model, context, kv_cache_memory)
         print(f"glmtorch: KV cache of {max_batch} slots x {context} tokens "
-              f"({max_batch * kv_bytes_per_slot(model, context) / 2**30:.2f} GiB; --max-batch, --max-context and "
+              f"({max_batch * model.static_cache_bytes(1, context) / 2**30:.2f} GiB; --max-batch, --max-context and "
               "--kv-cache-memory change it)", file=sys.stderr, flush=True)
     pack_weights(model, rows=max_batch)  # the server only runs inference, in batches of up to max_batch rows
     engine = build_engine(model, tokenizer, max_batch, max_queue, max_context, thread=False)
