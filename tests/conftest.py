@@ -30,21 +30,23 @@ BASE = dict(vocab_size=160, hidden_size=64, intermediate_size=96, num_hidden_lay
             pad_token_id=0, eos_token_id=[1, 2, 3], bos_token_id=None)
 
 
-def hf_config(**changes):
+def hf_config(config_class: str = "GlmConfig", **changes):
     import transformers
 
     kw = {**BASE, **changes}
-    return transformers.GlmConfig(**kw)
+    return getattr(transformers, config_class)(**kw)
 
 
 def make_hf_model(cls_name: str = "GlmForCausalLM", seed: int = 0, **changes):
-    """A random transformers GLM model whose biases and norms are not trivially zero/one."""
+    """A random transformers GLM model (a Glm4* class name: GLM-4-0414's) whose biases and norms are not
+    trivially zero/one."""
     import transformers
 
     torch.manual_seed(seed)
+    config_class = "Glm4Config" if cls_name.startswith("Glm4") else "GlmConfig"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = getattr(transformers, cls_name)(hf_config(**changes))
+        model = getattr(transformers, cls_name)(hf_config(config_class, **changes))
     with torch.no_grad():  # reference init sets biases to 0 and norms to 1: perturb them so they are tested
         for name, p in model.named_parameters():
             if name.endswith("bias") or "norm" in name:

@@ -104,19 +104,21 @@ def _prefilled(model, ids, mask, capacity=16):
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("arch", ["Glm", "Glm4"])  # GLM-4-9B; GLM-4-0414 with its sandwich norms
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_fused_decode_step_matches_reference(tmp_path, name, monkeypatch):
+def test_fused_decode_step_matches_reference(tmp_path, name, arch, monkeypatch):
     """The whole-step C++ kernel (fp32, int8, int4 weights) against transformers and against the eager step, on
     a left-padded batch; then rows at different positions (the server's batches) against each row alone.
     Every product takes the kernels here: the int8 / int4 kernels quantize activations in blocks of 32 (as
     llama.cpp does), so a widened path that dispatch may pick for other row counts differs by that rounding."""
     monkeypatch.setenv("GLMTORCH_LINEAR_PATH", "kernel")
-    ref = make_hf_model(**CONFIGS[name])
+    ref = make_hf_model(f"{arch}ForCausalLM", **CONFIGS[name])
     path = save_hf(ref, tmp_path)
     ids = torch.tensor([[0, 0, 5, 6, 7, 8], [9, 10, 11, 12, 13, 14]])
     mask, new = (ids != 0).long(), torch.tensor([[3], [4]])
     for quantize in (None, "int8", "int4"):
-        model = glmtorch.GlmForCausalLM.from_pretrained(path, **({"quantize": quantize} if quantize else {}))
+        model = glmtorch.AutoModelForCausalLM.from_pretrained(path, **({"quantize": quantize} if quantize else {}))
+        assert type(model).__name__ == f"{arch}ForCausalLM"
         if CONFIGS[name].get("hidden_act", "silu") != "silu":  # outside what the C++ step does: the compiled one
             assert not fused_step_supported(model)
             return

@@ -19,7 +19,7 @@ _EXPORTS = {
     "AutoModelForSequenceClassification": "auto", "AutoModelForTokenClassification": "auto",
     "DynamicCache": "cache", "StaticCache": "cache",
     "CheckpointError": "checkpoint.resolve",
-    "ConfigError": "config", "GlmConfig": "config",
+    "ConfigError": "config", "GlmConfig": "config", "Glm4Config": "config",
     "AssistantReply": "chat", "ChatFormatError": "chat", "ToolCall": "chat", "parse_assistant_reply": "chat",
     "infer_device": "device",
     "MissingDependency": "extras",
@@ -27,6 +27,8 @@ _EXPORTS = {
     "TextIteratorStreamer": "generation.streaming", "stream_text": "generation.streaming",
     "GlmForCausalLM": "models", "GlmForSequenceClassification": "models", "GlmForTokenClassification": "models",
     "GlmModel": "models", "GlmPreTrainedModel": "models",
+    "Glm4ForCausalLM": "models", "Glm4ForSequenceClassification": "models", "Glm4ForTokenClassification": "models",
+    "Glm4Model": "models", "Glm4PreTrainedModel": "models",
     "AutoTokenizer": "auto", "GlmTokenizer": "tokenizer", "TokenizerError": "tokenizer",
     "LLM": "serve.offline", "SamplingParams": "serve.offline",
 }

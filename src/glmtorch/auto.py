@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 from typing import Any
 
+from .checkpoint.gguf import GgufFile, gguf_config, is_gguf
 from .checkpoint.resolve import resolve_checkpoint
 from .config import GlmConfig
 from . import models
@@ -18,38 +20,53 @@ class AutoConfig:
         return load_config(resolve_checkpoint(path, need_weights=False), **overrides)[0]
 
 
-class _AutoModel:
-    """Subclasses name the class they build; `from_pretrained` forwards everything to it."""
+def _file_config(path: str | os.PathLike, **overrides: Any) -> GlmConfig:
+    if is_gguf(path):
+        return gguf_config(GgufFile(os.fspath(path)), **overrides)
+    return AutoConfig.from_pretrained(path, **overrides)
 
-    class_name = ""
+
+class _AutoModel:
+    """Subclasses name the task they build (`ForCausalLM`, ...); the config's model_type picks the family's class
+    (GlmForCausalLM for `glm` and THUDM's `chatglm`, Glm4ForCausalLM for `glm4`), which does the rest."""
+
+    task = ""
 
     @classmethod
-    def model_class(cls):
-        return getattr(models, cls.class_name)
+    def model_class(cls, config: GlmConfig):
+        return getattr(models, models.CLASS_PREFIX[config.model_type] + cls.task)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *args: Any, **kwargs: Any):
-        return cls.model_class().from_pretrained(path, *args, **kwargs)
+        config = kwargs.get("config")
+        if config is None:
+            overrides = {k: v for k, v in kwargs.items() if k not in _LOADER_ARGUMENTS}
+            config = _file_config(path, **overrides)
+        return cls.model_class(config).from_pretrained(path, *args, **kwargs)
 
     @classmethod
     def from_config(cls, config: GlmConfig, **kwargs: Any):
-        return cls.model_class().from_config(config, **kwargs)
+        return cls.model_class(config).from_config(config, **kwargs)
+
+
+# from_pretrained's own keywords; every other keyword overrides a config field
+_LOADER_ARGUMENTS = {name for name in inspect.signature(models.GlmPreTrainedModel.from_pretrained).parameters}
 
 
 class AutoModel(_AutoModel):
-    class_name = "GlmModel"
+    task = "Model"
 
 
 class AutoModelForCausalLM(_AutoModel):
-    class_name = "GlmForCausalLM"
+    task = "ForCausalLM"
 
 
 class AutoModelForSequenceClassification(_AutoModel):
-    class_name = "GlmForSequenceClassification"
+    task = "ForSequenceClassification"
 
 
 class AutoModelForTokenClassification(_AutoModel):
-    class_name = "GlmForTokenClassification"
+    task = "ForTokenClassification"
 
 
 class AutoTokenizer:

@@ -105,10 +105,12 @@ class GlmConfig:
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     model_type = "glm"
+    # GLM-4-0414 / GLM-Z1 (`glm4`) normalise each sub-layer's output before its residual add; GLM-4-9B does not.
+    sandwich_norms = False
 
     def __post_init__(self) -> None:
         def fail(name: str, why: str) -> None:
-            raise ConfigError(f"GlmConfig.{name}={getattr(self, name)!r}: {why}")
+            raise ConfigError(f"{type(self).__name__}.{name}={getattr(self, name)!r}: {why}")
 
         for name, (kind, low, high) in FIELD_RANGES.items():  # every size and number, before anything uses it
             value = getattr(self, name)
@@ -216,10 +218,10 @@ class GlmConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any], **overrides: Any) -> "GlmConfig":
         data = {**copy.deepcopy(data), **overrides}
-        model_type = data.pop("model_type", "glm")
-        if model_type != "glm":
-            raise ConfigError(f"config has model_type={model_type!r}; GlmConfig reads 'glm' configs "
-                              "(use glmtorch.AutoConfig for other GLM checkpoint formats)")
+        model_type = data.pop("model_type", cls.model_type)
+        if model_type != cls.model_type:
+            raise ConfigError(f"config has model_type={model_type!r}; {cls.__name__} reads {cls.model_type!r} "
+                              "configs (glmtorch.AutoConfig picks the class for any GLM checkpoint format)")
         if "torch_dtype" in data and "dtype" not in data:
             data["dtype"] = data.pop("torch_dtype")
         rope = data.pop("rope_parameters", None)
@@ -237,7 +239,7 @@ class GlmConfig:
         extra = {k: v for k, v in data.items() if k not in names}
         unknown = sorted(k for k in extra if k not in _METADATA_KEYS)
         if unknown:
-            warnings.warn(f"GlmConfig: keeping unrecognised config keys {unknown} as they are", stacklevel=2)
+            warnings.warn(f"{cls.__name__}: keeping unrecognised config keys {unknown} as they are", stacklevel=2)
         known["extra"] = {**known.get("extra", {}), **extra}
         try:
             return cls(**known)
@@ -282,6 +284,19 @@ class GlmConfig:
 
     def copy(self, **changes: Any) -> "GlmConfig":
         return self.from_dict(self.to_dict(), **changes)
+
+
+@dataclass
+class Glm4Config(GlmConfig):
+    """GLM-4-0414 and GLM-Z1 (transformers' `glm4`): GlmConfig's fields and defaults (transformers gives both
+    classes the same), read as the decoder with two more RMSNorms per layer (`sandwich_norms`). The released
+    checkpoints' config.json set their own values (GLM-4-9B-0414: rms_norm_eps 1e-5, 32,768 positions)."""
+
+    model_type = "glm4"
+    sandwich_norms = True
+
+
+CONFIG_CLASSES = {cls.model_type: cls for cls in (GlmConfig, Glm4Config)}
 
 
 def read_config_json(path: str | os.PathLike) -> dict[str, Any]:

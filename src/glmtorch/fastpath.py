@@ -482,15 +482,16 @@ FUSED_STEP_FEATURES = (
     "fp32 embedding and norms (fp32 activations)",
     "the C++ kernels built",
     "whole layers (not a tensor-parallel shard)",
-    "per layer exactly: input norm, fused QKV (+ bias), o_proj, post-attention norm, gate_up, down",
+    "per layer exactly: input norm, fused QKV (+ bias), o_proj, post-attention norm, gate_up, down (and GLM-4-0414's "
+    "two output norms)",
     "every linear fp32, int8 or int4 (groups 32-256) with fp32 bias, of an input width the kernels take, unpacked "
     "(the LM head may be packed: it then runs after the step)",
 )
 
 
 def _fused_step_layout(model) -> tuple[tuple | None, str]:
-    """(what the C++ plan is built from, why not): per layer (input norm, qkv, o_proj, post norm, gate_up, down)
-    with each linear as _linear_spec gives it, and the LM head's spec; or None and the first of
+    """(what the C++ plan is built from, why not): per layer (input norm, qkv, o_proj, post norm, gate_up, down,
+    attention-output norm, MLP-output norm: None without sandwich norms) with each linear as _linear_spec gives it, and the LM head's spec; or None and the first of
     FUSED_STEP_FEATURES the model lacks."""
     features = FUSED_STEP_FEATURES
     if os.environ.get("GLMTORCH_FUSED_STEP", "").lower() in ("0", "false", "no"):
@@ -507,19 +508,22 @@ def _fused_step_layout(model) -> tuple[tuple | None, str]:
     q_size = config.num_attention_heads * config.head_dim
     layers = []
     expected = {"input_layernorm", "self_attn", "post_attention_layernorm", "mlp"}
+    output_norms = ("post_self_attn_layernorm", "post_mlp_layernorm")  # GLM-4-0414's sandwich norms
     for layer in base.layers:
         attn, mlp = layer.self_attn, layer.mlp
         if attn.qkv_sizes[0] != q_size or attn.num_heads % attn.num_kv_heads:
             return None, features[5]
-        if {name for name, _ in layer.named_children()} != expected:  # e.g. extra (sandwich) norms
+        sandwich = getattr(layer, "sandwich_norms", False)
+        if {name for name, _ in layer.named_children()} != expected | (set(output_norms) if sandwich else set()):
             return None, features[6]
-        norms = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
+        norms = [layer.input_layernorm.weight, layer.post_attention_layernorm.weight]
+        norms += [getattr(layer, name).weight for name in output_norms] if sandwich else [None, None]
         specs = [_linear_spec(lin) for lin in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)]
-        if any(n.dtype != torch.float32 for n in norms):
+        if any(n is not None and n.dtype != torch.float32 for n in norms):
             return None, features[3]
         if None in specs:
             return None, features[7]
-        layers.append((norms[0], specs[0], specs[1], norms[1], specs[2], specs[3]))
+        layers.append((norms[0], specs[0], specs[1], norms[1], specs[2], specs[3], norms[2], norms[3]))
     head = _linear_spec(model.lm_head)
     if head is None and getattr(model.lm_head, "packed", False):
         return (layers, None), ""  # the step stops at the final norm; the packed head runs after it
@@ -566,8 +570,9 @@ def _build_plan(model, layout) -> tuple:
                                None if bias is None else bias.detach().contiguous(), group, interleave)
 
     layers, head = layout
-    for input_norm, qkv, o, post_norm, gate_up, down in layers:
-        plan.add_layer(input_norm.detach(), linear(qkv), linear(o), post_norm.detach(), linear(gate_up), linear(down))
+    for input_norm, qkv, o, post_norm, gate_up, down, attn_out_norm, mlp_out_norm in layers:
+        plan.add_layer(input_norm.detach(), linear(qkv), linear(o), post_norm.detach(), linear(gate_up), linear(down),
+                       *(None if n is None else n.detach() for n in (attn_out_norm, mlp_out_norm)))
     if head is not None:  # else the step returns the final norm's output and the caller applies the head
         plan.set_lm_head(linear(head))
     return plan, kernels.FLOAT_MAX_ROWS if kinds == {0} else kernels.MAX_ROWS  # 0: float weights only

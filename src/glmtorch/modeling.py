@@ -10,6 +10,9 @@ GLM-4 is a Llama-style decoder. What differs from Llama, kept visible here:
      state dict keeps transformers' q_proj / k_proj / v_proj names;
   4. the LM head is untied from the embedding by default.
 
+GLM-4-0414 and GLM-Z1 (`glm4`) are the same decoder with two more RMSNorms per layer (DecoderLayer), switched on
+by their config (Glm4Config.sandwich_norms); the Glm4* classes are these classes under that config.
+
 Shapes: B batch, T new tokens, S key length (cached + new), H query heads, KV key/value heads, D head_dim.
 """
 
@@ -163,18 +166,29 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
+    """x + attention(norm(x)), then x + mlp(norm(x)). GLM-4-0414 / GLM-Z1 ("sandwich" norms) also normalise each
+    sub-layer's output before it joins the residual stream: x + norm(attention(norm(x))), x + norm(mlp(norm(x)))."""
+
     def __init__(self, config: GlmConfig, layer_idx: int) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = Attention(config, layer_idx)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
+        self.sandwich_norms = config.sandwich_norms
+        if self.sandwich_norms:
+            self.post_self_attn_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+            self.post_mlp_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, x, rope, mask, cache, cache_position, need_weights=False):
         h, probs = self.self_attn(self.input_layernorm(x), rope, mask, cache, cache_position, need_weights)
+        if self.sandwich_norms:
+            h = self.post_self_attn_layernorm(h)
         x = x + h
-        x = x + self.mlp(self.post_attention_layernorm(x))
-        return x, probs
+        h = self.mlp(self.post_attention_layernorm(x))
+        if self.sandwich_norms:
+            h = self.post_mlp_layernorm(h)
+        return x + h, probs
 
 
 class GlmPreTrainedModel(nn.Module):
@@ -185,8 +199,8 @@ class GlmPreTrainedModel(nn.Module):
 
     def __init__(self, config: GlmConfig) -> None:
         super().__init__()
-        if not isinstance(config, GlmConfig):
-            raise TypeError(f"{type(self).__name__} needs a GlmConfig, got {type(config).__name__}")
+        if not isinstance(config, self.config_class):
+            raise TypeError(f"{type(self).__name__} needs a {self.config_class.__name__}, got {type(config).__name__}")
         if config.pad_token_id is not None and not 0 <= config.pad_token_id < config.vocab_size:
             raise ValueError(f"GlmConfig.pad_token_id={config.pad_token_id} is outside the vocabulary "
                              f"(vocab_size={config.vocab_size}); set pad_token_id to a valid id or None")

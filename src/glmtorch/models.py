@@ -5,6 +5,7 @@ modeling.py imports no loader and the loader and the decode loop never import mo
 from __future__ import annotations
 
 from . import modeling
+from .config import Glm4Config
 from .generation.mixin import GenerationMixin
 from .loading import PretrainedMixin
 
@@ -27,3 +28,29 @@ class GlmForSequenceClassification(GlmPreTrainedModel, modeling.GlmForSequenceCl
 
 class GlmForTokenClassification(GlmPreTrainedModel, modeling.GlmForTokenClassification):
     """The decoder with a per-token classification head."""
+
+
+# GLM-4-0414 / GLM-Z1 (transformers' `glm4`): the same classes under a Glm4Config, whose sandwich norms the layers
+# build; what these add is the config they require and the architecture name save_pretrained writes.
+class Glm4PreTrainedModel(GlmPreTrainedModel):
+    config_class = Glm4Config
+
+
+class Glm4Model(GlmModel):
+    config_class = Glm4Config
+
+
+class Glm4ForCausalLM(GlmForCausalLM):
+    config_class = Glm4Config
+
+
+class Glm4ForSequenceClassification(GlmForSequenceClassification):
+    config_class = Glm4Config
+
+
+class Glm4ForTokenClassification(GlmForTokenClassification):
+    config_class = Glm4Config
+
+
+# model_type -> the class name prefix of its model classes (auto classes choose by it)
+CLASS_PREFIX = {"glm": "Glm", "glm4": "Glm4"}

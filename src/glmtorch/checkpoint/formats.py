@@ -68,13 +68,14 @@ class WeightFormat:
         return None
 
 
-# transformers' GlmForCausalLM / GlmModel / heads (with or without the "model." prefix of the heads).
+# transformers' GlmForCausalLM / Glm4ForCausalLM / GlmModel / heads (with or without the "model." prefix of the heads).
 TRANSFORMERS = WeightFormat("transformers", (
     Rule(r"(?:model\.)?embed_tokens\.weight", ("model.embed_tokens.weight",)),
     Rule(_LAYER + r"input_layernorm\.weight", (r"model.layers.\1.input_layernorm.weight",)),
     Rule(_LAYER + r"self_attn\.([qkv]_proj)\.(weight|bias|scales)", (r"model.layers.\1.self_attn.qkv_proj.\3#\2",)),
     Rule(_LAYER + r"self_attn\.o_proj\.weight", (r"model.layers.\1.self_attn.o_proj.weight",)),
     Rule(_LAYER + r"post_attention_layernorm\.weight", (r"model.layers.\1.post_attention_layernorm.weight",)),
+    Rule(_LAYER + r"(post_self_attn_layernorm|post_mlp_layernorm)\.weight", (r"model.layers.\1.\2.weight",)),  # glm4
     Rule(_LAYER + r"mlp\.gate_up_proj\.weight", (r"model.layers.\1.mlp.gate_up_proj.weight",)),
     Rule(_LAYER + r"mlp\.down_proj\.weight", (r"model.layers.\1.mlp.down_proj.weight",)),
     Rule(r"(?:model\.)?norm\.weight", ("model.norm.weight",)),

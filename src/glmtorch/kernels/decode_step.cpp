@@ -1,6 +1,7 @@
 // One whole decode step of a GLM model on the CPU in a single call: embedding -> N x [RMSNorm -> fused QKV ->
 // interleaved partial rotary -> KV cache write -> attention -> o_proj -> residual -> RMSNorm -> gate_up ->
-// silu(gate) * up -> down -> residual] -> RMSNorm -> LM head, for B rows of one new token each.
+// silu(gate) * up -> down -> residual] -> RMSNorm -> LM head (GLM-4-0414: an RMSNorm on each sub-layer's output
+// before its residual add), for B rows of one new token each.
 //
 // Why: at batch 1 a step of the "small" int4 model is ~12 ms of weight streaming, and a compiled graph spent
 // another ~2.7 ms around it (its Python wrapper calling ~165 kernels, guard checks, small fused loops with a
@@ -88,6 +89,8 @@ struct DecodePlan : torch::CustomClassHolder {
   struct Layer {
     at::Tensor input_norm, post_norm;
     int64_t qkv, o, gate_up, down;
+    // GLM-4-0414's sandwich norms on the attention and MLP outputs (undefined tensors: GLM-4-9B has none)
+    at::Tensor attn_out_norm, mlp_out_norm;
   };
   std::vector<Layer> layers;
   int64_t lm_head = -1;
@@ -111,8 +114,15 @@ struct DecodePlan : torch::CustomClassHolder {
     return static_cast<int64_t>(linears.size()) - 1;
   }
 
-  void add_layer(at::Tensor input_norm, int64_t qkv, int64_t o, at::Tensor post_norm, int64_t gate_up, int64_t down) {
-    layers.push_back({std::move(input_norm), std::move(post_norm), qkv, o, gate_up, down});
+  void add_layer(at::Tensor input_norm, int64_t qkv, int64_t o, at::Tensor post_norm, int64_t gate_up, int64_t down,
+                 c10::optional<at::Tensor> attn_out_norm, c10::optional<at::Tensor> mlp_out_norm) {
+    layers.push_back({std::move(input_norm), std::move(post_norm), qkv, o, gate_up, down,
+                      attn_out_norm ? *attn_out_norm : at::Tensor(), mlp_out_norm ? *mlp_out_norm : at::Tensor()});
+  }
+
+  // x += y, or x += rms_norm(y) where the layer normalises its sub-layer's output first
+  void add_output(at::Tensor& x, const at::Tensor& y, const at::Tensor& out_norm) const {
+    add_into(x, out_norm.defined() ? rms_norm(y, out_norm, eps) : y);
   }
 
   void set_lm_head(int64_t index) { lm_head = index; }
@@ -228,7 +238,7 @@ struct DecodePlan : torch::CustomClassHolder {
           }
         }
       });
-      add_into(x, apply(linears[ly.o], attended));
+      add_output(x, apply(linears[ly.o], attended), ly.attn_out_norm);
 
       at::Tensor gate_up = apply(linears[ly.gate_up], rms_norm(x, ly.post_norm, eps));  // (B, 2 I): [gate | up]
       const int64_t I = gate_up.size(1) / 2;
@@ -240,7 +250,7 @@ struct DecodePlan : torch::CustomClassHolder {
           const float g = gu[b * 2 * I + i];
           ap[b * I + i] = gu[b * 2 * I + I + i] * (g / (1.f + std::exp(-g)));
         }
-      add_into(x, apply(linears[ly.down], act));
+      add_output(x, apply(linears[ly.down], act), ly.mlp_out_norm);
     }
     if (lm_head < 0) return rms_norm(x, final_norm, eps);  // the head runs outside (a packed oneDNN weight)
     return apply(linears[lm_head], rms_norm(x, final_norm, eps));
