@@ -37,8 +37,9 @@ def main() -> None:
     parser.add_argument("preset", choices=sorted(PRESETS))
     parser.add_argument("out")
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--arch", default="glm", choices=["glm", "glm4"])
     args = parser.parse_args()
-    make_checkpoint(args.preset, args.out, getattr(torch, args.dtype))
+    make_checkpoint(args.preset, args.out, getattr(torch, args.dtype), arch=args.arch)
     word_tokenizer(PRESETS[args.preset]["vocab_size"]).save_pretrained(args.out)
     print(args.out)
 

@@ -159,3 +159,24 @@ def test_zero_counts_in_gguf_metadata_name_the_key(tmp_path, tokenizer, hf_model
         setattr(gguf.GGUFWriter, f"add_{key}", original)
     with pytest.raises(glmtorch.ConfigError, match=f"chatglm.*{key.split('_')[0]}.*must be a positive integer"):
         glmtorch.AutoModelForCausalLM.from_pretrained(path)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("kind,tolerance", [("f32", 1e-6), ("q8_0", 2e-2)])
+def test_glm4_0414_exports_as_llama_cpp_glm4_and_reads_back(tmp_path, tokenizer, kind, tolerance):
+    """GLM-4-0414's layer goes out in llama.cpp's `glm4` architecture, named as its converter names it (q, k, v
+    apart; post_attention_norm and post_ffw_norm for the sandwich norms), and reads back as a Glm4ForCausalLM."""
+    from glmtorch.checkpoint.gguf import GgufFile, write_gguf
+
+    ref = make_hf_model("Glm4ForCausalLM", **dict(CONFIGS["gqa"], vocab_size=tokenizer.vocab_size, pad_token_id=0))
+    ours = glmtorch.AutoModelForCausalLM.from_pretrained(_save(ref, tmp_path / "hf"))
+    path = str(tmp_path / f"glm4-{kind}.gguf")
+    write_gguf(ours, tokenizer, path, kind, progress=False)
+    handle = GgufFile(path)
+    assert handle.field("general.architecture") == "glm4" and handle.field("glm4.rope.dimension_count") == 8
+    names = set(handle.keys())
+    assert {"blk.1.attn_q.weight", "blk.1.attn_k.bias", "blk.1.post_attention_norm.weight",
+            "blk.1.post_ffw_norm.weight"} <= names and "blk.0.attn_qkv.weight" not in names
+    back = glmtorch.AutoModelForCausalLM.from_pretrained(path)
+    assert type(back) is glmtorch.Glm4ForCausalLM
+    assert rel_err(back(ids()).logits, ref(ids()).logits) < tolerance

@@ -268,14 +268,16 @@ def test_api_key(chat_checkpoint):
 class ScriptedEngine:
     """Stands in for the engine: every request gets `reply` as its text (GLM-4's raw output)."""
 
-    def __init__(self, reply: str, context: int = 4096):
+    def __init__(self, reply: str, context: int = 4096, finish: str = "stop"):
         self.reply, self.context, self.active, self.waiting, self.requests = reply, context, 0, [], []
+        self.finish = finish
 
     def submit(self, request):
         self.requests.append(request)
         for piece in (self.reply[i:i + 3] for i in range(0, len(self.reply), 3)):
             request.emit(Event("text", text=piece))
-        request.emit(Event("done", finish_reason="stop", prompt_tokens=len(request.prompt_ids), completion_tokens=5))
+        request.emit(Event("done", finish_reason=self.finish, prompt_tokens=len(request.prompt_ids),
+                           completion_tokens=5))
 
 
 @pytest.mark.parametrize("stream", [False, True])

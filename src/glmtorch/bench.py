@@ -78,14 +78,15 @@ def _time(fn, device) -> float:
     return time.perf_counter() - t
 
 
-def make_checkpoint(preset: str, directory: str, dtype: torch.dtype, seed: int = 0) -> str:
-    from .config import GlmConfig
-    from .models import GlmForCausalLM
+def make_checkpoint(preset: str, directory: str, dtype: torch.dtype, seed: int = 0, arch: str = "glm") -> str:
+    """Random weights of a preset's shape; `arch` "glm4" gives GLM-4-0414's layer (its two extra norms)."""
+    from .auto import AutoModelForCausalLM
+    from .config import CONFIG_CLASSES
 
     torch.manual_seed(seed)
-    config = GlmConfig(**PRESETS[preset], pad_token_id=0, max_position_embeddings=4096)
+    config = CONFIG_CLASSES[arch](**PRESETS[preset], pad_token_id=0, max_position_embeddings=4096)
     with torch.device("meta"):
-        model = GlmForCausalLM(config)
+        model = AutoModelForCausalLM.model_class(config)(config)
     model.to_empty(device="cpu")
     model.init_weights()
     model.to(dtype).save_pretrained(directory)
@@ -95,19 +96,19 @@ def make_checkpoint(preset: str, directory: str, dtype: torch.dtype, seed: int =
 def run_bench(model_path: str | None = None, preset: str = "small", dtype: str = "float32",
               quantize: str | None = None, device: str | None = None, prefill: int = 512, new_tokens: int = 64,
               batches: tuple[int, ...] = (1, 8), reps: int = 5, with_transformers: bool = True,
-              llama_cpp: str | None = None, out: str | None = None) -> dict[str, Any]:
+              llama_cpp: str | None = None, out: str | None = None, arch: str = "glm") -> dict[str, Any]:
+    from .auto import AutoModelForCausalLM
     from .checkpoint.safetensors_io import parse_dtype
     from .device import infer_device
-    from .models import GlmForCausalLM
 
     torch_dtype = parse_dtype(dtype)
     dev = torch.device(device or infer_device())
     tmp = None
     if model_path is None:
         tmp = tempfile.mkdtemp(prefix="glmtorch-bench-")
-        model_path = make_checkpoint(preset, tmp, torch_dtype)
+        model_path = make_checkpoint(preset, tmp, torch_dtype, arch=arch)
     runners: dict[str, Any] = {}
-    ours = GlmForCausalLM.from_pretrained(model_path, dtype=torch_dtype, device=dev, quantize=quantize)
+    ours = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype, device=dev, quantize=quantize)
     runners["glmtorch"] = ours
     if with_transformers and quantize is None:
         try:
@@ -164,7 +165,8 @@ def run_bench(model_path: str | None = None, preset: str = "small", dtype: str =
     bandwidth = memory_bandwidth(dev)
     weights = weight_bytes_per_token(ours)
     report: dict[str, Any] = {
-        "model": model_path if tmp is None else f"preset:{preset}", "dtype": dtype, "quantize": quantize,
+        "model": model_path if tmp is None else f"preset:{preset}" + ("" if arch == "glm" else f" ({arch})"),
+        "dtype": dtype, "quantize": quantize,
         "device": str(dev), "cpu": cpu_description(), "threads": torch.get_num_threads(),
         "linear_paths": dispatch.decisions(), "decode_step": describe_decode_step(ours),
         "torch": torch.__version__, "prefill_tokens": prefill, "new_tokens": new_tokens, "reps": reps,

@@ -8,7 +8,9 @@ name on the role line and the JSON arguments below it:
     <|assistant|>get_weather
     {"city": "Paris"}
 
-`parse_assistant_reply` turns a generated reply back into plain content or a tool call.
+`parse_assistant_reply` turns a generated reply back into plain content or a tool call, and separates the thinking
+of a reasoning model (GLM-Z1: "<think>...</think>" before the answer, its opening tag often written by the prompt,
+not generated) from the answer; `ReasoningStream` and `ReplyStream` do the same for a reply as it streams in.
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ class ChatFormatError(ValueError):
 
 
 def default_chat_template(family: str = "glm4") -> str:
-    """The built-in template of a family ("glm4", or "chatglm3" for ChatGLM2/3), used when a checkpoint ships none."""
+    """The built-in template of a family, used when a checkpoint ships none: "glm4" (GLM-4-9B-chat), "glm4_0414"
+    (GLM-4-0414), "glmz1" (GLM-Z1-0414, replies opened inside <think>), "chatglm3" (ChatGLM2/3)."""
     return resources.files("glmtorch").joinpath(f"templates/{family}_chat.jinja").read_text(encoding="utf-8")
 
 
@@ -237,19 +240,57 @@ class AssistantReply:
     content: str
     tool_calls: list[ToolCall] = field(default_factory=list)
     error: str | None = None  # why a reply that looked like a tool call was kept as plain content
+    reasoning_content: str | None = None  # a reasoning model's thinking (None: the reply did not think)
 
 
-def parse_assistant_reply(text: str, tools: list[dict] | None = None) -> AssistantReply:
-    """GLM-4 answers with "\\ncontent" or, to call a function, "name\\n{json arguments}".
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+
+
+def prompt_opens_thinking(prompt_text: str) -> bool:
+    """Whether a rendered prompt leaves the reply inside an open <think> (GLM-Z1's generation prompt ends
+    "<|assistant|>\\n<think>"), so that the reply starts with thinking though it never writes the opening tag."""
+    return prompt_text.rstrip().endswith(THINK_OPEN)
+
+
+def split_reasoning(text: str, thinking: bool = False) -> tuple[str | None, str]:
+    """(thinking, answer) of a reply: `thinking` says the prompt opened the <think> already; else a reply that
+    opens it itself counts too. A reply cut inside its thinking is all thinking and no answer. (None, text) for a
+    reply that does not think."""
+    if not thinking:
+        stripped = text.lstrip()
+        if not stripped.startswith(THINK_OPEN):
+            return None, text
+        text = stripped[len(THINK_OPEN):]
+    reasoning, closed, answer = text.partition(THINK_CLOSE)
+    return reasoning.strip(), answer.lstrip() if closed else ""
+
+
+def _offered_names(tools: list[dict] | None) -> set:
+    return {(t.get("function", t) or {}).get("name") for t in tools or []}
+
+
+def parse_assistant_reply(text: str, tools: list[dict] | None = None, thinking: bool = False) -> AssistantReply:
+    """GLM-4 answers with "\\ncontent" or, to call a function, "name\\n{json arguments}"; a reasoning model
+    (GLM-Z1) thinks first, "<think>...</think>", and its thinking comes back in `reasoning_content` (`thinking`:
+    the prompt ended inside an open <think>, see prompt_opens_thinking).
 
     With `tools`, a name that is not among them means plain content. Malformed JSON is reported in `error`
     and the reply kept as content; this never raises.
     """
+    reasoning, text = split_reasoning(text, thinking)
+    offered = _offered_names(tools)
+    if reasoning is not None and text.partition("\n")[0].strip() not in offered:
+        text = "\n" + text  # after its thinking an answer starts at once: it is content unless it names a tool
+    reply = _parse_answer(text, tools, offered)
+    reply.reasoning_content = reasoning
+    return reply
+
+
+def _parse_answer(text: str, tools: list[dict] | None, offered: set) -> AssistantReply:
     head, sep, body = text.partition("\n")
     name = head.strip()
     if not sep or not name:
         return AssistantReply(content=(body if sep else text).strip())
-    offered = {(t.get("function", t) or {}).get("name") for t in tools or []}
     if tools is not None and name not in offered:
         return AssistantReply(content=text.strip(), error=f"{name!r} is not one of the offered tools")
     raw = body.strip()
@@ -266,12 +307,14 @@ def parse_assistant_reply(text: str, tools: list[dict] | None = None) -> Assista
 
 class ReplyStream:
     """A GLM-4 reply read as it streams in, when tools were offered: text comes out as soon as the reply is known
-    to be an answer; a tool call ("name\n{json}": a first line that is not empty) is held back whole, to be parsed
-    at the end (`held_back`). Without tools every piece is content. The newline GLM-4 opens an answer with is dropped.
+    to be an answer; a tool call ("name\n{json}": a first line that names an offered tool) is held back whole, to be
+    parsed at the end (`held_back`). Without tools every piece is content. The newline GLM-4 opens an answer with is
+    dropped. (A reasoning model's thinking is taken off first, by ReasoningStream.)
     """
 
     def __init__(self, tools: list[dict] | None) -> None:
         self.tools = tools
+        self.offered = _offered_names(tools)
         self.mode = "undecided" if tools else "content"  # -> "content" or "call" once the first line is complete
         self.held = ""
         self.started = False
@@ -282,7 +325,7 @@ class ReplyStream:
             self.held += piece
             piece = ""
             if "\n" in self.held:
-                if self.held.split("\n", 1)[0].strip():
+                if self.held.split("\n", 1)[0].strip() in self.offered:
                     self.mode = "call"
                 else:
                     self.mode, piece, self.held = "content", self.held, ""
@@ -298,3 +341,63 @@ class ReplyStream:
         """At the end of the reply: the text held back (a tool call, or content that only looked like one, to be
         parsed with parse_assistant_reply), or None when everything was sent as content already."""
         return None if self.mode == "content" else self.held
+
+
+def _partial_tag(text: str, tag: str) -> int:
+    """How many characters at the end of `text` could be the start of `tag` (to be held until the next piece)."""
+    for n in range(min(len(tag) - 1, len(text)), 0, -1):
+        if text.endswith(tag[:n]):
+            return n
+    return 0
+
+
+class ReasoningStream:
+    """A reply split into thinking and answer as it streams in, never losing part of a tag that arrives in two
+    pieces ("</th" + "ink>"): `feed(piece)` -> (thinking, answer) text to send now; `finish()` -> the rest. The
+    thinking starts where the prompt opened it (`thinking=True`) or where the reply begins with "<think>"; it ends
+    at "</think>" or, cut by the length limit, with the reply. Stripped as split_reasoning strips it, so that
+    streamed and whole replies say the same."""
+
+    def __init__(self, thinking: bool = False) -> None:
+        self.state = "thinking" if thinking else "start"  # -> "after" (skipping blank space) -> "answer"
+        self.held = ""
+        self.started = False  # whether thinking text went out yet (its leading blank space is dropped)
+        self.thought = thinking  # whether the reply had a thinking part at all
+
+    def feed(self, piece: str) -> tuple[str, str]:
+        self.held += piece
+        thought = answer = ""
+        if self.state == "start":
+            text = self.held.lstrip()
+            if text.startswith(THINK_OPEN):
+                self.state, self.thought, self.held = "thinking", True, text[len(THINK_OPEN):]
+            elif THINK_OPEN.startswith(text):
+                return "", ""  # blank so far, or the start of "<think>": wait for more
+            else:
+                self.state = "answer"
+        if self.state == "thinking":
+            end = self.held.find(THINK_CLOSE)
+            if end >= 0:
+                thought, self.held, self.state = self.held[:end].rstrip(), self.held[end + len(THINK_CLOSE):], "after"
+            else:  # hold a possible partial tag, and trailing blank space (dropped if the tag follows)
+                keep = _partial_tag(self.held, THINK_CLOSE)
+                body, tail = self.held[:len(self.held) - keep], self.held[len(self.held) - keep:]
+                thought = body.rstrip()
+                self.held = body[len(thought):] + tail
+            if not self.started:
+                thought = thought.lstrip()
+                self.started = bool(thought)
+        if self.state == "after":
+            self.held = self.held.lstrip()
+            if self.held:
+                self.state = "answer"
+        if self.state == "answer":
+            answer, self.held = self.held, ""
+        return thought, answer
+
+    def finish(self) -> tuple[str, str]:
+        """At the end of the reply: what is still held (a partial tag was text after all)."""
+        held, self.held = self.held, ""
+        if self.state == "thinking":
+            return (held if self.started else held.lstrip()).rstrip(), ""
+        return "", "" if self.state == "after" else held

@@ -150,19 +150,43 @@ def stop_ids(model, tokenizer) -> list[int]:
     return sorted(i for i in ids if i < model.config.vocab_size)
 
 
-def stream_reply(model, tokenizer, input_ids, kwargs, out=None) -> str:
+DIM, PLAIN = "\x1b[2m", "\x1b[0m"
+
+
+def stream_reply(model, tokenizer, input_ids, kwargs, out=None, thinking: str = "show") -> str:
+    """Print the reply as it is generated and return its text. A reasoning model's thinking (GLM-Z1) is printed
+    dimmed on a terminal (between <think> tags elsewhere), or not at all with thinking="hide"."""
+    from .chat import ReasoningStream, prompt_opens_thinking
     from .generation.streaming import stream_text
 
     if out is None:
         out = sys.stdout if is_main_process() else open(os.devnull, "w")  # only rank 0 prints
+    styled = hasattr(out, "isatty") and out.isatty()
+    split = ReasoningStream(prompt_opens_thinking(tokenizer.decode(input_ids[0, -8:].tolist())))
+    text, answered, in_thought = "", False, False
 
-    text = ""
-    for piece, _ in stream_text(model, tokenizer, input_ids, eos_token_id=stop_ids(model, tokenizer), **kwargs):
-        if not text:
-            piece = piece.lstrip("\n")  # GLM-4 opens every reply with a newline after <|assistant|>
-        text += piece
-        out.write(piece)
+    def show(thought: str, answer: str) -> None:
+        nonlocal answered, in_thought
+        if thought and thinking == "show":
+            if not in_thought:
+                out.write(DIM if styled else "<think>\n")
+                in_thought = True
+            out.write(thought)
+        if answer and not answered:
+            answer = answer.lstrip("\n")  # GLM-4 opens every reply with a newline after <|assistant|>
+            answered = bool(answer)
+        if answer and in_thought:
+            out.write(PLAIN + "\n\n" if styled else "\n</think>\n\n")
+            in_thought = False
+        out.write(answer)
         out.flush()
+
+    for piece, _ in stream_text(model, tokenizer, input_ids, eos_token_id=stop_ids(model, tokenizer), **kwargs):
+        text += piece
+        show(*split.feed(piece))
+    show(*split.finish())
+    if in_thought:  # cut inside the thinking
+        out.write(PLAIN if styled else "\n</think>")
     out.write("\n")
     out.flush()
     return text
@@ -177,9 +201,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
     else:
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
             {"role": "user", "content": args.prompt}]
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")
-    stream_reply(model, tokenizer, ids.to(model.device), sampling_kwargs(args))
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                            **template_kwargs(args))
+    stream_reply(model, tokenizer, ids.to(model.device), sampling_kwargs(args), thinking=args.thinking)
     return 0
+
+
+def template_kwargs(args: argparse.Namespace) -> dict:
+    """--thinking off asks the chat template not to think (enable_thinking=false, where the template has it)."""
+    return {"enable_thinking": False} if args.thinking == "off" else {}
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
@@ -209,17 +239,18 @@ def cmd_chat(args: argparse.Namespace) -> int:
                 print("(conversation cleared)", file=sys.stderr)
             continue
         history.append({"role": "user", "content": line})
-        ids = _fit_context(model, tokenizer, system, history, args.max_new_tokens)
-        reply = stream_reply(model, tokenizer, ids.to(model.device), sampling_kwargs(args))
+        ids = _fit_context(model, tokenizer, system, history, args.max_new_tokens, template_kwargs(args))
+        reply = stream_reply(model, tokenizer, ids.to(model.device), sampling_kwargs(args), thinking=args.thinking)
         history.append({"role": "assistant", "content": reply})
     return 0
 
 
-def _fit_context(model, tokenizer, system, history, max_new_tokens):
+def _fit_context(model, tokenizer, system, history, max_new_tokens, extra=None):
     """Render the conversation, dropping the oldest turns while it leaves no room for the reply."""
     limit = model.config.max_position_embeddings
     while True:
-        ids = tokenizer.apply_chat_template(system + history, add_generation_prompt=True, return_tensors="pt")
+        ids = tokenizer.apply_chat_template(system + history, add_generation_prompt=True, return_tensors="pt",
+                                            **(extra or {}))
         if ids.shape[1] + min(max_new_tokens, limit // 4) <= limit or len(history) <= 1:
             if ids.shape[1] >= limit:
                 raise UsageError(f"the message is {ids.shape[1]} tokens; the model's context is {limit}")
@@ -323,7 +354,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     report = run_bench(args.model, preset=args.preset, dtype=args.dtype, quantize=args.quantize, device=args.device,
                        prefill=args.prefill, new_tokens=args.new_tokens, batches=tuple(args.batch), reps=args.reps,
-                       with_transformers=not args.no_transformers, llama_cpp=args.llama_cpp, out=args.out)
+                       with_transformers=not args.no_transformers, llama_cpp=args.llama_cpp, out=args.out,
+                       arch=args.arch)
     print(format_report(report))
     return 0
 
@@ -331,6 +363,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def _bench_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", nargs="?", default=None, help="checkpoint (default: random weights of --preset)")
     p.add_argument("--preset", default="small", choices=["tiny", "small", "glm4-9b"])
+    p.add_argument("--arch", default="glm", choices=["glm", "glm4"],
+                   help="the preset's layer: glm (GLM-4-9B) or glm4 (GLM-4-0414 / GLM-Z1, with sandwich norms)")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--quantize", default=None, choices=["int8", "int4"])
     p.add_argument("--device", default=None)
@@ -430,11 +464,19 @@ def _generate_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt", "-p", required=True, help="the prompt (a user message, unless --raw)")
     p.add_argument("--raw", action="store_true", help="complete the prompt text as is, without the chat template")
     add_sampling_flags(p)
+    add_thinking_flag(p)
 
 
 def _chat_flags(p: argparse.ArgumentParser) -> None:
     add_model_flags(p)
     add_sampling_flags(p)
+    add_thinking_flag(p)
+
+
+def add_thinking_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--thinking", default="show", choices=["show", "hide", "off"],
+                   help="a reasoning model's (GLM-Z1) thinking: show it dimmed (default), hide it, or ask the chat "
+                        "template to skip it (enable_thinking=false, where the template supports that)")
 
 
 COMMANDS["generate"] = ("generate a reply to one prompt", _generate_flags, cmd_generate)

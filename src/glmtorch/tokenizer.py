@@ -9,6 +9,7 @@ tokens. Padding is on the left by default, as generation wants.
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import os
 import re
@@ -17,7 +18,8 @@ from typing import Any
 
 import torch
 
-from .chat import default_chat_template, defuse, normalize_messages, render_chat, render_chat_spans
+from .chat import (THINK_CLOSE, THINK_OPEN, default_chat_template, defuse, normalize_messages, render_chat,
+                   render_chat_spans)
 
 TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
@@ -190,6 +192,8 @@ class GlmTokenizer:
         if os.path.isfile(template_path):
             with open(template_path, encoding="utf-8") as f:
                 template = f.read()
+        if template is None and _model_type(directory) == "glm4":
+            template = default_chat_template("glm4_0414")  # a GLM-4-0414 checkpoint without its template
         kwargs = dict(
             chat_template=template,
             eos_token=_token_text(settings.get("eos_token")) or "<|endoftext|>",
@@ -311,9 +315,26 @@ class GlmTokenizer:
         return out
 
     def decode(self, ids: Sequence[int] | torch.Tensor, skip_special_tokens: bool = False) -> str:
+        """Text of `ids`. skip_special_tokens drops control tokens, but never a reasoning model's <think> /
+        </think> (tokenizers that make them special tokens would otherwise lose the tags that separate its
+        thinking from its answer)."""
         if isinstance(ids, torch.Tensor):
             ids = ids.reshape(-1).tolist()
-        return self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+        ids = [int(i) for i in ids]
+        if skip_special_tokens and self._skipped_ids is not None:
+            ids, skip_special_tokens = [i for i in ids if i not in self._skipped_ids], False
+        return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    @functools.cached_property
+    def _skipped_ids(self) -> frozenset[int] | None:
+        """The control tokens skip_special_tokens drops, when the tokenizer makes the thinking tags special too
+        (else None: the backend's own skipping is right)."""
+        if not hasattr(self.backend, "get_added_tokens_decoder"):
+            return None
+        special = {i: t.content for i, t in self.backend.get_added_tokens_decoder().items() if t.special}
+        if not set(special.values()) & {THINK_OPEN, THINK_CLOSE}:
+            return None
+        return frozenset(i for i, text in special.items() if text not in (THINK_OPEN, THINK_CLOSE))
 
     def batch_decode(self, sequences, skip_special_tokens: bool = False) -> list[str]:
         return [self.decode(s, skip_special_tokens=skip_special_tokens) for s in sequences]
@@ -442,6 +463,16 @@ def _read_json(path: str) -> dict | None:
             return json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise TokenizerError(f"{path}: not valid JSON ({e})") from None
+
+
+def _model_type(directory: str) -> str | None:
+    """The model_type of the checkpoint beside a tokenizer, if it says (a broken config.json is the loader's
+    error to report, not the tokenizer's)."""
+    try:
+        config = _read_json(os.path.join(directory, "config.json"))
+    except TokenizerError:
+        return None
+    return config.get("model_type") if isinstance(config, dict) else None
 
 
 def _token_text(value: Any) -> str | None:

@@ -41,7 +41,7 @@ def convert_checkpoint(src: str, dst: str, dtype=None, max_shard_size: int | str
     try:
         shard_names, first_dtype = _write_shards(files, fmt, config, expected, dtype, limit, tmp, progress)
         out_dtype = dtype or first_dtype
-        config = config.copy(architectures=["GlmForCausalLM"], dtype=str(out_dtype).removeprefix("torch."))
+        config = config.copy(architectures=[_causal_lm_class(config).__name__], dtype=str(out_dtype).removeprefix("torch."))
         config.save_pretrained(tmp)
         written = shard_names + [CONFIG_NAME] + _copy_tokenizer(directory, tmp)
         for name in os.listdir(tmp):
@@ -53,11 +53,15 @@ def convert_checkpoint(src: str, dst: str, dtype=None, max_shard_size: int | str
         raise
 
 
-def _expected_shapes(config) -> dict[str, tuple[int, ...]]:
-    from ..models import GlmForCausalLM
+def _causal_lm_class(config):
+    from ..auto import AutoModelForCausalLM
 
+    return AutoModelForCausalLM.model_class(config)
+
+
+def _expected_shapes(config) -> dict[str, tuple[int, ...]]:
     with torch.device("meta"):
-        model = GlmForCausalLM(config)
+        model = _causal_lm_class(config)(config)
     # the state dict's names are transformers' (q_proj, k_proj, v_proj, not the fused qkv_proj)
     shapes = {n: tuple(p.shape) for n, p in model.state_dict().items()}
     if config.tie_word_embeddings:

@@ -1,15 +1,19 @@
-"""GGUF files of llama.cpp's `chatglm` architecture, read and written through the `gguf` package (optional).
+"""GGUF files of llama.cpp's `chatglm` (GLM-4-9B) and `glm4` (GLM-4-0414, GLM-Z1) architectures, read and written
+through the `gguf` package (optional).
 
 Names (one table, both directions):
 
     GGUF                        ours
     token_embd                  model.embed_tokens
     blk.N.attn_norm             model.layers.N.input_layernorm
-    blk.N.attn_qkv (+ bias)     model.layers.N.self_attn.qkv_proj ([q | k | v], as in THUDM's format)
+    blk.N.attn_qkv (+ bias)     model.layers.N.self_attn.qkv_proj ([q | k | v], as in THUDM's format; chatglm)
+    blk.N.attn_q/k/v (+ bias)   the same matrix's three parts (glm4, as llama.cpp's converter writes it)
     blk.N.attn_output           model.layers.N.self_attn.o_proj
+    blk.N.post_attention_norm   model.layers.N.post_self_attn_layernorm (glm4)
     blk.N.ffn_norm              model.layers.N.post_attention_layernorm
     blk.N.ffn_up                model.layers.N.mlp.gate_up_proj ([gate | up], llama.cpp's SWIGLU split)
     blk.N.ffn_down              model.layers.N.mlp.down_proj
+    blk.N.post_ffw_norm         model.layers.N.post_mlp_layernorm (glm4)
     output_norm                 model.norm
     output                      lm_head (absent when tied)
 
@@ -24,22 +28,28 @@ from typing import Any
 
 import torch
 
-from ..config import ConfigError, GlmConfig
+from ..config import ConfigError, Glm4Config, GlmConfig
 from ..extras import require
 from .formats import Rule, WeightFormat
 from .resolve import CheckpointError
 from .safetensors_io import WEIGHT_READERS
 from .thudm import split_qkv
 
-ARCH = "chatglm"
+ARCH = "chatglm"  # GLM-4-9B; GLM-4-0414 (a config with sandwich norms) is written as "glm4"
+ARCHES = {"chatglm": GlmConfig, "glm4": Glm4Config}
+_QKV = {"q": "q_proj", "k": "k_proj", "v": "v_proj"}
 
-GGUF_FORMAT = WeightFormat("GGUF chatglm", (
+GGUF_FORMAT = WeightFormat("GGUF chatglm / glm4", (
     Rule(r"token_embd\.weight", ("model.embed_tokens.weight",)),
     Rule(r"blk\.(\d+)\.attn_norm\.weight", (r"model.layers.\1.input_layernorm.weight",)),
     Rule(r"blk\.(\d+)\.attn_qkv\.(weight|bias)", (r"model.layers.\1.self_attn.qkv_proj.\2#q_proj",
                                                   r"model.layers.\1.self_attn.qkv_proj.\2#k_proj",
                                                   r"model.layers.\1.self_attn.qkv_proj.\2#v_proj"), split_qkv),
+    *(Rule(rf"blk\.(\d+)\.attn_{part}\.(weight|bias)", (rf"model.layers.\1.self_attn.qkv_proj.\2#{name}",))
+      for part, name in _QKV.items()),
     Rule(r"blk\.(\d+)\.attn_output\.weight", (r"model.layers.\1.self_attn.o_proj.weight",)),
+    Rule(r"blk\.(\d+)\.post_attention_norm\.weight", (r"model.layers.\1.post_self_attn_layernorm.weight",)),
+    Rule(r"blk\.(\d+)\.post_ffw_norm\.weight", (r"model.layers.\1.post_mlp_layernorm.weight",)),
     Rule(r"blk\.(\d+)\.ffn_norm\.weight", (r"model.layers.\1.post_attention_layernorm.weight",)),
     Rule(r"blk\.(\d+)\.ffn_up\.weight", (r"model.layers.\1.mlp.gate_up_proj.weight",)),
     Rule(r"blk\.(\d+)\.ffn_down\.weight", (r"model.layers.\1.mlp.down_proj.weight",)),
@@ -101,22 +111,22 @@ WEIGHT_READERS[".gguf"] = GgufFile  # the loader's and converter's file reader f
 
 def gguf_config(handle: GgufFile, **overrides: Any) -> GlmConfig:
     arch = handle.field("general.architecture")
-    if arch != ARCH:
-        raise ConfigError(f"{handle.path}: general.architecture is {arch!r}; glmtorch reads llama.cpp's {ARCH!r} "
-                          "(GLM-4 / ChatGLM) GGUF files")
+    if arch not in ARCHES:
+        raise ConfigError(f"{handle.path}: general.architecture is {arch!r}; glmtorch reads llama.cpp's 'chatglm' "
+                          "(GLM-4-9B / ChatGLM) and 'glm4' (GLM-4-0414 / GLM-Z1) GGUF files")
 
     def need(key: str, default: Any = None, kind: type = int):
         """A metadata number, checked where it is read: a count of 0 must be an error naming the key, not a
         ZeroDivisionError two lines later."""
-        value = handle.field(f"{ARCH}.{key}", default)
+        value = handle.field(f"{arch}.{key}", default)
         if value is None:
-            raise ConfigError(f"{handle.path}: GGUF metadata {ARCH}.{key} is missing")
+            raise ConfigError(f"{handle.path}: GGUF metadata {arch}.{key} is missing")
         try:
             number = kind(value)
         except (TypeError, ValueError):
             number = None
         if number is None or isinstance(value, bool) or (kind is int and (number != value or number < 1)):
-            raise ConfigError(f"{handle.path}: GGUF metadata {ARCH}.{key}={value!r} must be a positive integer")
+            raise ConfigError(f"{handle.path}: GGUF metadata {arch}.{key}={value!r} must be a positive integer")
         return number
 
     hidden, heads = need("embedding_length"), need("attention.head_count")
@@ -138,12 +148,12 @@ def gguf_config(handle: GgufFile, **overrides: Any) -> GlmConfig:
         rms_norm_eps=need("attention.layer_norm_rms_epsilon", kind=float),
         max_position_embeddings=need("context_length"),
         rope_theta=need("rope.freq_base", 10000.0, kind=float),
-        attention_bias="blk.0.attn_qkv.bias" in names,
+        attention_bias="blk.0.attn_qkv.bias" in names or "blk.0.attn_q.bias" in names,
         tie_word_embeddings="output.weight" not in names,
         eos_token_id=eos or None,
         pad_token_id=handle.field("tokenizer.ggml.padding_token_id"),
     )
-    return GlmConfig.from_dict(fields, **overrides)
+    return ARCHES[arch].from_dict(fields, **overrides)
 
 
 def gguf_tokenizer(path: str):
@@ -171,7 +181,8 @@ GGUF_TYPES = {"f32": "F32", "f16": "F16", "bf16": "BF16", "q8_0": "Q8_0", "q4_0"
 
 
 def write_gguf(model, tokenizer, path: str, file_type: str = "f32", progress: bool | None = None) -> None:
-    """Write `model` (a GlmForCausalLM) and its tokenizer as a llama.cpp `chatglm` GGUF file.
+    """Write `model` (a GlmForCausalLM, or Glm4ForCausalLM: llama.cpp's `glm4`) and its tokenizer as a llama.cpp
+    `chatglm` / `glm4` GGUF file, named as llama.cpp's own converter names them.
 
     Norms and biases stay F32 (as llama.cpp's converter keeps them); matrices take `file_type`. Quantized
     types need rows whose length divides into blocks of 32 (else the matrix stays F16).
@@ -187,8 +198,9 @@ def write_gguf(model, tokenizer, path: str, file_type: str = "f32", progress: bo
     config = model.config
     if config.rope_scaling:
         raise ConfigError("rope_scaling is not expressible in a chatglm GGUF file")
+    arch = "glm4" if config.sandwich_norms else ARCH
     tmp = f"{path}.partial-{os.getpid()}"
-    writer = gguf.GGUFWriter(tmp, ARCH)
+    writer = gguf.GGUFWriter(tmp, arch)
     try:
         writer.add_name(os.path.basename(getattr(model, "name_or_path", "") or "glm"))
         writer.add_context_length(config.max_position_embeddings)
@@ -205,7 +217,7 @@ def write_gguf(model, tokenizer, path: str, file_type: str = "f32", progress: bo
         writer.add_file_type(int(getattr(gguf.LlamaFileType, {"f32": "ALL_F32", "f16": "MOSTLY_F16",
                                                                "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0",
                                                                "q4_0": "MOSTLY_Q4_0"}[file_type])))
-        _write_tokenizer(writer, gguf, tokenizer, config)
+        _write_tokenizer(writer, gguf, tokenizer, config, arch)
         tensors = _gguf_tensors(model)
         for name, tensor in tqdm(tensors.items(), desc="Writing GGUF", unit="tensor",
                                  disable=None if progress is None else not progress):
@@ -242,23 +254,35 @@ def _gguf_tensors(model) -> dict[str, torch.Tensor]:
         p = f"model.layers.{n}."
         out[f"blk.{n}.attn_norm.weight"] = sd[p + "input_layernorm.weight"]
         qkv = model.get_submodule(p + "self_attn.qkv_proj")  # already [q | k | v], as attn_qkv wants
-        out[f"blk.{n}.attn_qkv.weight"] = (qkv.dequantized(torch.float32) if hasattr(qkv, "dequantized")
-                                           else qkv.weight.detach())
-        if config.attention_bias:
-            out[f"blk.{n}.attn_qkv.bias"] = qkv.bias.detach()
+        weight = qkv.dequantized(torch.float32) if hasattr(qkv, "dequantized") else qkv.weight.detach()
+        bias = qkv.bias.detach() if config.attention_bias else None
+        if config.sandwich_norms:  # glm4: q, k and v apart (llama.cpp's converter writes them so)
+            sizes = model.get_submodule(p + "self_attn").qkv_sizes
+            for part, rows in zip("qkv", weight.split(sizes)):
+                out[f"blk.{n}.attn_{part}.weight"] = rows
+            for part, rows in zip("qkv", bias.split(sizes) if bias is not None else ()):
+                out[f"blk.{n}.attn_{part}.bias"] = rows
+        else:
+            out[f"blk.{n}.attn_qkv.weight"] = weight
+            if bias is not None:
+                out[f"blk.{n}.attn_qkv.bias"] = bias
         out[f"blk.{n}.attn_output.weight"] = sd[p + "self_attn.o_proj.weight"]
         out[f"blk.{n}.ffn_norm.weight"] = sd[p + "post_attention_layernorm.weight"]
         out[f"blk.{n}.ffn_up.weight"] = sd[p + "mlp.gate_up_proj.weight"]
         out[f"blk.{n}.ffn_down.weight"] = sd[p + "mlp.down_proj.weight"]
+        if config.sandwich_norms:
+            out[f"blk.{n}.post_attention_norm.weight"] = sd[p + "post_self_attn_layernorm.weight"]
+            out[f"blk.{n}.post_ffw_norm.weight"] = sd[p + "post_mlp_layernorm.weight"]
     out["output_norm.weight"] = sd["model.norm.weight"]
     if not config.tie_word_embeddings:
         out["output.weight"] = sd["lm_head.weight"]
     return out
 
 
-def _write_tokenizer(writer, gguf, tokenizer, config) -> None:
+def _write_tokenizer(writer, gguf, tokenizer, config, arch: str = ARCH) -> None:
     """GLM-4's tokenizer the way llama.cpp's converter writes it: byte-level BPE ('gpt2'), pre 'chatglm-bpe',
-    rows of a padded vocabulary as [PADn] placeholders."""
+    rows of a padded vocabulary as [PADn] placeholders; the beginning token [gMASK] for chatglm, <|endoftext|> for
+    glm4 (as its converter sets them)."""
     import json
 
     model = json.loads(tokenizer.backend.to_str())["model"]
@@ -288,8 +312,9 @@ def _write_tokenizer(writer, gguf, tokenizer, config) -> None:
         writer.add_unk_token_id(stop[0])
     if stop[1] is not None:
         writer.add_eot_token_id(stop[1])
-    if stop[2] is not None:
-        writer.add_bos_token_id(stop[2])
+    bos = stop[0] if arch == "glm4" else stop[2]
+    if bos is not None:
+        writer.add_bos_token_id(bos)
     if tokenizer.pad_token_id is not None:
         writer.add_pad_token_id(tokenizer.pad_token_id)
     if tokenizer.chat_template:

@@ -20,7 +20,8 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import HTMLResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from ..chat import ChatFormatError, ReplyStream, parse_assistant_reply
+from ..chat import (ChatFormatError, ReasoningStream, ReplyStream, parse_assistant_reply, prompt_opens_thinking,
+                    split_reasoning)
 from ..generation.config import SEED_MAX, SamplingValueError, check_sampling_value
 from .engine import Engine, Event, QueueFull, Request as EngineRequest, SamplingParams, default_max_tokens
 from .metrics import ServingMetrics
@@ -216,6 +217,21 @@ def chat_tools(body: dict) -> list[dict] | None:
     return tools
 
 
+# what the renderer passes to every template itself: chat_template_kwargs may not replace them
+RESERVED_TEMPLATE_ARGUMENTS = {"messages", "tools", "add_generation_prompt", "special_tokens", "eos_token", "pad_token",
+                               "chat_template", "tokenize", "return_tensors", "return_dict"}
+
+
+def chat_template_kwargs(body: dict) -> dict:
+    """Extra variables for the chat template (vLLM's `chat_template_kwargs`, e.g. {"enable_thinking": false})."""
+    kwargs = _get(body, "chat_template_kwargs", (dict,), None) or {}
+    for key in kwargs:
+        if not isinstance(key, str) or not key.isidentifier() or key in RESERVED_TEMPLATE_ARGUMENTS:
+            raise ApiError(400, f"'chat_template_kwargs' key {key!r} is not a template variable a request may set",
+                           "chat_template_kwargs", "invalid_value")
+    return kwargs
+
+
 def parse_body(raw: bytes) -> dict:
     """A request body as a JSON object, or ApiError 400 saying what is wrong with it: not UTF-8, not JSON (NaN
     and Infinity are not JSON), nested deeper than MAX_JSON_DEPTH, or a string holding a lone surrogate (valid
@@ -395,21 +411,21 @@ async def page():
 async def chat_completions(request: Request):
     served: Served = request.app.state.served
     body = await read_body(served, request)
-    tools, ids = await chat_prompt(served, body)
+    tools, ids, thinking = await chat_prompt(served, body)
     params, max_tokens, n = sampling_params(body)
     stream, include_usage = stream_flags(body)
     params.max_tokens = check_context(served, len(ids), max_tokens)
     queue, requests = start(served, [ids], params, n)
     head = {"id": f"chatcmpl-{secrets.token_hex(12)}", "created": int(time.time()), "model": served.model_name}
     if stream:
-        return StreamingResponse(stream_chat(queue, requests, head, tools, include_usage, len(ids)),
+        return StreamingResponse(stream_chat(queue, requests, head, tools, include_usage, len(ids), thinking),
                                  media_type="text/event-stream")
     results = await collect(queue, requests, request)
     if results is None:
         return Response(status_code=499)  # nobody is listening; the status is for the access log
     choices = []
     for i, r in enumerate(results):
-        message, finish = assistant_message(r["text"], tools, r["finish_reason"])
+        message, finish = assistant_message(r["text"], tools, r["finish_reason"], thinking)
         choice = {"index": i, "message": message, "finish_reason": finish, "logprobs": None}
         if params.logprobs:
             choice["logprobs"] = {"content": [chat_logprob(e) for e in r["logprobs"]]}
@@ -465,7 +481,7 @@ async def tokenize(request: Request):
     served: Served = request.app.state.served
     body = await read_body(served, request)
     if "messages" in body:
-        _, ids = await chat_prompt(served, body)
+        _, ids, _ = await chat_prompt(served, body)
     else:
         prompt = _get(body, "prompt", (str,))
         check_text_length(served, [prompt])
@@ -494,19 +510,19 @@ async def metrics(request: Request):
 
 
 # -- what the handlers share ---------------------------------------------------------------------------------------
-async def chat_prompt(served: Served, body: dict) -> tuple[list[dict] | None, list[int]]:
-    """(tools, prompt ids) of a chat request: its messages and tools checked, sized, and rendered through the
-    model's chat template (off the event loop)."""
-    messages, tools = chat_messages(body), chat_tools(body)
+async def chat_prompt(served: Served, body: dict) -> tuple[list[dict] | None, list[int], bool]:
+    """(tools, prompt ids, whether the prompt opened the reply's thinking) of a chat request: its messages and
+    tools checked, sized, and rendered through the model's chat template (off the event loop)."""
+    messages, tools, extra = chat_messages(body), chat_tools(body), chat_template_kwargs(body)
     check_text_length(served, [p["text"] if isinstance(p, dict) else p for m in messages
                                for p in (m["content"] if isinstance(m["content"], list) else [m["content"] or ""])]
                       + [json.dumps(tools or [], ensure_ascii=False)])
     try:
         ids = await served.off_loop(served.tokenizer.apply_chat_template, messages, tools=tools,
-                                    add_generation_prompt=True)
+                                    add_generation_prompt=True, **extra)
     except ChatFormatError as e:
         raise ApiError(400, str(e), "messages", "invalid_value") from None
-    return tools, ids
+    return tools, ids, prompt_opens_thinking(served.tokenizer.decode(ids[-8:]))
 
 
 async def read_body(served: Served, request: Request) -> dict:
@@ -618,12 +634,14 @@ async def collect(queue, requests, http: Request) -> list[dict] | None:
     return results
 
 
-async def stream_chat(queue, requests, head: dict, tools, include_usage: bool, prompt_tokens: int):
+async def stream_chat(queue, requests, head: dict, tools, include_usage: bool, prompt_tokens: int,
+                      thinking: bool = False):
     def chunk(index, delta, finish=None, logprobs=None):
         choice = {"index": index, "delta": delta, "finish_reason": finish, "logprobs": logprobs}
         return sse({**head, "object": "chat.completion.chunk", "choices": [choice]})
 
     replies = [ReplyStream(tools) for _ in requests]
+    thoughts = [ReasoningStream(thinking) for _ in requests]  # the thinking comes off first, as reasoning_content
     completion, done = 0, 0
     try:
         for i in range(len(requests)):
@@ -634,7 +652,14 @@ async def stream_chat(queue, requests, head: dict, tools, include_usage: bool, p
                 yield sse_error(event.error)
                 break
             lp = {"content": [chat_logprob(e) for e in event.token_logprobs]} if event.token_logprobs else None
-            piece = replies[index].feed(event.text)
+            thought, answer = thoughts[index].feed(event.text)
+            if event.kind == "done":  # the reply is over: what was held for a possible tag is text after all
+                more_thought, more_answer = thoughts[index].finish()
+                thought, answer = thought + more_thought, answer + more_answer
+            if thought:
+                yield chunk(index, {"reasoning_content": thought}, logprobs=lp)
+                lp = None
+            piece = replies[index].feed(answer)
             if piece or (lp and replies[index].mode == "content"):
                 yield chunk(index, {"content": piece}, logprobs=lp)
             if event.kind == "done":
@@ -703,17 +728,24 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def assistant_message(text: str, tools: list[dict] | None, finish: str | None) -> tuple[dict, str | None]:
+def assistant_message(text: str, tools: list[dict] | None, finish: str | None,
+                      thinking: bool = False) -> tuple[dict, str | None]:
     """A finished reply as an OpenAI message: a tool call when the reply is one of the offered tools with valid
-    JSON arguments, else plain content."""
+    JSON arguments, else plain content; a reasoning model's thinking in `reasoning_content` beside either (as vLLM
+    and DeepSeek's API give it). `thinking`: the prompt opened the reply's <think>."""
+    reasoning, answer = split_reasoning(text, thinking)
+    message: dict = {"role": "assistant"}
+    if reasoning is not None:
+        message["reasoning_content"] = reasoning
     if tools:
-        reply = parse_assistant_reply(text, tools)
+        reply = parse_assistant_reply(text, tools, thinking)
         if reply.tool_calls:
             calls = [{"id": f"call_{secrets.token_hex(12)}", "type": "function",
                       "function": {"name": c.name, "arguments": c.arguments_json}} for c in reply.tool_calls]
-            return {"role": "assistant", "content": None, "tool_calls": calls}, "tool_calls"
-    content = text[1:] if text.startswith("\n") else text
-    return {"role": "assistant", "content": content}, finish
+            return {**message, "content": None, "tool_calls": calls}, "tool_calls"
+    if reasoning is None:
+        answer = answer[1:] if answer.startswith("\n") else answer
+    return {**message, "content": answer}, finish
 
 
 def chat_logprob(entry: dict) -> dict:
