@@ -16,10 +16,21 @@ DRIVER = shutil.which("chromedriver")
 SCREENSHOT_DIR = os.environ.get("GLMTORCH_SCREENSHOTS", os.path.join(os.path.dirname(__file__), "..", "artifacts"))
 
 
-@pytest.mark.skipif(not (CHROMIUM and DRIVER), reason="needs Debian's chromium and chromium-driver (apt-get install)")
-def test_chat_page_streams_a_reply(chat_checkpoint):
+def browser():
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--window-size=1100,700"):
+        options.add_argument(flag)
+    return webdriver.Chrome(service=Service(DRIVER), options=options)
+
+
+@pytest.mark.skipif(not (CHROMIUM and DRIVER), reason="needs Debian's chromium and chromium-driver (apt-get install)")
+def test_chat_page_streams_a_reply(chat_checkpoint):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -28,13 +39,7 @@ def test_chat_page_streams_a_reply(chat_checkpoint):
     tokenizer = glmtorch.AutoTokenizer.from_pretrained(path)
     engine = build_engine(model, tokenizer, max_batch=2, max_queue=8)
     server = RunningServer(create_app(engine, tokenizer, "tiny-glm"))
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--window-size=1100,700"):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(DRIVER), options=options)
+    driver = browser()
     try:
         driver.get(server.url + "/")
         wait = WebDriverWait(driver, 60)
@@ -58,3 +63,34 @@ def test_chat_page_streams_a_reply(chat_checkpoint):
         driver.quit()
         server.close()
         engine.stop()
+
+
+@pytest.mark.skipif(not (CHROMIUM and DRIVER), reason="needs Debian's chromium and chromium-driver (apt-get install)")
+def test_chat_page_folds_the_thinking_above_the_answer(tokenizer_dir):
+    """A GLM-Z1 reply: its thinking goes into a folded <details> above the answer, the answer stays the message."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from glmtorch.chat import default_chat_template
+    from test_serve import ScriptedEngine
+
+    tokenizer = glmtorch.GlmTokenizer.from_pretrained(tokenizer_dir, chat_template=default_chat_template("glmz1"))
+    server = RunningServer(create_app(ScriptedEngine("Two and two.\n</think>\n\nFour."), tokenizer, "z1"))
+    driver = browser()
+    try:
+        driver.get(server.url + "/")
+        wait = WebDriverWait(driver, 60)
+        wait.until(lambda d: d.find_element(By.ID, "model").text == "z1")
+        driver.find_element(By.ID, "input").send_keys("2+2?")
+        driver.find_element(By.ID, "send").click()
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".msg.assistant[data-done]"))
+        assert driver.find_element(By.CSS_SELECTOR, ".msg.assistant .content").text == "Four."
+        folded = driver.find_element(By.CSS_SELECTOR, ".msg.assistant details.thinking")
+        assert folded.get_attribute("open") is None and folded.find_element(By.TAG_NAME, "summary").text == "Thoughts"
+        folded.find_element(By.TAG_NAME, "summary").click()
+        assert folded.text.endswith("Two and two.")
+        os.makedirs(SCREENSHOT_DIR, exist_ok=True)
+        assert driver.save_screenshot(os.path.join(SCREENSHOT_DIR, "chat_page_thinking.png"))
+    finally:
+        driver.quit()
+        server.close()

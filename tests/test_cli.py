@@ -89,3 +89,29 @@ def test_a_taken_port_is_one_line_before_loading():
         result = run("serve", "--port", str(taken.getsockname()[1]), timeout=60)
     assert result.returncode == 2 and "address already in use" in result.stderr
     assert result.stderr.count("\n") == 1 and "warming up" not in result.stderr
+
+
+def test_glm_z1_checkpoint_generates_with_its_thinking_marked(tmp_path, tokenizer_dir):
+    """A glm4 checkpoint with GLM-Z1's template: `generate` loads the Glm4 class, the reply starts inside the
+    thinking, printed between <think> tags off a terminal, hidden with --thinking hide; --thinking off closes it."""
+    import json
+
+    from conftest import CONFIGS, make_hf_model, save_hf
+
+    import glmtorch
+    from glmtorch.chat import default_chat_template
+
+    tok = glmtorch.GlmTokenizer.from_pretrained(tokenizer_dir, chat_template=default_chat_template("glmz1"))
+    model = make_hf_model("Glm4ForCausalLM", **{**CONFIGS["gqa"], "vocab_size": tok.vocab_size, "eos_token_id": [],
+                                                "pad_token_id": 0})
+    path = save_hf(model, tmp_path / "z1")
+    tok.save_pretrained(path)
+    assert json.loads((tmp_path / "z1" / "config.json").read_text())["model_type"] == "glm4"
+    shown = run("generate", path, "--prompt", "Hello", "--max-new-tokens", "6", "--greedy")
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.startswith("<think>\n")  # six random tokens: cut inside the thinking, or past it
+    hidden = run("generate", path, "--prompt", "Hello", "--max-new-tokens", "6", "--greedy", "--thinking", "hide")
+    assert hidden.returncode == 0 and "<think>" not in hidden.stdout and \
+        shown.stdout.rstrip().endswith(hidden.stdout.rstrip())
+    off = run("generate", path, "--prompt", "Hello", "--max-new-tokens", "6", "--greedy", "--thinking", "off")
+    assert off.returncode == 0 and not off.stdout.startswith("<think>")

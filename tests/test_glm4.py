@@ -156,3 +156,49 @@ def test_glm4_classes_need_a_glm4_config():
     layer = glmtorch.AutoModelForCausalLM.from_config(glm4).model.layers[0]
     assert hasattr(layer, "post_self_attn_layernorm") and hasattr(layer, "post_mlp_layernorm")
     assert not hasattr(glmtorch.GlmForCausalLM(config).model.layers[0], "post_mlp_layernorm")
+
+
+def test_convert_quantize_and_train_keep_the_family(gqa_glm4, tmp_path):
+    """`glmtorch convert` writes a glm4 checkpoint transformers reads; int8 / int4 save and reload as Glm4; a few
+    training steps lower the loss and save a glm4 checkpoint."""
+    import transformers
+
+    from glmtorch.checkpoint.convert import convert_checkpoint
+    from glmtorch.train import TrainConfig, train
+
+    ref_model, path = gqa_glm4
+    convert_checkpoint(path, str(tmp_path / "converted"), dtype="bfloat16")
+    saved = json.loads((tmp_path / "converted" / "config.json").read_text())
+    assert saved["model_type"] == "glm4" and saved["architectures"] == ["Glm4ForCausalLM"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert type(transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "converted")).__name__ == \
+            "Glm4ForCausalLM"
+
+    ids = torch.randint(1, 160, (1, 9), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        exact = ref_model(ids).logits
+    for mode, tolerance in (("int8", 2e-2), ("int4", 0.2)):
+        quantized = glmtorch.AutoModelForCausalLM.from_pretrained(path, quantize=mode)
+        quantized.save_pretrained(tmp_path / mode)
+        back = glmtorch.AutoModelForCausalLM.from_pretrained(tmp_path / mode)
+        assert type(back) is glmtorch.Glm4ForCausalLM
+        with torch.no_grad():
+            assert torch.equal(back(ids).logits, quantized(ids).logits) and rel_err(back(ids).logits, exact) < tolerance
+
+    from glmtorch.tokenizer import train_bpe_tokenizer
+
+    tokenizer = train_bpe_tokenizer(["To be, or not to be: that is the question."] * 4, 300)
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"text": "To be, or not to be: that is the question. " * 3}) + "\n"
+                            for _ in range(20)))
+    torch.manual_seed(0)
+    model = glmtorch.Glm4ForCausalLM.from_config(glmtorch.Glm4Config(
+        vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, pad_token_id=tokenizer.pad_token_id))
+    state = train(model, tokenizer, TrainConfig(data=str(data), out=str(tmp_path / "trained"), block_size=16,
+                                                batch_size=4, lr=3e-3, warmup_steps=1, max_steps=8, eval_every=0,
+                                                seed=0, progress=False))
+    losses = [h["loss"] for h in state.history if "loss" in h]
+    assert sum(losses[-2:]) < sum(losses[:2])
+    assert type(glmtorch.AutoModelForCausalLM.from_pretrained(tmp_path / "trained")) is glmtorch.Glm4ForCausalLM

@@ -24,7 +24,7 @@ def worker(rank, world, port, path, results):
     import torch.distributed as dist
 
     try:
-        model = glmtorch.GlmForCausalLM.from_pretrained(path, tp_size=world)
+        model = glmtorch.AutoModelForCausalLM.from_pretrained(path, tp_size=world)
         ids = torch.randint(1, 160, (2, 9), generator=torch.Generator().manual_seed(0))
         with torch.no_grad():
             logits = model(ids).logits
@@ -57,11 +57,13 @@ def run_parallel(path, world=2, timeout=240):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("config_name", ["gqa", "mqa_wide_heads", "tied_narrow_heads"])
-def test_two_ranks_match_one_process(tmp_path, config_name):
-    ref = make_hf_model(**dict(CONFIGS[config_name], intermediate_size=96))
+@pytest.mark.parametrize("config_name,arch", [("gqa", "Glm"), ("mqa_wide_heads", "Glm"), ("tied_narrow_heads", "Glm"),
+                                              ("gqa", "Glm4")])  # Glm4: GLM-4-0414's sandwich norms
+def test_two_ranks_match_one_process(tmp_path, config_name, arch):
+    ref = make_hf_model(f"{arch}ForCausalLM", **dict(CONFIGS[config_name], intermediate_size=96))
     path = save_hf(ref, tmp_path / config_name)
-    single = glmtorch.GlmForCausalLM.from_pretrained(path)
+    single = glmtorch.AutoModelForCausalLM.from_pretrained(path)
+    assert type(single).__name__ == f"{arch}ForCausalLM"
     ids = torch.randint(1, 160, (2, 9), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = single(ids).logits
