@@ -202,3 +202,20 @@ def test_convert_quantize_and_train_keep_the_family(gqa_glm4, tmp_path):
     losses = [h["loss"] for h in state.history if "loss" in h]
     assert sum(losses[-2:]) < sum(losses[:2])
     assert type(glmtorch.AutoModelForCausalLM.from_pretrained(tmp_path / "trained")) is glmtorch.Glm4ForCausalLM
+
+
+@torch.no_grad()
+def test_serving_engine_decodes_glm4_as_generate_does(gqa_glm4):
+    """The server's engine (continuous batching, static cache, the fused step) through the offline API."""
+    _, path = gqa_glm4
+    model = glmtorch.AutoModelForCausalLM.from_pretrained(path)
+    from glmtorch.tokenizer import train_bpe_tokenizer
+
+    tokenizer = train_bpe_tokenizer(["To be, or not to be."], 300)
+    llm = glmtorch.LLM(model, tokenizer)
+    prompts = [[5, 6, 7, 8, 9], [10, 11, 12]]
+    outs = llm.generate(prompts, glmtorch.SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
+    for prompt, out in zip(prompts, outs):
+        ids = torch.tensor([prompt])
+        expected = model.generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=[])[0, len(prompt):]
+        assert out.outputs[0].token_ids == expected.tolist()
