@@ -157,6 +157,13 @@ class StaticCache:
         self.value_buffer[:, dst].copy_(self.value_buffer[:, src])
         self.seq_lengths[dst] = self.seq_lengths[src]
 
+    def copy_prefix(self, src: int, dst: int, length: int) -> None:
+        """Copy the first `length` slots of row `src` into row `dst`, every layer (a server reusing the keys and
+        values of a shared prompt prefix)."""
+        length = min(length, self.max_length)
+        self.key_buffer[:, dst, :, :length].copy_(self.key_buffer[:, src, :, :length])
+        self.value_buffer[:, dst, :, :length].copy_(self.value_buffer[:, src, :, :length])
+
     def reset(self, rows: torch.Tensor | None = None) -> None:
         """Forget rows (all when None) so their slots can take new sequences."""
         if rows is None:

@@ -392,7 +392,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     serve(args.model, host=args.host, port=args.port, dtype=args.dtype, device=args.device, quantize=args.quantize,
           max_batch=args.max_batch, max_queue=args.max_queue, kv_cache_memory=args.kv_cache_memory,
           api_key=args.api_key, max_context=args.max_context,
-          max_body_bytes=args.max_request_body_size)
+          max_body_bytes=args.max_request_body_size, prefix_caching=not args.no_prefix_caching)
     return 0
 
 
@@ -409,6 +409,8 @@ def _serve_flags(p: argparse.ArgumentParser) -> None:
                         "free after loading)")
     p.add_argument("--max-queue", type=ranged(int, 0, 1_000_000), default=256, help="requests allowed to wait; beyond: HTTP 503")
     p.add_argument("--max-context", type=ranged(int, 2, 2**24), default=None, help="tokens per slot (default: the model's)")
+    p.add_argument("--no-prefix-caching", action="store_true",
+                   help="prefill every prompt whole (by default a prompt starts from the longest prefix a slot holds)")
     p.add_argument("--api-key", default=os.environ.get("GLMTORCH_API_KEY"), help="require this bearer key")
     p.add_argument("--max-request-body-size", type=ranged(int, 1024, 2**31), default=32 * 2**20, metavar="BYTES",
                    help="larger request bodies get HTTP 413 (default 32 MiB)")
@@ -424,7 +426,7 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
                                  api_key=args.api_key, chat=args.chat, max_pause=args.probe_pause)
     else:
         report = bench_serve(args.url, args.requests, args.concurrency, args.prompt_words, args.max_tokens,
-                             args.model, args.api_key, args.chat, args.temperature)
+                             args.model, args.api_key, args.chat, args.temperature, args.shared_prefix_words)
     print(format_serve_report(report))
     if args.out:
         with open(args.out, "w") as f:
@@ -437,6 +439,8 @@ def _bench_serve_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--requests", type=ranged(int, 1, 1_000_000), default=64)
     p.add_argument("--concurrency", type=ranged(int, 1, 100_000), default=64)
     p.add_argument("--prompt-words", type=ranged(int, 1, 1_000_000), default=100)
+    p.add_argument("--shared-prefix-words", type=ranged(int, 0, 1_000_000), default=0, metavar="N",
+                   help="put the same N-word preamble before every prompt (a shared system prompt or document)")
     p.add_argument("--max-tokens", type=ranged(int, 1, 2**20), default=64)
     p.add_argument("--temperature", type=sampling_value("temperature"), default=0.0)
     p.add_argument("--model", default=None, help="model name (default: the server's first)")

@@ -431,7 +431,8 @@ async def chat_completions(request: Request):
             choice["logprobs"] = {"content": [chat_logprob(e) for e in r["logprobs"]]}
         choices.append(choice)
     completion = sum(r["completion_tokens"] for r in results)
-    return {**head, "object": "chat.completion", "choices": choices, "usage": usage(len(ids), completion)}
+    cached = cached_prompt_tokens([r["cached_tokens"] for r in results], n)
+    return {**head, "object": "chat.completion", "choices": choices, "usage": usage(len(ids), completion, cached)}
 
 
 @router.post("/v1/completions")
@@ -462,7 +463,7 @@ async def completions(request: Request):
     prompt_tokens = sum(len(ids) for ids in encoded)
     echoed = [prompts[i // n] if echo else "" for i in range(len(requests))]  # choice i answers prompt i // n
     if stream:
-        return StreamingResponse(stream_completion(queue, requests, head, include_usage, prompt_tokens, echoed),
+        return StreamingResponse(stream_completion(queue, requests, head, include_usage, prompt_tokens, echoed, n),
                                  media_type="text/event-stream")
     results = await collect(queue, requests, request)
     if results is None:
@@ -471,7 +472,8 @@ async def completions(request: Request):
                 "logprobs": completion_logprobs(r["logprobs"]) if params.logprobs else None}
                for i, r in enumerate(results)]
     return {**head, "object": "text_completion", "choices": choices,
-            "usage": usage(prompt_tokens, sum(r["completion_tokens"] for r in results))}
+            "usage": usage(prompt_tokens, sum(r["completion_tokens"] for r in results),
+                           cached_prompt_tokens([r["cached_tokens"] for r in results], n))}
 
 
 @router.post("/tokenize")
@@ -603,7 +605,8 @@ def start(served: Served, prompts: list[list[int]], params: SamplingParams,
 async def collect(queue, requests, http: Request) -> list[dict] | None:
     """Every choice's text and numbers, or None when the client went away first (its sequences are cancelled
     at once: a non-streaming client that hangs up must not leave its work decoding for nobody)."""
-    results = [{"text": "", "finish_reason": None, "logprobs": [], "completion_tokens": 0, "prompt_tokens": 0}
+    results = [{"text": "", "finish_reason": None, "logprobs": [], "completion_tokens": 0, "prompt_tokens": 0,
+                "cached_tokens": 0}
                for _ in requests]
 
     async def watch() -> None:  # a blocking receive, the one way to hear a hang-up while nothing is sent
@@ -625,6 +628,7 @@ async def collect(queue, requests, http: Request) -> list[dict] | None:
             r["logprobs"] += event.token_logprobs
             if event.kind == "done":
                 r.update(finish_reason=event.finish_reason, completion_tokens=event.completion_tokens,
+                         cached_tokens=event.cached_tokens,
                          prompt_tokens=event.prompt_tokens)
                 done += 1
     finally:
@@ -641,6 +645,7 @@ async def stream_chat(queue, requests, head: dict, tools, include_usage: bool, p
         return sse({**head, "object": "chat.completion.chunk", "choices": [choice]})
 
     replies = [ReplyStream(tools) for _ in requests]
+    cached = [0] * len(requests)
     thoughts = [ReasoningStream(thinking) for _ in requests]  # the thinking comes off first, as reasoning_content
     completion, done = 0, 0
     try:
@@ -665,6 +670,7 @@ async def stream_chat(queue, requests, head: dict, tools, include_usage: bool, p
             if event.kind == "done":
                 done += 1
                 completion += event.completion_tokens
+                cached[index] = event.cached_tokens
                 finish = event.finish_reason
                 held = replies[index].held_back()
                 if held is not None:
@@ -677,19 +683,21 @@ async def stream_chat(queue, requests, head: dict, tools, include_usage: bool, p
                 yield chunk(index, {}, finish)
         if include_usage:
             yield sse({**head, "object": "chat.completion.chunk", "choices": [],
-                       "usage": usage(prompt_tokens, completion)})
+                       "usage": usage(prompt_tokens, completion, max(cached))})
         yield "data: [DONE]\n\n"
     finally:
         for r in requests:
             r.cancelled.set()
 
 
-async def stream_completion(queue, requests, head: dict, include_usage: bool, prompt_tokens: int, echoed):
+async def stream_completion(queue, requests, head: dict, include_usage: bool, prompt_tokens: int, echoed,
+                            n: int = 1):
     def chunk(index, text, finish=None, logprobs=None):
         return sse({**head, "object": "text_completion",
                     "choices": [{"index": index, "text": text, "finish_reason": finish, "logprobs": logprobs}]})
 
     completion, done = 0, 0
+    cached = [0] * len(requests)
     try:
         for index, text in enumerate(echoed):
             if text:
@@ -705,9 +713,11 @@ async def stream_completion(queue, requests, head: dict, include_usage: bool, pr
             if event.kind == "done":
                 done += 1
                 completion += event.completion_tokens
+                cached[index] = event.cached_tokens
                 yield chunk(index, "", event.finish_reason)
         if include_usage:
-            yield sse({**head, "object": "text_completion", "choices": [], "usage": usage(prompt_tokens, completion)})
+            yield sse({**head, "object": "text_completion", "choices": [],
+                       "usage": usage(prompt_tokens, completion, cached_prompt_tokens(cached, n))})
         yield "data: [DONE]\n\n"
     finally:
         for r in requests:
@@ -723,9 +733,16 @@ def sse_error(message: str) -> str:
     return sse({"error": {"message": message, "type": "server_error", "param": None, "code": "server_error"}})
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+def cached_prompt_tokens(per_choice: list[int], n: int) -> int:
+    """Prompt tokens the prefix cache supplied, each prompt counted once (its n choices are n requests)."""
+    return sum(max(per_choice[p:p + n]) for p in range(0, len(per_choice), n))
+
+
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
+    """OpenAI's usage block; prompt_tokens_details.cached_tokens: prompt tokens the prefix cache supplied."""
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
 def assistant_message(text: str, tools: list[dict] | None, finish: str | None,

@@ -27,7 +27,7 @@ async def _one(client, url: str, body: dict, headers: dict, started: asyncio.Eve
     start = time.perf_counter()
     first = None
     stamps: list[float] = []
-    tokens = 0
+    tokens = cached = 0
     text = ""
     try:
         async with client.stream("POST", url, json=body, headers=headers) as response:
@@ -42,6 +42,7 @@ async def _one(client, url: str, body: dict, headers: dict, started: asyncio.Eve
                 chunk = json.loads(data)
                 if chunk.get("usage"):
                     tokens = chunk["usage"].get("completion_tokens", tokens)
+                    cached = (chunk["usage"].get("prompt_tokens_details") or {}).get("cached_tokens") or 0
                 for choice in chunk.get("choices", []):
                     piece = choice.get("text") or (choice.get("delta") or {}).get("content") or ""
                     if piece:
@@ -59,7 +60,7 @@ async def _one(client, url: str, body: dict, headers: dict, started: asyncio.Eve
     end = time.perf_counter()
     gaps = [b - a for a, b in zip(stamps, stamps[1:])]
     return {"ttft": (first or end) - start, "latency": end - start, "tokens": tokens or len(stamps), "gaps": gaps,
-            "text": text}
+            "text": text, "cached": cached}
 
 
 WORDS = ("the quick brown fox jumps over a lazy dog while seven wise kings speak of old times " * 64).split()
@@ -83,9 +84,11 @@ async def _model_name(client, base: str, headers: dict, model: str | None) -> st
 
 
 def _request(base: str, model: str, i: int, prompt_words: int, max_tokens: int, chat: bool,
-             temperature: float) -> tuple[str, dict]:
-    """(url, body) of request number i: a distinct prompt of about `prompt_words` words, streamed."""
-    prompt = f"Request {i}: " + " ".join(WORDS[i % 7: i % 7 + prompt_words])
+             temperature: float, shared_words: int = 0) -> tuple[str, dict]:
+    """(url, body) of request number i: a distinct prompt of about `prompt_words` words, streamed, after a
+    preamble of `shared_words` words that every request shares (a system prompt, a document asked about)."""
+    shared = " ".join((WORDS * (1 + shared_words // len(WORDS)))[:shared_words])
+    prompt = (shared + "\n" if shared else "") + f"Request {i}: " + " ".join(WORDS[i % 7: i % 7 + prompt_words])
     body = {"model": model, "max_tokens": max_tokens, "temperature": temperature, "stream": True,
             "stream_options": {"include_usage": True}, "ignore_eos": True}
     if chat:
@@ -96,7 +99,8 @@ def _request(base: str, model: str, i: int, prompt_words: int, max_tokens: int, 
 
 
 async def _run(base_url: str, requests: int, concurrency: int, prompt_words: int, max_tokens: int,
-               model: str | None, api_key: str | None, chat: bool, temperature: float) -> dict[str, Any]:
+               model: str | None, api_key: str | None, chat: bool, temperature: float,
+               shared_words: int = 0) -> dict[str, Any]:
     import httpx
 
     base = _base(base_url)
@@ -106,7 +110,7 @@ async def _run(base_url: str, requests: int, concurrency: int, prompt_words: int
         semaphore = asyncio.Semaphore(concurrency)
 
         async def task(i: int):
-            url, body = _request(base, model, i, prompt_words, max_tokens, chat, temperature)
+            url, body = _request(base, model, i, prompt_words, max_tokens, chat, temperature, shared_words)
             async with semaphore:
                 return await _one(client, url, body, headers)
 
@@ -118,7 +122,8 @@ async def _run(base_url: str, requests: int, concurrency: int, prompt_words: int
     return {
         "url": base_url, "model": model, "client_cpu": cpu_description(), "requests": requests,
         "concurrency": concurrency,
-        "prompt_words": prompt_words, "max_tokens": max_tokens, "completed": len(ok),
+        "prompt_words": prompt_words, "shared_prefix_words": shared_words, "max_tokens": max_tokens,
+        "completed": len(ok), "cached_prompt_tokens": sum(r["cached"] for r in ok),
         "errors": [r["error"] for r in results if "error" in r][:10], "error_count": len(results) - len(ok),
         "wall_s": wall, "output_tokens": out_tokens, "output_tok_s": out_tokens / wall,
         "ttft_s": _percentiles([r["ttft"] for r in ok]),
@@ -188,8 +193,9 @@ def ttft_under_load(url: str, background: int = 16, long_tokens: int = 256, long
 
 def bench_serve(url: str, requests: int = 64, concurrency: int = 64, prompt_words: int = 100, max_tokens: int = 64,
                 model: str | None = None, api_key: str | None = None, chat: bool = False,
-                temperature: float = 0.0) -> dict[str, Any]:
-    return asyncio.run(_run(url, requests, concurrency, prompt_words, max_tokens, model, api_key, chat, temperature))
+                temperature: float = 0.0, shared_words: int = 0) -> dict[str, Any]:
+    return asyncio.run(_run(url, requests, concurrency, prompt_words, max_tokens, model, api_key, chat, temperature,
+                            shared_words))
 
 
 def format_serve_report(r: dict[str, Any]) -> str:
@@ -202,7 +208,8 @@ def format_serve_report(r: dict[str, Any]) -> str:
 
     return (f"{r['url']} model={r['model']}: {r['completed']}/{r['requests']} completed, {r['error_count']} errors, "
             f"concurrency {r['concurrency']}\n"
-            f"  output {r['output_tokens']} tokens in {r['wall_s']:.1f}s = {r['output_tok_s']:.1f} tok/s\n"
+            f"  output {r['output_tokens']} tokens in {r['wall_s']:.1f}s = {r['output_tok_s']:.1f} tok/s"
+            f" ({r.get('cached_prompt_tokens', 0)} prompt tokens from the server's prefix cache)\n"
             f"  time to first token: {ms(r['ttft_s'])}\n  inter-token latency: {ms(r['itl_s'])}\n"
             f"  measured from: {_cpu_line(r.get('client_cpu'))}")
 

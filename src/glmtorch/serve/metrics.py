@@ -11,11 +11,27 @@ from __future__ import annotations
 import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
 
 # Buckets in seconds (vLLM's, shortened): a 2-core CPU serves in tens of milliseconds to tens of seconds.
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0)
 ITL_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5, 5.0)
 E2E_BUCKETS = (0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0)
+
+
+class PrefixCacheCollector:
+    """vLLM's prefix-cache counters (prompt tokens looked up, and found), read from the engine when scraped."""
+
+    def __init__(self, engine, model_name: str) -> None:
+        self.engine, self.model_name = engine, model_name
+
+    def collect(self):
+        stats = getattr(self.engine, "prefix_cache_stats", lambda: {"queries": 0, "hits": 0})()
+        for key, doc in (("queries", "Prompt tokens looked up in the prefix cache."),
+                         ("hits", "Prompt tokens found in the prefix cache (not prefilled).")):
+            family = CounterMetricFamily(f"vllm:prefix_cache_{key}", doc, labels=["model_name"])
+            family.add_metric([self.model_name], stats[key])
+            yield family
 
 
 class ServingMetrics:
@@ -31,6 +47,7 @@ class ServingMetrics:
         gauge("vllm:num_requests_waiting", "Requests waiting for a slot.", lambda: len(engine.waiting))
         gauge("vllm:kv_cache_usage_perc", "Fraction of the KV cache's token slots holding a running request's "
               "tokens (1 = full).", lambda: getattr(engine, "cache_usage", lambda: 0.0)())
+        self.registry.register(PrefixCacheCollector(engine, model_name))
         self.prompt_tokens = Counter("vllm:prompt_tokens", "Prompt tokens prefilled.", label,
                                      registry=self.registry).labels(model_name)
         self.generation_tokens = Counter("vllm:generation_tokens", "Tokens generated.", label,

@@ -39,13 +39,16 @@ class RequestOutput:
     prompt: str | None
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput] = field(default_factory=list)
+    num_cached_tokens: int = 0  # prompt tokens the prefix cache supplied (not prefilled)
 
 
 class LLM:
     def __init__(self, model, tokenizer=None, dtype: str = "auto", device: str | None = None,
-                 quantize: str | None = None, max_batch: int = 64, max_context: int | None = None) -> None:
+                 quantize: str | None = None, max_batch: int = 64, max_context: int | None = None,
+                 prefix_caching: bool = True) -> None:
         """`model`: a checkpoint (path or hub id), loaded with its tokenizer, or a loaded GlmForCausalLM (then
-        `tokenizer` is required). Up to `max_batch` prompts decode together."""
+        `tokenizer` is required). Up to `max_batch` prompts decode together; a prompt starts from the longest
+        prefix the engine's cache still holds (`prefix_caching`), across calls too."""
         from ..fastpath import pack_weights
 
         if isinstance(model, (str, os.PathLike)):
@@ -60,7 +63,7 @@ class LLM:
 
         self.model, self.tokenizer = model, tokenizer
         self.engine = build_engine(model, tokenizer, max_batch, max_queue=2**31, max_context=max_context,
-                                   thread=False)
+                                   thread=False, prefix_caching=prefix_caching)
 
     def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
                  use_tqdm: bool | None = None) -> list[RequestOutput]:
@@ -134,6 +137,7 @@ class LLM:
                 r = requests[i]
                 generated = r.history[0, len(r.prompt_ids):len(r.prompt_ids) + r.generated].tolist()
                 outputs[i].outputs.append(CompletionOutput(0, "".join(pieces[i]), generated, event.finish_reason))
+                outputs[i].num_cached_tokens = event.cached_tokens
                 bar.update()
             return emit
 

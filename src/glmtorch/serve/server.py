@@ -28,10 +28,11 @@ def load_for_serving(model_path: str | None, dtype: str = "auto", device: str | 
 
 
 def build_engine(model, tokenizer, max_batch: int, max_queue: int, max_context: int | None = None,
-                 thread: bool = True) -> Engine:
+                 thread: bool = True, prefix_caching: bool = True) -> Engine:
     stop_ids = tokenizer.stop_token_ids(getattr(model.generation_config, "eos_token_id", None))
     return Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue, max_context=max_context,
-                  stop_ids={i for i in stop_ids if i < model.config.vocab_size}, thread=thread)
+                  stop_ids={i for i in stop_ids if i < model.config.vocab_size}, thread=thread,
+                  prefix_caching=prefix_caching)
 
 
 MAX_AUTO_BATCH = 64  # the most slots chosen by default: beyond, a 2-core CPU gains little throughput per row
@@ -85,7 +86,8 @@ def check_address(host: str, port: int) -> None:
 def serve(model_path: str | None = None, host: str = "127.0.0.1", port: int = 8000, dtype: str = "auto",
           device: str | None = None, quantize: str | None = None, max_batch: int | None = None,
           max_queue: int = 256, kv_cache_memory: int | None = None,
-          api_key: str | None = None, max_context: int | None = None, max_body_bytes: int | None = None) -> None:
+          api_key: str | None = None, max_context: int | None = None, max_body_bytes: int | None = None,
+          prefix_caching: bool = True) -> None:
     import uvicorn
 
     check_address(host, port)  # before minutes of loading, not after
@@ -97,7 +99,8 @@ def serve(model_path: str | None = None, host: str = "127.0.0.1", port: int = 80
               f"({max_batch * model.static_cache_bytes(1, context) / 2**30:.2f} GiB; --max-batch, --max-context and "
               "--kv-cache-memory change it)", file=sys.stderr, flush=True)
     pack_weights(model, rows=max_batch)  # the server only runs inference, in batches of up to max_batch rows
-    engine = build_engine(model, tokenizer, max_batch, max_queue, max_context, thread=False)
+    engine = build_engine(model, tokenizer, max_batch, max_queue, max_context, thread=False,
+                          prefix_caching=prefix_caching)
     if model_path is None:
         print("glmtorch: no MODEL given, serving the built-in demo model", file=sys.stderr)
     print("glmtorch: warming up...", file=sys.stderr, flush=True)
