@@ -150,8 +150,32 @@ def test_fused_decode_step_matches_reference(tmp_path, name, arch, monkeypatch):
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("arch", ["Glm", "Glm4"])
+def test_fused_step_of_a_bf16_model_computes_in_fp32(tmp_path, arch, monkeypatch):
+    """A bf16 model's fused step reads its bf16 weights, embedding and cache and computes in fp32: closer to the
+    fp32 reference than its own eager bf16 step, and it writes the cache the eager step writes (within bf16
+    rounding). Taken where timed faster (forced here)."""
+    monkeypatch.setenv("GLMTORCH_LINEAR_PATH", "kernel")
+    ref = make_hf_model(f"{arch}ForCausalLM", **CONFIGS["gqa"])
+    path = save_hf(ref, tmp_path)
+    model = glmtorch.AutoModelForCausalLM.from_pretrained(path, dtype="bfloat16")
+    assert fused_step_supported(model)
+    ids = torch.tensor([[0, 0, 5, 6, 7, 8], [9, 10, 11, 12, 13, 14]])
+    mask, new, T = (ids != 0).long(), torch.tensor([[3], [4]]), ids.shape[1]
+    step = compiled_decode_step(model)
+    cache, positions, full_mask = _prefilled(model, ids, mask)
+    eager_cache, _, _ = _prefilled(model, ids, mask)
+    fused = step(model, new, positions[:, T:], torch.tensor([T]), full_mask, cache)
+    assert step.plan is not None and fused.dtype == torch.float32
+    eager = decode_step(model, new, positions[:, T:], torch.tensor([T]), full_mask, eager_cache)
+    exact = ref(torch.cat([ids, new], 1), attention_mask=full_mask, position_ids=positions).logits[:, -1]
+    assert rel_err(fused, exact) < rel_err(eager.float(), exact) < 2e-2
+    assert rel_err(cache.key_buffer.float(), eager_cache.key_buffer.float()) < 1e-2
+
+
+@torch.no_grad()
 def test_fused_decode_step_falls_back(pair, monkeypatch):
-    """Batches past the kernels' row limit, and models it does not cover (bf16 here, after .to()), take the
+    """Batches past the kernels' row limit, and models it does not cover (fp16 here, after .to()), take the
     compiled / eager step, with the same results."""
     _, path = pair
     model = glmtorch.GlmForCausalLM.from_pretrained(path)
@@ -163,10 +187,10 @@ def test_fused_decode_step_falls_back(pair, monkeypatch):
     out = step(model, torch.tensor([[3], [4]]), positions[:, 3:], torch.tensor([3]), full_mask, cache)
     assert calls == [1] and step.plan is not None and step.max_rows == 1
     monkeypatch.undo()
-    model.to(torch.bfloat16)
+    model.to(torch.float16)
     cache, positions, full_mask = _prefilled(model, ids, mask)
     out16 = step(model, torch.tensor([[3], [4]]), positions[:, 3:], torch.tensor([3]), full_mask, cache)
-    assert calls == [1, 1] and step.plan is None and out16.dtype == torch.bfloat16  # the model's dtype
+    assert calls == [1, 1] and step.plan is None and out16.dtype == torch.float16  # the model's dtype
     assert rel_err(out16, out) < 2e-2
     with pytest.MonkeyPatch.context() as env:
         env.setenv("GLMTORCH_FUSED_STEP", "0")
@@ -265,7 +289,7 @@ def test_fused_step_says_why_it_does_not_cover_a_model(tmp_path):
     path = save_hf(make_hf_model(**CONFIGS["gqa"]), tmp_path / "gqa")
     model = glmtorch.GlmForCausalLM.from_pretrained(path)
     assert fused_step_support(model) == (True, "") and describe_decode_step(model).startswith("fused C++ step")
-    assert fused_step_support(model.to(torch.bfloat16)) == (False, FUSED_STEP_FEATURES[3])
+    assert fused_step_support(model.to(torch.float16)) == (False, FUSED_STEP_FEATURES[3])
     gelu = glmtorch.GlmForCausalLM.from_pretrained(save_hf(make_hf_model(**CONFIGS["six_heads_gelu"]), tmp_path / "g"))
     assert fused_step_support(gelu) == (False, "SiLU MLP")
     assert "not fused, needs SiLU MLP" in describe_decode_step(gelu)
@@ -371,6 +395,7 @@ def test_packing_is_decided_by_timing_the_step_once(pair, monkeypatch, dtype):
     from glmtorch import dispatch, fastpath
 
     _, path = pair
+    monkeypatch.setenv("GLMTORCH_FUSED_STEP", "0")  # a bf16 step would time itself too (fused or not): not counted here
     model = glmtorch.GlmForCausalLM.from_pretrained(path, dtype=dtype)
     timed = []
     real = fastpath.time_decode_step

@@ -401,7 +401,7 @@ class FusedDecodeStep:
         cache.length = attention_mask.shape[1]
         out = self.plan.step(tokens, position_ids, cache_position, attention_mask, cache.key_buffer,
                              cache.value_buffer)
-        return model.lm_head(out) if self.head_outside else out
+        return model.lm_head(out.to(model.dtype)) if self.head_outside else out
 
     def _kernels_win(self, model, rows: int) -> bool:
         """Whether the fused step is the faster way to run this many rows (batch 1: always, that is what the plan
@@ -410,17 +410,18 @@ class FusedDecodeStep:
         scratch cache: the fused step saves the layer-by-layer step's Python and memory traffic, which a
         per-matrix comparison does not see (fp32 at 8 rows here: per matrix the library won some products, yet
         the fused step decoded 126 tok/s against 106 layer by layer)."""
-        if rows == 1:
+        exact = model.dtype == torch.float32  # a bf16 model's step computes in fp32: not its eager step's numbers
+        if rows == 1 and exact:
             return True
         bucket = dispatch.row_bucket(rows)
         if bucket not in self.kernels_win:
-            won = True
-            for layer in self.linears:
+            won = exact
+            for layer in self.linears if exact else ():
                 kind, paths = layer.cpu_paths(torch.float32)
                 won &= dispatch.choose(kind, layer.out_features, layer.in_features, rows, paths,
                                        torch.float32) == "kernel"
             if not won:  # timed once per machine (kept in dispatch.json), not in every server's first steps
-                key = f"fused-step {len(model.model.layers)} layers {self.shapes} rows<={bucket}"
+                key = f"fused-step {len(model.model.layers)} layers {self.shapes} {model.dtype} rows<={bucket}"
                 won = dispatch.decide(key, lambda: "kernel" if self._fused_step_is_faster(model, bucket)
                                       else "library") == "kernel"
             self.kernels_win[bucket] = won
@@ -461,9 +462,9 @@ def _linear_spec(layer) -> tuple | None:
     bias = layer.bias
     if getattr(layer, "packed", False):
         return None
-    if (bias is not None and bias.dtype != torch.float32) or not kernels.takes_width(layer.weight, layer.in_features):
+    if (bias is not None and bias.dtype not in FUSED_DTYPES) or not kernels.takes_width(layer.weight, layer.in_features):
         return None
-    if type(layer) is GemvLinear and layer.weight.dtype == torch.float32:
+    if type(layer) is GemvLinear and layer.weight.dtype in FUSED_DTYPES:
         return 0, layer.weight, None, bias, 0, 1
     if isinstance(layer, Int8Linear):
         return 1, layer.weight, layer.scales, bias, 0, 1
@@ -472,6 +473,8 @@ def _linear_spec(layer) -> tuple | None:
     return None
 
 
+FUSED_DTYPES = (torch.float32, torch.bfloat16)  # model dtypes the fused step takes (it computes in fp32)
+
 # What the fused C++ step (kernels/decode_step.cpp) computes, checked one by one by _fused_step_layout; a model
 # outside any of them takes the layer-by-layer step, and says which (fused_step_support). A model change (a new
 # norm, another activation, another weight kind) must add its feature here and to the C++ step, or be refused.
@@ -479,12 +482,12 @@ FUSED_STEP_FEATURES = (
     "switched on (GLMTORCH_FUSED_STEP is not 0)",
     "a CPU model with a language-model head",
     "SiLU MLP",
-    "fp32 embedding and norms (fp32 activations)",
+    "an fp32 or bf16 model (the step computes in fp32)",
     "the C++ kernels built",
     "whole layers (not a tensor-parallel shard)",
     "per layer exactly: input norm, fused QKV (+ bias), o_proj, post-attention norm, gate_up, down (and GLM-4-0414's "
     "two output norms)",
-    "every linear fp32, int8 or int4 (groups 32-256) with fp32 bias, of an input width the kernels take, unpacked "
+    "every linear fp32, bf16, int8 or int4 (groups 32-256), of an input width the kernels take, unpacked "
     "(the LM head may be packed: it then runs after the step)",
 )
 
@@ -501,7 +504,7 @@ def _fused_step_layout(model) -> tuple[tuple | None, str]:
     if model.config.hidden_act not in ("silu", "swish"):
         return None, features[2]
     base, config = model.model, model.config
-    if any(w.dtype != torch.float32 for w in (base.embed_tokens.weight, base.norm.weight)):
+    if any(w.dtype not in FUSED_DTYPES for w in (base.embed_tokens.weight, base.norm.weight)):
         return None, features[3]
     if not kernels.available():
         return None, features[4]
@@ -519,7 +522,7 @@ def _fused_step_layout(model) -> tuple[tuple | None, str]:
         norms = [layer.input_layernorm.weight, layer.post_attention_layernorm.weight]
         norms += [getattr(layer, name).weight for name in output_norms] if sandwich else [None, None]
         specs = [_linear_spec(lin) for lin in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)]
-        if any(n is not None and n.dtype != torch.float32 for n in norms):
+        if any(n is not None and n.dtype not in FUSED_DTYPES for n in norms):
             return None, features[3]
         if None in specs:
             return None, features[7]
@@ -556,9 +559,10 @@ def describe_decode_step(model) -> str:
 def _build_plan(model, layout) -> tuple:
     """The C++ plan of the model's decode step, and the most rows it takes (the kernels' limit for its weights)."""
     base, config = model.model, model.config
+    # a bf16 model's norms and biases go in as fp32 copies (small); its embedding and matrices as they are
     plan = torch.classes.glmtorch_kernels.DecodePlan(
         config.num_attention_heads, config.num_key_value_heads, config.head_dim, config.rotary_dim,
-        float(config.rms_norm_eps), base.embed_tokens.weight.detach(), base.norm.weight.detach(),
+        float(config.rms_norm_eps), base.embed_tokens.weight.detach(), base.norm.weight.detach().float(),
         base.rotary_emb.inv_freq.float().contiguous())
 
     kinds = set()
@@ -567,12 +571,12 @@ def _build_plan(model, layout) -> tuple:
         kind, weight, scales, bias, group, interleave = spec
         kinds.add(kind)
         return plan.add_linear(kind, weight.detach(), None if scales is None else scales.detach().contiguous(),
-                               None if bias is None else bias.detach().contiguous(), group, interleave)
+                               None if bias is None else bias.detach().float().contiguous(), group, interleave)
 
     layers, head = layout
     for input_norm, qkv, o, post_norm, gate_up, down, attn_out_norm, mlp_out_norm in layers:
-        plan.add_layer(input_norm.detach(), linear(qkv), linear(o), post_norm.detach(), linear(gate_up), linear(down),
-                       *(None if n is None else n.detach() for n in (attn_out_norm, mlp_out_norm)))
+        plan.add_layer(input_norm.detach().float(), linear(qkv), linear(o), post_norm.detach().float(), linear(gate_up),
+                       linear(down), *(None if n is None else n.detach().float() for n in (attn_out_norm, mlp_out_norm)))
     if head is not None:  # else the step returns the final norm's output and the caller applies the head
         plan.set_lm_head(linear(head))
     return plan, kernels.FLOAT_MAX_ROWS if kinds == {0} else kernels.MAX_ROWS  # 0: float weights only

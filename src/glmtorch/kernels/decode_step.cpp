@@ -8,7 +8,8 @@
 // thread barrier each). Here the matrix products are the gemv kernels (called through the dispatcher, no
 // Python), and everything between them is a few loops over B x hidden values.
 //
-// It is the math of modeling.py in fp32, the activations' dtype of an fp32 (or fp32 int8 / int4) model; the
+// It is the math of modeling.py in fp32, the activations' dtype of an fp32 (or fp32 int8 / int4) model (a bf16
+// model's step computes in fp32 too, on its bf16 weights, embedding and cache: more precise than its eager step); the
 // Python side (glmtorch/fastpath.py) builds a plan only for models this covers and checks it against the
 // compiled step in the tests. Shapes: B rows, H hidden, Q query heads, KV key/value heads, D head_dim, R
 // rotary_dim, I intermediate, L attended cache slots.
@@ -128,15 +129,25 @@ struct DecodePlan : torch::CustomClassHolder {
   void set_lm_head(int64_t index) { lm_head = index; }
 
   // tokens (B, 1), positions (B, 1) rotary positions, slots (1,) or (B, 1) cache slots written, mask (B, L) 0/1
-  // padding over the attended slots; keys / values (layers, B, KV, capacity, D). Returns (B, vocab) logits.
+  // padding over the attended slots; keys / values (layers, B, KV, capacity, D), fp32 or bf16 (a bf16 model's
+  // cache: written rounded to nearest, read widened). Returns (B, vocab) fp32 logits.
   at::Tensor step(const at::Tensor& tokens, const at::Tensor& positions, const at::Tensor& slots,
                   const at::Tensor& mask, const at::Tensor& keys, const at::Tensor& values) const {
+    TORCH_CHECK(keys.scalar_type() == values.scalar_type() &&
+                    (keys.scalar_type() == at::kFloat || keys.scalar_type() == at::kBFloat16),
+                "the cache must be fp32 or bf16");
+    if (keys.scalar_type() == at::kBFloat16) return run<at::BFloat16>(tokens, positions, slots, mask, keys, values);
+    return run<float>(tokens, positions, slots, mask, keys, values);
+  }
+
+  template <typename T>
+  at::Tensor run(const at::Tensor& tokens, const at::Tensor& positions, const at::Tensor& slots,
+                 const at::Tensor& mask, const at::Tensor& keys, const at::Tensor& values) const {
     const int64_t B = tokens.size(0), H = embed.size(1), L = mask.size(1), D = head_dim, R = rotary_dim;
     const int64_t Q = heads, KV = kv_heads, G = Q / KV;
-    TORCH_CHECK(keys.scalar_type() == at::kFloat && values.scalar_type() == at::kFloat && keys.stride(4) == 1 &&
-                    values.stride(4) == 1 && keys.sizes() == values.sizes() && keys.size(1) == B &&
-                    keys.size(2) == KV && keys.size(4) == D && L <= keys.size(3),
-                "the cache must be fp32 (layers, B, KV, capacity, D) buffers covering the mask");
+    TORCH_CHECK(keys.stride(4) == 1 && values.stride(4) == 1 && keys.sizes() == values.sizes() &&
+                    keys.size(1) == B && keys.size(2) == KV && keys.size(4) == D && L <= keys.size(3),
+                "the cache must be (layers, B, KV, capacity, D) buffers covering the mask");
     const auto tok = tokens.to(at::kLong).contiguous(), pos = positions.to(at::kLong).contiguous();
     const auto slot = slots.to(at::kLong).contiguous(), visible = mask.to(at::kBool).contiguous();
     const int64_t* tp = tok.data_ptr<int64_t>();
@@ -161,9 +172,17 @@ struct DecodePlan : torch::CustomClassHolder {
         sin_table[b * R / 2 + i] = std::sin(angle);
       }
 
-    auto x = at::empty({B, H}, embed.options());
-    for (int64_t b = 0; b < B; ++b)
-      std::memcpy(x.data_ptr<float>() + b * H, embed.data_ptr<float>() + tp[b] * H, H * sizeof(float));
+    // the embedding rows, widened to fp32 where the model keeps them in bf16
+    auto x = at::empty({B, H}, embed.options().dtype(at::kFloat));
+    for (int64_t b = 0; b < B; ++b) {
+      float* row = x.data_ptr<float>() + b * H;
+      if (embed.scalar_type() == at::kFloat) {
+        std::memcpy(row, embed.data_ptr<float>() + tp[b] * H, H * sizeof(float));
+      } else {
+        const at::BFloat16* src = embed.data_ptr<at::BFloat16>() + tp[b] * H;
+        for (int64_t i = 0; i < H; ++i) row[i] = static_cast<float>(src[i]);
+      }
+    }
 
     auto attended = at::empty({B, Q * D}, x.options());
     for (size_t layer = 0; layer < layers.size(); ++layer) {
@@ -171,8 +190,8 @@ struct DecodePlan : torch::CustomClassHolder {
       at::Tensor qkv = apply(linears[ly.qkv], rms_norm(x, ly.input_norm, eps));  // (B, (Q + 2 KV) D)
       float* qkvp = qkv.data_ptr<float>();
       const int64_t width = (Q + 2 * KV) * D;
-      float* kc = keys.data_ptr<float>() + layer * keys.stride(0);
-      float* vc = values.data_ptr<float>() + layer * values.stride(0);
+      T* kc = keys.data_ptr<T>() + layer * keys.stride(0);
+      T* vc = values.data_ptr<T>() + layer * values.stride(0);
       for (int64_t b = 0; b < B; ++b) {
         float* row = qkvp + b * width;
         // rotate adjacent pairs of the first R channels of every query and key head
@@ -186,10 +205,14 @@ struct DecodePlan : torch::CustomClassHolder {
           }
         }
         for (int64_t h = 0; h < KV; ++h) {
-          const int64_t at_slot = b * keys.stride(1) + h * keys.stride(2) + row_slot[b] * keys.stride(3);
-          std::memcpy(kc + at_slot, row + (Q + h) * D, D * sizeof(float));
-          std::memcpy(vc + b * values.stride(1) + h * values.stride(2) + row_slot[b] * values.stride(3),
-                      row + (Q + KV + h) * D, D * sizeof(float));
+          T* k_at = kc + b * keys.stride(1) + h * keys.stride(2) + row_slot[b] * keys.stride(3);
+          T* v_at = vc + b * values.stride(1) + h * values.stride(2) + row_slot[b] * values.stride(3);
+          const float* k_new = row + (Q + h) * D;
+          const float* v_new = row + (Q + KV + h) * D;
+          for (int64_t d = 0; d < D; ++d) {
+            k_at[d] = static_cast<T>(k_new[d]);
+            v_at[d] = static_cast<T>(v_new[d]);
+          }
         }
       }
       // Attention of each row's G query heads over one key/value head: the keys a row sees are slots j <= its
@@ -201,8 +224,8 @@ struct DecodePlan : torch::CustomClassHolder {
         std::vector<float> acc(D);
         for (int64_t task = begin; task < end; ++task) {
           const int64_t b = task / KV, h = task % KV, last = row_slot[b];
-          const float* k_rows = kc + b * keys.stride(1) + h * keys.stride(2);
-          const float* v_rows = vc + b * values.stride(1) + h * values.stride(2);
+          const T* k_rows = kc + b * keys.stride(1) + h * keys.stride(2);
+          const T* v_rows = vc + b * values.stride(1) + h * values.stride(2);
           const bool* seen = vp + b * L;
           for (int64_t g = 0; g < G; ++g) {
             const float* q = qkvp + b * width + (h * G + g) * D;
@@ -213,10 +236,10 @@ struct DecodePlan : torch::CustomClassHolder {
                 s[j] = -INFINITY;
                 continue;
               }
-              const float* k = k_rows + j * keys.stride(3);
+              const T* k = k_rows + j * keys.stride(3);
               float dot = 0.f;
 #pragma omp simd reduction(+ : dot)
-              for (int64_t d = 0; d < D; ++d) dot += q[d] * k[d];
+              for (int64_t d = 0; d < D; ++d) dot += q[d] * static_cast<float>(k[d]);
               s[j] = dot * static_cast<float>(scale);
               top = std::max(top, s[j]);
             }
@@ -229,9 +252,9 @@ struct DecodePlan : torch::CustomClassHolder {
             for (int64_t j = 0; j <= last; ++j) {
               if (s[j] == 0.f) continue;
               const float p = s[j];
-              const float* v = v_rows + j * values.stride(3);
+              const T* v = v_rows + j * values.stride(3);
 #pragma omp simd
-              for (int64_t d = 0; d < D; ++d) acc[d] += p * v[d];
+              for (int64_t d = 0; d < D; ++d) acc[d] += p * static_cast<float>(v[d]);
             }
             float* out = outp + b * Q * D + (h * G + g) * D;
             for (int64_t d = 0; d < D; ++d) out[d] = acc[d] / total;
