@@ -154,6 +154,19 @@ def test_bench_serve_and_ttft_under_load(served):
     assert served[1].active == 0
 
 
+def test_bench_serve_shared_prefix_and_multi_turn_workloads(served):
+    """The shared-preamble workload (first request alone) and multi-turn chats report the server's prefix-cache
+    hits, from usage and from /metrics."""
+    from glmtorch.serve.bench import bench_serve, format_serve_report, multi_turn
+
+    shared = bench_serve(served[0].url, requests=4, concurrency=2, prompt_words=5, max_tokens=4, shared_words=40)
+    assert shared["completed"] == 4 and shared["first_ttft_s"] > 0 and shared["cached_prompt_tokens"] >= 3 * 16
+    assert 0 < shared["prefix_cache_hit_rate"] < 1 and "behind the shared preamble" in format_serve_report(shared)
+    chats = multi_turn(served[0].url, users=2, concurrency=2, turns=3, prompt_words=6, max_tokens=6)
+    assert chats["completed"] == 6 and chats["error_count"] == 0 and chats["cached_prompt_tokens"] > 0
+    assert chats["prefix_cache_hit_rate"] > 0 and "multi-turn chats of 3 turns" in format_serve_report(chats)
+
+
 def test_ttft_under_load_rejects_a_negative_probe_pause():
     from glmtorch.serve.bench import ttft_under_load
 

@@ -419,9 +419,12 @@ def _serve_flags(p: argparse.ArgumentParser) -> None:
 def cmd_bench_serve(args: argparse.Namespace) -> int:
     import json
 
-    from .serve.bench import bench_serve, format_serve_report, ttft_under_load
+    from .serve.bench import bench_serve, format_serve_report, multi_turn, ttft_under_load
 
-    if args.ttft_under_load:
+    if args.multi_turn:
+        report = multi_turn(args.url, args.requests, args.concurrency, args.multi_turn, args.prompt_words,
+                            args.max_tokens, args.model, args.api_key, args.temperature)
+    elif args.ttft_under_load:
         report = ttft_under_load(args.url, args.ttft_under_load, args.max_tokens, args.prompt_words, model=args.model,
                                  api_key=args.api_key, chat=args.chat, max_pause=args.probe_pause)
     else:
@@ -440,7 +443,10 @@ def _bench_serve_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--concurrency", type=ranged(int, 1, 100_000), default=64)
     p.add_argument("--prompt-words", type=ranged(int, 1, 1_000_000), default=100)
     p.add_argument("--shared-prefix-words", type=ranged(int, 0, 1_000_000), default=0, metavar="N",
-                   help="put the same N-word preamble before every prompt (a shared system prompt or document)")
+                   help="put the same N-word preamble before every prompt (a shared system prompt or document); the "
+                        "first request goes alone, so its time to first token is the uncached one")
+    p.add_argument("--multi-turn", type=ranged(int, 0, 10_000), default=0, metavar="TURNS",
+                   help="instead: --requests chats of TURNS turns each, every turn resending the conversation so far")
     p.add_argument("--max-tokens", type=ranged(int, 1, 2**20), default=64)
     p.add_argument("--temperature", type=sampling_value("temperature"), default=0.0)
     p.add_argument("--model", default=None, help="model name (default: the server's first)")

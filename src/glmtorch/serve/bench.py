@@ -98,6 +98,29 @@ def _request(base: str, model: str, i: int, prompt_words: int, max_tokens: int, 
     return f"{base}/completions", body
 
 
+async def _prefix_counters(client, base_url: str, headers: dict) -> dict[str, float] | None:
+    """The server's prefix-cache counters from /metrics (vLLM's names), or None where it has none."""
+    import httpx
+
+    root = base_url.rstrip("/").removesuffix("/v1")
+    try:
+        text = (await client.get(f"{root}/metrics", headers=headers)).text
+    except httpx.HTTPError:
+        return None
+    found = {}
+    for line in text.splitlines():
+        for key in ("queries", "hits"):
+            if line.startswith(f"vllm:prefix_cache_{key}_total"):
+                found[key] = found.get(key, 0.0) + float(line.split()[-1])
+    return found if len(found) == 2 else None
+
+
+def _hit_rate(before: dict | None, after: dict | None) -> float | None:
+    if not before or not after or after["queries"] <= before["queries"]:
+        return None
+    return (after["hits"] - before["hits"]) / (after["queries"] - before["queries"])
+
+
 async def _run(base_url: str, requests: int, concurrency: int, prompt_words: int, max_tokens: int,
                model: str | None, api_key: str | None, chat: bool, temperature: float,
                shared_words: int = 0) -> dict[str, Any]:
@@ -108,6 +131,7 @@ async def _run(base_url: str, requests: int, concurrency: int, prompt_words: int
     async with httpx.AsyncClient(timeout=httpx.Timeout(600.0)) as client:
         model = await _model_name(client, base, headers, model)
         semaphore = asyncio.Semaphore(concurrency)
+        before = await _prefix_counters(client, base_url, headers)
 
         async def task(i: int):
             url, body = _request(base, model, i, prompt_words, max_tokens, chat, temperature, shared_words)
@@ -115,11 +139,18 @@ async def _run(base_url: str, requests: int, concurrency: int, prompt_words: int
                 return await _one(client, url, body, headers)
 
         start = time.perf_counter()
-        results = await asyncio.gather(*(task(i) for i in range(requests)))
+        # behind a shared preamble, the first request goes alone: its time to first token is the uncached one
+        first = [await task(0)] if shared_words else []
+        results = first + list(await asyncio.gather(*(task(i) for i in range(len(first), requests))))
         wall = time.perf_counter() - start
+        after = await _prefix_counters(client, base_url, headers)
     ok = [r for r in results if "error" not in r]
     out_tokens = sum(r["tokens"] for r in ok)
-    return {
+    shared = {}
+    if shared_words and ok and "error" not in results[0]:
+        rest = [r["ttft"] for r in ok[1:]]
+        shared = {"first_ttft_s": results[0]["ttft"], "later_ttft_p50_s": _percentiles(rest).get("p50")}
+    return {**shared, "prefix_cache_hit_rate": _hit_rate(before, after),
         "url": base_url, "model": model, "client_cpu": cpu_description(), "requests": requests,
         "concurrency": concurrency,
         "prompt_words": prompt_words, "shared_prefix_words": shared_words, "max_tokens": max_tokens,
@@ -130,6 +161,62 @@ async def _run(base_url: str, requests: int, concurrency: int, prompt_words: int
         "itl_s": _percentiles([g for r in ok for g in r["gaps"]]),
         "latency_s": _percentiles([r["latency"] for r in ok]),
     }
+
+
+async def _run_multi_turn(base_url: str, users: int, concurrency: int, turns: int, prompt_words: int,
+                          max_tokens: int, model: str | None, api_key: str | None, temperature: float) -> dict[str, Any]:
+    """`users` chats of `turns` turns each: every turn resends the whole conversation (as chat clients do) plus a
+    new question of about `prompt_words` words; up to `concurrency` chats at once."""
+    import httpx
+
+    base = _base(base_url)
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    async with httpx.AsyncClient(timeout=httpx.Timeout(600.0)) as client:
+        model = await _model_name(client, base, headers, model)
+        semaphore = asyncio.Semaphore(concurrency)
+        before = await _prefix_counters(client, base_url, headers)
+
+        async def chat(user: int) -> list[dict]:
+            messages, out = [], []
+            async with semaphore:
+                for turn in range(turns):
+                    question = f"User {user}, question {turn}: " + " ".join(WORDS[(user + turn) % 11:][:prompt_words])
+                    messages.append({"role": "user", "content": question})
+                    body = {"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": temperature,
+                            "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": True}
+                    result = await _one(client, f"{base}/chat/completions", body, headers)
+                    out.append({**result, "turn": turn})
+                    if "error" in result:
+                        break
+                    messages.append({"role": "assistant", "content": result["text"]})
+            return out
+
+        start = time.perf_counter()
+        results = [r for chat_results in await asyncio.gather(*(chat(u) for u in range(users))) for r in chat_results]
+        wall = time.perf_counter() - start
+        after = await _prefix_counters(client, base_url, headers)
+    ok = [r for r in results if "error" not in r]
+    out_tokens = sum(r["tokens"] for r in ok)
+    return {
+        "url": base_url, "model": model, "client_cpu": cpu_description(), "requests": users * turns,
+        "concurrency": concurrency, "turns": turns, "prompt_words": prompt_words, "max_tokens": max_tokens,
+        "completed": len(ok), "errors": [r["error"] for r in results if "error" in r][:10],
+        "error_count": users * turns - len(ok), "cached_prompt_tokens": sum(r["cached"] for r in ok),
+        "prefix_cache_hit_rate": _hit_rate(before, after),
+        "first_turn_ttft_p50_s": _percentiles([r["ttft"] for r in ok if r["turn"] == 0]).get("p50"),
+        "later_turn_ttft_p50_s": _percentiles([r["ttft"] for r in ok if r["turn"] > 0]).get("p50"),
+        "wall_s": wall, "output_tokens": out_tokens, "output_tok_s": out_tokens / wall,
+        "ttft_s": _percentiles([r["ttft"] for r in ok]),
+        "itl_s": _percentiles([g for r in ok for g in r["gaps"]]),
+        "latency_s": _percentiles([r["latency"] for r in ok]),
+    }
+
+
+def multi_turn(url: str, users: int = 8, concurrency: int = 8, turns: int = 4, prompt_words: int = 30,
+               max_tokens: int = 64, model: str | None = None, api_key: str | None = None,
+               temperature: float = 0.0) -> dict[str, Any]:
+    return asyncio.run(_run_multi_turn(url, users, concurrency, turns, prompt_words, max_tokens, model, api_key,
+                                       temperature))
 
 
 async def _ttft_under_load(base_url: str, background: int, long_tokens: int, long_words: int, probes: int,
@@ -209,9 +296,19 @@ def format_serve_report(r: dict[str, Any]) -> str:
     return (f"{r['url']} model={r['model']}: {r['completed']}/{r['requests']} completed, {r['error_count']} errors, "
             f"concurrency {r['concurrency']}\n"
             f"  output {r['output_tokens']} tokens in {r['wall_s']:.1f}s = {r['output_tok_s']:.1f} tok/s"
-            f" ({r.get('cached_prompt_tokens', 0)} prompt tokens from the server's prefix cache)\n"
-            f"  time to first token: {ms(r['ttft_s'])}\n  inter-token latency: {ms(r['itl_s'])}\n"
+            f" ({r.get('cached_prompt_tokens', 0)} prompt tokens from the server's prefix cache"
+            f"{_rate(r.get('prefix_cache_hit_rate'))})\n"
+            + (f"  behind the shared preamble: first request's time to first token {1000 * r['first_ttft_s']:.0f}ms, "
+               f"later ones' p50 {1000 * (r['later_ttft_p50_s'] or 0):.0f}ms\n" if "first_ttft_s" in r else "")
+            + (f"  multi-turn chats of {r['turns']} turns: first turns' time to first token p50 "
+               f"{1000 * (r['first_turn_ttft_p50_s'] or 0):.0f}ms, later turns' {1000 * (r['later_turn_ttft_p50_s'] or 0):.0f}ms\n"
+               if "turns" in r else "")
+            + f"  time to first token: {ms(r['ttft_s'])}\n  inter-token latency: {ms(r['itl_s'])}\n"
             f"  measured from: {_cpu_line(r.get('client_cpu'))}")
+
+
+def _rate(rate: float | None) -> str:
+    return "" if rate is None else f"; hit rate {100 * rate:.1f}% by its /metrics"
 
 
 def _cpu_line(cpu: dict | None) -> str:
