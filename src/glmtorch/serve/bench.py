@@ -144,18 +144,23 @@ async def _run(base_url: str, requests: int, concurrency: int, prompt_words: int
         results = first + list(await asyncio.gather(*(task(i) for i in range(len(first), requests))))
         wall = time.perf_counter() - start
         after = await _prefix_counters(client, base_url, headers)
+    report = _summary(base_url, model, requests, concurrency, results, wall, before, after)
+    if shared_words and "error" not in results[0]:
+        rest = [r["ttft"] for r in results[1:] if "error" not in r]
+        report.update(first_ttft_s=results[0]["ttft"], later_ttft_p50_s=_percentiles(rest).get("p50"))
+    return {**report, "prompt_words": prompt_words, "shared_prefix_words": shared_words, "max_tokens": max_tokens}
+
+
+def _summary(base_url: str, model: str, requests: int, concurrency: int, results: list[dict], wall: float,
+             before: dict | None, after: dict | None) -> dict[str, Any]:
+    """What every workload reports: completions and errors, throughput, latency percentiles, prefix-cache hits."""
     ok = [r for r in results if "error" not in r]
     out_tokens = sum(r["tokens"] for r in ok)
-    shared = {}
-    if shared_words and ok and "error" not in results[0]:
-        rest = [r["ttft"] for r in ok[1:]]
-        shared = {"first_ttft_s": results[0]["ttft"], "later_ttft_p50_s": _percentiles(rest).get("p50")}
-    return {**shared, "prefix_cache_hit_rate": _hit_rate(before, after),
+    return {
         "url": base_url, "model": model, "client_cpu": cpu_description(), "requests": requests,
-        "concurrency": concurrency,
-        "prompt_words": prompt_words, "shared_prefix_words": shared_words, "max_tokens": max_tokens,
-        "completed": len(ok), "cached_prompt_tokens": sum(r["cached"] for r in ok),
-        "errors": [r["error"] for r in results if "error" in r][:10], "error_count": len(results) - len(ok),
+        "concurrency": concurrency, "completed": len(ok), "cached_prompt_tokens": sum(r["cached"] for r in ok),
+        "prefix_cache_hit_rate": _hit_rate(before, after),
+        "errors": [r["error"] for r in results if "error" in r][:10], "error_count": requests - len(ok),
         "wall_s": wall, "output_tokens": out_tokens, "output_tok_s": out_tokens / wall,
         "ttft_s": _percentiles([r["ttft"] for r in ok]),
         "itl_s": _percentiles([g for r in ok for g in r["gaps"]]),
@@ -196,20 +201,10 @@ async def _run_multi_turn(base_url: str, users: int, concurrency: int, turns: in
         wall = time.perf_counter() - start
         after = await _prefix_counters(client, base_url, headers)
     ok = [r for r in results if "error" not in r]
-    out_tokens = sum(r["tokens"] for r in ok)
-    return {
-        "url": base_url, "model": model, "client_cpu": cpu_description(), "requests": users * turns,
-        "concurrency": concurrency, "turns": turns, "prompt_words": prompt_words, "max_tokens": max_tokens,
-        "completed": len(ok), "errors": [r["error"] for r in results if "error" in r][:10],
-        "error_count": users * turns - len(ok), "cached_prompt_tokens": sum(r["cached"] for r in ok),
-        "prefix_cache_hit_rate": _hit_rate(before, after),
-        "first_turn_ttft_p50_s": _percentiles([r["ttft"] for r in ok if r["turn"] == 0]).get("p50"),
-        "later_turn_ttft_p50_s": _percentiles([r["ttft"] for r in ok if r["turn"] > 0]).get("p50"),
-        "wall_s": wall, "output_tokens": out_tokens, "output_tok_s": out_tokens / wall,
-        "ttft_s": _percentiles([r["ttft"] for r in ok]),
-        "itl_s": _percentiles([g for r in ok for g in r["gaps"]]),
-        "latency_s": _percentiles([r["latency"] for r in ok]),
-    }
+    return {**_summary(base_url, model, users * turns, concurrency, results, wall, before, after),
+            "turns": turns, "prompt_words": prompt_words, "max_tokens": max_tokens,
+            "first_turn_ttft_p50_s": _percentiles([r["ttft"] for r in ok if r["turn"] == 0]).get("p50"),
+            "later_turn_ttft_p50_s": _percentiles([r["ttft"] for r in ok if r["turn"] > 0]).get("p50")}
 
 
 def multi_turn(url: str, users: int = 8, concurrency: int = 8, turns: int = 4, prompt_words: int = 30,
