@@ -134,7 +134,16 @@ def test_require_names_the_extra_and_passes_present_packages_through(monkeypatch
     assert isinstance(e.value, ImportError)
     assert install_hint("google.protobuf.message") == "pip install 'glmtorch[sentencepiece]'"
     assert install_hint("torch") is None
-    assert all(extra in ("gguf", "sentencepiece", "hub", "bench", "serve", "train") for extra, _ in EXTRAS.values())
+    assert all(extra in ("gguf", "sentencepiece", "hub", "bench", "serve", "train", "constrain")
+               for extra, _ in EXTRAS.values())
+
+
+def test_constrained_output_without_llguidance_is_one_line(tmp_path):
+    schema = tmp_path / "s.json"
+    schema.write_text('{"type": "object"}')
+    result = run_cli_hidden(["llguidance"], "generate", "--prompt", "x", "--json-schema", str(schema))
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "pip install 'glmtorch[constrain]'" in result.stderr.strip().splitlines()[-1]
 
 
 def test_every_extra_named_exists_in_pyproject():

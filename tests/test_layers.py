@@ -24,7 +24,7 @@ LAYERS = [
     ("loading and generation", ["glmtorch.loading", "glmtorch.generation.config", "glmtorch.generation.processors",
                                 "glmtorch.generation.sampling", "glmtorch.generation.stopping",
                                 "glmtorch.generation.loop", "glmtorch.generation.streaming",
-                                "glmtorch.generation.mixin"]),
+                                "glmtorch.generation.mixin", "glmtorch.generation.constrain"]),
     ("public classes", ["glmtorch.models", "glmtorch.auto", "glmtorch"]),
     ("applications", ["glmtorch.train", "glmtorch.bench", "glmtorch.checkpoint.convert", "glmtorch.serve.engine", "glmtorch.serve.metrics", "glmtorch.serve.offline",
                       "glmtorch.serve.app", "glmtorch.serve.server", "glmtorch.serve.bench"]),

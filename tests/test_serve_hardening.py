@@ -87,7 +87,17 @@ def wait_idle(engine, seconds=10):
     ({"messages": USER, "temperature": 1e-6}, "temperature"),
     ({"messages": USER, "min_p": 1e-310}, "min_p"),
     ({"messages": USER, "stop": ["a" * 5000]}, "stop"),
-    ({"messages": USER, "response_format": {"type": "json_object"}}, "response_format"),
+    ({"messages": USER, "response_format": {"type": "yaml"}}, "response_format"),
+    ({"messages": USER, "response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "response_format"),
+    ({"messages": USER, "response_format": {"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"type": "array", "uniqueItems": True}}}}, "response_format"),
+    ({"messages": USER, "structured_outputs": {"grammar": "x"}}, "structured_outputs"),
+    ({"messages": USER, "structured_outputs": ["json"]}, "structured_outputs"),
+    ({"messages": USER, "guided_choice": []}, "guided_choice"),
+    ({"messages": USER, "guided_regex": "("}, "guided_regex"),
+    ({"messages": USER, "guided_json": "{not json"}, "guided_json"),
+    ({"messages": USER, "guided_regex": "a+", "response_format": {"type": "json_object"}}, "guided_regex"),
+    ({"messages": USER, "tool_choice": "required"}, "tool_choice"),
     ({"messages": USER, "model": ["demo"]}, "model"),
     ("[1, 2]", None),
     ("\xff\xfe", None),
@@ -257,7 +267,8 @@ VALUES = [None, True, False, 0, 1, -1, 2, 7, 2**31, 2**63, 2**64, -2**63, 0.5, 1
           {"type": "text", "text": "x"}, [{"type": "text", "text": "hi"}], ["a", 1], [None]]
 FIELDS = ["model", "messages", "prompt", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k",
           "min_p", "repetition_penalty", "seed", "stop", "n", "stream", "stream_options", "logprobs",
-          "top_logprobs", "tools", "tool_choice", "ignore_eos", "echo", "user", "response_format"]
+          "top_logprobs", "tools", "tool_choice", "ignore_eos", "echo", "user", "response_format",
+          "structured_outputs", "guided_json", "guided_regex", "guided_choice"]
 
 
 def mutate(rng: random.Random, body: dict) -> dict | str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import resource
 import shutil
 import statistics
@@ -93,13 +94,55 @@ def make_checkpoint(preset: str, directory: str, dtype: torch.dtype, seed: int =
     return directory
 
 
+GLM4_SPECIALS = ("<|endoftext|>", "[MASK]", "[gMASK]", "[sMASK]", "<sop>", "<eop>", "<|system|>", "<|user|>",
+                 "<|assistant|>", "<|observation|>", "<|begin_of_image|>", "<|end_of_image|>", "<|begin_of_video|>",
+                 "<|end_of_video|>")
+
+
+def glm_sized_tokenizer(vocab_size: int = 151552, seed: int = 0):
+    """A byte-level BPE of `vocab_size` tokens shaped like GLM-4's (the 256 bytes, word-like merges with and without
+    a leading space, digits and JSON punctuation, GLM-4's special tokens at the end), as a GlmTokenizer: what a
+    grammar engine sees of GLM-4, for measuring constrained decoding where the real tokenizer is not at hand."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+    from .tokenizer import GlmTokenizer
+
+    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    merges, pieces = [], list(vocab)
+    rng = random.Random(seed)
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    while len(vocab) < vocab_size - len(GLM4_SPECIALS):
+        left = rng.choice(pieces[-5000:] if len(pieces) > 5000 and rng.random() < 0.7 else pieces)
+        right = rng.choice(letters + "0123456789" + ('",:{}[]' if rng.random() < 0.05 else ""))
+        if rng.random() < 0.05:
+            left, right = "\u0120", rng.choice(letters)  # "\u0120": byte-level BPE's space
+        token = left + right
+        if token in vocab or len(token) > 16:
+            continue
+        vocab[token] = len(vocab)
+        merges.append((left, right))
+        pieces.append(token)
+    backend = Tokenizer(models.BPE(vocab, merges))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens([AddedToken(t, special=True) for t in GLM4_SPECIALS])
+    return GlmTokenizer(backend)
+
+
+# what `glmtorch bench --json-schema` constrains to by default: a list of strings, which a random model keeps
+# writing (so every timed token is a constrained one)
+BENCH_SCHEMA = {"type": "array", "items": {"type": "string"}}
+
+
 def run_bench(model_path: str | None = None, preset: str = "small", dtype: str = "float32",
               quantize: str | None = None, device: str | None = None, prefill: int = 512, new_tokens: int = 64,
               batches: tuple[int, ...] = (1, 8), reps: int = 5, with_transformers: bool = True,
-              llama_cpp: str | None = None, out: str | None = None, arch: str = "glm") -> dict[str, Any]:
-    from .auto import AutoModelForCausalLM
+              llama_cpp: str | None = None, out: str | None = None, arch: str = "glm",
+              json_schema: dict | None = None) -> dict[str, Any]:
+    from .auto import AutoModelForCausalLM, AutoTokenizer
     from .checkpoint.safetensors_io import parse_dtype
     from .device import infer_device
+    from .tokenizer import TokenizerError
 
     torch_dtype = parse_dtype(dtype)
     dev = torch.device(device or infer_device())
@@ -124,15 +167,24 @@ def run_bench(model_path: str | None = None, preset: str = "small", dtype: str =
     short = {b: torch.randint(0, vocab, (b, 16), generator=g).to(dev) for b in batches}
     results: dict[str, dict[str, list[float]]] = {name: {} for name in runners}
 
-    def generate(model, ids, n):
+    constrained = {}
+    if json_schema is not None:  # glmtorch again, its output constrained to the schema (generation.constrain)
+        results["glmtorch json-schema"] = {}
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(model_path)
+        except (TokenizerError, OSError):  # a preset has none: one as large as GLM-4's stands in
+            tokenizer = glm_sized_tokenizer(vocab)
+        constrained = {"response_format": json_schema, "tokenizer": tokenizer}
+
+    def generate(model, ids, n, **kw):
         if _is_hf(model):  # min_new_tokens: random weights must not stop early on an eos id
             return model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
-        return model.generate(ids, max_new_tokens=n, do_sample=False, eos_token_id=[])
+        return model.generate(ids, max_new_tokens=n, do_sample=False, eos_token_id=[], **kw)
 
-    def decode_rate(model, ids):
+    def decode_rate(model, ids, **kw):
         """New tokens per second: a long generation minus a one-token one (which is the prefill)."""
-        full = _time(lambda: generate(model, ids, new_tokens + 1), dev)
-        first = _time(lambda: generate(model, ids, 1), dev)
+        full = _time(lambda: generate(model, ids, new_tokens + 1, **kw), dev)
+        first = _time(lambda: generate(model, ids, 1, **kw), dev)
         return ids.shape[0] * new_tokens / max(full - first, 1e-9)
 
     llama = _LlamaCpp(ours, model_path, llama_cpp, dtype, quantize, prefill, new_tokens) if llama_cpp else None
@@ -156,6 +208,9 @@ def run_bench(model_path: str | None = None, preset: str = "small", dtype: str =
                 for b in batches:
                     layout_for(model, b)
                     r.setdefault(f"decode_b{b}_tok_s", []).append(decode_rate(model, short[b]))
+                    if constrained and model is ours:
+                        results["glmtorch json-schema"].setdefault(f"decode_b{b}_tok_s", []).append(
+                            decode_rate(model, short[b], **constrained))
             layout_for(ours, 1)
             if llama:
                 for k, v in llama.run().items():

@@ -195,7 +195,16 @@ def stream_reply(model, tokenizer, input_ids, kwargs, out=None, thinking: str = 
 # -- subcommands ----------------------------------------------------------------------------------------------
 def cmd_generate(args: argparse.Namespace) -> int:
     args.prompt, args.system = clean_text(args.prompt), args.system and clean_text(args.system)
+    schema = read_json_schema(args.json_schema)  # before minutes of loading, not after
     model, tokenizer = load(args)
+    if schema is not None:
+        from .generation.constrain import ConstraintError, as_constraint_spec, compile_constraint
+
+        try:  # checked before generating: an unsupported schema is a one-line error, not a traceback mid-reply
+            compile_constraint(tokenizer, as_constraint_spec(schema), model.config.vocab_size,
+                               stop_ids(model, tokenizer))
+        except ConstraintError as e:
+            raise UsageError(f"--json-schema {args.json_schema}: {e}") from None
     if args.raw:
         ids = tokenizer(args.prompt, return_tensors="pt").input_ids
     else:
@@ -203,8 +212,29 @@ def cmd_generate(args: argparse.Namespace) -> int:
             {"role": "user", "content": args.prompt}]
         ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
                                             **template_kwargs(args))
-    stream_reply(model, tokenizer, ids.to(model.device), sampling_kwargs(args), thinking=args.thinking)
+    kwargs = sampling_kwargs(args)
+    if schema is not None:
+        kwargs["response_format"] = schema
+    stream_reply(model, tokenizer, ids.to(model.device), kwargs, thinking=args.thinking)
     return 0
+
+
+def read_json_schema(path: str | None):
+    """The JSON schema in a file, or a one-line UsageError saying what is wrong with it."""
+    if path is None:
+        return None
+    import json
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            schema = json.load(f)
+    except OSError as e:
+        raise UsageError(f"--json-schema {path}: {e.strerror}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UsageError(f"--json-schema {path}: not a JSON file ({e})") from None
+    if not isinstance(schema, (dict, bool)):
+        raise UsageError(f"--json-schema {path}: a JSON schema is an object, got {type(schema).__name__}")
+    return schema
 
 
 def template_kwargs(args: argparse.Namespace) -> dict:
@@ -349,13 +379,22 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def bench_schema(path: str | None):
+    """--json-schema for bench: a file's schema, or with no file the built-in one (bench.BENCH_SCHEMA)."""
+    if path == "":
+        from .bench import BENCH_SCHEMA
+
+        return BENCH_SCHEMA
+    return read_json_schema(path)
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import format_report, run_bench
 
     report = run_bench(args.model, preset=args.preset, dtype=args.dtype, quantize=args.quantize, device=args.device,
                        prefill=args.prefill, new_tokens=args.new_tokens, batches=tuple(args.batch), reps=args.reps,
                        with_transformers=not args.no_transformers, llama_cpp=args.llama_cpp, out=args.out,
-                       arch=args.arch)
+                       arch=args.arch, json_schema=bench_schema(args.json_schema))
     print(format_report(report))
     return 0
 
@@ -363,6 +402,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def _bench_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", nargs="?", default=None, help="checkpoint (default: random weights of --preset)")
     p.add_argument("--preset", default="small", choices=["tiny", "small", "glm4-9b"])
+    p.add_argument("--json-schema", nargs="?", const="", default=None, metavar="FILE",
+                   help="also time decoding constrained to the JSON schema in FILE (default: a list of strings)")
     p.add_argument("--arch", default="glm", choices=["glm", "glm4"],
                    help="the preset's layer: glm (GLM-4-9B) or glm4 (GLM-4-0414 / GLM-Z1, with sandwich norms)")
     p.add_argument("--dtype", default="float32")
@@ -473,6 +514,8 @@ def _generate_flags(p: argparse.ArgumentParser) -> None:
     add_model_flags(p)
     p.add_argument("--prompt", "-p", required=True, help="the prompt (a user message, unless --raw)")
     p.add_argument("--raw", action="store_true", help="complete the prompt text as is, without the chat template")
+    p.add_argument("--json-schema", default=None, metavar="FILE",
+                   help="constrain the reply to JSON valid against the schema in FILE")
     add_sampling_flags(p)
     add_thinking_flag(p)
 

@@ -20,6 +20,7 @@ EXTRAS: dict[str, tuple[str, str]] = {
     "fastapi": ("serve", "glmtorch serve"),
     "uvicorn": ("serve", "glmtorch serve"),
     "prometheus_client": ("serve", "glmtorch serve's /metrics"),
+    "llguidance": ("constrain", "constrained output (response_format, JSON schemas, required tool calls)"),
 }
 
 

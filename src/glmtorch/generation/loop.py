@@ -27,15 +27,19 @@ def decode_tokens(
     max_new_tokens: int,
     generator: torch.Generator | None = None,
     stop_checks: list[StopCheck] = (),
+    constraints: list = (),
+    logits_processor: list = (),
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Yield (tokens (B,), processed fp32 logits (B, V), finished (B,) bool) for each new position.
 
     Prefill runs eagerly into a preallocated static cache; each decode step then runs the model's compiled
     decode step (fastpath.compiled_decode_step), whose only varying shape is the attended length.
+    `constraints` (grammar masks) run before the configured processors, so top-k / top-p choose among allowed
+    tokens only; a caller's `logits_processor` after them.
     """
     B, T = input_ids.shape
     device = input_ids.device
-    processors = make_processors(config)
+    processors = list(constraints) + make_processors(config) + list(logits_processor)
     sample = make_sampler(config.do_sample, generator)
     eos = torch.tensor(config.eos_token_ids, dtype=torch.long, device=device)
     sync_tokens = getattr(model, "tp_sync_tokens", None)  # tensor parallel: every rank takes rank 0's tokens

@@ -30,7 +30,13 @@ class GenerationMixin:
         Defaults come from the checkpoint's generation_config.json (else the model config); keyword arguments
         override them: max_new_tokens, max_length, do_sample, temperature, top_k, top_p, min_p,
         repetition_penalty, eos_token_id, pad_token_id, stop_strings (needs tokenizer=).
+        `response_format` (needs tokenizer=) constrains every row's output: a JSON schema, or OpenAI's / vLLM's
+        forms ({"type": "json_object"}, {"type": "json_schema", "json_schema": {"schema": ...}}, {"type":
+        "regex", "regex": ...}, {"type": "choice", "choice": [...]}; generation.constrain); `logits_processor`:
+        callables (history, logits) -> logits applied after the configured ones.
         """
+        response_format = kwargs.pop("response_format", None)
+        logits_processor = list(kwargs.pop("logits_processor", None) or [])
         base = generation_config or self.generation_config or GenerationConfig.from_model_config(self.config)
         config = base.updated(**kwargs)
         input_ids, attention_mask = self._check_prompt(input_ids, attention_mask, config)
@@ -42,6 +48,7 @@ class GenerationMixin:
             if tokenizer is None:
                 raise ValueError("stop_strings needs the tokenizer: generate(..., stop_strings=..., tokenizer=tok)")
             stop_checks.append(StopStrings(config.stop_strings, tokenizer, prompt_length=input_ids.shape[1]))
+        constraints = self._constraints(response_format, tokenizer, config)
         if streamer is not None:
             if input_ids.shape[0] != 1:
                 raise ValueError("a streamer streams one sequence: pass a batch of one prompt")
@@ -49,7 +56,7 @@ class GenerationMixin:
         new_tokens = []
         try:
             for tokens, _, _ in decode_tokens(self, input_ids, attention_mask, config, max_new_tokens, generator,
-                                              stop_checks):
+                                              stop_checks, constraints, logits_processor):
                 new_tokens.append(tokens)
                 if streamer is not None:
                     streamer.put(tokens.cpu())
@@ -57,6 +64,17 @@ class GenerationMixin:
             if streamer is not None:
                 streamer.end()
         return torch.cat([input_ids, torch.stack(new_tokens, dim=1)], dim=1)
+
+    def _constraints(self, response_format, tokenizer, config) -> list:
+        """The grammar processor enforcing `response_format` (generation.constrain), or none."""
+        if response_format is None:
+            return []
+        if tokenizer is None:
+            raise ValueError("response_format needs the tokenizer: generate(..., response_format=..., tokenizer=tok)")
+        from .constrain import as_constraint_spec, compile_constraint
+
+        return [compile_constraint(tokenizer, as_constraint_spec(response_format), self.config.vocab_size,
+                                   config.eos_token_ids).processor()]
 
     def _check_prompt(self, input_ids, attention_mask, config):
         if input_ids is None:

@@ -131,12 +131,12 @@ class TextStream:
 
 
 def stream_text(model, tokenizer, input_ids: torch.Tensor, stop_strings: list[str] | None = None,
-                **generate_kwargs) -> Iterator[tuple[str, str | None]]:
+                response_format=None, **generate_kwargs) -> Iterator[tuple[str, str | None]]:
     """Generate for one prompt, yielding (text piece, None) as text becomes final, then ("", finish_reason)
     with finish_reason "stop" (an end-of-sequence token or stop string) or "length".
 
     Text that could be the start of a stop string is held back until it is known not to be one, and the stop
-    string itself is never shown.
+    string itself is never shown. `response_format` constrains the output as in generate().
     """
     from .loop import decode_tokens
     from .sampling import make_generator
@@ -151,7 +151,9 @@ def stream_text(model, tokenizer, input_ids: torch.Tensor, stop_strings: list[st
     max_new_tokens = model._room_for_new_tokens(input_ids.shape[1], config)
     generator = generator or make_generator(seed, input_ids.device)
     text = TextStream(tokenizer, stop_strings, config.eos_token_ids)
-    for tokens, _, _ in decode_tokens(model, input_ids, attention_mask, config, max_new_tokens, generator):
+    constraints = model._constraints(response_format, tokenizer, config)
+    for tokens, _, _ in decode_tokens(model, input_ids, attention_mask, config, max_new_tokens, generator,
+                                      constraints=constraints):
         piece, reason = text.add(int(tokens[0]))
         if piece:
             yield piece, None

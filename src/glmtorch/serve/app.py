@@ -87,10 +87,6 @@ def sampling_params(body: dict) -> tuple[SamplingParams, int | None, int]:
     if not all(isinstance(s, str) and 0 < len(s) <= 1024 for s in stop) or len(stop) > 16:
         raise ApiError(400, "'stop' must be a non-empty string of at most 1024 characters or a list of up to 16 of "
                        "them", "stop", "invalid_value")
-    response_format = body.get("response_format")
-    if response_format is not None and response_format != {"type": "text"}:  # never a silently unconstrained reply
-        raise ApiError(400, "'response_format' other than {'type': 'text'} is not supported by this server yet",
-                       "response_format", "unsupported_value")
     logprobs = _get(body, "logprobs", (bool, int), False)
     top_logprobs = _get(body, "top_logprobs", (int,), 0, lambda v: 0 <= v <= 20, "must be in [0, 20]")
     if isinstance(logprobs, int) and not isinstance(logprobs, bool):  # /v1/completions: logprobs is a count
@@ -114,6 +110,75 @@ def sampling_params(body: dict) -> tuple[SamplingParams, int | None, int]:
         ignore_eos=_get(body, "ignore_eos", (bool,), False),
     )
     return params, max_tokens, n
+
+
+# vLLM's request fields for guided decoding (older names, then structured_outputs' keys) -> our constraint kinds
+GUIDED_FIELDS = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice"}
+
+
+def constraint_spec(body: dict, tools: list[dict] | None = None) -> tuple[dict | None, str | None]:
+    """(the constraint a request asks for, the field that asked) from OpenAI's `response_format`, a required or
+    named `tool_choice` (chat: the reply must be a call of an offered tool, its arguments valid for it), vLLM's
+    `structured_outputs` {"json" | "regex" | "choice"} or its older `guided_json` / `guided_regex` /
+    `guided_choice`. At most one; (None, None) for none."""
+    asked = []
+    response_format = body.get("response_format")
+    if response_format is not None and response_format != {"type": "text"}:
+        kind = response_format.get("type") if isinstance(response_format, dict) else None
+        if kind not in ("json_object", "json_schema"):
+            raise ApiError(400, "'response_format' must be {'type': 'text'}, {'type': 'json_object'} or {'type': "
+                           "'json_schema', 'json_schema': {'name': ..., 'schema': {...}}}", "response_format",
+                           "invalid_value")
+        asked.append(("response_format", response_format))
+    choice = body.get("tool_choice")
+    if tools and (choice == "required" or isinstance(choice, dict)):
+        asked.append(("tool_choice", {"type": "tool_call", "tools": tools}))
+    elif choice == "required":
+        raise ApiError(400, "'tool_choice': 'required' needs 'tools'", "tool_choice", "invalid_value")
+    guided = {GUIDED_FIELDS[k]: body[k] for k in GUIDED_FIELDS if body.get(k) is not None}
+    if body.get("structured_outputs") is not None:
+        outputs = body["structured_outputs"]
+        if not isinstance(outputs, dict):
+            raise ApiError(400, "'structured_outputs' must be an object with one of 'json', 'regex', 'choice'",
+                           "structured_outputs", "invalid_type")
+        unknown = sorted(set(outputs) - {"json", "regex", "choice"})
+        if unknown:
+            raise ApiError(400, f"'structured_outputs' key(s) {unknown} are not supported; use 'json', 'regex' or "
+                           "'choice'", "structured_outputs", "unsupported_value")
+        guided.update({k: v for k, v in outputs.items() if v is not None})
+    for kind, value in guided.items():
+        field = "structured_outputs" if body.get("structured_outputs") is not None else \
+            next(k for k, v in GUIDED_FIELDS.items() if v == kind)
+        if kind == "json":
+            if isinstance(value, str):  # vLLM takes the schema as a JSON string too
+                try:
+                    value = json.loads(value)
+                except json.JSONDecodeError:
+                    raise ApiError(400, f"'{field}' is a string that is not a JSON schema", field,
+                                   "invalid_value") from None
+            asked.append((field, {"type": "json_schema", "json_schema": {"name": "guided", "schema": value}}))
+        else:
+            asked.append((field, {"type": kind, kind: value}))
+    if len(asked) > 1:
+        raise ApiError(400, f"give one output constraint, not {len(asked)} ({', '.join(f for f, _ in asked)})",
+                       asked[1][0], "invalid_value")
+    return (asked[0][1], asked[0][0]) if asked else (None, None)
+
+
+async def compile_request_constraint(served: "Served", spec: dict | None, field: str | None):
+    """The compiled constraint (once per tokenizer and constraint, off the event loop), or a 400 naming what
+    the grammar engine cannot enforce."""
+    if spec is None:
+        return None
+    from ..generation.constrain import ConstraintError, compile_constraint
+
+    model = getattr(served.engine, "model", None)
+    vocab = model.config.vocab_size if model is not None else served.tokenizer.vocab_size
+    try:
+        return await served.off_loop(compile_constraint, served.tokenizer, spec, vocab,
+                                     getattr(served.engine, "stop_ids", ()))
+    except ConstraintError as e:
+        raise ApiError(400, str(e), field, "invalid_value") from None
 
 
 def stream_flags(body: dict) -> tuple[bool, bool]:
@@ -413,6 +478,7 @@ async def chat_completions(request: Request):
     body = await read_body(served, request)
     tools, ids, thinking = await chat_prompt(served, body)
     params, max_tokens, n = sampling_params(body)
+    params.constraint = await compile_request_constraint(served, *constraint_spec(body, tools))
     stream, include_usage = stream_flags(body)
     params.max_tokens = check_context(served, len(ids), max_tokens)
     queue, requests = start(served, [ids], params, n)
@@ -444,6 +510,9 @@ async def completions(request: Request):
     if not prompts or not all(isinstance(p, str) for p in prompts):
         raise ApiError(400, "'prompt' must be a string or a non-empty list of strings", "prompt", "invalid_value")
     params, max_tokens, n = sampling_params(body)
+    if body.get("tool_choice") is not None:
+        raise ApiError(400, "'tool_choice' belongs to /v1/chat/completions", "tool_choice", "invalid_value")
+    params.constraint = await compile_request_constraint(served, *constraint_spec(body))
     if max_tokens is None:
         max_tokens = 16  # OpenAI's default for completions
     stream, include_usage = stream_flags(body)

@@ -60,6 +60,7 @@ class SamplingParams:
     logprobs: bool = False
     top_logprobs: int = 0
     ignore_eos: bool = False  # keep going past end-of-turn / end-of-text tokens (benchmarks)
+    constraint: object = None  # a compiled generation.constrain.Constraint: the output must follow it
 
     def generation_config(self) -> GenerationConfig:
         greedy = self.temperature == 0
@@ -153,7 +154,9 @@ class Engine:
             prompt = torch.tensor(request.prompt_ids, dtype=torch.long)
             request.history = torch.empty(1, len(prompt) + request.params.max_tokens, dtype=torch.long)
             request.history[0, :len(prompt)] = prompt
-            request.processors = make_processors(request.params.generation_config())
+            # a constraint masks first, so that top-k / top-p pick among the tokens it allows
+            request.processors = ([request.params.constraint.processor()] if request.params.constraint else []) \
+                + make_processors(request.params.generation_config())
             request.generator = torch.Generator().manual_seed(
                 request.params.seed if request.params.seed is not None else int.from_bytes(os.urandom(6), "little"))
             request.text = TextStream(self.tokenizer, request.params.stop, self.stop_ids, request.params.ignore_eos)
