@@ -138,7 +138,7 @@ def run_bench(model_path: str | None = None, preset: str = "small", dtype: str =
               quantize: str | None = None, device: str | None = None, prefill: int = 512, new_tokens: int = 64,
               batches: tuple[int, ...] = (1, 8), reps: int = 5, with_transformers: bool = True,
               llama_cpp: str | None = None, out: str | None = None, arch: str = "glm",
-              json_schema: dict | None = None) -> dict[str, Any]:
+              json_schema: dict | None = None, speculate: int | None = None) -> dict[str, Any]:
     from .auto import AutoModelForCausalLM, AutoTokenizer
     from .checkpoint.safetensors_io import parse_dtype
     from .device import infer_device
@@ -217,6 +217,7 @@ def run_bench(model_path: str | None = None, preset: str = "small", dtype: str =
                     results["llama.cpp"].setdefault(k, []).append(v)
     if llama:
         llama.close()
+    speculation = speculation_rates(ours, vocab, new_tokens, reps, speculate, dev) if speculate else None
     bandwidth = memory_bandwidth(dev)
     weights = weight_bytes_per_token(ours)
     report: dict[str, Any] = {
@@ -229,6 +230,7 @@ def run_bench(model_path: str | None = None, preset: str = "small", dtype: str =
         "roofline_decode_b1_tok_s": bandwidth * 1e9 / weights,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "results": {name: {k: statistics.median(v) for k, v in r.items()} for name, r in results.items()},
+        **({"speculation": speculation} if speculation else {}),
         "repetitions": results,
     }
     ours_b1 = report["results"]["glmtorch"].get("decode_b1_tok_s")
@@ -328,6 +330,36 @@ def plot_report(report: dict[str, Any], path: str) -> bool:
     return True
 
 
+def speculation_rates(model, vocab: int, new_tokens: int, reps: int, num_tokens: int, dev) -> dict[str, Any]:
+    """Batch-1 decode with prompt-lookup speculation (generation.speculate) against without, on two workloads:
+    "repetitive" (greedy after a prompt that repeats a passage: where output repeats input, or the model falls into
+    a loop) and "free" (sampled at temperature 1 from a random prompt: proposals mostly fail and back off)."""
+    g = torch.Generator().manual_seed(1)
+    passage = torch.randint(0, vocab, (1, 96), generator=g)
+    workloads = {"repetitive": (torch.cat([passage, passage, passage[:, :48]], 1).to(dev), dict(do_sample=False)),
+                 "free": (torch.randint(0, vocab, (1, 64), generator=g).to(dev),
+                          dict(do_sample=True, temperature=1.0, top_k=0, seed=3))}
+    out: dict[str, Any] = {"num_speculative_tokens": num_tokens}
+    for name, (ids, kw) in workloads.items():
+        plain, fast, per_pass = [], [], []
+        model.generate(ids, max_new_tokens=8, eos_token_id=[], prompt_lookup_num_tokens=num_tokens, **kw)  # warm-up
+        def rate(**extra) -> float:  # new tokens per second, the prefill (a one-token generation) taken out
+            full = _time(lambda: model.generate(ids, max_new_tokens=new_tokens + 1, eos_token_id=[], **kw, **extra),
+                         dev)
+            return new_tokens / max(full - _time(lambda: model.generate(ids, max_new_tokens=1, eos_token_id=[], **kw),
+                                                 dev), 1e-9)
+
+        for _ in range(reps):
+            plain.append(rate())
+            fast.append(rate(prompt_lookup_num_tokens=num_tokens))
+            decoder = model._glmtorch_speculation
+            per_pass.append((decoder.accepted + decoder.rounds) / max(1, decoder.rounds))
+        out[name] = {"plain_tok_s": statistics.median(plain), "speculative_tok_s": statistics.median(fast),
+                     "speedup": statistics.median(f / p for f, p in zip(fast, plain)),
+                     "tokens_per_pass": statistics.median(per_pass)}
+    return out
+
+
 def format_report(report: dict[str, Any]) -> str:
     cpu = report.get("cpu", {})
     lines = [f"{report['model']}  dtype={report['dtype']} quantize={report['quantize']} device={report['device']} "
@@ -354,6 +386,10 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append("  linear paths (measured here): " + "; ".join(
             f"{m} [{', '.join(sorted(v, key=lambda r: int(r.split('<=')[1].split(':')[0])))}]"
             for m, v in sorted(by_matrix.items())))
+    for name, r in (report.get("speculation") or {}).items():
+        if isinstance(r, dict):
+            lines.append(f"  speculation ({name}, batch 1): {r['speculative_tok_s']:.1f} tok/s against "
+                         f"{r['plain_tok_s']:.1f} = {r['speedup']:.2f}x, {r['tokens_per_pass']:.2f} tokens per pass")
     if "fraction_of_roofline" in report:
         lines.append(f"  glmtorch batch-1 decode reads weights at {report['measured_weight_gb_s']:.1f} GB/s = "
                      f"{100 * report['fraction_of_roofline']:.0f}% of the measured bandwidth")

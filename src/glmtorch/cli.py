@@ -81,6 +81,14 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps ... (default: the best available)")
 
 
+def add_speculation_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--speculate", default=None, choices=["ngram"],
+                   help="speculative decoding at batch 1: ngram proposes tokens copied from the prompt and output "
+                        "(prompt lookup); output unchanged, faster where it repeats its input")
+    p.add_argument("--num-speculative-tokens", type=sampling_value("prompt_lookup_num_tokens"), default=8,
+                   metavar="K", help="most tokens proposed per pass (with --speculate)")
+
+
 def add_sampling_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=sampling_value("max_new_tokens"), default=256)
     p.add_argument("--temperature", type=sampling_value("temperature"), default=None, help="0 means greedy")
@@ -91,11 +99,13 @@ def add_sampling_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=sampling_value("seed"), default=None)
     p.add_argument("--greedy", action="store_true", help="always pick the most likely token")
     p.add_argument("--system", default=None, help="a system prompt")
+    add_speculation_flags(p)
 
 
 def sampling_kwargs(args: argparse.Namespace) -> dict:
     kw = dict(max_new_tokens=args.max_new_tokens, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
-              repetition_penalty=args.repetition_penalty, seed=args.seed)
+              repetition_penalty=args.repetition_penalty, seed=args.seed,
+              prompt_lookup_num_tokens=args.num_speculative_tokens if args.speculate else None)
     if args.greedy or args.temperature == 0:
         kw["do_sample"] = False
     elif args.temperature is not None or args.top_k is not None or args.top_p is not None or args.min_p is not None:
@@ -394,7 +404,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     report = run_bench(args.model, preset=args.preset, dtype=args.dtype, quantize=args.quantize, device=args.device,
                        prefill=args.prefill, new_tokens=args.new_tokens, batches=tuple(args.batch), reps=args.reps,
                        with_transformers=not args.no_transformers, llama_cpp=args.llama_cpp, out=args.out,
-                       arch=args.arch, json_schema=bench_schema(args.json_schema))
+                       arch=args.arch, json_schema=bench_schema(args.json_schema),
+                       speculate=args.num_speculative_tokens if args.speculate else None)
     print(format_report(report))
     return 0
 
@@ -404,6 +415,7 @@ def _bench_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default="small", choices=["tiny", "small", "glm4-9b"])
     p.add_argument("--json-schema", nargs="?", const="", default=None, metavar="FILE",
                    help="also time decoding constrained to the JSON schema in FILE (default: a list of strings)")
+    add_speculation_flags(p)
     p.add_argument("--arch", default="glm", choices=["glm", "glm4"],
                    help="the preset's layer: glm (GLM-4-9B) or glm4 (GLM-4-0414 / GLM-Z1, with sandwich norms)")
     p.add_argument("--dtype", default="float32")

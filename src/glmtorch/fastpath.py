@@ -379,7 +379,7 @@ class FusedDecodeStep:
         self.shapes: list = []  # their (kind, out, in)
         self.kernels_win: dict[int, bool] = {}  # per row bucket
 
-    def __call__(self, model, tokens, position_ids, cache_position, attention_mask, cache) -> torch.Tensor:
+    def _ensure_plan(self, model) -> None:
         key = _weights_key(model)
         if key != self.built_for:
             layout, _ = _fused_step_layout(model)
@@ -390,6 +390,26 @@ class FusedDecodeStep:
                            for layer in self.linears]
             self.kernels_win.clear()
             self.built_for = key
+
+    def verify(self, model, tokens, position: int, slot: int, mask, cache) -> torch.Tensor | None:
+        """(T, V) logits of T consecutive new tokens of one sequence (cache row 0), or None where the plan does
+        not take them (the caller runs a forward pass): speculative decoding's verify pass as T rows of the step.
+        Taken whenever one-token steps take the plan (not by timing T rows): the same code computes both, so
+        speculation changes no greedy token."""
+        self._ensure_plan(model)
+        T = tokens.shape[0]
+        if self.plan is None or T > self.max_rows or not self._kernels_win(model, 1):
+            return None
+        device = tokens.device
+        positions = torch.arange(position, position + T, device=device)[:, None]
+        slots = torch.arange(slot, slot + T, device=device)[:, None]
+        logits = self._run_plan(model, tokens[:, None], positions, slots, mask.expand(T, -1), cache,
+                                torch.zeros(T, dtype=torch.long, device=device))
+        cache.advance(T)
+        return logits
+
+    def __call__(self, model, tokens, position_ids, cache_position, attention_mask, cache) -> torch.Tensor:
+        self._ensure_plan(model)
         rows = tokens.shape[0]
         if rows > self.max_rows or not self._kernels_win(model, rows):
             return self.fallback(model, tokens, position_ids, cache_position, attention_mask, cache)
@@ -397,10 +417,11 @@ class FusedDecodeStep:
         cache.advance(1)
         return logits
 
-    def _run_plan(self, model, tokens, position_ids, cache_position, attention_mask, cache) -> torch.Tensor:
+    def _run_plan(self, model, tokens, position_ids, cache_position, attention_mask, cache,
+                  cache_rows=None) -> torch.Tensor:
         cache.length = attention_mask.shape[1]
         out = self.plan.step(tokens, position_ids, cache_position, attention_mask, cache.key_buffer,
-                             cache.value_buffer)
+                             cache.value_buffer, cache_rows)
         return model.lm_head(out.to(model.dtype)) if self.head_outside else out
 
     def _kernels_win(self, model, rows: int) -> bool:
@@ -580,6 +601,25 @@ def _build_plan(model, layout) -> tuple:
     if head is not None:  # else the step returns the final norm's output and the caller applies the head
         plan.set_lm_head(linear(head))
     return plan, kernels.FLOAT_MAX_ROWS if kinds == {0} else kernels.MAX_ROWS  # 0: float weights only
+
+
+def verify_tokens(model, tokens: torch.Tensor, position: int, slot: int, mask: torch.Tensor, cache) -> torch.Tensor:
+    """(T, V) logits for T consecutive new tokens of one sequence (batch 1) at rotary positions position.. and
+    cache slots slot..; mask (1, slot + T) covers every slot they attend. The fused C++ step takes them where it
+    covers the model (T rows of one cache row), else one forward pass; a single token takes the decode step."""
+    step = compiled_decode_step(model)
+    T = tokens.shape[0]
+    if T == 1:
+        return step(model, tokens[:, None], torch.tensor([[position]], device=tokens.device),
+                    torch.tensor([slot], device=tokens.device), mask, cache)
+    if isinstance(step, FusedDecodeStep):
+        logits = step.verify(model, tokens, position, slot, mask, cache)
+        if logits is not None:
+            return logits
+    cache.length = mask.shape[1]
+    positions = torch.arange(position, position + T, device=tokens.device)
+    return model(tokens[None], attention_mask=mask, position_ids=positions[None], past_key_values=cache,
+                 cache_position=torch.arange(slot, slot + T, device=tokens.device), use_cache=True).logits[0]
 
 
 def compiled_decode_step(model):

@@ -237,6 +237,12 @@ def quantize_model(model: nn.Module, mode: str, group_size: int = 32, from_meta:
         raise ValueError(f"group_size={group_size}: must be an even integer >= 2")
     cls = Int8Linear if mode == "int8" else Int4Linear
     tied = getattr(model.config, "tie_word_embeddings", False)
+    if mode == "int4":  # checked for every layer before any is replaced: no half-quantized model
+        for name, child in model.named_modules():
+            if isinstance(child, nn.Linear) and child.in_features % group_size:
+                raise ValueError(f"int4 quantizes groups of {group_size} inputs, but {name} takes "
+                                 f"{child.in_features}; pass a group_size that divides it (quantize with "
+                                 f"group_size=), or use int8")
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             if not isinstance(child, nn.Linear):

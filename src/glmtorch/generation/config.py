@@ -49,6 +49,8 @@ SAMPLING_BOUNDS: dict[str, Bound] = {
     "max_new_tokens": Bound(int, 1, INT_MAX, why="an integer >= 1"),
     "max_length": Bound(int, 1, INT_MAX, why="an integer >= 1"),
     "seed": Bound(int, 0, SEED_MAX, why=f"an integer in [0, {SEED_MAX}]"),
+    "prompt_lookup_num_tokens": Bound(int, 1, 64, why="an integer in [1, 64]"),
+    "max_matching_ngram_size": Bound(int, 1, 16, why="an integer in [1, 16]"),
 }
 
 
@@ -87,6 +89,10 @@ class GenerationConfig:
     top_p: float | None = 1.0
     min_p: float | None = None
     repetition_penalty: float | None = 1.0
+    # prompt-lookup speculation (transformers' names): propose up to this many tokens copied from the prompt and
+    # output, matching n-grams of at most max_matching_ngram_size tokens (generation.speculate)
+    prompt_lookup_num_tokens: int | None = None
+    max_matching_ngram_size: int | None = None
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
     bos_token_id: int | None = None

@@ -35,7 +35,8 @@ def decode_tokens(
     Prefill runs eagerly into a preallocated static cache; each decode step then runs the model's compiled
     decode step (fastpath.compiled_decode_step), whose only varying shape is the attended length.
     `constraints` (grammar masks) run before the configured processors, so top-k / top-p choose among allowed
-    tokens only; a caller's `logits_processor` after them.
+    tokens only; a caller's `logits_processor` after them. With `config.prompt_lookup_num_tokens`, a batch of one
+    decodes speculatively (generation.speculate: several tokens per pass, yielded one by one, logits None).
     """
     B, T = input_ids.shape
     device = input_ids.device
@@ -66,6 +67,29 @@ def decode_tokens(
     next_position = positions[:, -1:] + 1  # (B, 1)
     slot = torch.tensor([T], device=device)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
+    if config.prompt_lookup_num_tokens and B == 1 and sync_tokens is None:
+        from .speculate import SpeculativeDecoder
+
+        decoder = SpeculativeDecoder(model, cache, mask, processors, sample, config.prompt_lookup_num_tokens,
+                                     config.max_matching_ngram_size or 3, generator, not config.do_sample)
+        model._glmtorch_speculation = decoder  # its acceptance counts, for benchmarks
+        for process in processors:
+            logits = process(history[:, :T], logits)
+        pending = sample(logits)
+        produced = 0
+        while True:
+            for token in pending:
+                history[:, T + produced] = token
+                done = torch.isin(token[None], eos)
+                for check in stop_checks:
+                    done |= check(history[:, :T + produced + 1])
+                produced += 1
+                yield token[None], None, done
+                if bool(done.all()) or produced == max_new_tokens:
+                    return
+            pending = torch.tensor(decoder.round(history, T + produced, int(next_position), int(slot),
+                                                 max_new_tokens - produced), device=device)
+            next_position, slot = next_position + len(pending), slot + len(pending)
     for i in range(max_new_tokens):
         for process in processors:
             logits = process(history[:, :T + i], logits)

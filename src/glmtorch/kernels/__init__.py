@@ -22,6 +22,7 @@ model in one call over these kernels (used by glmtorch.fastpath.FusedDecodeStep)
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import sys
 import threading
@@ -64,8 +65,8 @@ def _build() -> bool:
         _put_ninja_on_path()
         flags = ["-O3", "-march=native", "-fopenmp"]
         with _announce_build():
-            load(name="glmtorch_gemv", sources=sources, extra_cflags=flags, extra_ldflags=["-fopenmp"],
-                 is_python_module=False, verbose=False)
+            load(name=extension_name(sources, flags), sources=sources, extra_cflags=flags,
+                 extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
         _register_shapes()
         return True
     except Exception as e:  # no compiler, an unsupported platform: the library paths still work
@@ -74,6 +75,17 @@ def _build() -> bool:
                       "library paths. Install a C++ compiler (g++) to get them, or set GLMTORCH_KERNELS=0 to "
                       "silence this.", stacklevel=3)
         return False
+
+
+def extension_name(sources: list[str], flags: list[str]) -> str:
+    """The build's name, with a digest of its sources and flags: two glmtorch versions on one machine (two venvs,
+    a CI checkout beside a working tree) build into folders of their own, instead of rebuilding one folder in
+    turn, where one process could load the other's library mid-build (seen: a step() of the wrong signature)."""
+    digest = hashlib.sha256(" ".join(flags).encode())
+    for path in sources:
+        with open(path, "rb") as f:
+            digest.update(f.read())
+    return f"glmtorch_gemv_{digest.hexdigest()[:12]}"
 
 
 @contextlib.contextmanager

@@ -129,24 +129,36 @@ struct DecodePlan : torch::CustomClassHolder {
   void set_lm_head(int64_t index) { lm_head = index; }
 
   // tokens (B, 1), positions (B, 1) rotary positions, slots (1,) or (B, 1) cache slots written, mask (B, L) 0/1
-  // padding over the attended slots; keys / values (layers, B, KV, capacity, D), fp32 or bf16 (a bf16 model's
-  // cache: written rounded to nearest, read widened). Returns (B, vocab) fp32 logits.
+  // padding over the attended slots; keys / values (layers, rows, KV, capacity, D), fp32 or bf16 (a bf16 model's
+  // cache: written rounded to nearest, read widened). Row b of the batch uses cache row b, or cache_rows[b]: several
+  // new tokens of one sequence (speculative decoding's verify pass) are rows of one cache row at consecutive slots,
+  // each attending its own slot and the ones before it. Returns (B, vocab) fp32 logits.
   at::Tensor step(const at::Tensor& tokens, const at::Tensor& positions, const at::Tensor& slots,
-                  const at::Tensor& mask, const at::Tensor& keys, const at::Tensor& values) const {
+                  const at::Tensor& mask, const at::Tensor& keys, const at::Tensor& values,
+                  c10::optional<at::Tensor> cache_rows) const {
     TORCH_CHECK(keys.scalar_type() == values.scalar_type() &&
                     (keys.scalar_type() == at::kFloat || keys.scalar_type() == at::kBFloat16),
                 "the cache must be fp32 or bf16");
-    if (keys.scalar_type() == at::kBFloat16) return run<at::BFloat16>(tokens, positions, slots, mask, keys, values);
-    return run<float>(tokens, positions, slots, mask, keys, values);
+    if (keys.scalar_type() == at::kBFloat16)
+      return run<at::BFloat16>(tokens, positions, slots, mask, keys, values, cache_rows);
+    return run<float>(tokens, positions, slots, mask, keys, values, cache_rows);
   }
 
   template <typename T>
   at::Tensor run(const at::Tensor& tokens, const at::Tensor& positions, const at::Tensor& slots,
-                 const at::Tensor& mask, const at::Tensor& keys, const at::Tensor& values) const {
+                 const at::Tensor& mask, const at::Tensor& keys, const at::Tensor& values,
+                 const c10::optional<at::Tensor>& cache_rows) const {
     const int64_t B = tokens.size(0), H = embed.size(1), L = mask.size(1), D = head_dim, R = rotary_dim;
     const int64_t Q = heads, KV = kv_heads, G = Q / KV;
+    std::vector<int64_t> row_of(B);  // the cache row each batch row reads and writes
+    const auto given_rows = cache_rows ? cache_rows->to(at::kLong).contiguous() : at::Tensor();
+    for (int64_t b = 0; b < B; ++b) {
+      row_of[b] = cache_rows ? given_rows.data_ptr<int64_t>()[b] : b;
+      TORCH_CHECK(row_of[b] >= 0 && row_of[b] < keys.size(1), "cache row ", row_of[b], " is outside the cache");
+    }
     TORCH_CHECK(keys.stride(4) == 1 && values.stride(4) == 1 && keys.sizes() == values.sizes() &&
-                    keys.size(1) == B && keys.size(2) == KV && keys.size(4) == D && L <= keys.size(3),
+                    (cache_rows || keys.size(1) == B) && keys.size(2) == KV && keys.size(4) == D &&
+                    L <= keys.size(3),
                 "the cache must be (layers, B, KV, capacity, D) buffers covering the mask");
     const auto tok = tokens.to(at::kLong).contiguous(), pos = positions.to(at::kLong).contiguous();
     const auto slot = slots.to(at::kLong).contiguous(), visible = mask.to(at::kBool).contiguous();
@@ -205,8 +217,8 @@ struct DecodePlan : torch::CustomClassHolder {
           }
         }
         for (int64_t h = 0; h < KV; ++h) {
-          T* k_at = kc + b * keys.stride(1) + h * keys.stride(2) + row_slot[b] * keys.stride(3);
-          T* v_at = vc + b * values.stride(1) + h * values.stride(2) + row_slot[b] * values.stride(3);
+          T* k_at = kc + row_of[b] * keys.stride(1) + h * keys.stride(2) + row_slot[b] * keys.stride(3);
+          T* v_at = vc + row_of[b] * values.stride(1) + h * values.stride(2) + row_slot[b] * values.stride(3);
           const float* k_new = row + (Q + h) * D;
           const float* v_new = row + (Q + KV + h) * D;
           for (int64_t d = 0; d < D; ++d) {
@@ -224,8 +236,8 @@ struct DecodePlan : torch::CustomClassHolder {
         std::vector<float> acc(D);
         for (int64_t task = begin; task < end; ++task) {
           const int64_t b = task / KV, h = task % KV, last = row_slot[b];
-          const T* k_rows = kc + b * keys.stride(1) + h * keys.stride(2);
-          const T* v_rows = vc + b * values.stride(1) + h * values.stride(2);
+          const T* k_rows = kc + row_of[b] * keys.stride(1) + h * keys.stride(2);
+          const T* v_rows = vc + row_of[b] * values.stride(1) + h * values.stride(2);
           const bool* seen = vp + b * L;
           for (int64_t g = 0; g < G; ++g) {
             const float* q = qkvp + b * width + (h * G + g) * D;
