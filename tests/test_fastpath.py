@@ -246,6 +246,8 @@ def test_bad_quantize_arguments(pair):
         glmtorch.GlmForCausalLM.from_pretrained(path, quantize="int3")
     with pytest.raises(ValueError, match="group_size"):
         glmtorch.GlmForCausalLM.from_pretrained(path, quantize="int4", group_size=3)
+    with pytest.raises(ValueError, match=r"groups of 128 inputs, but model\.layers\.0\.self_attn\.qkv_proj takes 64"):
+        glmtorch.GlmForCausalLM.from_pretrained(path, quantize="int4", group_size=128)  # hidden 64: no whole group
     huge = torch.nn.Linear(64, 4)
     with torch.no_grad():
         huge.weight[0, 0] = 1e6  # its group scale would be 125000, past fp16's 65504
