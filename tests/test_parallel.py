@@ -105,3 +105,51 @@ def test_generate_command_under_torchrun(tmp_path, chat_checkpoint):
                               capture_output=True, text=True, timeout=240, env=env)
     assert parallel.returncode == 0, parallel.stderr[-2000:]
     assert parallel.stdout == single.stdout  # rank 0 alone prints, the same reply
+
+
+@pytest.mark.slow
+def test_serve_under_torchrun(chat_checkpoint):
+    """`torchrun --nproc-per-node 2 -m glmtorch serve`: rank 0 serves and schedules, rank 1 runs the same steps on
+    its shard; replies (two at once, so a batch decodes) equal the single process's greedy ones."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    _, path = chat_checkpoint
+    model = glmtorch.AutoModelForCausalLM.from_pretrained(path)
+    tokenizer = glmtorch.AutoTokenizer.from_pretrained(path)
+    prompts = ["Hello there", "The quick brown fox"]
+    expected = []
+    for prompt in prompts:
+        ids = torch.tensor([tokenizer.encode(prompt)])
+        out = model.generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=[])
+        expected.append(tokenizer.decode(out[0, ids.shape[1]:]))
+    port = free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    server = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                               "--master-port", str(free_port()), "-m", "glmtorch", "serve", str(path), "--port",
+                               str(port), "--max-batch", "4", "--dtype", "float32", "--device", "cpu"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.time() + 180
+        while True:
+            assert server.poll() is None, server.stderr.read()[-3000:]
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.time() < deadline, "the tensor-parallel server did not come up"
+            time.sleep(0.5)
+        reply = httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=120, json={
+            "prompt": prompts, "max_tokens": 8, "temperature": 0, "ignore_eos": True}).json()
+        assert [c["text"] for c in sorted(reply["choices"], key=lambda c: c["index"])] == expected
+    finally:
+        server.send_signal(signal.SIGTERM)
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            server.kill()

@@ -15,6 +15,11 @@ slot holds (a finished conversation's, the system prompt of a request still runn
 and prefills only the rest: a chat client resending its history, or 100 requests behind one system prompt, pay
 for the new part. Free slots are given out least recently used first.
 
+Under tensor parallelism (`torchrun ... glmtorch serve`), rank 0 schedules and serves HTTP; every operation on the
+model or its cache goes through `_do`, which first sends it to the other ranks, where `follow()` runs the same
+operation on their shard (the collectives inside the forward pass then meet). Only rank 0 samples: the logits are
+gathered on every rank, and the tokens travel in the next operation.
+
 Where the loop runs matters on a CPU: torch's OpenMP threads answer a parallel region started from the process's
 main thread in ~9 us, from any other thread in ~70 us (measured with 2 threads, AMX Xeon; libgomp keeps only the
 main thread's team spinning), which made a 64-row step of "small" bf16 135 ms instead of 108 ms. So `glmtorch
@@ -136,6 +141,7 @@ class Engine:
         self.running = True
         self.step_fn = compiled_decode_step(model)
         self.device = model.device
+        self.tp = getattr(model, "tensor_parallel", None)  # a TensorParallel when the model is a shard
         self.steps = 0  # decode steps
         self.prefill_passes = 0  # forward passes that prefilled prompts (several requests each under load)
         self.thread = None
@@ -198,6 +204,8 @@ class Engine:
         do). Runs in the engine's own thread, or in the caller's when it was made with thread=False."""
         with torch.no_grad():  # not set_grad_enabled: in the caller's thread, its grad mode must come back
             self._loop(until_idle)
+        if self.tp is not None and not until_idle:
+            self._do("stop")  # the other ranks leave follow()
 
     def _loop(self, until_idle: bool) -> None:
         while True:
@@ -290,10 +298,10 @@ class Engine:
             if free:
                 oldest = min(free, key=lambda row: self.kept_at[row])
                 if self.kept_at[oldest] < self.kept_at[slot]:
-                    self.cache.copy_prefix(slot, oldest, len(kept))
+                    self._do("copy_prefix", slot, oldest, len(kept))
                     self.kept[oldest], self.kept_at[oldest] = kept, self.kept_at[slot]
         if reuse and source != slot:
-            self.cache.copy_prefix(source, slot, reuse)
+            self._do("copy_prefix", source, slot, reuse)
         self.kept[slot] = torch.empty(0, dtype=torch.long)
         self.slots[slot] = request
         request.slot, request.position, request.cached_tokens = slot, reuse, reuse
@@ -324,13 +332,9 @@ class Engine:
         if last != slot:
             moved = self.slots[last]
             if len(tokens):  # swap through the scratch row, copying only what each row holds
-                scratch = self.max_batch
-                self.cache.copy_prefix(slot, scratch, len(tokens))
-                self.cache.copy_prefix(last, slot, moved.position + 1)
-                self.cache.copy_prefix(scratch, last, len(tokens))
-                self.cache.seq_lengths[slot] = self.cache.seq_lengths[last]
+                self._do("swap_rows", slot, last, len(tokens), moved.position + 1)
             else:
-                self.cache.move_row(last, slot)
+                self._do("move_row", last, slot)
             moved.slot, self.slots[slot] = slot, moved
             self.slots[last] = None
             slot = last
@@ -350,21 +354,67 @@ class Engine:
         ids = torch.zeros(len(requests), T, dtype=torch.long)
         for i, r in enumerate(requests):
             ids[i, :lengths[i]] = torch.tensor(r.prompt_ids[r.position:])
-        rows = self.cache.rows(first, first + len(requests))
-        rows.length = int(starts.max()) + T  # the prompts attend to their prefixes and themselves only
         if bool((starts == 0).all()):  # one set of positions for every row: the plain causal fast path
             real, positions = (torch.arange(T) < lengths[:, None]).long(), torch.arange(T)
         else:  # each row at its own positions; the causal rule alone keeps every real query on its own keys
             real, positions = None, starts[:, None] + torch.arange(T)
         self.prefill_passes += 1
         start = time.perf_counter()
-        logits = self.model.last_token_logits(ids.to(self.device), lengths,
-                                              None if real is None else real.to(self.device), rows,
-                                              positions.to(self.device))
+        # the prompts attend to their prefixes and themselves only
+        logits = self._do("prefill", ids, lengths, real, first, len(requests), int(starts.max()) + T, positions)
         self._note_prefill_rate(T * len(requests), time.perf_counter() - start)
         for r, row_logits in zip(requests, logits):
             r.position = len(r.prompt_ids)
             self._accept_or_fail(r, row_logits)
+
+    # -- operations on the model and its cache (every rank runs each, under tensor parallelism) ------------------
+    def _do(self, op: str, *args):
+        if self.tp is not None:  # rank 0: the other ranks run the same operation on their shards
+            import torch.distributed as dist
+
+            dist.broadcast_object_list([(op, args)], src=0)
+        return getattr(self, f"_op_{op}")(*args)
+
+    def follow(self) -> None:
+        """A tensor-parallel rank other than 0: run the operations rank 0 sends, until it stops."""
+        import torch.distributed as dist
+
+        with torch.no_grad():
+            while True:
+                box = [None]
+                dist.broadcast_object_list(box, src=0)
+                op, args = box[0]
+                if op == "stop":
+                    return
+                getattr(self, f"_op_{op}")(*args)
+
+    def _op_prefill(self, ids, lengths, real, first: int, count: int, length: int, positions) -> torch.Tensor:
+        rows = self.cache.rows(first, first + count)
+        rows.length = length
+        return self.model.last_token_logits(ids.to(self.device), lengths, None if real is None else
+                                            real.to(self.device), rows, positions.to(self.device))
+
+    def _op_step(self, tokens, positions, window: int, rows: int) -> torch.Tensor:
+        tokens, positions = tokens.to(self.device), positions.to(self.device)
+        return self.step_fn(self.model, tokens, positions, positions, self.ones[:rows, :window],
+                            self.cache.rows(0, rows))
+
+    def _op_copy_prefix(self, src: int, dst: int, length: int) -> None:
+        self.cache.copy_prefix(src, dst, length)
+
+    def _op_move_row(self, src: int, dst: int) -> None:
+        self.cache.move_row(src, dst)
+
+    def _op_swap_rows(self, freed: int, last: int, freed_length: int, last_length: int) -> None:
+        """Row `last` moves into row `freed`, and what `freed` held into `last` (through the scratch row)."""
+        scratch = self.max_batch
+        self.cache.copy_prefix(freed, scratch, freed_length)
+        self.cache.copy_prefix(last, freed, last_length)
+        self.cache.copy_prefix(scratch, last, freed_length)
+        self.cache.seq_lengths[freed] = self.cache.seq_lengths[last]
+
+    def _op_stop(self) -> None:
+        """Nothing here: followers leave follow() on it."""
 
     def prefix_cache_stats(self) -> dict:
         """Prompt tokens admitted, and how many of them the prefix cache supplied (vLLM's queries / hits)."""
@@ -379,14 +429,11 @@ class Engine:
             return
         start = r.position  # the prompt tokens in its cache so far
         end = min(len(r.prompt_ids), start + self._prefill_budget([r]))
-        rows = self.cache.rows(r.slot, r.slot + 1)
-        rows.length = end  # this chunk attends to the chunks before it and to itself
         self.prefill_passes += 1
         began = time.perf_counter()
-        logits = self.model.last_token_logits(
-            torch.tensor([r.prompt_ids[start:end]], device=self.device), torch.tensor([end - start]),
-            torch.ones(1, end, dtype=torch.long, device=self.device), rows,
-            torch.arange(start, end, device=self.device))
+        # this chunk attends to the chunks before it and to itself
+        logits = self._do("prefill", torch.tensor([r.prompt_ids[start:end]]), torch.tensor([end - start]),
+                          torch.ones(1, end, dtype=torch.long), r.slot, 1, end, torch.arange(start, end))
         self._note_prefill_rate(end - start, time.perf_counter() - began)
         # a decode step that runs meanwhile computes this row too and writes its key at `position`: the next
         # chunk starts there and overwrites it
@@ -405,12 +452,11 @@ class Engine:
         # Exactly the active rows: the compiled step's batch dimension is dynamic (fastpath), so 17 requests
         # cost 17 rows, not 32.
         rows = len(active)
-        tokens = torch.tensor([[r.last_token] for _, r in active], device=self.device)
-        positions = torch.tensor([[r.position] for _, r in active], device=self.device)
+        tokens = torch.tensor([[r.last_token] for _, r in active])
+        positions = torch.tensor([[r.position] for _, r in active])
         # attention reads the slots up to the furthest active row, not the whole context
         window = max(r.position for _, r in active) + 1
-        logits = self.step_fn(self.model, tokens, positions, positions, self.ones[:rows, :window],
-                              self.cache.rows(0, rows))
+        logits = self._do("step", tokens, positions, window, rows)
         self.steps += 1
         # Greedy rows whose logits nothing adjusts take one argmax over the whole batch (rows spread over the
         # threads: 64 rows of a 151552-word vocabulary cost ~25 ms one by one, ~1/20 of a 64-row step).

@@ -14,14 +14,19 @@ from .engine import Engine, Request, SamplingParams
 
 
 def load_for_serving(model_path: str | None, dtype: str = "auto", device: str | None = None,
-                     quantize: str | None = None):
+                     quantize: str | None = None, tp_size: int | None = None):
     from .. import DEMO_MODEL
     from ..auto import AutoModelForCausalLM
     from ..device import infer_device
     from ..auto import AutoTokenizer
 
     path = model_path or DEMO_MODEL
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device=device or infer_device(), quantize=quantize)
+    if tp_size:  # each rank its shard, on its own GPU (LOCAL_RANK) unless told otherwise
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device=device, quantize=quantize,
+                                                     tp_size=tp_size)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device=device or infer_device(),
+                                                     quantize=quantize)
     tokenizer = AutoTokenizer.from_pretrained(path)
     name = "glmtorch-demo" if model_path is None else os.path.basename(os.path.normpath(model_path))
     return model, tokenizer, name
@@ -90,17 +95,30 @@ def serve(model_path: str | None = None, host: str = "127.0.0.1", port: int = 80
           prefix_caching: bool = True) -> None:
     import uvicorn
 
-    check_address(host, port)  # before minutes of loading, not after
-    model, tokenizer, name = load_for_serving(model_path, dtype, device, quantize)
-    if max_batch is None:
+    # under torchrun: tensor parallel, rank 0 serves HTTP and schedules, the other ranks follow its steps
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    if rank == 0:
+        check_address(host, port)  # before minutes of loading, not after
+    model, tokenizer, name = load_for_serving(model_path, dtype, device, quantize, world if world > 1 else None)
+    if max_batch is None and rank == 0:
         context = min(max_context or model.config.max_position_embeddings, model.config.max_position_embeddings)
         max_batch = choose_max_batch(model, context, kv_cache_memory)
         print(f"glmtorch: KV cache of {max_batch} slots x {context} tokens "
               f"({max_batch * model.static_cache_bytes(1, context) / 2**30:.2f} GiB; --max-batch, --max-context and "
               "--kv-cache-memory change it)", file=sys.stderr, flush=True)
-    pack_weights(model, rows=max_batch)  # the server only runs inference, in batches of up to max_batch rows
+    if world > 1:
+        import torch.distributed as dist
+
+        box = [max_batch]
+        dist.broadcast_object_list(box, src=0)  # every rank's cache the same size as rank 0's
+        max_batch = box[0]
+    else:  # (a shard's layout is left plain: timing it would run collectives each rank decides on alone)
+        pack_weights(model, rows=max_batch)  # the server only runs inference, in batches of up to max_batch rows
     engine = build_engine(model, tokenizer, max_batch, max_queue, max_context, thread=False,
                           prefix_caching=prefix_caching)
+    if rank != 0:
+        engine.follow()
+        return
     if model_path is None:
         print("glmtorch: no MODEL given, serving the built-in demo model", file=sys.stderr)
     print("glmtorch: warming up...", file=sys.stderr, flush=True)
