@@ -17,14 +17,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def worker(rank, world, port, path, results):
+def worker(rank, world, port, path, results, quantize=None):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
     import torch.distributed as dist
 
     try:
-        model = glmtorch.AutoModelForCausalLM.from_pretrained(path, tp_size=world)
+        model = glmtorch.AutoModelForCausalLM.from_pretrained(path, tp_size=world, quantize=quantize)
         ids = torch.randint(1, 160, (2, 9), generator=torch.Generator().manual_seed(0))
         with torch.no_grad():
             logits = model(ids).logits
@@ -39,12 +39,12 @@ def worker(rank, world, port, path, results):
             dist.destroy_process_group()
 
 
-def run_parallel(path, world=2, timeout=240):
+def run_parallel(path, world=2, timeout=240, quantize=None):
     ctx = mp.get_context("spawn")
     manager = ctx.Manager()
     results = manager.dict()
     port = free_port()
-    procs = [ctx.Process(target=worker, args=(r, world, port, path, results)) for r in range(world)]
+    procs = [ctx.Process(target=worker, args=(r, world, port, path, results, quantize)) for r in range(world)]
     for p in procs:
         p.start()
     for p in procs:
@@ -76,6 +76,25 @@ def test_two_ranks_match_one_process(tmp_path, config_name, arch):
         assert torch.equal(results[rank]["tokens"], expected_tokens)
         assert results[rank]["bytes"] < 0.62 * total, (results[rank]["bytes"], total)
     assert torch.equal(results[0]["sampled"], results[1]["sampled"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode,tolerance", [("int4", 1e-5), ("int8", 2e-2)])
+def test_quantized_shards(tmp_path, mode, tolerance):
+    """Each rank quantizes its own shard: int4's groups of 32 inputs fall where the single process's do (the shard
+    boundaries are multiples of 32), so the logits match it; int8's per-row scales of a row-split matrix are
+    computed over each rank's half of the row, within quantization error of the single process's."""
+    ref = make_hf_model(**dict(CONFIGS["gqa"], intermediate_size=128))
+    path = save_hf(ref, tmp_path / "q")
+    single = glmtorch.AutoModelForCausalLM.from_pretrained(path, quantize=mode)
+    ids = torch.randint(1, 160, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = single(ids).logits
+    results = run_parallel(path, quantize=mode)
+    for rank in (0, 1):
+        assert "error" not in results[rank], results[rank]
+        assert rel_err(results[rank]["logits"], expected) < tolerance
+    assert torch.equal(results[0]["tokens"], results[1]["tokens"])
 
 
 @pytest.mark.slow

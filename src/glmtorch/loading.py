@@ -122,8 +122,9 @@ class PretrainedMixin:
             dtype = _checkpoint_dtype(config, files) if dtype == "auto" else torch.float32
 
         stored_quantization = config.extra.get("quantization")
-        if (quantize or stored_quantization) and tp is not None:
-            raise ValueError("quantization and tensor parallelism cannot be combined yet; use one of them")
+        if stored_quantization and tp is not None:  # its packed int4 / scaled int8 tensors are not sliced yet
+            raise ValueError("a checkpoint stored quantized cannot be split across ranks yet; load its float "
+                             "checkpoint with tp_size= and quantize= (each rank quantizes its own shard)")
         with torch.device("meta"):
             model = cls(config)
         if stored_quantization:  # a checkpoint saved quantized loads into quantized layers

@@ -41,7 +41,8 @@ class Int8Linear(nn.Module):
         w = linear.weight.detach().float()
         scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-12)
         q = (w / scale[:, None]).round().clamp(-128, 127).to(torch.int8)
-        out = cls(linear.in_features, linear.out_features, linear.bias is not None, linear.weight.dtype, w.device)
+        # the weight's own shape: a tensor-parallel shard's module still says the whole matrix's in / out features
+        out = cls(w.shape[1], w.shape[0], linear.bias is not None, linear.weight.dtype, w.device)
         out.weight.data, out.scales.data = q, scale.to(linear.weight.dtype)
         if linear.bias is not None:
             out.bias.data = linear.bias.detach().clone()
