@@ -109,3 +109,26 @@ def test_a_batch_decodes_plainly(gqa_checkpoint):
     ids = torch.cat([repetitive_prompt(seed=1), repetitive_prompt(seed=2)])
     assert torch.equal(model.generate(ids, max_new_tokens=6, do_sample=False, prompt_lookup_num_tokens=4),
                        model.generate(ids, max_new_tokens=6, do_sample=False))
+
+
+@torch.no_grad()
+def test_the_serving_engine_speculates_inside_its_batches(gqa_checkpoint):
+    """Greedy requests propose their own numbers of tokens, a sampled one just decodes, in one pass: every greedy
+    reply equals the engine's without speculation; proposals were checked and some accepted."""
+    _, path = gqa_checkpoint
+    model = glmtorch.GlmForCausalLM.from_pretrained(path)
+    from glmtorch.tokenizer import train_bpe_tokenizer
+
+    tokenizer = train_bpe_tokenizer(["To be, or not to be."], 300)
+    prompts = [repetitive_prompt(seed=s)[0].tolist() for s in range(3)] + [[5, 6, 7, 8]]
+    params = [glmtorch.SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)] * 3 + [
+        glmtorch.SamplingParams(max_tokens=20, temperature=1.0, seed=4, ignore_eos=True)]
+
+    def run(**kw):
+        llm = glmtorch.LLM(model, tokenizer, max_batch=4, prefix_caching=False, **kw)
+        return [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)], llm.engine
+
+    plain, _ = run()
+    fast, engine = run(speculative_tokens=4)
+    assert fast == plain  # the sampled row too: its random numbers are drawn as without speculation
+    assert engine.speculated > 0 and engine.speculation_accepted > 0

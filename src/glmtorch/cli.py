@@ -445,7 +445,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     serve(args.model, host=args.host, port=args.port, dtype=args.dtype, device=args.device, quantize=args.quantize,
           max_batch=args.max_batch, max_queue=args.max_queue, kv_cache_memory=args.kv_cache_memory,
           api_key=args.api_key, max_context=args.max_context,
-          max_body_bytes=args.max_request_body_size, prefix_caching=not args.no_prefix_caching)
+          max_body_bytes=args.max_request_body_size, prefix_caching=not args.no_prefix_caching,
+          speculative_tokens=args.num_speculative_tokens if args.speculative else 0)
     return 0
 
 
@@ -462,6 +463,10 @@ def _serve_flags(p: argparse.ArgumentParser) -> None:
                         "free after loading)")
     p.add_argument("--max-queue", type=ranged(int, 0, 1_000_000), default=256, help="requests allowed to wait; beyond: HTTP 503")
     p.add_argument("--max-context", type=ranged(int, 2, 2**24), default=None, help="tokens per slot (default: the model's)")
+    p.add_argument("--speculative", default=None, choices=["ngram"],
+                   help="greedy requests check tokens proposed by prompt lookup while few requests decode")
+    p.add_argument("--num-speculative-tokens", type=sampling_value("prompt_lookup_num_tokens"), default=8,
+                   metavar="K", help="most tokens a request proposes per step (with --speculative)")
     p.add_argument("--no-prefix-caching", action="store_true",
                    help="prefill every prompt whole (by default a prompt starts from the longest prefix a slot holds)")
     p.add_argument("--api-key", default=os.environ.get("GLMTORCH_API_KEY"), help="require this bearer key")

@@ -408,6 +408,15 @@ class FusedDecodeStep:
         cache.advance(T)
         return logits
 
+    def rows_step(self, model, tokens, positions, attention_mask, cache, cache_rows) -> torch.Tensor | None:
+        """Logits of rows that each name their cache row (`cache_rows`) and write at their own position: several
+        tokens of a sequence among the other sequences' one each (a served batch verifying proposals); None where
+        the plan does not cover the model or so many rows."""
+        self._ensure_plan(model)
+        if self.plan is None or tokens.shape[0] > self.max_rows or not self._kernels_win(model, 1):
+            return None
+        return self._run_plan(model, tokens, positions, positions, attention_mask, cache, cache_rows)
+
     def __call__(self, model, tokens, position_ids, cache_position, attention_mask, cache) -> torch.Tensor:
         self._ensure_plan(model)
         rows = tokens.shape[0]

@@ -105,12 +105,13 @@ class Request:
     arrived: float = field(default_factory=time.perf_counter)
     last_token_at: float = 0.0  # when its latest token was made (inter-token latency)
     cached_tokens: int = 0  # prompt tokens whose keys and values came from the prefix cache, not a prefill
+    speculate: int = -1  # proposals to make next step (speculative decoding; -1: not decided yet)
 
 
 class Engine:
     def __init__(self, model, tokenizer, max_batch: int = 8, max_queue: int = 64, max_context: int | None = None,
                  stop_ids: set[int] | None = None, prefill_tokens: int = 2048, thread: bool = True,
-                 prefill_seconds: float = 1.0, prefix_caching: bool = True) -> None:
+                 prefill_seconds: float = 1.0, prefix_caching: bool = True, speculative_tokens: int = 0) -> None:
         self.model, self.tokenizer = model, tokenizer
         self.max_batch, self.max_queue = max_batch, max_queue
         self.prefill_tokens = prefill_tokens
@@ -132,6 +133,9 @@ class Engine:
         # What each free slot's cache rows still hold (token ids whose keys and values are valid there), and when
         # it was last used; a running request's are its history up to its position. Row max_batch is scratch.
         self.prefix_caching = prefix_caching
+        # prompt-lookup speculation for greedy requests while few decode (where a step is bandwidth-bound)
+        self.speculative_tokens = speculative_tokens
+        self.speculated = self.speculation_accepted = 0
         self.kept: list[torch.Tensor] = [torch.empty(0, dtype=torch.long) for _ in range(max_batch + 1)]
         self.kept_at: list[float] = [0.0] * (max_batch + 1)
         self.prefix_queries = 0  # prompt tokens admitted
@@ -449,6 +453,8 @@ class Engine:
 
     def _decode_step(self) -> None:
         active = [(i, r) for i, r in enumerate(self.slots) if r is not None]  # rows 0..len-1 (kept packed)
+        if self.speculative_tokens and self._speculative_step(active):
+            return
         # Exactly the active rows: the compiled step's batch dimension is dynamic (fastpath), so 17 requests
         # cost 17 rows, not 32.
         rows = len(active)
@@ -467,6 +473,65 @@ class Engine:
                 continue
             r.position += 1
             self._accept_or_fail(r, logits[i], best[i] if use_best else None)
+
+    SPECULATION_ROWS = 16  # past this many rows a step is compute-bound: checking proposals would cost their rows
+
+    def _speculative_step(self, active: list[tuple[int, Request]]) -> bool:
+        """One step in which greedy requests (no processors) also check tokens proposed by prompt lookup
+        (generation.speculate), each its own number, in one pass of the fused step (rows naming their cache row);
+        every other request decodes one token in the same pass. False (nothing done) where it does not pay or the
+        fused step cannot take it: the caller runs the plain step."""
+        from ..generation.speculate import propose
+
+        budget = self.SPECULATION_ROWS - len(active)
+        plan = getattr(self.step_fn, "rows_step", None)
+        if budget <= 0 or plan is None or self.tp is not None:
+            return False
+        rows, proposals = [], []
+        for i, r in active:
+            greedy = r.params.temperature == 0 and not r.processors and r is not self.chunking
+            want = 0
+            if greedy and budget > 0:
+                want = min(budget, self.speculative_tokens if r.speculate < 0 else r.speculate,
+                           r.params.max_tokens - r.generated - 1, self.context - r.position - 2)
+            filled = len(r.prompt_ids) + r.generated
+            found = propose(r.history[0, :filled].tolist(), want) if want > 0 else []
+            budget -= len(found)
+            proposals.append(found)
+            rows += [(i, r.position + j, t) for j, t in enumerate([r.last_token] + found)]
+        if not any(proposals):
+            return False
+        tokens = torch.tensor([[t] for _, _, t in rows])
+        positions = torch.tensor([[p] for _, p, _ in rows])
+        window = int(positions.max()) + 1
+        logits = self._do("rows_step", tokens, positions, window, torch.tensor([i for i, _, _ in rows]))
+        if logits is None:
+            return False
+        self.steps += 1
+        first = 0
+        for (i, r), found in zip(active, proposals):
+            row_logits, first = logits[first:first + 1 + len(found)], first + 1 + len(found)
+            if r is self.chunking:
+                continue
+            taken = 0
+            for j in range(len(found) + 1):
+                r.position += 1
+                token = None if r.processors or r.params.temperature != 0 else int(row_logits[j].argmax())
+                self._accept_or_fail(r, row_logits[j], token)
+                if r.slot < 0 or j == len(found) or token != found[j]:
+                    break  # finished, or the proposal was wrong: the token chosen instead is the next to feed
+                taken += 1
+            if found:
+                r.speculate = min(self.speculative_tokens, taken + 1)
+                self.speculated += len(found)
+                self.speculation_accepted += taken
+        return True
+
+    def _op_rows_step(self, tokens, positions, window: int, cache_rows) -> torch.Tensor | None:
+        rows = self.cache.rows(0, int(cache_rows.max()) + 1)
+        mask = torch.ones(tokens.shape[0], window, dtype=torch.long, device=self.device)
+        return self.step_fn.rows_step(self.model, tokens.to(self.device), positions.to(self.device), mask, rows,
+                                      cache_rows.to(self.device))
 
     def _accept_or_fail(self, r: Request, logits: torch.Tensor, greedy_token: int | None = None) -> None:
         """One request's share of a step: what goes wrong in it (sampling, detokenising, its processors) ends

@@ -45,10 +45,11 @@ class RequestOutput:
 class LLM:
     def __init__(self, model, tokenizer=None, dtype: str = "auto", device: str | None = None,
                  quantize: str | None = None, max_batch: int = 64, max_context: int | None = None,
-                 prefix_caching: bool = True) -> None:
+                 prefix_caching: bool = True, speculative_tokens: int = 0) -> None:
         """`model`: a checkpoint (path or hub id), loaded with its tokenizer, or a loaded GlmForCausalLM (then
         `tokenizer` is required). Up to `max_batch` prompts decode together; a prompt starts from the longest
-        prefix the engine's cache still holds (`prefix_caching`), across calls too."""
+        prefix the engine's cache still holds (`prefix_caching`), across calls too; greedy prompts check up to
+        `speculative_tokens` tokens proposed by prompt lookup per step while few decode."""
         from ..fastpath import pack_weights
 
         if isinstance(model, (str, os.PathLike)):
@@ -63,7 +64,8 @@ class LLM:
 
         self.model, self.tokenizer = model, tokenizer
         self.engine = build_engine(model, tokenizer, max_batch, max_queue=2**31, max_context=max_context,
-                                   thread=False, prefix_caching=prefix_caching)
+                                   thread=False, prefix_caching=prefix_caching,
+                                   speculative_tokens=speculative_tokens)
 
     def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
                  use_tqdm: bool | None = None) -> list[RequestOutput]:

@@ -33,11 +33,11 @@ def load_for_serving(model_path: str | None, dtype: str = "auto", device: str | 
 
 
 def build_engine(model, tokenizer, max_batch: int, max_queue: int, max_context: int | None = None,
-                 thread: bool = True, prefix_caching: bool = True) -> Engine:
+                 thread: bool = True, prefix_caching: bool = True, speculative_tokens: int = 0) -> Engine:
     stop_ids = tokenizer.stop_token_ids(getattr(model.generation_config, "eos_token_id", None))
     return Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue, max_context=max_context,
                   stop_ids={i for i in stop_ids if i < model.config.vocab_size}, thread=thread,
-                  prefix_caching=prefix_caching)
+                  prefix_caching=prefix_caching, speculative_tokens=speculative_tokens)
 
 
 MAX_AUTO_BATCH = 64  # the most slots chosen by default: beyond, a 2-core CPU gains little throughput per row
@@ -92,7 +92,7 @@ def serve(model_path: str | None = None, host: str = "127.0.0.1", port: int = 80
           device: str | None = None, quantize: str | None = None, max_batch: int | None = None,
           max_queue: int = 256, kv_cache_memory: int | None = None,
           api_key: str | None = None, max_context: int | None = None, max_body_bytes: int | None = None,
-          prefix_caching: bool = True) -> None:
+          prefix_caching: bool = True, speculative_tokens: int = 0) -> None:
     import uvicorn
 
     # under torchrun: tensor parallel, rank 0 serves HTTP and schedules, the other ranks follow its steps
@@ -115,7 +115,7 @@ def serve(model_path: str | None = None, host: str = "127.0.0.1", port: int = 80
     else:  # (a shard's layout is left plain: timing it would run collectives each rank decides on alone)
         pack_weights(model, rows=max_batch)  # the server only runs inference, in batches of up to max_batch rows
     engine = build_engine(model, tokenizer, max_batch, max_queue, max_context, thread=False,
-                          prefix_caching=prefix_caching)
+                          prefix_caching=prefix_caching, speculative_tokens=speculative_tokens)
     if rank != 0:
         engine.follow()
         return
