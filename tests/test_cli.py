@@ -115,3 +115,15 @@ def test_glm_z1_checkpoint_generates_with_its_thinking_marked(tmp_path, tokenize
         shown.stdout.rstrip().endswith(hidden.stdout.rstrip())
     off = run("generate", path, "--prompt", "Hello", "--max-new-tokens", "6", "--greedy", "--thinking", "off")
     assert off.returncode == 0 and not off.stdout.startswith("<think>")
+
+
+def test_speculation_flags_leave_the_reply_unchanged(chat_checkpoint):
+    _, path = chat_checkpoint
+    base = ["generate", str(path), "--prompt", "Hello", "--greedy", "--max-new-tokens", "10", "--dtype", "float32"]
+    plain = run(*base)
+    assert plain.returncode == 0, plain.stderr
+    for how in ("ngram", "int4"):
+        fast = run(*base, "--speculate", how, "--num-speculative-tokens", "3")
+        assert fast.returncode == 0 and fast.stdout == plain.stdout, (how, fast.stderr)
+    bad = run(*base, "--speculate", "/no/such/draft")
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr

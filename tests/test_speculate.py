@@ -132,3 +132,22 @@ def test_the_serving_engine_speculates_inside_its_batches(gqa_checkpoint):
     fast, engine = run(speculative_tokens=4)
     assert fast == plain  # the sampled row too: its random numbers are drawn as without speculation
     assert engine.speculated > 0 and engine.speculation_accepted > 0
+
+
+@torch.no_grad()
+def test_a_draft_model_proposes(gqa_checkpoint):
+    """assistant_model=: the target itself as its draft (every proposal accepted) and its int4 copy; greedy output
+    unchanged either way; a draft of another vocabulary is refused."""
+    _, path = gqa_checkpoint
+    model = glmtorch.GlmForCausalLM.from_pretrained(path)
+    ids = torch.randint(5, 160, (1, 11), generator=torch.Generator().manual_seed(5))
+    plain = model.generate(ids, max_new_tokens=20, do_sample=False, eos_token_id=[])
+    for draft, all_accepted in ((model, True), (glmtorch.GlmForCausalLM.from_pretrained(path, quantize="int4"), False)):
+        out = model.generate(ids, max_new_tokens=20, do_sample=False, eos_token_id=[], assistant_model=draft,
+                             num_assistant_tokens=4)
+        assert torch.equal(out, plain)
+        decoder = model._glmtorch_speculation
+        assert decoder.accepted > 0 and (decoder.accepted == decoder.proposed or not all_accepted)
+    small = glmtorch.GlmForCausalLM.from_config(model.config.copy(vocab_size=100))
+    with pytest.raises(ValueError, match="share the target's tokenizer"):
+        model.generate(ids, max_new_tokens=2, assistant_model=small)

@@ -81,10 +81,16 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps ... (default: the best available)")
 
 
-def add_speculation_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--speculate", default=None, choices=["ngram"],
-                   help="speculative decoding at batch 1: ngram proposes tokens copied from the prompt and output "
-                        "(prompt lookup); output unchanged, faster where it repeats its input")
+def add_speculation_flags(p: argparse.ArgumentParser, drafts: bool = True) -> None:
+    if drafts:
+        p.add_argument("--speculate", default=None, metavar="ngram|int4|DRAFT",
+                       help="speculative decoding, output unchanged: ngram proposes tokens copied from the prompt and "
+                            "output (prompt lookup); int4 an int4 copy of the model; DRAFT a smaller checkpoint with "
+                            "the same tokenizer")
+    else:
+        p.add_argument("--speculate", default=None, choices=["ngram"],
+                       help="speculative decoding at batch 1: ngram proposes tokens copied from the prompt and output "
+                            "(prompt lookup); output unchanged, faster where it repeats its input")
     p.add_argument("--num-speculative-tokens", type=sampling_value("prompt_lookup_num_tokens"), default=8,
                    metavar="K", help="most tokens proposed per pass (with --speculate)")
 
@@ -105,7 +111,9 @@ def add_sampling_flags(p: argparse.ArgumentParser) -> None:
 def sampling_kwargs(args: argparse.Namespace) -> dict:
     kw = dict(max_new_tokens=args.max_new_tokens, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
               repetition_penalty=args.repetition_penalty, seed=args.seed,
-              prompt_lookup_num_tokens=args.num_speculative_tokens if args.speculate else None)
+              prompt_lookup_num_tokens=args.num_speculative_tokens if args.speculate == "ngram" else None)
+    if getattr(args, "draft", None) is not None:  # --speculate int4 | DRAFT, loaded by load()
+        kw.update(assistant_model=args.draft, num_assistant_tokens=args.num_speculative_tokens)
     if args.greedy or args.temperature == 0:
         kw["do_sample"] = False
     elif args.temperature is not None or args.top_k is not None or args.top_p is not None or args.min_p is not None:
@@ -136,6 +144,15 @@ def load(args: argparse.Namespace):
         model = AutoModelForCausalLM.from_pretrained(path, dtype=args.dtype, device=args.device or infer_device())
         pack_weights(model)  # inference only from here on
     tokenizer = AutoTokenizer.from_pretrained(path)
+    speculate = getattr(args, "speculate", None)
+    args.draft = None
+    if speculate not in (None, "ngram"):  # a draft model: an int4 copy of this one, or another checkpoint
+        draft = path if speculate == "int4" else speculate
+        args.draft = AutoModelForCausalLM.from_pretrained(draft, dtype=args.dtype, device=model.device,
+                                                          quantize="int4" if speculate == "int4" else None)
+        if args.draft.config.vocab_size != model.config.vocab_size:
+            raise UsageError(f"--speculate {speculate}: its vocabulary has {args.draft.config.vocab_size} tokens, "
+                             f"the model's {model.config.vocab_size}; a draft must share the model's tokenizer")
     return model, tokenizer
 
 
@@ -415,7 +432,7 @@ def _bench_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default="small", choices=["tiny", "small", "glm4-9b"])
     p.add_argument("--json-schema", nargs="?", const="", default=None, metavar="FILE",
                    help="also time decoding constrained to the JSON schema in FILE (default: a list of strings)")
-    add_speculation_flags(p)
+    add_speculation_flags(p, drafts=False)
     p.add_argument("--arch", default="glm", choices=["glm", "glm4"],
                    help="the preset's layer: glm (GLM-4-9B) or glm4 (GLM-4-0414 / GLM-Z1, with sandwich norms)")
     p.add_argument("--dtype", default="float32")

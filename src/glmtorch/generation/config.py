@@ -51,6 +51,7 @@ SAMPLING_BOUNDS: dict[str, Bound] = {
     "seed": Bound(int, 0, SEED_MAX, why=f"an integer in [0, {SEED_MAX}]"),
     "prompt_lookup_num_tokens": Bound(int, 1, 64, why="an integer in [1, 64]"),
     "max_matching_ngram_size": Bound(int, 1, 16, why="an integer in [1, 16]"),
+    "num_assistant_tokens": Bound(int, 1, 64, why="an integer in [1, 64]"),
 }
 
 
@@ -93,6 +94,7 @@ class GenerationConfig:
     # output, matching n-grams of at most max_matching_ngram_size tokens (generation.speculate)
     prompt_lookup_num_tokens: int | None = None
     max_matching_ngram_size: int | None = None
+    num_assistant_tokens: int | None = None  # tokens a draft model (generate's assistant_model) proposes per pass
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
     bos_token_id: int | None = None

@@ -29,14 +29,16 @@ def decode_tokens(
     stop_checks: list[StopCheck] = (),
     constraints: list = (),
     logits_processor: list = (),
+    assistant_model=None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Yield (tokens (B,), processed fp32 logits (B, V), finished (B,) bool) for each new position.
 
     Prefill runs eagerly into a preallocated static cache; each decode step then runs the model's compiled
     decode step (fastpath.compiled_decode_step), whose only varying shape is the attended length.
     `constraints` (grammar masks) run before the configured processors, so top-k / top-p choose among allowed
-    tokens only; a caller's `logits_processor` after them. With `config.prompt_lookup_num_tokens`, a batch of one
-    decodes speculatively (generation.speculate: several tokens per pass, yielded one by one, logits None).
+    tokens only; a caller's `logits_processor` after them. With `config.prompt_lookup_num_tokens` or an
+    `assistant_model` (a draft), a batch of one decodes speculatively (generation.speculate: several tokens per
+    pass, yielded one by one, logits None).
     """
     B, T = input_ids.shape
     device = input_ids.device
@@ -67,11 +69,16 @@ def decode_tokens(
     next_position = positions[:, -1:] + 1  # (B, 1)
     slot = torch.tensor([T], device=device)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
-    if config.prompt_lookup_num_tokens and B == 1 and sync_tokens is None:
-        from .speculate import SpeculativeDecoder
+    speculative = config.prompt_lookup_num_tokens or (assistant_model is not None)
+    if speculative and B == 1 and sync_tokens is None:
+        from .speculate import DraftModel, SpeculativeDecoder
 
-        decoder = SpeculativeDecoder(model, cache, mask, processors, sample, config.prompt_lookup_num_tokens,
-                                     config.max_matching_ngram_size or 3, generator, not config.do_sample)
+        proposer, num_tokens = None, config.prompt_lookup_num_tokens
+        if assistant_model is not None:  # a draft model proposes (transformers' num_assistant_tokens, default 5)
+            num_tokens = config.num_assistant_tokens or 5
+            proposer = DraftModel(assistant_model, capacity + num_tokens)
+        decoder = SpeculativeDecoder(model, cache, mask, processors, sample, num_tokens,
+                                     config.max_matching_ngram_size or 3, generator, not config.do_sample, proposer)
         model._glmtorch_speculation = decoder  # its acceptance counts, for benchmarks
         for process in processors:
             logits = process(history[:, :T], logits)

@@ -30,6 +30,8 @@ class GenerationMixin:
         Defaults come from the checkpoint's generation_config.json (else the model config); keyword arguments
         override them: max_new_tokens, max_length, do_sample, temperature, top_k, top_p, min_p,
         repetition_penalty, eos_token_id, pad_token_id, stop_strings (needs tokenizer=).
+        `prompt_lookup_num_tokens` or `assistant_model` (a smaller GLM of the same vocabulary; with
+        `num_assistant_tokens`) decode a single prompt speculatively (generation.speculate), output unchanged.
         `response_format` (needs tokenizer=) constrains every row's output: a JSON schema, or OpenAI's / vLLM's
         forms ({"type": "json_object"}, {"type": "json_schema", "json_schema": {"schema": ...}}, {"type":
         "regex", "regex": ...}, {"type": "choice", "choice": [...]}; generation.constrain); `logits_processor`:
@@ -37,6 +39,10 @@ class GenerationMixin:
         """
         response_format = kwargs.pop("response_format", None)
         logits_processor = list(kwargs.pop("logits_processor", None) or [])
+        assistant_model = kwargs.pop("assistant_model", None)
+        if assistant_model is not None and assistant_model.config.vocab_size != self.config.vocab_size:
+            raise ValueError(f"assistant_model has a vocabulary of {assistant_model.config.vocab_size} tokens, this "
+                             f"model {self.config.vocab_size}: a draft must share the target's tokenizer")
         base = generation_config or self.generation_config or GenerationConfig.from_model_config(self.config)
         config = base.updated(**kwargs)
         input_ids, attention_mask = self._check_prompt(input_ids, attention_mask, config)
@@ -56,7 +62,7 @@ class GenerationMixin:
         new_tokens = []
         try:
             for tokens, _, _ in decode_tokens(self, input_ids, attention_mask, config, max_new_tokens, generator,
-                                              stop_checks, constraints, logits_processor):
+                                              stop_checks, constraints, logits_processor, assistant_model):
                 new_tokens.append(tokens)
                 if streamer is not None:
                     streamer.put(tokens.cpu())

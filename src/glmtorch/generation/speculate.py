@@ -1,9 +1,10 @@
-"""Prompt-lookup speculative decoding: more than one token per read of the weights.
+"""Speculative decoding: more than one token per read of the weights.
 
 Batch-1 decoding reads every weight once per token; checking k proposed tokens in one pass costs about the same,
 because the pass is bandwidth-bound. Proposals come from the text itself (`propose`): the continuation of the
 latest earlier occurrence of the sequence's last n tokens (n from `max_ngram` down to 1), which is right where
-output repeats input: editing code, summarising, answering from a document, extracting JSON.
+output repeats input: editing code, summarising, answering from a document, extracting JSON; or (`DraftModel`) a
+smaller GLM with the same vocabulary, an int4 copy of the target say, decoding greedily ahead.
 
 One round (`SpeculativeDecoder.round`): the pending token (sampled, its keys not yet in the cache) and the k
 proposals go through the model in one pass; proposal i is accepted if it is what the model picks there, greedily
@@ -43,14 +44,43 @@ def propose(sequence: list[int], max_tokens: int, max_ngram: int = 3) -> list[in
     return []
 
 
+class DraftModel:
+    """Proposals from a smaller model of the same vocabulary, greedy, with a cache of its own: each call first feeds
+    it the tokens the sequence gained since the last call (the accepted ones and the correction), in one pass."""
+
+    def __init__(self, draft, capacity: int) -> None:
+        self.draft = draft
+        self.cache = draft.new_static_cache(1, capacity)
+        self.synced = 0  # leading tokens of the sequence whose keys the draft's cache holds
+
+    def __call__(self, sequence: list[int], max_tokens: int, max_ngram: int = 3) -> list[int]:
+        if max_tokens <= 0:
+            return []
+        device = self.draft.device
+        new = torch.tensor([sequence[self.synced:]], device=device)
+        self.cache.length = len(sequence)
+        logits = self.draft(new, past_key_values=self.cache, use_cache=True, logits_to_keep=1,
+                            cache_position=torch.arange(self.synced, len(sequence), device=device)).logits[0, -1]
+        self.synced = len(sequence)
+        out = [int(logits.argmax())]
+        for i in range(max_tokens - 1):  # written past the sequence's end: overwritten by the next call's catch-up
+            position = len(sequence) + i
+            self.cache.length = position + 1
+            logits = self.draft(torch.tensor([[out[-1]]], device=device), past_key_values=self.cache,
+                                use_cache=True, cache_position=torch.tensor([position], device=device)).logits[0, -1]
+            out.append(int(logits.argmax()))
+        return out
+
+
 class SpeculativeDecoder:
     """Rounds of propose-and-verify for one sequence (batch 1) over a static cache."""
 
     def __init__(self, model, cache, mask, processors, sample, num_tokens: int, max_ngram: int,
-                 generator: torch.Generator | None, greedy: bool) -> None:
+                 generator: torch.Generator | None, greedy: bool, proposer=None) -> None:
         self.model, self.cache, self.mask, self.processors = model, cache, mask, processors
         self.sample, self.greedy, self.generator = sample, greedy, generator
         self.num_tokens, self.max_ngram = num_tokens, max_ngram
+        self.proposer = proposer  # None: prompt lookup (propose)
         self.pass_seconds: dict[int, float] = {}  # tokens in a pass -> its time (a running average)
         self.idle = 0  # rounds in a row that chose to propose nothing
         self.proposed = self.accepted = self.rounds = 0  # totals, for benchmarks
@@ -92,7 +122,8 @@ class SpeculativeDecoder:
         """Tokens after history[:, :length] (its last one, the pending token, not yet in the cache; `position` its
         rotary position, `slot` its cache slot); at most `room` of them. The first is always there."""
         sequence = history[0, :length].tolist()
-        proposals = propose(sequence, self._how_many(min(room - 1, self.num_tokens)), self.max_ngram)
+        proposals = (self.proposer or propose)(sequence, self._how_many(min(room - 1, self.num_tokens)),
+                                               self.max_ngram)
         tokens = torch.tensor([sequence[-1]] + proposals, device=history.device)
         start = time.perf_counter()
         logits = verify_tokens(self.model, tokens, position, slot, self.mask[:, :slot + len(tokens)], self.cache)

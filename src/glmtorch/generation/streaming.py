@@ -144,6 +144,7 @@ def stream_text(model, tokenizer, input_ids: torch.Tensor, stop_strings: list[st
     base = model.generation_config
     generator = generate_kwargs.pop("generator", None)
     seed = generate_kwargs.pop("seed", None)
+    assistant_model = generate_kwargs.pop("assistant_model", None)
     config = base.updated(**generate_kwargs)
     input_ids, attention_mask = model._check_prompt(input_ids, None, config)
     if input_ids.shape[0] != 1:
@@ -153,7 +154,7 @@ def stream_text(model, tokenizer, input_ids: torch.Tensor, stop_strings: list[st
     text = TextStream(tokenizer, stop_strings, config.eos_token_ids)
     constraints = model._constraints(response_format, tokenizer, config)
     for tokens, _, _ in decode_tokens(model, input_ids, attention_mask, config, max_new_tokens, generator,
-                                      constraints=constraints):
+                                      constraints=constraints, assistant_model=assistant_model):
         piece, reason = text.add(int(tokens[0]))
         if piece:
             yield piece, None
