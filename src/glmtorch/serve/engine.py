@@ -130,12 +130,12 @@ class Engine:
         self.cache = model.new_static_cache(max_batch + 1, self.context)
         self.ones = torch.ones(max_batch, self.context, dtype=torch.long, device=model.device)
         self.slots: list[Request | None] = [None] * max_batch
-        # What each free slot's cache rows still hold (token ids whose keys and values are valid there), and when
-        # it was last used; a running request's are its history up to its position. Row max_batch is scratch.
-        self.prefix_caching = prefix_caching
         # prompt-lookup speculation for greedy requests while few decode (where a step is bandwidth-bound)
         self.speculative_tokens = speculative_tokens
         self.speculated = self.speculation_accepted = 0
+        # What each free slot's cache rows still hold (token ids whose keys and values are valid there), and when
+        # it was last used; a running request's are its history up to its position. Row max_batch is scratch.
+        self.prefix_caching = prefix_caching
         self.kept: list[torch.Tensor] = [torch.empty(0, dtype=torch.long) for _ in range(max_batch + 1)]
         self.kept_at: list[float] = [0.0] * (max_batch + 1)
         self.prefix_queries = 0  # prompt tokens admitted
