@@ -111,6 +111,17 @@ def main() -> int:
 
         result = run("generate", "--prompt", "What news?", "--max-new-tokens", "8", "--seed", "0")
         works_or_hints("glmtorch generate", result, "")
+        schema = os.path.join(tmp, "schema.json")
+        with open(schema, "w") as f:
+            json.dump({"type": "object", "properties": {"mood": {"enum": ["merry", "sad"]}}, "required": ["mood"],
+                       "additionalProperties": False}, f)
+        result = run("generate", "--prompt", "Thy mood?", "--json-schema", schema, "--max-new-tokens", "16")
+        works_or_hints("glmtorch generate --json-schema", result, "")
+        if result.returncode == 0:
+            check("glmtorch generate --json-schema: JSON", result.stdout.strip().startswith('{"mood": '),
+                  repr(result.stdout.strip()[:60]))
+        works_or_hints("glmtorch generate --speculate int4",
+                       run("generate", "--prompt", "What news?", "--max-new-tokens", "8", "--speculate", "int4"), "")
         check_serve()
         works_or_hints("glmtorch convert DEMO OUT.gguf", run("convert", _demo(), os.path.join(tmp, "d.gguf")), "gguf")
         works_or_hints("glmtorch convert DEMO DIR", run("convert", _demo(), os.path.join(tmp, "d")), "")
