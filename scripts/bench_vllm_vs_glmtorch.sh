@@ -10,6 +10,29 @@ DTYPE=${DTYPE:-bfloat16}
 TAG=${TAG:-small-bf16}
 VLLM_PY=${VLLM_PY:-/tmp/vllmenv/bin/python}
 G=glmtorch
+# WORKLOAD=prefix: instead, the prefix-caching workloads (a 1,500-word shared preamble, multi-turn chats), vLLM
+# with --enable-prefix-caching: benchmarks/serve[-vllm]-$TAG-prefix1500.json and -multiturn.json
+if [ "${WORKLOAD:-burst}" = prefix ]; then
+  PREFIX="--requests 32 --concurrency 8 --prompt-words 20 --shared-prefix-words 1500 --max-tokens 32"
+  TURNS="--chat --requests 8 --concurrency 8 --multi-turn 4 --prompt-words 30 --max-tokens 48"
+  VLLM_CPU_KVCACHE_SPACE=2 VLLM_CPU_OMP_THREADS_BIND=0-1 $VLLM_PY -m vllm.entrypoints.openai.api_server \
+    --model $M --dtype $DTYPE --max-model-len 2048 --enable-prefix-caching --host 127.0.0.1 --port 8021 \
+    --served-model-name glm > /tmp/vllm_server.log 2>&1 &
+  VP=$!
+  for i in $(seq 1 400); do curl -sf http://127.0.0.1:8021/health >/dev/null && break; sleep 1; done
+  $G bench-serve http://127.0.0.1:8021 --requests 4 --concurrency 4 --max-tokens 4 --prompt-words 50 > /dev/null
+  $G bench-serve http://127.0.0.1:8021 $PREFIX --out benchmarks/serve-vllm-$TAG-prefix1500.json
+  $G bench-serve http://127.0.0.1:8021 $TURNS --out benchmarks/serve-vllm-$TAG-multiturn.json
+  kill -INT $VP; sleep 5; kill -9 $VP 2>/dev/null
+  $G serve $M --dtype $DTYPE --port 8022 --max-batch 16 --max-context 2048 > /tmp/serve_glmtorch_$TAG.log 2>&1 &
+  SP=$!
+  for i in $(seq 1 400); do curl -sf http://127.0.0.1:8022/health >/dev/null && break; sleep 1; done
+  $G bench-serve http://127.0.0.1:8022 --requests 4 --concurrency 4 --max-tokens 4 --prompt-words 50 > /dev/null
+  $G bench-serve http://127.0.0.1:8022 $PREFIX --out benchmarks/serve-$TAG-prefix1500.json
+  $G bench-serve http://127.0.0.1:8022 $TURNS --out benchmarks/serve-$TAG-multiturn.json
+  kill -TERM $SP; wait $SP
+  exit 0
+fi
 VLLM_CPU_KVCACHE_SPACE=2 VLLM_CPU_OMP_THREADS_BIND=0-1 $VLLM_PY -m vllm.entrypoints.openai.api_server \
   --model $M --dtype $DTYPE --max-model-len 1024 --host 127.0.0.1 --port 8021 --served-model-name glm > /tmp/vllm_server.log 2>&1 &
 VP=$!
