@@ -272,6 +272,20 @@ def test_bench_tiny_preset_runs(tmp_path):
     assert "roofline" in format_report(report) and "x (" in format_report(report)
 
 
+@pytest.mark.slow
+def test_bench_measures_constrained_and_speculative_decoding():
+    """--json-schema adds a constrained glmtorch row (with a GLM-sized tokenizer for a preset), --speculate the
+    speculation figures; --arch glm4 benches GLM-4-0414's layer."""
+    from glmtorch.bench import BENCH_SCHEMA, format_report, run_bench
+
+    report = run_bench(preset="tiny", prefill=16, new_tokens=4, batches=(1,), reps=1, with_transformers=False,
+                       json_schema=BENCH_SCHEMA, speculate=2, arch="glm4")
+    assert report["results"]["glmtorch json-schema"]["decode_b1_tok_s"] > 0 and "(glm4)" in report["model"]
+    assert set(report["speculation"]) == {"num_speculative_tokens", "repetitive", "free"}
+    assert report["speculation"]["free"]["tokens_per_pass"] >= 1
+    assert "speculation (repetitive, batch 1)" in format_report(report)
+
+
 @torch.no_grad()
 def test_int8_decode_when_inputs_are_not_whole_blocks(tmp_path):
     # hidden 48: the int8 kernel works in blocks of 32 inputs, so these layers take the library path
