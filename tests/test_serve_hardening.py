@@ -264,11 +264,16 @@ def test_models_retrieve_and_lowercase_bearer(chat_checkpoint):
 # -- fuzzing ---------------------------------------------------------------------------------------------------
 VALUES = [None, True, False, 0, 1, -1, 2, 7, 2**31, 2**63, 2**64, -2**63, 0.5, 1e-300, 5e-324, 1e300, -0.0, 1.5,
           "", "x", "<|assistant|>", "\u0000", "é" * 50, "\ud800", "NaN", [], [1], [[[]]], {}, {"a": 1},
-          {"type": "text", "text": "x"}, [{"type": "text", "text": "hi"}], ["a", 1], [None]]
+          {"type": "text", "text": "x"}, [{"type": "text", "text": "hi"}], ["a", 1], [None],
+          # output constraints and template variables, well formed and not
+          {"type": "json_object"}, {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}},
+          {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "array", "uniqueItems": True}}},
+          {"json": {"type": "string"}}, {"regex": "[a-z]{3}"}, {"choice": ["x", "y"]}, {"regex": "("}, "required",
+          {"type": "function", "function": {"name": "f"}}, {"enable_thinking": False}, {"messages": 1}, "(a|b)+"]
 FIELDS = ["model", "messages", "prompt", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k",
           "min_p", "repetition_penalty", "seed", "stop", "n", "stream", "stream_options", "logprobs",
           "top_logprobs", "tools", "tool_choice", "ignore_eos", "echo", "user", "response_format",
-          "structured_outputs", "guided_json", "guided_regex", "guided_choice"]
+          "structured_outputs", "guided_json", "guided_regex", "guided_choice", "chat_template_kwargs"]
 
 
 def mutate(rng: random.Random, body: dict) -> dict | str:
