@@ -29,10 +29,23 @@ def browser():
     return webdriver.Chrome(service=Service(DRIVER), options=options)
 
 
+def ask(driver, server, model_name: str, text: str, before_sending=lambda driver: None) -> None:
+    """Open the page, wait for the model's name, send `text`, wait until the reply is complete."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver.get(server.url + "/")
+    wait = WebDriverWait(driver, 60)
+    wait.until(lambda d: d.find_element(By.ID, "model").text == model_name)
+    before_sending(driver)
+    driver.find_element(By.ID, "input").send_keys(text)
+    driver.find_element(By.ID, "send").click()
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".msg.assistant[data-done]"))
+
+
 @pytest.mark.skipif(not (CHROMIUM and DRIVER), reason="needs Debian's chromium and chromium-driver (apt-get install)")
 def test_chat_page_streams_a_reply(chat_checkpoint):
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
 
     _, path = chat_checkpoint
     model = glmtorch.AutoModelForCausalLM.from_pretrained(path)
@@ -41,18 +54,15 @@ def test_chat_page_streams_a_reply(chat_checkpoint):
     server = RunningServer(create_app(engine, tokenizer, "tiny-glm"))
     driver = browser()
     try:
-        driver.get(server.url + "/")
-        wait = WebDriverWait(driver, 60)
-        wait.until(lambda d: d.find_element(By.ID, "model").text == "tiny-glm")
-        driver.find_element(By.ID, "system").send_keys("Answer briefly.")
-        driver.find_element(By.ID, "max-tokens").clear()
-        driver.find_element(By.ID, "max-tokens").send_keys("24")
-        # greedy: a sampled first token can be an end token, which would leave nothing to show
-        driver.execute_script("const t = document.getElementById('temperature'); t.value = '0';"
-                              "t.dispatchEvent(new Event('input'));")
-        driver.find_element(By.ID, "input").send_keys("Hello, who are you?")
-        driver.find_element(By.ID, "send").click()
-        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".msg.assistant[data-done]"))
+        def settings(driver):
+            driver.find_element(By.ID, "system").send_keys("Answer briefly.")
+            driver.find_element(By.ID, "max-tokens").clear()
+            driver.find_element(By.ID, "max-tokens").send_keys("24")
+            # greedy: a sampled first token can be an end token, which would leave nothing to show
+            driver.execute_script("const t = document.getElementById('temperature'); t.value = '0';"
+                                  "t.dispatchEvent(new Event('input'));")
+
+        ask(driver, server, "tiny-glm", "Hello, who are you?", settings)
         user = driver.find_element(By.CSS_SELECTOR, ".msg.user .content").text
         reply = driver.find_element(By.CSS_SELECTOR, ".msg.assistant .content").text
         assert user == "Hello, who are you?"
@@ -69,7 +79,6 @@ def test_chat_page_streams_a_reply(chat_checkpoint):
 def test_chat_page_folds_the_thinking_above_the_answer(tokenizer_dir):
     """A GLM-Z1 reply: its thinking goes into a folded <details> above the answer, the answer stays the message."""
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
 
     from glmtorch.chat import default_chat_template
     from test_serve import ScriptedEngine
@@ -78,12 +87,7 @@ def test_chat_page_folds_the_thinking_above_the_answer(tokenizer_dir):
     server = RunningServer(create_app(ScriptedEngine("Two and two.\n</think>\n\nFour."), tokenizer, "z1"))
     driver = browser()
     try:
-        driver.get(server.url + "/")
-        wait = WebDriverWait(driver, 60)
-        wait.until(lambda d: d.find_element(By.ID, "model").text == "z1")
-        driver.find_element(By.ID, "input").send_keys("2+2?")
-        driver.find_element(By.ID, "send").click()
-        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".msg.assistant[data-done]"))
+        ask(driver, server, "z1", "2+2?")
         assert driver.find_element(By.CSS_SELECTOR, ".msg.assistant .content").text == "Four."
         folded = driver.find_element(By.CSS_SELECTOR, ".msg.assistant details.thinking")
         assert folded.get_attribute("open") is None and folded.find_element(By.TAG_NAME, "summary").text == "Thoughts"

@@ -94,24 +94,19 @@ def make_checkpoint(preset: str, directory: str, dtype: torch.dtype, seed: int =
     return directory
 
 
-GLM4_SPECIALS = ("<|endoftext|>", "[MASK]", "[gMASK]", "[sMASK]", "<sop>", "<eop>", "<|system|>", "<|user|>",
-                 "<|assistant|>", "<|observation|>", "<|begin_of_image|>", "<|end_of_image|>", "<|begin_of_video|>",
-                 "<|end_of_video|>")
-
-
 def glm_sized_tokenizer(vocab_size: int = 151552, seed: int = 0):
     """A byte-level BPE of `vocab_size` tokens shaped like GLM-4's (the 256 bytes, word-like merges with and without
     a leading space, digits and JSON punctuation, GLM-4's special tokens at the end), as a GlmTokenizer: what a
     grammar engine sees of GLM-4, for measuring constrained decoding where the real tokenizer is not at hand."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers import pre_tokenizers
 
-    from .tokenizer import GlmTokenizer
+    from .tokenizer import GLM4_SPECIAL_TOKENS, GlmTokenizer, byte_level_bpe
 
     vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
     merges, pieces = [], list(vocab)
     rng = random.Random(seed)
     letters = "abcdefghijklmnopqrstuvwxyz"
-    while len(vocab) < vocab_size - len(GLM4_SPECIALS):
+    while len(vocab) < vocab_size - len(GLM4_SPECIAL_TOKENS):
         left = rng.choice(pieces[-5000:] if len(pieces) > 5000 and rng.random() < 0.7 else pieces)
         right = rng.choice(letters + "0123456789" + ('",:{}[]' if rng.random() < 0.05 else ""))
         if rng.random() < 0.05:
@@ -122,11 +117,7 @@ def glm_sized_tokenizer(vocab_size: int = 151552, seed: int = 0):
         vocab[token] = len(vocab)
         merges.append((left, right))
         pieces.append(token)
-    backend = Tokenizer(models.BPE(vocab, merges))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    backend.decoder = decoders.ByteLevel()
-    backend.add_special_tokens([AddedToken(t, special=True) for t in GLM4_SPECIALS])
-    return GlmTokenizer(backend)
+    return GlmTokenizer(byte_level_bpe(vocab, merges, GLM4_SPECIAL_TOKENS))  # GLM-4's own pipeline
 
 
 # what `glmtorch bench --json-schema` constrains to by default: a list of strings, which a random model keeps

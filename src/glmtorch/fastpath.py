@@ -392,30 +392,27 @@ class FusedDecodeStep:
             self.built_for = key
 
     def verify(self, model, tokens, position: int, slot: int, mask, cache) -> torch.Tensor | None:
-        """(T, V) logits of T consecutive new tokens of one sequence (cache row 0), or None where the plan does
-        not take them (the caller runs a forward pass): speculative decoding's verify pass as T rows of the step.
-        Taken whenever one-token steps take the plan (not by timing T rows): the same code computes both, so
-        speculation changes no greedy token."""
-        self._ensure_plan(model)
-        T = tokens.shape[0]
-        if self.plan is None or T > self.max_rows or not self._kernels_win(model, 1):
-            return None
-        device = tokens.device
-        positions = torch.arange(position, position + T, device=device)[:, None]
-        slots = torch.arange(slot, slot + T, device=device)[:, None]
-        logits = self._run_plan(model, tokens[:, None], positions, slots, mask.expand(T, -1), cache,
-                                torch.zeros(T, dtype=torch.long, device=device))
-        cache.advance(T)
+        """(T, V) logits of T consecutive new tokens of one sequence (cache row 0): speculative decoding's verify
+        pass as T rows of the step (rows_step)."""
+        device, T = tokens.device, tokens.shape[0]
+        logits = self.rows_step(model, tokens[:, None], torch.arange(position, position + T, device=device)[:, None],
+                                mask.expand(T, -1), cache, torch.zeros(T, dtype=torch.long, device=device),
+                                slots=torch.arange(slot, slot + T, device=device)[:, None])
+        if logits is not None:
+            cache.advance(T)
         return logits
 
-    def rows_step(self, model, tokens, positions, attention_mask, cache, cache_rows) -> torch.Tensor | None:
-        """Logits of rows that each name their cache row (`cache_rows`) and write at their own position: several
-        tokens of a sequence among the other sequences' one each (a served batch verifying proposals); None where
-        the plan does not cover the model or so many rows."""
+    def rows_step(self, model, tokens, positions, attention_mask, cache, cache_rows, slots=None) -> torch.Tensor | None:
+        """Logits of rows that each name their cache row (`cache_rows`) and write at their own slot (`slots`,
+        default their positions): several tokens of a sequence among the other sequences' one each (a served batch
+        verifying proposals). None where the plan does not cover the model or so many rows. Taken whenever
+        one-token steps take the plan (not by timing these rows): the same code computes both, so speculation
+        changes no greedy token."""
         self._ensure_plan(model)
         if self.plan is None or tokens.shape[0] > self.max_rows or not self._kernels_win(model, 1):
             return None
-        return self._run_plan(model, tokens, positions, positions, attention_mask, cache, cache_rows)
+        return self._run_plan(model, tokens, positions, positions if slots is None else slots, attention_mask, cache,
+                              cache_rows)
 
     def __call__(self, model, tokens, position_ids, cache_position, attention_mask, cache) -> torch.Tensor:
         self._ensure_plan(model)

@@ -203,8 +203,3 @@ class GrammarProcessor:
                 matcher.unsafe_compute_mask_ptr(bitmask[b].data_ptr(), words * 4)
         allowed = ((bitmask[:, :, None] >> _SHIFTS) & 1).bool().view(rows, -1)[:, :logits.shape[-1]]
         return logits.masked_fill(~allowed.to(logits.device), float("-inf"))
-
-    @property
-    def complete(self) -> list[bool]:
-        """Per row: whether its output is a whole valid value (it may end here)."""
-        return [m.is_accepting() or m.is_stopped() for m in self.matchers]

@@ -4,6 +4,7 @@ throughput, time to first token and inter-token latency (glmtorch, vLLM and llam
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import random
 import statistics
@@ -121,15 +122,21 @@ def _hit_rate(before: dict | None, after: dict | None) -> float | None:
     return (after["hits"] - before["hits"]) / (after["queries"] - before["queries"])
 
 
-async def _run(base_url: str, requests: int, concurrency: int, prompt_words: int, max_tokens: int,
-               model: str | None, api_key: str | None, chat: bool, temperature: float,
-               shared_words: int = 0) -> dict[str, Any]:
+@contextlib.asynccontextmanager
+async def _session(base_url: str, api_key: str | None, model: str | None):
+    """(client, the /v1 base, headers, the model's name) for one workload against a server."""
     import httpx
 
     base = _base(base_url)
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     async with httpx.AsyncClient(timeout=httpx.Timeout(600.0)) as client:
-        model = await _model_name(client, base, headers, model)
+        yield client, base, headers, await _model_name(client, base, headers, model)
+
+
+async def _run(base_url: str, requests: int, concurrency: int, prompt_words: int, max_tokens: int,
+               model: str | None, api_key: str | None, chat: bool, temperature: float,
+               shared_words: int = 0) -> dict[str, Any]:
+    async with _session(base_url, api_key, model) as (client, base, headers, model):
         semaphore = asyncio.Semaphore(concurrency)
         before = await _prefix_counters(client, base_url, headers)
 
@@ -172,12 +179,7 @@ async def _run_multi_turn(base_url: str, users: int, concurrency: int, turns: in
                           max_tokens: int, model: str | None, api_key: str | None, temperature: float) -> dict[str, Any]:
     """`users` chats of `turns` turns each: every turn resends the whole conversation (as chat clients do) plus a
     new question of about `prompt_words` words; up to `concurrency` chats at once."""
-    import httpx
-
-    base = _base(base_url)
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    async with httpx.AsyncClient(timeout=httpx.Timeout(600.0)) as client:
-        model = await _model_name(client, base, headers, model)
+    async with _session(base_url, api_key, model) as (client, base, headers, model):
         semaphore = asyncio.Semaphore(concurrency)
         before = await _prefix_counters(client, base_url, headers)
 
@@ -223,14 +225,8 @@ async def _ttft_under_load(base_url: str, background: int, long_tokens: int, lon
     points of the server's decode loop, as independent clients do. Sent the moment the previous probe ended, they
     would all arrive just after a step began (a probe ends with a step) and wait that whole step: the worst case
     every time, which max_pause=0 measures."""
-    import httpx
-
     pauses = random.Random(0)
-
-    base = _base(base_url)
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    async with httpx.AsyncClient(timeout=httpx.Timeout(600.0)) as client:
-        model = await _model_name(client, base, headers, model)
+    async with _session(base_url, api_key, model) as (client, base, headers, model):
 
         async def probe(i: int) -> float:
             await asyncio.sleep(pauses.uniform(0.0, max_pause))
