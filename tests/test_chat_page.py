@@ -50,7 +50,7 @@ def test_chat_page_streams_a_reply(chat_checkpoint):
     _, path = chat_checkpoint
     model = glmtorch.AutoModelForCausalLM.from_pretrained(path)
     tokenizer = glmtorch.AutoTokenizer.from_pretrained(path)
-    engine = build_engine(model, tokenizer, max_batch=2, max_queue=8)
+    engine = build_engine(model, tokenizer, max_num_seqs=2, max_queue=8)
     server = RunningServer(create_app(engine, tokenizer, "tiny-glm"))
     driver = browser()
     try:

@@ -92,7 +92,7 @@ def server(demo):
     from test_serve import RunningServer
 
     model, tokenizer = demo
-    engine = build_engine(model, tokenizer, max_batch=4, max_queue=16)
+    engine = build_engine(model, tokenizer, max_num_seqs=4, max_queue=16)
     running = RunningServer(create_app(engine, tokenizer, "demo"))
     yield running
     running.close()

@@ -10,7 +10,7 @@ from glmtorch import LLM, SamplingParams
 @pytest.fixture(scope="module")
 def llm(chat_checkpoint):
     _, path = chat_checkpoint
-    return LLM(path, max_batch=4, max_context=128)
+    return LLM(path, max_num_seqs=4, max_context=128)
 
 
 def test_generate_matches_generate_and_keeps_order(llm, chat_checkpoint):

@@ -50,7 +50,7 @@ def served(chat_checkpoint):
     _, path = chat_checkpoint
     model = glmtorch.AutoModelForCausalLM.from_pretrained(path)
     tokenizer = glmtorch.AutoTokenizer.from_pretrained(path)
-    engine = build_engine(model, tokenizer, max_batch=4, max_queue=64)
+    engine = build_engine(model, tokenizer, max_num_seqs=4, max_queue=64)
     server = RunningServer(create_app(engine, tokenizer, "tiny-glm", api_key=None))
     yield server, engine, model, tokenizer
     server.close()
@@ -224,7 +224,7 @@ def test_queue_full_is_503(chat_checkpoint):
     _, path = chat_checkpoint
     model = glmtorch.AutoModelForCausalLM.from_pretrained(path)
     tokenizer = glmtorch.AutoTokenizer.from_pretrained(path)
-    engine = build_engine(model, tokenizer, max_batch=1, max_queue=0)
+    engine = build_engine(model, tokenizer, max_num_seqs=1, max_queue=0)
     # The busy request must still hold the one slot when the second arrives, however fast this machine decodes:
     # its decode steps wait until the test has seen the 503. (Its first token may decode to no text, so the test
     # watches the engine's slot, not the stream.)
@@ -261,7 +261,7 @@ def test_api_key(chat_checkpoint):
     _, path = chat_checkpoint
     model = glmtorch.AutoModelForCausalLM.from_pretrained(path)
     tokenizer = glmtorch.AutoTokenizer.from_pretrained(path)
-    engine = build_engine(model, tokenizer, max_batch=1, max_queue=4)
+    engine = build_engine(model, tokenizer, max_num_seqs=1, max_queue=4)
     server = RunningServer(create_app(engine, tokenizer, "tiny-glm", api_key="sesame"))
     try:
         assert httpx.get(server.url + "/v1/models").status_code == 401
@@ -356,7 +356,7 @@ def test_compiled_engine_steps_any_row_count_with_one_graph(chat_checkpoint, mon
                 for p in prompts]
     monkeypatch.setenv("GLMTORCH_COMPILE", "1")
     model = glmtorch.AutoModelForCausalLM.from_pretrained(path)
-    engine = build_engine(model, tokenizer, max_batch=8, max_queue=8)
+    engine = build_engine(model, tokenizer, max_num_seqs=8, max_queue=8)
 
     def burst(batch):
         done = [threading.Event() for _ in batch]
@@ -387,7 +387,7 @@ def test_engine_runs_in_the_callers_thread(chat_checkpoint):
     _, path = chat_checkpoint
     model = glmtorch.AutoModelForCausalLM.from_pretrained(path)
     tokenizer = glmtorch.AutoTokenizer.from_pretrained(path)
-    engine = Engine(model, tokenizer, max_batch=2, thread=False)
+    engine = Engine(model, tokenizer, max_num_seqs=2, thread=False)
     assert engine.thread is None
     events, threads = [], set()
 
@@ -414,7 +414,7 @@ def test_prefill_pass_is_bounded_in_time_while_others_decode(chat_checkpoint):
     _, path = chat_checkpoint
     model = glmtorch.AutoModelForCausalLM.from_pretrained(path)
     tokenizer = glmtorch.AutoTokenizer.from_pretrained(path)
-    engine = Engine(model, tokenizer, max_batch=8, thread=False, prefill_tokens=1000, prefill_seconds=0.5)
+    engine = Engine(model, tokenizer, max_num_seqs=8, thread=False, prefill_tokens=1000, prefill_seconds=0.5)
     params = SamplingParams(max_tokens=2, temperature=0, ignore_eos=True)
 
     def submit(count):
@@ -441,12 +441,12 @@ def test_a_long_prompt_is_prefilled_in_chunks_between_decode_steps(chat_checkpoi
     short, long = [5, 6, 7], [(7 * i) % 150 + 3 for i in range(90)]
 
     def reply_alone(ids):
-        engine, pieces = Engine(model, tokenizer, max_batch=2, thread=False), []
+        engine, pieces = Engine(model, tokenizer, max_num_seqs=2, thread=False), []
         engine.submit(Request(ids, params, lambda e: pieces.append(e.text)))
         engine.run(until_idle=True)
         return "".join(pieces)
 
-    engine = Engine(model, tokenizer, max_batch=2, thread=False, prefill_tokens=32)
+    engine = Engine(model, tokenizer, max_num_seqs=2, thread=False, prefill_tokens=32)
     engine.prefill_rate = 64.0  # tokens/s "measured": 32-token passes while a stream decodes
     replies: dict[int, list[str]] = {0: [], 1: []}
     passes_seen_by_short: list[int] = []
@@ -503,16 +503,24 @@ def test_tokenize_and_detokenize(served):
     assert httpx.post(url + "/tokenize", json={"prompt": "x", "model": "other"}, timeout=30).status_code == 404
 
 
-def test_default_slots_follow_the_kv_cache_budget(chat_checkpoint):
-    """--max-batch by default: as many full-context slots as the KV budget holds, at most 64, at least one."""
-    from glmtorch.serve.server import MAX_AUTO_BATCH, choose_max_batch
+def test_the_kv_pool_follows_its_memory_budget(chat_checkpoint):
+    """As many blocks as --kv-cache-memory holds, never more than max_num_seqs full contexts need; a pool smaller
+    than one context shortens the context (a request alone must always fit); too little for two blocks is refused."""
+    from glmtorch.serve.engine import Engine, default_kv_cache_memory
 
     _, path = chat_checkpoint
     model = glmtorch.AutoModelForCausalLM.from_pretrained(path)
-    per_slot = model.static_cache_bytes(1, 256)
-    cache = model.new_static_cache(1, 256)
-    assert per_slot == sum(t.numel() * t.element_size() for t in (cache.key_buffer, cache.value_buffer))
-    assert choose_max_batch(model, 256, kv_cache_memory=10 * per_slot + 1) == 10
-    assert choose_max_batch(model, 256, kv_cache_memory=per_slot // 2) == 1
-    assert choose_max_batch(model, 256, kv_cache_memory=10**6 * per_slot) == MAX_AUTO_BATCH
-    assert 1 <= choose_max_batch(model, 256) <= MAX_AUTO_BATCH  # a quarter of the free memory here
+    tokenizer = glmtorch.AutoTokenizer.from_pretrained(path)
+    per_block = model.kv_block_bytes(16)
+    cache = model.new_paged_cache(3, 16)
+    assert 3 * per_block == sum(t.numel() * t.element_size() for t in (cache.key_buffer, cache.value_buffer))
+    engine = Engine(model, tokenizer, max_num_seqs=4, thread=False, kv_cache_memory=40 * per_block + 1)
+    assert engine.pool.usable == 40 and engine.context == 256
+    engine = Engine(model, tokenizer, max_num_seqs=4, thread=False, kv_cache_memory=10**6 * per_block)
+    assert engine.pool.usable == 4 * 17  # 4 contexts of 256 tokens (and the token after them)
+    with pytest.warns(UserWarning, match="limited to 160 tokens"):
+        engine = Engine(model, tokenizer, max_num_seqs=4, thread=False, kv_cache_memory=10 * per_block)
+    assert engine.context == 160
+    with pytest.raises(ValueError, match="kv-cache-memory"):
+        Engine(model, tokenizer, thread=False, kv_cache_memory=per_block)
+    assert default_kv_cache_memory(model) > 0

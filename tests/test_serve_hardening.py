@@ -28,7 +28,7 @@ def demo():
     """The demo model behind a real engine (short context: no request can decode for long)."""
     model = glmtorch.AutoModelForCausalLM.from_pretrained(glmtorch.DEMO_MODEL, device="cpu")
     tokenizer = glmtorch.AutoTokenizer.from_pretrained(glmtorch.DEMO_MODEL)
-    engine = build_engine(model, tokenizer, max_batch=4, max_queue=64, max_context=96)
+    engine = build_engine(model, tokenizer, max_num_seqs=4, max_queue=64, max_context=96)
     server = RunningServer(create_app(engine, tokenizer, "demo", max_body_bytes=256 * 1024))
     yield server, engine, model, tokenizer
     server.close()
@@ -350,5 +350,5 @@ def test_a_kv_cache_larger_than_memory_is_refused_before_allocation(chat_checkpo
     model = glmtorch.AutoModelForCausalLM.from_pretrained(chat_checkpoint[1])
     tokenizer = glmtorch.AutoTokenizer.from_pretrained(chat_checkpoint[1])
     model.config.max_position_embeddings = 2**24
-    with pytest.raises(MemoryError, match=r"KV cache of 409[67] sequences x 16777216 tokens needs .* GiB.*--max-batch"):
-        build_engine(model, tokenizer, max_batch=4096, max_queue=1)
+    with pytest.raises(MemoryError, match=r"KV cache of \d+ blocks of 16 tokens needs .* GiB.*--kv-cache-memory"):
+        build_engine(model, tokenizer, max_num_seqs=4096, max_queue=1, kv_cache_memory=2**50)

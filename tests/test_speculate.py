@@ -125,7 +125,7 @@ def test_the_serving_engine_speculates_inside_its_batches(gqa_checkpoint):
         glmtorch.SamplingParams(max_tokens=20, temperature=1.0, seed=4, ignore_eos=True)]
 
     def run(**kw):
-        llm = glmtorch.LLM(model, tokenizer, max_batch=4, prefix_caching=False, **kw)
+        llm = glmtorch.LLM(model, tokenizer, max_num_seqs=4, prefix_caching=False, **kw)
         return [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)], llm.engine
 
     plain, _ = run()

@@ -10,6 +10,10 @@ length (continuous batching).
 - `StaticCache` preallocates (layers, B, KV, max_length, D) buffers and writes in place, so shapes never change
   and a compiled decode step never recompiles; per-row lengths live in `seq_lengths`, advanced in one place
   (`advance`) after each forward, never inside a layer.
+- `PagedKVCache` is a pool of fixed-size blocks shared by every sequence of a server (vLLM's PagedAttention):
+  a sequence holds the blocks its block table names, as many as its length needs, so memory goes to the tokens
+  that exist, and a block of a shared prompt prefix can sit in many tables. Who owns which block is the
+  engine's business (serve.blocks); the cache only reads and writes through the table it is given.
 """
 
 from __future__ import annotations
@@ -170,6 +174,86 @@ class StaticCache:
             self.seq_lengths.zero_()
         else:
             self.seq_lengths[rows] = 0
+
+    def __len__(self) -> int:
+        return self.key_buffer.shape[0]
+
+
+class PagedKVCache:
+    """(layers, blocks, KV, block_size, D) pools for keys and values. A forward pass is given a view of it with a
+    (B, n) `block_table`: slot j of row b is block block_table[b, j // block_size], offset j % block_size (the
+    same key-slot convention as every cache: slot j holds the token at position j). Table entries past a row's
+    own blocks name block 0, which the engine never gives out: a padded prefill writes its padding there, and
+    attention never sees it (padding and slots past a row's length are masked).
+
+    The fused CPU decode step reads the pool through the table in place; the layer-by-layer path gathers each
+    layer's blocks into contiguous (B, KV, S, D) keys and values for attention (one copy of the attended keys per
+    layer, small beside the weights a step reads).
+
+    On a CPU the pool is an anonymous mapping (hugepages.zeros_on_demand): zero, as every slot must be (a masked
+    slot still meets the values in SDPA's product, where NaN garbage would poison it), and taking memory only as
+    blocks are first written, so a generous --kv-cache-memory costs nothing until sequences fill it."""
+
+    @staticmethod
+    def block_bytes(num_layers: int, num_kv_heads: int, block_size: int, head_dim: int,
+                    dtype: torch.dtype = torch.float32) -> int:
+        """Bytes one block of keys and values takes, every layer."""
+        return 2 * num_layers * num_kv_heads * block_size * head_dim * dtype.itemsize
+
+    def __init__(self, num_layers: int, num_blocks: int, num_kv_heads: int, block_size: int, head_dim: int,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> None:
+        shape = (num_layers, num_blocks, num_kv_heads, block_size, head_dim)
+        device = torch.device(device or "cpu")
+        check_allocation(num_blocks * PagedKVCache.block_bytes(num_layers, num_kv_heads, block_size, head_dim, dtype),
+                         device, f"a KV cache of {num_blocks} blocks of {block_size} tokens",
+                         "give it less memory (serve: --kv-cache-memory)")
+        if device.type == "cpu":
+            from .hugepages import zeros_on_demand
+
+            self.key_buffer, self.value_buffer = zeros_on_demand(shape, dtype), zeros_on_demand(shape, dtype)
+        else:
+            self.key_buffer = torch.zeros(shape, dtype=dtype, device=device)
+            self.value_buffer = torch.zeros(shape, dtype=dtype, device=device)
+        self.block_size, self.num_blocks = block_size, num_blocks
+        self.block_table: torch.Tensor | None = None  # (B, n) for the rows of the current forward pass
+        self.length = 0  # slots attention reads (<= n * block_size)
+
+    def view(self, block_table: torch.Tensor, length: int) -> "PagedKVCache":
+        """The pool seen by a forward pass over len(block_table) rows attending `length` slots."""
+        if block_table.shape[1] * self.block_size < length:
+            raise ValueError(f"a block table of {block_table.shape[1]} blocks does not cover {length} slots")
+        view = PagedKVCache.__new__(PagedKVCache)
+        view.__dict__.update(self.__dict__)
+        view.block_table, view.length = block_table, length
+        return view
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def kv_length(self, new_tokens: int) -> int:
+        return self.length
+
+    def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor, cache_position: torch.Tensor):
+        """k, v: (B, KV, T, D) written at cache_position ((T,) or (B, T)) through the table; returns the layer's
+        (B, KV, length, D) keys and values gathered from the blocks."""
+        B, KV, T, D = k.shape
+        positions = cache_position.view(-1, T).expand(B, T)
+        blocks = self.block_table.gather(1, positions // self.block_size)  # (B, T)
+        device = k.device
+        index = (torch.tensor(layer_idx, device=device), blocks[:, None, :], torch.arange(KV, device=device)[None, :, None],
+                 (positions % self.block_size)[:, None, :])
+        self.key_buffer.index_put_(index, k)
+        self.value_buffer.index_put_(index, v)
+        used = self.block_table[:, :-(-self.length // self.block_size)]  # (B, n) blocks covering `length` slots
+
+        def gather(buffer: torch.Tensor) -> torch.Tensor:
+            blocks = buffer[layer_idx][used]  # (B, n, KV, block, D)
+            return blocks.transpose(1, 2).reshape(B, KV, -1, D)[:, :, :self.length]
+
+        return gather(self.key_buffer), gather(self.value_buffer)
+
+    def advance(self, new_tokens: int | torch.Tensor) -> None:
+        """Nothing to do: the engine keeps each sequence's length."""
 
     def __len__(self) -> int:
         return self.key_buffer.shape[0]

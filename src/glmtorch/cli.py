@@ -460,7 +460,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .serve.server import serve
 
     serve(args.model, host=args.host, port=args.port, dtype=args.dtype, device=args.device, quantize=args.quantize,
-          max_batch=args.max_batch, max_queue=args.max_queue, kv_cache_memory=args.kv_cache_memory,
+          max_num_seqs=args.max_num_seqs, max_queue=args.max_queue, kv_cache_memory=args.kv_cache_memory,
           api_key=args.api_key, max_context=args.max_context,
           max_body_bytes=args.max_request_body_size, prefix_caching=not args.no_prefix_caching,
           speculative_tokens=args.num_speculative_tokens if args.speculative else 0)
@@ -472,20 +472,20 @@ def _serve_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=ranged(int, 1, 65535), default=8000)
     p.add_argument("--quantize", default=None, choices=["int8", "int4"])
-    p.add_argument("--max-batch", type=ranged(int, 1, 4096), default=None,
-                   help="requests decoded together (KV cache slots; default: as many as --kv-cache-memory holds, "
-                        "at most 64)")
+    p.add_argument("--max-num-seqs", "--max-batch", type=ranged(int, 1, 4096), default=256,
+                   help="most requests decoded together, if the KV cache holds them (default 256)")
     p.add_argument("--kv-cache-memory", type=byte_size, default=None, metavar="SIZE",
-                   help="memory for the KV cache when choosing --max-batch, e.g. 4GiB (default: a quarter of what is "
-                        "free after loading)")
+                   help="memory for the KV cache's blocks, e.g. 4GiB (default: a quarter of what is free after "
+                        "loading on a CPU, taken as used; 80%% on a GPU)")
     p.add_argument("--max-queue", type=ranged(int, 0, 1_000_000), default=256, help="requests allowed to wait; beyond: HTTP 503")
-    p.add_argument("--max-context", type=ranged(int, 2, 2**24), default=None, help="tokens per slot (default: the model's)")
+    p.add_argument("--max-context", type=ranged(int, 2, 2**24), default=None, help="most tokens per request, prompt and output (default: the model's)")
     p.add_argument("--speculative", default=None, choices=["ngram"],
                    help="greedy requests check tokens proposed by prompt lookup while few requests decode")
     p.add_argument("--num-speculative-tokens", type=sampling_value("prompt_lookup_num_tokens"), default=8,
                    metavar="K", help="most tokens a request proposes per step (with --speculative)")
     p.add_argument("--no-prefix-caching", action="store_true",
-                   help="prefill every prompt whole (by default a prompt starts from the longest prefix a slot holds)")
+                   help="prefill every prompt whole (by default a prompt starts from the longest prefix the KV cache "
+                        "holds)")
     p.add_argument("--api-key", default=os.environ.get("GLMTORCH_API_KEY"), help="require this bearer key")
     p.add_argument("--max-request-body-size", type=ranged(int, 1024, 2**31), default=32 * 2**20, metavar="BYTES",
                    help="larger request bodies get HTTP 413 (default 32 MiB)")

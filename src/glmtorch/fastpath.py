@@ -403,8 +403,8 @@ class FusedDecodeStep:
         return logits
 
     def rows_step(self, model, tokens, positions, attention_mask, cache, cache_rows, slots=None) -> torch.Tensor | None:
-        """Logits of rows that each name their cache row (`cache_rows`) and write at their own slot (`slots`,
-        default their positions): several tokens of a sequence among the other sequences' one each (a served batch
+        """Logits of rows that each name their cache row (`cache_rows`; a paged cache's rows carry their block
+        tables instead) and write at their own slot (`slots`, default their positions): several tokens of a sequence among the other sequences' one each (a served batch
         verifying proposals). None where the plan does not cover the model or so many rows. Taken whenever
         one-token steps take the plan (not by timing these rows): the same code computes both, so speculation
         changes no greedy token."""
@@ -427,7 +427,7 @@ class FusedDecodeStep:
                   cache_rows=None) -> torch.Tensor:
         cache.length = attention_mask.shape[1]
         out = self.plan.step(tokens, position_ids, cache_position, attention_mask, cache.key_buffer,
-                             cache.value_buffer, cache_rows)
+                             cache.value_buffer, cache_rows, getattr(cache, "block_table", None))
         return model.lm_head(out.to(model.dtype)) if self.head_outside else out
 
     def _kernels_win(self, model, rows: int) -> bool:
@@ -653,13 +653,16 @@ def _compiled_step(model):
             return decode_step(*args)
         tokens, positions, mask, cache = args[1], args[2], args[4], args[5]
         torch._dynamo.mark_dynamic(mask, 1)  # the attended length grows every step
-        for buffer in (cache.key_buffer, cache.value_buffer):  # and caches differ in size between calls
-            torch._dynamo.mark_dynamic(buffer, 3)
+        table = getattr(cache, "block_table", None)  # a paged cache: the pool's shape is fixed, its table's is not
+        if table is not None:
+            torch._dynamo.mark_dynamic(table, 1)
+        for buffer in (cache.key_buffer, cache.value_buffer) if table is None else ():
+            torch._dynamo.mark_dynamic(buffer, 3)  # caches differ in size between calls
         # so do batches (the server's active requests change every few steps): one graph for every row count
         # from 2 up (a single row specializes, and gets its own)
-        for t in (tokens, positions, mask, cache.seq_lengths):
+        for t in (tokens, positions, mask, cache.seq_lengths if table is None else table):
             torch._dynamo.maybe_mark_dynamic(t, 0)
-        for buffer in (cache.key_buffer, cache.value_buffer):
+        for buffer in (cache.key_buffer, cache.value_buffer) if table is None else ():
             torch._dynamo.maybe_mark_dynamic(buffer, 1)
         try:
             return compiled(*args)

@@ -50,6 +50,18 @@ def empty_in_huge_pages(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Ten
     return torch.frombuffer(memoryview(area)[start:start + nbytes], dtype=dtype).view(shape)
 
 
+def zeros_on_demand(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A zero CPU tensor whose memory is taken page by page as it is first written (an anonymous mapping is zero
+    until then), in huge pages where available: a server's KV block pool sized generously costs only the blocks
+    sequences use. torch.zeros writes every page at once."""
+    nbytes = max(1, math.prod(shape) * dtype.itemsize)
+    area = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if huge_pages_available():
+        area.madvise(mmap.MADV_HUGEPAGE)
+    start = (-_address(area)) % HUGE_PAGE
+    return torch.frombuffer(memoryview(area)[start:start + nbytes], dtype=dtype)[:math.prod(shape)].view(shape)
+
+
 def tensor_in_huge_pages(t: torch.Tensor) -> torch.Tensor:
     """A copy of `t` (CPU) in huge pages."""
     return empty_in_huge_pages(tuple(t.shape), t.dtype).copy_(t)

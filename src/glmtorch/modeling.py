@@ -24,7 +24,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .attention import ATTENTION_BACKENDS, check_attention_backend
-from .cache import DynamicCache, StaticCache, make_attention_mask
+from .cache import DynamicCache, PagedKVCache, StaticCache, make_attention_mask
 from .config import GlmConfig
 from .losses import causal_lm_loss, sequence_classification_loss, token_classification_loss
 from .outputs import (
@@ -239,6 +239,15 @@ class GlmPreTrainedModel(nn.Module):
     def static_cache_bytes(self, batch_size: int, max_length: int) -> int:
         """What new_static_cache(batch_size, max_length) would take, without taking it."""
         return StaticCache.nbytes(*self._static_cache_shape(batch_size, max_length), dtype=self.dtype)
+
+    def new_paged_cache(self, num_blocks: int, block_size: int) -> PagedKVCache:
+        """A pool of `num_blocks` KV blocks of `block_size` tokens (a server's; this rank's KV heads only)."""
+        layers, _, kv_heads, _, head_dim = self._static_cache_shape(1, 1)
+        return PagedKVCache(layers, num_blocks, kv_heads, block_size, head_dim, dtype=self.dtype, device=self.device)
+
+    def kv_block_bytes(self, block_size: int) -> int:
+        """What one block of new_paged_cache takes."""
+        return self.static_cache_bytes(1, block_size)
 
     def _static_cache_shape(self, batch_size: int, max_length: int) -> tuple[int, int, int, int, int]:
         attention = next(m for m in self.modules() if isinstance(m, Attention))

@@ -133,33 +133,50 @@ struct DecodePlan : torch::CustomClassHolder {
   // cache: written rounded to nearest, read widened). Row b of the batch uses cache row b, or cache_rows[b]: several
   // new tokens of one sequence (speculative decoding's verify pass) are rows of one cache row at consecutive slots,
   // each attending its own slot and the ones before it. Returns (B, vocab) fp32 logits.
+  // With a block_table (B, blocks) the cache is paged (a server's block pool): keys / values are (layers, pool
+  // blocks, KV, block size, D), and slot j of row b lives in block block_table[b][j / block size] at offset
+  // j % block size; cache_rows is then not used (rows of one sequence share its table).
   at::Tensor step(const at::Tensor& tokens, const at::Tensor& positions, const at::Tensor& slots,
                   const at::Tensor& mask, const at::Tensor& keys, const at::Tensor& values,
-                  c10::optional<at::Tensor> cache_rows) const {
+                  c10::optional<at::Tensor> cache_rows, c10::optional<at::Tensor> block_table) const {
     TORCH_CHECK(keys.scalar_type() == values.scalar_type() &&
                     (keys.scalar_type() == at::kFloat || keys.scalar_type() == at::kBFloat16),
                 "the cache must be fp32 or bf16");
     if (keys.scalar_type() == at::kBFloat16)
-      return run<at::BFloat16>(tokens, positions, slots, mask, keys, values, cache_rows);
-    return run<float>(tokens, positions, slots, mask, keys, values, cache_rows);
+      return run<at::BFloat16>(tokens, positions, slots, mask, keys, values, cache_rows, block_table);
+    return run<float>(tokens, positions, slots, mask, keys, values, cache_rows, block_table);
   }
 
   template <typename T>
   at::Tensor run(const at::Tensor& tokens, const at::Tensor& positions, const at::Tensor& slots,
                  const at::Tensor& mask, const at::Tensor& keys, const at::Tensor& values,
-                 const c10::optional<at::Tensor>& cache_rows) const {
+                 const c10::optional<at::Tensor>& cache_rows, const c10::optional<at::Tensor>& block_table) const {
     const int64_t B = tokens.size(0), H = embed.size(1), L = mask.size(1), D = head_dim, R = rotary_dim;
     const int64_t Q = heads, KV = kv_heads, G = Q / KV;
-    std::vector<int64_t> row_of(B);  // the cache row each batch row reads and writes
-    const auto given_rows = cache_rows ? cache_rows->to(at::kLong).contiguous() : at::Tensor();
-    for (int64_t b = 0; b < B; ++b) {
-      row_of[b] = cache_rows ? given_rows.data_ptr<int64_t>()[b] : b;
-      TORCH_CHECK(row_of[b] >= 0 && row_of[b] < keys.size(1), "cache row ", row_of[b], " is outside the cache");
-    }
+    // Where slot j of batch row b lives: block_of(b, j / span) in the cache's dimension 1, at offset j % span. A
+    // contiguous cache is one block of its whole capacity per row (the row named by cache_rows, or b itself).
+    const bool paged = block_table.has_value();
+    const int64_t span = keys.size(3);
+    const auto table = paged ? block_table->to(at::kLong).contiguous() : at::Tensor();
+    const int64_t per_row = paged ? table.size(1) : 1;
+    std::vector<int64_t> blocks(B * per_row);
+    const auto given_rows = cache_rows && !paged ? cache_rows->to(at::kLong).contiguous() : at::Tensor();
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t i = 0; i < per_row; ++i) {
+        int64_t& block = blocks[b * per_row + i];
+        block = paged ? table.data_ptr<int64_t>()[b * per_row + i]
+                      : given_rows.defined() ? given_rows.data_ptr<int64_t>()[b] : b;
+        TORCH_CHECK(block >= 0 && block < keys.size(1), "cache row or block ", block, " is outside the cache");
+      }
     TORCH_CHECK(keys.stride(4) == 1 && values.stride(4) == 1 && keys.sizes() == values.sizes() &&
-                    (cache_rows || keys.size(1) == B) && keys.size(2) == KV && keys.size(4) == D &&
-                    L <= keys.size(3),
-                "the cache must be (layers, B, KV, capacity, D) buffers covering the mask");
+                    (paged || cache_rows || keys.size(1) == B) && keys.size(2) == KV && keys.size(4) == D &&
+                    L <= span * per_row && (!paged || table.size(0) == B),
+                "the cache must be (layers, B, KV, capacity, D) buffers covering the mask, or (layers, blocks, KV, "
+                "block size, D) with a (B, blocks) table covering it");
+    // the first element of slot j of row b, head h, in a layer's buffer (stride 1: rows or blocks)
+    auto slot_offset = [&](const at::Tensor& cache, int64_t b, int64_t h, int64_t j) {
+      return blocks[b * per_row + j / span] * cache.stride(1) + h * cache.stride(2) + (j % span) * cache.stride(3);
+    };
     const auto tok = tokens.to(at::kLong).contiguous(), pos = positions.to(at::kLong).contiguous();
     const auto slot = slots.to(at::kLong).contiguous(), visible = mask.to(at::kBool).contiguous();
     const int64_t* tp = tok.data_ptr<int64_t>();
@@ -217,8 +234,8 @@ struct DecodePlan : torch::CustomClassHolder {
           }
         }
         for (int64_t h = 0; h < KV; ++h) {
-          T* k_at = kc + row_of[b] * keys.stride(1) + h * keys.stride(2) + row_slot[b] * keys.stride(3);
-          T* v_at = vc + row_of[b] * values.stride(1) + h * values.stride(2) + row_slot[b] * values.stride(3);
+          T* k_at = kc + slot_offset(keys, b, h, row_slot[b]);
+          T* v_at = vc + slot_offset(values, b, h, row_slot[b]);
           const float* k_new = row + (Q + h) * D;
           const float* v_new = row + (Q + KV + h) * D;
           for (int64_t d = 0; d < D; ++d) {
@@ -236,24 +253,25 @@ struct DecodePlan : torch::CustomClassHolder {
         std::vector<float> acc(D);
         for (int64_t task = begin; task < end; ++task) {
           const int64_t b = task / KV, h = task % KV, last = row_slot[b];
-          const T* k_rows = kc + row_of[b] * keys.stride(1) + h * keys.stride(2);
-          const T* v_rows = vc + row_of[b] * values.stride(1) + h * values.stride(2);
           const bool* seen = vp + b * L;
           for (int64_t g = 0; g < G; ++g) {
             const float* q = qkvp + b * width + (h * G + g) * D;
             float* s = scores.data() + g * L;
             float top = -INFINITY;
-            for (int64_t j = 0; j <= last; ++j) {
-              if (!seen[j] && j != last) {
-                s[j] = -INFINITY;
-                continue;
-              }
-              const T* k = k_rows + j * keys.stride(3);
-              float dot = 0.f;
+            for (int64_t first = 0; first <= last; first += span) {  // block by block (one, unpaged)
+              const T* k_block = kc + slot_offset(keys, b, h, first);
+              for (int64_t j = first; j <= std::min(last, first + span - 1); ++j) {
+                if (!seen[j] && j != last) {
+                  s[j] = -INFINITY;
+                  continue;
+                }
+                const T* k = k_block + (j - first) * keys.stride(3);
+                float dot = 0.f;
 #pragma omp simd reduction(+ : dot)
-              for (int64_t d = 0; d < D; ++d) dot += q[d] * static_cast<float>(k[d]);
-              s[j] = dot * static_cast<float>(scale);
-              top = std::max(top, s[j]);
+                for (int64_t d = 0; d < D; ++d) dot += q[d] * static_cast<float>(k[d]);
+                s[j] = dot * static_cast<float>(scale);
+                top = std::max(top, s[j]);
+              }
             }
             float total = 0.f;
             for (int64_t j = 0; j <= last; ++j) {
@@ -261,12 +279,15 @@ struct DecodePlan : torch::CustomClassHolder {
               total += s[j];
             }
             std::fill(acc.begin(), acc.end(), 0.f);
-            for (int64_t j = 0; j <= last; ++j) {
-              if (s[j] == 0.f) continue;
-              const float p = s[j];
-              const T* v = v_rows + j * values.stride(3);
+            for (int64_t first = 0; first <= last; first += span) {
+              const T* v_block = vc + slot_offset(values, b, h, first);
+              for (int64_t j = first; j <= std::min(last, first + span - 1); ++j) {
+                if (s[j] == 0.f) continue;
+                const float p = s[j];
+                const T* v = v_block + (j - first) * values.stride(3);
 #pragma omp simd
-              for (int64_t d = 0; d < D; ++d) acc[d] += p * static_cast<float>(v[d]);
+                for (int64_t d = 0; d < D; ++d) acc[d] += p * static_cast<float>(v[d]);
+              }
             }
             float* out = outp + b * Q * D + (h * G + g) * D;
             for (int64_t d = 0; d < D; ++d) out[d] = acc[d] / total;

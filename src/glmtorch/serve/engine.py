@@ -1,24 +1,29 @@
-"""Continuous batching: one thread owns the model and a static KV cache of `max_batch` rows (slots).
+"""Continuous batching over a paged KV cache: one thread owns the model and a pool of KV blocks
+(cache.PagedKVCache, serve.blocks.BlockPool) sized by a memory budget, and runs up to `max_num_seqs` requests.
 
-Every step decodes one token for every active request together; the requests waiting for a slot are prefilled
-between steps, several in one forward pass (up to `prefill_tokens` padded tokens, so a burst of arrivals costs a
-few large matrix products instead of many small ones and running streams pause only briefly), and join the
-next step; a finished or cancelled request leaves at once and its slot is reused. While streams decode, a pass
-takes only what this machine prefills in `prefill_seconds`; a prompt longer than that goes in chunks, one per
-loop turn between decode steps.
+Every step decodes one token for every running request together; waiting requests are admitted while the pool has
+blocks for their prompts (admission by blocks, not by slots: a short chat takes a few blocks, a 100K-token document
+takes its own) and prefilled between steps, several in one forward pass (up to `prefill_tokens` padded tokens, so
+a burst of arrivals costs a few large matrix products instead of many small ones and running streams pause only
+briefly); a finished or cancelled request leaves at once and its blocks go back to the pool. While streams decode,
+a pass takes only what this machine prefills in `prefill_seconds`; a prompt longer than that goes in chunks, one per
+loop turn between decode steps. When a decode step needs a block and the pool has none, the youngest running
+request is preempted: its blocks are released and it goes back to the front of the queue, to be prefilled again
+(its prompt and what it generated so far) when blocks free up; it then resumes where it stopped, with the same
+output: no token is sampled twice, and its random generator has not moved.
 Each request keeps its own sampling parameters and random generator, so a seed gives the same text whether
 the request runs alone or in a full batch.
 
-Prefix reuse (llama-server's slot cache reuse, on by default): a slot keeps the keys and values of the request that
-last used it after that request leaves, and a new request starts from the longest prefix of its prompt that any
-slot holds (a finished conversation's, the system prompt of a request still running), copied into its own slot,
-and prefills only the rest: a chat client resending its history, or 100 requests behind one system prompt, pay
-for the new part. Free slots are given out least recently used first.
+Automatic prefix caching (on by default): full blocks are named by a hash chained over their tokens and prefix
+(serve.blocks), so a new request reuses the blocks of the longest prefix of its prompt that any request left in the
+pool, running or finished (a system prompt shared by 100 requests, a chat client resending its history), and
+prefills only the rest; blocks nobody holds stay cached until the pool needs them, least recently used first.
 
 Under tensor parallelism (`torchrun ... glmtorch serve`), rank 0 schedules and serves HTTP; every operation on the
-model or its cache goes through `_do`, which first sends it to the other ranks, where `follow()` runs the same
-operation on their shard (the collectives inside the forward pass then meet). Only rank 0 samples: the logits are
-gathered on every rank, and the tokens travel in the next operation.
+model goes through `_do`, which first sends it to the other ranks (with the block tables it uses), where
+`follow()` runs the same operation on their shard of the pool (the collectives inside the forward pass then meet).
+Only rank 0 samples and owns the block pool's bookkeeping: the logits are gathered on every rank, and the tokens
+travel in the next operation.
 
 Where the loop runs matters on a CPU: torch's OpenMP threads answer a parallel region started from the process's
 main thread in ~9 us, from any other thread in ~70 us (measured with 2 threads, AMX Xeon; libgomp keeps only the
@@ -43,9 +48,12 @@ from ..generation.config import GenerationConfig
 from ..generation.processors import make_processors
 from ..generation.sampling import greedy_tokens, sample_from_logits
 from ..generation.streaming import TextStream
+from .blocks import BlockPool, chain_hashes
 
 
-MIN_PREFIX = 16  # shorter shared prefixes are not worth a copy (one block, as vLLM's prefix cache counts them)
+BLOCK_SIZE = 16  # tokens per KV block (vLLM's default): the unit of allocation and of prefix sharing
+MAX_NUM_SEQS = 256  # requests running at once by default (vLLM's default), if the pool holds them
+KV_SHARE_CPU, KV_SHARE_GPU = 0.25, 0.8  # of the memory free after loading, what the KV pool takes by default
 
 
 class QueueFull(Exception):
@@ -93,8 +101,10 @@ class Request:
     emit: Callable[[Event], None]
     cancelled: threading.Event = field(default_factory=threading.Event)
     # engine-side state
-    slot: int = -1
-    position: int = 0
+    row: int = -1  # its row of the engine's block tables while it runs; -1 when waiting or done
+    blocks: list[int] = field(default_factory=list)  # its KV blocks, in order
+    names: list[bytes] = field(default_factory=list)  # the prefix-cache names of its full blocks so far
+    position: int = 0  # tokens whose keys and values its blocks hold
     last_token: int = 0
     generated: int = 0
     history: torch.Tensor | None = None  # (1, prompt + max_tokens), filled as tokens come: no per-token concat
@@ -105,15 +115,30 @@ class Request:
     arrived: float = field(default_factory=time.perf_counter)
     last_token_at: float = 0.0  # when its latest token was made (inter-token latency)
     cached_tokens: int = 0  # prompt tokens whose keys and values came from the prefix cache, not a prefill
+    preempted: int = 0  # times it gave its blocks up to older requests
     speculate: int = -1  # proposals to make next step (speculative decoding; -1: not decided yet)
 
 
+def default_kv_cache_memory(model) -> int:
+    """Bytes for the KV block pool when none are asked for: a quarter of the memory free after loading on a CPU
+    (taken only as blocks are written, see cache.PagedKVCache), 80% of the free device memory on a GPU, 4 GiB
+    where free memory is unknown."""
+    from ..device import available_memory
+
+    free = available_memory(model.device)
+    if free is None:
+        return 4 << 30
+    return int(free * (KV_SHARE_CPU if model.device.type == "cpu" else KV_SHARE_GPU))
+
+
 class Engine:
-    def __init__(self, model, tokenizer, max_batch: int = 8, max_queue: int = 64, max_context: int | None = None,
-                 stop_ids: set[int] | None = None, prefill_tokens: int = 2048, thread: bool = True,
-                 prefill_seconds: float = 1.0, prefix_caching: bool = True, speculative_tokens: int = 0) -> None:
+    def __init__(self, model, tokenizer, max_num_seqs: int = MAX_NUM_SEQS, max_queue: int = 64,
+                 max_context: int | None = None, stop_ids: set[int] | None = None, prefill_tokens: int = 2048,
+                 thread: bool = True, prefill_seconds: float = 1.0, prefix_caching: bool = True,
+                 speculative_tokens: int = 0, kv_cache_memory: int | None = None,
+                 block_size: int = BLOCK_SIZE) -> None:
         self.model, self.tokenizer = model, tokenizer
-        self.max_batch, self.max_queue = max_batch, max_queue
+        self.max_num_seqs, self.max_queue = max_num_seqs, max_queue
         self.prefill_tokens = prefill_tokens
         # While streams are decoding, a prefill pass is also their wait for the next token: it takes at most as
         # many tokens as this machine prefills in `prefill_seconds` (measured on the passes so far). Small bf16 on
@@ -124,25 +149,16 @@ class Engine:
         self.observer = None  # serve.metrics.ServingMetrics, or anything with first_token / token / finished
         self.context = min(max_context or model.config.max_position_embeddings, model.config.max_position_embeddings)
         self.stop_ids = set(stop_ids or ())
-        # One row more than can ever be active: a decode step reads a view of the first `active` rows, and a view
-        # of all rows would be contiguous where every other is not, which a compiled step guards on: the first
-        # full batch recompiled it, a 60-75 s stall for every stream (measured on "small" bf16, 64 at once).
-        self.cache = model.new_static_cache(max_batch + 1, self.context)
-        self.ones = torch.ones(max_batch, self.context, dtype=torch.long, device=model.device)
-        self.slots: list[Request | None] = [None] * max_batch
-        # prompt-lookup speculation for greedy requests while few decode (where a step is bandwidth-bound)
-        self.speculative_tokens = speculative_tokens
+        self.speculative_tokens = speculative_tokens  # prompt lookup for greedy requests while few decode
         self.speculated = self.speculation_accepted = 0
-        # What each free slot's cache rows still hold (token ids whose keys and values are valid there), and when
-        # it was last used; a running request's are its history up to its position. Row max_batch is scratch.
-        self.prefix_caching = prefix_caching
-        self.kept: list[torch.Tensor] = [torch.empty(0, dtype=torch.long) for _ in range(max_batch + 1)]
-        self.kept_at: list[float] = [0.0] * (max_batch + 1)
+        self._make_pool(kv_cache_memory, block_size, prefix_caching)
         self.prefix_queries = 0  # prompt tokens admitted
         self.prefix_hits = 0  # of those, tokens whose keys and values came from the prefix cache
+        self.preemptions = 0
+        self.running: list[Request] = []  # in the order they were admitted: the youngest is preempted first
         self.waiting: deque[Request] = deque()
         self.cond = threading.Condition()
-        self.running = True
+        self.running_loop = True
         self.step_fn = compiled_decode_step(model)
         self.device = model.device
         self.tp = getattr(model, "tensor_parallel", None)  # a TensorParallel when the model is a shard
@@ -153,13 +169,43 @@ class Engine:
             self.thread = threading.Thread(target=self.run, name="glmtorch-engine", daemon=True)
             self.thread.start()
 
+    def _make_pool(self, kv_cache_memory: int | None, block_size: int, prefix_caching: bool) -> None:
+        """The block pool: as many blocks as `kv_cache_memory` bytes hold (never more than max_num_seqs full
+        contexts need), plus the reserved block 0. A pool smaller than one full context shortens the context:
+        a request admitted alone must always fit."""
+        per_block = self.model.kv_block_bytes(block_size)
+        budget = kv_cache_memory if kv_cache_memory is not None else default_kv_cache_memory(self.model)
+        blocks = budget // per_block
+        if blocks < 2:
+            raise ValueError(f"--kv-cache-memory {budget} bytes holds no more than one block of {block_size} "
+                             f"tokens ({per_block} bytes each); give the KV cache more memory")
+        per_sequence = -(-(self.context + self.speculative_tokens + 1) // block_size)
+        blocks = min(blocks, self.max_num_seqs * per_sequence)
+        if blocks * block_size < self.context:
+            self.context = blocks * block_size
+            import warnings
+
+            warnings.warn(f"the KV cache holds {blocks * block_size} tokens, fewer than the model's context: "
+                          f"requests are limited to {self.context} tokens (raise --kv-cache-memory, or lower "
+                          "--max-context, to change it)", stacklevel=3)
+        self.block_size = block_size
+        self.cache = self.model.new_paged_cache(blocks + 1, block_size)
+        self.pool = BlockPool(blocks + 1, block_size, prefix_caching)
+        self.prefix_caching = prefix_caching
+        # each running request's block table (a row of it); entries past its blocks name block 0. As wide as the
+        # longest request so far needs (doubled as they grow): 256 rows of a 128K context would be 16 MB at once.
+        self.tables = torch.zeros(self.max_num_seqs, 64, dtype=torch.long)
+        self.free_rows = list(range(self.max_num_seqs - 1, -1, -1))
+        # admit only while this many blocks stay free (vLLM's 1% watermark): decoding streams need new blocks
+        self.watermark = max(1, blocks // 100)
+
     # -- the outside ---------------------------------------------------------------------------------------
     def submit(self, request: Request) -> None:
         with self.cond:
-            if not self.running:
+            if not self.running_loop:
                 raise QueueFull("the server is shutting down")
-            # Count requests not yet taken into a slot too: the engine thread may not have admitted them yet.
-            if self.active + len(self.waiting) >= self.max_batch + self.max_queue:
+            # Count requests not yet admitted too: the engine thread may not have taken them yet.
+            if self.active + len(self.waiting) >= self.max_num_seqs + self.max_queue:
                 raise QueueFull(f"{len(self.waiting)} requests are already waiting (--max-queue {self.max_queue})")
             prompt = torch.tensor(request.prompt_ids, dtype=torch.long)
             request.history = torch.empty(1, len(prompt) + request.params.max_tokens, dtype=torch.long)
@@ -183,24 +229,27 @@ class Engine:
     def request_stop(self) -> None:
         """Ask the loop to end every request with an error and return: only sets a flag, so a signal handler
         may call it while the loop it interrupted holds the lock (the loop polls the flag while idle)."""
-        self.running = False
+        self.running_loop = False
 
     def _end_all(self) -> None:
         with self.cond:
             self.chunking = None
-            for r in list(self.waiting) + [s for s in self.slots if s is not None]:
+            for r in list(self.waiting) + list(self.running):
                 r.emit(Event("error", error="the server is shutting down"))
+                self._release(r)
             self.waiting.clear()
-            self.slots = [None] * self.max_batch
 
     @property
     def active(self) -> int:
-        return sum(s is not None for s in self.slots)
+        return len(self.running)
 
     def cache_usage(self) -> float:
-        """Fraction of the cache's token slots (max_batch x context) holding a running request's tokens."""
-        used = sum(r.position for r in list(self.slots) if r is not None)
-        return used / (self.max_batch * self.context)
+        """Fraction of the KV pool's blocks held by running requests."""
+        return self.pool.usage()
+
+    def prefix_cache_stats(self) -> dict:
+        """Prompt tokens admitted, and how many of them the prefix cache supplied (vLLM's queries / hits)."""
+        return {"queries": self.prefix_queries, "hits": self.prefix_hits}
 
     # -- the loop ------------------------------------------------------------------------------------------
     def run(self, until_idle: bool = False) -> None:
@@ -214,11 +263,11 @@ class Engine:
     def _loop(self, until_idle: bool) -> None:
         while True:
             with self.cond:
-                while self.running and not self.waiting and not any(self.slots):
+                while self.running_loop and not self.waiting and not self.running:
                     if until_idle:
                         return
                     self.cond.wait(timeout=0.25)  # a timeout: request_stop() does not notify
-                if not self.running:
+                if not self.running_loop:
                     break
                 # a prompt being prefilled in chunks goes on first; others wait behind it, as in a queue
                 admitted = [] if self.chunking is not None else self._take_waiting()
@@ -226,7 +275,7 @@ class Engine:
                 if self.chunking is not None:
                     self._prefill_chunk(self.chunking)
                 elif len(admitted) == 1 and \
-                        len(admitted[0].prompt_ids) - admitted[0].position > self._prefill_budget(admitted):
+                        len(self._feed(admitted[0])) - admitted[0].position > self._prefill_budget(admitted):
                     self.chunking = admitted[0]
                     self._prefill_chunk(self.chunking)
                 elif admitted:
@@ -235,141 +284,186 @@ class Engine:
                     # the GIL for most of its run (compiled kernels), which would hold them back a whole step.
                     time.sleep(0.001)
                 self._drop_cancelled()
-                if any(self.slots):
+                if any(r is not self.chunking for r in self.running):
                     self._decode_step()
             except Exception as e:  # the batched forward itself failed: every row in it is lost, nobody hangs
                 with self.cond:
-                    for r in [r for r in self.slots if r is not None]:
+                    for r in list(self.running):
                         self._fail(r, e)
         self._end_all()
 
+    @staticmethod
+    def _feed(r: Request) -> list[int]:
+        """The tokens a request's blocks must hold before it decodes: its prompt, or, resuming after preemption,
+        its prompt and all it generated but the last token (which the next decode step feeds)."""
+        if r.generated == 0:
+            return r.prompt_ids
+        return r.history[0, :len(r.prompt_ids) + r.generated - 1].tolist()
+
     def _take_waiting(self) -> list[Request]:
-        """Move waiting requests into free slots (the free slots follow the occupied ones), as many as fit in one
-        prefill pass: `prefill_tokens` padded tokens (fewer while others decode, see prefill_seconds), and always at
-        least one."""
+        """Admit waiting requests while the pool has blocks for their prompts (keeping `watermark` free for the
+        running ones' next tokens), at most max_num_seqs running, as many as fit in one prefill pass:
+        `prefill_tokens` padded tokens (fewer while others decode, see prefill_seconds), and always at least one."""
         out: list[Request] = []
         longest = 0
         budget = self._prefill_budget()
-        for slot in range(self.max_batch):
-            while self.slots[slot] is None and self.waiting:
-                request = self.waiting[0]
-                if request.cancelled.is_set():
-                    self.waiting.popleft()
-                    continue
-                reuse, source = self._longest_prefix(request.prompt_ids)
-                rest = len(request.prompt_ids) - reuse
-                padded = max(longest, rest) * (len(out) + 1)
-                reach = max([r.position for r in out] + [reuse]) + max(longest, rest)  # padded writes stay inside
-                if out and (padded > budget or reach > self.context):
-                    return out
+        while self.waiting and len(self.running) < self.max_num_seqs:
+            request = self.waiting[0]
+            if request.cancelled.is_set():
                 self.waiting.popleft()
-                longest = max(longest, rest)
-                self._place(request, slot, reuse, source)
-                out.append(request)
+                continue
+            feed = self._feed(request)
+            # the longest cached prefix, leaving at least one token to prefill (its logits give the next token)
+            names = chain_hashes(feed[:-1], self.block_size) if self.prefix_caching else []
+            cached = self.pool.cached_prefix(names)
+            rest = len(feed) - len(cached) * self.block_size
+            if out and max(longest, rest) * (len(out) + 1) > budget:
+                break
+            new = -(-len(feed) // self.block_size) - len(cached)
+            if not self.pool.can_take(cached, new, self.watermark if self.running else 0):
+                break
+            self.waiting.popleft()
+            longest = max(longest, rest)
+            self._admit(request, cached, len(names))
+            out.append(request)
         return out
 
-    # -- prefix reuse ----------------------------------------------------------------------------------------
-    def _row_tokens(self, row: int) -> torch.Tensor:
-        """The token ids whose keys and values cache row `row` holds, from position 0."""
-        r = self.slots[row] if row < self.max_batch else None
-        return r.history[0, :r.position] if r is not None else self.kept[row]
+    def _admit(self, r: Request, cached: list[int], looked_up: int) -> None:
+        """Give `r` a block-table row, the `cached` blocks of its prompt's prefix and fresh blocks for the rest."""
+        self.pool.take_cached(cached, looked_up)
+        r.blocks, r.names = list(cached), []
+        r.row = self.free_rows.pop()
+        while self.tables.shape[1] < len(cached):
+            self.tables = torch.cat([self.tables, torch.zeros_like(self.tables)], dim=1)
+        self.tables[r.row, :len(cached)] = torch.tensor(cached, dtype=torch.long)
+        r.position = len(cached) * self.block_size
+        if r.position:
+            r.names = chain_hashes(self._feed(r)[:r.position], self.block_size)
+        self._grow(r, len(self._feed(r)))
+        if r.generated == 0:  # not a preempted request coming back
+            r.cached_tokens = r.position
+            self.prefix_queries += len(r.prompt_ids)
+            self.prefix_hits += r.position
+        self.running.append(r)
 
-    def _longest_prefix(self, prompt: list[int]) -> tuple[int, int]:
-        """(tokens, row): the longest prefix of `prompt` some cache row holds, leaving at least one prompt token to
-        prefill (its logits give the first token); (0, -1) when none is worth copying."""
-        if not self.prefix_caching or len(prompt) < 2:
-            return 0, -1
-        ids = torch.tensor(prompt[:-1], dtype=torch.long)
-        best, source = 0, -1
-        for row in range(self.max_batch):
-            held = self._row_tokens(row)
-            n = min(len(held), len(ids))
-            if n <= best:
-                continue
-            differ = (held[:n] != ids[:n]).nonzero()
-            common = int(differ[0]) if len(differ) else n
-            if common > best:
-                best, source = common, row
-        return (best, source) if best >= MIN_PREFIX else (0, -1)
+    def _grow(self, r: Request, slots: int) -> bool:
+        """Give `r` blocks until they hold `slots` token slots; False (and what it got) when the pool runs out."""
+        while len(r.blocks) * self.block_size < slots:
+            block = self.pool.allocate()
+            if block is None:
+                return False
+            if len(r.blocks) == self.tables.shape[1]:
+                self.tables = torch.cat([self.tables, torch.zeros_like(self.tables)], dim=1)
+            self.tables[r.row, len(r.blocks)] = block
+            r.blocks.append(block)
+        return True
 
-    def _place(self, request: Request, slot: int, reuse: int, source: int) -> None:
-        """Put `request` into free slot `slot` with the first `reuse` tokens of its prompt already in its cache row,
-        copied from row `source`; what `slot` held moves to the least recently used free row (if it is worth more
-        than what that row holds: newer), so that free rows are overwritten least recently used first."""
-        kept = self.kept[slot]
-        if source != slot and len(kept) and self.prefix_caching:
-            free = [row for row in range(slot + 1, self.max_batch) if self.slots[row] is None and row != source]
-            if free:
-                oldest = min(free, key=lambda row: self.kept_at[row])
-                if self.kept_at[oldest] < self.kept_at[slot]:
-                    self._do("copy_prefix", slot, oldest, len(kept))
-                    self.kept[oldest], self.kept_at[oldest] = kept, self.kept_at[slot]
-        if reuse and source != slot:
-            self._do("copy_prefix", source, slot, reuse)
-        self.kept[slot] = torch.empty(0, dtype=torch.long)
-        self.slots[slot] = request
-        request.slot, request.position, request.cached_tokens = slot, reuse, reuse
-        self.prefix_queries += len(request.prompt_ids)
-        self.prefix_hits += reuse
+    def _name_full_blocks(self, r: Request) -> None:
+        """Name the blocks `r` has filled since the last call, so that later requests can share them."""
+        full = r.position // self.block_size
+        if full > len(r.names) and self.prefix_caching:
+            tokens = r.history[0, len(r.names) * self.block_size:full * self.block_size].tolist()
+            for block, name in zip(r.blocks[len(r.names):full],
+                                   chain_hashes(tokens, self.block_size, r.names[-1] if r.names else b"")):
+                self.pool.name(block, name)
+                r.names.append(name)
+
+    def _release(self, r: Request) -> None:
+        """r leaves the running set; its blocks go back to the pool (named ones stay cached until needed: what a
+        failed pass may have half written is past its position, in blocks never named)."""
+        if r.row < 0:
+            return
+        self.pool.release(r.blocks)
+        self.tables[r.row, :len(r.blocks)] = 0
+        self.free_rows.append(r.row)
+        r.row, r.blocks, r.names = -1, [], []
+        if r in self.running:
+            self.running.remove(r)
+        if self.chunking is r:
+            self.chunking = None
+
+    def _preempt(self, r: Request) -> None:
+        """Free r's blocks for older requests; it waits at the front of the queue and is prefilled again later."""
+        self._release(r)
+        r.position = 0
+        r.preempted += 1
+        self.preemptions += 1
+        self.waiting.appendleft(r)
 
     def _prefill_budget(self, prefilling: list[Request] = ()) -> int:
         """Prompt tokens one prefill pass may take: `prefill_tokens`, and while others (requests not in
         `prefilling`) decode only what the measured rate prefills in `prefill_seconds` (at least 16)."""
-        others = any(r is not None and r not in prefilling for r in self.slots)
+        others = any(r not in prefilling for r in self.running)
         if self.prefill_rate is not None and others:
             return max(16, min(self.prefill_tokens, int(self.prefill_rate * self.prefill_seconds)))
         return self.prefill_tokens
 
     def _drop_cancelled(self) -> None:
-        for r in [r for r in self.slots if r is not None and r.cancelled.is_set()]:
+        for r in [r for r in self.running if r.cancelled.is_set()]:
             self._release(r)
 
-    def _release(self, r: Request, keep: bool = True) -> None:
-        """Free r's slot, keeping the occupied slots packed at the front: the last one moves into the gap, so a
-        decode step only computes rows [0, active). r's keys and values stay cached in the row it leaves behind
-        (the two rows swap) unless `keep` is False (a failed pass may have left them half written)."""
-        slot = r.slot
-        if not (0 <= slot < self.max_batch and self.slots[slot] is r):
-            return
-        tokens = r.history[0, :r.position].clone() if keep and self.prefix_caching else torch.empty(0, dtype=torch.long)
-        last = max(i for i, s in enumerate(self.slots) if s is not None)
-        if last != slot:
-            moved = self.slots[last]
-            if len(tokens):  # swap through the scratch row, copying only what each row holds
-                self._do("swap_rows", slot, last, len(tokens), moved.position + 1)
-            else:
-                self._do("move_row", last, slot)
-            moved.slot, self.slots[slot] = slot, moved
-            self.slots[last] = None
-            slot = last
-        else:
-            self.slots[slot] = None
-        self.kept[slot], self.kept_at[slot] = tokens, time.perf_counter()
-        r.slot = -1
+    def _table(self, requests: list[Request], slots: int) -> torch.Tensor:
+        """The block-table rows of `requests` (one per request, repeated as given), covering `slots` slots."""
+        return self.tables[[r.row for r in requests], :-(-slots // self.block_size)]
 
     def _prefill(self, requests: list[Request]) -> None:
-        """Prompts of requests in consecutive slots, right-padded into one batch; each starts after the prefix its
-        row already holds (request.position, from the prefix cache). Padding writes keys past each prompt's end; no
-        query ever sees them (a query at position p sees keys <= p), and decoding overwrites them."""
-        first = requests[0].slot
+        """Prompts right-padded into one batch; each starts after the prefix its blocks already hold
+        (request.position, from the prefix cache). Padding writes keys past each prompt's end, into its last block
+        or block 0; no query ever sees them (a query at position p sees keys <= p), and decoding overwrites them."""
+        feeds = [self._feed(r) for r in requests]
         starts = torch.tensor([r.position for r in requests])
-        lengths = torch.tensor([len(r.prompt_ids) - r.position for r in requests])
+        lengths = torch.tensor([len(f) - r.position for f, r in zip(feeds, requests)])
         T = int(lengths.max())
         ids = torch.zeros(len(requests), T, dtype=torch.long)
-        for i, r in enumerate(requests):
-            ids[i, :lengths[i]] = torch.tensor(r.prompt_ids[r.position:])
+        for i, (f, r) in enumerate(zip(feeds, requests)):
+            ids[i, :lengths[i]] = torch.tensor(f[r.position:])
         if bool((starts == 0).all()):  # one set of positions for every row: the plain causal fast path
             real, positions = (torch.arange(T) < lengths[:, None]).long(), torch.arange(T)
         else:  # each row at its own positions; the causal rule alone keeps every real query on its own keys
             real, positions = None, starts[:, None] + torch.arange(T)
+        length = int(starts.max()) + T
         self.prefill_passes += 1
         start = time.perf_counter()
         # the prompts attend to their prefixes and themselves only
-        logits = self._do("prefill", ids, lengths, real, first, len(requests), int(starts.max()) + T, positions)
+        logits = self._do("prefill", ids, lengths, real, self._table(requests, length), length, positions)
         self._note_prefill_rate(T * len(requests), time.perf_counter() - start)
-        for r, row_logits in zip(requests, logits):
-            r.position = len(r.prompt_ids)
-            self._accept_or_fail(r, row_logits)
+        for f, r, row_logits in zip(feeds, requests, logits):
+            self._prefilled(r, len(f), row_logits)
+
+    def _prefilled(self, r: Request, position: int, logits: torch.Tensor) -> None:
+        """r's blocks hold its whole feed: its first token comes from the logits (a preempted request already has
+        its next token, and draws nothing: its output is as if it had never left)."""
+        r.position = position
+        self._name_full_blocks(r)
+        if r.generated == 0:
+            self._accept_or_fail(r, logits)
+
+    def _prefill_chunk(self, r: Request) -> None:
+        """The next chunk of a prompt longer than one pass, after the chunks before it: every other stream waits
+        one chunk, not the whole prompt (a 30,000-token prompt is ~40 s of fp32 prefill on two cores). Until its
+        last chunk the request sits out of the decode steps."""
+        if r.cancelled.is_set() or r.row < 0:
+            self.chunking = None
+            return
+        feed = self._feed(r)
+        start = r.position  # the prompt tokens in its blocks so far
+        end = min(len(feed), start + self._prefill_budget([r]))
+        self.prefill_passes += 1
+        began = time.perf_counter()
+        # this chunk attends to the chunks before it and to itself
+        logits = self._do("prefill", torch.tensor([feed[start:end]]), torch.tensor([end - start]),
+                          torch.ones(1, end, dtype=torch.long), self._table([r], end), end, torch.arange(start, end))
+        self._note_prefill_rate(end - start, time.perf_counter() - began)
+        r.position = end
+        self._name_full_blocks(r)
+        if end == len(feed):
+            self.chunking = None
+            self._prefilled(r, end, logits[0])
+
+    def _note_prefill_rate(self, tokens: int, seconds: float) -> None:
+        if tokens >= 256:  # a pass big enough to time: small ones are mostly fixed costs
+            rate = tokens / seconds
+            self.prefill_rate = rate if self.prefill_rate is None else 0.5 * (self.prefill_rate + rate)
 
     # -- operations on the model and its cache (every rank runs each, under tensor parallelism) ------------------
     def _do(self, op: str, *args):
@@ -392,95 +486,62 @@ class Engine:
                     return
                 getattr(self, f"_op_{op}")(*args)
 
-    def _op_prefill(self, ids, lengths, real, first: int, count: int, length: int, positions) -> torch.Tensor:
-        rows = self.cache.rows(first, first + count)
-        rows.length = length
+    def _op_prefill(self, ids, lengths, real, table, length: int, positions) -> torch.Tensor:
+        view = self.cache.view(table.to(self.device), length)
         return self.model.last_token_logits(ids.to(self.device), lengths, None if real is None else
-                                            real.to(self.device), rows, positions.to(self.device))
+                                            real.to(self.device), view, positions.to(self.device))
 
-    def _op_step(self, tokens, positions, window: int, rows: int) -> torch.Tensor:
+    def _op_step(self, tokens, positions, window: int, table) -> torch.Tensor:
         tokens, positions = tokens.to(self.device), positions.to(self.device)
-        return self.step_fn(self.model, tokens, positions, positions, self.ones[:rows, :window],
-                            self.cache.rows(0, rows))
+        mask = torch.ones(tokens.shape[0], window, dtype=torch.long, device=self.device)
+        return self.step_fn(self.model, tokens, positions, positions, mask,
+                            self.cache.view(table.to(self.device), window))
 
-    def _op_copy_prefix(self, src: int, dst: int, length: int) -> None:
-        self.cache.copy_prefix(src, dst, length)
-
-    def _op_move_row(self, src: int, dst: int) -> None:
-        self.cache.move_row(src, dst)
-
-    def _op_swap_rows(self, freed: int, last: int, freed_length: int, last_length: int) -> None:
-        """Row `last` moves into row `freed`, and what `freed` held into `last` (through the scratch row)."""
-        scratch = self.max_batch
-        self.cache.copy_prefix(freed, scratch, freed_length)
-        self.cache.copy_prefix(last, freed, last_length)
-        self.cache.copy_prefix(scratch, last, freed_length)
-        self.cache.seq_lengths[freed] = self.cache.seq_lengths[last]
+    def _op_rows_step(self, tokens, positions, window: int, table) -> torch.Tensor | None:
+        mask = torch.ones(tokens.shape[0], window, dtype=torch.long, device=self.device)
+        return self.step_fn.rows_step(self.model, tokens.to(self.device), positions.to(self.device), mask,
+                                      self.cache.view(table.to(self.device), window), None)
 
     def _op_stop(self) -> None:
         """Nothing here: followers leave follow() on it."""
 
-    def prefix_cache_stats(self) -> dict:
-        """Prompt tokens admitted, and how many of them the prefix cache supplied (vLLM's queries / hits)."""
-        return {"queries": self.prefix_queries, "hits": self.prefix_hits}
-
-    def _prefill_chunk(self, r: Request) -> None:
-        """The next chunk of a prompt longer than one pass, into its slot after the chunks before it: every
-        other stream waits one chunk, not the whole prompt (a 30,000-token prompt is ~40 s of fp32 prefill on two
-        cores). Until its last chunk the request sits out of the decode steps' results."""
-        if r.cancelled.is_set() or r.slot < 0:
-            self.chunking = None
-            return
-        start = r.position  # the prompt tokens in its cache so far
-        end = min(len(r.prompt_ids), start + self._prefill_budget([r]))
-        self.prefill_passes += 1
-        began = time.perf_counter()
-        # this chunk attends to the chunks before it and to itself
-        logits = self._do("prefill", torch.tensor([r.prompt_ids[start:end]]), torch.tensor([end - start]),
-                          torch.ones(1, end, dtype=torch.long), r.slot, 1, end, torch.arange(start, end))
-        self._note_prefill_rate(end - start, time.perf_counter() - began)
-        # a decode step that runs meanwhile computes this row too and writes its key at `position`: the next
-        # chunk starts there and overwrites it
-        r.position = end
-        if end == len(r.prompt_ids):
-            self.chunking = None
-            self._accept_or_fail(r, logits[0])
-
-    def _note_prefill_rate(self, tokens: int, seconds: float) -> None:
-        if tokens >= 256:  # a pass big enough to time: small ones are mostly fixed costs
-            rate = tokens / seconds
-            self.prefill_rate = rate if self.prefill_rate is None else 0.5 * (self.prefill_rate + rate)
-
+    # -- decoding ------------------------------------------------------------------------------------------------
     def _decode_step(self) -> None:
-        active = [(i, r) for i, r in enumerate(self.slots) if r is not None]  # rows 0..len-1 (kept packed)
+        # every running request gets a block for the token it writes now; where the pool has none left, the
+        # youngest requests give theirs up (oldest first served: the ones closest to finishing keep going)
+        for r in list(self.running):
+            if r is self.chunking:
+                continue
+            while r.row >= 0 and not self._grow(r, r.position + 1):
+                self._preempt(self.running[-1])
+        active = [r for r in self.running if r is not self.chunking]
+        if not active:
+            return
         if self.speculative_tokens and self._speculative_step(active):
             return
-        # Exactly the active rows: the compiled step's batch dimension is dynamic (fastpath), so 17 requests
-        # cost 17 rows, not 32.
-        rows = len(active)
-        tokens = torch.tensor([[r.last_token] for _, r in active])
-        positions = torch.tensor([[r.position] for _, r in active])
-        # attention reads the slots up to the furthest active row, not the whole context
-        window = max(r.position for _, r in active) + 1
-        logits = self._do("step", tokens, positions, window, rows)
+        tokens = torch.tensor([[r.last_token] for r in active])
+        positions = torch.tensor([[r.position] for r in active])
+        # attention reads the slots up to the furthest row, not the whole context
+        window = max(r.position for r in active) + 1
+        logits = self._do("step", tokens, positions, window, self._table(active, window))
         self.steps += 1
         # Greedy rows whose logits nothing adjusts take one argmax over the whole batch (rows spread over the
         # threads: 64 rows of a 151552-word vocabulary cost ~25 ms one by one, ~1/20 of a 64-row step).
-        plain = [r.params.temperature == 0 and not r.processors for _, r in active]
+        plain = [r.params.temperature == 0 and not r.processors for r in active]
         best = greedy_tokens(logits).tolist() if any(plain) else []
-        for (i, r), use_best in zip(active, plain):  # logits rows are the slots as they were during the step
-            if r is self.chunking:  # its prompt is not all in yet: this row's result means nothing
-                continue
+        for i, (r, use_best) in enumerate(zip(active, plain)):
             r.position += 1
+            self._name_full_blocks(r)
             self._accept_or_fail(r, logits[i], best[i] if use_best else None)
 
     SPECULATION_ROWS = 16  # past this many rows a step is compute-bound: checking proposals would cost their rows
 
-    def _speculative_step(self, active: list[tuple[int, Request]]) -> bool:
+    def _speculative_step(self, active: list[Request]) -> bool:
         """One step in which greedy requests (no processors) also check tokens proposed by prompt lookup
-        (generation.speculate), each its own number, in one pass of the fused step (rows naming their cache row);
-        every other request decodes one token in the same pass. False (nothing done) where it does not pay or the
-        fused step cannot take it: the caller runs the plain step."""
+        (generation.speculate), each its own number, in one pass of the fused step (their rows share the request's
+        block table); every other request decodes one token in the same pass. Proposals take blocks only while the
+        pool has them free. False (nothing done) where it does not pay or the fused step cannot take it: the
+        caller runs the plain step."""
         from ..generation.speculate import propose
 
         budget = self.SPECULATION_ROWS - len(active)
@@ -488,37 +549,37 @@ class Engine:
         if budget <= 0 or plan is None or self.tp is not None:
             return False
         rows, proposals = [], []
-        for i, r in active:
-            greedy = r.params.temperature == 0 and not r.processors and r is not self.chunking
+        for r in active:
             want = 0
-            if greedy and budget > 0:
+            if r.params.temperature == 0 and not r.processors and budget > 0:
                 want = min(budget, self.speculative_tokens if r.speculate < 0 else r.speculate,
                            r.params.max_tokens - r.generated - 1, self.context - r.position - 2)
             filled = len(r.prompt_ids) + r.generated
             found = propose(r.history[0, :filled].tolist(), want) if want > 0 else []
+            self._grow(r, r.position + 1 + len(found))  # as far as free blocks go: no preemption for a guess
+            found = found[:len(r.blocks) * self.block_size - r.position - 1]
             budget -= len(found)
             proposals.append(found)
-            rows += [(i, r.position + j, t) for j, t in enumerate([r.last_token] + found)]
+            rows += [(r, r.position + j, t) for j, t in enumerate([r.last_token] + found)]
         if not any(proposals):
             return False
         tokens = torch.tensor([[t] for _, _, t in rows])
         positions = torch.tensor([[p] for _, p, _ in rows])
         window = int(positions.max()) + 1
-        logits = self._do("rows_step", tokens, positions, window, torch.tensor([i for i, _, _ in rows]))
+        logits = self._do("rows_step", tokens, positions, window, self._table([r for r, _, _ in rows], window))
         if logits is None:
             return False
         self.steps += 1
         first = 0
-        for (i, r), found in zip(active, proposals):
+        for r, found in zip(active, proposals):
             row_logits, first = logits[first:first + 1 + len(found)], first + 1 + len(found)
-            if r is self.chunking:
-                continue
             taken = 0
             for j in range(len(found) + 1):
                 r.position += 1
+                self._name_full_blocks(r)
                 token = None if r.processors or r.params.temperature != 0 else int(row_logits[j].argmax())
                 self._accept_or_fail(r, row_logits[j], token)
-                if r.slot < 0 or j == len(found) or token != found[j]:
+                if r.row < 0 or j == len(found) or token != found[j]:
                     break  # finished, or the proposal was wrong: the token chosen instead is the next to feed
                 taken += 1
             if found:
@@ -526,12 +587,6 @@ class Engine:
                 self.speculated += len(found)
                 self.speculation_accepted += taken
         return True
-
-    def _op_rows_step(self, tokens, positions, window: int, cache_rows) -> torch.Tensor | None:
-        rows = self.cache.rows(0, int(cache_rows.max()) + 1)
-        mask = torch.ones(tokens.shape[0], window, dtype=torch.long, device=self.device)
-        return self.step_fn.rows_step(self.model, tokens.to(self.device), positions.to(self.device), mask, rows,
-                                      cache_rows.to(self.device))
 
     def _accept_or_fail(self, r: Request, logits: torch.Tensor, greedy_token: int | None = None) -> None:
         """One request's share of a step: what goes wrong in it (sampling, detokenising, its processors) ends
@@ -545,7 +600,7 @@ class Engine:
         message = str(e) if isinstance(e, ValueError) else f"internal error: {type(e).__name__}: {e}"
         r.emit(Event("error", error=message))
         r.cancelled.set()
-        self._release(r, keep=False)
+        self._release(r)
 
     def _accept(self, r: Request, logits: torch.Tensor, greedy_token: int | None = None) -> None:
         """Sample the request's next token from its logits (or take greedy_token, its argmax already found),

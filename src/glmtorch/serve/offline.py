@@ -44,28 +44,29 @@ class RequestOutput:
 
 class LLM:
     def __init__(self, model, tokenizer=None, dtype: str = "auto", device: str | None = None,
-                 quantize: str | None = None, max_batch: int = 64, max_context: int | None = None,
-                 prefix_caching: bool = True, speculative_tokens: int = 0) -> None:
+                 quantize: str | None = None, max_num_seqs: int = 256, max_context: int | None = None,
+                 prefix_caching: bool = True, speculative_tokens: int = 0,
+                 kv_cache_memory: int | None = None) -> None:
         """`model`: a checkpoint (path or hub id), loaded with its tokenizer, or a loaded GlmForCausalLM (then
-        `tokenizer` is required). Up to `max_batch` prompts decode together; a prompt starts from the longest
-        prefix the engine's cache still holds (`prefix_caching`), across calls too; greedy prompts check up to
+        `tokenizer` is required). Up to `max_num_seqs` prompts decode together, as many as the KV block pool
+        (`kv_cache_memory` bytes) holds; a prompt starts from the longest prefix the pool still holds (`prefix_caching`), across calls too; greedy prompts check up to
         `speculative_tokens` tokens proposed by prompt lookup per step while few decode."""
         from ..fastpath import pack_weights
 
         if isinstance(model, (str, os.PathLike)):
-            from .server import load_for_serving
+            from .server import PACK_ROWS, load_for_serving
 
             model, loaded_tokenizer, _ = load_for_serving(os.fspath(model), dtype, device, quantize)
             tokenizer = tokenizer or loaded_tokenizer
-            pack_weights(model, rows=max_batch)  # this model is ours, for inference only
+            pack_weights(model, rows=min(max_num_seqs, PACK_ROWS))  # this model is ours, for inference only
         elif tokenizer is None:
             raise ValueError("LLM(model, tokenizer): a loaded model needs its tokenizer (or pass a checkpoint path)")
         from .server import build_engine
 
         self.model, self.tokenizer = model, tokenizer
-        self.engine = build_engine(model, tokenizer, max_batch, max_queue=2**31, max_context=max_context,
+        self.engine = build_engine(model, tokenizer, max_num_seqs, max_queue=2**31, max_context=max_context,
                                    thread=False, prefix_caching=prefix_caching,
-                                   speculative_tokens=speculative_tokens)
+                                   speculative_tokens=speculative_tokens, kv_cache_memory=kv_cache_memory)
 
     def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
                  use_tqdm: bool | None = None) -> list[RequestOutput]:

@@ -10,7 +10,7 @@ import threading
 
 from ..fastpath import pack_weights
 from .app import create_app
-from .engine import Engine, Request, SamplingParams
+from .engine import MAX_NUM_SEQS, Engine, Request, SamplingParams, default_kv_cache_memory
 
 
 def load_for_serving(model_path: str | None, dtype: str = "auto", device: str | None = None,
@@ -32,36 +32,23 @@ def load_for_serving(model_path: str | None, dtype: str = "auto", device: str | 
     return model, tokenizer, name
 
 
-def build_engine(model, tokenizer, max_batch: int, max_queue: int, max_context: int | None = None,
-                 thread: bool = True, prefix_caching: bool = True, speculative_tokens: int = 0) -> Engine:
+def build_engine(model, tokenizer, max_num_seqs: int = MAX_NUM_SEQS, max_queue: int = 256,
+                 max_context: int | None = None, thread: bool = True, prefix_caching: bool = True,
+                 speculative_tokens: int = 0, kv_cache_memory: int | None = None) -> Engine:
     stop_ids = tokenizer.stop_token_ids(getattr(model.generation_config, "eos_token_id", None))
-    return Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue, max_context=max_context,
+    return Engine(model, tokenizer, max_num_seqs=max_num_seqs, max_queue=max_queue, max_context=max_context,
                   stop_ids={i for i in stop_ids if i < model.config.vocab_size}, thread=thread,
-                  prefix_caching=prefix_caching, speculative_tokens=speculative_tokens)
+                  prefix_caching=prefix_caching, speculative_tokens=speculative_tokens,
+                  kv_cache_memory=kv_cache_memory)
 
 
-MAX_AUTO_BATCH = 64  # the most slots chosen by default: beyond, a 2-core CPU gains little throughput per row
-KV_SHARE = 0.25  # of the memory free after loading, what the KV cache may take by default
-
-
-def choose_max_batch(model, context: int, kv_cache_memory: int | None = None) -> int:
-    """How many slots of `context` tokens the KV cache gets by default: as many as fit `kv_cache_memory` bytes
-    (default: a quarter of the memory free after loading the model), at most MAX_AUTO_BATCH, at least one. The
-    demo model gets 64; GLM-4-9B in bf16 with its full 128K context (5.4 GB a slot) gets one on most machines,
-    which says to lower --max-context."""
-    from ..device import available_memory
-
-    budget = kv_cache_memory
-    if budget is None:
-        free = available_memory(model.device)
-        budget = int(free * KV_SHARE) if free is not None else 4 << 30
-    return max(1, min(MAX_AUTO_BATCH, budget // max(1, model.static_cache_bytes(1, context))))
+PACK_ROWS = 64  # the batch the weights' layout is chosen for: beyond, a 2-core CPU gains little per row
 
 
 def warm_up(engine: Engine) -> None:
     """Run tiny requests so the compiled decode steps exist before the first client arrives: one alone (the
     one-row step), then two together (the step for any larger batch, whose row count is dynamic)."""
-    for batch in (1, 2) if engine.max_batch > 1 else (1,):
+    for batch in (1, 2) if engine.max_num_seqs > 1 else (1,):
         done = [threading.Event() for _ in range(batch)]
         for d in done:
             engine.submit(Request([0, 1, 2], SamplingParams(max_tokens=3, temperature=0, ignore_eos=True),
@@ -89,7 +76,7 @@ def check_address(host: str, port: int) -> None:
 
 
 def serve(model_path: str | None = None, host: str = "127.0.0.1", port: int = 8000, dtype: str = "auto",
-          device: str | None = None, quantize: str | None = None, max_batch: int | None = None,
+          device: str | None = None, quantize: str | None = None, max_num_seqs: int = MAX_NUM_SEQS,
           max_queue: int = 256, kv_cache_memory: int | None = None,
           api_key: str | None = None, max_context: int | None = None, max_body_bytes: int | None = None,
           prefix_caching: bool = True, speculative_tokens: int = 0) -> None:
@@ -100,22 +87,26 @@ def serve(model_path: str | None = None, host: str = "127.0.0.1", port: int = 80
     if rank == 0:
         check_address(host, port)  # before minutes of loading, not after
     model, tokenizer, name = load_for_serving(model_path, dtype, device, quantize, world if world > 1 else None)
-    if max_batch is None and rank == 0:
-        context = min(max_context or model.config.max_position_embeddings, model.config.max_position_embeddings)
-        max_batch = choose_max_batch(model, context, kv_cache_memory)
-        print(f"glmtorch: KV cache of {max_batch} slots x {context} tokens "
-              f"({max_batch * model.static_cache_bytes(1, context) / 2**30:.2f} GiB; --max-batch, --max-context and "
-              "--kv-cache-memory change it)", file=sys.stderr, flush=True)
+    if kv_cache_memory is None and rank == 0:
+        kv_cache_memory = default_kv_cache_memory(model)
     if world > 1:
         import torch.distributed as dist
 
-        box = [max_batch]
-        dist.broadcast_object_list(box, src=0)  # every rank's cache the same size as rank 0's
-        max_batch = box[0]
+        box = [kv_cache_memory]
+        dist.broadcast_object_list(box, src=0)  # every rank's pool as many blocks as rank 0's
+        kv_cache_memory = box[0]
     else:  # (a shard's layout is left plain: timing it would run collectives each rank decides on alone)
-        pack_weights(model, rows=max_batch)  # the server only runs inference, in batches of up to max_batch rows
-    engine = build_engine(model, tokenizer, max_batch, max_queue, max_context, thread=False,
-                          prefix_caching=prefix_caching, speculative_tokens=speculative_tokens)
+        pack_weights(model, rows=min(max_num_seqs, PACK_ROWS))  # the server only runs inference, in batches
+    engine = build_engine(model, tokenizer, max_num_seqs, max_queue, max_context, thread=False,
+                          prefix_caching=prefix_caching, speculative_tokens=speculative_tokens,
+                          kv_cache_memory=kv_cache_memory)
+    if rank == 0:
+        blocks = engine.pool.usable
+        print(f"glmtorch: KV cache of {blocks} blocks x {engine.block_size} tokens "
+              f"({blocks * model.kv_block_bytes(engine.block_size) / 2**30:.2f} GiB, taken as used): "
+              f"{blocks * engine.block_size} tokens in all, up to {max_num_seqs} requests at once, each up to "
+              f"{engine.context} tokens (--kv-cache-memory, --max-num-seqs and --max-context change it)",
+              file=sys.stderr, flush=True)
     if rank != 0:
         engine.follow()
         return
