@@ -482,6 +482,7 @@ def test_metrics_count_what_was_served(served, client):
     assert after["vllm:time_to_first_token_seconds_count" + name] >= 1
     assert after["vllm:inter_token_latency_seconds_count" + name] >= 4
     assert after["vllm:num_requests_running" + name] == 0 and after["vllm:kv_cache_usage_perc" + name] == 0
+    assert after["vllm:num_preemptions_total" + name] == served[1].preemptions == 0
 
 
 def test_tokenize_and_detokenize(served):

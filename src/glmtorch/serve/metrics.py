@@ -19,18 +19,22 @@ ITL_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2
 E2E_BUCKETS = (0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0)
 
 
-class PrefixCacheCollector:
-    """vLLM's prefix-cache counters (prompt tokens looked up, and found), read from the engine when scraped."""
+class EngineCounters:
+    """Counters the engine keeps itself, read when scraped: vLLM's prefix-cache counters (prompt tokens looked up,
+    and found) and preemptions."""
 
     def __init__(self, engine, model_name: str) -> None:
         self.engine, self.model_name = engine, model_name
 
     def collect(self):
         stats = getattr(self.engine, "prefix_cache_stats", lambda: {"queries": 0, "hits": 0})()
-        for key, doc in (("queries", "Prompt tokens looked up in the prefix cache."),
-                         ("hits", "Prompt tokens found in the prefix cache (not prefilled).")):
-            family = CounterMetricFamily(f"vllm:prefix_cache_{key}", doc, labels=["model_name"])
-            family.add_metric([self.model_name], stats[key])
+        for name, doc, value in (
+                ("vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", stats["queries"]),
+                ("vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache (not prefilled).", stats["hits"]),
+                ("vllm:num_preemptions", "Requests that gave their KV blocks up to older ones (recomputed later).",
+                 getattr(self.engine, "preemptions", 0))):
+            family = CounterMetricFamily(name, doc, labels=["model_name"])
+            family.add_metric([self.model_name], value)
             yield family
 
 
@@ -44,10 +48,11 @@ class ServingMetrics:
             g.labels(model_name).set_function(read)
 
         gauge("vllm:num_requests_running", "Requests decoding now.", lambda: engine.active)
-        gauge("vllm:num_requests_waiting", "Requests waiting for a slot.", lambda: len(engine.waiting))
-        gauge("vllm:kv_cache_usage_perc", "Fraction of the KV cache's token slots holding a running request's "
-              "tokens (1 = full).", lambda: getattr(engine, "cache_usage", lambda: 0.0)())
-        self.registry.register(PrefixCacheCollector(engine, model_name))
+        gauge("vllm:num_requests_waiting", "Requests waiting for KV blocks or a place among the running.",
+              lambda: len(engine.waiting))
+        gauge("vllm:kv_cache_usage_perc", "Fraction of the KV cache's blocks held by running requests (1 = full).",
+              lambda: getattr(engine, "cache_usage", lambda: 0.0)())
+        self.registry.register(EngineCounters(engine, model_name))
         self.prompt_tokens = Counter("vllm:prompt_tokens", "Prompt tokens prefilled.", label,
                                      registry=self.registry).labels(model_name)
         self.generation_tokens = Counter("vllm:generation_tokens", "Tokens generated.", label,

@@ -1,0 +1,91 @@
+"""The serving engine on its paged KV cache (serve/engine.py): admission by free blocks, preemption when the pool
+runs out (the youngest request gives its blocks up and resumes later with the same output), more requests than
+the pool holds at once, and 256 concurrent requests with default settings, each equal to itself alone."""
+
+import pytest
+import torch
+
+import glmtorch
+from glmtorch.serve.engine import Request, SamplingParams
+
+pytestmark = pytest.mark.filterwarnings("ignore:the KV cache holds")  # the small pools here shorten the context
+
+
+@pytest.fixture(scope="module")
+def pair(chat_checkpoint):
+    _, path = chat_checkpoint
+    return glmtorch.AutoModelForCausalLM.from_pretrained(path), glmtorch.AutoTokenizer.from_pretrained(path)
+
+
+def prompts(count: int, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(5, 150, (int(torch.randint(3, 40, (1,), generator=g)),), generator=g).tolist()
+            for _ in range(count)]
+
+
+def outputs(llm, batch, params) -> list[list[int]]:
+    return [o.outputs[0].token_ids for o in llm.generate(batch, params, use_tqdm=False)]
+
+
+def alone(model, tokenizer, batch, params) -> list[list[int]]:
+    llm = glmtorch.LLM(model, tokenizer, max_num_seqs=1, prefix_caching=False)
+    return [outputs(llm, [p], params)[0] for p in batch]
+
+
+@pytest.mark.parametrize("sampled", [False, True])
+def test_a_full_pool_preempts_the_youngest_and_it_resumes_with_the_same_output(pair, sampled):
+    model, tokenizer = pair
+    per_block = model.kv_block_bytes(16)
+    batch = [p + [7] * 20 for p in prompts(4, seed=1)]  # 23-59 prompt tokens, 60 more each: 6-8 blocks apiece
+    params = [SamplingParams(max_tokens=60, ignore_eos=True, temperature=0.9 if sampled else 0, seed=i)
+              for i in range(4)]
+    expected = [alone(model, tokenizer, [p], q)[0] for p, q in zip(batch, params)]
+    # 14 blocks: all four prompts fit (12 blocks), their outputs do not
+    llm = glmtorch.LLM(model, tokenizer, max_num_seqs=4, kv_cache_memory=14 * per_block, prefix_caching=False)
+    assert outputs(llm, batch, params) == expected
+    assert llm.engine.preemptions > 0
+    assert llm.engine.pool.num_free() == llm.engine.pool.usable  # every block back
+
+
+def test_more_requests_than_the_pool_holds_all_complete(pair):
+    model, tokenizer = pair
+    per_block = model.kv_block_bytes(16)
+    batch = prompts(24, seed=2)
+    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    llm = glmtorch.LLM(model, tokenizer, kv_cache_memory=20 * per_block)  # ~6 requests' worth of blocks
+    got = outputs(llm, batch, params)
+    assert got == alone(model, tokenizer, batch, params)
+    assert all(len(ids) == 24 for ids in got)
+
+
+def test_256_concurrent_requests_with_default_settings_each_equal_alone(pair):
+    model, tokenizer = pair
+    batch = prompts(256, seed=3)
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    llm = glmtorch.LLM(model, tokenizer)
+    assert llm.engine.max_num_seqs == 256
+    seen = []
+    step = llm.engine._decode_step
+    llm.engine._decode_step = lambda: (seen.append(llm.engine.active), step())[1]
+    assert outputs(llm, batch, params) == alone(model, tokenizer, batch, params)
+    assert max(seen) == 256  # all of them decoded together
+
+
+def test_a_resumed_request_streams_each_token_once(pair):
+    """Preemption is invisible to the client: the text events of a preempted request are its output exactly
+    once, in order."""
+    model, tokenizer = pair
+    per_block = model.kv_block_bytes(16)
+    llm = glmtorch.LLM(model, tokenizer, max_num_seqs=3, kv_cache_memory=9 * per_block, prefix_caching=False)
+    engine = llm.engine
+    events = [[] for _ in range(3)]
+    requests = [Request(p, SamplingParams(max_tokens=40, temperature=0, ignore_eos=True), events[i].append)
+                for i, p in enumerate(prompts(3, seed=4))]
+    for r in requests:
+        engine.submit(r)
+    engine.run(until_idle=True)
+    assert engine.preemptions > 0 and any(r.preempted for r in requests)
+    for r, evs in zip(requests, events):
+        text = "".join(e.text for e in evs if e.kind == "text")
+        assert evs[-1].kind == "done" and evs[-1].completion_tokens == 40
+        assert text == tokenizer.decode(r.history[0, len(r.prompt_ids):].tolist())
