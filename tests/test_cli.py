@@ -61,9 +61,10 @@ def test_chat_survives_bytes_that_are_not_utf8():
 
 
 @pytest.mark.parametrize("args, flag", [
-    (["serve", "--max-batch", "0"], "--max-batch"),  # was a hang at warm-up
-    (["serve", "--max-batch", "-3"], "--max-batch"),
-    (["serve", "--max-batch", "100000000"], "--max-batch"),
+    (["serve", "--max-num-seqs", "0"], "--max-num-seqs/--max-batch"),  # was a hang at warm-up
+    (["serve", "--max-batch", "-3"], "--max-num-seqs/--max-batch"),  # the old name is an alias
+    (["serve", "--max-num-seqs", "100000000"], "--max-num-seqs/--max-batch"),
+    (["serve", "--kv-cache-memory", "lots"], "--kv-cache-memory"),
     (["serve", "--max-context", "-1"], "--max-context"),
     (["serve", "--port", "99999"], "--port"),
     (["serve", "--port", "http"], "--port"),

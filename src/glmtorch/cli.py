@@ -494,11 +494,14 @@ def _serve_flags(p: argparse.ArgumentParser) -> None:
 def cmd_bench_serve(args: argparse.Namespace) -> int:
     import json
 
-    from .serve.bench import bench_serve, format_serve_report, multi_turn, ttft_under_load
+    from .serve.bench import bench_serve, format_serve_report, long_prompt_under_load, multi_turn, ttft_under_load
 
     if args.multi_turn:
         report = multi_turn(args.url, args.requests, args.concurrency, args.multi_turn, args.prompt_words,
                             args.max_tokens, args.model, args.api_key, args.temperature)
+    elif args.long_prompt_under_load:
+        report = long_prompt_under_load(args.url, args.long_prompt_under_load, args.long_prompt_words,
+                                        args.prompt_words, args.max_tokens, args.model, args.api_key)
     elif args.ttft_under_load:
         report = ttft_under_load(args.url, args.ttft_under_load, args.max_tokens, args.prompt_words, model=args.model,
                                  api_key=args.api_key, chat=args.chat, max_pause=args.probe_pause)
@@ -534,6 +537,10 @@ def _bench_serve_flags(p: argparse.ArgumentParser) -> None:
                    help="with --ttft-under-load: each probe waits a random pause of up to this long, so probes "
                         "arrive at random points of the server's decode loop (0: right after the previous one "
                         "ended, which lands just after a decode step began: the worst case)")
+    p.add_argument("--long-prompt-under-load", type=ranged(int, 0, 100_000), default=0, metavar="N",
+                   help="instead: N streams decode (--prompt-words, --max-tokens each) and one prompt of "
+                        "--long-prompt-words words arrives; reports the streams' worst gap while it is prefilled")
+    p.add_argument("--long-prompt-words", type=ranged(int, 1, 10_000_000), default=4000, metavar="W")
     p.add_argument("--out", default=None, help="also write the report as JSON")
 
 

@@ -28,7 +28,7 @@ async def _one(client, url: str, body: dict, headers: dict, started: asyncio.Eve
     start = time.perf_counter()
     first = None
     stamps: list[float] = []
-    tokens = cached = 0
+    tokens = cached = prompt_tokens = 0
     text = ""
     try:
         async with client.stream("POST", url, json=body, headers=headers) as response:
@@ -43,6 +43,7 @@ async def _one(client, url: str, body: dict, headers: dict, started: asyncio.Eve
                 chunk = json.loads(data)
                 if chunk.get("usage"):
                     tokens = chunk["usage"].get("completion_tokens", tokens)
+                    prompt_tokens = chunk["usage"].get("prompt_tokens", prompt_tokens)
                     cached = (chunk["usage"].get("prompt_tokens_details") or {}).get("cached_tokens") or 0
                 for choice in chunk.get("choices", []):
                     piece = choice.get("text") or (choice.get("delta") or {}).get("content") or ""
@@ -61,7 +62,7 @@ async def _one(client, url: str, body: dict, headers: dict, started: asyncio.Eve
     end = time.perf_counter()
     gaps = [b - a for a, b in zip(stamps, stamps[1:])]
     return {"ttft": (first or end) - start, "latency": end - start, "tokens": tokens or len(stamps), "gaps": gaps,
-            "text": text, "cached": cached}
+            "stamps": stamps, "text": text, "cached": cached, "prompt_tokens": prompt_tokens}
 
 
 WORDS = ("the quick brown fox jumps over a lazy dog while seven wise kings speak of old times " * 64).split()
@@ -269,6 +270,53 @@ def ttft_under_load(url: str, background: int = 16, long_tokens: int = 256, long
                                         max_pause))
 
 
+async def _long_prompt_under_load(base_url: str, background: int, long_words: int, prompt_words: int,
+                                  max_tokens: int, model: str | None, api_key: str | None, calm: float) -> dict:
+    """`background` streams decode (short prompts, `max_tokens` each); after `calm` seconds of their usual gaps, one
+    prompt of `long_words` words arrives (a document pasted into a chat). What its prefill costs the streams: their
+    worst gap between tokens while it was being prefilled (sent until its first token), against their usual gap
+    (median before it arrived). Chunked prefill bounds it by one chunk's time, not the whole prompt's."""
+    async with _session(base_url, api_key, model) as (client, base, headers, model):
+        started = [asyncio.Event() for _ in range(background)]
+        streams = []
+        for i in range(background):
+            url, body = _request(base, model, i, prompt_words, max_tokens, False, 0.0)
+            streams.append(asyncio.create_task(_one(client, url, body, headers, started[i])))
+        await asyncio.gather(*(e.wait() for e in started))
+        await asyncio.sleep(calm)
+        url, body = _request(base, model, 10_000, long_words, 8, False, 0.0)
+        sent = time.perf_counter()
+        long_one = await _one(client, url, body, headers)
+        if "error" in long_one:
+            raise RuntimeError(f"the long request failed: {long_one['error']}")
+        answered = sent + long_one["ttft"]
+        await asyncio.sleep(0.5)
+        for t in streams:
+            t.cancel()
+        results = await asyncio.gather(*streams, return_exceptions=True)
+        # a cancelled stream's task raises CancelledError: rebuild its stamps from what it got is not possible, so
+        # the streams must outlive the long prompt (max_tokens large enough); those that ended give theirs
+        done = [r for r in results if isinstance(r, dict) and "error" not in r]
+    if len(done) < background:
+        raise RuntimeError(f"{background - len(done)} streams ended before the long prompt's first token, or "
+                           "failed: give them more --max-tokens")
+    before = [b - a for r in done for a, b in zip(r["stamps"], r["stamps"][1:]) if b < sent]
+    during = [b - a for r in done for a, b in zip(r["stamps"], r["stamps"][1:]) if b > sent and a < answered]
+    usual = statistics.median(before)
+    worst = max(during) if during else 0.0
+    return {"url": base_url, "model": model, "client_cpu": cpu_description(), "background_requests": background,
+            "long_prompt_words": long_words, "long_prompt_tokens": long_one.get("prompt_tokens"),
+            "long_ttft_s": long_one["ttft"], "usual_gap_s": usual, "worst_gap_during_prefill_s": worst,
+            "worst_over_usual": worst / usual, "gaps_during_prefill": len(during)}
+
+
+def long_prompt_under_load(url: str, background: int = 16, long_words: int = 4000, prompt_words: int = 20,
+                           max_tokens: int = 1024, model: str | None = None, api_key: str | None = None,
+                           calm: float = 3.0) -> dict[str, Any]:
+    return asyncio.run(_long_prompt_under_load(url, background, long_words, prompt_words, max_tokens, model,
+                                               api_key, calm))
+
+
 def bench_serve(url: str, requests: int = 64, concurrency: int = 64, prompt_words: int = 100, max_tokens: int = 64,
                 model: str | None = None, api_key: str | None = None, chat: bool = False,
                 temperature: float = 0.0, shared_words: int = 0) -> dict[str, Any]:
@@ -277,6 +325,12 @@ def bench_serve(url: str, requests: int = 64, concurrency: int = 64, prompt_word
 
 
 def format_serve_report(r: dict[str, Any]) -> str:
+    if "worst_gap_during_prefill_s" in r:
+        return (f"{r['url']} model={r['model']}: a {r['long_prompt_tokens']}-token prompt arriving while "
+                f"{r['background_requests']} streams decode\n"
+                f"  its time to first token {r['long_ttft_s']:.2f}s; the streams' usual gap "
+                f"{1000 * r['usual_gap_s']:.0f}ms, worst while it was prefilled {1000 * r['worst_gap_during_prefill_s']:.0f}ms "
+                f"({r['worst_over_usual']:.1f}x)\n  measured from: {_cpu_line(r.get('client_cpu'))}")
     if "ttft_loaded_s" in r:
         return (f"{r['url']} model={r['model']}: time to first token of a short request\n"
                 f"  alone: {1000 * r['ttft_unloaded_s']:.0f}ms, while {r['background_requests']} long requests "
