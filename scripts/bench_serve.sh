@@ -7,7 +7,7 @@
 set -euo pipefail
 NAME=$1; MODEL=$2; PORT=$3
 URL=http://127.0.0.1:$PORT
-glmtorch serve $MODEL --port "$PORT" --max-batch 64 --max-queue 256 --max-context 512 > "/tmp/serve-$NAME.log" 2>&1 &
+glmtorch serve $MODEL --port "$PORT" --max-num-seqs 64 --max-queue 256 --max-context 512 > "/tmp/serve-$NAME.log" 2>&1 &
 SERVER=$!
 trap 'kill -TERM $SERVER 2>/dev/null; wait $SERVER 2>/dev/null || true' EXIT
 for _ in $(seq 1 600); do curl -sf "$URL/health" > /dev/null && break; sleep 1; done

@@ -24,7 +24,7 @@ if [ "${WORKLOAD:-burst}" = prefix ]; then
   $G bench-serve http://127.0.0.1:8021 $PREFIX --out benchmarks/serve-vllm-$TAG-prefix1500.json
   $G bench-serve http://127.0.0.1:8021 $TURNS --out benchmarks/serve-vllm-$TAG-multiturn.json
   kill -INT $VP; sleep 5; kill -9 $VP 2>/dev/null
-  $G serve $M --dtype $DTYPE --port 8022 --max-batch 16 --max-context 2048 > /tmp/serve_glmtorch_$TAG.log 2>&1 &
+  $G serve $M --dtype $DTYPE --port 8022 --max-context 2048 > /tmp/serve_glmtorch_$TAG.log 2>&1 &
   SP=$!
   for i in $(seq 1 400); do curl -sf http://127.0.0.1:8022/health >/dev/null && break; sleep 1; done
   $G bench-serve http://127.0.0.1:8022 --requests 4 --concurrency 4 --max-tokens 4 --prompt-words 50 > /dev/null
@@ -44,7 +44,7 @@ $G bench-serve $U --requests 64 --concurrency 64 --max-tokens 64 --prompt-words 
 $G bench-serve $U --requests 4 --concurrency 1 --max-tokens 64 --prompt-words 125 --out benchmarks/serve-vllm-$TAG-c1.json
 $G bench-serve $U --ttft-under-load 16 --max-tokens 256 --prompt-words 100 --out benchmarks/serve-vllm-$TAG-ttft.json
 kill -INT $VP; sleep 5; kill -9 $VP 2>/dev/null
-$G serve $M --dtype $DTYPE --port 8022 --max-batch 64 --max-queue 256 --max-context 1024 > /tmp/serve_glmtorch_$TAG.log 2>&1 &
+$G serve $M --dtype $DTYPE --port 8022 --max-context 1024 > /tmp/serve_glmtorch_$TAG.log 2>&1 &
 SP=$!
 for i in $(seq 1 400); do curl -sf http://127.0.0.1:8022/health >/dev/null && break; sleep 1; done
 U=http://127.0.0.1:8022

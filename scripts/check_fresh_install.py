@@ -63,7 +63,7 @@ def check_serve() -> None:
     """`glmtorch serve` starts, answers a chat request, and stops on SIGTERM without a traceback."""
     port = free_port()
     env = {**os.environ, "PATH": BIN + os.pathsep + os.environ.get("PATH", "")}
-    proc = subprocess.Popen([GLMTORCH, "serve", "--port", str(port), "--max-batch", "2"], stdout=subprocess.PIPE,
+    proc = subprocess.Popen([GLMTORCH, "serve", "--port", str(port), "--max-num-seqs", "2"], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env)
     reply = None
     try:

@@ -17,12 +17,15 @@ def _scattered_tables(rows: int, per_row: int, num_blocks: int, seed: int = 0) -
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("in_place", [True, False], ids=["read-in-place", "gathered"])
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_attention_through_block_tables_equals_contiguous(tmp_path, name, monkeypatch):
+def test_attention_through_block_tables_equals_contiguous(tmp_path, name, in_place, monkeypatch):
     """Two prompts of different lengths prefilled together (padded) into scattered blocks of 4 tokens, then
-    decoded at different positions for several steps: logits equal a static cache's (fp32 < 1e-6), and the
-    fused step reads the same blocks."""
+    decoded at different positions for several steps: logits equal a static cache's (fp32 < 1e-6), whether
+    attention reads the blocks in place (the C++ kernel) or gathers them for SDPA, and the fused step reads the
+    same blocks."""
     monkeypatch.setenv("GLMTORCH_LINEAR_PATH", "kernel")  # the fused step for 2 rows, whatever timing says here
+    monkeypatch.setattr("glmtorch.cache.IN_PLACE_MAX_TOKENS", 16 if in_place else 0)
     model = glmtorch.AutoModelForCausalLM.from_pretrained(save_hf(make_hf_model(**CONFIGS[name]), tmp_path))
     prompts = [torch.randint(1, 160, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (11, 6)]
     T, steps = 11, 6
@@ -60,6 +63,22 @@ def test_attention_through_block_tables_equals_contiguous(tmp_path, name, monkey
         for mine, theirs in ((paged.key_buffer, static.key_buffer), (paged.value_buffer, static.value_buffer)):
             slots = mine[:, table[row]].transpose(1, 2).reshape(layers, kv_heads, -1, dim)
             assert rel_err(slots[:, :, :length], theirs[:, row, :, :length]) < 1e-6
+
+
+@torch.no_grad()
+def test_a_bf16_pool_read_in_place_agrees_with_the_gathered_one(tmp_path, monkeypatch):
+    """bf16 keys and values widened in the kernel (fp32 sums) against SDPA in bf16: within bf16 rounding."""
+    model = glmtorch.AutoModelForCausalLM.from_pretrained(save_hf(make_hf_model(**CONFIGS["gqa"]), tmp_path),
+                                                          dtype="bfloat16")
+    ids = torch.randint(1, 160, (2, 9), generator=torch.Generator().manual_seed(5))
+    logits = []
+    for limit in (16, 0):
+        monkeypatch.setattr("glmtorch.cache.IN_PLACE_MAX_TOKENS", limit)
+        paged = model.new_paged_cache(8, 4)
+        assert paged.key_buffer.dtype == torch.bfloat16
+        view = paged.view(_scattered_tables(2, 3, 8), 9)
+        logits.append(model(ids, past_key_values=view, cache_position=torch.arange(9)[None].expand(2, 9)).logits)
+    assert rel_err(logits[0].float(), logits[1].float()) < 2e-2
 
 
 def test_a_table_too_short_for_the_window_is_refused():

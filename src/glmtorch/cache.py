@@ -179,6 +179,9 @@ class StaticCache:
         return self.key_buffer.shape[0]
 
 
+IN_PLACE_MAX_TOKENS = 16  # new tokens per row up to which PagedKVCache.attend reads the pool in place
+
+
 class PagedKVCache:
     """(layers, blocks, KV, block_size, D) pools for keys and values. A forward pass is given a view of it with a
     (B, n) `block_table`: slot j of row b is block block_table[b, j // block_size], offset j % block_size (the
@@ -233,9 +236,9 @@ class PagedKVCache:
     def kv_length(self, new_tokens: int) -> int:
         return self.length
 
-    def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor, cache_position: torch.Tensor):
-        """k, v: (B, KV, T, D) written at cache_position ((T,) or (B, T)) through the table; returns the layer's
-        (B, KV, length, D) keys and values gathered from the blocks."""
+    def write(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor, cache_position: torch.Tensor) -> torch.Tensor:
+        """k, v: (B, KV, T, D) written at cache_position ((T,) or (B, T)) through the table; returns the (B, T)
+        positions."""
         B, KV, T, D = k.shape
         positions = cache_position.view(-1, T).expand(B, T)
         blocks = self.block_table.gather(1, positions // self.block_size)  # (B, T)
@@ -244,6 +247,13 @@ class PagedKVCache:
                  (positions % self.block_size)[:, None, :])
         self.key_buffer.index_put_(index, k)
         self.value_buffer.index_put_(index, v)
+        return positions
+
+    def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor, cache_position: torch.Tensor):
+        """Write k, v (B, KV, T, D); returns the layer's (B, KV, length, D) keys and values gathered from the
+        blocks (a copy: `attend` reads them in place where it can)."""
+        B, KV, T, D = k.shape
+        self.write(layer_idx, k, v, cache_position)
         used = self.block_table[:, :-(-self.length // self.block_size)]  # (B, n) blocks covering `length` slots
 
         def gather(buffer: torch.Tensor) -> torch.Tensor:
@@ -251,6 +261,27 @@ class PagedKVCache:
             return blocks.transpose(1, 2).reshape(B, KV, -1, D)[:, :, :self.length]
 
         return gather(self.key_buffer), gather(self.value_buffer)
+
+    def reads_in_place(self, q: torch.Tensor) -> bool:
+        """Whether `attend` takes these queries (B, H, T, D): on a CPU with glmtorch's kernels, a few new tokens a
+        row (decoding, a speculative verify pass). A long prefill is compute-bound: it gathers and takes SDPA."""
+        from . import kernels
+
+        return q.device.type == "cpu" and q.shape[2] <= IN_PLACE_MAX_TOKENS and kernels.available()
+
+    def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               cache_position: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+        """Write k, v, then attention of q (B, H, T, D) over the pool read through the table in place (the C++
+        kernel the fused decode step uses, in fp32): (B, T, H, D). mask: make_attention_mask's (B|1, 1, T, S), or
+        None for every slot up to each query's own."""
+        B, H, T, D = q.shape
+        positions = self.write(layer_idx, k, v, cache_position)
+        rows = q.transpose(1, 2).reshape(B * T, H, D).float()
+        table = self.block_table.repeat_interleave(T, 0) if T > 1 else self.block_table
+        visible = mask.expand(B, 1, T, -1).reshape(B * T, -1) if mask is not None else rows.new_empty(0, dtype=torch.bool)
+        out = torch.ops.glmtorch_kernels.paged_attention(rows, self.key_buffer[layer_idx], self.value_buffer[layer_idx],
+                                                         table, positions.reshape(-1), visible, scale)
+        return out.view(B, T, H, D).to(q.dtype)
 
     def advance(self, new_tokens: int | torch.Tensor) -> None:
         """Nothing to do: the engine keeps each sequence's length."""

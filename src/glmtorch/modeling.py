@@ -122,6 +122,9 @@ class Attention(nn.Module):
         q = self.rotate(q.view(B, T, -1, self.head_dim), rope)  # (B, H, T, D)
         k = self.rotate(k.view(B, T, -1, self.head_dim), rope)  # (B, KV, T, D)
         v = v.view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, KV, T, D)
+        if isinstance(cache, PagedKVCache) and not need_weights and cache.reads_in_place(q):
+            out = cache.attend(self.layer_idx, q, k, v, cache_position, mask, self.scale)  # (B, T, H, D)
+            return self.o_proj(out.reshape(B, T, -1)), None
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v, cache_position)  # (B, KV, S, D)
         dropout = self.dropout if self.training else 0.0

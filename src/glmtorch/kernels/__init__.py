@@ -153,6 +153,10 @@ def _register_shapes() -> None:
     def _(x, cos, sin):
         return x.new_empty(x.shape[0], x.shape[2], x.shape[1], x.shape[3])
 
+    @torch.library.register_fake("glmtorch_kernels::paged_attention")
+    def _(q, keys, values, table, last, visible, scale):
+        return torch.empty_like(q)
+
 
 ROW_CHUNK = 4096  # output features widened at a time: bounded scratch memory whatever the matrix
 
