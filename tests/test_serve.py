@@ -167,6 +167,18 @@ def test_bench_serve_shared_prefix_and_multi_turn_workloads(served):
     assert chats["prefix_cache_hit_rate"] > 0 and "multi-turn chats of 3 turns" in format_serve_report(chats)
 
 
+def test_long_prompt_under_load_reports_the_streams_gaps(served):
+    from glmtorch.serve.bench import format_serve_report, long_prompt_under_load
+
+    report = long_prompt_under_load(served[0].url, background=3, long_words=50, prompt_words=5, max_tokens=200,
+                                    calm=0.03)  # the tiny model's streams last ~0.3 s
+    assert report["long_prompt_tokens"] > 50 and report["usual_gap_s"] > 0 and report["gaps_during_prefill"] >= 1
+    assert report["worst_gap_during_prefill_s"] >= report["usual_gap_s"] * 0.5
+    assert "streams decode" in format_serve_report(report)
+    with pytest.raises(RuntimeError, match="more --max-tokens"):
+        long_prompt_under_load(served[0].url, background=2, long_words=20, prompt_words=5, max_tokens=2, calm=0.5)
+
+
 def test_ttft_under_load_rejects_a_negative_probe_pause():
     from glmtorch.serve.bench import ttft_under_load
 

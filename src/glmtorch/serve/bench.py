@@ -23,11 +23,13 @@ def _percentiles(values: list[float]) -> dict[str, float]:
             "max": values[-1]}
 
 
-async def _one(client, url: str, body: dict, headers: dict, started: asyncio.Event | None = None) -> dict[str, Any]:
-    """One streaming request; `started` is set when its first text arrives."""
+async def _one(client, url: str, body: dict, headers: dict, started: asyncio.Event | None = None,
+               stamps: list[float] | None = None) -> dict[str, Any]:
+    """One streaming request; `started` is set when its first text arrives; `stamps`, when given, receives the
+    arrival time of each piece of text as it comes (kept when the request is cancelled)."""
     start = time.perf_counter()
     first = None
-    stamps: list[float] = []
+    stamps = [] if stamps is None else stamps
     tokens = cached = prompt_tokens = 0
     text = ""
     try:
@@ -278,10 +280,10 @@ async def _long_prompt_under_load(base_url: str, background: int, long_words: in
     (median before it arrived). Chunked prefill bounds it by one chunk's time, not the whole prompt's."""
     async with _session(base_url, api_key, model) as (client, base, headers, model):
         started = [asyncio.Event() for _ in range(background)]
-        streams = []
+        streams, stamps = [], [[] for _ in range(background)]
         for i in range(background):
             url, body = _request(base, model, i, prompt_words, max_tokens, False, 0.0)
-            streams.append(asyncio.create_task(_one(client, url, body, headers, started[i])))
+            streams.append(asyncio.create_task(_one(client, url, body, headers, started[i], stamps[i])))
         await asyncio.gather(*(e.wait() for e in started))
         await asyncio.sleep(calm)
         url, body = _request(base, model, 10_000, long_words, 8, False, 0.0)
@@ -290,18 +292,18 @@ async def _long_prompt_under_load(base_url: str, background: int, long_words: in
         if "error" in long_one:
             raise RuntimeError(f"the long request failed: {long_one['error']}")
         answered = sent + long_one["ttft"]
-        await asyncio.sleep(0.5)
+        ended = [t for t in streams if t.done()]  # finished early (too few --max-tokens), or failed
         for t in streams:
             t.cancel()
-        results = await asyncio.gather(*streams, return_exceptions=True)
-        # a cancelled stream's task raises CancelledError: rebuild its stamps from what it got is not possible, so
-        # the streams must outlive the long prompt (max_tokens large enough); those that ended give theirs
-        done = [r for r in results if isinstance(r, dict) and "error" not in r]
-    if len(done) < background:
-        raise RuntimeError(f"{background - len(done)} streams ended before the long prompt's first token, or "
-                           "failed: give them more --max-tokens")
-    before = [b - a for r in done for a, b in zip(r["stamps"], r["stamps"][1:]) if b < sent]
-    during = [b - a for r in done for a, b in zip(r["stamps"], r["stamps"][1:]) if b > sent and a < answered]
+        await asyncio.gather(*streams, return_exceptions=True)
+    failed = [t.result()["error"] for t in ended if "error" in t.result()]
+    if failed:
+        raise RuntimeError(f"a stream failed: {failed[0]}")
+    if ended:
+        raise RuntimeError(f"{len(ended)} streams ended before the long prompt's first token: give them more "
+                           "--max-tokens")
+    before = [b - a for times in stamps for a, b in zip(times, times[1:]) if b < sent]
+    during = [b - a for times in stamps for a, b in zip(times, times[1:]) if b > sent and a < answered]
     usual = statistics.median(before)
     worst = max(during) if during else 0.0
     return {"url": base_url, "model": model, "client_cpu": cpu_description(), "background_requests": background,
