@@ -91,8 +91,9 @@ def _request(base: str, model: str, i: int, prompt_words: int, max_tokens: int, 
              temperature: float, shared_words: int = 0) -> tuple[str, dict]:
     """(url, body) of request number i: a distinct prompt of about `prompt_words` words, streamed, after a
     preamble of `shared_words` words that every request shares (a system prompt, a document asked about)."""
-    shared = " ".join((WORDS * (1 + shared_words // len(WORDS)))[:shared_words])
-    prompt = (shared + "\n" if shared else "") + f"Request {i}: " + " ".join(WORDS[i % 7: i % 7 + prompt_words])
+    words = WORDS * (2 + max(shared_words, prompt_words) // len(WORDS))  # as many words as asked for
+    shared = " ".join(words[:shared_words])
+    prompt = (shared + "\n" if shared else "") + f"Request {i}: " + " ".join(words[i % 7: i % 7 + prompt_words])
     body = {"model": model, "max_tokens": max_tokens, "temperature": temperature, "stream": True,
             "stream_options": {"include_usage": True}, "ignore_eos": True}
     if chat:
