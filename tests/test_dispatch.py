@@ -108,6 +108,20 @@ def test_a_table_of_another_machine_is_measured_again(table):
     assert json.loads(table.read_text())["machine"] == dispatch.machine()
 
 
+def test_a_table_measured_with_other_kernels_is_measured_again(table):
+    """Another build of the kernels (a glmtorch upgrade) may change which path wins: the machine key names it."""
+    from glmtorch import kernels
+
+    assert f"kernels {kernels.build_name()}" in dispatch.machine() and kernels.build_name().startswith("glmtorch_gemv_")
+    other = dispatch.machine().replace(kernels.build_name(), "glmtorch_gemv_000000000000")
+    table.write_text(json.dumps({"format": dispatch.FORMAT, "machine": other,
+                                 "choices": {"float32 48x128 rows<=8": "library"}}))
+    layer = GemvLinear(128, 48)
+    with torch.no_grad():
+        layer(torch.randn(5, 128))
+    assert json.loads(table.read_text())["machine"] == dispatch.machine()
+
+
 @pytest.mark.parametrize("content", ["{not json", "[]", json.dumps({"choices": 5})])
 def test_a_corrupted_table_is_ignored_with_a_warning(table, content):
     table.write_text(content)

@@ -158,10 +158,15 @@ def cache_file() -> str:
 
 
 def machine() -> str:
-    """What a decision depends on besides the shape: the CPU (model and flags), torch, the thread count."""
+    """What a decision depends on besides the shape: the CPU (model and flags), torch, the thread count, and the
+    kernels' build (a glmtorch whose kernels changed measures again: faster int8 kernels may now beat a library
+    path an older build lost to)."""
+    from . import kernels
+
     model, flags = cpu_model_and_flags()
     digest = hashlib.sha256(" ".join(flags).encode()).hexdigest()[:12]
-    return f"{model} | flags {digest} | torch {torch.__version__} | {torch.get_num_threads()} threads"
+    return (f"{model} | flags {digest} | torch {torch.__version__} | {torch.get_num_threads()} threads | "
+            f"kernels {kernels.build_name()}")
 
 
 def _table() -> dict[str, str]:

@@ -64,8 +64,9 @@ def _build() -> bool:
 
         _put_ninja_on_path()
         flags = ["-O3", "-march=native", "-fopenmp"]
+        _state["name"] = extension_name(sources, flags)
         with _announce_build():
-            load(name=extension_name(sources, flags), sources=sources, extra_cflags=flags,
+            load(name=_state["name"], sources=sources, extra_cflags=flags,
                  extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
         _register_shapes()
         return True
@@ -75,6 +76,11 @@ def _build() -> bool:
                       "library paths. Install a C++ compiler (g++) to get them, or set GLMTORCH_KERNELS=0 to "
                       "silence this.", stacklevel=3)
         return False
+
+
+def build_name() -> str:
+    """The loaded kernels' build (extension_name), "none" without them: measured speed choices depend on it."""
+    return _state.get("name", "none") if available() else "none"
 
 
 def extension_name(sources: list[str], flags: list[str]) -> str:

@@ -502,9 +502,16 @@ inline Int8x32 unpack_nibbles(const uint8_t* p) {  // 16 bytes -> [16 low nibble
 struct BlockAcc {
   __m256 v = _mm256_setzero_ps();
   void add(float scale, Int8x32 w, Int8x32 x, Int8x32 x_magnitude) {
-    // maddubs multiplies unsigned by signed bytes: |x| times w with x's sign (|x| <= 127, no saturation)
+    // unsigned by signed bytes: |x| times w with x's sign (|x| <= 127: maddubs's pairs do not saturate); VNNI's
+    // dpbusd sums the four products of each 32-bit lane in one instruction, maddubs + madd in two
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+    const __m256i sums = _mm256_dpbusd_epi32(_mm256_setzero_si256(), x_magnitude, _mm256_sign_epi8(w, x));
+#elif defined(__AVXVNNI__)
+    const __m256i sums = _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), x_magnitude, _mm256_sign_epi8(w, x));
+#else
     const __m256i pairs = _mm256_maddubs_epi16(x_magnitude, _mm256_sign_epi8(w, x));
     const __m256i sums = _mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
+#endif
     v = _mm256_fmadd_ps(_mm256_set1_ps(scale), _mm256_cvtepi32_ps(sums), v);
   }
   float sum() const { return horizontal_sum(v); }
@@ -694,11 +701,32 @@ void quantize_pairs(const at::Tensor& x, PairActivations& a) {
 
 // The integer dot products of one weight pair (32 bytes: 64 int4 values) with one row's pair of x: block 0's
 // sum in lanes 0-3, block 1's in lanes 4-7, the "- 8" of every weight already taken off (offset = 8 * sum(x)).
-inline __m256i int4_pair_sums(__m256i raw, __m256i x_even, __m256i x_odd, __m256i offset) {
-  const __m256i low_mask = _mm256_set1_epi8(15);
-  const __m256i low = _mm256_and_si256(raw, low_mask), high = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low_mask);
+// From the nibbles already unpacked (low: elements 2j, high: 2j + 1, as unsigned bytes): with VNNI one dpbusd per
+// half (u8 x s8 products summed by fours into 32-bit lanes), else maddubs (to 16 bits: at most 2 x 15 x 127 per
+// pair of products, two of them 7620, no saturation) and madd by ones. The same integers either way.
+inline __m256i int4_unpacked_sums(__m256i low, __m256i high, __m256i x_even, __m256i x_odd, __m256i offset) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  const __m256i sums = _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), low, x_even), high, x_odd);
+  return _mm256_sub_epi32(sums, offset);
+#elif defined(__AVXVNNI__)
+  const __m256i sums = _mm256_dpbusd_avx_epi32(_mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), low, x_even), high, x_odd);
+  return _mm256_sub_epi32(sums, offset);
+#else
   const __m256i products = _mm256_add_epi16(_mm256_maddubs_epi16(low, x_even), _mm256_maddubs_epi16(high, x_odd));
   return _mm256_sub_epi32(_mm256_madd_epi16(products, _mm256_set1_epi16(1)), offset);
+#endif
+}
+
+inline void split_nibbles(__m256i raw, __m256i& low, __m256i& high) {
+  const __m256i low_mask = _mm256_set1_epi8(15);
+  low = _mm256_and_si256(raw, low_mask);
+  high = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low_mask);
+}
+
+inline __m256i int4_pair_sums(__m256i raw, __m256i x_even, __m256i x_odd, __m256i offset) {
+  __m256i low, high;
+  split_nibbles(raw, low, high);
+  return int4_unpacked_sums(low, high, x_even, x_odd, offset);
 }
 
 inline __m256i load_256(const void* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
@@ -717,12 +745,13 @@ inline void int4_pair_rows(const PairActivations& a, int64_t m0, int64_t pairs, 
     for (int m = 0; m < M; ++m) acc[u][m] = _mm256_setzero_ps();
   auto pair = [&](int64_t p, __m256* into) {
     prefetch_ahead(row + p * pair_stride);
-    const __m256i raw = load_256(row + p * pair_stride);
+    __m256i low, high;  // unpacked once for the M rows
+    split_nibbles(load_256(row + p * pair_stride), low, high);
     const __m256 ws = weight_scales(p);
     for (int m = 0; m < M; ++m) {
       const int64_t at = m * pairs + p;
-      const __m256i sums = int4_pair_sums(raw, load_256(xq + at * 2 * BLOCK), load_256(xq + at * 2 * BLOCK + BLOCK),
-                                          load_256(offset + at * 8));
+      const __m256i sums = int4_unpacked_sums(low, high, load_256(xq + at * 2 * BLOCK),
+                                              load_256(xq + at * 2 * BLOCK + BLOCK), load_256(offset + at * 8));
       into[m] = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_loadu_ps(xs + at * 8), ws), _mm256_cvtepi32_ps(sums), into[m]);
     }
   };
