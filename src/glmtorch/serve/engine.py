@@ -37,6 +37,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+import warnings
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
@@ -183,8 +184,6 @@ class Engine:
         blocks = min(blocks, self.max_num_seqs * per_sequence)
         if blocks * block_size < self.context:
             self.context = blocks * block_size
-            import warnings
-
             warnings.warn(f"the KV cache holds {blocks * block_size} tokens, fewer than the model's context: "
                           f"requests are limited to {self.context} tokens (raise --kv-cache-memory, or lower "
                           "--max-context, to change it)", stacklevel=3)
