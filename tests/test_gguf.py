@@ -1,6 +1,7 @@
 """GGUF (llama.cpp's chatglm architecture): import through the gguf package, and our exporter round trip."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -113,6 +114,20 @@ def test_export_round_trips_through_import(tmp_path, tokenizer, hf_model, kind, 
     back = glmtorch.AutoModelForCausalLM.from_pretrained(tmp_path / f"m-{kind}.gguf")
     assert rel_err(back(ids()).logits, ours(ids()).logits) < tolerance
     assert glmtorch.AutoTokenizer.from_pretrained(tmp_path / f"m-{kind}.gguf").encode("Hello 你好") == tokenizer.encode("Hello 你好")
+
+
+def test_a_tokenizer_llama_cpp_cannot_load_is_refused_before_writing(tmp_path, hf_model):
+    """A WordLevel tokenizer (no merges) would make a file llama.cpp refuses ("cannot find tokenizer merges")."""
+    from tokenizers import Tokenizer, models
+
+    from glmtorch.checkpoint.gguf import write_gguf
+    from glmtorch.checkpoint.resolve import CheckpointError
+
+    words = glmtorch.GlmTokenizer(Tokenizer(models.WordLevel({"[UNK]": 0, "hi": 1}, unk_token="[UNK]")))
+    ours = glmtorch.GlmForCausalLM.from_pretrained(_save(hf_model, tmp_path / "hf"))
+    with pytest.raises(CheckpointError, match="'WordLevel' without merges, which llama.cpp cannot load"):
+        write_gguf(ours, words, str(tmp_path / "m.gguf"), "f32", progress=False)
+    assert not [p for p in os.listdir(tmp_path) if p.startswith("m.gguf")]
 
 
 @pytest.mark.parametrize("mode,kind", [("int8", "q8_0"), ("int4", "q4_0")])

@@ -199,6 +199,7 @@ def write_gguf(model, tokenizer, path: str, file_type: str = "f32", progress: bo
     if config.rope_scaling:
         raise ConfigError("rope_scaling is not expressible in a chatglm GGUF file")
     arch = "glm4" if config.sandwich_norms else ARCH
+    _bpe_model(tokenizer, path)  # before a byte is written: a file llama.cpp cannot load is no file
     tmp = f"{path}.partial-{os.getpid()}"
     writer = gguf.GGUFWriter(tmp, arch)
     try:
@@ -279,13 +280,25 @@ def _gguf_tensors(model) -> dict[str, torch.Tensor]:
     return out
 
 
+def _bpe_model(tokenizer, path: str = "") -> dict:
+    """The tokenizer's BPE model (vocab, merges): what a chatglm / glm4 GGUF file carries and llama.cpp rebuilds.
+    Another kind (a WordLevel test tokenizer) would give a file llama.cpp refuses to load ("cannot find tokenizer
+    merges"): refused here instead."""
+    import json
+
+    model = json.loads(tokenizer.backend.to_str())["model"]
+    if model.get("type") != "BPE" or not model.get("merges"):
+        raise CheckpointError(f"{path or 'GGUF'}: llama.cpp's GLM files carry a byte-level BPE tokenizer (vocabulary "
+                              f"and merges); this checkpoint's tokenizer is {model.get('type')!r} without merges, "
+                              "which llama.cpp cannot load. Convert a checkpoint with GLM's tokenizer")
+    return model
+
+
 def _write_tokenizer(writer, gguf, tokenizer, config, arch: str = ARCH) -> None:
     """GLM-4's tokenizer the way llama.cpp's converter writes it: byte-level BPE ('gpt2'), pre 'chatglm-bpe',
     rows of a padded vocabulary as [PADn] placeholders; the beginning token [gMASK] for chatglm, <|endoftext|> for
     glm4 (as its converter sets them)."""
-    import json
-
-    model = json.loads(tokenizer.backend.to_str())["model"]
+    model = _bpe_model(tokenizer)
     vocab = model["vocab"]
     by_id = {i: t for t, i in vocab.items()}
     special = tokenizer.backend.get_added_tokens_decoder()
