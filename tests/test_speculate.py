@@ -14,9 +14,11 @@ from glmtorch.generation.speculate import propose
 def test_propose_copies_what_followed_the_latest_match():
     seq = [1, 2, 3, 4, 5, 9, 2, 3, 4, 7, 2, 3]
     assert propose(seq, 2, max_ngram=3) == [4, 7]  # "2 3" last seen before "4 7": the latest occurrence wins
-    assert propose(seq, 10, max_ngram=1) == [4, 7, 2, 3]
+    # past the end of the sequence the copy goes on through itself: "3 -> 4 7 2 3" is a loop of period 4
+    assert propose(seq, 10, max_ngram=1) == [4, 7, 2, 3, 4, 7, 2, 3, 4, 7]
     assert propose([1, 2, 3], 4) == [] and propose(seq, 0) == []
-    assert propose([5, 5, 5, 5], 3) == [5]  # the continuation stops at the end of the sequence
+    assert propose([5, 5, 5, 5], 3) == [5, 5, 5]  # a model stuck on one token: the loop continued
+    assert propose([8, 1, 2, 9, 1, 2], 5) == [9, 1, 2, 9, 1]
 
 
 def repetitive_prompt(vocab=160, n=60, seed=0):
