@@ -96,6 +96,24 @@ def test_int4_interleaved_rows_give_the_plain_layouts_results(rows):
     assert rel(layer(x), plain.to(torch.bfloat16)(x)) < 1e-6
 
 
+@torch.no_grad()
+@pytest.mark.parametrize("kind", ["int8", "int4", "int4-interleaved"])
+def test_integer_rows_come_out_the_same_alone_or_together(kind, monkeypatch):
+    """Row i of a many-row product equals the same row alone, bit for bit: a speculative verify pass (several
+    tokens of one sequence) then picks exactly what one-token steps pick."""
+    monkeypatch.setenv("GLMTORCH_LINEAR_PATH", "kernel")
+    g = torch.Generator().manual_seed(3)
+    linear = torch.nn.Linear(1024, 68, bias=False)
+    layer = Int8Linear.from_linear(linear) if kind == "int8" else Int4Linear.from_linear(linear)
+    if kind == "int4-interleaved":
+        assert layer.interleave_rows(kernels.int4_row_interleave())
+    x = torch.randn(9, 1024, generator=g) * 3
+    together = layer(x)
+    for rows in (1, 2, 5):
+        for i in range(0, 9 - rows + 1, 3):
+            assert torch.equal(layer(x[i:i + rows]), together[i:i + rows]), (rows, i)
+
+
 def test_kernels_run_inside_a_compiled_graph():
     layer = GemvLinear(256, 64)
     x = torch.randn(1, 256)

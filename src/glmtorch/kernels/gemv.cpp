@@ -611,8 +611,10 @@ void quantize_rows(const at::Tensor& x, bool nibble_order, RowActivations& a) {
 template <int M, typename LoadBlock, typename WeightScale>
 inline void int_dot_rows(const RowActivations& a, int64_t m0, int64_t blocks, LoadBlock load_weights,
                          WeightScale weight_scale, Out out) {
-  // rows m0 .. m0 + M - 1 of the activations
-  constexpr int U = unroll<M>();
+  // rows m0 .. m0 + M - 1 of the activations. One accumulator per row whatever M is: a row's sum then comes out
+  // the same alone or among others (speculative decoding's verify pass must pick what one-row steps pick), and
+  // the dependency chain (one FMA per 32 weights) is shorter than the time their bytes take to arrive.
+  constexpr int U = 1;
   const int8_t* xq = a.q.data() + m0 * blocks * BLOCK;
   const int8_t* xm = a.magnitude.data() + m0 * blocks * BLOCK;
   const float* xs = a.scale.data() + m0 * blocks;
@@ -735,8 +737,10 @@ template <int M, typename WeightScales>
 inline void int4_pair_rows(const PairActivations& a, int64_t m0, int64_t pairs, const uint8_t* row,
                            WeightScales weight_scales, Out out, int64_t pair_stride = BLOCK) {
   // rows m0 .. m0 + M - 1 of the activations; weight_scales(p) gives pair p's block scales (lanes 0-3, 4-7); the
-  // weight row's pairs are pair_stride bytes apart (BLOCK, or BLOCK x R in a row-interleaved block)
-  constexpr int U = unroll<M>() > 2 ? 2 : unroll<M>();
+  // weight row's pairs are pair_stride bytes apart (BLOCK, or BLOCK x R in a row-interleaved block). One
+  // accumulator per row, pairs in order: the sums of int4_interleaved_block (one row of x) bit for bit, so a row
+  // comes out the same alone or among the rows of a verify pass.
+  constexpr int U = 1;
   const int8_t* xq = a.q.data() + m0 * pairs * 2 * BLOCK;
   const int32_t* offset = a.offset.data() + m0 * pairs * 8;
   const float* xs = a.scale.data() + m0 * pairs * 8;
