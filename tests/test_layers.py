@@ -27,7 +27,8 @@ LAYERS = [
                                 "glmtorch.generation.mixin", "glmtorch.generation.constrain",
                                 "glmtorch.generation.speculate"]),
     ("public classes", ["glmtorch.models", "glmtorch.auto", "glmtorch"]),
-    ("applications", ["glmtorch.train", "glmtorch.bench", "glmtorch.checkpoint.convert", "glmtorch.serve.blocks", "glmtorch.serve.engine", "glmtorch.serve.metrics", "glmtorch.serve.offline",
+    ("applications", ["glmtorch.train", "glmtorch.bench", "glmtorch.checkpoint.convert", "glmtorch.serve.blocks",
+                      "glmtorch.serve.engine", "glmtorch.serve.metrics", "glmtorch.serve.offline",
                       "glmtorch.serve.app", "glmtorch.serve.server", "glmtorch.serve.bench"]),
     ("command line", ["glmtorch.cli", "glmtorch.__main__"]),
 ]

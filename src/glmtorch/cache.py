@@ -189,9 +189,9 @@ class PagedKVCache:
     own blocks name block 0, which the engine never gives out: a padded prefill writes its padding there, and
     attention never sees it (padding and slots past a row's length are masked).
 
-    The fused CPU decode step reads the pool through the table in place; the layer-by-layer path gathers each
-    layer's blocks into contiguous (B, KV, S, D) keys and values for attention (one copy of the attended keys per
-    layer, small beside the weights a step reads).
+    On a CPU, decoding reads the pool through the table in place (the fused C++ step, and `attend` for the
+    layer-by-layer path: up to IN_PLACE_MAX_TOKENS new tokens a row); a longer prefill, and every pass on a GPU,
+    gathers each layer's blocks into (B, KV, S, D) keys and values for SDPA (one copy of the attended keys).
 
     On a CPU the pool is an anonymous mapping (hugepages.zeros_on_demand): zero, as every slot must be (a masked
     slot still meets the values in SDPA's product, where NaN garbage would poison it), and taking memory only as
@@ -247,8 +247,8 @@ class PagedKVCache:
         positions = cache_position.view(-1, T).expand(B, T)
         blocks = self.block_table.gather(1, positions // self.block_size)  # (B, T)
         device = k.device
-        index = (torch.tensor(layer_idx, device=device), blocks[:, None, :], torch.arange(KV, device=device)[None, :, None],
-                 (positions % self.block_size)[:, None, :])
+        index = (torch.tensor(layer_idx, device=device), blocks[:, None, :],
+                 torch.arange(KV, device=device)[None, :, None], (positions % self.block_size)[:, None, :])
         self.key_buffer.index_put_(index, k)
         self.value_buffer.index_put_(index, v)
         return positions
@@ -283,7 +283,8 @@ class PagedKVCache:
         positions = self.write(layer_idx, k, v, cache_position)
         rows = q.transpose(1, 2).reshape(B * T, H, D).float()
         table = self.block_table.repeat_interleave(T, 0) if T > 1 else self.block_table
-        visible = mask.expand(B, 1, T, -1).reshape(B * T, -1) if mask is not None else rows.new_empty(0, dtype=torch.bool)
+        visible = (mask.expand(B, 1, T, -1).reshape(B * T, -1) if mask is not None
+                   else rows.new_empty(0, dtype=torch.bool))
         out = torch.ops.glmtorch_kernels.paged_attention(rows, self.key_buffer[layer_idx], self.value_buffer[layer_idx],
                                                          table, positions.reshape(-1), visible, scale)
         return out.view(B, T, H, D).to(q.dtype)

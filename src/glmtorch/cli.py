@@ -478,7 +478,8 @@ def _serve_flags(p: argparse.ArgumentParser) -> None:
                    help="memory for the KV cache's blocks, e.g. 4GiB (default: a quarter of what is free after "
                         "loading on a CPU, taken as used; 80%% on a GPU)")
     p.add_argument("--max-queue", type=ranged(int, 0, 1_000_000), default=256, help="requests allowed to wait; beyond: HTTP 503")
-    p.add_argument("--max-context", type=ranged(int, 2, 2**24), default=None, help="most tokens per request, prompt and output (default: the model's)")
+    p.add_argument("--max-context", type=ranged(int, 2, 2**24), default=None,
+                   help="most tokens per request, prompt and output (default: the model's)")
     p.add_argument("--speculative", default=None, choices=["ngram"],
                    help="greedy requests check tokens proposed by prompt lookup while few requests decode")
     p.add_argument("--num-speculative-tokens", type=sampling_value("prompt_lookup_num_tokens"), default=8,

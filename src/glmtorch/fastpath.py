@@ -404,10 +404,12 @@ class FusedDecodeStep:
 
     def rows_step(self, model, tokens, positions, attention_mask, cache, cache_rows, slots=None) -> torch.Tensor | None:
         """Logits of rows that each name their cache row (`cache_rows`; a paged cache's rows carry their block
-        tables instead) and write at their own slot (`slots`, default their positions): several tokens of a sequence among the other sequences' one each (a served batch
-        verifying proposals). None where the plan does not cover the model or so many rows. Taken whenever
-        one-token steps take the plan (not by timing these rows): the same code computes both, so speculation
-        changes no greedy token."""
+        tables instead) and write at their own slot (`slots`, default their positions): several tokens of a
+        sequence among the other sequences' one each (a served batch verifying proposals). None where the plan does
+        not cover the model or so many rows. Taken whenever one-token steps take the plan (not by timing these
+        rows): the same code computes both (the integer kernels sum each row alike whatever the row count, so with
+        int8/int4 weights speculation changes no greedy token; fp32 products of one row and of several sum in
+        different orders)."""
         self._ensure_plan(model)
         if self.plan is None or tokens.shape[0] > self.max_rows or not self._kernels_win(model, 1):
             return None

@@ -711,7 +711,8 @@ inline __m256i int4_unpacked_sums(__m256i low, __m256i high, __m256i x_even, __m
   const __m256i sums = _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), low, x_even), high, x_odd);
   return _mm256_sub_epi32(sums, offset);
 #elif defined(__AVXVNNI__)
-  const __m256i sums = _mm256_dpbusd_avx_epi32(_mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), low, x_even), high, x_odd);
+  const __m256i sums =
+      _mm256_dpbusd_avx_epi32(_mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), low, x_even), high, x_odd);
   return _mm256_sub_epi32(sums, offset);
 #else
   const __m256i products = _mm256_add_epi16(_mm256_maddubs_epi16(low, x_even), _mm256_maddubs_epi16(high, x_odd));

@@ -332,8 +332,9 @@ def format_serve_report(r: dict[str, Any]) -> str:
         return (f"{r['url']} model={r['model']}: a {r['long_prompt_tokens']}-token prompt arriving while "
                 f"{r['background_requests']} streams decode\n"
                 f"  its time to first token {r['long_ttft_s']:.2f}s; the streams' usual gap "
-                f"{1000 * r['usual_gap_s']:.0f}ms, worst while it was prefilled {1000 * r['worst_gap_during_prefill_s']:.0f}ms "
-                f"({r['worst_over_usual']:.1f}x)\n  measured from: {_cpu_line(r.get('client_cpu'))}")
+                f"{1000 * r['usual_gap_s']:.0f}ms, worst while it was prefilled "
+                f"{1000 * r['worst_gap_during_prefill_s']:.0f}ms ({r['worst_over_usual']:.1f}x)\n"
+                f"  measured from: {_cpu_line(r.get('client_cpu'))}")
     if "ttft_loaded_s" in r:
         return (f"{r['url']} model={r['model']}: time to first token of a short request\n"
                 f"  alone: {1000 * r['ttft_unloaded_s']:.0f}ms, while {r['background_requests']} long requests "

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, replace
 from tqdm.auto import tqdm
 
 from ..generation.config import check_sampling_value
-from .engine import Engine, Event, Request, SamplingParams
+from .engine import Event, Request, SamplingParams
 
 # The engine's fields with the generation bounds that check them (one table, generation.config).
 _BOUNDED = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
@@ -49,8 +49,9 @@ class LLM:
                  kv_cache_memory: int | None = None) -> None:
         """`model`: a checkpoint (path or hub id), loaded with its tokenizer, or a loaded GlmForCausalLM (then
         `tokenizer` is required). Up to `max_num_seqs` prompts decode together, as many as the KV block pool
-        (`kv_cache_memory` bytes) holds; a prompt starts from the longest prefix the pool still holds (`prefix_caching`), across calls too; greedy prompts check up to
-        `speculative_tokens` tokens proposed by prompt lookup per step while few decode."""
+        (`kv_cache_memory` bytes) holds; a prompt starts from the longest prefix the pool still holds
+        (`prefix_caching`), across calls too; greedy prompts check up to `speculative_tokens` tokens proposed by
+        prompt lookup per step while few decode."""
         from ..fastpath import pack_weights
 
         if isinstance(model, (str, os.PathLike)):
