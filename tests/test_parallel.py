@@ -150,7 +150,7 @@ def test_serve_under_torchrun(chat_checkpoint):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     server = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
                                "--master-port", str(free_port()), "-m", "glmtorch", "serve", str(path), "--port",
-                               str(port), "--max-batch", "4", "--dtype", "float32", "--device", "cpu"],
+                               str(port), "--max-num-seqs", "4", "--dtype", "float32", "--device", "cpu"],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         deadline = time.time() + 180

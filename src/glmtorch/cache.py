@@ -104,8 +104,8 @@ class StaticCache:
         shape = (num_layers, batch_size, num_kv_heads, max_length, head_dim)
         check_allocation(StaticCache.nbytes(*shape, dtype=dtype), device or "cpu",
                          f"a KV cache of {batch_size} sequences x {max_length} tokens",
-                         "ask for fewer sequences or tokens (generate: max_new_tokens; serve: --max-batch, "
-                         "--max-context)")
+                         "ask for fewer sequences or tokens (generate: fewer prompts at once, or a smaller "
+                         "max_new_tokens)")
         self.key_buffer = torch.zeros(shape, dtype=dtype, device=device)
         self.value_buffer = torch.zeros(shape, dtype=dtype, device=device)
         self.seq_lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
