@@ -89,3 +89,46 @@ def test_a_resumed_request_streams_each_token_once(pair):
         text = "".join(e.text for e in evs if e.kind == "text")
         assert evs[-1].kind == "done" and evs[-1].completion_tokens == 40
         assert text == tokenizer.decode(r.history[0, len(r.prompt_ids):].tolist())
+
+
+def test_random_traffic_on_a_small_pool_leaks_nothing_and_changes_no_output(pair):
+    """Requests of random lengths sharing random prefixes, some cancelled mid-stream, some sampled with seeds, on a
+    pool that forces preemption and eviction: every request that runs to the end gives its text alone, and
+    afterwards every block, table row and table entry is free again."""
+    import random
+
+    model, tokenizer = pair
+    per_block = model.kv_block_bytes(16)
+    rng = random.Random(7)
+    shared = [prompts(1, seed=100 + i)[0] * 2 for i in range(3)]
+    cases = []
+    for i in range(30):
+        head = rng.choice(shared)[:rng.randrange(0, 60)]
+        prompt = head + prompts(1, seed=200 + i)[0][:rng.randrange(1, 20)]
+        params = SamplingParams(max_tokens=rng.randrange(1, 50), ignore_eos=True, seed=i,
+                                temperature=rng.choice([0, 0, 0.8]))
+        cases.append((prompt, params, rng.random() < 0.2))
+    engine = glmtorch.LLM(model, tokenizer, max_num_seqs=6, kv_cache_memory=18 * per_block).engine
+    requests = []
+    for prompt, params, cancel in cases:
+        seen: list = []
+        r = Request(prompt, params, seen.append)
+        if cancel:  # the client goes away after its third piece of text
+            r.emit = lambda e, r=r, seen=seen: (seen.append(e), sum(x.kind == "text" for x in seen) >= 3
+                                                and r.cancelled.set())
+        requests.append((r, seen))
+        engine.submit(r)
+    engine.run(until_idle=True)
+    assert engine.preemptions > 0
+    finished = 0
+    for (r, seen), (prompt, params, cancel) in zip(requests, cases):
+        if cancel and r.generated < params.max_tokens:
+            continue
+        finished += 1
+        assert seen[-1].kind == "done" and r.generated == params.max_tokens
+        got = r.history[0, len(prompt):len(prompt) + r.generated].tolist()
+        assert got == alone(model, tokenizer, [prompt], params)[0]
+    assert finished >= 20
+    assert not engine.running and not engine.waiting
+    assert engine.pool.num_free() == engine.pool.usable and sorted(engine.free_rows) == list(range(6))
+    assert not engine.tables.any() and not any(engine.pool.holders)
