@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import torch
 
+from . import kernels
 from .device import check_allocation
+from .hugepages import zeros_on_demand
 
 
 def make_attention_mask(
@@ -197,12 +199,6 @@ class PagedKVCache:
     slot still meets the values in SDPA's product, where NaN garbage would poison it), and taking memory only as
     blocks are first written, so a generous --kv-cache-memory costs nothing until sequences fill it."""
 
-    @staticmethod
-    def block_bytes(num_layers: int, num_kv_heads: int, block_size: int, head_dim: int,
-                    dtype: torch.dtype = torch.float32) -> int:
-        """Bytes one block of keys and values takes, every layer."""
-        return 2 * num_layers * num_kv_heads * block_size * head_dim * dtype.itemsize
-
     def __init__(self, num_layers: int, num_blocks: int, num_kv_heads: int, block_size: int, head_dim: int,
                  dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> None:
         # Stored head-major, (layers, KV, blocks, block_size, D), and seen as (layers, blocks, KV, block_size, D):
@@ -211,12 +207,10 @@ class PagedKVCache:
         # 8 rows x 25 tokens after 1,520 cached ones of "small" fp32).
         shape = (num_layers, num_kv_heads, num_blocks, block_size, head_dim)
         device = torch.device(device or "cpu")
-        check_allocation(num_blocks * PagedKVCache.block_bytes(num_layers, num_kv_heads, block_size, head_dim, dtype),
+        check_allocation(StaticCache.nbytes(num_layers, num_blocks, num_kv_heads, block_size, head_dim, dtype),
                          device, f"a KV cache of {num_blocks} blocks of {block_size} tokens",
                          "give it less memory (serve: --kv-cache-memory)")
         if device.type == "cpu":
-            from .hugepages import zeros_on_demand
-
             self.key_buffer, self.value_buffer = (zeros_on_demand(shape, dtype).transpose(1, 2) for _ in range(2))
         else:
             self.key_buffer, self.value_buffer = (torch.zeros(shape, dtype=dtype, device=device).transpose(1, 2)
@@ -270,8 +264,6 @@ class PagedKVCache:
     def reads_in_place(self, q: torch.Tensor) -> bool:
         """Whether `attend` takes these queries (B, H, T, D): on a CPU with glmtorch's kernels, a few new tokens a
         row (decoding, a speculative verify pass). A long prefill is compute-bound: it gathers and takes SDPA."""
-        from . import kernels
-
         return q.device.type == "cpu" and q.shape[2] <= IN_PLACE_MAX_TOKENS and kernels.available()
 
     def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

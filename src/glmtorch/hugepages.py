@@ -40,31 +40,23 @@ def huge_pages_available() -> bool:
         return False
 
 
-def empty_in_huge_pages(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """An uninitialised CPU tensor in memory of its own that the kernel backs with 2 MB pages (starting on one)."""
-    nbytes = math.prod(shape) * dtype.itemsize
-    area = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    area.madvise(mmap.MADV_HUGEPAGE)  # before the first write: the pages are allocated as huge pages
-    start = (-_address(area)) % HUGE_PAGE
-    # its storage holds the memoryview, which holds the mapping: unmapped when the tensor is freed
-    return torch.frombuffer(memoryview(area)[start:start + nbytes], dtype=dtype).view(shape)
-
-
 def zeros_on_demand(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """A zero CPU tensor whose memory is taken page by page as it is first written (an anonymous mapping is zero
-    until then), in huge pages where available: a server's KV block pool sized generously costs only the blocks
-    sequences use. torch.zeros writes every page at once."""
+    """A zero CPU tensor in memory of its own (an anonymous mapping, starting on a 2 MB boundary), asked for huge
+    pages before its first write where they are available. Its memory is taken page by page as it is first
+    written: a server's KV block pool sized generously costs only the blocks sequences use (torch.zeros writes
+    every page at once)."""
     nbytes = max(1, math.prod(shape) * dtype.itemsize)
     area = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     if huge_pages_available():
-        area.madvise(mmap.MADV_HUGEPAGE)
+        area.madvise(mmap.MADV_HUGEPAGE)  # before the first write: the pages are allocated as huge pages
     start = (-_address(area)) % HUGE_PAGE
+    # its storage holds the memoryview, which holds the mapping: unmapped when the tensor is freed
     return torch.frombuffer(memoryview(area)[start:start + nbytes], dtype=dtype)[:math.prod(shape)].view(shape)
 
 
 def tensor_in_huge_pages(t: torch.Tensor) -> torch.Tensor:
     """A copy of `t` (CPU) in huge pages."""
-    return empty_in_huge_pages(tuple(t.shape), t.dtype).copy_(t)
+    return zeros_on_demand(tuple(t.shape), t.dtype).copy_(t)
 
 
 def place_on_cpu(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -74,7 +66,7 @@ def place_on_cpu(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Ten
     dtype = dtype or t.dtype
     shape = tuple(t.shape)
     if math.prod(shape) * dtype.itemsize >= HUGE_PAGE and huge_pages_available():
-        return empty_in_huge_pages(shape, dtype).copy_(t)
+        return zeros_on_demand(shape, dtype).copy_(t)
     return t.to(device="cpu", dtype=dtype)
 
 

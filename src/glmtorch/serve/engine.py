@@ -104,7 +104,8 @@ class Request:
     # engine-side state
     row: int = -1  # its row of the engine's block tables while it runs; -1 when waiting or done
     blocks: list[int] = field(default_factory=list)  # its KV blocks, in order
-    names: list[bytes] = field(default_factory=list)  # the prefix-cache names of its full blocks so far
+    # the prefix-cache names of its full blocks so far (while waiting: of its prompt's, to look them up)
+    names: list[bytes] = field(default_factory=list)
     position: int = 0  # tokens whose keys and values its blocks hold
     last_token: int = 0
     generated: int = 0
@@ -312,9 +313,11 @@ class Engine:
                 self.waiting.popleft()
                 continue
             feed = self._feed(request)
-            # the longest cached prefix, leaving at least one token to prefill (its logits give the next token)
-            names = chain_hashes(feed[:-1], self.block_size) if self.prefix_caching else []
-            cached = self.pool.cached_prefix(names)
+            # the longest cached prefix, leaving at least one token to prefill (its logits give the next token);
+            # the names are kept on the request, not hashed again each loop turn while it waits for blocks
+            if self.prefix_caching and len(request.names) != (len(feed) - 1) // self.block_size:
+                request.names = chain_hashes(feed[:-1], self.block_size)
+            cached = self.pool.cached_prefix(request.names)
             rest = len(feed) - len(cached) * self.block_size
             if out and max(longest, rest) * (len(out) + 1) > budget:
                 break
@@ -323,22 +326,20 @@ class Engine:
                 break
             self.waiting.popleft()
             longest = max(longest, rest)
-            self._admit(request, cached, len(names))
+            self._admit(request, len(feed), cached)
             out.append(request)
         return out
 
-    def _admit(self, r: Request, cached: list[int], looked_up: int) -> None:
-        """Give `r` a block-table row, the `cached` blocks of its prompt's prefix and fresh blocks for the rest."""
-        self.pool.take_cached(cached, looked_up)
-        r.blocks, r.names = list(cached), []
+    def _admit(self, r: Request, fed: int, cached: list[int]) -> None:
+        """Give `r` a block-table row, the `cached` blocks of its prompt's prefix (found among r.names) and fresh
+        blocks for the rest of its `fed` tokens."""
+        self.pool.take_cached(cached, len(r.names))
+        r.blocks, r.names = list(cached), r.names[:len(cached)]  # names beyond: given as those blocks fill
         r.row = self.free_rows.pop()
-        while self.tables.shape[1] < len(cached):
-            self.tables = torch.cat([self.tables, torch.zeros_like(self.tables)], dim=1)
+        self._widen_tables(len(cached))
         self.tables[r.row, :len(cached)] = torch.tensor(cached, dtype=torch.long)
         r.position = len(cached) * self.block_size
-        if r.position:
-            r.names = chain_hashes(self._feed(r)[:r.position], self.block_size)
-        self._grow(r, len(self._feed(r)))
+        self._grow(r, fed)
         if r.generated == 0:  # not a preempted request coming back
             r.cached_tokens = r.position
             self.prefix_queries += len(r.prompt_ids)
@@ -351,11 +352,15 @@ class Engine:
             block = self.pool.allocate()
             if block is None:
                 return False
-            if len(r.blocks) == self.tables.shape[1]:
-                self.tables = torch.cat([self.tables, torch.zeros_like(self.tables)], dim=1)
+            self._widen_tables(len(r.blocks) + 1)
             self.tables[r.row, len(r.blocks)] = block
             r.blocks.append(block)
         return True
+
+    def _widen_tables(self, blocks: int) -> None:
+        """Make the block tables at least `blocks` wide (doubling)."""
+        while self.tables.shape[1] < blocks:
+            self.tables = torch.cat([self.tables, torch.zeros_like(self.tables)], dim=1)
 
     def _name_full_blocks(self, r: Request) -> None:
         """Name the blocks `r` has filled since the last call, so that later requests can share them."""
