@@ -151,11 +151,15 @@ def test_fused_decode_step_matches_reference(tmp_path, name, arch, monkeypatch):
 
 @torch.no_grad()
 @pytest.mark.parametrize("arch", ["Glm", "Glm4"])
-def test_fused_step_of_a_bf16_model_computes_in_fp32(tmp_path, arch, monkeypatch):
-    """A bf16 model's fused step reads its bf16 weights, embedding and cache and computes in fp32: closer to the
-    fp32 reference than its own eager bf16 step, and it writes the cache the eager step writes (within bf16
-    rounding). Taken where timed faster (forced here)."""
-    monkeypatch.setenv("GLMTORCH_LINEAR_PATH", "kernel")
+@pytest.mark.parametrize("product", ["kernel", "amx"])
+def test_fused_step_of_a_bf16_model_computes_in_fp32(tmp_path, arch, product, monkeypatch):
+    """A bf16 model's fused step reads its bf16 weights, embedding and cache and computes in fp32 (on the AMX tiles
+    its products' inputs are rounded to bf16, as the eager step's are): closer to the fp32 reference than its own
+    eager bf16 step, and it writes the cache the eager step writes (within bf16 rounding). Taken where timed faster
+    (forced here)."""
+    if product == "amx" and not glmtorch.kernels.amx_available():
+        pytest.skip("no AMX-BF16 tiles on this CPU (or not granted)")
+    monkeypatch.setenv("GLMTORCH_LINEAR_PATH", product)
     ref = make_hf_model(f"{arch}ForCausalLM", **CONFIGS["gqa"])
     path = save_hf(ref, tmp_path)
     model = glmtorch.AutoModelForCausalLM.from_pretrained(path, dtype="bfloat16")
@@ -167,6 +171,7 @@ def test_fused_step_of_a_bf16_model_computes_in_fp32(tmp_path, arch, monkeypatch
     eager_cache, _, _ = _prefilled(model, ids, mask)
     fused = step(model, new, positions[:, T:], torch.tensor([T]), full_mask, cache)
     assert step.plan is not None and fused.dtype == torch.float32
+    assert bool(step.amx_bits) == (product == "amx")  # the plan's bf16 products on the tiles, or not
     eager = decode_step(model, new, positions[:, T:], torch.tensor([T]), full_mask, eager_cache)
     exact = ref(torch.cat([ids, new], 1), attention_mask=full_mask, position_ids=positions).logits[:, -1]
     assert rel_err(fused, exact) < rel_err(eager.float(), exact) < 2e-2

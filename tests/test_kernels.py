@@ -135,6 +135,34 @@ def test_kernels_are_not_taken_for_training_or_many_rows():
         assert torch.equal(layer(many), F.linear(many, layer.weight, layer.bias))
 
 
+needs_amx = pytest.mark.skipif(not kernels.amx_available(), reason="no AMX-BF16 tiles on this CPU (or not granted)")
+
+
+@needs_amx
+@torch.no_grad()
+# 1-16 rows: one group of x; 17, 40: groups of 16 and the rest (another tile configuration); 80 and 112 output
+# features: a block of 64 weight rows, then one or three tiles
+@pytest.mark.parametrize("rows", [1, 7, 16, 17, 40])
+@pytest.mark.parametrize("out_features", [80, 112, 256])
+def test_amx_gemv_is_the_bf16_product_summed_in_fp32(rows, out_features):
+    g = torch.Generator().manual_seed(rows)
+    w = torch.randn(out_features, 320, generator=g).bfloat16()
+    x = torch.randn(rows, 320, generator=g)
+    expected = x.bfloat16().double() @ w.double().t()  # x rounded to bf16, as a bf16 model's activations are
+    got = kernels.gemv_amx(x, w)
+    assert got.dtype == torch.float32 and got.shape == (rows, out_features)
+    assert rel(got.double(), expected) < 1e-6
+    assert torch.equal(kernels.gemv_amx(x.bfloat16(), w), got.bfloat16())
+
+
+def test_amx_gemv_refuses_what_it_does_not_take():
+    for w in (torch.randn(24, 64).bfloat16(), torch.randn(32, 48).bfloat16(), torch.randn(32, 64)):
+        assert not kernels.takes_amx(w)
+        with pytest.raises(RuntimeError, match="gemv_amx takes a bf16 weight|not available"):
+            torch.ops.glmtorch_kernels.gemv_amx(torch.randn(2, w.shape[1]), w)
+    assert kernels.takes_amx(torch.randn(32, 64).bfloat16())
+
+
 def test_bad_shapes_are_named():
     with pytest.raises(RuntimeError, match="group must be"):
         torch.ops.glmtorch_kernels.gemv_int4(torch.randn(1, 96), torch.zeros(4, 48, dtype=torch.uint8),

@@ -3,7 +3,8 @@
 A linear layer on the CPU can run several ways: glmtorch's C++ kernels (glmtorch.kernels: stream each weight once,
 multiply in fp32 FMA or integers), the library product in the weight's own dtype (F.linear: oneDNN / MKL, which
 on CPUs with AVX512-BF16 or AMX multiplies bf16 on the matrix units), or the weights widened chunk by chunk
-(bf16 -> fp32, int8 / int4 -> bf16 or fp32) into the library product. Which is fastest depends on the CPU, the
+(bf16 -> fp32, int8 / int4 -> bf16 or fp32) into the library product, or for bf16 weights glmtorch's AMX tile
+kernel (the weights as stored; fastest here for 1-8 rows, behind oneDNN's packed product from 16). Which is fastest depends on the CPU, the
 weight's shape and kind, and the number of rows: on an AVX2 machine without native bf16 the kernels won every
 product up to 256 rows; on an AMX machine oneDNN's bf16 product is 5-10x faster from 16 rows on. CPU flags do not
 settle it (a VM can list AMX and not grant it), so the first time a (kind, shape, row bucket) is seen, each
@@ -14,7 +15,7 @@ Where the library product wins, the weight can also be kept in the layout oneDNN
 once into its blocked format, the only copy; glmtorch.fastpath.pack_weights), which is measured on the whole
 decode step, once per model shape and row bucket (a layer is either packed or not for every row count).
 
-GLMTORCH_LINEAR_PATH=kernel|library|widen_fp32|widen_bf16 forces a path wherever the layer offers it (a packed
+GLMTORCH_LINEAR_PATH=kernel|library|widen_fp32|widen_bf16|amx forces a path wherever the layer offers it (a packed
 layer offers only `packed`; GLMTORCH_PACK=0 keeps every weight plain, =1 packs without measuring).
 """
 
@@ -33,7 +34,7 @@ import torch
 
 from .cpuinfo import cpu_model_and_flags
 
-PATHS = ("kernel", "library", "widen_fp32", "widen_bf16", "packed")
+PATHS = ("kernel", "library", "widen_fp32", "widen_bf16", "packed", "amx")
 LAYOUTS = ("packed", "plain", "packed_head")
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 FORMAT = 1
@@ -81,6 +82,9 @@ def choose(kind: str, n: int, k: int, rows: int, paths: dict[str, Callable[[torc
 def decide(key: str, measure: Callable[[], str]) -> str:
     """A machine-level choice other than one product's path (the fused decode step against the layer-by-layer
     one, say): looked up in the same table, else measured by `measure()` once and kept."""
+    if os.environ.get("GLMTORCH_LINEAR_PATH", "").strip():  # a forced path's outcome is not this machine's choice
+        _seen[key] = measure()
+        return _seen[key]
     table = _table()
     if table.get(key) not in PATHS + LAYOUTS:
         with _lock:

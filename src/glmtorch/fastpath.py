@@ -69,6 +69,8 @@ class GemvLinear(nn.Linear):
         paths = {"library": lambda x: F.linear(x, w)}
         if w.is_contiguous() and kernels.takes_width(w, w.shape[1]) and kernels.available():
             paths["kernel"] = lambda x: kernels.gemv(x, w)
+        if kernels.takes_amx(w) and kernels.amx_available():
+            paths["amx"] = lambda x: kernels.gemv_amx(x, w)
         if w.dtype == torch.bfloat16:
             paths["widen_fp32"] = lambda x: kernels.widened_matmul(x, lambda i, j: w[i:j].float(), w.shape[0])
         return kind, paths
@@ -378,12 +380,17 @@ class FusedDecodeStep:
         self.linears: list = []  # one layer per distinct (kind, shape) in the plan
         self.shapes: list = []  # their (kind, out, in)
         self.kernels_win: dict[int, bool] = {}  # per row bucket
+        self.amx_weights: list = []  # (plan index, weight) of the bf16 products the AMX tiles could take
+        self.amx_chosen: set[int] = set()  # row buckets whose AMX choices the plan has
+        self.amx_bits: dict[int, int] = {}  # plan index -> the buckets it multiplies on the tiles
 
     def _ensure_plan(self, model) -> None:
         key = _weights_key(model)
         if key != self.built_for:
             layout, _ = _fused_step_layout(model)
-            self.plan, self.max_rows = _build_plan(model, layout) if layout else (None, 0)
+            self.plan, self.max_rows, self.amx_weights = _build_plan(model, layout) if layout else (None, 0, [])
+            self.amx_chosen.clear()
+            self.amx_bits.clear()
             self.head_outside = layout is not None and layout[1] is None
             self.linears = _distinct_linears(model) if layout else []
             self.shapes = [(layer.cpu_paths(torch.float32)[0], layer.out_features, layer.in_features)
@@ -413,6 +420,7 @@ class FusedDecodeStep:
         self._ensure_plan(model)
         if self.plan is None or tokens.shape[0] > self.max_rows or not self._kernels_win(model, 1):
             return None
+        self._choose_amx(tokens.shape[0])
         return self._run_plan(model, tokens, positions, positions if slots is None else slots, attention_mask, cache,
                               cache_rows)
 
@@ -444,6 +452,7 @@ class FusedDecodeStep:
             return True
         bucket = dispatch.row_bucket(rows)
         if bucket not in self.kernels_win:
+            self._choose_amx(rows)  # the fused step is timed with the products it will use
             won = exact
             for layer in self.linears if exact else ():
                 kind, paths = layer.cpu_paths(torch.float32)
@@ -456,10 +465,30 @@ class FusedDecodeStep:
             self.kernels_win[bucket] = won
         return self.kernels_win[bucket]
 
+    def _choose_amx(self, rows: int) -> None:
+        """For each bf16 weight shape in the plan, whether this many rows multiply faster on the AMX tiles than in
+        the fp32 FMA kernel: measured once per machine, shape and row bucket (glmtorch.dispatch, kept in
+        dispatch.json), and set in the plan (a bit per bucket)."""
+        bucket = dispatch.row_bucket(rows)
+        if bucket in self.amx_chosen or not self.amx_weights:
+            return
+        self.amx_chosen.add(bucket)
+        bit = dispatch.BUCKETS.index(bucket)
+        chosen: dict[tuple, bool] = {}
+        for index, weight in self.amx_weights:
+            shape = tuple(weight.shape)
+            if shape not in chosen:
+                paths = {"kernel": lambda x, w=weight: kernels.gemv(x, w),
+                         "amx": lambda x, w=weight: kernels.gemv_amx(x, w)}
+                chosen[shape] = dispatch.choose("bfloat16 fused-step", *shape, rows, paths, torch.float32) == "amx"
+            if chosen[shape]:
+                bits = self.amx_bits[index] = self.amx_bits.get(index, 0) | (1 << bit)
+                self.plan.set_amx_buckets(index, bits)
+
     def _fused_step_is_faster(self, model, rows: int) -> bool:
         forced = os.environ.get("GLMTORCH_LINEAR_PATH", "").strip().lower()
-        if forced:  # a forced path is honoured: the fused step is the kernels
-            return forced == "kernel"
+        if forced:  # a forced path is honoured: the fused step is the kernels (bf16 products on AMX, if forced)
+            return forced in ("kernel", "amx")
 
         def fused(*args):
             self._run_plan(model, *args)
@@ -586,7 +615,8 @@ def describe_decode_step(model) -> str:
 
 
 def _build_plan(model, layout) -> tuple:
-    """The C++ plan of the model's decode step, and the most rows it takes (the kernels' limit for its weights)."""
+    """The C++ plan of the model's decode step, the most rows it takes (the kernels' limit for its weights), and
+    (plan index, weight) of its products the AMX tiles could take (bf16 weights, where the tiles are granted)."""
     base, config = model.model, model.config
     # a bf16 model's norms and biases go in as fp32 copies (small); its embedding and matrices as they are
     plan = torch.classes.glmtorch_kernels.DecodePlan(
@@ -594,13 +624,16 @@ def _build_plan(model, layout) -> tuple:
         float(config.rms_norm_eps), base.embed_tokens.weight.detach(), base.norm.weight.detach().float(),
         base.rotary_emb.inv_freq.float().contiguous())
 
-    kinds = set()
+    kinds, amx_weights = set(), []
 
     def linear(spec) -> int:
         kind, weight, scales, bias, group, interleave = spec
         kinds.add(kind)
-        return plan.add_linear(kind, weight.detach(), None if scales is None else scales.detach().contiguous(),
-                               None if bias is None else bias.detach().float().contiguous(), group, interleave)
+        index = plan.add_linear(kind, weight.detach(), None if scales is None else scales.detach().contiguous(),
+                                None if bias is None else bias.detach().float().contiguous(), group, interleave)
+        if kind == 0 and kernels.takes_amx(weight) and kernels.amx_available():
+            amx_weights.append((index, weight.detach()))
+        return index
 
     layers, head = layout
     for input_norm, qkv, o, post_norm, gate_up, down, attn_out_norm, mlp_out_norm in layers:
@@ -608,7 +641,8 @@ def _build_plan(model, layout) -> tuple:
                        linear(down), *(None if n is None else n.detach().float() for n in (attn_out_norm, mlp_out_norm)))
     if head is not None:  # else the step returns the final norm's output and the caller applies the head
         plan.set_lm_head(linear(head))
-    return plan, kernels.FLOAT_MAX_ROWS if kinds == {0} else kernels.MAX_ROWS  # 0: float weights only
+    max_rows = kernels.FLOAT_MAX_ROWS if kinds == {0} else kernels.MAX_ROWS  # 0: float weights only
+    return plan, max_rows, amx_weights
 
 
 def verify_tokens(model, tokens: torch.Tensor, position: int, slot: int, mask: torch.Tensor, cache) -> torch.Tensor:

@@ -7,8 +7,9 @@ chunk once and multiplies it into every row gets much closer to the bandwidth at
 int8, int4).
 
 They take any number of rows (integer weights 8 at a time against each weight row, which stays in cache for the
-next 8; float weights in register tiles, and from 32 rows on as a small packed matrix product); which products go
-to them rather than to the library is measured on each machine (glmtorch.dispatch).
+next 8; float weights in register tiles, and from 32 rows on as a small packed matrix product; bf16 weights also on
+the AMX tiles where the CPU has them and the OS grants them); which products go to them rather than to the library
+is measured on each machine (glmtorch.dispatch).
 
 The library is compiled with -O3 -march=native by torch.utils.cpp_extension (a C++ compiler is needed; the
 result is cached under ~/.cache/torch_extensions, so later sessions load it in a second). When it cannot be
@@ -139,6 +140,10 @@ def _register_shapes() -> None:
     def _(x, w):
         return x.new_empty(x.shape[0], w.shape[0])
 
+    @torch.library.register_fake("glmtorch_kernels::gemv_amx")
+    def _(x, w):
+        return x.new_empty(x.shape[0], w.shape[0])
+
     @torch.library.register_fake("glmtorch_kernels::gemv_int8")
     def _(x, w, scales):
         return x.new_empty(x.shape[0], w.shape[0])
@@ -203,6 +208,26 @@ def _rows_through(op, x: torch.Tensor, out_features: int, *args) -> torch.Tensor
 def gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x (..., K) @ weight.T for an fp32 or bf16 weight (N, K)."""
     return _rows_through(torch.ops.glmtorch_kernels.gemv_float, x, weight.shape[0], weight)
+
+
+def amx_available() -> bool:
+    """Whether the kernels were built with AMX-BF16 (-march=native on a CPU that has it) and the OS grants this
+    process the tile registers. A listed flag is not enough (a VM may refuse the tiles); whether AMX is also the
+    faster path is measured (glmtorch.dispatch)."""
+    if "amx" not in _state:
+        _state["amx"] = available() and bool(torch.ops.glmtorch_kernels.amx_available())
+    return _state["amx"]
+
+
+def takes_amx(weight: torch.Tensor) -> bool:
+    """Whether gemv_amx takes this weight: bf16 (N, K), N a multiple of 16 and K of 32, contiguous, on the CPU."""
+    return (weight.dtype == torch.bfloat16 and weight.dim() == 2 and weight.shape[0] % 16 == 0
+            and weight.shape[1] % 32 == 0 and weight.is_contiguous() and weight.device.type == "cpu")
+
+
+def gemv_amx(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x (..., K) @ weight.T for a bf16 weight on the AMX tiles (x rounded to bf16, sums in fp32)."""
+    return _rows_through(torch.ops.glmtorch_kernels.gemv_amx, x, weight.shape[0], weight)
 
 
 def gemv_int8(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:

@@ -31,8 +31,17 @@ struct Linear {
   int64_t kind = 0;  // KIND_FLOAT, KIND_INT8, KIND_INT4
   at::Tensor weight, scales, bias;  // scales / bias undefined when absent
   int64_t group = 0, interleave = 1;
+  // bf16 weights: bit b set = products of up to 2^b rows go to the AMX tiles (measured per shape and row bucket in
+  // Python, glmtorch.fastpath; set_amx_buckets), else to the fp32 FMA kernel
+  int64_t amx_buckets = 0;
 };
 constexpr int64_t KIND_FLOAT = 0, KIND_INT8 = 1, KIND_INT4 = 2;
+
+inline int64_t row_bucket_index(int64_t rows) {  // glmtorch.dispatch.BUCKETS: 1, 2, 4, ..., 512 rows
+  int64_t b = 0;
+  while ((int64_t{1} << b) < rows && b < 9) ++b;
+  return b;
+}
 
 at::Tensor apply(const Linear& l, const at::Tensor& x) {
   static auto gemv_float = c10::Dispatcher::singleton()
@@ -43,7 +52,11 @@ at::Tensor apply(const Linear& l, const at::Tensor& x) {
   static auto gemv_int4 = c10::Dispatcher::singleton()
       .findSchemaOrThrow("glmtorch_kernels::gemv_int4", "")
       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, int64_t)>();
-  at::Tensor y = l.kind == KIND_FLOAT  ? gemv_float.call(x, l.weight)
+  static auto gemv_amx = c10::Dispatcher::singleton()
+      .findSchemaOrThrow("glmtorch_kernels::gemv_amx", "").typed<at::Tensor(const at::Tensor&, const at::Tensor&)>();
+  const bool amx = l.kind == KIND_FLOAT && ((l.amx_buckets >> row_bucket_index(x.size(0))) & 1);
+  at::Tensor y = amx                   ? gemv_amx.call(x, l.weight)
+                 : l.kind == KIND_FLOAT ? gemv_float.call(x, l.weight)
                  : l.kind == KIND_INT8 ? gemv_int8.call(x, l.weight, l.scales)
                                        : gemv_int4.call(x, l.weight, l.scales, l.group, l.interleave);
   if (l.bias.defined()) {
@@ -267,6 +280,8 @@ struct DecodePlan : torch::CustomClassHolder {
 
   void set_lm_head(int64_t index) { lm_head = index; }
 
+  void set_amx_buckets(int64_t index, int64_t buckets) { linears.at(index).amx_buckets = buckets; }
+
   // tokens (B, 1), positions (B, 1) rotary positions, slots (1,) or (B, 1) cache slots written, mask (B, L) 0/1
   // padding over the attended slots; keys / values (layers, rows, KV, capacity, D), fp32 or bf16 (a bf16 model's
   // cache: written rounded to nearest, read widened). Row b of the batch uses cache row b, or cache_rows[b]: several
@@ -391,6 +406,7 @@ TORCH_LIBRARY_FRAGMENT(glmtorch_kernels, m) {
       .def("add_linear", &DecodePlan::add_linear)
       .def("add_layer", &DecodePlan::add_layer)
       .def("set_lm_head", &DecodePlan::set_lm_head)
+      .def("set_amx_buckets", &DecodePlan::set_amx_buckets)
       .def("step", &DecodePlan::step);
   m.def("paged_attention(Tensor q, Tensor keys, Tensor values, Tensor table, Tensor last, Tensor visible, float scale) "
         "-> Tensor");
