@@ -114,6 +114,30 @@ def test_seeds_and_n(client):
     assert len({c.message.content for c in many.choices}) > 1
 
 
+def test_a_stream_that_falls_behind_gets_its_tokens_merged_in_order():
+    """Events that piled up while a response was writing come out one per choice: texts and log-probabilities
+    joined in order, a final event carrying the text before it; an error is never merged into anything."""
+    from glmtorch.serve.app import next_event
+
+    async def drain(items):
+        queue = asyncio.Queue()
+        for item in items:
+            queue.put_nowait(item)
+        backlog, out = [], []
+        while not queue.empty() or backlog:
+            out.append(await next_event(queue, backlog))
+        return out
+
+    lp = [{"token": i} for i in range(4)]
+    out = asyncio.run(drain([(0, Event("text", "a", [lp[0]])), (1, Event("text", "b")),
+                             (0, Event("text", "c", [lp[1]])), (0, Event("done", "d", [lp[2]], "length", 5, 3)),
+                             (1, Event("error", error="boom")), (1, Event("text", "late"))]))
+    assert [(i, e.kind, e.text) for i, e in out] == [(0, "done", "acd"), (1, "text", "b"), (1, "error", ""),
+                                                     (1, "text", "late")]
+    assert out[0][1].token_logprobs == lp[:3] and out[0][1].finish_reason == "length"
+    assert (out[0][1].prompt_tokens, out[0][1].completion_tokens) == (5, 3)
+
+
 def test_burst_of_concurrent_requests_equals_sequential(served):
     url = served[0].url + "/v1/completions"
     engine = served[1]
