@@ -739,40 +739,55 @@ inline __m256i int4_pair_sums(__m256i raw, __m256i x_even, __m256i x_odd, __m256
 
 inline __m256i load_256(const void* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
 
+// Exact block sums of four rows' pair sums (each: block 0's partial sums in lanes 0-3, block 1's in 4-7):
+// [row 0..3 block 0 | row 0..3 block 1]. Integer adds, so any order gives the same sums.
+inline __m256i block_sums4(__m256i s0, __m256i s1, __m256i s2, __m256i s3) {
+  return _mm256_hadd_epi32(_mm256_hadd_epi32(s0, s1), _mm256_hadd_epi32(s2, s3));
+}
+
+// A row's int4 result, the same wherever it is computed (one row, many, the AMX tiles): per 32-value block b the
+// exact integer sum, then acc[b % 2] = fma(x scale * weight scale, float(sum), acc[b % 2]) in block order, and the
+// result acc[0] + acc[1]. The vector loops keep (row, parity) lanes: [rows 0-3 even blocks | rows 0-3 odd blocks].
+inline void store_parity_sums(__m256 acc, float* out4) {
+  _mm_storeu_ps(out4, _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1)));
+}
+
 template <int M, typename WeightScales>
 inline void int4_pair_rows(const PairActivations& a, int64_t m0, int64_t pairs, const uint8_t* row,
                            WeightScales weight_scales, Out out, int64_t pair_stride = BLOCK) {
-  // rows m0 .. m0 + M - 1 of the activations; weight_scales(p) gives pair p's block scales (lanes 0-3, 4-7); the
-  // weight row's pairs are pair_stride bytes apart (BLOCK, or BLOCK x R in a row-interleaved block). One
-  // accumulator per row, pairs in order: the sums of int4_interleaved_block (one row of x) bit for bit, so a row
-  // comes out the same alone or among the rows of a verify pass.
-  constexpr int U = 1;
+  // rows m0 .. m0 + M - 1 of the activations, four at a time; weight_scales(p) gives pair p's block scales (lanes
+  // 0-3, 4-7); the weight row's pairs are pair_stride bytes apart (BLOCK, or BLOCK x R in a row-interleaved block)
+  constexpr int G = (M + 3) / 4;
   const int8_t* xq = a.q.data() + m0 * pairs * 2 * BLOCK;
   const int32_t* offset = a.offset.data() + m0 * pairs * 8;
   const float* xs = a.scale.data() + m0 * pairs * 8;
-  __m256 acc[U][M];
-  for (int u = 0; u < U; ++u)
-    for (int m = 0; m < M; ++m) acc[u][m] = _mm256_setzero_ps();
-  auto pair = [&](int64_t p, __m256* into) {
+  __m256 acc[G];
+  for (int g = 0; g < G; ++g) acc[g] = _mm256_setzero_ps();
+  for (int64_t p = 0; p < pairs; ++p) {
     prefetch_ahead(row + p * pair_stride);
     __m256i low, high;  // unpacked once for the M rows
     split_nibbles(load_256(row + p * pair_stride), low, high);
     const __m256 ws = weight_scales(p);
-    for (int m = 0; m < M; ++m) {
-      const int64_t at = m * pairs + p;
-      const __m256i sums = int4_unpacked_sums(low, high, load_256(xq + at * 2 * BLOCK),
-                                              load_256(xq + at * 2 * BLOCK + BLOCK), load_256(offset + at * 8));
-      into[m] = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_loadu_ps(xs + at * 8), ws), _mm256_cvtepi32_ps(sums), into[m]);
+    for (int g = 0; g < G; ++g) {
+      __m256i sums[4];
+      __m256 x_scales[4];
+      for (int j = 0; j < 4; ++j) {
+        const int64_t at = (4 * g + j < M ? 4 * g + j : 4 * g) * pairs + p;  // rows past M: row 4g again, unused
+        sums[j] = int4_unpacked_sums(low, high, load_256(xq + at * 2 * BLOCK), load_256(xq + at * 2 * BLOCK + BLOCK),
+                                     load_256(offset + at * 8));
+        x_scales[j] = _mm256_loadu_ps(xs + at * 8);  // [block 0's scale x4 | block 1's x4]
+      }
+      // lanes j and 4 + j from row j's scales
+      const __m256 xsv = _mm256_blend_ps(_mm256_blend_ps(x_scales[0], x_scales[1], 0x22),
+                                         _mm256_blend_ps(x_scales[2], x_scales[3], 0x88), 0xCC);
+      acc[g] = _mm256_fmadd_ps(_mm256_mul_ps(xsv, ws), _mm256_cvtepi32_ps(block_sums4(sums[0], sums[1], sums[2], sums[3])),
+                               acc[g]);
     }
-  };
-  int64_t p = 0;
-  for (; p + U <= pairs; p += U)
-    for (int u = 0; u < U; ++u) pair(p + u, acc[u]);
-  for (; p < pairs; ++p) pair(p, acc[0]);
-  for (int m = 0; m < M; ++m) {
-    BlockAcc total;
-    for (int u = 0; u < U; ++u) total.v = _mm256_add_ps(total.v, acc[u][m]);
-    out(m) = total.sum();
+  }
+  for (int g = 0; g < G; ++g) {
+    alignas(16) float four[4];
+    store_parity_sums(acc[g], four);
+    for (int j = 0; j < 4 && 4 * g + j < M; ++j) out(4 * g + j) = four[j];
   }
 }
 
@@ -806,24 +821,37 @@ struct PairScales {
 // One row of x against a row-interleaved block of R weight rows: the block is one sequential stream, and each
 // pair of x (values, offsets, scales) is loaded once for R rows. Measured on the "small" shapes against the plain
 // layout, one row: 14.3 -> 11.1 ms for all int4 products of a step (the LM head 16 -> 22 GB/s).
+inline __m256 f16x8(const uint16_t* s) {
+#if defined(__F16C__)
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s)));
+#else
+  return _mm256_setr_ps(fp16_to_float(s[0]), fp16_to_float(s[1]), fp16_to_float(s[2]), fp16_to_float(s[3]),
+                        fp16_to_float(s[4]), fp16_to_float(s[5]), fp16_to_float(s[6]), fp16_to_float(s[7]));
+#endif
+}
+
 template <int R>
 void int4_interleaved_block(const PairActivations& a, int64_t pairs, const uint8_t* block, const uint16_t* scales,
                             float* out) {
-  __m256 acc[R];
-  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+  static_assert(R == 4, "one vector of (row, block parity) sums");
+  __m256 acc = _mm256_setzero_ps();
+  const __m256i by_parity = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
   for (int64_t p = 0; p < pairs; ++p) {
     const __m256i x_even = load_256(a.q.data() + p * 2 * BLOCK), x_odd = load_256(a.q.data() + p * 2 * BLOCK + BLOCK);
     const __m256i offset = load_256(a.offset.data() + p * 8);
     const __m256 xs = _mm256_loadu_ps(a.scale.data() + p * 8);
     const uint8_t* w = block + p * R * BLOCK;
+    __m256i sums[R];
     for (int r = 0; r < R; ++r) {
       prefetch_ahead(w + r * BLOCK);
-      const __m256i sums = int4_pair_sums(load_256(w + r * BLOCK), x_even, x_odd, offset);
-      const __m256 ws = PairScales::f16_pair(scales + (p * R + r) * 2);
-      acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(xs, ws), _mm256_cvtepi32_ps(sums), acc[r]);
+      sums[r] = int4_pair_sums(load_256(w + r * BLOCK), x_even, x_odd, offset);
     }
+    // the 8 fp16 scales of this pair, row by row [r0 b0, r0 b1, r1 b0, ...] -> [r0..r3 b0 | r0..r3 b1]
+    const __m256 ws = _mm256_permutevar8x32_ps(f16x8(scales + p * R * 2), by_parity);
+    acc = _mm256_fmadd_ps(_mm256_mul_ps(xs, ws), _mm256_cvtepi32_ps(block_sums4(sums[0], sums[1], sums[2], sums[3])),
+                          acc);
   }
-  for (int r = 0; r < R; ++r) out[r] = horizontal_sum(acc[r]);
+  store_parity_sums(acc, out);
 }
 #endif
 
