@@ -155,12 +155,37 @@ def test_amx_gemv_is_the_bf16_product_summed_in_fp32(rows, out_features):
     assert torch.equal(kernels.gemv_amx(x.bfloat16(), w), got.bfloat16())
 
 
+@needs_amx
+@torch.no_grad()
+@pytest.mark.parametrize("rows", [1, 3, 9, 16, 17, 40])
+@pytest.mark.parametrize("shape", [(64, 128), (80, 192), (48, 2816)])
+def test_amx_int4_gives_the_vector_kernels_bits(rows, shape):
+    """int4 on the AMX tiles equals the vector kernels bit for bit, and each row equals itself alone: a verify pass
+    on the tiles picks the tokens one-row steps pick."""
+    from glmtorch.quantize import Int4Linear
+
+    torch.manual_seed(rows)
+    layer = Int4Linear.from_linear(torch.nn.Linear(shape[1], shape[0], bias=False))
+    assert layer.interleave_rows(kernels.int4_row_interleave())
+    assert kernels.takes_int4_amx(layer.weight, layer.scales, layer.group_size, layer.interleave)
+    x = torch.randn(rows, shape[1]) * torch.logspace(-2, 2, shape[1])  # blocks of very different scales
+    got = kernels.gemv_int4_amx(x, layer.weight, layer.scales)
+    assert torch.equal(got, kernels.gemv_int4(x, layer.weight, layer.scales, 32, layer.interleave))
+    alone = torch.cat([kernels.gemv_int4(x[i:i + 1], layer.weight, layer.scales, 32, layer.interleave)
+                       for i in range(rows)])
+    assert torch.equal(got, alone)
+
+
 def test_amx_gemv_refuses_what_it_does_not_take():
     for w in (torch.randn(24, 64).bfloat16(), torch.randn(32, 48).bfloat16(), torch.randn(32, 64)):
         assert not kernels.takes_amx(w)
         with pytest.raises(RuntimeError, match="gemv_amx takes a bf16 weight|not available"):
             torch.ops.glmtorch_kernels.gemv_amx(torch.randn(2, w.shape[1]), w)
     assert kernels.takes_amx(torch.randn(32, 64).bfloat16())
+    packed, scales = torch.zeros(24, 32, dtype=torch.uint8), torch.ones(24, 2, dtype=torch.float16)
+    assert not kernels.takes_int4_amx(packed, scales, 32, 4)  # 24 rows: not whole tiles of 16
+    with pytest.raises(RuntimeError, match="gemv_int4_amx takes row-interleaved|not available"):
+        torch.ops.glmtorch_kernels.gemv_int4_amx(torch.randn(1, 64), packed, scales)
 
 
 def test_bad_shapes_are_named():

@@ -380,7 +380,7 @@ class FusedDecodeStep:
         self.linears: list = []  # one layer per distinct (kind, shape) in the plan
         self.shapes: list = []  # their (kind, out, in)
         self.kernels_win: dict[int, bool] = {}  # per row bucket
-        self.amx_weights: list = []  # (plan index, weight) of the bf16 products the AMX tiles could take
+        self.amx_weights: list = []  # (plan index, "kind NxK", {path: fn}) of products the AMX tiles could take
         self.amx_chosen: set[int] = set()  # row buckets whose AMX choices the plan has
         self.amx_bits: dict[int, int] = {}  # plan index -> the buckets it multiplies on the tiles
 
@@ -466,22 +466,21 @@ class FusedDecodeStep:
         return self.kernels_win[bucket]
 
     def _choose_amx(self, rows: int) -> None:
-        """For each bf16 weight shape in the plan, whether this many rows multiply faster on the AMX tiles than in
-        the fp32 FMA kernel: measured once per machine, shape and row bucket (glmtorch.dispatch, kept in
-        dispatch.json), and set in the plan (a bit per bucket)."""
+        """For each bf16 / int4 weight shape in the plan, whether this many rows multiply faster on the AMX tiles
+        than in the vector kernels: measured once per machine, shape and row bucket (glmtorch.dispatch, kept in
+        dispatch.json), and set in the plan (a bit per bucket). int4 on the tiles gives the vector kernels' bits, so
+        the choice never changes a token."""
         bucket = dispatch.row_bucket(rows)
         if bucket in self.amx_chosen or not self.amx_weights:
             return
         self.amx_chosen.add(bucket)
         bit = dispatch.BUCKETS.index(bucket)
-        chosen: dict[tuple, bool] = {}
-        for index, weight in self.amx_weights:
-            shape = tuple(weight.shape)
-            if shape not in chosen:
-                paths = {"kernel": lambda x, w=weight: kernels.gemv(x, w),
-                         "amx": lambda x, w=weight: kernels.gemv_amx(x, w)}
-                chosen[shape] = dispatch.choose("bfloat16 fused-step", *shape, rows, paths, torch.float32) == "amx"
-            if chosen[shape]:
+        chosen: dict[str, bool] = {}
+        for index, kind, paths in self.amx_weights:
+            if kind not in chosen:
+                n, k = (int(v) for v in kind.split()[-1].split("x"))
+                chosen[kind] = dispatch.choose(kind.rsplit(" ", 1)[0], n, k, rows, paths, torch.float32) == "amx"
+            if chosen[kind]:
                 bits = self.amx_bits[index] = self.amx_bits.get(index, 0) | (1 << bit)
                 self.plan.set_amx_buckets(index, bits)
 
@@ -616,7 +615,8 @@ def describe_decode_step(model) -> str:
 
 def _build_plan(model, layout) -> tuple:
     """The C++ plan of the model's decode step, the most rows it takes (the kernels' limit for its weights), and
-    (plan index, weight) of its products the AMX tiles could take (bf16 weights, where the tiles are granted)."""
+    (plan index, "kind NxK", {"kernel": fn, "amx": fn}) of its products the AMX tiles could take (bf16 weights and
+    row-interleaved int4 ones, where the tiles are granted)."""
     base, config = model.model, model.config
     # a bf16 model's norms and biases go in as fp32 copies (small); its embedding and matrices as they are
     plan = torch.classes.glmtorch_kernels.DecodePlan(
@@ -631,8 +631,14 @@ def _build_plan(model, layout) -> tuple:
         kinds.add(kind)
         index = plan.add_linear(kind, weight.detach(), None if scales is None else scales.detach().contiguous(),
                                 None if bias is None else bias.detach().float().contiguous(), group, interleave)
+        w, sc = weight.detach(), None if scales is None else scales.detach()
         if kind == 0 and kernels.takes_amx(weight) and kernels.amx_available():
-            amx_weights.append((index, weight.detach()))
+            amx_weights.append((index, f"bfloat16 fused-step {w.shape[0]}x{w.shape[1]}",
+                                {"kernel": lambda x: kernels.gemv(x, w), "amx": lambda x: kernels.gemv_amx(x, w)}))
+        if kind == 2 and kernels.takes_int4_amx(w, sc, group, interleave):
+            amx_weights.append((index, f"int4 fused-step {w.shape[0]}x{2 * w.shape[1]}",
+                                {"kernel": lambda x: kernels.gemv_int4(x, w, sc, group, interleave),
+                                 "amx": lambda x: kernels.gemv_int4_amx(x, w, sc)}))
         return index
 
     layers, head = layout

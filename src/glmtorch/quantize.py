@@ -172,6 +172,8 @@ class Int4Linear(nn.Module):
                 and kernels.available()):
             paths["kernel"] = lambda x: kernels.gemv_int4(x, self.weight, self.scales, self.group_size,
                                                           self.interleave)
+            if kernels.takes_int4_amx(self.weight, self.scales, self.group_size, self.interleave):
+                paths["amx"] = lambda x: kernels.gemv_int4_amx(x, self.weight, self.scales)
         return f"int4g{self.group_size}", paths
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

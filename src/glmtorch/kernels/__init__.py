@@ -144,6 +144,10 @@ def _register_shapes() -> None:
     def _(x, w):
         return x.new_empty(x.shape[0], w.shape[0])
 
+    @torch.library.register_fake("glmtorch_kernels::gemv_int4_amx")
+    def _(x, w, scales):
+        return x.new_empty(x.shape[0], w.shape[0])
+
     @torch.library.register_fake("glmtorch_kernels::gemv_int8")
     def _(x, w, scales):
         return x.new_empty(x.shape[0], w.shape[0])
@@ -228,6 +232,19 @@ def takes_amx(weight: torch.Tensor) -> bool:
 def gemv_amx(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x (..., K) @ weight.T for a bf16 weight on the AMX tiles (x rounded to bf16, sums in fp32)."""
     return _rows_through(torch.ops.glmtorch_kernels.gemv_amx, x, weight.shape[0], weight)
+
+
+def takes_int4_amx(packed: torch.Tensor, scales: torch.Tensor, group: int, interleave: int) -> bool:
+    """Whether gemv_int4_amx takes these int4 weights ((N, K/2) packed): the row-interleaved CPU layout (4 rows,
+    group 32, fp16 scales), N a multiple of 16, K of 64, on the CPU, with the tiles granted."""
+    return (interleave == 4 and group == 32 and scales.dtype == torch.float16 and packed.shape[0] % 16 == 0
+            and packed.shape[1] % 32 == 0 and packed.device.type == "cpu" and amx_available())
+
+
+def gemv_int4_amx(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """gemv_int4 of row-interleaved weights on the AMX-INT8 tiles: the same bits as the vector kernels, faster
+    from a few rows of x on."""
+    return _rows_through(torch.ops.glmtorch_kernels.gemv_int4_amx, x, packed.shape[0], packed, scales)
 
 
 def gemv_int8(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:

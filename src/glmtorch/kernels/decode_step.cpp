@@ -31,8 +31,8 @@ struct Linear {
   int64_t kind = 0;  // KIND_FLOAT, KIND_INT8, KIND_INT4
   at::Tensor weight, scales, bias;  // scales / bias undefined when absent
   int64_t group = 0, interleave = 1;
-  // bf16 weights: bit b set = products of up to 2^b rows go to the AMX tiles (measured per shape and row bucket in
-  // Python, glmtorch.fastpath; set_amx_buckets), else to the fp32 FMA kernel
+  // bf16 and row-interleaved int4 weights: bit b set = products of up to 2^b rows go to the AMX tiles (measured per
+  // shape and row bucket in Python, glmtorch.fastpath; set_amx_buckets), else to the vector kernels
   int64_t amx_buckets = 0;
 };
 constexpr int64_t KIND_FLOAT = 0, KIND_INT8 = 1, KIND_INT4 = 2;
@@ -54,9 +54,13 @@ at::Tensor apply(const Linear& l, const at::Tensor& x) {
       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, int64_t)>();
   static auto gemv_amx = c10::Dispatcher::singleton()
       .findSchemaOrThrow("glmtorch_kernels::gemv_amx", "").typed<at::Tensor(const at::Tensor&, const at::Tensor&)>();
-  const bool amx = l.kind == KIND_FLOAT && ((l.amx_buckets >> row_bucket_index(x.size(0))) & 1);
-  at::Tensor y = amx                   ? gemv_amx.call(x, l.weight)
-                 : l.kind == KIND_FLOAT ? gemv_float.call(x, l.weight)
+  static auto gemv_int4_amx = c10::Dispatcher::singleton()
+      .findSchemaOrThrow("glmtorch_kernels::gemv_int4_amx", "")
+      .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&)>();
+  const bool amx = (l.amx_buckets >> row_bucket_index(x.size(0))) & 1;
+  at::Tensor y = amx && l.kind == KIND_FLOAT  ? gemv_amx.call(x, l.weight)
+                 : amx && l.kind == KIND_INT4 ? gemv_int4_amx.call(x, l.weight, l.scales)
+                 : l.kind == KIND_FLOAT       ? gemv_float.call(x, l.weight)
                  : l.kind == KIND_INT8 ? gemv_int8.call(x, l.weight, l.scales)
                                        : gemv_int4.call(x, l.weight, l.scales, l.group, l.interleave);
   if (l.bias.defined()) {

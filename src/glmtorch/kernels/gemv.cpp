@@ -1011,6 +1011,150 @@ at::Tensor gemv_amx(const at::Tensor& x, const at::Tensor& w) {
   return y;
 }
 
+// int4 weights (the row-interleaved CPU layout: blocks of 4 rows, group 32, fp16 scales) on AMX-INT8 tiles, for
+// several rows of x (a speculative verify pass, a small batch). Per pair of blocks (64 values) of 16 weight rows:
+// each 4-byte column of the 16 rows is gathered into one vector and split into low and high nibbles (signed), which
+// makes the weight tiles of both blocks directly (8 rows of 16 x 4 bytes); x's blocks, quantized exactly as the
+// vector kernels quantize them and put in the matching order, are the other tiles; TDPBSSD gives exact per-block
+// integer sums for up to 16 rows of x. They are scaled and added as int4_pair_rows adds them (block parity
+// accumulators, fma in block order), so every row's result is the vector kernels' bit for bit: a verify pass on
+// the tiles picks what one-row steps pick.
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AMX_INT8__) && defined(__AVX512F__) && defined(__F16C__)
+inline void load_int4_tile_config(int64_t rows_of_x) {
+  TileConfig cfg;
+  for (int t = 0; t < 2; ++t) {
+    cfg.rows[t] = static_cast<uint8_t>(rows_of_x), cfg.colsb[t] = 64;      // 0, 1: sums (x rows x 16 weight rows)
+    cfg.rows[2 + t] = static_cast<uint8_t>(rows_of_x), cfg.colsb[2 + t] = 32;  // 2, 3: x's two blocks
+    cfg.rows[4 + t] = 8, cfg.colsb[4 + t] = 64;  // 4, 5: the weights' two blocks, 4 values of 16 rows a row
+  }
+  _tile_loadconfig(&cfg);
+}
+#endif
+
+at::Tensor gemv_int4_amx(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales) {
+  const int64_t N = w.size(0), K = 2 * w.size(1), M = x.size(0);
+  check(x, w, K);
+  TORCH_CHECK(w.scalar_type() == at::kByte && scales.scalar_type() == at::kHalf && scales.is_contiguous() &&
+                  scales.numel() == N * (K / BLOCK) && N % 16 == 0 && K % (2 * BLOCK) == 0,
+              "gemv_int4_amx takes row-interleaved int4 weights (N a multiple of 16, K of 64) with fp16 group-32 scales");
+  TORCH_CHECK(amx_permitted(), "AMX tiles are not available on this CPU or not granted by the OS");
+  at::Tensor y = at::empty({M, N}, x.options());
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AMX_INT8__) && defined(__AVX512F__) && defined(__F16C__)
+  constexpr int64_t IR = INTERLEAVE;
+  const int64_t blocks = K / BLOCK, pairs = blocks / 2;
+  const int64_t Mp = M <= 16 ? M : (M + 15) / 16 * 16;  // past 16 rows, whole groups of 16 (zero rows added)
+  const int64_t Mg = std::min<int64_t>(16, Mp), row_groups = Mp / Mg;
+  // x per block and row: 32 bytes in the weight tiles' order (4 values per tile row: rows 0-3 the low nibbles of
+  // the block's bytes 0-15, four at a time, i.e. elements 8i + 2j; rows 4-7 the high nibbles, 8i + 2j + 1)
+  std::vector<int8_t> xa(blocks * Mp * BLOCK, 0);
+  std::vector<float> xs(blocks * Mp, 0.f);
+  const float* xp = x.data_ptr<float>();
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t b = 0; b < blocks; ++b) {
+      int32_t sum;
+      alignas(32) int8_t q[BLOCK];
+      _mm256_store_si256(reinterpret_cast<__m256i*>(q), quantize_block(xp + m * K + b * BLOCK, xs[b * Mp + m], sum));
+      int8_t* out = xa.data() + (b * Mp + m) * BLOCK;
+      for (int64_t k = 0; k < BLOCK; ++k) out[k] = q[k < 16 ? 8 * (k / 4) + 2 * (k % 4) : 8 * ((k - 16) / 4) + 2 * (k % 4) + 1];
+    }
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  const uint16_t* sp = reinterpret_cast<const uint16_t*>(scales.data_ptr());
+  const int64_t block_bytes = IR * (K / 2), block_scales = IR * (K / BLOCK);
+  // 16 rows n of a tile: dword offsets of their scales' pair 0 (interleave block n / 4, row n % 4)
+  alignas(64) int32_t scale_at[16];
+  for (int n = 0; n < 16; ++n) scale_at[n] = static_cast<int32_t>(((n / IR) * block_scales + (n % IR) * 2) / 2);
+  const __m512i scales_idx = _mm512_load_si512(scale_at);
+  // The 16 x 8 dword transpose, one register bit swapped with one lane bit a round (lane l of the output of round
+  // r, register bit c): rows (2i, 2i + 1) in, columns out. Round 1 swaps row bit 1 with column bit 0, round 2 row
+  // bit 2 with column bit 1, round 3 row bit 3 with column bit 2 and puts the lanes in row order.
+  __m512i transpose_idx[3][2];
+  for (int c = 0; c < 2; ++c) {
+    alignas(64) int32_t idx[3][16];
+    for (int l = 0; l < 16; ++l) {
+      idx[0][l] = ((l & 1) ? 16 : 0) + ((l & ~1) | c);
+      idx[1][l] = (((l >> 1) & 1) ? 16 : 0) + ((l & ~2) | (c << 1));
+      idx[2][l] = (((l >> 3) & 1) ? 16 : 0) + (((l & 1) << 3) | (c << 2) | (((l >> 2) & 1) << 1) | ((l >> 1) & 1));
+    }
+    for (int r = 0; r < 3; ++r) transpose_idx[r][c] = _mm512_load_si512(idx[r]);
+  }
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, N / 16, 2, [&](int64_t begin, int64_t end) {
+    load_int4_tile_config(Mg);
+    // PB pairs at a time: their weight tiles are all unpacked before the first is multiplied, and all their sums
+    // stored before the first is scaled, so vector work and tile work overlap instead of waiting on each other
+    // (one pair at a time ran 2.5x slower at one row of x)
+    constexpr int64_t PB = 4;
+    alignas(64) int8_t wt[2 * PB][8 * 64];
+    alignas(64) int32_t c[2 * PB][16 * 16];
+    std::vector<__m512> acc(row_groups * 2 * 16);  // (group of x rows, parity, x row): 16 weight rows' sums
+    const __m512i nibbles = _mm512_set1_epi8(15), eight = _mm512_set1_epi8(8);
+    for (int64_t tile = begin; tile < end; ++tile) {
+      const int64_t n0 = tile * 16;
+      const uint8_t* base = wp + (n0 / IR) * block_bytes;
+      const uint16_t* scale_base = sp + (n0 / IR) * block_scales;
+      std::fill(acc.begin(), acc.end(), _mm512_setzero_ps());
+      for (int64_t p0 = 0; p0 < pairs; p0 += PB) {
+        const int64_t np = std::min<int64_t>(PB, pairs - p0);
+        __m512 ws[2 * PB];  // the 16 rows' scales of block 2 p0 + b
+        for (int64_t q = 0; q < np; ++q) {
+          const uint8_t* pair = base + (p0 + q) * IR * BLOCK;
+          // the 16 rows' 32-byte pair: interleave block b holds rows 4b..4b+3 one after another, so 8 loads give
+          // rows (2i, 2i + 1) each; three rounds of two-register permutes turn them into 8 columns of 16 rows
+          __m512i z[8], t[8], col[8];
+          for (int i = 0; i < 8; ++i) z[i] = _mm512_loadu_si512(pair + (i / 2) * block_bytes + (i % 2) * 64);
+          for (int i = 0; i < 8; i += 2)
+            for (int h = 0; h < 2; ++h) t[i | h] = _mm512_permutex2var_epi32(z[i], transpose_idx[0][h], z[i | 1]);
+          for (int j = 0; j < 8; ++j)
+            if (!(j & 2))
+              for (int h = 0; h < 2; ++h)
+                z[(j & ~2) | (h << 1)] = _mm512_permutex2var_epi32(t[j], transpose_idx[1][h], t[j | 2]);
+          for (int j = 0; j < 4; ++j)
+            for (int h = 0; h < 2; ++h) col[j | (h << 2)] = _mm512_permutex2var_epi32(z[j], transpose_idx[2][h], z[j | 4]);
+          for (int k = 0; k < 8; ++k) {  // bytes 4k..4k+3 of the 16 rows: block k / 4, tile rows k % 4 and 4 + k % 4
+            const __m512i low = _mm512_sub_epi8(_mm512_and_si512(col[k], nibbles), eight);
+            const __m512i high = _mm512_sub_epi8(_mm512_and_si512(_mm512_srli_epi32(col[k], 4), nibbles), eight);
+            _mm512_store_si512(wt[2 * q + k / 4] + (k % 4) * 64, low);
+            _mm512_store_si512(wt[2 * q + k / 4] + (4 + k % 4) * 64, high);
+          }
+          // the 16 rows' two scales of this pair as one dword each (fp16 even block | fp16 odd block)
+          const __m512i both = _mm512_i32gather_epi32(scales_idx, scale_base + (p0 + q) * IR * 2, 4);
+          ws[2 * q] = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(both));
+          ws[2 * q + 1] = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(both, 16)));
+        }
+        for (int64_t g = 0; g < row_groups; ++g) {
+          const int8_t* xg = xa.data() + (2 * p0 * Mp + g * 16) * BLOCK;
+          for (int64_t b = 0; b < 2 * np; b += 2) {  // an even and an odd block, on tiles (0, 2, 4) and (1, 3, 5)
+            _tile_loadd(2, xg + b * Mp * BLOCK, BLOCK);
+            _tile_loadd(4, wt[b], 64);
+            _tile_zero(0);
+            _tile_dpbssd(0, 2, 4);
+            _tile_loadd(3, xg + (b + 1) * Mp * BLOCK, BLOCK);
+            _tile_loadd(5, wt[b + 1], 64);
+            _tile_zero(1);
+            _tile_dpbssd(1, 3, 5);
+            _tile_stored(0, c[b], 64);
+            _tile_stored(1, c[b + 1], 64);
+          }
+          for (int64_t b = 0; b < 2 * np; ++b) {  // in block order: each parity's fmas in the vector kernels' order
+            const float* x_scales = xs.data() + (2 * p0 + b) * Mp + g * 16;
+            __m512* into = acc.data() + (g * 2 + b % 2) * 16;
+            for (int64_t m = 0; m < Mg; ++m) {
+              const __m512 sums = _mm512_cvtepi32_ps(_mm512_load_si512(c[b] + m * 16));
+              into[m] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_set1_ps(x_scales[m]), ws[b]), sums, into[m]);
+            }
+          }
+        }
+      }
+      for (int64_t g = 0; g < row_groups; ++g)
+        for (int64_t m = 0; m < Mg && g * 16 + m < M; ++m)
+          _mm512_storeu_ps(yp + (g * 16 + m) * N + n0, _mm512_add_ps(acc[(g * 2) * 16 + m], acc[(g * 2 + 1) * 16 + m]));
+    }
+    _tile_release();
+  });
+#endif
+  return y;
+}
+
 int64_t int4_row_interleave() {  // rows per interleaved int4 block these kernels read (1: plain layout only)
 #if defined(__AVX2__) && defined(__FMA__)
   return INTERLEAVE;
@@ -1027,6 +1171,7 @@ TORCH_LIBRARY(glmtorch_kernels, m) {
   m.def("gemv_int4(Tensor x, Tensor w, Tensor scales, int group, int interleave=1) -> Tensor");
   m.def("int4_row_interleave() -> int", &int4_row_interleave);
   m.def("gemv_amx(Tensor x, Tensor w) -> Tensor");
+  m.def("gemv_int4_amx(Tensor x, Tensor w, Tensor scales) -> Tensor");
   m.def("amx_available() -> bool", &amx_permitted);
 }
 
@@ -1035,4 +1180,5 @@ TORCH_LIBRARY_IMPL(glmtorch_kernels, CPU, m) {
   m.impl("gemv_int8", &gemv_int8);
   m.impl("gemv_int4", &gemv_int4);
   m.impl("gemv_amx", &gemv_amx);
+  m.impl("gemv_int4_amx", &gemv_int4_amx);
 }
