@@ -81,6 +81,12 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps ... (default: the best available)")
 
 
+# Most proposals a pass: prompt lookup's cost nothing to make, and 15 + the pending token fill one row bucket of
+# the kernels (16 rows, where int4 verifies on AMX tiles at ~1.2x a 9-row pass); generation.speculate picks fewer
+# each round where passes cost more than they return. A draft model's each cost a draft step: fewer.
+NGRAM_TOKENS, DRAFT_TOKENS = 15, 8
+
+
 def add_speculation_flags(p: argparse.ArgumentParser, drafts: bool = True) -> None:
     if drafts:
         p.add_argument("--speculate", default=None, metavar="ngram|int4|DRAFT",
@@ -91,8 +97,15 @@ def add_speculation_flags(p: argparse.ArgumentParser, drafts: bool = True) -> No
         p.add_argument("--speculate", default=None, choices=["ngram"],
                        help="speculative decoding at batch 1: ngram proposes tokens copied from the prompt and output "
                             "(prompt lookup); output unchanged, faster where it repeats its input")
-    p.add_argument("--num-speculative-tokens", type=sampling_value("prompt_lookup_num_tokens"), default=8,
-                   metavar="K", help="most tokens proposed per pass (with --speculate)")
+    p.add_argument("--num-speculative-tokens", type=sampling_value("prompt_lookup_num_tokens"), default=None,
+                   metavar="K", help=f"most tokens proposed per pass (with --speculate; default {NGRAM_TOKENS} for "
+                                     f"ngram, whose proposals cost nothing to make, {DRAFT_TOKENS} for a draft model)")
+
+
+def speculative_tokens(args: argparse.Namespace) -> int:
+    if args.num_speculative_tokens is not None:
+        return args.num_speculative_tokens
+    return NGRAM_TOKENS if args.speculate == "ngram" else DRAFT_TOKENS
 
 
 def add_sampling_flags(p: argparse.ArgumentParser) -> None:
@@ -111,9 +124,9 @@ def add_sampling_flags(p: argparse.ArgumentParser) -> None:
 def sampling_kwargs(args: argparse.Namespace) -> dict:
     kw = dict(max_new_tokens=args.max_new_tokens, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
               repetition_penalty=args.repetition_penalty, seed=args.seed,
-              prompt_lookup_num_tokens=args.num_speculative_tokens if args.speculate == "ngram" else None)
+              prompt_lookup_num_tokens=speculative_tokens(args) if args.speculate == "ngram" else None)
     if getattr(args, "draft", None) is not None:  # --speculate int4 | DRAFT, loaded by load()
-        kw.update(assistant_model=args.draft, num_assistant_tokens=args.num_speculative_tokens)
+        kw.update(assistant_model=args.draft, num_assistant_tokens=speculative_tokens(args))
     if args.greedy or args.temperature == 0:
         kw["do_sample"] = False
     elif args.temperature is not None or args.top_k is not None or args.top_p is not None or args.min_p is not None:
@@ -422,7 +435,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                        prefill=args.prefill, new_tokens=args.new_tokens, batches=tuple(args.batch), reps=args.reps,
                        with_transformers=not args.no_transformers, llama_cpp=args.llama_cpp, out=args.out,
                        arch=args.arch, json_schema=bench_schema(args.json_schema),
-                       speculate=args.num_speculative_tokens if args.speculate else None)
+                       speculate=speculative_tokens(args) if args.speculate else None)
     print(format_report(report))
     return 0
 
