@@ -10,7 +10,10 @@ FLAGS=${FLAGS:---max-batch 64 --max-queue 256 --max-context 1024 --no-prefix-cac
 for round in 1 2; do
   for side in old new; do
     if [ $side = old ]; then PP=${OLD_SRC:?}; else PP=${NEW_SRC:?}; fi
-    PYTHONPATH=$PP python -m glmtorch serve $M --port 8040 $FLAGS > /tmp/ab_$side.log 2>&1 &
+    # each side its own dispatch table: one shared file would be re-measured at every switch (its key names the
+    # kernels' build), inside the measured runs
+    GLMTORCH_DISPATCH_CACHE=/tmp/ab_dispatch_$side.json PYTHONPATH=$PP python -m glmtorch serve $M --port 8040 $FLAGS \
+      > /tmp/ab_$side.log 2>&1 &
     SP=$!
     for i in $(seq 1 400); do curl -sf http://127.0.0.1:8040/health >/dev/null && break; sleep 1; done
     U=http://127.0.0.1:8040
