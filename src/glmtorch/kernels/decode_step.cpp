@@ -19,6 +19,9 @@
 #include <torch/library.h>
 
 #include <cmath>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -111,6 +114,51 @@ CacheLayout cache_layout(const at::Tensor& keys, const at::Tensor& values, int64
   return c;
 }
 
+#if defined(__AVX512F__)
+// 16 keys' or values' elements widened to fp32 (a bf16 is the top half of an fp32)
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const at::BFloat16* p) {
+  return _mm512_castsi512_ps(
+      _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+}
+
+// The scores of one key (C x 16 values) against G query heads (q, D apart): each head's sum in its own register
+// chain, so the G sums overlap instead of one waiting on the next.
+template <int C, typename T>
+inline void key_scores(const T* k, const float* q, int64_t G, float scale, float* scores, int64_t L, float* top) {
+  __m512 kv[C];
+  for (int c = 0; c < C; ++c) kv[c] = load16(k + 16 * c);
+  for (int64_t g = 0; g < G; ++g) {
+    const float* qg = q + g * 16 * C;
+    __m512 s = _mm512_mul_ps(_mm512_loadu_ps(qg), kv[0]);
+    for (int c = 1; c < C; ++c) s = _mm512_fmadd_ps(_mm512_loadu_ps(qg + 16 * c), kv[c], s);
+    const float score = _mm512_reduce_add_ps(s) * scale;
+    scores[g * L] = score;
+    top[g] = std::max(top[g], score);
+  }
+}
+
+// acc[g] += p[g][j] v[j] over the visible slots, for heads g0 .. g0 + GB - 1 (fewer at the end): GB x C sums held
+// in registers for the whole pass over the values (in memory, each update was a load and a store).
+template <int C, int GB, typename Slots, typename T>
+inline void weigh_values(Slots slots, int64_t g0, int64_t count, const float* scores, int64_t L, float* acc) {
+  __m512 a[GB][C];
+  for (int g = 0; g < GB; ++g)
+    for (int c = 0; c < C; ++c) a[g][c] = _mm512_setzero_ps();
+  slots([&](int64_t j, const T* v) {
+    __m512 vv[C];
+    for (int c = 0; c < C; ++c) vv[c] = load16(v + 16 * c);
+    for (int g = 0; g < GB; ++g) {
+      if (g >= count) break;
+      const __m512 p = _mm512_set1_ps(scores[(g0 + g) * L + j]);
+      for (int c = 0; c < C; ++c) a[g][c] = _mm512_fmadd_ps(p, vv[c], a[g][c]);
+    }
+  });
+  for (int g = 0; g < GB && g < count; ++g)
+    for (int c = 0; c < C; ++c) _mm512_storeu_ps(acc + (g0 + g) * 16 * C + 16 * c, a[g][c]);
+}
+#endif
+
 // softmax(q k * scale) v of each row's Q query heads (G = Q / KV of them per key/value head) over the cached slots
 // j <= last[b] that seen[b * L + j] marks (its own slot always; seen null: all of them). Query head i of row b is
 // at q + b * q_stride + i * D, its output at out + b * out_stride + i * D. One task per (row, key/value head).
@@ -137,6 +185,16 @@ void attend_cached(const CacheLayout& c, const T* kc, const T* vc, int64_t B, in
             continue;
           }
           const T* k = k_block + (j - first) * c.slot_stride;
+#if defined(__AVX512F__)
+          if (D == 64 || D == 128 || D == 16 || D == 32) {
+            const float sc = static_cast<float>(scale);
+            if (D == 64) key_scores<4>(k, q, G, sc, scores.data() + j, L, top.data());
+            else if (D == 128) key_scores<8>(k, q, G, sc, scores.data() + j, L, top.data());
+            else if (D == 32) key_scores<2>(k, q, G, sc, scores.data() + j, L, top.data());
+            else key_scores<1>(k, q, G, sc, scores.data() + j, L, top.data());
+            continue;
+          }
+#endif
           for (int64_t g = 0; g < G; ++g) {
             const float* qg = q + g * D;
             float dot = 0.f;
@@ -158,6 +216,24 @@ void attend_cached(const CacheLayout& c, const T* kc, const T* vc, int64_t B, in
         total[g] = sum;
       }
       std::fill(acc.begin(), acc.end(), 0.f);
+#if defined(__AVX512F__)
+      if (D == 64 || D == 128 || D == 16 || D == 32) {
+        auto slots = [&](auto visit) {  // every visible slot up to last with its values (masked ones: never
+          for (int64_t first = 0; first <= last; first += c.span) {  // read, whatever a padding slot holds)
+            const T* v_block = vc + c.offset(b, h, first);
+            for (int64_t j = first; j <= std::min(last, first + c.span - 1); ++j)
+              if (!seen || seen[j] || j == last) visit(j, v_block + (j - first) * c.slot_stride);
+          }
+        };
+        for (int64_t g0 = 0; g0 < G; g0 += 16 * 16 / D) {
+          const int64_t count = G - g0;
+          if (D == 64) weigh_values<4, 4, decltype(slots), T>(slots, g0, count, scores.data(), L, acc.data());
+          else if (D == 128) weigh_values<8, 2, decltype(slots), T>(slots, g0, count, scores.data(), L, acc.data());
+          else if (D == 32) weigh_values<2, 8, decltype(slots), T>(slots, g0, count, scores.data(), L, acc.data());
+          else weigh_values<1, 16, decltype(slots), T>(slots, g0, count, scores.data(), L, acc.data());
+        }
+      } else
+#endif
       for (int64_t first = 0; first <= last; first += c.span) {
         const T* v_block = vc + c.offset(b, h, first);
         for (int64_t j = first; j <= std::min(last, first + c.span - 1); ++j) {
