@@ -81,6 +81,17 @@ def test_forced_path_is_honoured_and_checked(table, monkeypatch):
             layer(x)
 
 
+def test_a_forced_path_does_not_become_the_machines_choice(table, monkeypatch):
+    """A whole-step decision made under GLMTORCH_LINEAR_PATH follows the forced path and is not kept: the next
+    process without the variable measures for itself."""
+    monkeypatch.setenv("GLMTORCH_LINEAR_PATH", "library")
+    assert dispatch.decide("fused-step test rows<=8", lambda: "library") == "library"
+    assert not table.exists() or "fused-step test rows<=8" not in json.loads(table.read_text())["choices"]
+    monkeypatch.delenv("GLMTORCH_LINEAR_PATH")
+    assert dispatch.decide("fused-step test rows<=8", lambda: "kernel") == "kernel"
+    assert json.loads(table.read_text())["choices"]["fused-step test rows<=8"] == "kernel"
+
+
 def test_table_is_written_once_and_reused(table, monkeypatch):
     layer = GemvLinear(128, 48)
     with torch.no_grad():

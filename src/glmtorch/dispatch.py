@@ -3,9 +3,9 @@
 A linear layer on the CPU can run several ways: glmtorch's C++ kernels (glmtorch.kernels: stream each weight once,
 multiply in fp32 FMA or integers), the library product in the weight's own dtype (F.linear: oneDNN / MKL, which
 on CPUs with AVX512-BF16 or AMX multiplies bf16 on the matrix units), or the weights widened chunk by chunk
-(bf16 -> fp32, int8 / int4 -> bf16 or fp32) into the library product, or for bf16 weights glmtorch's AMX tile
-kernel (the weights as stored; fastest here for 1-8 rows, behind oneDNN's packed product from 16). Which is fastest depends on the CPU, the
-weight's shape and kind, and the number of rows: on an AVX2 machine without native bf16 the kernels won every
+(bf16 -> fp32, int8 / int4 -> bf16 or fp32) into the library product, or glmtorch's AMX tile kernels (bf16 and
+row-interleaved int4 weights as stored; bf16 fastest here for 1-16 rows, behind oneDNN's packed product from 32;
+int4 from 4 rows). Which is fastest depends on the CPU, the weight's shape and kind, and the number of rows: on an AVX2 machine without native bf16 the kernels won every
 product up to 256 rows; on an AMX machine oneDNN's bf16 product is 5-10x faster from 16 rows on. CPU flags do not
 settle it (a VM can list AMX and not grant it), so the first time a (kind, shape, row bucket) is seen, each
 candidate runs on random input of that size (a few ms), the fastest is kept, and the table is written beside the

@@ -380,7 +380,7 @@ class FusedDecodeStep:
         self.linears: list = []  # one layer per distinct (kind, shape) in the plan
         self.shapes: list = []  # their (kind, out, in)
         self.kernels_win: dict[int, bool] = {}  # per row bucket
-        self.amx_weights: list = []  # (plan index, "kind NxK", {path: fn}) of products the AMX tiles could take
+        self.amx_weights: list = []  # (plan index, kind, (N, K), {path: fn}) of products the AMX tiles could take
         self.amx_chosen: set[int] = set()  # row buckets whose AMX choices the plan has
         self.amx_bits: dict[int, int] = {}  # plan index -> the buckets it multiplies on the tiles
 
@@ -475,12 +475,11 @@ class FusedDecodeStep:
             return
         self.amx_chosen.add(bucket)
         bit = dispatch.BUCKETS.index(bucket)
-        chosen: dict[str, bool] = {}
-        for index, kind, paths in self.amx_weights:
-            if kind not in chosen:
-                n, k = (int(v) for v in kind.split()[-1].split("x"))
-                chosen[kind] = dispatch.choose(kind.rsplit(" ", 1)[0], n, k, rows, paths, torch.float32) == "amx"
-            if chosen[kind]:
+        chosen: dict[tuple, bool] = {}
+        for index, kind, shape, paths in self.amx_weights:
+            if (kind, shape) not in chosen:
+                chosen[kind, shape] = dispatch.choose(kind, *shape, rows, paths, torch.float32) == "amx"
+            if chosen[kind, shape]:
                 bits = self.amx_bits[index] = self.amx_bits.get(index, 0) | (1 << bit)
                 self.plan.set_amx_buckets(index, bits)
 
@@ -615,7 +614,7 @@ def describe_decode_step(model) -> str:
 
 def _build_plan(model, layout) -> tuple:
     """The C++ plan of the model's decode step, the most rows it takes (the kernels' limit for its weights), and
-    (plan index, "kind NxK", {"kernel": fn, "amx": fn}) of its products the AMX tiles could take (bf16 weights and
+    (plan index, kind, (N, K), {"kernel": fn, "amx": fn}) of its products the AMX tiles could take (bf16 weights and
     row-interleaved int4 ones, where the tiles are granted)."""
     base, config = model.model, model.config
     # a bf16 model's norms and biases go in as fp32 copies (small); its embedding and matrices as they are
@@ -633,10 +632,10 @@ def _build_plan(model, layout) -> tuple:
                                 None if bias is None else bias.detach().float().contiguous(), group, interleave)
         w, sc = weight.detach(), None if scales is None else scales.detach()
         if kind == 0 and kernels.takes_amx(weight) and kernels.amx_available():
-            amx_weights.append((index, f"bfloat16 fused-step {w.shape[0]}x{w.shape[1]}",
+            amx_weights.append((index, "bfloat16 fused-step", tuple(w.shape),
                                 {"kernel": lambda x: kernels.gemv(x, w), "amx": lambda x: kernels.gemv_amx(x, w)}))
         if kind == 2 and kernels.takes_int4_amx(w, sc, group, interleave):
-            amx_weights.append((index, f"int4 fused-step {w.shape[0]}x{2 * w.shape[1]}",
+            amx_weights.append((index, "int4 fused-step", (w.shape[0], 2 * w.shape[1]),
                                 {"kernel": lambda x: kernels.gemv_int4(x, w, sc, group, interleave),
                                  "amx": lambda x: kernels.gemv_int4_amx(x, w, sc)}))
         return index

@@ -7,9 +7,9 @@ chunk once and multiplies it into every row gets much closer to the bandwidth at
 int8, int4).
 
 They take any number of rows (integer weights 8 at a time against each weight row, which stays in cache for the
-next 8; float weights in register tiles, and from 32 rows on as a small packed matrix product; bf16 weights also on
-the AMX tiles where the CPU has them and the OS grants them); which products go to them rather than to the library
-is measured on each machine (glmtorch.dispatch).
+next 8; float weights in register tiles, and from 32 rows on as a small packed matrix product; bf16 and int4
+weights also on the AMX tiles where the CPU has them and the OS grants them); which products go to them rather
+than to the library is measured on each machine (glmtorch.dispatch).
 
 The library is compiled with -O3 -march=native by torch.utils.cpp_extension (a C++ compiler is needed; the
 result is cached under ~/.cache/torch_extensions, so later sessions load it in a second). When it cannot be

@@ -4,9 +4,9 @@
 // the number of rows: each weight chunk is loaded, decoded in registers and multiplied into every row's
 // accumulators (integer weights: MAX_ROWS rows at a time, further groups finding the weight row in cache; float
 // weights: 1-2 rows against 4 fp32 weight rows at once, from 3 rows on register tiles of 4 rows x 3 weight rows,
-// from 32 rows on a small matrix product on packed panels of weights; bf16 weights also on AMX tiles, gemv_amx).
-// AVX2 + FMA intrinsics where the compiler
-// targets them (-march=native), plain loops elsewhere; rows of W are split across torch's intra-op threads.
+// from 32 rows on a small matrix product on packed panels of weights; bf16 and row-interleaved int4 weights also
+// on AMX tiles, gemv_amx and gemv_int4_amx). AVX2 + FMA intrinsics where the compiler targets them (-march=native),
+// plain loops elsewhere; rows of W are split across torch's intra-op threads.
 // Activations come in and results go out as fp32.
 //
 // Weight formats (the same tensors glmtorch keeps in its state dict):
