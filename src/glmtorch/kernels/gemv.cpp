@@ -932,9 +932,10 @@ at::Tensor gemv_int4(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
 // W, loaded as stored (16 output rows, K apart: no repacked copy of the weights), by x's 32 inputs of up to 16 rows
 // given as pairs (x[m][2i], x[m][2i + 1]), into 16 output rows x M fp32 sums. x is rounded to bf16, as a bf16
 // model's own activations are; the products are exact in fp32 and summed in fp32, in an order that depends on K
-// only (a row's result is the same alone or among others). 16 weight rows at a time, their K streamed once; more
-// than 16 rows of x take the same 16 weight rows again from cache. Measured on "small"'s shapes: 16 rows per block
-// read 24 GB/s at one row of x, 64 rows per block (four sums sharing each x tile) 22; software prefetch only cost.
+// only (a row's result is the same alone or among others). 16 weight rows at a time, their K streamed once; past
+// 16 rows of x, groups of 16 two at a time share each weight tile, further pairs take the 16 weight rows again from
+// cache. Measured on "small"'s shapes: 16 rows per block read 24 GB/s at one row of x, 64 rows per block (four
+// sums sharing each x tile) 22; software prefetch only cost.
 bool amx_permitted() {
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
   // Linux hands out the tile registers' state only on request (arch_prctl ARCH_REQ_XCOMP_PERM, XTILEDATA); a VM
@@ -956,8 +957,8 @@ struct TileConfig {
 // Tile 0: the sums (16 weight rows x Mg rows of x, fp32); tile 1: x pairs; tile 2: a 16 x 32 weight block.
 inline void load_tile_config(int64_t rows_of_x) {
   TileConfig cfg;
-  cfg.rows[0] = cfg.rows[1] = cfg.rows[2] = 16;
-  cfg.colsb[0] = cfg.colsb[1] = static_cast<uint16_t>(rows_of_x * 4);
+  cfg.rows[0] = cfg.rows[1] = cfg.rows[2] = cfg.rows[3] = cfg.rows[4] = 16;
+  cfg.colsb[0] = cfg.colsb[1] = cfg.colsb[3] = cfg.colsb[4] = static_cast<uint16_t>(rows_of_x * 4);
   cfg.colsb[2] = 64;
   _tile_loadconfig(&cfg);
 }
@@ -974,6 +975,23 @@ inline void amx_rows16(const uint16_t* w, int64_t K, const uint16_t* xp, int64_t
   }
   _tile_stored(0, c, Mg * 4);
 }
+
+// Two groups of 16 rows of x against the same 16 weight rows: each weight tile loaded once for both (tiles 3 and 4
+// hold the second group's sums and x).
+inline void amx_rows16_twice(const uint16_t* w, int64_t K, const uint16_t* xp, int64_t x_stride, float* c) {
+  _tile_zero(0);
+  _tile_zero(3);
+  const int64_t step = x_stride / 2 * 16;
+  for (int64_t k = 0; k < K; k += 32, xp += step) {
+    _tile_loadd(2, w + k, K * 2);
+    _tile_loadd(1, xp, x_stride);
+    _tile_dpbf16ps(0, 2, 1);
+    _tile_loadd(4, xp + 32, x_stride);
+    _tile_dpbf16ps(3, 2, 4);
+  }
+  _tile_stored(0, c, 64);
+  _tile_stored(3, c + 256, 64);
+}
 #endif
 
 at::Tensor gemv_amx(const at::Tensor& x, const at::Tensor& w) {
@@ -986,26 +1004,30 @@ at::Tensor gemv_amx(const at::Tensor& x, const at::Tensor& w) {
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
   // x as (K/2, M, 2) bf16: input pair i of row m at (i * M + m) * 2; rows m0.. of pair row i are contiguous, so
   // one buffer serves every group of 16 rows (M * 4 bytes between pair rows).
-  std::vector<uint16_t> pairs(M * K);
+  // Past 16 rows, whole groups of 16 (zero rows added), taken two at a time against each weight tile.
+  const int64_t Mp = M <= 16 ? M : (M + 15) / 16 * 16;
+  std::vector<uint16_t> pairs(Mp * K, 0);
   const float* xp = x.data_ptr<float>();
   for (int64_t m = 0; m < M; ++m)
-    for (int64_t k = 0; k < K; ++k) pairs[(k / 2 * M + m) * 2 + k % 2] = c10::BFloat16(xp[m * K + k]).x;
+    for (int64_t k = 0; k < K; ++k) pairs[(k / 2 * Mp + m) * 2 + k % 2] = c10::BFloat16(xp[m * K + k]).x;
   const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.data_ptr());
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, N / 16, 4, [&](int64_t begin, int64_t end) {
-    std::vector<float> c(16 * 16);
-    int64_t configured = -1;  // the tile configuration loaded on this thread (rows of x per group)
+    std::vector<float> c(2 * 16 * 16);
+    const int64_t Mg = std::min<int64_t>(16, Mp);  // rows of x per group, the same for every group
+    load_tile_config(Mg);
     for (int64_t tile = begin; tile < end; ++tile) {
       const int64_t n0 = tile * 16;
-      for (int64_t m0 = 0; m0 < M; m0 += 16) {
-        const int64_t Mg = std::min<int64_t>(16, M - m0);
-        if (Mg != configured) load_tile_config(Mg), configured = Mg;
-        amx_rows16(wp + n0 * K, K, pairs.data() + m0 * 2, M * 4, c.data(), Mg);
-        for (int64_t i = 0; i < 16; ++i)  // c holds (weight row, x row): y wants (x row, weight row)
-          for (int64_t m = 0; m < Mg; ++m) yp[(m0 + m) * N + n0 + i] = c[i * Mg + m];
+      for (int64_t m0 = 0; m0 < Mp; m0 += 32) {
+        const bool two = m0 + 16 < Mp;
+        if (two) amx_rows16_twice(wp + n0 * K, K, pairs.data() + m0 * 2, Mp * 4, c.data());
+        else amx_rows16(wp + n0 * K, K, pairs.data() + m0 * 2, Mp * 4, c.data(), Mg);
+        for (int64_t g = 0; g < (two ? 2 : 1); ++g)  // c holds (weight row, x row): y wants (x row, weight row),
+          for (int64_t m = 0; m < Mg && m0 + 16 * g + m < M; ++m)  // 16 consecutive floats a row of y
+            for (int64_t i = 0; i < 16; ++i) yp[(m0 + 16 * g + m) * N + n0 + i] = c[g * 256 + i * Mg + m];
       }
     }
-    if (configured >= 0) _tile_release();
+    _tile_release();
   });
 #endif
   return y;
