@@ -1035,10 +1035,10 @@ at::Tensor gemv_amx(const at::Tensor& x, const at::Tensor& w) {
 
 // int4 weights (the row-interleaved CPU layout: blocks of 4 rows, group 32, fp16 scales) on AMX-INT8 tiles, for
 // several rows of x (a speculative verify pass, a small batch). Per pair of blocks (64 values) of 16 weight rows:
-// each 4-byte column of the 16 rows is gathered into one vector and split into low and high nibbles (signed), which
-// makes the weight tiles of both blocks directly (8 rows of 16 x 4 bytes); x's blocks, quantized exactly as the
-// vector kernels quantize them and put in the matching order, are the other tiles; TDPBSSD gives exact per-block
-// integer sums for up to 16 rows of x. They are scaled and added as int4_pair_rows adds them (block parity
+// each 4-byte column of the 16 rows is brought into one vector (a 16 x 8 dword transpose) and split into low and
+// high nibbles (signed), which makes the weight tiles of both blocks directly (8 rows of 16 x 4 bytes); x's blocks,
+// quantized exactly as the vector kernels quantize them and put in the matching order, are the other tiles;
+// TDPBSSD gives exact per-block integer sums for up to 16 rows of x. They are scaled and added as int4_pair_rows adds them (block parity
 // accumulators, fma in block order), so every row's result is the vector kernels' bit for bit: a verify pass on
 // the tiles picks what one-row steps pick.
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AMX_INT8__) && defined(__AVX512F__) && defined(__F16C__)
