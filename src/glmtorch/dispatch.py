@@ -37,7 +37,7 @@ from .cpuinfo import cpu_model_and_flags
 PATHS = ("kernel", "library", "widen_fp32", "widen_bf16", "packed", "amx")
 LAYOUTS = ("packed", "plain", "packed_head")
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
-FORMAT = 1
+FORMAT = 2  # 2: the fused step's bf16 AMX choices also weigh the library product
 MEASURE_SECONDS = 0.02  # per candidate, after its warm-up run; at least two timed runs whatever the size
 
 _lock = threading.RLock()

@@ -467,7 +467,7 @@ class FusedDecodeStep:
 
     def _choose_amx(self, rows: int) -> None:
         """For each bf16 / int4 weight shape in the plan, whether this many rows multiply faster on the AMX tiles
-        than in the vector kernels: measured once per machine, shape and row bucket (glmtorch.dispatch, kept in
+        than in the vector kernels (and, for bf16, than the library product): measured once per machine, shape and row bucket (glmtorch.dispatch, kept in
         dispatch.json), and set in the plan (a bit per bucket). int4 on the tiles gives the vector kernels' bits, so
         the choice never changes a token."""
         bucket = dispatch.row_bucket(rows)
@@ -632,8 +632,12 @@ def _build_plan(model, layout) -> tuple:
                                 None if bias is None else bias.detach().float().contiguous(), group, interleave)
         w, sc = weight.detach(), None if scales is None else scales.detach()
         if kind == 0 and kernels.takes_amx(weight) and kernels.amx_available():
+            # the library product competes too: where it beats the tiles (oneDNN from ~32 rows) the plan keeps its
+            # fp32 kernel, and the whole-step timing then hands those rows to the layer-by-layer step (in a served
+            # burst of 64, the fused step on the tiles had timed level with it alone and ran 25% slower)
             amx_weights.append((index, "bfloat16 fused-step", tuple(w.shape),
-                                {"kernel": lambda x: kernels.gemv(x, w), "amx": lambda x: kernels.gemv_amx(x, w)}))
+                                {"kernel": lambda x: kernels.gemv(x, w), "amx": lambda x: kernels.gemv_amx(x, w),
+                                 "library": lambda x: F.linear(x.to(w.dtype), w)}))
         if kind == 2 and kernels.takes_int4_amx(w, sc, group, interleave):
             amx_weights.append((index, "int4 fused-step", (w.shape[0], 2 * w.shape[1]),
                                 {"kernel": lambda x: kernels.gemv_int4(x, w, sc, group, interleave),
