@@ -215,7 +215,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 def amx_available() -> bool:
-    """Whether the kernels were built with AMX-BF16 (-march=native on a CPU that has it) and the OS grants this
+    """Whether the kernels were built with AMX (-march=native on a CPU with AMX-BF16 and AMX-INT8) and the OS grants this
     process the tile registers. A listed flag is not enough (a VM may refuse the tiles); whether AMX is also the
     faster path is measured (glmtorch.dispatch)."""
     if "amx" not in _state:

@@ -24,6 +24,7 @@
 #endif
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -122,6 +123,19 @@ inline __m512 load16(const at::BFloat16* p) {
       _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
 }
 
+// f(std::integral_constant<int, C>) for the head sizes the vector loops take (D = 16 C: 16, 32, 64, 128); false,
+// nothing called, for others (the plain loops take them).
+template <typename F>
+inline bool with_chunks(int64_t D, F f) {
+  switch (D) {
+    case 16: f(std::integral_constant<int, 1>{}); return true;
+    case 32: f(std::integral_constant<int, 2>{}); return true;
+    case 64: f(std::integral_constant<int, 4>{}); return true;
+    case 128: f(std::integral_constant<int, 8>{}); return true;
+    default: return false;
+  }
+}
+
 // The scores of one key (C x 16 values) against G query heads (q, D apart): each head's sum in its own register
 // chain, so the G sums overlap instead of one waiting on the next.
 template <int C, typename T>
@@ -186,14 +200,10 @@ void attend_cached(const CacheLayout& c, const T* kc, const T* vc, int64_t B, in
           }
           const T* k = k_block + (j - first) * c.slot_stride;
 #if defined(__AVX512F__)
-          if (D == 64 || D == 128 || D == 16 || D == 32) {
-            const float sc = static_cast<float>(scale);
-            if (D == 64) key_scores<4>(k, q, G, sc, scores.data() + j, L, top.data());
-            else if (D == 128) key_scores<8>(k, q, G, sc, scores.data() + j, L, top.data());
-            else if (D == 32) key_scores<2>(k, q, G, sc, scores.data() + j, L, top.data());
-            else key_scores<1>(k, q, G, sc, scores.data() + j, L, top.data());
+          if (with_chunks(D, [&](auto C) {
+                key_scores<C()>(k, q, G, static_cast<float>(scale), scores.data() + j, L, top.data());
+              }))
             continue;
-          }
 #endif
           for (int64_t g = 0; g < G; ++g) {
             const float* qg = q + g * D;
@@ -217,22 +227,19 @@ void attend_cached(const CacheLayout& c, const T* kc, const T* vc, int64_t B, in
       }
       std::fill(acc.begin(), acc.end(), 0.f);
 #if defined(__AVX512F__)
-      if (D == 64 || D == 128 || D == 16 || D == 32) {
-        auto slots = [&](auto visit) {  // every visible slot up to last with its values (masked ones: never
-          for (int64_t first = 0; first <= last; first += c.span) {  // read, whatever a padding slot holds)
-            const T* v_block = vc + c.offset(b, h, first);
-            for (int64_t j = first; j <= std::min(last, first + c.span - 1); ++j)
-              if (!seen || seen[j] || j == last) visit(j, v_block + (j - first) * c.slot_stride);
-          }
-        };
-        for (int64_t g0 = 0; g0 < G; g0 += 16 * 16 / D) {
-          const int64_t count = G - g0;
-          if (D == 64) weigh_values<4, 4, decltype(slots), T>(slots, g0, count, scores.data(), L, acc.data());
-          else if (D == 128) weigh_values<8, 2, decltype(slots), T>(slots, g0, count, scores.data(), L, acc.data());
-          else if (D == 32) weigh_values<2, 8, decltype(slots), T>(slots, g0, count, scores.data(), L, acc.data());
-          else weigh_values<1, 16, decltype(slots), T>(slots, g0, count, scores.data(), L, acc.data());
+      auto slots = [&](auto visit) {  // every visible slot up to last with its values (masked ones: never read,
+        for (int64_t first = 0; first <= last; first += c.span) {  // whatever a padding slot holds)
+          const T* v_block = vc + c.offset(b, h, first);
+          for (int64_t j = first; j <= std::min(last, first + c.span - 1); ++j)
+            if (!seen || seen[j] || j == last) visit(j, v_block + (j - first) * c.slot_stride);
         }
-      } else
+      };
+      auto weigh = [&](auto C) {  // 16 registers of sums: 16 / C heads a pass over the values
+        constexpr int GB = 16 / C();
+        for (int64_t g0 = 0; g0 < G; g0 += GB)
+          weigh_values<C(), GB, decltype(slots), T>(slots, g0, G - g0, scores.data(), L, acc.data());
+      };
+      if (!with_chunks(D, weigh))
 #endif
       for (int64_t first = 0; first <= last; first += c.span) {
         const T* v_block = vc + c.offset(b, h, first);
