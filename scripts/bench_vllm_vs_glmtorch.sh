@@ -7,6 +7,7 @@
 # Reports: benchmarks/serve-vllm-$TAG-*.json and benchmarks/serve-$TAG-*.json (each names the CPU it ran on).
 # GLMTORCH_FLAGS: more `glmtorch serve` flags for the burst workload (e.g. --no-prefix-caching: the warm-up
 # requests send the measured prompts first, which glmtorch's prefix cache would find and vLLM-cpu's does not).
+# ONLY=vllm or ONLY=glmtorch: run one side of the burst workload (e.g. to repeat glmtorch after a change).
 M=${1:?checkpoint directory}
 DTYPE=${DTYPE:-bfloat16}
 TAG=${TAG:-small-bf16}
@@ -35,6 +36,7 @@ if [ "${WORKLOAD:-burst}" = prefix ]; then
   kill -TERM $SP; wait $SP
   exit 0
 fi
+if [ "${ONLY:-vllm}" = vllm ]; then
 VLLM_CPU_KVCACHE_SPACE=2 VLLM_CPU_OMP_THREADS_BIND=0-1 $VLLM_PY -m vllm.entrypoints.openai.api_server \
   --model $M --dtype $DTYPE --max-model-len 1024 --host 127.0.0.1 --port 8021 --served-model-name glm > /tmp/vllm_server.log 2>&1 &
 VP=$!
@@ -46,6 +48,8 @@ $G bench-serve $U --requests 64 --concurrency 64 --max-tokens 64 --prompt-words 
 $G bench-serve $U --requests 4 --concurrency 1 --max-tokens 64 --prompt-words 125 --out benchmarks/serve-vllm-$TAG-c1.json
 $G bench-serve $U --ttft-under-load 16 --max-tokens 256 --prompt-words 100 --out benchmarks/serve-vllm-$TAG-ttft.json
 kill -INT $VP; sleep 5; kill -9 $VP 2>/dev/null
+fi
+[ "${ONLY:-glmtorch}" = glmtorch ] || exit 0
 $G serve $M --dtype $DTYPE --port 8022 --max-context 1024 $GLMTORCH_FLAGS > /tmp/serve_glmtorch_$TAG.log 2>&1 &
 SP=$!
 for i in $(seq 1 400); do curl -sf http://127.0.0.1:8022/health >/dev/null && break; sleep 1; done

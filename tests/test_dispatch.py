@@ -25,7 +25,8 @@ def table(tmp_path, monkeypatch):
 
 
 def rel(a, b):
-    return float((a.double() - b.double()).norm() / b.double().norm().clamp(min=1e-30))
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).norm() / b.norm().clamp(min=1e-30))
 
 
 def layers(dtype):
