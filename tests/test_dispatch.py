@@ -165,3 +165,26 @@ def test_compiled_graph_dispatches_at_run_time(table, monkeypatch):
             x = torch.randn(rows, 64)
             assert rel(compiled(x), F.linear(x, layer.weight, layer.bias)) < 1e-6
     assert {k.split("<=")[1] for k in dispatch.decisions()} == {"2", "16", "64"}
+
+
+def test_packing_per_call_is_a_candidate_for_prefill_sized_batches_only(table, monkeypatch):
+    """Reordering a weight for one product can pay only where the product is compute-bound (many rows); below
+    PACK_PER_CALL_ROWS the path is not even measured. Where it is taken, it agrees with the library product."""
+    from glmtorch.fastpath import packing_supported
+
+    if not packing_supported(torch.float32):
+        pytest.skip("torch has no oneDNN packing here")
+    offered = {}
+    real = dispatch._measure
+    monkeypatch.setattr(dispatch, "_measure", lambda paths, rows, *a: (offered.__setitem__(rows, set(paths)),
+                                                                        real(paths, rows, *a))[1])
+    layer = GemvLinear(64, 48)
+    with torch.no_grad():
+        layer(torch.randn(3, 64))
+        layer(torch.randn(200, 64))
+    assert "packed_per_call" not in offered[4] and "packed_per_call" in offered[256]
+    monkeypatch.setenv("GLMTORCH_LINEAR_PATH", "packed_per_call")
+    x = torch.randn(300, 64)
+    with torch.no_grad():
+        assert rel(layer(x), F.linear(x, layer.weight, layer.bias)) < 1e-6
+    assert not layer.packed  # the weight itself stays as it was

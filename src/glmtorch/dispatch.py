@@ -15,7 +15,10 @@ Where the library product wins, the weight can also be kept in the layout oneDNN
 once into its blocked format, the only copy; glmtorch.fastpath.pack_weights), which is measured on the whole
 decode step, once per model shape and row bucket (a layer is either packed or not for every row count).
 
-GLMTORCH_LINEAR_PATH=kernel|library|widen_fp32|widen_bf16|amx forces a path wherever the layer offers it (a packed
+Products of 128 rows or more (prefill) may also reorder a plain weight into that layout for the one call
+(`packed_per_call`), where that beats the library's product on the plain weight even counting the reorder.
+
+GLMTORCH_LINEAR_PATH=kernel|library|widen_fp32|widen_bf16|amx|packed_per_call forces a path wherever the layer offers it (a packed
 layer offers only `packed`; GLMTORCH_PACK=0 keeps every weight plain, =1 packs without measuring).
 """
 
@@ -34,10 +37,14 @@ import torch
 
 from .cpuinfo import cpu_model_and_flags
 
-PATHS = ("kernel", "library", "widen_fp32", "widen_bf16", "packed", "amx")
+PATHS = ("kernel", "library", "widen_fp32", "widen_bf16", "packed", "amx", "packed_per_call")
 LAYOUTS = ("packed", "plain", "packed_head")
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
-FORMAT = 2  # 2: the fused step's bf16 AMX choices also weigh the library product
+FORMAT = 3  # 2: the fused step's bf16 AMX choices also weigh the library product; 3: packed_per_call
+# packed_per_call (reorder the weight into oneDNN's layout for one product, then drop the copy) is a candidate
+# only from this row bucket on: below it a product is bound by reading the weight, and the reorder reads and
+# writes it once more, so it cannot win there, and measuring it would hold a transient copy of every weight.
+PACK_PER_CALL_ROWS = 128
 MEASURE_SECONDS = 0.02  # per candidate, after its warm-up run; at least two timed runs whatever the size
 
 _lock = threading.RLock()
@@ -113,6 +120,8 @@ def linear(layer, x: torch.Tensor) -> torch.Tensor:
     fn = kept.get(key)
     if fn is None:
         kind, paths = layer.cpu_paths(x.dtype)
+        if row_bucket(rows) < PACK_PER_CALL_ROWS:
+            paths.pop("packed_per_call", None)
         fn = kept[key] = paths[choose(kind, layer.out_features, layer.in_features, rows, paths, x.dtype)]
     return fn(x)
 
