@@ -119,11 +119,18 @@ def linear(layer, x: torch.Tensor) -> torch.Tensor:
     kept = layer.__dict__.setdefault("_dispatched", {})
     fn = kept.get(key)
     if fn is None:
-        kind, paths = layer.cpu_paths(x.dtype)
-        if row_bucket(rows) < PACK_PER_CALL_ROWS:
-            paths.pop("packed_per_call", None)
+        kind, paths = candidates(layer, x.dtype, rows)
         fn = kept[key] = paths[choose(kind, layer.out_features, layer.in_features, rows, paths, x.dtype)]
     return fn(x)
+
+
+def candidates(layer, dtype: torch.dtype, rows: int) -> tuple[str, dict[str, Callable[[torch.Tensor], torch.Tensor]]]:
+    """(kind, paths) that `layer` offers for `rows` rows of `dtype`: its cpu_paths, less the ones that cannot win
+    at this row count (packed_per_call below PACK_PER_CALL_ROWS)."""
+    kind, paths = layer.cpu_paths(dtype)
+    if row_bucket(rows) < PACK_PER_CALL_ROWS:
+        paths.pop("packed_per_call", None)
+    return kind, paths
 
 
 def _address(t: torch.Tensor) -> int:

@@ -459,7 +459,7 @@ class FusedDecodeStep:
             self._choose_amx(rows)  # the fused step is timed with the products it will use
             won = exact
             for layer in self.linears if exact else ():
-                kind, paths = layer.cpu_paths(torch.float32)
+                kind, paths = dispatch.candidates(layer, torch.float32, rows)
                 won &= dispatch.choose(kind, layer.out_features, layer.in_features, rows, paths,
                                        torch.float32) == "kernel"
             if not won:  # timed once per machine (kept in dispatch.json), not in every server's first steps
