@@ -62,7 +62,8 @@ def save_hf(model, path, **kw) -> str:
 
 
 def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((ours.double() - ref.double()).norm() / ref.double().norm())
+    ours, ref = ours.detach().double(), ref.detach().double()
+    return float((ours - ref).norm() / ref.norm())
 
 
 @pytest.fixture(params=sorted(CONFIGS))
