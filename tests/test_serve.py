@@ -178,6 +178,24 @@ def test_bench_serve_and_ttft_under_load(served):
     assert served[1].active == 0
 
 
+def test_bench_serve_stream_reader_gives_the_server_text_and_its_errors(served):
+    """bench-serve reads streams over plain asyncio HTTP/1.1 (chunked SSE): the text it assembles is the text a
+    non-streamed request gets, and a refused request is an error naming the status, not a crash."""
+    from glmtorch.serve.bench import _one
+
+    url = served[0].url + "/v1/completions"
+    body = {"prompt": "Tell me", "max_tokens": 10, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}
+    whole = httpx.post(url, json={**body, "stream": False}, timeout=60).json()
+    streamed = asyncio.run(_one(None, url, body, {}))
+    assert streamed["text"] == whole["choices"][0]["text"] and streamed["tokens"] == 10
+    assert streamed["prompt_tokens"] == whole["usage"]["prompt_tokens"] and len(streamed["stamps"]) >= 2
+    refused = asyncio.run(_one(None, url, {**body, "model": "no-such-model"}, {}))
+    assert refused["error"].startswith("HTTP 404") and "no-such-model" in refused["error"]
+    closed = asyncio.run(_one(None, "http://127.0.0.1:9/v1/completions", body, {}))
+    assert "error" in closed
+
+
 def test_bench_serve_shared_prefix_and_multi_turn_workloads(served):
     """The shared-preamble workload (first request alone) and multi-turn chats report the server's prefix-cache
     hits, from usage and from /metrics."""

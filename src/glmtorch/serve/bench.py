@@ -23,41 +23,92 @@ def _percentiles(values: list[float]) -> dict[str, float]:
             "max": values[-1]}
 
 
+class HttpError(Exception):
+    """The server answered with a status other than 200."""
+
+
+async def _sse_data(url: str, body: dict, headers: dict, timeout: float = 600.0):
+    """POST `body` as JSON to an http:// URL and yield the `data:` payload of each Server-Sent Event as it arrives.
+
+    Plain asyncio streams and HTTP/1.1, not an HTTP client library: with 64 streams on the 2-core machine that
+    also runs the server, httpx's per-chunk machinery cost ~130 us of client CPU per token (0.55 s of the 1.2 s
+    a 64 x 64-token burst of the demo model took), and that CPU came out of the server's share: the measurement
+    was slowing what it measured. Here a token costs a line split and a json.loads."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    if parts.scheme != "http":
+        raise ValueError(f"{url}: bench-serve speaks plain http:// (put a TLS proxy's plain side in front of it)")
+    host, port = parts.hostname, parts.port or 80
+    payload = json.dumps(body).encode()
+    head = "".join(f"{k}: {v}\r\n" for k, v in {"Host": parts.netloc, "Content-Type": "application/json",
+                                                  "Accept": "text/event-stream", "Connection": "close",
+                                                  "Content-Length": len(payload), **headers}.items())
+    reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+    try:
+        writer.write(f"POST {parts.path or '/'} HTTP/1.1\r\n{head}\r\n".encode() + payload)
+        await writer.drain()
+        read = lambda coroutine: asyncio.wait_for(coroutine, timeout)  # noqa: E731
+        status = (await read(reader.readline())).decode("latin-1").split(" ", 2)
+        fields = {}
+        while (line := (await read(reader.readline())).decode("latin-1").strip()):
+            name, _, value = line.partition(":")
+            fields[name.strip().lower()] = value.strip()
+        chunked = "chunked" in fields.get("transfer-encoding", "").lower()
+        if len(status) < 2 or status[1] != "200":
+            text = (await read(reader.read(4096)))
+            raise HttpError(f"HTTP {status[1] if len(status) > 1 else '?'}: {text[:200]!r}")
+        pending = b""
+        while True:
+            if chunked:
+                size = int((await read(reader.readline())).split(b";")[0].strip() or b"0", 16)
+                if size == 0:
+                    break
+                data = await read(reader.readexactly(size + 2))  # the chunk and its CRLF
+                pending += data[:-2]
+            else:
+                data = await read(reader.read(65536))
+                if not data:
+                    break
+                pending += data
+            *lines, pending = pending.split(b"\n")
+            for line in lines:
+                if line.startswith(b"data:"):
+                    yield line[5:].strip().decode()
+    finally:
+        writer.close()
+
+
 async def _one(client, url: str, body: dict, headers: dict, started: asyncio.Event | None = None,
                stamps: list[float] | None = None) -> dict[str, Any]:
     """One streaming request; `started` is set when its first text arrives; `stamps`, when given, receives the
-    arrival time of each piece of text as it comes (kept when the request is cancelled)."""
+    arrival time of each piece of text as it comes (kept when the request is cancelled). `client` (httpx) serves
+    https:// URLs; plain http:// goes through _sse_data."""
     start = time.perf_counter()
     first = None
     stamps = [] if stamps is None else stamps
     tokens = cached = prompt_tokens = 0
     text = ""
     try:
-        async with client.stream("POST", url, json=body, headers=headers) as response:
-            if response.status_code != 200:
-                return {"error": f"HTTP {response.status_code}: {(await response.aread())[:200]!r}"}
-            async for line in response.aiter_lines():
-                if not line.startswith("data:"):
-                    continue
-                data = line[5:].strip()
-                if data == "[DONE]":
-                    break
-                chunk = json.loads(data)
-                if chunk.get("usage"):
-                    tokens = chunk["usage"].get("completion_tokens", tokens)
-                    prompt_tokens = chunk["usage"].get("prompt_tokens", prompt_tokens)
-                    cached = (chunk["usage"].get("prompt_tokens_details") or {}).get("cached_tokens") or 0
-                for choice in chunk.get("choices", []):
-                    piece = choice.get("text") or (choice.get("delta") or {}).get("content") or ""
-                    if piece:
-                        now = time.perf_counter()
-                        first = first or now
-                        if started is not None:
-                            started.set()
-                        stamps.append(now)
-                        text += piece
+        async for data in _stream(client, url, body, headers):
+            if data == "[DONE]":
+                break
+            chunk = json.loads(data)
+            if chunk.get("usage"):
+                tokens = chunk["usage"].get("completion_tokens", tokens)
+                prompt_tokens = chunk["usage"].get("prompt_tokens", prompt_tokens)
+                cached = (chunk["usage"].get("prompt_tokens_details") or {}).get("cached_tokens") or 0
+            for choice in chunk.get("choices", []):
+                piece = choice.get("text") or (choice.get("delta") or {}).get("content") or ""
+                if piece:
+                    now = time.perf_counter()
+                    first = first or now
+                    if started is not None:
+                        started.set()
+                    stamps.append(now)
+                    text += piece
     except Exception as e:  # noqa: BLE001 - counted, not raised
-        return {"error": f"{type(e).__name__}: {e}"}
+        return {"error": str(e) if isinstance(e, HttpError) else f"{type(e).__name__}: {e}"}
     finally:
         if started is not None:
             started.set()  # a request that fails or ends without text must not leave a waiter hanging
@@ -65,6 +116,20 @@ async def _one(client, url: str, body: dict, headers: dict, started: asyncio.Eve
     gaps = [b - a for a, b in zip(stamps, stamps[1:])]
     return {"ttft": (first or end) - start, "latency": end - start, "tokens": tokens or len(stamps), "gaps": gaps,
             "stamps": stamps, "text": text, "cached": cached, "prompt_tokens": prompt_tokens}
+
+
+async def _stream(client, url: str, body: dict, headers: dict):
+    """The `data:` payloads of a streamed response: _sse_data for http://, httpx for https://."""
+    if url.startswith("http://"):
+        async for data in _sse_data(url, body, headers):
+            yield data
+        return
+    async with client.stream("POST", url, json=body, headers=headers) as response:
+        if response.status_code != 200:
+            raise HttpError(f"HTTP {response.status_code}: {(await response.aread())[:200]!r}")
+        async for line in response.aiter_lines():
+            if line.startswith("data:"):
+                yield line[5:].strip()
 
 
 WORDS = ("the quick brown fox jumps over a lazy dog while seven wise kings speak of old times " * 64).split()
@@ -149,13 +214,14 @@ async def _run(base_url: str, requests: int, concurrency: int, prompt_words: int
             async with semaphore:
                 return await _one(client, url, body, headers)
 
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         # behind a shared preamble, the first request goes alone: its time to first token is the uncached one
         first = [await task(0)] if shared_words else []
         results = first + list(await asyncio.gather(*(task(i) for i in range(len(first), requests))))
-        wall = time.perf_counter() - start
+        wall, cpu = time.perf_counter() - start, time.process_time() - cpu
         after = await _prefix_counters(client, base_url, headers)
-    report = _summary(base_url, model, requests, concurrency, results, wall, before, after)
+    report = {**_summary(base_url, model, requests, concurrency, results, wall, before, after),
+              "client_cpu_s": cpu}  # what the measuring took from the machine (it may be the server's too)
     if shared_words and "error" not in results[0]:
         rest = [r["ttft"] for r in results[1:] if "error" not in r]
         report.update(first_ttft_s=results[0]["ttft"], later_ttft_p50_s=_percentiles(rest).get("p50"))
@@ -353,7 +419,8 @@ def format_serve_report(r: dict[str, Any]) -> str:
                f"{1000 * (r['first_turn_ttft_p50_s'] or 0):.0f}ms, later turns' {1000 * (r['later_turn_ttft_p50_s'] or 0):.0f}ms\n"
                if "turns" in r else "")
             + f"  time to first token: {ms(r['ttft_s'])}\n  inter-token latency: {ms(r['itl_s'])}\n"
-            f"  measured from: {_cpu_line(r.get('client_cpu'))}")
+            f"  measured from: {_cpu_line(r.get('client_cpu'))}"
+            + (f", the client using {r['client_cpu_s']:.2f} CPU-seconds" if "client_cpu_s" in r else ""))
 
 
 def _rate(rate: float | None) -> str:
