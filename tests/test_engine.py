@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import glmtorch
-from glmtorch.serve.engine import Request, SamplingParams
+from glmtorch.serve.engine import Event, Request, SamplingParams
 
 pytestmark = pytest.mark.filterwarnings("ignore:the KV cache holds")  # the small pools here shorten the context
 
@@ -132,3 +132,24 @@ def test_random_traffic_on_a_small_pool_leaks_nothing_and_changes_no_output(pair
     assert not engine.running and not engine.waiting
     assert engine.pool.num_free() == engine.pool.usable and sorted(engine.free_rows) == list(range(6))
     assert not engine.tables.any() and not any(engine.pool.holders)
+
+
+def test_a_pass_emits_its_events_after_its_last_row(pair):
+    """Events go out when the pass that made them ends (one wake-up of the server's loop per step, not one per
+    row), every one of them, in order, also when the pass fails after some rows."""
+    model, tokenizer = pair
+    engine = glmtorch.LLM(model, tokenizer, max_num_seqs=4).engine
+    seen: list[tuple[int, str, bool]] = []
+    for i, ids in enumerate(prompts(3, seed=5)):
+        engine.submit(Request(ids, SamplingParams(max_tokens=5, temperature=0, ignore_eos=True),
+                              lambda e, i=i: seen.append((i, e.kind, engine.outbox is None))))
+    engine.run(until_idle=True)
+    assert all(outside for _, _, outside in seen)  # never from inside a pass
+    assert sorted(i for i, kind, _ in seen if kind == "done") == [0, 1, 2]
+    seen.clear()
+    with pytest.raises(RuntimeError, match="mid-pass"):
+        with engine._holding_events():
+            engine._emit(Request([1], SamplingParams(), lambda e: seen.append((9, e.kind, engine.outbox is None))),
+                         Event("text", text="x"))
+            raise RuntimeError("mid-pass")
+    assert seen == [(9, "text", True)] and engine.outbox is None

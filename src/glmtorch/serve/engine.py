@@ -34,6 +34,7 @@ it; embedded uses (tests, notebooks) get their own thread by default.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -166,6 +167,7 @@ class Engine:
         self.tp = getattr(model, "tensor_parallel", None)  # a TensorParallel when the model is a shard
         self.steps = 0  # decode steps
         self.prefill_passes = 0  # forward passes that prefilled prompts (several requests each under load)
+        self.outbox: list | None = None  # events held until the pass that made them ends (_holding_events)
         self.thread = None
         if thread:
             self.thread = threading.Thread(target=self.run, name="glmtorch-engine", daemon=True)
@@ -272,20 +274,23 @@ class Engine:
                 # a prompt being prefilled in chunks goes on first; others wait behind it, as in a queue
                 admitted = [] if self.chunking is not None else self._take_waiting()
             try:
-                if self.chunking is not None:
-                    self._prefill_chunk(self.chunking)
-                elif len(admitted) == 1 and \
-                        len(self._feed(admitted[0])) - admitted[0].position > self._prefill_budget(admitted):
-                    self.chunking = admitted[0]
-                    self._prefill_chunk(self.chunking)
-                elif admitted:
-                    self._prefill(admitted)
+                with self._holding_events():
+                    if self.chunking is not None:
+                        self._prefill_chunk(self.chunking)
+                    elif len(admitted) == 1 and \
+                            len(self._feed(admitted[0])) - admitted[0].position > self._prefill_budget(admitted):
+                        self.chunking = admitted[0]
+                        self._prefill_chunk(self.chunking)
+                    elif admitted:
+                        self._prefill(admitted)
+                if admitted and self.chunking is None:
                     # Let the server's event loop send the first tokens now: the decode step that follows holds
                     # the GIL for most of its run (compiled kernels), which would hold them back a whole step.
                     time.sleep(0.001)
                 self._drop_cancelled()
                 if any(r is not self.chunking for r in self.running):
-                    self._decode_step()
+                    with self._holding_events():
+                        self._decode_step()
             except Exception as e:  # the batched forward itself failed: every row in it is lost, nobody hangs
                 with self.cond:
                     for r in list(self.running):
@@ -602,7 +607,7 @@ class Engine:
 
     def _fail(self, r: Request, e: Exception) -> None:
         message = str(e) if isinstance(e, ValueError) else f"internal error: {type(e).__name__}: {e}"
-        r.emit(Event("error", error=message))
+        self._emit(r, Event("error", error=message))
         r.cancelled.set()
         self._release(r)
 
@@ -643,13 +648,32 @@ class Engine:
         if reason is not None:
             self._finish(r, reason)
 
+    def _emit(self, r: Request, event: Event) -> None:
+        if self.outbox is not None:
+            self.outbox.append((r.emit, event))
+        else:
+            r.emit(event)
+
+    @contextlib.contextmanager
+    def _holding_events(self):
+        """A pass's events go out together when it ends, not one by one from inside its loop over the rows: each
+        first event woke the server's event loop, whose Python then took turns for the GIL with the rest of this
+        loop (64 rows of the demo model: ~4 ms of bookkeeping a step served, ~1.2 ms alone)."""
+        self.outbox = []
+        try:
+            yield
+        finally:
+            held, self.outbox = self.outbox, None
+            for emit, event in held:
+                emit(event)
+
     def _send(self, r: Request, piece: str) -> None:
         if piece or r.pending_logprobs:
-            r.emit(Event("text", text=piece, token_logprobs=r.pending_logprobs))
+            self._emit(r, Event("text", text=piece, token_logprobs=r.pending_logprobs))
             r.pending_logprobs = []
 
     def _finish(self, r: Request, reason: str) -> None:
-        r.emit(Event("done", finish_reason=reason, prompt_tokens=len(r.prompt_ids), completion_tokens=r.generated,
+        self._emit(r, Event("done", finish_reason=reason, prompt_tokens=len(r.prompt_ids), completion_tokens=r.generated,
                      cached_tokens=r.cached_tokens))
         if self.observer is not None:
             self.observer.finished(r.arrived, reason)
