@@ -411,7 +411,7 @@ def test_packed_weights_give_the_library_product_bit_for_bit(tmp_path, monkeypat
 @pytest.mark.parametrize("dtype", packable("bfloat16"))
 @torch.no_grad()
 def test_packing_is_decided_by_timing_the_step_once(pair, monkeypatch, dtype):
-    """Unforced, pack_weights times the decode step each way (at one row and at the batch) and keeps the chosen
+    """Unforced, pack_weights times the decode step each way (at one row, between, at the batch) and keeps the chosen
     layout in the dispatch table, which the next call reads instead of timing again; GLMTORCH_PACK=0 unpacks."""
     from glmtorch import dispatch, fastpath
 
@@ -422,11 +422,11 @@ def test_packing_is_decided_by_timing_the_step_once(pair, monkeypatch, dtype):
     real = fastpath.time_decode_step
     monkeypatch.setattr(fastpath, "time_decode_step", lambda *a, **k: timed.append(a[1]) or real(*a, **k))
     packed = fastpath.pack_weights(model, rows=5)
-    assert timed == [1, 8] * 3  # plain, the LM head packed, all packed: at one row and at the row bucket
-    choice = [v for k, v in dispatch.decisions().items() if k.startswith("layout") and k.endswith("rows<=8")]
+    assert timed == [1, 4, 8] * 3  # plain, the LM head packed, all packed: at one row, between, at the row bucket
+    choice = [v for k, v in dispatch.decisions().items() if k.startswith("layout") and k.endswith("rows<=8 at 1,4,8")]
     assert choice == [{0: "plain", 1: "packed_head"}.get(packed, "packed")]
     assert model.lm_head.packed is (packed > 0)
-    assert fastpath.pack_weights(model, rows=7) == packed and timed == [1, 8] * 3
+    assert fastpath.pack_weights(model, rows=7) == packed and timed == [1, 4, 8] * 3
     monkeypatch.setenv("GLMTORCH_PACK", "1")
     assert fastpath.pack_weights(model, rows=5) > 0
     monkeypatch.setenv("GLMTORCH_PACK", "0")
@@ -496,3 +496,13 @@ def test_packing_is_skipped_where_onednn_refuses_the_dtype(pair, monkeypatch):
     assert fastpath.pack_weights(model, rows=8) == 0
     assert not any(getattr(m, "packed", False) for m in model.modules())
     assert torch.equal(model(ids).logits, before)
+
+
+def test_layouts_are_timed_at_one_row_between_and_at_the_batch():
+    from glmtorch.fastpath import layout_sizes
+
+    assert layout_sizes(1) == [1]
+    assert layout_sizes(2) == [1, 2]
+    assert layout_sizes(64) == [1, 8, 64]
+    assert layout_sizes(256) == [1, 16, 256]
+    assert layout_sizes(5) == [1, 4, 8]  # buckets: 5 rows are timed as 8
