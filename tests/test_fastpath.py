@@ -423,7 +423,7 @@ def test_packing_is_decided_by_timing_the_step_once(pair, monkeypatch, dtype):
     monkeypatch.setattr(fastpath, "time_decode_step", lambda *a, **k: timed.append(a[1]) or real(*a, **k))
     packed = fastpath.pack_weights(model, rows=5)
     assert timed == [1, 4, 8] * 3  # plain, the LM head packed, all packed: at one row, between, at the row bucket
-    choice = [v for k, v in dispatch.decisions().items() if k.startswith("layout") and k.endswith("rows<=8 at 1,4,8")]
+    choice = [v for k, v in dispatch.decisions().items() if k.startswith("layout") and k.endswith("at 1,4,8 rows<=8")]
     assert choice == [{0: "plain", 1: "packed_head"}.get(packed, "packed")]
     assert model.lm_head.packed is (packed > 0)
     assert fastpath.pack_weights(model, rows=7) == packed and timed == [1, 4, 8] * 3
@@ -506,3 +506,17 @@ def test_layouts_are_timed_at_one_row_between_and_at_the_batch():
     assert layout_sizes(64) == [1, 8, 64]
     assert layout_sizes(256) == [1, 16, 256]
     assert layout_sizes(5) == [1, 4, 8]  # buckets: 5 rows are timed as 8
+
+
+def test_bench_report_shows_the_layout_decided_at_three_sizes():
+    """The report lists the dispatch table's decisions by matrix; a layout timed at three sizes (its key names them)
+    is shown with the others, and a key of an unknown shape is skipped, not a crash."""
+    from glmtorch.bench import format_report
+
+    report = {"model": "m", "dtype": "bfloat16", "quantize": None, "device": "cpu", "threads": 2, "cpu": {},
+              "bandwidth_gb_s": 10.0, "weight_bytes_per_token": 1e6, "roofline_decode_b1_tok_s": 1.0, "results": {},
+              "ratios": {}, "reps": 1,
+              "linear_paths": {"layout 2 layers [('bfloat16', 8, 8)] at 1,8,64 rows<=64": "packed_head",
+                               "bfloat16 8x8 rows<=8": "library", "something else": "kernel"}}
+    text = format_report(report)
+    assert "weight layout (packed or plain) [rows<=64: packed_head]" in text and "rows<=8: library" in text

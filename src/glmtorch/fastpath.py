@@ -172,9 +172,9 @@ def pack_weights(model: nn.Module, rows: int = 1) -> int:
     shapes = sorted({(str(layer.weight.dtype).removeprefix("torch."), layer.out_features, layer.in_features)
                      for layer in layers})
     sizes = layout_sizes(rows)
-    key = f"layout {len(model.model.layers)} layers {shapes} rows<={dispatch.row_bucket(rows)}"
-    if len(sizes) > 2:  # the rule changed from (1, batch): decided again
-        key += f" at {','.join(map(str, sizes))}"
+    # (the sizes named when more than two: the rule was one row and the batch before, decided again)
+    timed_at = f"at {','.join(map(str, sizes))} " if len(sizes) > 2 else ""
+    key = f"layout {len(model.model.layers)} layers {shapes} {timed_at}rows<={dispatch.row_bucket(rows)}"
 
     head = getattr(model, "lm_head", None)
     choices = {"plain": [], "packed_head": [layer for layer in layers if layer is head], "packed": layers}
