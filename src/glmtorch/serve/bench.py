@@ -31,9 +31,9 @@ async def _sse_data(url: str, body: dict, headers: dict, timeout: float = 600.0)
     """POST `body` as JSON to an http:// URL and yield the `data:` payload of each Server-Sent Event as it arrives.
 
     Plain asyncio streams and HTTP/1.1, not an HTTP client library: with 64 streams on the 2-core machine that
-    also runs the server, httpx's per-chunk machinery cost ~130 us of client CPU per token (0.55 s of the 1.2 s
-    a 64 x 64-token burst of the demo model took), and that CPU came out of the server's share: the measurement
-    was slowing what it measured. Here a token costs a line split and a json.loads."""
+    also runs the server, httpx's per-chunk machinery cost ~100 us of client CPU per token (0.41 CPU-seconds for
+    a 64 x 64-token burst of the demo model, which took 1.2 s), and that CPU came out of the server's share: the
+    measurement was slowing what it measured. Here a token costs a line split and a json.loads (~46 us in all)."""
     from urllib.parse import urlsplit
 
     parts = urlsplit(url)

@@ -284,8 +284,8 @@ class Engine:
                     elif admitted:
                         self._prefill(admitted)
                 if admitted and self.chunking is None:
-                    # Let the server's event loop send the first tokens now: the decode step that follows holds
-                    # the GIL for most of its run (compiled kernels), which would hold them back a whole step.
+                    # Let the server's event loop write the first tokens now, before the decode step that follows
+                    # takes both cores (and, where it is a compiled graph, the GIL) for a whole step.
                     time.sleep(0.001)
                 self._drop_cancelled()
                 if any(r is not self.chunking for r in self.running):
@@ -673,8 +673,8 @@ class Engine:
             r.pending_logprobs = []
 
     def _finish(self, r: Request, reason: str) -> None:
-        self._emit(r, Event("done", finish_reason=reason, prompt_tokens=len(r.prompt_ids), completion_tokens=r.generated,
-                     cached_tokens=r.cached_tokens))
+        self._emit(r, Event("done", finish_reason=reason, prompt_tokens=len(r.prompt_ids),
+                            completion_tokens=r.generated, cached_tokens=r.cached_tokens))
         if self.observer is not None:
             self.observer.finished(r.arrived, reason)
         self._release(r)
