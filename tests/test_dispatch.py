@@ -13,6 +13,8 @@ from glmtorch import dispatch, kernels
 from glmtorch.fastpath import GemvLinear
 from glmtorch.quantize import Int4Linear, Int8Linear
 
+from conftest import rel_err
+
 
 @pytest.fixture
 def table(tmp_path, monkeypatch):
@@ -22,11 +24,6 @@ def table(tmp_path, monkeypatch):
     dispatch.forget()
     yield path
     dispatch.forget()
-
-
-def rel(a, b):
-    a, b = a.detach().double(), b.detach().double()
-    return float((a - b).norm() / b.norm().clamp(min=1e-30))
 
 
 def layers(dtype):
@@ -60,7 +57,7 @@ def test_every_path_gives_the_same_product(table, monkeypatch, dtype, rows):
                 y = layer(x)
             bias = layer.bias.double() if layer.bias is not None else 0
             assert y.dtype == dtype and y.shape == (rows, 80)
-            assert rel(y.double() - bias, reference) < tolerance, (name, path)
+            assert rel_err(y.double() - bias, reference) < tolerance, (name, path)
 
 
 def test_forced_path_is_honoured_and_checked(table, monkeypatch):
@@ -163,7 +160,7 @@ def test_compiled_graph_dispatches_at_run_time(table, monkeypatch):
     with torch.no_grad():
         for rows in (2, 9, 40):
             x = torch.randn(rows, 64)
-            assert rel(compiled(x), F.linear(x, layer.weight, layer.bias)) < 1e-6
+            assert rel_err(compiled(x), F.linear(x, layer.weight, layer.bias)) < 1e-6
     assert {k.split("<=")[1] for k in dispatch.decisions()} == {"2", "16", "64"}
 
 
@@ -186,5 +183,5 @@ def test_packing_per_call_is_a_candidate_for_prefill_sized_batches_only(table, m
     monkeypatch.setenv("GLMTORCH_LINEAR_PATH", "packed_per_call")
     x = torch.randn(300, 64)
     with torch.no_grad():
-        assert rel(layer(x), F.linear(x, layer.weight, layer.bias)) < 1e-6
+        assert rel_err(layer(x), F.linear(x, layer.weight, layer.bias)) < 1e-6
     assert not layer.packed  # the weight itself stays as it was
