@@ -24,7 +24,8 @@ def test_kernels_build_here():
 
 @torch.no_grad()
 # 1-2 rows: fp32 weights 4 rows at a time, bf16 one row at a time; 3, 13, 31: register tiles of 4 x 3 (and the
-# rows left over); 40, 64: packed panels of 16 weight rows in tiles of 6 rows (and 4 left over)
+# rows left over); 40, 64: packed panels of 16 weight rows in tiles of 6 rows (and 4 left over). 272 inputs are not
+# a multiple of 32: bf16 weights take these widening paths even where AVX512-BF16's dot products exist (tested below)
 @pytest.mark.parametrize("rows", [1, 2, 3, 13, 31, 40, 64])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 # leaving 0, 1 or 3 after 4s, 1 or 2 after 3s, 8, 9 or 11 after 16s
@@ -37,6 +38,27 @@ def test_float_gemv_matches_linear(rows, dtype, out_features):
     got = kernels.gemv(x, w)
     assert got.dtype == dtype and got.shape == (rows, out_features)
     assert rel(got, expected) < (1e-6 if dtype == torch.float32 else 1e-2)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 6, 9, 64])  # 4-row tiles and 1-3 rows left over
+@pytest.mark.parametrize("out_features", [64, 66, 67])  # 4-row weight tiles and 2 or 3 rows left over
+def test_bf16_weights_with_fp32_rows_match_the_exact_product(rows, out_features):
+    """fp32 x times bf16 weights: exact products summed in fp32, with x rounded to bf16 where the kernels take
+    AVX512-BF16's dot products (from kernels.bf16_dot_rows() rows on, K a multiple of 32), as it is when a bf16
+    model's activations meet its weights; x as it is otherwise."""
+    if not kernels.available():
+        pytest.skip("kernels not built")
+    g = torch.Generator().manual_seed(rows * out_features)
+    w = torch.randn(out_features, 320, generator=g).bfloat16()
+    x = torch.randn(rows, 320, generator=g)
+    dot = kernels.bf16_dot_rows()
+    rounded = x.bfloat16() if dot and rows >= dot else x
+    expected = rounded.double() @ w.double().t()
+    got = torch.ops.glmtorch_kernels.gemv_float(x, w)
+    assert rel(got, expected) < 1e-6
+    if dot and rows >= dot:  # a row's sum does not depend on the rows beside it
+        assert torch.equal(got[-1:], torch.ops.glmtorch_kernels.gemv_float(x[-1:].expand(dot, -1).contiguous(), w)[:1])
 
 
 @torch.no_grad()

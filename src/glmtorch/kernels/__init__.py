@@ -223,6 +223,13 @@ def amx_available() -> bool:
     return _state["amx"]
 
 
+def bf16_dot_rows() -> int:
+    """From how many rows of x on gemv multiplies bf16 weights with AVX512-BF16's dot products (x rounded to bf16,
+    as a bf16 model's activations are) instead of widening them to fp32: 3 where -march=native targets the
+    instruction, 0 (never) elsewhere or without the kernels."""
+    return 3 if available() and torch.ops.glmtorch_kernels.bf16_dot_built() else 0
+
+
 def takes_amx(weight: torch.Tensor) -> bool:
     """Whether gemv_amx takes this weight: bf16 (N, K), N a multiple of 16 and K of 32, contiguous, on the CPU."""
     return (weight.dtype == torch.bfloat16 and weight.dim() == 2 and weight.shape[0] % 16 == 0
