@@ -41,7 +41,7 @@ def test_float_gemv_matches_linear(rows, dtype, out_features):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 6, 9, 64])  # 4-row tiles and 1-3 rows left over
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 6, 11, 64])  # 6-row tiles and 1-5 rows left over
 @pytest.mark.parametrize("out_features", [64, 66, 67])  # 4-row weight tiles and 2 or 3 rows left over
 def test_bf16_weights_with_fp32_rows_match_the_exact_product(rows, out_features):
     """fp32 x times bf16 weights: exact products summed in fp32, with x rounded to bf16 where the kernels take
