@@ -39,6 +39,7 @@ from .cpuinfo import cpu_model_and_flags
 
 PATHS = ("kernel", "library", "widen_fp32", "widen_bf16", "packed", "amx", "packed_per_call")
 LAYOUTS = ("packed", "plain", "packed_head")
+ROW_ORDERS = ("side_by_side", "one_at_a_time")  # glmtorch.kernels.choose_fp32_row_order
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 FORMAT = 3  # 2: the fused step's bf16 AMX choices also weigh the library product; 3: packed_per_call
 # packed_per_call (reorder the weight into oneDNN's layout for one product, then drop the copy) is a candidate
@@ -93,9 +94,9 @@ def decide(key: str, measure: Callable[[], str]) -> str:
         _seen[key] = measure()
         return _seen[key]
     table = _table()
-    if table.get(key) not in PATHS + LAYOUTS:
+    if table.get(key) not in PATHS + LAYOUTS + ROW_ORDERS:
         with _lock:
-            if table.get(key) not in PATHS + LAYOUTS:
+            if table.get(key) not in PATHS + LAYOUTS + ROW_ORDERS:
                 table[key] = measure()
                 _save()
     _seen[key] = table[key]
@@ -208,7 +209,8 @@ def _load() -> dict[str, str]:
             raise ValueError("not a dispatch table")
         if data.get("format") != FORMAT or data.get("machine") != machine():
             return {}  # another CPU, torch or thread count: measure again (and overwrite)
-        return {k: v for k, v in data["choices"].items() if isinstance(k, str) and v in PATHS + LAYOUTS}
+        return {k: v for k, v in data["choices"].items()
+                if isinstance(k, str) and v in PATHS + LAYOUTS + ROW_ORDERS}
     except (OSError, ValueError) as e:
         warnings.warn(f"glmtorch: ignoring the unreadable dispatch cache {path} ({e}); measuring again",
                       stacklevel=3)

@@ -36,6 +36,7 @@
 
 #include <cstdint>
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <vector>
@@ -213,6 +214,18 @@ void check(const at::Tensor& x, const at::Tensor& w, int64_t K) {
   TORCH_CHECK(w.is_contiguous() && w.device().is_cpu(), "the weight must be contiguous on the CPU");
 }
 
+// How fp32 weights meet 1-2 rows of x: STREAMS weight rows side by side (run_streams, measured faster on an AVX2
+// machine), or one row at a time (f32_one_row): on an AMD EPYC (Zen 4, AVX-512) one row at a time with 512-bit
+// loads read "small"'s fp32 LM head at 34 GB/s against 31 side by side. Which reads memory faster depends on the
+// CPU, so glmtorch.kernels times both once per machine (dispatch.json) and sets it here: 0 = side by side, 1 = one
+// row at a time.
+std::atomic<int64_t> fp32_row_order{0};
+
+int64_t set_fp32_row_order(int64_t order) {
+  TORCH_CHECK(order == 0 || order == 1, "fp32 row order is 0 (rows side by side) or 1 (one at a time)");
+  return fp32_row_order.exchange(order);
+}
+
 #if !(defined(__AVX2__) && defined(__FMA__))
 using Vec8 = Vec16;  // one vector type where there are no intrinsics
 #endif
@@ -307,6 +320,30 @@ at::Tensor run_tiled(const at::Tensor& x, const at::Tensor& w, LoadWeights load_
 // 15-17 (as fast as torch.sum streams the same bytes; 8 rows: no better). bf16 gains nothing: its widening loop
 // is as fast as torch.sum already.
 constexpr int STREAMS = 4;
+
+template <int M>
+inline void f32_one_row(const float* x, int64_t K, const float* row, Out out) {
+  // one weight row against 1-2 rows of x, two accumulators per row; no software prefetch (it only cost here)
+#if defined(__AVX512F__)
+  __m512 acc[M][2];
+  for (int m = 0; m < M; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 32 <= K; k += 32) {
+    const __m512 w0 = _mm512_loadu_ps(row + k), w1 = _mm512_loadu_ps(row + k + 16);
+    for (int m = 0; m < M; ++m) {
+      acc[m][0] = _mm512_fmadd_ps(_mm512_loadu_ps(x + m * K + k), w0, acc[m][0]);
+      acc[m][1] = _mm512_fmadd_ps(_mm512_loadu_ps(x + m * K + k + 16), w1, acc[m][1]);
+    }
+  }
+  if (k < K) {  // K is a multiple of 16
+    const __m512 w0 = _mm512_loadu_ps(row + k);
+    for (int m = 0; m < M; ++m) acc[m][0] = _mm512_fmadd_ps(_mm512_loadu_ps(x + m * K + k), w0, acc[m][0]);
+  }
+  for (int m = 0; m < M; ++m) out(m) = _mm512_reduce_add_ps(_mm512_add_ps(acc[m][0], acc[m][1]));
+#else
+  dot_rows<M, Vec16>(x, K, [&](int64_t k) { return Vec16::load(row + k); }, out);
+#endif
+}
 
 template <int MR, typename LoadWeights>
 inline void stream_group(const float* x, int64_t K, int64_t n0, int64_t rows, LoadWeights load_weights, Out out) {
@@ -557,6 +594,11 @@ at::Tensor gemv_float(const at::Tensor& x, const at::Tensor& w) {
 #if defined(__AVX2__) && defined(__FMA__)
     if (M >= PANEL_MIN_ROWS) return run_panels(x, w, [&](int64_t n, int64_t k) { return Vec8::load(wp + n * K + k); });
     if (M >= 3) return run_tiled(x, w, [&](int64_t n, int64_t k) { return Vec8::load(wp + n * K + k); });
+    if (fp32_row_order.load(std::memory_order_relaxed) == 1)
+      return run(x, N, [&](int64_t n, Out out) {
+        if (M == 1) f32_one_row<1>(xp, K, wp + n * K, out);
+        else f32_one_row<2>(xp, K, wp + n * K, out);
+      });
     return run_streams(x, w, [&](int64_t n, int64_t k) { return Vec8::load(wp + n * K + k); });
 #endif
     return run(x, N, [&](int64_t n, Out out) {
@@ -1301,6 +1343,7 @@ TORCH_LIBRARY(glmtorch_kernels, m) {
   m.def("gemv_int4_amx(Tensor x, Tensor w, Tensor scales) -> Tensor");
   m.def("amx_available() -> bool", &amx_permitted);
   m.def("bf16_dot_built() -> bool", &bf16_dot_built);
+  m.def("set_fp32_row_order(int order) -> int", &set_fp32_row_order);
 }
 
 TORCH_LIBRARY_IMPL(glmtorch_kernels, CPU, m) {
