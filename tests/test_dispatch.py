@@ -185,3 +185,36 @@ def test_packing_per_call_is_a_candidate_for_prefill_sized_batches_only(table, m
     with torch.no_grad():
         assert rel_err(layer(x), F.linear(x, layer.weight, layer.bias)) < 1e-6
     assert not layer.packed  # the weight itself stays as it was
+
+
+def test_the_fp32_row_order_is_measured_once_kept_and_can_be_forced(table, monkeypatch):
+    """The first one- or two-row fp32 product measures how the kernels read fp32 weights (rows side by side or one
+    at a time), kept in the table; a new process reads it back without measuring; GLMTORCH_FP32_ROW_ORDER forces
+    it and a wrong value is refused."""
+    if not kernels.available():
+        pytest.skip("kernels not built")
+    monkeypatch.delitem(dispatch._state, "fp32_rows", raising=False)
+    measured = []
+    monkeypatch.setattr(dispatch, "_time_fp32_row_orders", lambda: measured.append(1) or "one_at_a_time")
+    layer = GemvLinear(64, 40)
+    try:
+        with torch.no_grad():
+            layer(torch.randn(5, 64))  # more rows: not a question of row order
+            assert measured == [] and "fp32_rows" not in dispatch._state
+            x = torch.randn(1, 64)
+            assert rel_err(layer(x), F.linear(x, layer.weight, layer.bias)) < 1e-6
+        assert measured == [1] and dispatch._state["fp32_rows"] == "one_at_a_time"
+        assert json.loads(table.read_text())["choices"]["gemv fp32 weight row order rows<=2"] == "one_at_a_time"
+        dispatch._state.pop("fp32_rows")
+        dispatch.forget()  # a new process
+        assert dispatch.choose_fp32_row_order() == "one_at_a_time" and measured == [1]
+        dispatch._state.pop("fp32_rows")
+        monkeypatch.setenv("GLMTORCH_FP32_ROW_ORDER", "side_by_side")
+        assert dispatch.choose_fp32_row_order() == "side_by_side" and measured == [1]
+        dispatch._state.pop("fp32_rows")
+        monkeypatch.setenv("GLMTORCH_FP32_ROW_ORDER", "diagonal")
+        with pytest.raises(ValueError, match="GLMTORCH_FP32_ROW_ORDER='diagonal'"):
+            dispatch.choose_fp32_row_order()
+    finally:
+        dispatch._state.pop("fp32_rows", None)
+        torch.ops.glmtorch_kernels.set_fp32_row_order(0)

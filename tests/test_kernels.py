@@ -1,7 +1,6 @@
 """The CPU decode kernels (glmtorch/kernels): built here, equal to the plain products, callable from compiled
 graphs, and only taken where they apply."""
 
-import json
 import os
 
 import pytest
@@ -80,42 +79,6 @@ def test_both_fp32_row_orders_give_the_product(order, rows, in_features):
     assert rel(got, x.double() @ w.double().t()) < 1e-6
     with pytest.raises(RuntimeError, match="fp32 row order"):
         torch.ops.glmtorch_kernels.set_fp32_row_order(2)
-
-
-def test_the_fp32_row_order_is_measured_once_kept_and_can_be_forced(tmp_path, monkeypatch):
-    """The first one- or two-row fp32 product measures the order (kept in the dispatch table); a new process reads
-    it back without measuring; GLMTORCH_FP32_ROW_ORDER forces it and a wrong value is refused."""
-    from glmtorch import dispatch
-
-    if not kernels.available():
-        pytest.skip("kernels not built")
-    monkeypatch.setenv("GLMTORCH_DISPATCH_CACHE", str(tmp_path / "dispatch.json"))
-    monkeypatch.delitem(kernels._state, "fp32_rows", raising=False)
-    dispatch.forget()
-    measured = []
-    monkeypatch.setattr(kernels, "_time_fp32_row_orders", lambda: measured.append(1) or "one_at_a_time")
-    try:
-        w, x = torch.randn(40, 64), torch.randn(1, 64)
-        kernels.gemv(torch.randn(5, 64), w)  # more rows: not a question of row order
-        assert measured == [] and "fp32_rows" not in kernels._state
-        assert rel(kernels.gemv(x, w), x.double() @ w.double().t()) < 1e-6
-        assert measured == [1] and kernels._state["fp32_rows"] == "one_at_a_time"
-        assert json.loads((tmp_path / "dispatch.json").read_text())["choices"][
-            "gemv fp32 weight row order rows<=2"] == "one_at_a_time"
-        kernels._state.pop("fp32_rows")
-        dispatch.forget()  # a new process
-        assert kernels.choose_fp32_row_order() == "one_at_a_time" and measured == [1]
-        kernels._state.pop("fp32_rows")
-        monkeypatch.setenv("GLMTORCH_FP32_ROW_ORDER", "side_by_side")
-        assert kernels.choose_fp32_row_order() == "side_by_side" and measured == [1]
-        kernels._state.pop("fp32_rows")
-        monkeypatch.setenv("GLMTORCH_FP32_ROW_ORDER", "diagonal")
-        with pytest.raises(ValueError, match="GLMTORCH_FP32_ROW_ORDER='diagonal'"):
-            kernels.choose_fp32_row_order()
-    finally:
-        kernels._state.pop("fp32_rows", None)
-        torch.ops.glmtorch_kernels.set_fp32_row_order(0)
-        dispatch.forget()
 
 
 @torch.no_grad()

@@ -15,6 +15,9 @@ Where the library product wins, the weight can also be kept in the layout oneDNN
 once into its blocked format, the only copy; glmtorch.fastpath.pack_weights), which is measured on the whole
 decode step, once per model shape and row bucket (a layer is either packed or not for every row count).
 
+How the kernels read fp32 weights for one or two rows (four rows side by side, or one at a time) is measured the
+same way, once per machine (choose_fp32_row_order).
+
 Products of 128 rows or more (prefill) may also reorder a plain weight into that layout for the one call
 (`packed_per_call`), where that beats the library's product on the plain weight even counting the reorder.
 
@@ -39,7 +42,7 @@ from .cpuinfo import cpu_model_and_flags
 
 PATHS = ("kernel", "library", "widen_fp32", "widen_bf16", "packed", "amx", "packed_per_call")
 LAYOUTS = ("packed", "plain", "packed_head")
-ROW_ORDERS = ("side_by_side", "one_at_a_time")  # glmtorch.kernels.choose_fp32_row_order
+ROW_ORDERS = ("side_by_side", "one_at_a_time")  # choose_fp32_row_order
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 FORMAT = 3  # 2: the fused step's bf16 AMX choices also weigh the library product; 3: packed_per_call
 # packed_per_call (reorder the weight into oneDNN's layout for one product, then drop the copy) is a candidate
@@ -103,6 +106,45 @@ def decide(key: str, measure: Callable[[], str]) -> str:
     return table[key]
 
 
+def choose_fp32_row_order() -> str:
+    """How fp32 weights meet one or two rows of x (a decode step): four weight rows read side by side, or one at a
+    time. Whichever reads memory faster here: an AVX2 machine read 18-20 GB/s side by side against 15-17 one at a
+    time, an AMD EPYC with AVX-512 31 against 34. Timed once per machine on a matrix four times the size of any
+    L3 cache (128 MB, on huge pages as loaded weights are; ~0.3 s), kept in dispatch.json, and set in the kernels
+    for every later call, the fused decode step's included. GLMTORCH_FP32_ROW_ORDER=side_by_side|one_at_a_time
+    forces it."""
+    from . import kernels
+
+    if "fp32_rows" in _state or not kernels.available():
+        return _state.get("fp32_rows", ROW_ORDERS[0])
+
+    forced = os.environ.get("GLMTORCH_FP32_ROW_ORDER", "").strip().lower()
+    if forced and forced not in ROW_ORDERS:
+        raise ValueError(f"GLMTORCH_FP32_ROW_ORDER={forced!r}: expected one of {', '.join(ROW_ORDERS)}")
+    order = forced or decide("gemv fp32 weight row order rows<=2", _time_fp32_row_orders)
+    torch.ops.glmtorch_kernels.set_fp32_row_order(ROW_ORDERS.index(order))
+    _state["fp32_rows"] = order
+    return order
+
+
+def _time_fp32_row_orders() -> str:
+    from .hugepages import place_on_cpu
+
+    weight = place_on_cpu(torch.full((16384, 2048), 0.5))
+    x = torch.full((1, 2048), 0.25)
+    best = {}
+    try:
+        for _ in range(5):  # alternated: a burst of load on a shared machine hits both alike
+            for index, order in enumerate(ROW_ORDERS):
+                torch.ops.glmtorch_kernels.set_fp32_row_order(index)
+                start = time.perf_counter()
+                torch.ops.glmtorch_kernels.gemv_float(x, weight)
+                best[order] = min(best.get(order, float("inf")), time.perf_counter() - start)
+    finally:
+        torch.ops.glmtorch_kernels.set_fp32_row_order(0)
+    return min(best, key=best.get)
+
+
 def linear(layer, x: torch.Tensor) -> torch.Tensor:
     """x through `layer` (a linear layer with `cpu_paths(dtype)`, `in_features`, `out_features`; bias left to the
     caller) by the path measured fastest for this many rows. Inside a compiled graph it is one opaque op, so the
@@ -128,6 +170,9 @@ def linear(layer, x: torch.Tensor) -> torch.Tensor:
 def candidates(layer, dtype: torch.dtype, rows: int) -> tuple[str, dict[str, Callable[[torch.Tensor], torch.Tensor]]]:
     """(kind, paths) that `layer` offers for `rows` rows of `dtype`: its cpu_paths, less the ones that cannot win
     at this row count (packed_per_call below PACK_PER_CALL_ROWS)."""
+    weight = getattr(layer, "weight", None)
+    if rows <= 2 and isinstance(weight, torch.Tensor) and weight.dtype == torch.float32 and not weight.is_mkldnn:
+        choose_fp32_row_order()  # before the kernels' path is timed or taken
     kind, paths = layer.cpu_paths(dtype)
     if row_bucket(rows) < PACK_PER_CALL_ROWS:
         paths.pop("packed_per_call", None)

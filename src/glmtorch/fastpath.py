@@ -414,7 +414,7 @@ class FusedDecodeStep:
             self.kernels_win.clear()
             self.built_for = key
             if any(layer.weight.dtype == torch.float32 for layer in self.linears):
-                kernels.choose_fp32_row_order()  # before the plan's first step is timed or run
+                dispatch.choose_fp32_row_order()  # before the plan's first step is timed or run
 
     def verify(self, model, tokens, position: int, slot: int, mask, cache) -> torch.Tensor | None:
         """(T, V) logits of T consecutive new tokens of one sequence (cache row 0): speculative decoding's verify

@@ -211,50 +211,8 @@ def _rows_through(op, x: torch.Tensor, out_features: int, *args) -> torch.Tensor
 
 def gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x (..., K) @ weight.T for an fp32 or bf16 weight (N, K)."""
-    if weight.dtype == torch.float32 and "fp32_rows" not in _state and x.numel() <= 2 * x.shape[-1]:
-        choose_fp32_row_order()
     return _rows_through(torch.ops.glmtorch_kernels.gemv_float, x, weight.shape[0], weight)
 
-
-
-def choose_fp32_row_order() -> str:
-    """How fp32 weights meet one or two rows of x (a decode step): four weight rows read side by side, or one at a
-    time. Whichever reads memory faster here: an AVX2 machine read 18-20 GB/s side by side against 15-17 one at a
-    time, an AMD EPYC with AVX-512 31 against 34. Timed once per machine on a matrix four times the size of any
-    L3 cache (128 MB, on huge pages as loaded weights are; ~0.3 s), kept in dispatch.json, and set in the kernels
-    for every later call, the fused decode step's included. GLMTORCH_FP32_ROW_ORDER=side_by_side|one_at_a_time
-    forces it."""
-    from .. import dispatch
-
-    if "fp32_rows" in _state or not available():
-        return _state.get("fp32_rows", dispatch.ROW_ORDERS[0])
-
-    forced = os.environ.get("GLMTORCH_FP32_ROW_ORDER", "").strip().lower()
-    if forced and forced not in dispatch.ROW_ORDERS:
-        raise ValueError(f"GLMTORCH_FP32_ROW_ORDER={forced!r}: expected one of {', '.join(dispatch.ROW_ORDERS)}")
-    order = forced or dispatch.decide("gemv fp32 weight row order rows<=2", _time_fp32_row_orders)
-    torch.ops.glmtorch_kernels.set_fp32_row_order(dispatch.ROW_ORDERS.index(order))
-    _state["fp32_rows"] = order
-    return order
-
-
-def _time_fp32_row_orders() -> str:
-    from ..dispatch import ROW_ORDERS
-    from ..hugepages import place_on_cpu
-
-    weight = place_on_cpu(torch.full((16384, 2048), 0.5))
-    x = torch.full((1, 2048), 0.25)
-    best = {}
-    try:
-        for _ in range(5):  # alternated: a burst of load on a shared machine hits both alike
-            for index, order in enumerate(ROW_ORDERS):
-                torch.ops.glmtorch_kernels.set_fp32_row_order(index)
-                start = time.perf_counter()
-                torch.ops.glmtorch_kernels.gemv_float(x, weight)
-                best[order] = min(best.get(order, float("inf")), time.perf_counter() - start)
-    finally:
-        torch.ops.glmtorch_kernels.set_fp32_row_order(0)
-    return min(best, key=best.get)
 
 
 def amx_available() -> bool:

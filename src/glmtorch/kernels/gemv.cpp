@@ -217,7 +217,7 @@ void check(const at::Tensor& x, const at::Tensor& w, int64_t K) {
 // How fp32 weights meet 1-2 rows of x: STREAMS weight rows side by side (run_streams, measured faster on an AVX2
 // machine), or one row at a time (f32_one_row): on an AMD EPYC (Zen 4, AVX-512) one row at a time with 512-bit
 // loads read "small"'s fp32 LM head at 34 GB/s against 31 side by side. Which reads memory faster depends on the
-// CPU, so glmtorch.kernels times both once per machine (dispatch.json) and sets it here: 0 = side by side, 1 = one
+// CPU, so glmtorch.dispatch times both once per machine (dispatch.json) and sets it here: 0 = side by side, 1 = one
 // row at a time.
 std::atomic<int64_t> fp32_row_order{0};
 
