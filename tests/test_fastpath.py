@@ -422,11 +422,12 @@ def test_packing_is_decided_by_timing_the_step_once(pair, monkeypatch, dtype):
     real = fastpath.time_decode_step
     monkeypatch.setattr(fastpath, "time_decode_step", lambda *a, **k: timed.append(a[1]) or real(*a, **k))
     packed = fastpath.pack_weights(model, rows=5)
-    assert timed == [1, 4, 8] * 3  # plain, the LM head packed, all packed: at one row, between, at the row bucket
+    # plain, the LM head packed, all packed, in turn, LAYOUT_ROUNDS times: at one row, between, at the row bucket
+    assert timed == [1, 4, 8] * 3 * fastpath.LAYOUT_ROUNDS
     choice = [v for k, v in dispatch.decisions().items() if k.startswith("layout") and k.endswith("at 1,4,8 rows<=8")]
     assert choice == [{0: "plain", 1: "packed_head"}.get(packed, "packed")]
     assert model.lm_head.packed is (packed > 0)
-    assert fastpath.pack_weights(model, rows=7) == packed and timed == [1, 4, 8] * 3
+    assert fastpath.pack_weights(model, rows=7) == packed and timed == [1, 4, 8] * 3 * fastpath.LAYOUT_ROUNDS
     monkeypatch.setenv("GLMTORCH_PACK", "1")
     assert fastpath.pack_weights(model, rows=5) > 0
     monkeypatch.setenv("GLMTORCH_PACK", "0")
