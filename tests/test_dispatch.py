@@ -3,6 +3,7 @@ written once, reused, and survives being corrupted. Every path is exercised thro
 on every CPU, whatever this machine's measurement would pick."""
 
 import json
+import os
 import warnings
 
 import pytest
@@ -218,3 +219,17 @@ def test_the_fp32_row_order_is_measured_once_kept_and_can_be_forced(table, monke
     finally:
         dispatch._state.pop("fp32_rows", None)
         torch.ops.glmtorch_kernels.set_fp32_row_order(0)
+
+
+def test_the_table_lives_beside_its_own_kernels_build(monkeypatch):
+    """Without GLMTORCH_DISPATCH_CACHE the table is in the folder of the kernels' build (named by a digest of their
+    sources), so two glmtorch versions on one machine keep a table each."""
+    monkeypatch.delenv("GLMTORCH_DISPATCH_CACHE", raising=False)
+    dispatch.forget()
+    try:
+        path = dispatch.cache_file()
+        assert path.endswith("dispatch.json")
+        if kernels.available():
+            assert os.path.basename(os.path.dirname(path)) == kernels.build_name()
+    finally:
+        dispatch.forget()

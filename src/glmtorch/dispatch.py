@@ -208,15 +208,19 @@ def decisions() -> dict[str, str]:
 
 
 def cache_file() -> str:
-    """dispatch.json beside the built kernels (one per machine and torch version); GLMTORCH_DISPATCH_CACHE names
-    another file."""
+    """dispatch.json in the built kernels' own folder (one per build, machine and torch version: two glmtorch
+    versions on one machine, say an A/B worktree beside a checkout, kept one shared file and overwrote each other's
+    tables, so each measured again every run); GLMTORCH_DISPATCH_CACHE names another file."""
     if _state["path"] is None and os.environ.get("GLMTORCH_DISPATCH_CACHE"):
         _state["path"] = os.environ["GLMTORCH_DISPATCH_CACHE"]
     if _state["path"] is None:
         try:
             from torch.utils.cpp_extension import _get_build_directory
 
-            folder = _get_build_directory("glmtorch_gemv", verbose=False)
+            from . import kernels
+
+            build = kernels.build_name()
+            folder = _get_build_directory(build if build != "none" else "glmtorch_gemv", verbose=False)
         except Exception:  # an unusual torch: a folder of our own
             folder = os.path.join(os.path.expanduser("~"), ".cache", "glmtorch")
         _state["path"] = os.path.join(folder, "dispatch.json")
