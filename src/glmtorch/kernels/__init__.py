@@ -214,7 +214,6 @@ def gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return _rows_through(torch.ops.glmtorch_kernels.gemv_float, x, weight.shape[0], weight)
 
 
-
 def amx_available() -> bool:
     """Whether the kernels were built with AMX (-march=native on a CPU with AMX-BF16 and AMX-INT8) and the OS grants this
     process the tile registers. A listed flag is not enough (a VM may refuse the tiles); whether AMX is also the
@@ -226,9 +225,9 @@ def amx_available() -> bool:
 
 def bf16_dot_rows() -> int:
     """From how many rows of x on gemv multiplies bf16 weights with AVX512-BF16's dot products (x rounded to bf16,
-    as a bf16 model's activations are) instead of widening them to fp32: 3 where -march=native targets the
-    instruction, 0 (never) elsewhere or without the kernels."""
-    return 3 if available() and torch.ops.glmtorch_kernels.bf16_dot_built() else 0
+    as a bf16 model's activations are) instead of widening them to fp32; 0 (never) where -march=native does not
+    target the instruction, or without the kernels."""
+    return int(torch.ops.glmtorch_kernels.bf16_dot_min_rows()) if available() else 0
 
 
 def takes_amx(weight: torch.Tensor) -> bool:

@@ -495,9 +495,10 @@ at::Tensor run_panels(const at::Tensor& x, const at::Tensor& w, LoadWeights load
 // the products are exact in fp32 and summed in fp32, in an order that depends on K only (a row's result is the
 // same alone or among others). Weights are read as stored (no repacked copy): register tiles of up to 6 rows of x
 // against 4 weight rows, 32 inputs at a time (6 x 4 and 4 x 4 within noise of each other); past 6 rows the 4 weight
-// rows (4 x K x 2 bytes) are taken again from L1 for each further group of x's rows. Measured on "small"'s LM head (AMD EPYC, 2 threads, huge pages), 8 rows:
-// 20 ms on the widening tiles, 13 ms here (with the prefetch; 17 ms without: the tiles read four rows at once,
-// which the hardware prefetcher alone follows poorly); at one row no faster than the widening stream (8.0 ms both).
+// rows (4 x K x 2 bytes) are taken again from L1 for each further group of x's rows. Measured on "small"'s LM head
+// (AMD EPYC, 2 threads, huge pages), 8 rows: 20 ms on the widening tiles, 13 ms here (with the prefetch; 17 ms
+// without: the tiles read four rows at once, which the hardware prefetcher alone follows poorly); at one row no
+// faster than the widening stream (8.0 ms both).
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
 #define GLMTORCH_BF16DOT 1
 constexpr int64_t BF16DOT_MIN_ROWS = 3, BF16DOT_MR = 6, BF16DOT_NR = 4;
@@ -509,7 +510,8 @@ inline __m128 sums4(__m512 a, __m512 b, __m512 c, __m512 d) {
   // per 128-bit lane: [a0 + a2, b0 + b2, a1 + a3, b1 + b3], the same of c and d, then [a, b, c, d] partial sums
   const __m512d ab = _mm512_castps_pd(_mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b)));
   const __m512d cd = _mm512_castps_pd(_mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d)));
-  const __m512 lanes = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(ab, cd)), _mm512_castpd_ps(_mm512_unpackhi_pd(ab, cd)));
+  const __m512 lanes = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(ab, cd)),
+                                     _mm512_castpd_ps(_mm512_unpackhi_pd(ab, cd)));
   const __m256 half = _mm256_add_ps(_mm512_castps512_ps256(lanes),
                                     _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(lanes), 1)));
   return _mm_add_ps(_mm256_castps256_ps128(half), _mm256_extractf128_ps(half, 1));
@@ -563,7 +565,8 @@ at::Tensor gemv_bf16dot(const at::Tensor& x, const uint16_t* wp, int64_t N, int6
   std::vector<uint16_t> xb(M * K);  // x in bf16, K a multiple of 32 (checked by the caller)
   const float* xp = x.data_ptr<float>();
   for (int64_t i = 0; i < M * K; i += 32)  // 32 floats -> 32 bf16, in order
-    _mm512_storeu_si512(xb.data() + i, (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(xp + i + 16), _mm512_loadu_ps(xp + i)));
+    _mm512_storeu_si512(xb.data() + i,
+                        (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(xp + i + 16), _mm512_loadu_ps(xp + i)));
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, (N + BF16DOT_NR - 1) / BF16DOT_NR, 16, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
@@ -576,11 +579,11 @@ at::Tensor gemv_bf16dot(const at::Tensor& x, const uint16_t* wp, int64_t N, int6
 }
 #endif
 
-bool bf16_dot_built() {  // whether bf16 weights meet 3 rows or more with VDPBF16PS here (x rounded to bf16)
+int64_t bf16_dot_min_rows() {  // from how many rows of x bf16 weights meet VDPBF16PS here; 0: never (not built)
 #ifdef GLMTORCH_BF16DOT
-  return true;
+  return BF16DOT_MIN_ROWS;
 #else
-  return false;
+  return 0;
 #endif
 }
 
@@ -1342,7 +1345,7 @@ TORCH_LIBRARY(glmtorch_kernels, m) {
   m.def("gemv_amx(Tensor x, Tensor w) -> Tensor");
   m.def("gemv_int4_amx(Tensor x, Tensor w, Tensor scales) -> Tensor");
   m.def("amx_available() -> bool", &amx_permitted);
-  m.def("bf16_dot_built() -> bool", &bf16_dot_built);
+  m.def("bf16_dot_min_rows() -> int", &bf16_dot_min_rows);
   m.def("set_fp32_row_order(int order) -> int", &set_fp32_row_order);
 }
 
