@@ -32,9 +32,11 @@ from .quantize import Int4Linear, Int8Linear
 class GemvLinear(nn.Linear):
     """nn.Linear whose CPU inference products take the path measured fastest here (glmtorch.dispatch).
 
-    `pack()` replaces the weight by the one copy oneDNN's product wants (its blocked layout, an opaque mkldnn
-    tensor, bit-identical results) for inference; the state dict, `.to()` and loading still see the plain
-    matrix (unpacked on the way), and a forward that needs gradients asks for `unpack()` first."""
+    `pack(layout)` replaces the weight by the one copy a product wants, for inference: "onednn", oneDNN's blocked
+    layout (an opaque mkldnn tensor, bit-identical results), or "pairs", bf16 in the pair-interleaved blocks of
+    kernels.pack_pairs (gemv_pairs: every row count, x rounded to bf16). The state dict, `.to()` and loading
+    still see the plain matrix (unpacked on the way), and a forward that needs gradients asks for `unpack()`
+    first."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -42,17 +44,24 @@ class GemvLinear(nn.Linear):
 
     @property
     def packed(self) -> bool:
+        """Whether the weight is in oneDNN's packed layout."""
         return self.weight.is_mkldnn
+
+    @property
+    def layout(self) -> str:
+        """How the weight is held: "plain" (out, in), "onednn" (packed) or "pairs" (kernels.pack_pairs)."""
+        return "onednn" if self.weight.is_mkldnn else "pairs" if self.weight.dim() == 3 else "plain"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
         if (x.device.type == "cpu" and w.dtype in (torch.float32, torch.bfloat16) and x.dtype == w.dtype
                 and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))):
-            if self.packed and not os.environ.get("GLMTORCH_LINEAR_PATH"):  # its one path, the bias added inside
-                return _packed_linear(x, w, self.bias)
+            layout = self.layout
+            if layout != "plain" and not os.environ.get("GLMTORCH_LINEAR_PATH"):  # its one path, the bias inside
+                return _packed_linear(x, w, self.bias) if layout == "onednn" else kernels.gemv_pairs(x, w, self.bias)
             y = dispatch.linear(self, x)
             return y + self.bias if self.bias is not None else y
-        if self.packed:
+        if self.layout != "plain":
             raise RuntimeError("this layer's weight is packed for CPU inference (glmtorch.fastpath.pack_weights); "
                                f"a {x.dtype} input{' that needs gradients' if x.requires_grad else ''} needs the "
                                "plain weight: call glmtorch.fastpath.unpack_weights(model) first")
@@ -68,6 +77,8 @@ class GemvLinear(nn.Linear):
         kind = str(w.dtype).removeprefix("torch.")
         if self.packed:
             return f"{kind} packed", {"packed": lambda x: _packed_linear(x, w)}
+        if self.layout == "pairs":
+            return f"{kind} pairs", {"pairs": lambda x: kernels.gemv_pairs(x, w)}
         paths = {"library": lambda x: F.linear(x, w)}
         if w.is_contiguous() and kernels.takes_width(w, w.shape[1]) and kernels.available():
             paths["kernel"] = lambda x: kernels.gemv(x, w)
@@ -79,27 +90,35 @@ class GemvLinear(nn.Linear):
             paths["packed_per_call"] = lambda x: _packed_linear(x, _reorder(w))
         return kind, paths
 
-    def pack(self) -> None:
+    def pack(self, layout: str = "onednn") -> None:
         global _layout_changes
-        if not self.packed:
-            _layout_changes += 1  # a fused decode plan built on the plain weights is rebuilt (_weights_key)
-            self._plain_requires_grad = self.weight.requires_grad
-            self.__dict__.pop("_dispatched", None)  # its kept paths hold the plain tensor: it would stay resident
-            self.weight = nn.Parameter(_reorder(self.weight.detach()), requires_grad=False)
+        if self.layout == layout:
+            return
+        self.unpack()
+        _layout_changes += 1  # a fused decode plan built on the plain weights is rebuilt (_weights_key)
+        self._plain_requires_grad = self.weight.requires_grad
+        self.__dict__.pop("_dispatched", None)  # its kept paths hold the plain tensor: it would stay resident
+        w = self.weight.detach()
+        self.weight = nn.Parameter(_reorder(w) if layout == "onednn" else place_on_cpu(kernels.pack_pairs(w)),
+                                   requires_grad=False)
 
     def unpack(self) -> None:
         global _layout_changes
-        if self.packed:
+        if self.layout != "plain":
             _layout_changes += 1
             self.__dict__.pop("_dispatched", None)
-            self.weight = nn.Parameter(place_on_cpu(self.weight.to_dense()),
+            self.weight = nn.Parameter(place_on_cpu(self._plain_weight()),
                                        requires_grad=getattr(self, "_plain_requires_grad", True))
+
+    def _plain_weight(self) -> torch.Tensor:
+        w = self.weight.detach()
+        return w.to_dense() if w.is_mkldnn else kernels.unpack_pairs(w) if w.dim() == 3 else w
 
     # The plain matrix for everything that is not an inference product.
     def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        if self.packed:
-            destination[prefix + "weight"] = self.weight.to_dense()
+        if self.layout != "plain":
+            destination[prefix + "weight"] = self._plain_weight()
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:
         self.unpack()
@@ -140,44 +159,58 @@ def _packed_linear(x: torch.Tensor, packed_weight: torch.Tensor, bias: torch.Ten
 
 
 def pack_weights(model: nn.Module, rows: int = 1) -> int:
-    """For inference at batches of up to `rows`: keep the CPU linears' weights (all of them, or only the LM head's)
-    in oneDNN's packed layout if that makes the decode step faster here, else plain; returns how many layers were
-    packed. The CLI's generate / chat decode one row; the server up to its full batch, and one row when a single
-    client is served, so for rows > 1 the step is timed at one row, at the batch and between (layout_sizes), and a
-    layout must gain more where it wins than it loses where it loses (relative times multiplied).
+    """For inference at batches of up to `rows`: keep the CPU linears' weights plain, in oneDNN's packed layout (all
+    of them, or only the LM head's), or (bf16, kernels built with AVX512-BF16) all in the kernels' pair-interleaved
+    blocks, whichever makes the decode step fastest here; returns how many layers left the plain layout. The CLI's
+    generate / chat decode one row; the server up to its full batch, and one row when a single client is served,
+    so for rows > 1 the step is timed at one row, at the batch and between (layout_sizes), and a layout must gain
+    more where it wins than it loses where it loses (relative times multiplied).
 
     Decided by timing the model's decode step each way once per machine, model shape and row bucket (dispatch.json),
     not matrix by matrix: matrices timed alone sit in the cache, and the hand kernels read plain weights from huge
-    pages; plain fp32 weights may also run the fused C++ step (which takes a packed LM head, not packed layers).
-    Measured on "small" (AMX Xeon, 2 threads): bf16 all packed 61 against 75 ms at 64 rows, 38 against 33 ms at one
-    row, so the server packs and the CLI does not; fp32 all packed 190 against 214 ms at 64 rows but 64 against
-    43 ms at one row (the fused step lost), LM head alone 198 / 48 ms: plain. Results are bit-identical to the
-    library product. Left alone: weights shared between layers (tied embeddings: the embedding looks rows up in
-    the plain matrix), and all of it where GLMTORCH_PACK=0 or torch has no oneDNN. GLMTORCH_PACK=1 packs all
-    without measuring."""
+    pages; plain fp32 weights may also run the fused C++ step (which takes a packed LM head, not packed layers;
+    pair blocks it takes whole). Measured on "small" (AMX Xeon, 2 threads): bf16 all packed 61 against 75 ms at 64
+    rows, 38 against 33 ms at one row, so the server packs and the CLI does not; fp32 all packed 190 against 214 ms
+    at 64 rows but 64 against 43 ms at one row (the fused step lost), LM head alone 198 / 48 ms: plain. oneDNN's
+    results are bit-identical to the library product; the pair blocks' are within bf16 rounding of it (x rounded
+    to bf16, sums in fp32). Left alone: weights shared between layers (tied embeddings: the embedding looks rows
+    up in the plain matrix), and all of it where GLMTORCH_PACK=0. GLMTORCH_PACK=1 packs all for oneDNN,
+    GLMTORCH_PACK=pairs all in pair blocks, without measuring."""
     forced = os.environ.get("GLMTORCH_PACK", "").strip().lower()
     if forced in ("0", "false", "no"):
         unpack_weights(model)
         return 0
-    if not torch.backends.mkldnn.is_available() or getattr(model, "device", torch.device("cpu")).type != "cpu":
+    if getattr(model, "device", torch.device("cpu")).type != "cpu":
         return 0
     uses: dict[int, int] = {}
     for _, p in model.named_parameters(remove_duplicate=False):
         uses[id(p)] = uses.get(id(p), 0) + 1
-    layers = [layer for layer in model.modules()
-              if type(layer) is GemvLinear and (layer.packed or uses.get(id(layer.weight)) == 1)
-              and layer.weight.dtype in (torch.float32, torch.bfloat16) and packing_supported(layer.weight.dtype)]
-    if not layers:
+    candidates = [layer for layer in model.modules() if type(layer) is GemvLinear and uses.get(id(layer.weight)) == 1
+                  and layer.weight.dtype in (torch.float32, torch.bfloat16)]
+    onednn = [layer for layer in candidates
+              if torch.backends.mkldnn.is_available() and packing_supported(layer.weight.dtype)]
+    pairs = [layer for layer in candidates if kernels.available()
+             and kernels.takes_pairs(layer.weight.dtype, layer.out_features, layer.in_features)]
+    if not onednn and not pairs:
         return 0
-    shapes = sorted({(str(layer.weight.dtype).removeprefix("torch."), layer.out_features, layer.in_features)
-                     for layer in layers})
-    sizes = layout_sizes(rows)
-    # (the sizes named when more than two: the rule was one row and the batch before, decided again)
-    timed_at = f"at {','.join(map(str, sizes))} " if len(sizes) > 2 else ""
-    key = f"layout {len(model.model.layers)} layers {shapes} {timed_at}rows<={dispatch.row_bucket(rows)}"
-
     head = getattr(model, "lm_head", None)
-    choices = {"plain": [], "packed_head": [layer for layer in layers if layer is head], "packed": layers}
+    # each choice: the layers it changes and the layout it gives them (the others stay plain)
+    choices = {"plain": ([], "plain"), "packed_head": ([layer for layer in onednn if layer is head], "onednn"),
+               "packed": (onednn, "onednn"), "pairs": (pairs, "pairs")}
+    offered = [name for name, (layers, _) in choices.items() if name == "plain" or layers]
+    shapes = sorted({(str(layer.weight.dtype).removeprefix("torch."), layer.out_features, layer.in_features)
+                     for layer in candidates})
+    sizes = layout_sizes(rows)
+    # (the sizes named when more than two: the rule was one row and the batch before, decided again; the pair
+    # blocks named where offered: a decision taken without them is taken again)
+    timed_at = f"at {','.join(map(str, sizes))} " if len(sizes) > 2 else ""
+    also = "or pairs " if "pairs" in offered else ""
+    key = f"layout {len(model.model.layers)} layers {shapes} {also}{timed_at}rows<={dispatch.row_bucket(rows)}"
+
+    def apply(name: str) -> None:
+        layers, layout = choices.get(name, ([], "plain"))
+        for layer in candidates:
+            layer.pack(layout) if layer in layers else layer.unpack()
 
     def measure() -> str:
         # each layout with the decode step the model takes with it: plain fp32 weights may run the fused C++
@@ -188,21 +221,20 @@ def pack_weights(model: nn.Module, rows: int = 1) -> int:
         # of a shared machine once gave the packed LM head the one-row decision it loses (AMD EPYC, bf16: 28.7
         # against 32.2 GB/s of batch-1 decode)
         for _ in range(LAYOUT_ROUNDS):
-            for name, packed in choices.items():
-                if name != "plain" and not packed:
-                    continue
-                for layer in layers:
-                    layer.pack() if layer in packed else layer.unpack()
+            for name in offered:
+                apply(name)
                 this_round = [time_decode_step(model, n, step=step) for n in sizes]
                 times[name] = [min(a, b) for a, b in zip(times.get(name, this_round), this_round)]
         # relative times multiplied over the sizes: a layout that gains 1.2x at the batch and loses 1.15x alone wins
         return min(times, key=lambda name: math.prod(t / p for t, p in zip(times[name], times["plain"])))
 
     with torch.no_grad():
-        choice = "packed" if forced in ("1", "true", "yes") else dispatch.decide(key, measure)
-        for layer in layers:
-            layer.pack() if layer in choices.get(choice, []) else layer.unpack()
-    return len(choices.get(choice, []))
+        if forced in ("1", "true", "yes", "pairs"):
+            choice = "pairs" if forced == "pairs" else "packed"
+        else:
+            choice = dispatch.decide(key, measure)
+        apply(choice)
+    return len(choices.get(choice, ([], ""))[0])
 
 
 LAYOUT_ROUNDS = 3  # pack_weights' rounds over the layouts

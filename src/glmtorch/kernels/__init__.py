@@ -138,7 +138,11 @@ def _put_ninja_on_path() -> None:
 def _register_shapes() -> None:
     @torch.library.register_fake("glmtorch_kernels::gemv_float")
     def _(x, w):
-        return x.new_empty(x.shape[0], w.shape[0])
+        return x.new_empty(x.shape[0], w.shape[0] * 16 if w.dim() == 3 else w.shape[0])
+
+    @torch.library.register_fake("glmtorch_kernels::gemv_pairs")
+    def _(x, w):
+        return x.new_empty(x.shape[0], w.shape[0] * 16, dtype=torch.float32)
 
     @torch.library.register_fake("glmtorch_kernels::gemv_amx")
     def _(x, w):
@@ -228,6 +232,37 @@ def bf16_dot_rows() -> int:
     as a bf16 model's activations are) instead of widening them to fp32; 0 (never) where -march=native does not
     target the instruction, or without the kernels."""
     return int(torch.ops.glmtorch_kernels.bf16_dot_min_rows()) if available() else 0
+
+
+def takes_pairs(dtype: torch.dtype, out_features: int, in_features: int) -> bool:
+    """Whether a weight of this dtype and shape can be kept in pair-interleaved blocks (pack_pairs) for gemv_pairs:
+    bf16, out_features a multiple of 16, in_features even, with kernels built with AVX512-BF16 (bf16_dot_rows() > 0)."""
+    return dtype == torch.bfloat16 and out_features % 16 == 0 and in_features % 2 == 0 and bf16_dot_rows() > 0
+
+
+def pack_pairs(weight: torch.Tensor) -> torch.Tensor:
+    """A bf16 (N, K) matrix as (N / 16, K / 2, 32) blocks: block b holds output rows 16b..16b+15, each pair of
+    inputs 2p, 2p+1 of those 16 rows side by side ([b, p, 2c + i] = W[16b + c, 2p + i]), the operand VDPBF16PS
+    multiplies against a broadcast pair of x (kernels/gemv.cpp, gemv_pairs)."""
+    N, K = weight.shape
+    return weight.reshape(N // 16, 16, K // 2, 2).transpose(1, 2).reshape(N // 16, K // 2, 32).contiguous()
+
+
+def unpack_pairs(packed: torch.Tensor) -> torch.Tensor:
+    """The (N, K) matrix back from pack_pairs' blocks."""
+    blocks, pairs, _ = packed.shape
+    return packed.reshape(blocks, pairs, 16, 2).transpose(1, 2).reshape(blocks * 16, pairs * 2).contiguous()
+
+
+def gemv_pairs(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x (..., K) @ W.T (+ bias) for W kept as pack_pairs(W), any number of rows: x rounded to bf16 (a bf16 x goes
+    in as it is), sums and the bias in fp32, rounded once to x's dtype."""
+    rows = x.reshape(-1, x.shape[-1])
+    rows = rows.contiguous() if rows.dtype == torch.bfloat16 else rows.float().contiguous()
+    y = torch.ops.glmtorch_kernels.gemv_pairs(rows, packed)
+    if bias is not None:
+        y += bias
+    return y.to(x.dtype).view(*x.shape[:-1], packed.shape[0] * 16)
 
 
 def takes_amx(weight: torch.Tensor) -> bool:
