@@ -75,7 +75,7 @@ def test_pair_blocks_hold_the_matrix():
 @pytest.mark.parametrize("shape", [(48, 64), (64, 30), (80, 320)])  # 3, 4 and 5 blocks of 16: tiles of 1-3 blocks
 def test_pair_blocks_give_the_exact_product_of_bf16_rows(rows, shape):
     """gemv_pairs: x rounded to bf16 (a bf16 x as it is) times the bf16 weight, summed in fp32, whatever the rows;
-    the bias added in fp32; gemv_float takes a pair-blocked weight the same way (the fused step's plans); a row's
+    the bias added in fp32; the result in x's dtype, rounded once; gemv_float takes a pair-blocked weight the same way (the fused step's plans); a row's
     sum does not depend on the rows beside it."""
     if not (kernels.available() and kernels.bf16_dot_rows() > 0):
         pytest.skip("the kernels here were built without AVX512-BF16: no pair blocks")
@@ -87,10 +87,11 @@ def test_pair_blocks_give_the_exact_product_of_bf16_rows(rows, shape):
     expected = x.bfloat16().double() @ w.double().t()
     got = torch.ops.glmtorch_kernels.gemv_pairs(x, packed)
     assert rel(got, expected) < 1e-6
-    assert torch.equal(torch.ops.glmtorch_kernels.gemv_pairs(x.bfloat16(), packed), got)
+    assert torch.equal(torch.ops.glmtorch_kernels.gemv_pairs(x.bfloat16(), packed), got.bfloat16())  # x's dtype
     assert torch.equal(torch.ops.glmtorch_kernels.gemv_float(x, packed), got)
     assert torch.equal(kernels.gemv_pairs(x[None], packed, bias)[0], got + bias)
-    assert torch.equal(kernels.gemv_pairs(x.bfloat16(), packed), got.bfloat16())
+    assert torch.equal(kernels.gemv_pairs(x.bfloat16(), packed), got.bfloat16())  # rounded once, in the kernel
+    assert torch.equal(kernels.gemv_pairs(x.bfloat16(), packed, bias.bfloat16()), (got + bias.bfloat16()).bfloat16())
     assert torch.equal(got[-1:], torch.ops.glmtorch_kernels.gemv_pairs(x[-1:], packed))
     with pytest.raises(RuntimeError, match="x must be contiguous fp32 or bf16"):
         torch.ops.glmtorch_kernels.gemv_pairs(torch.randn(rows, shape[1] + 2), packed)

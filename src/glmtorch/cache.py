@@ -249,9 +249,11 @@ class PagedKVCache:
 
     def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor, cache_position: torch.Tensor):
         """Write k, v (B, KV, T, D); returns the layer's (B, KV, length, D) keys and values gathered from the
-        blocks (a copy: `attend` reads them in place where it can)."""
+        blocks (a copy: `attend` reads them in place where it can), or k, v themselves where they are all of it."""
         B, KV, T, D = k.shape
         self.write(layer_idx, k, v, cache_position)
+        if T == self.length and cache_position.dim() == 1:
+            return k, v  # a pass over fresh sequences (slots 0..T-1): the keys it attends are its own, no gather
         used = self.block_table[:, :-(-self.length // self.block_size)]  # (B, n) blocks covering `length` slots
 
         def gather(buffer: torch.Tensor) -> torch.Tensor:

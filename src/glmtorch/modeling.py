@@ -388,8 +388,9 @@ class GlmModel(GlmPreTrainedModel):
                                  f"holds {past} and {T} are new: it must cover all {past + T}")
             if not torch.compiler.is_compiling() and bool(attention_mask.all()):
                 attention_mask = None
-        contiguous = (past is not None and cache_position.dim() == 1 and kv_length == past + T
-                      and (T == 1 or past == 0))
+        # (placed by the caller, T new tokens in a cache of T slots can only be slots 0..T-1: a fresh prefill)
+        contiguous = cache_position.dim() == 1 and ((past is None and kv_length == T) or (
+            past is not None and kv_length == past + T and (T == 1 or past == 0)))
         if attention_mask is None and contiguous:
             return None
         return make_attention_mask(cache_position, kv_length, attention_mask)

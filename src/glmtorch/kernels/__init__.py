@@ -141,8 +141,8 @@ def _register_shapes() -> None:
         return x.new_empty(x.shape[0], w.shape[0] * 16 if w.dim() == 3 else w.shape[0])
 
     @torch.library.register_fake("glmtorch_kernels::gemv_pairs")
-    def _(x, w):
-        return x.new_empty(x.shape[0], w.shape[0] * 16, dtype=torch.float32)
+    def _(x, w, bias=None):
+        return x.new_empty(x.shape[0], w.shape[0] * 16)
 
     @torch.library.register_fake("glmtorch_kernels::gemv_amx")
     def _(x, w):
@@ -256,12 +256,10 @@ def unpack_pairs(packed: torch.Tensor) -> torch.Tensor:
 
 def gemv_pairs(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x (..., K) @ W.T (+ bias) for W kept as pack_pairs(W), any number of rows: x rounded to bf16 (a bf16 x goes
-    in as it is), sums and the bias in fp32, rounded once to x's dtype."""
+    in as it is), sums and the bias in fp32, rounded once to x's dtype (fp32 or bf16; others go in as fp32)."""
     rows = x.reshape(-1, x.shape[-1])
-    rows = rows.contiguous() if rows.dtype == torch.bfloat16 else rows.float().contiguous()
-    y = torch.ops.glmtorch_kernels.gemv_pairs(rows, packed)
-    if bias is not None:
-        y += bias
+    rows = rows.contiguous() if rows.dtype in (torch.bfloat16, torch.float32) else rows.float().contiguous()
+    y = torch.ops.glmtorch_kernels.gemv_pairs(rows, packed, None if bias is None else bias.float().contiguous())
     return y.to(x.dtype).view(*x.shape[:-1], packed.shape[0] * 16)
 
 

@@ -596,8 +596,28 @@ inline int32_t load_pair(const uint16_t* p) {
   return v;
 }
 
+// Where a tile's sums go: fp32 rows of y, or bf16 ones (a bf16 model's activations: rounded once, to nearest even),
+// each after the bias (fp32, or none) is added.
+struct PairsOut {
+  void* y;
+  int64_t N;
+  const float* bias;
+  bool bf16;
+  PairsOut at(int64_t m, int64_t n) const {
+    return {bf16 ? static_cast<void*>(static_cast<uint16_t*>(y) + m * N + n) : static_cast<void*>(static_cast<float*>(y) + m * N + n),
+            N, bias ? bias + n : nullptr, bf16};
+  }
+  void store(int64_t m, int64_t n, __m512 v) const {
+    if (bias) v = _mm512_add_ps(v, _mm512_loadu_ps(bias + n));
+    if (bf16)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(static_cast<uint16_t*>(y) + m * N + n), (__m256i)_mm512_cvtneps_pbh(v));
+    else
+      _mm512_storeu_ps(static_cast<float*>(y) + m * N + n, v);
+  }
+};
+
 template <int MR, int NR>
-inline void pairs_tile(const uint16_t* x, int64_t K, const uint16_t* w, float* y, int64_t N) {
+inline void pairs_tile(const uint16_t* x, int64_t K, const uint16_t* w, const PairsOut& y) {
   // y[m, 16j + c] = sum_k x[m, k] W[16j + c, k] for m < MR, j < NR; w at the tile's first block, blocks K * 16 apart
   __m512 acc[MR][NR];
   for (int m = 0; m < MR; ++m)
@@ -612,41 +632,44 @@ inline void pairs_tile(const uint16_t* x, int64_t K, const uint16_t* w, float* y
     }
   }
   for (int m = 0; m < MR; ++m)
-    for (int j = 0; j < NR; ++j) _mm512_storeu_ps(y + m * N + 16 * j, acc[m][j]);
+    for (int j = 0; j < NR; ++j) y.store(m, 16 * j, acc[m][j]);
 }
 
 template <int NR>
-inline void pairs_rows(const uint16_t* x, int64_t M, int64_t K, const uint16_t* w, float* y, int64_t N) {
+inline void pairs_rows(const uint16_t* x, int64_t M, int64_t K, const uint16_t* w, const PairsOut& y) {
   int64_t m = 0;
-  for (; m + PAIRS_MR <= M; m += PAIRS_MR) pairs_tile<PAIRS_MR, NR>(x + m * K, K, w, y + m * N, N);
+  for (; m + PAIRS_MR <= M; m += PAIRS_MR) pairs_tile<PAIRS_MR, NR>(x + m * K, K, w, y.at(m, 0));
   const uint16_t* xm = x + m * K;
-  float* ym = y + m * N;
+  const PairsOut ym = y.at(m, 0);
   switch (M - m) {
-    case 1: pairs_tile<1, NR>(xm, K, w, ym, N); break;
-    case 2: pairs_tile<2, NR>(xm, K, w, ym, N); break;
-    case 3: pairs_tile<3, NR>(xm, K, w, ym, N); break;
-    case 4: pairs_tile<4, NR>(xm, K, w, ym, N); break;
-    case 5: pairs_tile<5, NR>(xm, K, w, ym, N); break;
-    case 6: pairs_tile<6, NR>(xm, K, w, ym, N); break;
-    case 7: pairs_tile<7, NR>(xm, K, w, ym, N); break;
+    case 1: pairs_tile<1, NR>(xm, K, w, ym); break;
+    case 2: pairs_tile<2, NR>(xm, K, w, ym); break;
+    case 3: pairs_tile<3, NR>(xm, K, w, ym); break;
+    case 4: pairs_tile<4, NR>(xm, K, w, ym); break;
+    case 5: pairs_tile<5, NR>(xm, K, w, ym); break;
+    case 6: pairs_tile<6, NR>(xm, K, w, ym); break;
+    case 7: pairs_tile<7, NR>(xm, K, w, ym); break;
     default: break;
   }
 }
 #endif
 
-at::Tensor gemv_pairs(const at::Tensor& x, const at::Tensor& w) {
+at::Tensor gemv_pairs(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias) {
   TORCH_CHECK(w.dim() == 3 && w.size(2) == 32 && w.scalar_type() == at::kBFloat16 && w.is_contiguous() &&
                   w.device().is_cpu(), "gemv_pairs: the weight must be bf16 (N / 16, K / 2, 32) on the CPU (pack_pairs)");
   const int64_t N = w.size(0) * 16, K = w.size(1) * 2;
   TORCH_CHECK(x.dim() == 2 && x.size(0) >= 1 && x.size(1) == K && x.is_contiguous() &&
                   (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
               "gemv_pairs: x must be contiguous fp32 or bf16 (M, ", K, ")");
+  TORCH_CHECK(!bias || (bias->dim() == 1 && bias->size(0) == N && bias->scalar_type() == at::kFloat &&
+                        bias->is_contiguous()), "gemv_pairs: the bias must be contiguous fp32 (", N, ",)");
 #ifdef GLMTORCH_BF16DOT
   const int64_t M = x.size(0);
-  at::Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));
+  const bool bf16 = x.scalar_type() == at::kBFloat16;
+  at::Tensor y = at::empty({M, N}, x.options());  // in x's dtype
   std::vector<uint16_t> rounded;
   const uint16_t* xb;
-  if (x.scalar_type() == at::kBFloat16) {
+  if (bf16) {
     xb = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
   } else {  // x rounded to bf16 (to nearest even, as torch's conversion), as a bf16 model's activations are
     rounded.resize(M * K);
@@ -659,7 +682,7 @@ at::Tensor gemv_pairs(const at::Tensor& x, const at::Tensor& w) {
     xb = rounded.data();
   }
   const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
-  float* yp = y.data_ptr<float>();
+  const PairsOut out{y.data_ptr(), N, bias ? bias->data_ptr<float>() : nullptr, bf16};
   const int64_t blocks = N / 16, groups = (blocks + PAIRS_NR - 1) / PAIRS_NR;
   for (int64_t m0 = 0; m0 < M; m0 += PAIRS_M_CHUNK) {
     const int64_t rows = std::min(PAIRS_M_CHUNK, M - m0);
@@ -668,11 +691,11 @@ at::Tensor gemv_pairs(const at::Tensor& x, const at::Tensor& w) {
         const int64_t b = g * PAIRS_NR;
         const uint16_t* wg = wp + b * K * 16;
         const uint16_t* xg = xb + m0 * K;
-        float* yg = yp + m0 * N + b * 16;
+        const PairsOut yg = out.at(m0, b * 16);
         switch (std::min(PAIRS_NR, blocks - b)) {
-          case 3: pairs_rows<3>(xg, rows, K, wg, yg, N); break;
-          case 2: pairs_rows<2>(xg, rows, K, wg, yg, N); break;
-          default: pairs_rows<1>(xg, rows, K, wg, yg, N); break;
+          case 3: pairs_rows<3>(xg, rows, K, wg, yg); break;
+          case 2: pairs_rows<2>(xg, rows, K, wg, yg); break;
+          default: pairs_rows<1>(xg, rows, K, wg, yg); break;
         }
       }
     });
@@ -692,7 +715,7 @@ int64_t bf16_dot_min_rows() {  // from how many rows of x bf16 weights meet VDPB
 }
 
 at::Tensor gemv_float(const at::Tensor& x, const at::Tensor& w) {
-  if (w.dim() == 3) return gemv_pairs(x, w);  // a bf16 weight in pair-interleaved blocks (the fused step's plans)
+  if (w.dim() == 3) return gemv_pairs(x, w, c10::nullopt);  // a bf16 weight in pair-interleaved blocks (the fused step's plans)
   const int64_t N = w.size(0), K = w.size(1);
   check(x, w, K);
   const float* xp = x.data_ptr<float>();
@@ -1447,7 +1470,7 @@ TORCH_LIBRARY(glmtorch_kernels, m) {
   m.def("gemv_int8(Tensor x, Tensor w, Tensor scales) -> Tensor");
   m.def("gemv_int4(Tensor x, Tensor w, Tensor scales, int group, int interleave=1) -> Tensor");
   m.def("int4_row_interleave() -> int", &int4_row_interleave);
-  m.def("gemv_pairs(Tensor x, Tensor w) -> Tensor");
+  m.def("gemv_pairs(Tensor x, Tensor w, Tensor? bias=None) -> Tensor");
   m.def("gemv_amx(Tensor x, Tensor w) -> Tensor");
   m.def("gemv_int4_amx(Tensor x, Tensor w, Tensor scales) -> Tensor");
   m.def("amx_available() -> bool", &amx_permitted);

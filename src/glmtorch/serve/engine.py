@@ -426,8 +426,11 @@ class Engine:
         ids = torch.zeros(len(requests), T, dtype=torch.long)
         for i, (f, r) in enumerate(zip(feeds, requests)):
             ids[i, :lengths[i]] = torch.tensor(f[r.position:])
-        if bool((starts == 0).all()):  # one set of positions for every row: the plain causal fast path
-            real, positions = (torch.arange(T) < lengths[:, None]).long(), torch.arange(T)
+        if bool((starts == 0).all()):
+            # one set of positions for every row and no padding mask: the plain causal fast path (SDPA skips the
+            # blocks above the diagonal, and the keys are the pass's own, not gathered from the pool); a real query
+            # sees only keys at or before it, all real, and a padding query's output is never read
+            real, positions = None, torch.arange(T)
         else:  # each row at its own positions; the causal rule alone keeps every real query on its own keys
             real, positions = None, starts[:, None] + torch.arange(T)
         length = int(starts.max()) + T
