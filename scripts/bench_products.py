@@ -39,9 +39,9 @@ def main() -> None:
     print(f"{model}, {torch.get_num_threads()} threads, {args.dtype}, {params * weights[0].element_size() / 1e6:.0f} MB")
     paths = {"kernels": lambda x, w: torch.ops.glmtorch_kernels.gemv_float(x, w),
              "library": lambda x, w: F.linear(x.to(w.dtype), w)}
-    if all(kernels.takes_pairs(w.dtype, *w.shape) for w in weights):  # the same matrices in pair-interleaved blocks
-        pairs = {id(w): place_on_cpu(kernels.pack_pairs(w)) for w in weights}
-        paths["pairs"] = lambda x, w: torch.ops.glmtorch_kernels.gemv_pairs(x, pairs[id(w)])
+    if all(kernels.takes_blocks(w.dtype, *w.shape) for w in weights):  # the same matrices in blocks of 16 rows
+        blocks = {id(w): place_on_cpu(kernels.pack_blocks(w)) for w in weights}
+        paths["blocks"] = lambda x, w: torch.ops.glmtorch_kernels.gemv_blocks(x, blocks[id(w)])
     for rows in args.rows:
         inputs = {k: torch.randn(rows, k) for k in {k for _, k in shapes}}
         times = {name: [] for name in paths}

@@ -409,40 +409,41 @@ def test_packed_weights_give_the_library_product_bit_for_bit(tmp_path, monkeypat
     assert not any(m.packed for m in linears) and wide.lm_head.weight.dtype == torch.float32
 
 
-@pytest.mark.skipif(not (kernels.available() and kernels.bf16_dot_rows() > 0),
-                    reason="the kernels here were built without AVX512-BF16: no pair blocks")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("config", ["gqa", "tied_narrow_heads"])
 @torch.no_grad()
-def test_pair_blocks_give_the_library_product_within_bf16_rounding(tmp_path, monkeypatch, config):
-    """GLMTORCH_PACK=pairs: every unshared linear of a bf16 model holds its weight in the kernels' pair blocks; a
-    prefill (layer by layer) and the fused decode step give the library's logits within bf16 rounding and the same
-    greedy tokens; the state dict and a saved checkpoint hold the plain matrices; unpack_weights and `.to()` bring
-    them back, and a product that needs gradients says what to do."""
+def test_weights_in_blocks_give_the_library_product(tmp_path, monkeypatch, config, dtype):
+    """GLMTORCH_PACK=blocks: every unshared linear holds its weight in the kernels' blocks of 16 rows; a prefill
+    (layer by layer) and the fused decode step give the library's logits (fp32 < 1e-5, bf16 within its rounding)
+    and the same greedy tokens; the state dict and a saved checkpoint hold the plain matrices; unpack_weights and
+    `.to()` bring them back, and a product that needs gradients says what to do."""
+    if not kernels.takes_blocks(getattr(torch, dtype), 16, 16):
+        pytest.skip(f"the kernels here do not take {dtype} blocks (AVX-512, AVX512-BF16)")
     from glmtorch.fastpath import pack_weights, unpack_weights
 
     path = save_hf(make_hf_model(**CONFIGS[config]), tmp_path / "ref")
-    model = glmtorch.GlmForCausalLM.from_pretrained(path, dtype="bfloat16")
+    model = glmtorch.GlmForCausalLM.from_pretrained(path, dtype=dtype)
     ids = torch.randint(1, 160, (3, 9), generator=torch.Generator().manual_seed(2))
     plain_state = {k: v.clone() for k, v in model.state_dict().items()}
     monkeypatch.setenv("GLMTORCH_LINEAR_PATH", "library")
     expected = model(ids).logits
     expected_tokens = model.generate(ids[:1], max_new_tokens=6, do_sample=False)
     monkeypatch.delenv("GLMTORCH_LINEAR_PATH")
-    monkeypatch.setenv("GLMTORCH_PACK", "pairs")
+    monkeypatch.setenv("GLMTORCH_PACK", "blocks")
     linears = [m for m in model.modules() if isinstance(m, GemvLinear)]
     assert pack_weights(model, rows=8) == len(linears) - (config == "tied_narrow_heads")
     assert model.model.layers[0].self_attn.qkv_proj.weight.dim() == 3
-    assert model.lm_head.layout == ("plain" if config == "tied_narrow_heads" else "pairs")  # a tied head stays
-    assert rel_err(model(ids).logits, expected) < 2e-2
+    assert model.lm_head.layout == ("plain" if config == "tied_narrow_heads" else "blocks")  # a tied head stays
+    assert rel_err(model(ids).logits, expected) < (1e-5 if dtype == "float32" else 2e-2)
     assert torch.equal(model.generate(ids[:1], max_new_tokens=6, do_sample=False), expected_tokens)
     state = model.state_dict()
     assert all(v.dim() == plain_state[k].dim() and torch.equal(v, plain_state[k]) for k, v in state.items())
     model.save_pretrained(tmp_path / "saved")
-    again = glmtorch.GlmForCausalLM.from_pretrained(tmp_path / "saved", dtype="bfloat16")
+    again = glmtorch.GlmForCausalLM.from_pretrained(tmp_path / "saved", dtype=dtype)
     assert all(torch.equal(v, plain_state[k]) for k, v in again.state_dict().items())
     with pytest.raises(RuntimeError, match="unpack_weights"):
         with torch.enable_grad():
-            model.model.layers[0].mlp.down_proj(torch.zeros(1, 96, dtype=torch.bfloat16, requires_grad=True))
+            model.model.layers[0].mlp.down_proj(torch.zeros(1, 96, dtype=getattr(torch, dtype), requires_grad=True))
     unpack_weights(model)
     assert all(m.layout == "plain" for m in linears) and all(p.requires_grad for p in model.parameters())
     monkeypatch.setenv("GLMTORCH_LINEAR_PATH", "library")
@@ -466,22 +467,22 @@ def test_packing_is_decided_by_timing_the_step_once(pair, monkeypatch, dtype):
     real = fastpath.time_decode_step
     monkeypatch.setattr(fastpath, "time_decode_step", lambda *a, **k: timed.append(a[1]) or real(*a, **k))
     linears = [m for m in model.modules() if isinstance(m, GemvLinear)]
-    pairs = any(kernels.takes_pairs(m.weight.dtype, m.out_features, m.in_features) for m in linears)
+    blocks = any(kernels.takes_blocks(m.weight.dtype, m.out_features, m.in_features) for m in linears)
     packed = fastpath.pack_weights(model, rows=5)
-    # plain, the LM head packed, all packed (and all in pair blocks where the kernels take them), in turn,
-    # LAYOUT_ROUNDS times: at one row, between, at the row bucket
-    layouts = 3 + pairs
+    # plain, the LM head packed, all packed (and all in blocks where the kernels take them), in turn, LAYOUT_ROUNDS
+    # times: at one row, between, at the row bucket
+    layouts = 3 + blocks
     assert timed == [1, 4, 8] * layouts * fastpath.LAYOUT_ROUNDS
     choice = [v for k, v in dispatch.decisions().items() if k.startswith("layout") and k.endswith("at 1,4,8 rows<=8")]
-    assert choice == ["pairs" if model.lm_head.layout == "pairs" else {0: "plain", 1: "packed_head"}.get(packed, "packed")]
+    assert choice == ["blocks" if model.lm_head.layout == "blocks" else {0: "plain", 1: "packed_head"}.get(packed, "packed")]
     assert (model.lm_head.layout != "plain") is (packed > 0)
     assert fastpath.pack_weights(model, rows=7) == packed and timed == [1, 4, 8] * layouts * fastpath.LAYOUT_ROUNDS
     monkeypatch.setenv("GLMTORCH_PACK", "1")
     assert fastpath.pack_weights(model, rows=5) > 0 and model.lm_head.layout == "onednn"
-    if pairs:
-        monkeypatch.setenv("GLMTORCH_PACK", "pairs")
+    if blocks:
+        monkeypatch.setenv("GLMTORCH_PACK", "blocks")
         assert fastpath.pack_weights(model, rows=5) == len(linears)
-        assert all(m.layout == "pairs" for m in linears)
+        assert all(m.layout == "blocks" for m in linears)
     monkeypatch.setenv("GLMTORCH_PACK", "0")
     assert fastpath.pack_weights(model, rows=5) == 0
     assert all(m.layout == "plain" for m in linears)

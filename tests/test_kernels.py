@@ -61,42 +61,46 @@ def test_bf16_weights_with_fp32_rows_match_the_exact_product(rows, out_features)
         assert torch.equal(got[-1:], torch.ops.glmtorch_kernels.gemv_float(x[-1:].expand(dot, -1).contiguous(), w)[:1])
 
 
-def test_pair_blocks_hold_the_matrix():
-    """pack_pairs: block b, pair p holds W[16b + c, 2p + i] at 2c + i; unpack_pairs gives W back."""
-    w = torch.arange(32 * 6, dtype=torch.float32).view(32, 6).bfloat16()
-    packed = kernels.pack_pairs(w)
-    assert packed.shape == (2, 3, 32)
-    assert packed[1, 2, 2 * 5 + 1] == w[16 + 5, 2 * 2 + 1]
-    assert torch.equal(kernels.unpack_pairs(packed), w)
+def test_blocks_hold_the_matrix():
+    """pack_blocks: fp32 block b, input k holds W[16b + c, k] at c; bf16 block b, pair p holds W[16b + c, 2p + i] at
+    2c + i; unpack_blocks gives W back."""
+    w = torch.arange(32 * 6, dtype=torch.float32).view(32, 6)
+    blocks = kernels.pack_blocks(w)
+    assert blocks.shape == (2, 6, 16) and blocks[1, 4, 5] == w[16 + 5, 4]
+    assert torch.equal(kernels.unpack_blocks(blocks), w)
+    pairs = kernels.pack_blocks(w.bfloat16())
+    assert pairs.shape == (2, 3, 32) and pairs[1, 2, 2 * 5 + 1] == w[16 + 5, 2 * 2 + 1]
+    assert torch.equal(kernels.unpack_blocks(pairs), w.bfloat16())
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows", [1, 2, 7, 8, 9, 64, 131])  # 8-row tiles, 1-7 left over, past a 128-row pass
 @pytest.mark.parametrize("shape", [(48, 64), (64, 30), (80, 320)])  # 3, 4 and 5 blocks of 16: tiles of 1-3 blocks
-def test_pair_blocks_give_the_exact_product_of_bf16_rows(rows, shape):
-    """gemv_pairs: x rounded to bf16 (a bf16 x as it is) times the bf16 weight, summed in fp32, whatever the rows;
-    the bias added in fp32; the result in x's dtype, rounded once; gemv_float takes a pair-blocked weight the same way (the fused step's plans); a row's
-    sum does not depend on the rows beside it."""
-    if not (kernels.available() and kernels.bf16_dot_rows() > 0):
-        pytest.skip("the kernels here were built without AVX512-BF16: no pair blocks")
+def test_blocks_give_the_exact_product(dtype, rows, shape):
+    """gemv_blocks: x (rounded to bf16 for bf16 weights; a bf16 x as it is) times the weight, summed in fp32,
+    whatever the rows; the bias added in fp32; the result in x's dtype, rounded once; gemv_float takes a weight in
+    blocks the same way (the fused step's plans); a row's sum does not depend on the rows beside it."""
+    if not kernels.takes_blocks(dtype, *shape):
+        pytest.skip(f"the kernels here do not take {dtype} blocks (AVX-512, AVX512-BF16)")
     g = torch.Generator().manual_seed(rows * shape[0] + shape[1])
-    w = torch.randn(*shape, generator=g).bfloat16()
+    w = torch.randn(*shape, generator=g).to(dtype)
     x = torch.randn(rows, shape[1], generator=g)
     bias = torch.randn(shape[0], generator=g)
-    packed = kernels.pack_pairs(w)
-    expected = x.bfloat16().double() @ w.double().t()
-    got = torch.ops.glmtorch_kernels.gemv_pairs(x, packed)
+    blocks = kernels.pack_blocks(w)
+    expected = x.to(dtype).double() @ w.double().t()
+    got = torch.ops.glmtorch_kernels.gemv_blocks(x, blocks)
     assert rel(got, expected) < 1e-6
-    assert torch.equal(torch.ops.glmtorch_kernels.gemv_pairs(x.bfloat16(), packed), got.bfloat16())  # x's dtype
-    assert torch.equal(torch.ops.glmtorch_kernels.gemv_float(x, packed), got)
-    assert torch.equal(kernels.gemv_pairs(x[None], packed, bias)[0], got + bias)
-    assert torch.equal(kernels.gemv_pairs(x.bfloat16(), packed), got.bfloat16())  # rounded once, in the kernel
-    assert torch.equal(kernels.gemv_pairs(x.bfloat16(), packed, bias.bfloat16()), (got + bias.bfloat16()).bfloat16())
-    assert torch.equal(got[-1:], torch.ops.glmtorch_kernels.gemv_pairs(x[-1:], packed))
-    with pytest.raises(RuntimeError, match="x must be contiguous fp32 or bf16"):
-        torch.ops.glmtorch_kernels.gemv_pairs(torch.randn(rows, shape[1] + 2), packed)
-    with pytest.raises(RuntimeError, match="pack_pairs"):
-        torch.ops.glmtorch_kernels.gemv_pairs(x, w)
+    assert torch.equal(torch.ops.glmtorch_kernels.gemv_float(x, blocks), got)
+    assert torch.equal(kernels.gemv_blocks(x[None], blocks, bias)[0], got + bias)
+    assert torch.equal(got[-1:], torch.ops.glmtorch_kernels.gemv_blocks(x[-1:], blocks))
+    if dtype == torch.bfloat16:  # x's dtype in and out, rounded once in the kernel
+        assert torch.equal(torch.ops.glmtorch_kernels.gemv_blocks(x.bfloat16(), blocks), got.bfloat16())
+        assert torch.equal(kernels.gemv_blocks(x.bfloat16(), blocks, bias.bfloat16()), (got + bias.bfloat16()).bfloat16())
+    with pytest.raises(RuntimeError, match="x must be contiguous fp32"):
+        torch.ops.glmtorch_kernels.gemv_blocks(torch.randn(rows, shape[1] + 2), blocks)
+    with pytest.raises(RuntimeError, match="pack_blocks"):
+        torch.ops.glmtorch_kernels.gemv_blocks(x, w)
 
 
 @torch.no_grad()

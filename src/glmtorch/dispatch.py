@@ -22,8 +22,8 @@ Products of 128 rows or more (prefill) may also reorder a plain weight into that
 (`packed_per_call`), where that beats the library's product on the plain weight even counting the reorder.
 
 GLMTORCH_LINEAR_PATH=kernel|library|widen_fp32|widen_bf16|amx|packed_per_call forces a path wherever the layer offers it (a packed
-layer offers only `packed`, one in pair blocks only `pairs`; GLMTORCH_PACK=0 keeps every weight plain, =1 packs
-for oneDNN and =pairs into the kernels' pair-interleaved bf16 blocks without measuring).
+layer offers only `packed`, one in blocks of 16 rows only `blocks`; GLMTORCH_PACK=0 keeps every weight plain, =1
+packs for oneDNN and =blocks into the kernels' blocks without measuring).
 """
 
 from __future__ import annotations
@@ -41,8 +41,8 @@ import torch
 
 from .cpuinfo import cpu_model_and_flags
 
-PATHS = ("kernel", "library", "widen_fp32", "widen_bf16", "packed", "pairs", "amx", "packed_per_call")
-LAYOUTS = ("packed", "plain", "packed_head", "pairs")
+PATHS = ("kernel", "library", "widen_fp32", "widen_bf16", "packed", "blocks", "amx", "packed_per_call")
+LAYOUTS = ("packed", "plain", "packed_head", "blocks")
 ROW_ORDERS = ("side_by_side", "one_at_a_time")  # choose_fp32_row_order
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 FORMAT = 3  # 2: the fused step's bf16 AMX choices also weigh the library product; 3: packed_per_call

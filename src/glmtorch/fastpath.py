@@ -33,8 +33,9 @@ class GemvLinear(nn.Linear):
     """nn.Linear whose CPU inference products take the path measured fastest here (glmtorch.dispatch).
 
     `pack(layout)` replaces the weight by the one copy a product wants, for inference: "onednn", oneDNN's blocked
-    layout (an opaque mkldnn tensor, bit-identical results), or "pairs", bf16 in the pair-interleaved blocks of
-    kernels.pack_pairs (gemv_pairs: every row count, x rounded to bf16). The state dict, `.to()` and loading
+    layout (an opaque mkldnn tensor, bit-identical results), or "blocks", blocks of 16 output rows
+    (kernels.pack_blocks; gemv_blocks for every row count, a bf16 weight's x rounded to bf16). The state dict,
+    `.to()` and loading
     still see the plain matrix (unpacked on the way), and a forward that needs gradients asks for `unpack()`
     first."""
 
@@ -49,8 +50,8 @@ class GemvLinear(nn.Linear):
 
     @property
     def layout(self) -> str:
-        """How the weight is held: "plain" (out, in), "onednn" (packed) or "pairs" (kernels.pack_pairs)."""
-        return "onednn" if self.weight.is_mkldnn else "pairs" if self.weight.dim() == 3 else "plain"
+        """How the weight is held: "plain" (out, in), "onednn" (packed) or "blocks" (kernels.pack_blocks)."""
+        return "onednn" if self.weight.is_mkldnn else "blocks" if self.weight.dim() == 3 else "plain"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
@@ -58,7 +59,7 @@ class GemvLinear(nn.Linear):
                 and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))):
             layout = self.layout
             if layout != "plain" and not os.environ.get("GLMTORCH_LINEAR_PATH"):  # its one path, the bias inside
-                return _packed_linear(x, w, self.bias) if layout == "onednn" else kernels.gemv_pairs(x, w, self.bias)
+                return _packed_linear(x, w, self.bias) if layout == "onednn" else kernels.gemv_blocks(x, w, self.bias)
             y = dispatch.linear(self, x)
             return y + self.bias if self.bias is not None else y
         if self.layout != "plain":
@@ -77,8 +78,8 @@ class GemvLinear(nn.Linear):
         kind = str(w.dtype).removeprefix("torch.")
         if self.packed:
             return f"{kind} packed", {"packed": lambda x: _packed_linear(x, w)}
-        if self.layout == "pairs":
-            return f"{kind} pairs", {"pairs": lambda x: kernels.gemv_pairs(x, w)}
+        if self.layout == "blocks":
+            return f"{kind} blocks", {"blocks": lambda x: kernels.gemv_blocks(x, w)}
         paths = {"library": lambda x: F.linear(x, w)}
         if w.is_contiguous() and kernels.takes_width(w, w.shape[1]) and kernels.available():
             paths["kernel"] = lambda x: kernels.gemv(x, w)
@@ -99,7 +100,7 @@ class GemvLinear(nn.Linear):
         self._plain_requires_grad = self.weight.requires_grad
         self.__dict__.pop("_dispatched", None)  # its kept paths hold the plain tensor: it would stay resident
         w = self.weight.detach()
-        self.weight = nn.Parameter(_reorder(w) if layout == "onednn" else place_on_cpu(kernels.pack_pairs(w)),
+        self.weight = nn.Parameter(_reorder(w) if layout == "onednn" else place_on_cpu(kernels.pack_blocks(w)),
                                    requires_grad=False)
 
     def unpack(self) -> None:
@@ -112,7 +113,7 @@ class GemvLinear(nn.Linear):
 
     def _plain_weight(self) -> torch.Tensor:
         w = self.weight.detach()
-        return w.to_dense() if w.is_mkldnn else kernels.unpack_pairs(w) if w.dim() == 3 else w
+        return w.to_dense() if w.is_mkldnn else kernels.unpack_blocks(w) if w.dim() == 3 else w
 
     # The plain matrix for everything that is not an inference product.
     def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
@@ -160,8 +161,8 @@ def _packed_linear(x: torch.Tensor, packed_weight: torch.Tensor, bias: torch.Ten
 
 def pack_weights(model: nn.Module, rows: int = 1) -> int:
     """For inference at batches of up to `rows`: keep the CPU linears' weights plain, in oneDNN's packed layout (all
-    of them, or only the LM head's), or (bf16, kernels built with AVX512-BF16) all in the kernels' pair-interleaved
-    blocks, whichever makes the decode step fastest here; returns how many layers left the plain layout. The CLI's
+    of them, or only the LM head's), or all in the kernels' blocks of 16 output rows (kernels.takes_blocks: AVX-512,
+    and AVX512-BF16 for bf16), whichever makes the decode step fastest here; returns how many layers left the plain layout. The CLI's
     generate / chat decode one row; the server up to its full batch, and one row when a single client is served,
     so for rows > 1 the step is timed at one row, at the batch and between (layout_sizes), and a layout must gain
     more where it wins than it loses where it loses (relative times multiplied).
@@ -169,13 +170,14 @@ def pack_weights(model: nn.Module, rows: int = 1) -> int:
     Decided by timing the model's decode step each way once per machine, model shape and row bucket (dispatch.json),
     not matrix by matrix: matrices timed alone sit in the cache, and the hand kernels read plain weights from huge
     pages; plain fp32 weights may also run the fused C++ step (which takes a packed LM head, not packed layers;
-    pair blocks it takes whole). Measured on "small" (AMX Xeon, 2 threads): bf16 all packed 61 against 75 ms at 64
+    blocks it takes whole). Measured on "small" (AMX Xeon, 2 threads): bf16 all packed 61 against 75 ms at 64
     rows, 38 against 33 ms at one row, so the server packs and the CLI does not; fp32 all packed 190 against 214 ms
     at 64 rows but 64 against 43 ms at one row (the fused step lost), LM head alone 198 / 48 ms: plain. oneDNN's
-    results are bit-identical to the library product; the pair blocks' are within bf16 rounding of it (x rounded
-    to bf16, sums in fp32). Left alone: weights shared between layers (tied embeddings: the embedding looks rows
+    results are bit-identical to the library product; the blocks' sum in another order (fp32; a bf16 weight's x
+    rounded to bf16, as the library's bf16 product takes it). On an AMD EPYC (Zen 4, 2 threads), bf16 blocks
+    against plain and all-packed: 20 / 18 / 29 ms at one row, 27 / 41 / 39 at 8, 120 / 155 / 141 at 64. Left alone: weights shared between layers (tied embeddings: the embedding looks rows
     up in the plain matrix), and all of it where GLMTORCH_PACK=0. GLMTORCH_PACK=1 packs all for oneDNN,
-    GLMTORCH_PACK=pairs all in pair blocks, without measuring."""
+    GLMTORCH_PACK=blocks all in blocks of 16 rows, without measuring."""
     forced = os.environ.get("GLMTORCH_PACK", "").strip().lower()
     if forced in ("0", "false", "no"):
         unpack_weights(model)
@@ -189,22 +191,22 @@ def pack_weights(model: nn.Module, rows: int = 1) -> int:
                   and layer.weight.dtype in (torch.float32, torch.bfloat16)]
     onednn = [layer for layer in candidates
               if torch.backends.mkldnn.is_available() and packing_supported(layer.weight.dtype)]
-    pairs = [layer for layer in candidates if kernels.available()
-             and kernels.takes_pairs(layer.weight.dtype, layer.out_features, layer.in_features)]
-    if not onednn and not pairs:
+    blocks = [layer for layer in candidates
+              if kernels.takes_blocks(layer.weight.dtype, layer.out_features, layer.in_features)]
+    if not onednn and not blocks:
         return 0
     head = getattr(model, "lm_head", None)
     # each choice: the layers it changes and the layout it gives them (the others stay plain)
     choices = {"plain": ([], "plain"), "packed_head": ([layer for layer in onednn if layer is head], "onednn"),
-               "packed": (onednn, "onednn"), "pairs": (pairs, "pairs")}
+               "packed": (onednn, "onednn"), "blocks": (blocks, "blocks")}
     offered = [name for name, (layers, _) in choices.items() if name == "plain" or layers]
     shapes = sorted({(str(layer.weight.dtype).removeprefix("torch."), layer.out_features, layer.in_features)
                      for layer in candidates})
     sizes = layout_sizes(rows)
-    # (the sizes named when more than two: the rule was one row and the batch before, decided again; the pair
-    # blocks named where offered: a decision taken without them is taken again)
+    # (the sizes named when more than two: the rule was one row and the batch before, decided again; the blocks
+    # named where offered: a decision taken without them is taken again)
     timed_at = f"at {','.join(map(str, sizes))} " if len(sizes) > 2 else ""
-    also = "or pairs " if "pairs" in offered else ""
+    also = "or blocks " if "blocks" in offered else ""
     key = f"layout {len(model.model.layers)} layers {shapes} {also}{timed_at}rows<={dispatch.row_bucket(rows)}"
 
     def apply(name: str) -> None:
@@ -229,8 +231,8 @@ def pack_weights(model: nn.Module, rows: int = 1) -> int:
         return min(times, key=lambda name: math.prod(t / p for t, p in zip(times[name], times["plain"])))
 
     with torch.no_grad():
-        if forced in ("1", "true", "yes", "pairs"):
-            choice = "pairs" if forced == "pairs" else "packed"
+        if forced in ("1", "true", "yes", "blocks"):
+            choice = "blocks" if forced == "blocks" else "packed"
         else:
             choice = dispatch.decide(key, measure)
         apply(choice)

@@ -140,7 +140,7 @@ def _register_shapes() -> None:
     def _(x, w):
         return x.new_empty(x.shape[0], w.shape[0] * 16 if w.dim() == 3 else w.shape[0])
 
-    @torch.library.register_fake("glmtorch_kernels::gemv_pairs")
+    @torch.library.register_fake("glmtorch_kernels::gemv_blocks")
     def _(x, w, bias=None):
         return x.new_empty(x.shape[0], w.shape[0] * 16)
 
@@ -234,33 +234,42 @@ def bf16_dot_rows() -> int:
     return int(torch.ops.glmtorch_kernels.bf16_dot_min_rows()) if available() else 0
 
 
-def takes_pairs(dtype: torch.dtype, out_features: int, in_features: int) -> bool:
-    """Whether a weight of this dtype and shape can be kept in pair-interleaved blocks (pack_pairs) for gemv_pairs:
-    bf16, out_features a multiple of 16, in_features even, with kernels built with AVX512-BF16 (bf16_dot_rows() > 0)."""
-    return dtype == torch.bfloat16 and out_features % 16 == 0 and in_features % 2 == 0 and bf16_dot_rows() > 0
+def takes_blocks(dtype: torch.dtype, out_features: int, in_features: int) -> bool:
+    """Whether a weight of this dtype and shape can be kept in blocks of 16 output rows (pack_blocks) for gemv_blocks:
+    out_features a multiple of 16; fp32 where the kernels were built with AVX-512, bf16 (in_features even) with
+    AVX512-BF16."""
+    if not available() or out_features % 16:
+        return False
+    kinds = int(torch.ops.glmtorch_kernels.block_kinds())
+    return bool(kinds & 1) if dtype == torch.float32 else (
+        dtype == torch.bfloat16 and bool(kinds & 2) and in_features % 2 == 0)
 
 
-def pack_pairs(weight: torch.Tensor) -> torch.Tensor:
-    """A bf16 (N, K) matrix as (N / 16, K / 2, 32) blocks: block b holds output rows 16b..16b+15, each pair of
-    inputs 2p, 2p+1 of those 16 rows side by side ([b, p, 2c + i] = W[16b + c, 2p + i]), the operand VDPBF16PS
-    multiplies against a broadcast pair of x (kernels/gemv.cpp, gemv_pairs)."""
+def pack_blocks(weight: torch.Tensor) -> torch.Tensor:
+    """An (N, K) matrix as N / 16 blocks of 16 output rows, each input's 16 weights side by side: fp32 as
+    (N / 16, K, 16), [b, k, c] = W[16b + c, k]; bf16 with inputs in pairs, (N / 16, K / 2, 32), [b, p, 2c + i] =
+    W[16b + c, 2p + i] (the operand VDPBF16PS multiplies against a broadcast pair of x). kernels/gemv.cpp,
+    gemv_blocks."""
     N, K = weight.shape
-    return weight.reshape(N // 16, 16, K // 2, 2).transpose(1, 2).reshape(N // 16, K // 2, 32).contiguous()
+    step = 2 if weight.dtype == torch.bfloat16 else 1
+    return weight.reshape(N // 16, 16, K // step, step).transpose(1, 2).reshape(N // 16, K // step, 16 * step).contiguous()
 
 
-def unpack_pairs(packed: torch.Tensor) -> torch.Tensor:
-    """The (N, K) matrix back from pack_pairs' blocks."""
-    blocks, pairs, _ = packed.shape
-    return packed.reshape(blocks, pairs, 16, 2).transpose(1, 2).reshape(blocks * 16, pairs * 2).contiguous()
+def unpack_blocks(blocks: torch.Tensor) -> torch.Tensor:
+    """The (N, K) matrix back from pack_blocks' blocks."""
+    count, steps, width = blocks.shape
+    step = width // 16
+    return blocks.reshape(count, steps, 16, step).transpose(1, 2).reshape(count * 16, steps * step).contiguous()
 
 
-def gemv_pairs(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x (..., K) @ W.T (+ bias) for W kept as pack_pairs(W), any number of rows: x rounded to bf16 (a bf16 x goes
-    in as it is), sums and the bias in fp32, rounded once to x's dtype (fp32 or bf16; others go in as fp32)."""
+def gemv_blocks(x: torch.Tensor, blocks: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x (..., K) @ W.T (+ bias) for W kept as pack_blocks(W), any number of rows, sums and the bias in fp32, rounded
+    once to x's dtype: fp32 weights take x in fp32; bf16 ones take x rounded to bf16 (a bf16 x goes in as it is)."""
     rows = x.reshape(-1, x.shape[-1])
-    rows = rows.contiguous() if rows.dtype in (torch.bfloat16, torch.float32) else rows.float().contiguous()
-    y = torch.ops.glmtorch_kernels.gemv_pairs(rows, packed, None if bias is None else bias.float().contiguous())
-    return y.to(x.dtype).view(*x.shape[:-1], packed.shape[0] * 16)
+    keep = rows.dtype == torch.float32 or (rows.dtype == torch.bfloat16 and blocks.dtype == torch.bfloat16)
+    rows = rows.contiguous() if keep else rows.float().contiguous()
+    y = torch.ops.glmtorch_kernels.gemv_blocks(rows, blocks, None if bias is None else bias.float().contiguous())
+    return y.to(x.dtype).view(*x.shape[:-1], blocks.shape[0] * 16)
 
 
 def takes_amx(weight: torch.Tensor) -> bool:

@@ -579,97 +579,165 @@ at::Tensor gemv_bf16dot(const at::Tensor& x, const uint16_t* wp, int64_t N, int6
 }
 #endif
 
-#ifdef GLMTORCH_BF16DOT
-// bf16 weights kept in pair-interleaved blocks (glmtorch.kernels.pack_pairs): w (N / 16, K / 2, 32) with
-// w[b, p, 2c + i] = W[16b + c, 2p + i]. One 64-byte load is the next pair of inputs of 16 output rows, which
-// VDPBF16PS multiplies against a pair of x broadcast to every lane: each output's sum stays in its own lane (no
-// horizontal sums), and a tile of 8 rows of x and 48 outputs keeps 24 accumulators for 3 weight loads and 8
-// broadcasts per pair. On an AMD EPYC (Zen 4, 2 threads) against the plain layout's dot tiles above: 64 x 1024 x
-// 5632 at 387 against 244 GFLOPS, 768 rows at 391 against 258 (oneDNN: 361), and one row read at 33 GB/s against
-// 21 (the widening stream's ~30): one layout that serves a batch-1 stream, a served batch and a prefill.
-constexpr int64_t PAIRS_MR = 8, PAIRS_NR = 3;
-constexpr int64_t PAIRS_M_CHUNK = 128;  // rows of x per pass over the weights (their bf16 copy stays in cache)
+// Weights kept in blocks of 16 output rows (glmtorch.kernels.pack_blocks), the layout a product of any number of
+// rows of x wants on AVX-512: one 64-byte load is the next input of 16 output rows (fp32: w (N / 16, K, 16),
+// w[b, k, c] = W[16b + c, k]) or their next pair of inputs (bf16: w (N / 16, K / 2, 32), w[b, p, 2c + i] =
+// W[16b + c, 2p + i]), multiplied against x's input (pair) broadcast to every lane (FMA; VDPBF16PS for bf16): each
+// output's sum stays in its own lane (no horizontal sums), and a tile of 8 rows of x and 48 outputs keeps 24
+// accumulators for 3 weight loads and 8 broadcasts a step. bf16 on an AMD EPYC (Zen 4, 2 threads), against the
+// plain layout's dot tiles above: 64 x 1024 x 5632 at 387 against 244 GFLOPS, 768 rows at 391 against 258 (oneDNN:
+// 361), and one row read at 33 GB/s against 21 (the widening stream: ~30). One layout serves a batch-1 stream, a
+// served batch and a prefill.
+#ifdef __AVX512F__
+#define GLMTORCH_BLOCKS 1
+constexpr int64_t BLOCKS_MR = 8, BLOCKS_NR = 3;
+constexpr int64_t BLOCKS_M_CHUNK = 128;  // rows of x per pass over the weights (they stay in cache meanwhile)
 
+// Where a tile's sums go: fp32 rows of y, or bf16 ones (a bf16 model's activations: rounded once, to nearest even),
+// each after the bias (fp32, or none) is added.
+struct BlocksOut {
+  void* y;
+  int64_t N;
+  const float* bias;
+  bool bf16;
+  BlocksOut at(int64_t m, int64_t n) const {
+    void* p = bf16 ? static_cast<void*>(static_cast<uint16_t*>(y) + m * N + n)
+                   : static_cast<void*>(static_cast<float*>(y) + m * N + n);
+    return {p, N, bias ? bias + n : nullptr, bf16};
+  }
+  void store(int64_t m, int64_t n, __m512 v) const {
+    if (bias) v = _mm512_add_ps(v, _mm512_loadu_ps(bias + n));
+#ifdef GLMTORCH_BF16DOT  // (bf16 rows come only with bf16 weights, which need the instruction)
+    if (bf16) {  // 16 fp32 -> 16 bf16, to nearest even
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(static_cast<uint16_t*>(y) + m * N + n), (__m256i)_mm512_cvtneps_pbh(v));
+      return;
+    }
+#endif
+    _mm512_storeu_ps(static_cast<float*>(y) + m * N + n, v);
+  }
+};
+
+// One step of a tile for each element kind: how many inputs it covers, x's broadcast, a block's load, the product.
+template <typename T>
+struct BlockStep;
+template <>
+struct BlockStep<float> {
+  static constexpr int64_t inputs = 1;
+  static __m512 broadcast(const float* x) { return _mm512_set1_ps(*x); }
+  static __m512 load(const float* w) { return _mm512_loadu_ps(w); }
+  static __m512 madd(__m512 acc, __m512 x, __m512 w) { return _mm512_fmadd_ps(x, w, acc); }
+};
+#ifdef GLMTORCH_BF16DOT
 inline int32_t load_pair(const uint16_t* p) {
   int32_t v;
   std::memcpy(&v, p, sizeof v);
   return v;
 }
-
-// Where a tile's sums go: fp32 rows of y, or bf16 ones (a bf16 model's activations: rounded once, to nearest even),
-// each after the bias (fp32, or none) is added.
-struct PairsOut {
-  void* y;
-  int64_t N;
-  const float* bias;
-  bool bf16;
-  PairsOut at(int64_t m, int64_t n) const {
-    return {bf16 ? static_cast<void*>(static_cast<uint16_t*>(y) + m * N + n) : static_cast<void*>(static_cast<float*>(y) + m * N + n),
-            N, bias ? bias + n : nullptr, bf16};
-  }
-  void store(int64_t m, int64_t n, __m512 v) const {
-    if (bias) v = _mm512_add_ps(v, _mm512_loadu_ps(bias + n));
-    if (bf16)
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(static_cast<uint16_t*>(y) + m * N + n), (__m256i)_mm512_cvtneps_pbh(v));
-    else
-      _mm512_storeu_ps(static_cast<float*>(y) + m * N + n, v);
-  }
+template <>
+struct BlockStep<uint16_t> {
+  static constexpr int64_t inputs = 2;
+  static __m512bh broadcast(const uint16_t* x) { return (__m512bh)_mm512_set1_epi32(load_pair(x)); }
+  static __m512bh load(const uint16_t* w) { return (__m512bh)_mm512_loadu_si512(w); }
+  static __m512 madd(__m512 acc, __m512bh x, __m512bh w) { return _mm512_dpbf16_ps(acc, x, w); }
 };
+#endif
 
-template <int MR, int NR>
-inline void pairs_tile(const uint16_t* x, int64_t K, const uint16_t* w, const PairsOut& y) {
+template <typename T, int MR, int NR>
+inline void blocks_tile(const T* x, int64_t K, const T* w, const BlocksOut& y) {
   // y[m, 16j + c] = sum_k x[m, k] W[16j + c, k] for m < MR, j < NR; w at the tile's first block, blocks K * 16 apart
+  using S = BlockStep<T>;
   __m512 acc[MR][NR];
   for (int m = 0; m < MR; ++m)
     for (int j = 0; j < NR; ++j) acc[m][j] = _mm512_setzero_ps();
   const int64_t block = K * 16;
-  for (int64_t p = 0; p < K / 2; ++p) {
-    __m512bh wv[NR];
-    for (int j = 0; j < NR; ++j) wv[j] = (__m512bh)_mm512_loadu_si512(w + j * block + p * 32);
+  for (int64_t k = 0; k < K; k += S::inputs) {
+    decltype(S::load(w)) wv[NR];
+    for (int j = 0; j < NR; ++j) wv[j] = S::load(w + j * block + k * 16);
     for (int m = 0; m < MR; ++m) {
-      const __m512bh xv = (__m512bh)_mm512_set1_epi32(load_pair(x + m * K + 2 * p));
-      for (int j = 0; j < NR; ++j) acc[m][j] = _mm512_dpbf16_ps(acc[m][j], xv, wv[j]);
+      const auto xv = S::broadcast(x + m * K + k);
+      for (int j = 0; j < NR; ++j) acc[m][j] = S::madd(acc[m][j], xv, wv[j]);
     }
   }
   for (int m = 0; m < MR; ++m)
     for (int j = 0; j < NR; ++j) y.store(m, 16 * j, acc[m][j]);
 }
 
-template <int NR>
-inline void pairs_rows(const uint16_t* x, int64_t M, int64_t K, const uint16_t* w, const PairsOut& y) {
+template <typename T, int NR>
+inline void blocks_rows(const T* x, int64_t M, int64_t K, const T* w, const BlocksOut& y) {
   int64_t m = 0;
-  for (; m + PAIRS_MR <= M; m += PAIRS_MR) pairs_tile<PAIRS_MR, NR>(x + m * K, K, w, y.at(m, 0));
-  const uint16_t* xm = x + m * K;
-  const PairsOut ym = y.at(m, 0);
+  for (; m + BLOCKS_MR <= M; m += BLOCKS_MR) blocks_tile<T, BLOCKS_MR, NR>(x + m * K, K, w, y.at(m, 0));
+  const T* xm = x + m * K;
+  const BlocksOut ym = y.at(m, 0);
   switch (M - m) {
-    case 1: pairs_tile<1, NR>(xm, K, w, ym); break;
-    case 2: pairs_tile<2, NR>(xm, K, w, ym); break;
-    case 3: pairs_tile<3, NR>(xm, K, w, ym); break;
-    case 4: pairs_tile<4, NR>(xm, K, w, ym); break;
-    case 5: pairs_tile<5, NR>(xm, K, w, ym); break;
-    case 6: pairs_tile<6, NR>(xm, K, w, ym); break;
-    case 7: pairs_tile<7, NR>(xm, K, w, ym); break;
+    case 1: blocks_tile<T, 1, NR>(xm, K, w, ym); break;
+    case 2: blocks_tile<T, 2, NR>(xm, K, w, ym); break;
+    case 3: blocks_tile<T, 3, NR>(xm, K, w, ym); break;
+    case 4: blocks_tile<T, 4, NR>(xm, K, w, ym); break;
+    case 5: blocks_tile<T, 5, NR>(xm, K, w, ym); break;
+    case 6: blocks_tile<T, 6, NR>(xm, K, w, ym); break;
+    case 7: blocks_tile<T, 7, NR>(xm, K, w, ym); break;
     default: break;
+  }
+}
+
+template <typename T>
+void run_blocks(const T* x, int64_t M, int64_t N, int64_t K, const T* w, const BlocksOut& out) {
+  const int64_t blocks = N / 16, groups = (blocks + BLOCKS_NR - 1) / BLOCKS_NR;
+  for (int64_t m0 = 0; m0 < M; m0 += BLOCKS_M_CHUNK) {
+    const int64_t rows = std::min(BLOCKS_M_CHUNK, M - m0);
+    at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t g = begin; g < end; ++g) {
+        const int64_t b = g * BLOCKS_NR;
+        const T* wg = w + b * K * 16;
+        const BlocksOut yg = out.at(m0, b * 16);
+        switch (std::min(BLOCKS_NR, blocks - b)) {
+          case 3: blocks_rows<T, 3>(x + m0 * K, rows, K, wg, yg); break;
+          case 2: blocks_rows<T, 2>(x + m0 * K, rows, K, wg, yg); break;
+          default: blocks_rows<T, 1>(x + m0 * K, rows, K, wg, yg); break;
+        }
+      }
+    });
   }
 }
 #endif
 
-at::Tensor gemv_pairs(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias) {
-  TORCH_CHECK(w.dim() == 3 && w.size(2) == 32 && w.scalar_type() == at::kBFloat16 && w.is_contiguous() &&
-                  w.device().is_cpu(), "gemv_pairs: the weight must be bf16 (N / 16, K / 2, 32) on the CPU (pack_pairs)");
-  const int64_t N = w.size(0) * 16, K = w.size(1) * 2;
-  TORCH_CHECK(x.dim() == 2 && x.size(0) >= 1 && x.size(1) == K && x.is_contiguous() &&
-                  (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
-              "gemv_pairs: x must be contiguous fp32 or bf16 (M, ", K, ")");
-  TORCH_CHECK(!bias || (bias->dim() == 1 && bias->size(0) == N && bias->scalar_type() == at::kFloat &&
-                        bias->is_contiguous()), "gemv_pairs: the bias must be contiguous fp32 (", N, ",)");
+int64_t block_kinds() {  // the weight kinds gemv_blocks takes here: 1 = fp32, 2 = bf16 (bits)
+  int64_t kinds = 0;
+#ifdef GLMTORCH_BLOCKS
+  kinds |= 1;
+#endif
 #ifdef GLMTORCH_BF16DOT
+  kinds |= 2;
+#endif
+  return kinds;
+}
+
+at::Tensor gemv_blocks(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias) {
+  const bool bf16_weights = w.scalar_type() == at::kBFloat16;
+  TORCH_CHECK(w.dim() == 3 && w.size(2) == (bf16_weights ? 32 : 16) && w.is_contiguous() && w.device().is_cpu() &&
+                  (bf16_weights || w.scalar_type() == at::kFloat),
+              "gemv_blocks: the weight must be fp32 (N / 16, K, 16) or bf16 (N / 16, K / 2, 32) on the CPU (pack_blocks)");
+  TORCH_CHECK(block_kinds() & (bf16_weights ? 2 : 1), "gemv_blocks: these kernels were built without ",
+              bf16_weights ? "AVX512-BF16" : "AVX-512", " (kernels.takes_blocks() is False here)");
+  const int64_t N = w.size(0) * 16, K = w.size(1) * (bf16_weights ? 2 : 1);
+  TORCH_CHECK(x.dim() == 2 && x.size(0) >= 1 && x.size(1) == K && x.is_contiguous() &&
+                  (x.scalar_type() == at::kFloat || (bf16_weights && x.scalar_type() == at::kBFloat16)),
+              "gemv_blocks: x must be contiguous fp32", bf16_weights ? " or bf16" : "", " (M, ", K, ")");
+  TORCH_CHECK(!bias || (bias->dim() == 1 && bias->size(0) == N && bias->scalar_type() == at::kFloat &&
+                        bias->is_contiguous()), "gemv_blocks: the bias must be contiguous fp32 (", N, ",)");
   const int64_t M = x.size(0);
-  const bool bf16 = x.scalar_type() == at::kBFloat16;
   at::Tensor y = at::empty({M, N}, x.options());  // in x's dtype
+#ifdef GLMTORCH_BLOCKS
+  const BlocksOut out{y.data_ptr(), N, bias ? bias->data_ptr<float>() : nullptr, x.scalar_type() == at::kBFloat16};
+  if (!bf16_weights) {
+    run_blocks<float>(x.data_ptr<float>(), M, N, K, w.data_ptr<float>(), out);
+    return y;
+  }
+#endif
+#ifdef GLMTORCH_BF16DOT
   std::vector<uint16_t> rounded;
   const uint16_t* xb;
-  if (bf16) {
+  if (x.scalar_type() == at::kBFloat16) {
     xb = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
   } else {  // x rounded to bf16 (to nearest even, as torch's conversion), as a bf16 model's activations are
     rounded.resize(M * K);
@@ -681,29 +749,9 @@ at::Tensor gemv_pairs(const at::Tensor& x, const at::Tensor& w, const c10::optio
     for (; i < M * K; ++i) rounded[i] = c10::BFloat16(xp[i]).x;
     xb = rounded.data();
   }
-  const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
-  const PairsOut out{y.data_ptr(), N, bias ? bias->data_ptr<float>() : nullptr, bf16};
-  const int64_t blocks = N / 16, groups = (blocks + PAIRS_NR - 1) / PAIRS_NR;
-  for (int64_t m0 = 0; m0 < M; m0 += PAIRS_M_CHUNK) {
-    const int64_t rows = std::min(PAIRS_M_CHUNK, M - m0);
-    at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t g = begin; g < end; ++g) {
-        const int64_t b = g * PAIRS_NR;
-        const uint16_t* wg = wp + b * K * 16;
-        const uint16_t* xg = xb + m0 * K;
-        const PairsOut yg = out.at(m0, b * 16);
-        switch (std::min(PAIRS_NR, blocks - b)) {
-          case 3: pairs_rows<3>(xg, rows, K, wg, yg); break;
-          case 2: pairs_rows<2>(xg, rows, K, wg, yg); break;
-          default: pairs_rows<1>(xg, rows, K, wg, yg); break;
-        }
-      }
-    });
-  }
-  return y;
-#else
-  TORCH_CHECK(false, "gemv_pairs: these kernels were built without AVX512-BF16 (kernels.takes_pairs() is False here)");
+  run_blocks<uint16_t>(xb, M, N, K, reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>()), out);
 #endif
+  return y;
 }
 
 int64_t bf16_dot_min_rows() {  // from how many rows of x bf16 weights meet VDPBF16PS here; 0: never (not built)
@@ -715,7 +763,7 @@ int64_t bf16_dot_min_rows() {  // from how many rows of x bf16 weights meet VDPB
 }
 
 at::Tensor gemv_float(const at::Tensor& x, const at::Tensor& w) {
-  if (w.dim() == 3) return gemv_pairs(x, w, c10::nullopt);  // a bf16 weight in pair-interleaved blocks (the fused step's plans)
+  if (w.dim() == 3) return gemv_blocks(x, w, c10::nullopt);  // a weight in blocks of 16 rows (the fused step's plans)
   const int64_t N = w.size(0), K = w.size(1);
   check(x, w, K);
   const float* xp = x.data_ptr<float>();
@@ -1470,7 +1518,8 @@ TORCH_LIBRARY(glmtorch_kernels, m) {
   m.def("gemv_int8(Tensor x, Tensor w, Tensor scales) -> Tensor");
   m.def("gemv_int4(Tensor x, Tensor w, Tensor scales, int group, int interleave=1) -> Tensor");
   m.def("int4_row_interleave() -> int", &int4_row_interleave);
-  m.def("gemv_pairs(Tensor x, Tensor w, Tensor? bias=None) -> Tensor");
+  m.def("gemv_blocks(Tensor x, Tensor w, Tensor? bias=None) -> Tensor");
+  m.def("block_kinds() -> int", &block_kinds);
   m.def("gemv_amx(Tensor x, Tensor w) -> Tensor");
   m.def("gemv_int4_amx(Tensor x, Tensor w, Tensor scales) -> Tensor");
   m.def("amx_available() -> bool", &amx_permitted);
@@ -1482,7 +1531,7 @@ TORCH_LIBRARY_IMPL(glmtorch_kernels, CPU, m) {
   m.impl("gemv_float", &gemv_float);
   m.impl("gemv_int8", &gemv_int8);
   m.impl("gemv_int4", &gemv_int4);
-  m.impl("gemv_pairs", &gemv_pairs);
+  m.impl("gemv_blocks", &gemv_blocks);
   m.impl("gemv_amx", &gemv_amx);
   m.impl("gemv_int4_amx", &gemv_int4_amx);
 }
