@@ -181,11 +181,14 @@ def test_packing_per_call_is_a_candidate_for_prefill_sized_batches_only(table, m
         layer(torch.randn(3, 64))
         layer(torch.randn(200, 64))
     assert "packed_per_call" not in offered[4] and "packed_per_call" in offered[256]
-    monkeypatch.setenv("GLMTORCH_LINEAR_PATH", "packed_per_call")
+    blocks = kernels.takes_blocks(torch.float32, 48, 64)  # the kernels' blocks of 16 rows, the same way
+    assert "blocks_per_call" not in offered[4] and ("blocks_per_call" in offered[256]) is blocks
     x = torch.randn(300, 64)
-    with torch.no_grad():
-        assert rel_err(layer(x), F.linear(x, layer.weight, layer.bias)) < 1e-6
-    assert not layer.packed  # the weight itself stays as it was
+    for path in ["packed_per_call"] + ["blocks_per_call"] * blocks:
+        monkeypatch.setenv("GLMTORCH_LINEAR_PATH", path)
+        with torch.no_grad():
+            assert rel_err(layer(x), F.linear(x, layer.weight, layer.bias)) < 1e-6
+        assert layer.layout == "plain"  # the weight itself stays as it was
 
 
 def test_the_fp32_row_order_is_measured_once_kept_and_can_be_forced(table, monkeypatch):

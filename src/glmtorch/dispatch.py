@@ -19,9 +19,10 @@ How the kernels read fp32 weights for one or two rows (four rows side by side, o
 same way, once per machine (choose_fp32_row_order).
 
 Products of 128 rows or more (prefill) may also reorder a plain weight into that layout for the one call
-(`packed_per_call`), where that beats the library's product on the plain weight even counting the reorder.
+(`packed_per_call`), or into the kernels' blocks of 16 rows (`blocks_per_call`), where that beats the library's
+product on the plain weight even counting the reorder.
 
-GLMTORCH_LINEAR_PATH=kernel|library|widen_fp32|widen_bf16|amx|packed_per_call forces a path wherever the layer offers it (a packed
+GLMTORCH_LINEAR_PATH=kernel|library|widen_fp32|widen_bf16|amx|packed_per_call|blocks_per_call forces a path wherever the layer offers it (a packed
 layer offers only `packed`, one in blocks of 16 rows only `blocks`; GLMTORCH_PACK=0 keeps every weight plain, =1
 packs for oneDNN and =blocks into the kernels' blocks without measuring).
 """
@@ -41,14 +42,16 @@ import torch
 
 from .cpuinfo import cpu_model_and_flags
 
-PATHS = ("kernel", "library", "widen_fp32", "widen_bf16", "packed", "blocks", "amx", "packed_per_call")
+PATHS = ("kernel", "library", "widen_fp32", "widen_bf16", "packed", "blocks", "amx", "packed_per_call",
+         "blocks_per_call")
 LAYOUTS = ("packed", "plain", "packed_head", "blocks")
 ROW_ORDERS = ("side_by_side", "one_at_a_time")  # choose_fp32_row_order
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
-FORMAT = 3  # 2: the fused step's bf16 AMX choices also weigh the library product; 3: packed_per_call
-# packed_per_call (reorder the weight into oneDNN's layout for one product, then drop the copy) is a candidate
-# only from this row bucket on: below it a product is bound by reading the weight, and the reorder reads and
-# writes it once more, so it cannot win there, and measuring it would hold a transient copy of every weight.
+FORMAT = 4  # 2: the fused step's bf16 AMX choices also weigh the library product; 3: packed_per_call; 4: blocks
+# packed_per_call and blocks_per_call (reorder the weight into oneDNN's layout, or the kernels' blocks of 16 rows,
+# for one product, then drop the copy) are candidates only from this row bucket on: below it a product is bound by
+# reading the weight, and the reorder reads and writes it once more, so it cannot win there, and measuring it
+# would hold a transient copy of every weight.
 PACK_PER_CALL_ROWS = 128
 MEASURE_SECONDS = 0.02  # per candidate, after its warm-up run; at least two timed runs whatever the size
 
@@ -170,13 +173,14 @@ def linear(layer, x: torch.Tensor) -> torch.Tensor:
 
 def candidates(layer, dtype: torch.dtype, rows: int) -> tuple[str, dict[str, Callable[[torch.Tensor], torch.Tensor]]]:
     """(kind, paths) that `layer` offers for `rows` rows of `dtype`: its cpu_paths, less the ones that cannot win
-    at this row count (packed_per_call below PACK_PER_CALL_ROWS)."""
+    at this row count (packed_per_call and blocks_per_call below PACK_PER_CALL_ROWS)."""
     weight = getattr(layer, "weight", None)
     if rows <= 2 and isinstance(weight, torch.Tensor) and weight.dtype == torch.float32 and not weight.is_mkldnn:
         choose_fp32_row_order()  # before the kernels' path is timed or taken
     kind, paths = layer.cpu_paths(dtype)
     if row_bucket(rows) < PACK_PER_CALL_ROWS:
         paths.pop("packed_per_call", None)
+        paths.pop("blocks_per_call", None)
     return kind, paths
 
 

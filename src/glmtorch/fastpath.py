@@ -87,8 +87,11 @@ class GemvLinear(nn.Linear):
             paths["amx"] = lambda x: kernels.gemv_amx(x, w)
         if w.dtype == torch.bfloat16:
             paths["widen_fp32"] = lambda x: kernels.widened_matmul(x, lambda i, j: w[i:j].float(), w.shape[0])
-        if packing_supported(w.dtype):  # dispatch offers it for prefill-sized batches only (PACK_PER_CALL_ROWS)
+        # dispatch offers these two for prefill-sized batches only (PACK_PER_CALL_ROWS)
+        if packing_supported(w.dtype):
             paths["packed_per_call"] = lambda x: _packed_linear(x, _reorder(w))
+        if kernels.takes_blocks(w.dtype, *w.shape):
+            paths["blocks_per_call"] = lambda x: kernels.gemv_blocks(x, kernels.pack_blocks(w))
         return kind, paths
 
     def pack(self, layout: str = "onednn") -> None:
