@@ -71,6 +71,26 @@ def test_256_concurrent_requests_with_default_settings_each_equal_alone(pair):
     assert max(seen) == 256  # all of them decoded together
 
 
+def test_weights_in_blocks_change_no_output(pair, monkeypatch):
+    """The kernels' blocks of 16 rows (pack_weights' third layout) under the engine: its padded prefill passes and
+    batched decode steps on them give each request the tokens it gets on plain weights."""
+    from glmtorch import kernels
+    from glmtorch.fastpath import pack_weights, unpack_weights
+
+    model, tokenizer = pair
+    if not kernels.takes_blocks(torch.float32, 16, 16):
+        pytest.skip("the kernels here take no fp32 blocks (AVX-512)")
+    batch = prompts(12, seed=5)
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    expected = outputs(glmtorch.LLM(model, tokenizer, prefix_caching=False), batch, params)
+    monkeypatch.setenv("GLMTORCH_PACK", "blocks")
+    try:
+        assert pack_weights(model, rows=16) > 0
+        assert outputs(glmtorch.LLM(model, tokenizer, prefix_caching=False), batch, params) == expected
+    finally:
+        unpack_weights(model)  # the module's other tests share the model
+
+
 def test_a_resumed_request_streams_each_token_once(pair):
     """Preemption is invisible to the client: the text events of a preempted request are its output exactly
     once, in order."""
