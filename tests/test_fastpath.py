@@ -474,7 +474,8 @@ def test_packing_is_decided_by_timing_the_step_once(pair, monkeypatch, dtype):
     layouts = 3 + blocks
     assert timed == [1, 4, 8] * layouts * fastpath.LAYOUT_ROUNDS
     choice = [v for k, v in dispatch.decisions().items() if k.startswith("layout") and k.endswith("at 1,4,8 rows<=8")]
-    assert choice == ["blocks" if model.lm_head.layout == "blocks" else {0: "plain", 1: "packed_head"}.get(packed, "packed")]
+    named = {0: "plain", 1: "packed_head"}.get(packed, "packed")
+    assert choice == ["blocks" if model.lm_head.layout == "blocks" else named]
     assert (model.lm_head.layout != "plain") is (packed > 0)
     assert fastpath.pack_weights(model, rows=7) == packed and timed == [1, 4, 8] * layouts * fastpath.LAYOUT_ROUNDS
     monkeypatch.setenv("GLMTORCH_PACK", "1")
@@ -486,6 +487,11 @@ def test_packing_is_decided_by_timing_the_step_once(pair, monkeypatch, dtype):
     monkeypatch.setenv("GLMTORCH_PACK", "0")
     assert fastpath.pack_weights(model, rows=5) == 0
     assert all(m.layout == "plain" for m in linears)
+    monkeypatch.setenv("GLMTORCH_PACK", "blcoks")  # a wrong value is refused, not taken for "measure"
+    with pytest.raises(ValueError, match="GLMTORCH_PACK='blcoks': expected 0"):
+        fastpath.pack_weights(model, rows=5)
+    with pytest.raises(ValueError, match="expected 'onednn' or 'blocks'"):
+        model.lm_head.pack("pairs")
 
 
 @pytest.mark.parametrize("config", sorted(CONFIGS))

@@ -22,9 +22,10 @@ Products of 128 rows or more (prefill) may also reorder a plain weight into that
 (`packed_per_call`), or into the kernels' blocks of 16 rows (`blocks_per_call`), where that beats the library's
 product on the plain weight even counting the reorder.
 
-GLMTORCH_LINEAR_PATH=kernel|library|widen_fp32|widen_bf16|amx|packed_per_call|blocks_per_call forces a path wherever the layer offers it (a packed
-layer offers only `packed`, one in blocks of 16 rows only `blocks`; GLMTORCH_PACK=0 keeps every weight plain, =1
-packs for oneDNN and =blocks into the kernels' blocks without measuring).
+GLMTORCH_LINEAR_PATH=kernel|library|widen_fp32|widen_bf16|amx|packed_per_call|blocks_per_call forces a path
+wherever the layer offers it (a packed layer offers only `packed`, one in blocks of 16 rows only `blocks`;
+GLMTORCH_PACK=0 keeps every weight plain, =1 packs for oneDNN and =blocks into the kernels' blocks without
+measuring).
 """
 
 from __future__ import annotations

@@ -35,9 +35,8 @@ class GemvLinear(nn.Linear):
     `pack(layout)` replaces the weight by the one copy a product wants, for inference: "onednn", oneDNN's blocked
     layout (an opaque mkldnn tensor, bit-identical results), or "blocks", blocks of 16 output rows
     (kernels.pack_blocks; gemv_blocks for every row count, a bf16 weight's x rounded to bf16). The state dict,
-    `.to()` and loading
-    still see the plain matrix (unpacked on the way), and a forward that needs gradients asks for `unpack()`
-    first."""
+    `.to()` and loading still see the plain matrix (unpacked on the way), and a forward that needs gradients asks
+    for `unpack()` first."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -96,6 +95,8 @@ class GemvLinear(nn.Linear):
 
     def pack(self, layout: str = "onednn") -> None:
         global _layout_changes
+        if layout not in ("onednn", "blocks"):
+            raise ValueError(f"pack(layout={layout!r}): expected 'onednn' or 'blocks'")
         if self.layout == layout:
             return
         self.unpack()
@@ -165,10 +166,10 @@ def _packed_linear(x: torch.Tensor, packed_weight: torch.Tensor, bias: torch.Ten
 def pack_weights(model: nn.Module, rows: int = 1) -> int:
     """For inference at batches of up to `rows`: keep the CPU linears' weights plain, in oneDNN's packed layout (all
     of them, or only the LM head's), or all in the kernels' blocks of 16 output rows (kernels.takes_blocks: AVX-512,
-    and AVX512-BF16 for bf16), whichever makes the decode step fastest here; returns how many layers left the plain layout. The CLI's
-    generate / chat decode one row; the server up to its full batch, and one row when a single client is served,
-    so for rows > 1 the step is timed at one row, at the batch and between (layout_sizes), and a layout must gain
-    more where it wins than it loses where it loses (relative times multiplied).
+    and AVX512-BF16 for bf16), whichever makes the decode step fastest here; returns how many layers left the plain
+    layout. The CLI's generate / chat decode one row; the server up to its full batch, and one row when a single
+    client is served, so for rows > 1 the step is timed at one row, at the batch and between (layout_sizes), and a
+    layout must gain more where it wins than it loses where it loses (relative times multiplied).
 
     Decided by timing the model's decode step each way once per machine, model shape and row bucket (dispatch.json),
     not matrix by matrix: matrices timed alone sit in the cache, and the hand kernels read plain weights from huge
@@ -178,10 +179,14 @@ def pack_weights(model: nn.Module, rows: int = 1) -> int:
     at 64 rows but 64 against 43 ms at one row (the fused step lost), LM head alone 198 / 48 ms: plain. oneDNN's
     results are bit-identical to the library product; the blocks' sum in another order (fp32; a bf16 weight's x
     rounded to bf16, as the library's bf16 product takes it). On an AMD EPYC (Zen 4, 2 threads), bf16 blocks
-    against plain and all-packed: 20 / 18 / 29 ms at one row, 27 / 41 / 39 at 8, 120 / 155 / 141 at 64. Left alone: weights shared between layers (tied embeddings: the embedding looks rows
-    up in the plain matrix), and all of it where GLMTORCH_PACK=0. GLMTORCH_PACK=1 packs all for oneDNN,
-    GLMTORCH_PACK=blocks all in blocks of 16 rows, without measuring."""
+    against plain and all-packed: 20 / 18 / 29 ms at one row, 27 / 41 / 39 at 8, 120 / 155 / 141 at 64. Left
+    alone: weights shared between layers (tied embeddings: the embedding looks rows up in the plain matrix), and
+    all of it where GLMTORCH_PACK=0. GLMTORCH_PACK=1 packs all for oneDNN, GLMTORCH_PACK=blocks all in blocks of 16
+    rows, without measuring (a layer a layout does not take stays plain)."""
     forced = os.environ.get("GLMTORCH_PACK", "").strip().lower()
+    if forced not in PACK_VALUES:
+        raise ValueError(f"GLMTORCH_PACK={forced!r}: expected 0 (plain), 1 (oneDNN's packed layout), blocks, "
+                         "or unset (measured)")
     if forced in ("0", "false", "no"):
         unpack_weights(model)
         return 0
@@ -243,6 +248,7 @@ def pack_weights(model: nn.Module, rows: int = 1) -> int:
 
 
 LAYOUT_ROUNDS = 3  # pack_weights' rounds over the layouts
+PACK_VALUES = ("", "0", "false", "no", "1", "true", "yes", "blocks")  # GLMTORCH_PACK
 
 
 def layout_sizes(rows: int) -> list[int]:

@@ -252,7 +252,8 @@ def pack_blocks(weight: torch.Tensor) -> torch.Tensor:
     gemv_blocks."""
     N, K = weight.shape
     step = 2 if weight.dtype == torch.bfloat16 else 1
-    return weight.reshape(N // 16, 16, K // step, step).transpose(1, 2).reshape(N // 16, K // step, 16 * step).contiguous()
+    blocks = weight.reshape(N // 16, 16, K // step, step).transpose(1, 2)  # (N / 16, K / step, 16, step)
+    return blocks.reshape(N // 16, K // step, 16 * step).contiguous()
 
 
 def unpack_blocks(blocks: torch.Tensor) -> torch.Tensor:

@@ -609,7 +609,8 @@ struct BlocksOut {
     if (bias) v = _mm512_add_ps(v, _mm512_loadu_ps(bias + n));
 #ifdef GLMTORCH_BF16DOT  // (bf16 rows come only with bf16 weights, which need the instruction)
     if (bf16) {  // 16 fp32 -> 16 bf16, to nearest even
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(static_cast<uint16_t*>(y) + m * N + n), (__m256i)_mm512_cvtneps_pbh(v));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(static_cast<uint16_t*>(y) + m * N + n),
+                          (__m256i)_mm512_cvtneps_pbh(v));
       return;
     }
 #endif
@@ -720,7 +721,8 @@ at::Tensor gemv_blocks(const at::Tensor& x, const at::Tensor& w, const c10::opti
   const bool bf16_weights = w.scalar_type() == at::kBFloat16;
   TORCH_CHECK(w.dim() == 3 && w.size(2) == (bf16_weights ? 32 : 16) && w.is_contiguous() && w.device().is_cpu() &&
                   (bf16_weights || w.scalar_type() == at::kFloat),
-              "gemv_blocks: the weight must be fp32 (N / 16, K, 16) or bf16 (N / 16, K / 2, 32) on the CPU (pack_blocks)");
+              "gemv_blocks: the weight must be fp32 (N / 16, K, 16) or bf16 (N / 16, K / 2, 32) on the CPU ",
+              "(pack_blocks)");
   TORCH_CHECK(block_kinds() & (bf16_weights ? 2 : 1), "gemv_blocks: these kernels were built without ",
               bf16_weights ? "AVX512-BF16" : "AVX-512", " (kernels.takes_blocks() is False here)");
   const int64_t N = w.size(0) * 16, K = w.size(1) * (bf16_weights ? 2 : 1);
