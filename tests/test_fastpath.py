@@ -579,4 +579,4 @@ def test_bench_report_shows_the_layout_decided_at_three_sizes():
               "linear_paths": {"layout 2 layers [('bfloat16', 8, 8)] at 1,8,64 rows<=64": "packed_head",
                                "bfloat16 8x8 rows<=8": "library", "something else": "kernel"}}
     text = format_report(report)
-    assert "weight layout (packed or plain) [rows<=64: packed_head]" in text and "rows<=8: library" in text
+    assert "weight layout (plain, packed or blocks) [rows<=64: packed_head]" in text and "rows<=8: library" in text
