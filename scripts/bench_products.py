@@ -36,7 +36,8 @@ def main() -> None:
     weights.append(place_on_cpu(torch.randn(p["vocab_size"], hidden).to(dtype)))
     params = sum(w.numel() for w in weights)
     model, _ = cpu_model_and_flags()
-    print(f"{model}, {torch.get_num_threads()} threads, {args.dtype}, {params * weights[0].element_size() / 1e6:.0f} MB")
+    megabytes = params * weights[0].element_size() / 1e6
+    print(f"{model}, {torch.get_num_threads()} threads, {args.dtype}, {megabytes:.0f} MB")
     paths = {"kernels": lambda x, w: torch.ops.glmtorch_kernels.gemv_float(x, w),
              "library": lambda x, w: F.linear(x.to(w.dtype), w)}
     if all(kernels.takes_blocks(w.dtype, *w.shape) for w in weights):  # the same matrices in blocks of 16 rows

@@ -367,6 +367,17 @@ def packable(*dtypes):
             for d in dtypes]
 
 
+def with_library_logits(tmp_path, monkeypatch, config: str, dtype: str):
+    """(model, ids, its plain state dict, its logits) for a model of CONFIGS[config] in `dtype`, the logits by the
+    library product on plain weights (GLMTORCH_LINEAR_PATH=library stays set)."""
+    path = save_hf(make_hf_model(**CONFIGS[config]), tmp_path / "ref")
+    model = glmtorch.GlmForCausalLM.from_pretrained(path, dtype=dtype)
+    ids = torch.randint(1, 160, (3, 9), generator=torch.Generator().manual_seed(2))
+    plain_state = {k: v.clone() for k, v in model.state_dict().items()}
+    monkeypatch.setenv("GLMTORCH_LINEAR_PATH", "library")
+    return model, ids, plain_state, model(ids).logits
+
+
 @pytest.mark.parametrize("dtype", packable("bfloat16", "float32"))
 @pytest.mark.parametrize("config", ["gqa", "tied_narrow_heads"])
 @torch.no_grad()
@@ -376,12 +387,7 @@ def test_packed_weights_give_the_library_product_bit_for_bit(tmp_path, monkeypat
     unpack_weights bring the plain weights back."""
     from glmtorch.fastpath import pack_weights, unpack_weights
 
-    path = save_hf(make_hf_model(**CONFIGS[config]), tmp_path / "ref")
-    model = glmtorch.GlmForCausalLM.from_pretrained(path, dtype=dtype)
-    ids = torch.randint(1, 160, (3, 9), generator=torch.Generator().manual_seed(2))
-    plain_state = {k: v.clone() for k, v in model.state_dict().items()}
-    monkeypatch.setenv("GLMTORCH_LINEAR_PATH", "library")
-    expected = model(ids).logits
+    model, ids, plain_state, expected = with_library_logits(tmp_path, monkeypatch, config, dtype)
     monkeypatch.setenv("GLMTORCH_PACK", "1")
     linears = [m for m in model.modules() if isinstance(m, GemvLinear)]
     assert pack_weights(model, rows=8) == len(linears) - (config == "tied_narrow_heads")
@@ -421,12 +427,7 @@ def test_weights_in_blocks_give_the_library_product(tmp_path, monkeypatch, confi
         pytest.skip(f"the kernels here do not take {dtype} blocks (AVX-512, AVX512-BF16)")
     from glmtorch.fastpath import pack_weights, unpack_weights
 
-    path = save_hf(make_hf_model(**CONFIGS[config]), tmp_path / "ref")
-    model = glmtorch.GlmForCausalLM.from_pretrained(path, dtype=dtype)
-    ids = torch.randint(1, 160, (3, 9), generator=torch.Generator().manual_seed(2))
-    plain_state = {k: v.clone() for k, v in model.state_dict().items()}
-    monkeypatch.setenv("GLMTORCH_LINEAR_PATH", "library")
-    expected = model(ids).logits
+    model, ids, plain_state, expected = with_library_logits(tmp_path, monkeypatch, config, dtype)
     expected_tokens = model.generate(ids[:1], max_new_tokens=6, do_sample=False)
     monkeypatch.delenv("GLMTORCH_LINEAR_PATH")
     monkeypatch.setenv("GLMTORCH_PACK", "blocks")

@@ -373,7 +373,8 @@ def format_report(report: dict[str, Any]) -> str:
             matrix, rows = key.rsplit(" ", 1)
             if not rows.startswith("rows<="):  # a key of another shape (an older table's): not shown
                 continue
-            for prefix, shown in (("layout", "weight layout (plain, packed or blocks)"), ("fused-step", "fused C++ step")):
+            for prefix, shown in (("layout", "weight layout (plain, packed or blocks)"),
+                                  ("fused-step", "fused C++ step")):
                 matrix = shown if matrix.startswith(prefix) else matrix  # whole-model choices: the shapes say little
             by_matrix.setdefault(matrix, []).append(f"{rows}: {path}")
         lines.append("  linear paths (measured here): " + "; ".join(

@@ -197,8 +197,7 @@ def pack_weights(model: nn.Module, rows: int = 1) -> int:
         uses[id(p)] = uses.get(id(p), 0) + 1
     candidates = [layer for layer in model.modules() if type(layer) is GemvLinear and uses.get(id(layer.weight)) == 1
                   and layer.weight.dtype in (torch.float32, torch.bfloat16)]
-    onednn = [layer for layer in candidates
-              if torch.backends.mkldnn.is_available() and packing_supported(layer.weight.dtype)]
+    onednn = [layer for layer in candidates if packing_supported(layer.weight.dtype)]
     blocks = [layer for layer in candidates
               if kernels.takes_blocks(layer.weight.dtype, layer.out_features, layer.in_features)]
     if not onednn and not blocks:

@@ -426,18 +426,15 @@ class Engine:
         ids = torch.zeros(len(requests), T, dtype=torch.long)
         for i, (f, r) in enumerate(zip(feeds, requests)):
             ids[i, :lengths[i]] = torch.tensor(f[r.position:])
-        if bool((starts == 0).all()):
-            # one set of positions for every row and no padding mask: the plain causal fast path (SDPA skips the
-            # blocks above the diagonal, and the keys are the pass's own, not gathered from the pool); a real query
-            # sees only keys at or before it, all real, and a padding query's output is never read
-            real, positions = None, torch.arange(T)
-        else:  # each row at its own positions; the causal rule alone keeps every real query on its own keys
-            real, positions = None, starts[:, None] + torch.arange(T)
+        # No padding mask: the causal rule alone keeps every real query on real keys (a padding query's output is
+        # never read). Without cached prefixes, one set of positions for every row: the plain causal fast path (SDPA
+        # skips the blocks above the diagonal, and the keys are the pass's own, not gathered from the pool).
+        positions = torch.arange(T) if bool((starts == 0).all()) else starts[:, None] + torch.arange(T)
         length = int(starts.max()) + T
         self.prefill_passes += 1
         start = time.perf_counter()
         # the prompts attend to their prefixes and themselves only
-        logits = self._do("prefill", ids, lengths, real, self._table(requests, length), length, positions)
+        logits = self._do("prefill", ids, lengths, None, self._table(requests, length), length, positions)
         self._note_prefill_rate(T * len(requests), time.perf_counter() - start)
         for f, r, row_logits in zip(feeds, requests, logits):
             self._prefilled(r, len(f), row_logits)
