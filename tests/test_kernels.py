@@ -305,3 +305,44 @@ def test_rotary_kernel_matches_the_eager_rotation(dtype, per_row):
     else:
         assert torch.allclose(got, expected, rtol=1e-6, atol=1e-5)
     assert torch.equal(got[..., R:], x.transpose(1, 2)[..., R:])
+
+
+@torch.no_grad()
+# head sizes the vector loops take (32, 64: keys 16 at a time, a partial group at the end) and one they do not (48);
+# blocks of 16 slots (groups fill blocks) and of 5 (groups cut by every block's end)
+@pytest.mark.parametrize("head_dim", [32, 64, 48])
+@pytest.mark.parametrize("block", [16, 5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_paged_attention_is_softmax_attention(head_dim, block, dtype):
+    """The decode attention of the fused step and the paged cache (paged_attention), read through scattered block
+    tables, against float64 softmax attention over each row's visible slots: rows of different lengths (1 to 70
+    slots), padding holes in the mask, 3 query heads per key/value head; a pool full of NaN outside the written
+    slots, so that a key or value read past a row's last slot or at a hole would show."""
+    g = torch.Generator().manual_seed(5)
+    N, Q, KV, D = 4, 6, 2, head_dim
+    lasts = torch.tensor([0, 15, 33, 69])
+    L = int(lasts.max()) + 1
+    per_row = -(-L // block)
+    pool_blocks = N * per_row + 1
+    keys = torch.full((pool_blocks, KV, block, D), float("nan"), dtype=dtype)
+    values = keys.clone()
+    table = (torch.randperm(N * per_row, generator=g) + 1).view(N, per_row)
+    visible = torch.rand(N, L, generator=g) > 0.2
+    k_rows = torch.randn(N, L, KV, D, generator=g).to(dtype)
+    v_rows = torch.randn(N, L, KV, D, generator=g).to(dtype)
+    for n in range(N):
+        visible[n, lasts[n]] = True
+        for j in range(int(lasts[n]) + 1):
+            if visible[n, j]:
+                keys[table[n, j // block], :, j % block] = k_rows[n, j]
+                values[table[n, j // block], :, j % block] = v_rows[n, j]
+    q = torch.randn(N, Q, D, generator=g)
+    scale = D ** -0.5
+    got = torch.ops.glmtorch_kernels.paged_attention(q, keys, values, table, lasts, visible, scale)
+    for n in range(N):
+        seen = visible[n, :lasts[n] + 1].nonzero().flatten()
+        k = k_rows[n, seen].double().repeat_interleave(Q // KV, 1)  # (S, Q, D)
+        v = v_rows[n, seen].double().repeat_interleave(Q // KV, 1)
+        weights = torch.softmax(torch.einsum("qd,sqd->qs", q[n].double(), k) * scale, -1)
+        expected = torch.einsum("qs,sqd->qd", weights, v)
+        assert rel(got[n], expected) < 1e-6, (n, rel(got[n], expected))

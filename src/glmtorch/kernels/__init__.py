@@ -65,7 +65,8 @@ def _build() -> bool:
 
         _put_ninja_on_path()
         flags = ["-O3", "-march=native", "-fopenmp"]
-        _state["name"] = extension_name(sources, flags)
+        # the header's text is in the build's name too: a change to it alone must rebuild
+        _state["name"] = extension_name(sources + [os.path.join(folder, "fast_exp.h")], flags)
         with _announce_build():
             load(name=_state["name"], sources=sources, extra_cflags=flags,
                  extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)

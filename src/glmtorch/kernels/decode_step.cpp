@@ -27,7 +27,11 @@
 #include <type_traits>
 #include <vector>
 
+#include "fast_exp.h"
+
 namespace {
+
+using glmtorch_kernels_math::fast_exp;
 
 // A linear layer as the kernels take it (gemv.cpp): float weights (fp32 / bf16), int8 with per-row scales, or
 // int4 with per-group scales and an optional row interleave.
@@ -136,19 +140,53 @@ inline bool with_chunks(int64_t D, F f) {
   }
 }
 
-// The scores of one key (C x 16 values) against G query heads (q, D apart): each head's sum in its own register
-// chain, so the G sums overlap instead of one waiting on the next.
+// One vector of 16 sums: lane i is the sum of v[i]'s 16 lanes. A tree of unpacks and lane shuffles with 15 adds,
+// in place of 16 horizontal sums (each a chain of 4 shuffle-adds), which were most of a decode step's attention.
+inline __m512 sum16(__m512 v[16]) {
+  __m512 a[8], b[4];
+  for (int i = 0; i < 8; ++i)  // per 128-bit lane: v[2i] partial sums at positions 0, 2; v[2i + 1] at 1, 3
+    a[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+  for (int i = 0; i < 4; ++i) {  // per 128-bit lane: the partial sums of v[4i], v[4i + 1], v[4i + 2], v[4i + 3]
+    const __m512d x = _mm512_castps_pd(a[2 * i]), y = _mm512_castps_pd(a[2 * i + 1]);
+    b[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)), _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
+  }
+  // 128-bit lane k of the result: the four lanes of b[k] added
+  const __m512 u0 = _mm512_add_ps(_mm512_shuffle_f32x4(b[0], b[1], _MM_SHUFFLE(1, 0, 1, 0)),
+                                  _mm512_shuffle_f32x4(b[0], b[1], _MM_SHUFFLE(3, 2, 3, 2)));
+  const __m512 u1 = _mm512_add_ps(_mm512_shuffle_f32x4(b[2], b[3], _MM_SHUFFLE(1, 0, 1, 0)),
+                                  _mm512_shuffle_f32x4(b[2], b[3], _MM_SHUFFLE(3, 2, 3, 2)));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(u0, u1, _MM_SHUFFLE(2, 0, 2, 0)),
+                       _mm512_shuffle_f32x4(u0, u1, _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+// The scores of n <= 16 consecutive keys (C x 16 values each, `stride` apart) against G query heads (q, D apart):
+// scores[g * L + i] for key i. A bf16 cache's keys are widened once into a local copy, not once per head.
 template <int C, typename T>
-inline void key_scores(const T* k, const float* q, int64_t G, float scale, float* scores, int64_t L, float* top) {
-  __m512 kv[C];
-  for (int c = 0; c < C; ++c) kv[c] = load16(k + 16 * c);
+inline void key_scores16(const T* k, int64_t stride, int64_t n, const float* q, int64_t G, float scale,
+                         float* scores, int64_t L) {
+  alignas(64) float wide[16 * 16 * C];
+  const float* keys = wide;
+  int64_t step = 16 * C;
+  if constexpr (std::is_same_v<T, float>) {
+    keys = k, step = stride;
+  } else {
+    for (int64_t i = 0; i < n; ++i)
+      for (int c = 0; c < C; ++c) _mm512_store_ps(wide + i * 16 * C + 16 * c, load16(k + i * stride + 16 * c));
+  }
+  const __mmask16 valid = static_cast<__mmask16>((1u << n) - 1);
   for (int64_t g = 0; g < G; ++g) {
-    const float* qg = q + g * 16 * C;
-    __m512 s = _mm512_mul_ps(_mm512_loadu_ps(qg), kv[0]);
-    for (int c = 1; c < C; ++c) s = _mm512_fmadd_ps(_mm512_loadu_ps(qg + 16 * c), kv[c], s);
-    const float score = _mm512_reduce_add_ps(s) * scale;
-    scores[g * L] = score;
-    top[g] = std::max(top[g], score);
+    __m512 qv[C];
+    for (int c = 0; c < C; ++c) qv[c] = _mm512_loadu_ps(q + g * 16 * C + 16 * c);
+    __m512 p[16];
+    for (int i = 0; i < 16; ++i) {
+      if (i >= n) {
+        p[i] = _mm512_setzero_ps();
+        continue;
+      }
+      p[i] = _mm512_mul_ps(qv[0], _mm512_loadu_ps(keys + i * step));
+      for (int c = 1; c < C; ++c) p[i] = _mm512_fmadd_ps(qv[c], _mm512_loadu_ps(keys + i * step + 16 * c), p[i]);
+    }
+    _mm512_mask_storeu_ps(scores + g * L, valid, _mm512_mul_ps(sum16(p), _mm512_set1_ps(scale)));
   }
 }
 
@@ -189,38 +227,50 @@ void attend_cached(const CacheLayout& c, const T* kc, const T* vc, int64_t B, in
       const int64_t b = task / KV, h = task % KV, last = last_of[b];
       const bool* seen = seen_of ? seen_of + b * L : nullptr;
       const float* q = q_of + b * q_stride + h * G * D;  // the G query heads of key/value head h, one after another
-      std::fill(top.begin(), top.end(), -INFINITY);
-      // each key read once for all G query heads (it stays in L1 meanwhile; read G times, it came from L2)
+      // every slot's score up to last (keys 16 at a time), then the masked ones set to -inf
       for (int64_t first = 0; first <= last; first += c.span) {  // block by block (one, unpaged)
         const T* k_block = kc + c.offset(b, h, first);
-        for (int64_t j = first; j <= std::min(last, first + c.span - 1); ++j) {
-          if (seen && !seen[j] && j != last) {
-            for (int64_t g = 0; g < G; ++g) scores[g * L + j] = -INFINITY;
-            continue;
-          }
-          const T* k = k_block + (j - first) * c.slot_stride;
+        const int64_t end = std::min(last, first + c.span - 1);
 #if defined(__AVX512F__)
-          if (with_chunks(D, [&](auto C) {
-                key_scores<C()>(k, q, G, static_cast<float>(scale), scores.data() + j, L, top.data());
-              }))
-            continue;
+        if (with_chunks(D, [&](auto C) {
+              for (int64_t j = first; j <= end; j += 16)
+                key_scores16<C()>(k_block + (j - first) * c.slot_stride, c.slot_stride,
+                                  std::min<int64_t>(16, end - j + 1), q, G, static_cast<float>(scale),
+                                  scores.data() + j, L);
+            }))
+          continue;
 #endif
+        for (int64_t j = first; j <= end; ++j) {
+          const T* k = k_block + (j - first) * c.slot_stride;
           for (int64_t g = 0; g < G; ++g) {
             const float* qg = q + g * D;
             float dot = 0.f;
 #pragma omp simd reduction(+ : dot)
             for (int64_t d = 0; d < D; ++d) dot += qg[d] * static_cast<float>(k[d]);
-            const float score = dot * static_cast<float>(scale);
-            scores[g * L + j] = score;
-            top[g] = std::max(top[g], score);
+            scores[g * L + j] = dot * static_cast<float>(scale);
           }
         }
       }
+      if (seen)
+        for (int64_t j = 0; j < last; ++j)
+          if (!seen[j])
+            for (int64_t g = 0; g < G; ++g) scores[g * L + j] = -INFINITY;
+      for (int64_t g = 0; g < G; ++g) {
+        const float* s = scores.data() + g * L;
+        float most = -INFINITY;
+#pragma omp simd reduction(max : most)
+        for (int64_t j = 0; j <= last; ++j) most = std::max(most, s[j]);
+        top[g] = most;
+      }
       for (int64_t g = 0; g < G; ++g) {
         float* s = scores.data() + g * L;
+        const float most = top[g];
         float sum = 0.f;
+        // fast_exp vectorizes (std::exp in this loop was a third of a 64-row step's attention); a masked slot
+        // (-inf) weighs exactly 0, as with std::exp
+#pragma omp simd reduction(+ : sum)
         for (int64_t j = 0; j <= last; ++j) {
-          s[j] = std::exp(s[j] - top[g]);
+          s[j] = s[j] == -INFINITY ? 0.f : fast_exp(s[j] - most);
           sum += s[j];
         }
         total[g] = sum;
@@ -295,22 +345,21 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& keys, const at
   return out;
 }
 
-// weight * (x / sqrt(mean(x^2) + eps)) per row, as RMSNorm in fp32
+// weight * (x / sqrt(mean(x^2) + eps)) per row, as RMSNorm in fp32: elementwise.cpp's op (rows over the threads,
+// the loops vectorized), the one the layer-by-layer path runs too
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
-  const int64_t M = x.size(0), H = x.size(1);
-  auto y = at::empty_like(x);
-  const float* xp = x.data_ptr<float>();
-  const float* wp = weight.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
-  for (int64_t m = 0; m < M; ++m) {
-    const float* row = xp + m * H;
-    float squares = 0.f;
-#pragma omp simd reduction(+ : squares)
-    for (int64_t i = 0; i < H; ++i) squares += row[i] * row[i];
-    const float inverse = 1.f / std::sqrt(squares / static_cast<float>(H) + static_cast<float>(eps));
-    for (int64_t i = 0; i < H; ++i) yp[m * H + i] = wp[i] * (row[i] * inverse);
-  }
-  return y;
+  static auto op = c10::Dispatcher::singleton()
+      .findSchemaOrThrow("glmtorch_kernels::rms_norm", "")
+      .typed<at::Tensor(const at::Tensor&, const at::Tensor&, double)>();
+  return op.call(x, weight, eps);
+}
+
+// up * silu(gate) of gate_up = [gate | up], elementwise.cpp's op: its exp is plain arithmetic the compiler
+// vectorizes (std::exp in a scalar loop was ~1.5 ms of a 64-row step of the demo model, more than its products)
+at::Tensor silu_mul(const at::Tensor& gate_up) {
+  static auto op = c10::Dispatcher::singleton()
+      .findSchemaOrThrow("glmtorch_kernels::silu_mul", "").typed<at::Tensor(const at::Tensor&)>();
+  return op.call(gate_up);
 }
 
 void add_into(at::Tensor& x, const at::Tensor& y) {
@@ -469,15 +518,7 @@ struct DecodePlan : torch::CustomClassHolder {
       add_output(x, apply(linears[ly.o], attended), ly.attn_out_norm);
 
       at::Tensor gate_up = apply(linears[ly.gate_up], rms_norm(x, ly.post_norm, eps));  // (B, 2 I): [gate | up]
-      const int64_t I = gate_up.size(1) / 2;
-      auto act = at::empty({B, I}, x.options());
-      const float* gu = gate_up.data_ptr<float>();
-      float* ap = act.data_ptr<float>();
-      for (int64_t b = 0; b < B; ++b)
-        for (int64_t i = 0; i < I; ++i) {
-          const float g = gu[b * 2 * I + i];
-          ap[b * I + i] = gu[b * 2 * I + I + i] * (g / (1.f + std::exp(-g)));
-        }
+      const at::Tensor act = silu_mul(gate_up);
       add_output(x, apply(linears[ly.down], act), ly.mlp_out_norm);
     }
     if (lm_head < 0) return rms_norm(x, final_norm, eps);  // the head runs outside (a packed oneDNN weight)
