@@ -91,6 +91,36 @@ def test_weights_in_blocks_change_no_output(pair, monkeypatch):
         unpack_weights(model)  # the module's other tests share the model
 
 
+def test_decode_steps_write_their_logits_into_one_reused_buffer(pair, monkeypatch):
+    """The fused CPU step writes each decode step's logits into the engine's buffer (no fresh tensor per step: a
+    server's are 39 MB), and reusing it changes no output: every step's logits are read before the next is made."""
+    from glmtorch.fastpath import FusedDecodeStep
+    from glmtorch.serve.engine import Engine
+
+    model, tokenizer = pair
+    batch = prompts(12, seed=6)
+    params = [SamplingParams(max_tokens=10, ignore_eos=True, temperature=0.8 if i % 2 else 0, seed=i,
+                             repetition_penalty=1.3 if i % 3 == 0 else 1.0) for i in range(12)]
+    llm = glmtorch.LLM(model, tokenizer, prefix_caching=False)
+    if not isinstance(llm.engine.step_fn, FusedDecodeStep):
+        pytest.skip("no fused CPU step here (kernels off)")
+    seen = []
+    real_step = Engine._op_step
+
+    def step(self, *args):
+        logits = real_step(self, *args)
+        seen.append(logits.data_ptr() == self.logits.data_ptr())
+        return logits
+
+    monkeypatch.setattr(Engine, "_op_step", step)
+    got = outputs(llm, batch, params)
+    assert len(seen) >= 9 and all(seen)
+    monkeypatch.setattr(Engine, "_op_step", real_step)
+    monkeypatch.setattr(Engine, "_logits_buffer", lambda self, rows: torch.empty(rows, model.config.vocab_size))
+    fresh = glmtorch.LLM(model, tokenizer, prefix_caching=False)
+    assert outputs(fresh, batch, params) == got
+
+
 def test_a_resumed_request_streams_each_token_once(pair):
     """Preemption is invisible to the client: the text events of a preempted request are its output exactly
     once, in order."""

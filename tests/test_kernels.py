@@ -346,3 +346,26 @@ def test_paged_attention_is_softmax_attention(head_dim, block, dtype):
         weights = torch.softmax(torch.einsum("qd,sqd->qs", q[n].double(), k) * scale, -1)
         expected = torch.einsum("qs,sqd->qd", weights, v)
         assert rel(got[n], expected) < 1e-6, (n, rel(got[n], expected))
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("rows", [1, 3, 40])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("blocks", [False, True])
+def test_a_product_into_the_callers_buffer_is_the_product(rows, dtype, blocks):
+    """gemv_float_out (the fused step's logits into a buffer the server reuses) writes gemv_float's result into the
+    buffer given, for every layout and row path; a buffer of the wrong shape or dtype is refused, named."""
+    if blocks and not kernels.takes_blocks(dtype, 64, 64):
+        pytest.skip("no blocks for this dtype here")
+    g = torch.Generator().manual_seed(7)
+    weight = torch.randn(64, 64, generator=g).to(dtype)
+    if blocks:
+        weight = kernels.pack_blocks(weight)
+    x = torch.randn(rows, 64, generator=g)
+    out = torch.full((rows, 64), float("nan"))
+    torch.ops.glmtorch_kernels.gemv_float_out(x, weight, out)
+    assert torch.equal(out, torch.ops.glmtorch_kernels.gemv_float(x, weight))
+    for wrong in (torch.empty(rows, 63), torch.empty(rows + 1, 64), torch.empty(rows, 64, dtype=torch.float64),
+                  torch.empty(rows, 128)[:, ::2]):
+        with pytest.raises(RuntimeError, match="out must be a contiguous"):
+            torch.ops.glmtorch_kernels.gemv_float_out(x, weight, wrong)

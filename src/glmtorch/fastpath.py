@@ -477,7 +477,8 @@ class FusedDecodeStep:
             cache.advance(T)
         return logits
 
-    def rows_step(self, model, tokens, positions, attention_mask, cache, cache_rows, slots=None) -> torch.Tensor | None:
+    def rows_step(self, model, tokens, positions, attention_mask, cache, cache_rows, slots=None,
+                  logits=None) -> torch.Tensor | None:
         """Logits of rows that each name their cache row (`cache_rows`; a paged cache's rows carry their block
         tables instead) and write at their own slot (`slots`, default their positions): several tokens of a
         sequence among the other sequences' one each (a served batch verifying proposals). None where the plan does
@@ -490,22 +491,27 @@ class FusedDecodeStep:
             return None
         self._choose_amx(tokens.shape[0])
         return self._run_plan(model, tokens, positions, positions if slots is None else slots, attention_mask, cache,
-                              cache_rows)
+                              cache_rows, logits)
 
-    def __call__(self, model, tokens, position_ids, cache_position, attention_mask, cache) -> torch.Tensor:
+    def __call__(self, model, tokens, position_ids, cache_position, attention_mask, cache,
+                 logits=None) -> torch.Tensor:
+        """(B, vocab) logits of one new token per row. `logits`: a (B, vocab) fp32 buffer the step may write them
+        into (a caller that reuses one buffer, the server: large fresh tensors are page-faulted in at every step);
+        read the returned tensor, which is that buffer or a new one."""
         self._ensure_plan(model)
         rows = tokens.shape[0]
         if rows > self.max_rows or not self._kernels_win(model, rows):
             return self.fallback(model, tokens, position_ids, cache_position, attention_mask, cache)
-        logits = self._run_plan(model, tokens, position_ids, cache_position, attention_mask, cache)
+        logits = self._run_plan(model, tokens, position_ids, cache_position, attention_mask, cache, None, logits)
         cache.advance(1)
         return logits
 
     def _run_plan(self, model, tokens, position_ids, cache_position, attention_mask, cache,
-                  cache_rows=None) -> torch.Tensor:
+                  cache_rows=None, logits=None) -> torch.Tensor:
         cache.length = attention_mask.shape[1]
         out = self.plan.step(tokens, position_ids, cache_position, attention_mask, cache.key_buffer,
-                             cache.value_buffer, cache_rows, getattr(cache, "block_table", None))
+                             cache.value_buffer, cache_rows, getattr(cache, "block_table", None),
+                             None if self.head_outside else logits)
         return model.lm_head(out.to(model.dtype)) if self.head_outside else out
 
     def _kernels_win(self, model, rows: int) -> bool:

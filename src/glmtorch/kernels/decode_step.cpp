@@ -51,9 +51,14 @@ inline int64_t row_bucket_index(int64_t rows) {  // glmtorch.dispatch.BUCKETS: 1
   return b;
 }
 
-at::Tensor apply(const Linear& l, const at::Tensor& x) {
+// x's product with l (and its bias). `into`: a buffer for the result, taken where l's kind can write into one (float
+// weights off the AMX tiles; the returned tensor is the one to read either way).
+at::Tensor apply(const Linear& l, const at::Tensor& x, const c10::optional<at::Tensor>& into = c10::nullopt) {
   static auto gemv_float = c10::Dispatcher::singleton()
       .findSchemaOrThrow("glmtorch_kernels::gemv_float", "").typed<at::Tensor(const at::Tensor&, const at::Tensor&)>();
+  static auto gemv_float_out = c10::Dispatcher::singleton()
+      .findSchemaOrThrow("glmtorch_kernels::gemv_float_out", "")
+      .typed<void(const at::Tensor&, const at::Tensor&, at::Tensor&)>();
   static auto gemv_int8 = c10::Dispatcher::singleton()
       .findSchemaOrThrow("glmtorch_kernels::gemv_int8", "")
       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&)>();
@@ -66,11 +71,17 @@ at::Tensor apply(const Linear& l, const at::Tensor& x) {
       .findSchemaOrThrow("glmtorch_kernels::gemv_int4_amx", "")
       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&)>();
   const bool amx = (l.amx_buckets >> row_bucket_index(x.size(0))) & 1;
-  at::Tensor y = amx && l.kind == KIND_FLOAT  ? gemv_amx.call(x, l.weight)
-                 : amx && l.kind == KIND_INT4 ? gemv_int4_amx.call(x, l.weight, l.scales)
-                 : l.kind == KIND_FLOAT       ? gemv_float.call(x, l.weight)
-                 : l.kind == KIND_INT8 ? gemv_int8.call(x, l.weight, l.scales)
-                                       : gemv_int4.call(x, l.weight, l.scales, l.group, l.interleave);
+  at::Tensor y;
+  if (into && !amx && l.kind == KIND_FLOAT) {
+    y = *into;
+    gemv_float_out.call(x, l.weight, y);
+  } else {
+    y = amx && l.kind == KIND_FLOAT  ? gemv_amx.call(x, l.weight)
+        : amx && l.kind == KIND_INT4 ? gemv_int4_amx.call(x, l.weight, l.scales)
+        : l.kind == KIND_FLOAT       ? gemv_float.call(x, l.weight)
+        : l.kind == KIND_INT8        ? gemv_int8.call(x, l.weight, l.scales)
+                                     : gemv_int4.call(x, l.weight, l.scales, l.group, l.interleave);
+  }
   if (l.bias.defined()) {
     const int64_t M = y.size(0), N = y.size(1);
     float* yp = y.data_ptr<float>();
@@ -426,21 +437,25 @@ struct DecodePlan : torch::CustomClassHolder {
   // With a block_table (B, blocks) the cache is paged (a server's block pool): keys / values are (layers, pool
   // blocks, KV, block size, D), and slot j of row b lives in block block_table[b][j / block size] at offset
   // j % block size; cache_rows is then not used (rows of one sequence share its table).
+  // `logits`: a (B, vocab) fp32 buffer the LM head may write into (see apply), which the caller reuses step after
+  // step instead of a fresh tensor each time.
   at::Tensor step(const at::Tensor& tokens, const at::Tensor& positions, const at::Tensor& slots,
                   const at::Tensor& mask, const at::Tensor& keys, const at::Tensor& values,
-                  c10::optional<at::Tensor> cache_rows, c10::optional<at::Tensor> block_table) const {
+                  c10::optional<at::Tensor> cache_rows, c10::optional<at::Tensor> block_table,
+                  c10::optional<at::Tensor> logits) const {
     TORCH_CHECK(keys.scalar_type() == values.scalar_type() &&
                     (keys.scalar_type() == at::kFloat || keys.scalar_type() == at::kBFloat16),
                 "the cache must be fp32 or bf16");
     if (keys.scalar_type() == at::kBFloat16)
-      return run<at::BFloat16>(tokens, positions, slots, mask, keys, values, cache_rows, block_table);
-    return run<float>(tokens, positions, slots, mask, keys, values, cache_rows, block_table);
+      return run<at::BFloat16>(tokens, positions, slots, mask, keys, values, cache_rows, block_table, logits);
+    return run<float>(tokens, positions, slots, mask, keys, values, cache_rows, block_table, logits);
   }
 
   template <typename T>
   at::Tensor run(const at::Tensor& tokens, const at::Tensor& positions, const at::Tensor& slots,
                  const at::Tensor& mask, const at::Tensor& keys, const at::Tensor& values,
-                 const c10::optional<at::Tensor>& cache_rows, const c10::optional<at::Tensor>& block_table) const {
+                 const c10::optional<at::Tensor>& cache_rows, const c10::optional<at::Tensor>& block_table,
+                 const c10::optional<at::Tensor>& logits) const {
     const int64_t B = tokens.size(0), H = embed.size(1), L = mask.size(1), D = head_dim, R = rotary_dim;
     const int64_t Q = heads, KV = kv_heads;
     const CacheLayout layout = cache_layout(keys, values, B, KV, D, L, cache_rows, block_table);
@@ -522,7 +537,7 @@ struct DecodePlan : torch::CustomClassHolder {
       add_output(x, apply(linears[ly.down], act), ly.mlp_out_norm);
     }
     if (lm_head < 0) return rms_norm(x, final_norm, eps);  // the head runs outside (a packed oneDNN weight)
-    return apply(linears[lm_head], rms_norm(x, final_norm, eps));
+    return apply(linears[lm_head], rms_norm(x, final_norm, eps), logits);
   }
 };
 

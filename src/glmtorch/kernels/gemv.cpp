@@ -176,11 +176,21 @@ inline void dot_rows(const float* x, int64_t K, Load load_weight, Out out) {
   }
 }
 
+// The (M, N) result of a product with x's M rows: the caller's `out` where it gives one (gemv_float_out: the fused
+// step's logits go into a buffer the server reuses; 64 rows of a 151,552-word vocabulary in fp32 are 39 MB, which
+// glibc maps afresh at every step, ~13 ms of page faults on two cores, a tenth of the step), else a new tensor.
+at::Tensor result(const at::Tensor& x, int64_t N, const at::Tensor* out) {
+  if (out == nullptr) return at::empty({x.size(0), N}, x.options());
+  TORCH_CHECK(out->device().is_cpu() && out->scalar_type() == x.scalar_type() && out->is_contiguous() &&
+                  out->dim() == 2 && out->size(0) == x.size(0) && out->size(1) == N,
+              "out must be a contiguous (", x.size(0), ", ", N, ") CPU tensor in x's dtype");
+  return *out;
+}
+
 template <typename RowFn>
-at::Tensor run(const at::Tensor& x, int64_t N, RowFn row_fn) {
+at::Tensor run(const at::Tensor& x, int64_t N, RowFn row_fn, const at::Tensor* out = nullptr) {
   // row_fn(n, out) computes column n of the result, out(m), for every row m of x.
-  const int64_t M = x.size(0);
-  auto y = at::empty({M, N}, x.options());
+  auto y = result(x, N, out);
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) row_fn(n, Out{yp + n, N});
@@ -284,12 +294,13 @@ inline void tile_column(const float* x, int64_t M, int64_t K, FirstLoad first_lo
 }
 
 template <typename LoadWeights>  // load_weights(n, k) -> Vec8 of weight row n from k
-at::Tensor run_tiled(const at::Tensor& x, const at::Tensor& w, LoadWeights load_weights) {
+at::Tensor run_tiled(const at::Tensor& x, const at::Tensor& w, LoadWeights load_weights,
+                     const at::Tensor* out = nullptr) {
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
   const float* xp = x.data_ptr<float>();
   const char* wbytes = static_cast<const char*>(w.data_ptr());
   const int64_t esize = w.element_size();
-  auto y = at::empty({M, N}, x.options());
+  auto y = result(x, N, out);
   float* yp = y.data_ptr<float>();
   const int64_t columns = (N + TILE_N - 1) / TILE_N;
   at::parallel_for(0, columns, 16, [&](int64_t begin, int64_t end) {
@@ -354,10 +365,11 @@ inline void stream_group(const float* x, int64_t K, int64_t n0, int64_t rows, Lo
 }
 
 template <typename LoadWeights>  // load_weights(n, k) -> Vec8 of weight row n from k
-at::Tensor run_streams(const at::Tensor& x, const at::Tensor& w, LoadWeights load_weights) {
+at::Tensor run_streams(const at::Tensor& x, const at::Tensor& w, LoadWeights load_weights,
+                       const at::Tensor* out = nullptr) {
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
   const float* xp = x.data_ptr<float>();
-  auto y = at::empty({M, N}, x.options());
+  auto y = result(x, N, out);
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, (N + STREAMS - 1) / STREAMS, 16, [&](int64_t begin, int64_t end) {
     for (int64_t n0 = begin * STREAMS; n0 < std::min(end * STREAMS, N); n0 += STREAMS) {
@@ -438,12 +450,13 @@ inline void panel_tile(const float* x, int64_t K, const float* panel, int64_t kc
 }
 
 template <typename LoadWeights>
-at::Tensor run_panels(const at::Tensor& x, const at::Tensor& w, LoadWeights load_weights) {
+at::Tensor run_panels(const at::Tensor& x, const at::Tensor& w, LoadWeights load_weights,
+                      const at::Tensor* out = nullptr) {
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
   const float* xp = x.data_ptr<float>();
   const char* wbytes = static_cast<const char*>(w.data_ptr());
   const int64_t esize = w.element_size(), row_bytes = K * esize;
-  auto y = at::empty({M, N}, x.options());
+  auto y = result(x, N, out);
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, (N + PANEL_N - 1) / PANEL_N, 4, [&](int64_t begin, int64_t end) {
     alignas(64) float panel[PANEL_K * PANEL_N];
@@ -559,9 +572,10 @@ inline void bf16dot_rows(const uint16_t* x, int64_t M, int64_t K, const uint16_t
   }
 }
 
-at::Tensor gemv_bf16dot(const at::Tensor& x, const uint16_t* wp, int64_t N, int64_t K) {
+at::Tensor gemv_bf16dot(const at::Tensor& x, const uint16_t* wp, int64_t N, int64_t K,
+                        const at::Tensor* out = nullptr) {
   const int64_t M = x.size(0);
-  at::Tensor y = at::empty({M, N}, x.options());
+  at::Tensor y = result(x, N, out);
   std::vector<uint16_t> xb(M * K);  // x in bf16, K a multiple of 32 (checked by the caller)
   const float* xp = x.data_ptr<float>();
   for (int64_t i = 0; i < M * K; i += 32)  // 32 floats -> 32 bf16, in order
@@ -717,7 +731,8 @@ int64_t block_kinds() {  // the weight kinds gemv_blocks takes here: 1 = fp32, 2
   return kinds;
 }
 
-at::Tensor gemv_blocks(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias) {
+at::Tensor blocks_product(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
+                          const at::Tensor* into) {
   const bool bf16_weights = w.scalar_type() == at::kBFloat16;
   TORCH_CHECK(w.dim() == 3 && w.size(2) == (bf16_weights ? 32 : 16) && w.is_contiguous() && w.device().is_cpu() &&
                   (bf16_weights || w.scalar_type() == at::kFloat),
@@ -732,7 +747,7 @@ at::Tensor gemv_blocks(const at::Tensor& x, const at::Tensor& w, const c10::opti
   TORCH_CHECK(!bias || (bias->dim() == 1 && bias->size(0) == N && bias->scalar_type() == at::kFloat &&
                         bias->is_contiguous()), "gemv_blocks: the bias must be contiguous fp32 (", N, ",)");
   const int64_t M = x.size(0);
-  at::Tensor y = at::empty({M, N}, x.options());  // in x's dtype
+  at::Tensor y = result(x, N, into);  // in x's dtype
 #ifdef GLMTORCH_BLOCKS
   const BlocksOut out{y.data_ptr(), N, bias ? bias->data_ptr<float>() : nullptr, x.scalar_type() == at::kBFloat16};
   if (!bf16_weights) {
@@ -768,8 +783,8 @@ int64_t bf16_dot_min_rows() {  // from how many rows of x bf16 weights meet VDPB
 #endif
 }
 
-at::Tensor gemv_float(const at::Tensor& x, const at::Tensor& w) {
-  if (w.dim() == 3) return gemv_blocks(x, w, c10::nullopt);  // a weight in blocks of 16 rows (the fused step's plans)
+at::Tensor float_product(const at::Tensor& x, const at::Tensor& w, const at::Tensor* out) {
+  if (w.dim() == 3) return blocks_product(x, w, c10::nullopt, out);  // a weight in blocks of 16 rows (fused step)
   const int64_t N = w.size(0), K = w.size(1);
   check(x, w, K);
   const float* xp = x.data_ptr<float>();
@@ -777,23 +792,24 @@ at::Tensor gemv_float(const at::Tensor& x, const at::Tensor& w) {
   if (w.scalar_type() == at::kFloat) {
     const float* wp = w.data_ptr<float>();
 #if defined(__AVX2__) && defined(__FMA__)
-    if (M >= PANEL_MIN_ROWS) return run_panels(x, w, [&](int64_t n, int64_t k) { return Vec8::load(wp + n * K + k); });
-    if (M >= 3) return run_tiled(x, w, [&](int64_t n, int64_t k) { return Vec8::load(wp + n * K + k); });
+    auto load = [&](int64_t n, int64_t k) { return Vec8::load(wp + n * K + k); };
+    if (M >= PANEL_MIN_ROWS) return run_panels(x, w, load, out);
+    if (M >= 3) return run_tiled(x, w, load, out);
     if (fp32_row_order.load(std::memory_order_relaxed) == 1)
-      return run(x, N, [&](int64_t n, Out out) {
-        if (M == 1) f32_one_row<1>(xp, K, wp + n * K, out);
-        else f32_one_row<2>(xp, K, wp + n * K, out);
-      });
-    return run_streams(x, w, [&](int64_t n, int64_t k) { return Vec8::load(wp + n * K + k); });
+      return run(x, N, [&](int64_t n, Out o) {
+        if (M == 1) f32_one_row<1>(xp, K, wp + n * K, o);
+        else f32_one_row<2>(xp, K, wp + n * K, o);
+      }, out);
+    return run_streams(x, w, load, out);
 #endif
-    return run(x, N, [&](int64_t n, Out out) {
-      FOR_ROW_GROUPS(M, (f32_row<R>(xp + g0 * K, K, wp + n * K, out.from_row(g0))));
-    });
+    return run(x, N, [&](int64_t n, Out o) {
+      FOR_ROW_GROUPS(M, (f32_row<R>(xp + g0 * K, K, wp + n * K, o.from_row(g0))));
+    }, out);
   }
   TORCH_CHECK(w.scalar_type() == at::kBFloat16, "weight must be fp32 or bf16");
   const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.data_ptr());
 #ifdef GLMTORCH_BF16DOT
-  if (M >= BF16DOT_MIN_ROWS && K % 32 == 0) return gemv_bf16dot(x, wp, N, K);
+  if (M >= BF16DOT_MIN_ROWS && K % 32 == 0) return gemv_bf16dot(x, wp, N, K, out);
 #endif
 #if defined(__AVX2__) && defined(__FMA__)
   if (M <= 2) {  // x with each chunk of 16 reordered, 8 even elements then 8 odd ones, for from_bf16_pairs
@@ -803,20 +819,30 @@ at::Tensor gemv_float(const at::Tensor& x, const at::Tensor& w) {
       paired[chunk * LANES + (j % 2) * (LANES / 2) + j / 2] = xp[i];
     }
     const float* pp = paired.data();
-    return run(x, N, [&](int64_t n, Out out) {
+    return run(x, N, [&](int64_t n, Out o) {
       const uint16_t* row = wp + n * K;
       auto load = [&](int64_t k) { prefetch_ahead(row + k); return Vec16::from_bf16_pairs(row + k); };
-      if (M == 1) dot_rows<1, Vec16>(pp, K, load, out);
-      else dot_rows<2, Vec16>(pp, K, load, out);
-    });
+      if (M == 1) dot_rows<1, Vec16>(pp, K, load, o);
+      else dot_rows<2, Vec16>(pp, K, load, o);
+    }, out);
   }
-  if (M >= PANEL_MIN_ROWS) return run_panels(x, w, [&](int64_t n, int64_t k) { return Vec8::from_bf16(wp + n * K + k); });
-  return run_tiled(x, w, [&](int64_t n, int64_t k) { return Vec8::from_bf16(wp + n * K + k); });
+  auto widen = [&](int64_t n, int64_t k) { return Vec8::from_bf16(wp + n * K + k); };
+  if (M >= PANEL_MIN_ROWS) return run_panels(x, w, widen, out);
+  return run_tiled(x, w, widen, out);
 #endif
-  return run(x, N, [&](int64_t n, Out out) {
-    FOR_ROW_GROUPS(M, (bf16_row<R>(xp + g0 * K, K, wp + n * K, out.from_row(g0))));
-  });
+  return run(x, N, [&](int64_t n, Out o) {
+    FOR_ROW_GROUPS(M, (bf16_row<R>(xp + g0 * K, K, wp + n * K, o.from_row(g0))));
+  }, out);
 }
+
+at::Tensor gemv_blocks(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias) {
+  return blocks_product(x, w, bias, nullptr);
+}
+
+at::Tensor gemv_float(const at::Tensor& x, const at::Tensor& w) { return float_product(x, w, nullptr); }
+
+// gemv_float into the caller's (M, N) fp32 buffer (see result)
+void gemv_float_out(const at::Tensor& x, const at::Tensor& w, at::Tensor& out) { float_product(x, w, &out); }
 
 // Integer weights (int8, int4) are multiplied in integers, as llama.cpp does: each row of x is quantized to int8
 // in blocks of 32 (one fp32 scale per block), a block's 32 products are summed exactly in int32, and the sum is
@@ -1521,6 +1547,7 @@ int64_t int4_row_interleave() {  // rows per interleaved int4 block these kernel
 
 TORCH_LIBRARY(glmtorch_kernels, m) {
   m.def("gemv_float(Tensor x, Tensor w) -> Tensor");
+  m.def("gemv_float_out(Tensor x, Tensor w, Tensor(a!) out) -> ()");
   m.def("gemv_int8(Tensor x, Tensor w, Tensor scales) -> Tensor");
   m.def("gemv_int4(Tensor x, Tensor w, Tensor scales, int group, int interleave=1) -> Tensor");
   m.def("int4_row_interleave() -> int", &int4_row_interleave);
@@ -1535,6 +1562,7 @@ TORCH_LIBRARY(glmtorch_kernels, m) {
 
 TORCH_LIBRARY_IMPL(glmtorch_kernels, CPU, m) {
   m.impl("gemv_float", &gemv_float);
+  m.impl("gemv_float_out", &gemv_float_out);
   m.impl("gemv_int8", &gemv_int8);
   m.impl("gemv_int4", &gemv_int4);
   m.impl("gemv_blocks", &gemv_blocks);
