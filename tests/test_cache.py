@@ -26,6 +26,7 @@ def test_attention_through_block_tables_equals_contiguous(tmp_path, name, in_pla
     same blocks."""
     monkeypatch.setenv("GLMTORCH_LINEAR_PATH", "kernel")  # the fused step for 2 rows, whatever timing says here
     monkeypatch.setattr("glmtorch.cache.IN_PLACE_MAX_TOKENS", 16 if in_place else 0)
+    monkeypatch.setenv("GLMTORCH_PREFILL_ATTENTION", "in_place" if in_place else "gathered")
     model = glmtorch.AutoModelForCausalLM.from_pretrained(save_hf(make_hf_model(**CONFIGS[name]), tmp_path))
     prompts = [torch.randint(1, 160, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (11, 6)]
     T, steps = 11, 6
@@ -72,8 +73,9 @@ def test_a_bf16_pool_read_in_place_agrees_with_the_gathered_one(tmp_path, monkey
                                                           dtype="bfloat16")
     ids = torch.randint(1, 160, (2, 9), generator=torch.Generator().manual_seed(5))
     logits = []
-    for limit in (16, 0):
+    for limit, longer in ((16, "in_place"), (0, "gathered")):
         monkeypatch.setattr("glmtorch.cache.IN_PLACE_MAX_TOKENS", limit)
+        monkeypatch.setenv("GLMTORCH_PREFILL_ATTENTION", longer)
         paged = model.new_paged_cache(8, 4)
         assert paged.key_buffer.dtype == torch.bfloat16
         view = paged.view(_scattered_tables(2, 3, 8), 9)
@@ -85,3 +87,71 @@ def test_a_table_too_short_for_the_window_is_refused():
     cache = PagedKVCache(1, 4, 1, 4, 8)
     with pytest.raises(ValueError, match="does not cover"):
         cache.view(torch.tensor([[1, 2]]), 9)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_long_prefill_read_in_place_equals_the_gathered_one(tmp_path, monkeypatch, dtype):
+    """Passes longer than IN_PLACE_MAX_TOKENS a row (a padded batch of fresh prompts of 40 and 23 tokens, then 30
+    more tokens of each after its cached prefix) attend the same whether they read the pool in place or gather it
+    for SDPA: fp32 < 1e-5, bf16 within its rounding."""
+    model = glmtorch.AutoModelForCausalLM.from_pretrained(save_hf(make_hf_model(**CONFIGS["gqa"]), tmp_path),
+                                                          dtype=str(dtype).removeprefix("torch."))
+    g = torch.Generator().manual_seed(9)
+    ids = torch.randint(1, 160, (2, 40), generator=g)
+    lengths = torch.tensor([40, 23])
+    more = torch.randint(1, 160, (2, 30), generator=g)
+    table = _scattered_tables(2, 18, 40)
+    results = []
+    for read in ("in_place", "gathered"):
+        monkeypatch.setenv("GLMTORCH_PREFILL_ATTENTION", read)
+        paged = model.new_paged_cache(40, 4)
+        first = model.last_token_logits(ids, lengths, None, paged.view(table[:, :10], 40), torch.arange(40))
+        positions = lengths[:, None] + torch.arange(30)  # each row's 30 tokens right after its prompt
+        second = model.last_token_logits(more, torch.tensor([30, 30]), None, paged.view(table, 70), positions)
+        results.append(torch.cat([first, second]).float())
+    assert rel_err(results[0], results[1]) < (1e-5 if dtype == torch.float32 else 2e-2)
+
+
+def test_how_a_long_prefill_attends_is_measured_once_and_kept(monkeypatch, tmp_path):
+    """The choice between reading in place and gathering is timed once per head shape and length bucket and kept
+    in the dispatch table (a new process reads it, measuring nothing); past PREFILL_PASS_TOKENS, lengths are timed
+    in turn until SDPA wins; a forced value is honoured, a wrong one refused by name."""
+    from glmtorch import cache, dispatch, kernels
+
+    if not kernels.available():
+        pytest.skip("kernels not built")
+    monkeypatch.setenv("GLMTORCH_DISPATCH_CACHE", str(tmp_path / "dispatch.json"))
+    monkeypatch.delenv("GLMTORCH_PREFILL_ATTENTION", raising=False)
+    dispatch.forget()
+    cache._in_place_wins.cache_clear()
+    timed = []
+    outcome = {64: "in_place", 1024: "in_place", 2048: "gathered"}
+    monkeypatch.setattr(cache, "_time_prefill_attention",
+                        lambda dtype, h, kv, d, length: timed.append(length) or outcome[length])
+    try:
+        assert cache.prefill_reads_in_place(torch.bfloat16, 16, 2, 64, 40)  # bucket 64
+        assert not cache.prefill_reads_in_place(torch.bfloat16, 16, 2, 64, 3000)  # 1024 in place, 2048 not: 4096 too
+        assert timed == [64, 1024, 2048]
+        assert dispatch.decisions()["prefill attention bfloat16 16 heads over 2 of 64 slots<=2048"] == "gathered"
+        dispatch.forget()
+        cache._in_place_wins.cache_clear()
+        assert not cache.prefill_reads_in_place(torch.bfloat16, 16, 2, 64, 5000)
+        assert timed == [64, 1024, 2048]  # read from the file
+        monkeypatch.setenv("GLMTORCH_PREFILL_ATTENTION", "in_place")
+        assert cache.prefill_reads_in_place(torch.bfloat16, 16, 2, 64, 5000)
+        monkeypatch.setenv("GLMTORCH_PREFILL_ATTENTION", "sometimes")
+        with pytest.raises(ValueError, match="GLMTORCH_PREFILL_ATTENTION='sometimes'"):
+            cache.prefill_reads_in_place(torch.bfloat16, 16, 2, 64, 40)
+    finally:
+        dispatch.forget()
+        cache._in_place_wins.cache_clear()
+
+
+def test_the_prefill_attention_timing_runs_both_ways():
+    """The measurement itself: both ways run on a pass of PREFILL_PASS_TOKENS tokens and one of them is named."""
+    from glmtorch import cache, kernels
+
+    if not kernels.available():
+        pytest.skip("kernels not built")
+    assert cache._time_prefill_attention(torch.float32, 4, 2, 32, 64) in ("in_place", "gathered")

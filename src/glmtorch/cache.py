@@ -18,10 +18,14 @@ length (continuous batching).
 
 from __future__ import annotations
 
+import functools
+import os
+
 import torch
 
-from . import kernels
+from . import dispatch, kernels
 from .device import check_allocation
+from .dispatch import ATTENTION_READS
 from .hugepages import zeros_on_demand
 
 
@@ -181,7 +185,75 @@ class StaticCache:
         return self.key_buffer.shape[0]
 
 
-IN_PLACE_MAX_TOKENS = 16  # new tokens per row up to which PagedKVCache.attend reads the pool in place
+IN_PLACE_MAX_TOKENS = 16  # new tokens per row up to which PagedKVCache.attend always reads the pool in place
+
+
+def prefill_reads_in_place(dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int, length: int) -> bool:
+    """Whether a CPU pass of more than IN_PLACE_MAX_TOKENS new tokens a row, attending `length` slots, reads the
+    pool in place (the decode kernel, one task per query row and key/value head, each reading only the keys up to
+    its own) rather than SDPA's flash kernel on the pass's keys. Measured once per machine and head shape for
+    powers of two of the length (dispatch.json), on prompts of that length filling a pass of 512 tokens. Past 512
+    slots the lengths are measured in turn and the first at which SDPA wins decides every longer one (the kernel
+    has no tiling across queries: its cost per query grows with the length faster than SDPA's; one prompt of 8192
+    tokens would take seconds to time). Here (AMD EPYC, 2 threads, 16 heads over 2 of 64, bf16) in place took
+    2.4 ms against SDPA's 4.9 for 6 prompts of 129 tokens, 6.9 against 7.7 for one of 512, 27 against 25 for one
+    of 1024. GLMTORCH_PREFILL_ATTENTION=in_place|gathered decides without measuring."""
+    forced = os.environ.get("GLMTORCH_PREFILL_ATTENTION", "").strip().lower()
+    if forced:
+        if forced not in ATTENTION_READS:
+            raise ValueError(f"GLMTORCH_PREFILL_ATTENTION={forced!r}: expected one of {', '.join(ATTENTION_READS)}")
+        return forced == "in_place"
+    bucket = 2 * IN_PLACE_MAX_TOKENS
+    while bucket < length:
+        bucket *= 2
+    if bucket <= PREFILL_PASS_TOKENS:
+        return _in_place_wins(dtype, heads, kv_heads, head_dim, bucket)
+    longer = 2 * PREFILL_PASS_TOKENS
+    while _in_place_wins(dtype, heads, kv_heads, head_dim, longer):
+        if longer >= bucket:
+            return True
+        longer *= 2
+    return False
+
+
+PREFILL_PASS_TOKENS = 512  # the pass prefill_reads_in_place times: this many tokens in prompts of one length
+
+
+@functools.lru_cache(maxsize=None)
+def _in_place_wins(dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int, length: int) -> bool:
+    key = f"prefill attention {str(dtype).removeprefix('torch.')} {heads} heads over {kv_heads} of {head_dim} " \
+          f"slots<={length}"
+    return dispatch.decide(key, lambda: _time_prefill_attention(dtype, heads, kv_heads, head_dim, length)) \
+        == "in_place"
+
+
+def _time_prefill_attention(dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int, length: int) -> str:
+    """"in_place" or "gathered", whichever attends fresh prompts of `length` tokens (PREFILL_PASS_TOKENS in all,
+    at least one prompt) faster here: random queries, keys and values; the queries' conversions to and from fp32
+    counted, as `attend` makes them."""
+    from .attention import sdpa_attention
+
+    g = torch.Generator().manual_seed(0)
+    rows, block = max(1, PREFILL_PASS_TOKENS // length), 16
+    per_row = -(-length // block)
+    keys, values = (torch.randn(rows * per_row + 1, kv_heads, block, head_dim, generator=g).to(dtype)
+                    for _ in range(2))
+    table = torch.arange(1, rows * per_row + 1).view(rows, per_row).repeat_interleave(length, 0)
+    last, everywhere = torch.arange(length).repeat(rows), torch.empty(0, dtype=torch.bool)
+    k, v = (t[1:].view(rows, per_row, kv_heads, block, head_dim).transpose(1, 2)
+            .reshape(rows, kv_heads, -1, head_dim)[:, :, :length] for t in (keys, values))
+    scale = head_dim ** -0.5
+
+    def in_place(q):
+        flat = q.transpose(1, 2).reshape(rows * length, heads, head_dim).float()
+        return torch.ops.glmtorch_kernels.paged_attention(flat, keys, values, table, last, everywhere, scale).to(dtype)
+
+    def gathered(q):
+        return sdpa_attention(q, k, v, None, scale)[0]
+
+    q = torch.randn(rows, heads, length, head_dim, generator=g).to(dtype)
+    times = dispatch.time_paths({"in_place": in_place, "gathered": gathered}, length, head_dim, dtype, x=q)
+    return min(times, key=times.get)
 
 
 class PagedKVCache:
@@ -265,8 +337,12 @@ class PagedKVCache:
 
     def reads_in_place(self, q: torch.Tensor) -> bool:
         """Whether `attend` takes these queries (B, H, T, D): on a CPU with glmtorch's kernels, a few new tokens a
-        row (decoding, a speculative verify pass). A long prefill is compute-bound: it gathers and takes SDPA."""
-        return q.device.type == "cpu" and q.shape[2] <= IN_PLACE_MAX_TOKENS and kernels.available()
+        row (decoding, a speculative verify pass), and a prefill wherever that measured faster than gathering the
+        keys for SDPA (prefill_reads_in_place)."""
+        if q.device.type != "cpu" or not kernels.available():
+            return False
+        return q.shape[2] <= IN_PLACE_MAX_TOKENS or prefill_reads_in_place(
+            q.dtype, q.shape[1], self.key_buffer.shape[2], q.shape[3], max(self.length, q.shape[2]))
 
     def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                cache_position: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:

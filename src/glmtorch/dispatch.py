@@ -22,6 +22,9 @@ Products of 128 rows or more (prefill) may also reorder a plain weight into that
 (`packed_per_call`), or into the kernels' blocks of 16 rows (`blocks_per_call`), where that beats the library's
 product on the plain weight even counting the reorder.
 
+How a CPU prefill attends over the paged KV cache (reading the pool in place with the decode kernel, or SDPA on
+the pass's keys) is kept in the same table, measured by glmtorch.cache.prefill_reads_in_place.
+
 GLMTORCH_LINEAR_PATH=kernel|library|widen_fp32|widen_bf16|amx|packed_per_call|blocks_per_call forces a path
 wherever the layer offers it (a packed layer offers only `packed`, one in blocks of 16 rows only `blocks`;
 GLMTORCH_PACK=0 keeps every weight plain, =1 packs for oneDNN and =blocks into the kernels' blocks without
@@ -47,6 +50,8 @@ PATHS = ("kernel", "library", "widen_fp32", "widen_bf16", "packed", "blocks", "a
          "blocks_per_call")
 LAYOUTS = ("packed", "plain", "packed_head", "blocks")
 ROW_ORDERS = ("side_by_side", "one_at_a_time")  # choose_fp32_row_order
+ATTENTION_READS = ("in_place", "gathered")  # cache.prefill_reads_in_place
+CHOICES = PATHS + LAYOUTS + ROW_ORDERS + ATTENTION_READS  # what a table entry may say (anything else: measured again)
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 FORMAT = 4  # 2: the fused step's bf16 AMX choices also weigh the library product; 3: packed_per_call; 4: blocks
 # packed_per_call and blocks_per_call (reorder the weight into oneDNN's layout, or the kernels' blocks of 16 rows,
@@ -102,9 +107,9 @@ def decide(key: str, measure: Callable[[], str]) -> str:
         _seen[key] = measure()
         return _seen[key]
     table = _table()
-    if table.get(key) not in PATHS + LAYOUTS + ROW_ORDERS:
+    if table.get(key) not in CHOICES:
         with _lock:
-            if table.get(key) not in PATHS + LAYOUTS + ROW_ORDERS:
+            if table.get(key) not in CHOICES:
                 table[key] = measure()
                 _save()
     _seen[key] = table[key]
@@ -265,7 +270,7 @@ def _load() -> dict[str, str]:
         if data.get("format") != FORMAT or data.get("machine") != machine():
             return {}  # another CPU, torch or thread count: measure again (and overwrite)
         return {k: v for k, v in data["choices"].items()
-                if isinstance(k, str) and v in PATHS + LAYOUTS + ROW_ORDERS}
+                if isinstance(k, str) and v in CHOICES}
     except (OSError, ValueError) as e:
         warnings.warn(f"glmtorch: ignoring the unreadable dispatch cache {path} ({e}); measuring again",
                       stacklevel=3)
