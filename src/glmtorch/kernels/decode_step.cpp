@@ -233,7 +233,7 @@ void attend_cached(const CacheLayout& c, const T* kc, const T* vc, int64_t B, in
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, L * D * G));
   at::parallel_for(0, B * KV, grain, [&](int64_t begin, int64_t end) {
     std::vector<float> scores(G * L);
-    std::vector<float> acc(G * D), top(G), total(G);
+    std::vector<float> acc(G * D), total(G);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / KV, h = task % KV, last = last_of[b];
       const bool* seen = seen_of ? seen_of + b * L : nullptr;
@@ -267,15 +267,10 @@ void attend_cached(const CacheLayout& c, const T* kc, const T* vc, int64_t B, in
           if (!seen[j])
             for (int64_t g = 0; g < G; ++g) scores[g * L + j] = -INFINITY;
       for (int64_t g = 0; g < G; ++g) {
-        const float* s = scores.data() + g * L;
+        float* s = scores.data() + g * L;
         float most = -INFINITY;
 #pragma omp simd reduction(max : most)
         for (int64_t j = 0; j <= last; ++j) most = std::max(most, s[j]);
-        top[g] = most;
-      }
-      for (int64_t g = 0; g < G; ++g) {
-        float* s = scores.data() + g * L;
-        const float most = top[g];
         float sum = 0.f;
         // fast_exp vectorizes (std::exp in this loop was a third of a 64-row step's attention); a masked slot
         // (-inf) weighs exactly 0, as with std::exp
