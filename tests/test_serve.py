@@ -579,3 +579,35 @@ def test_the_kv_pool_follows_its_memory_budget(chat_checkpoint):
     with pytest.raises(ValueError, match="kv-cache-memory"):
         Engine(model, tokenizer, thread=False, kv_cache_memory=per_block)
     assert default_kv_cache_memory(model) > 0
+
+
+def test_latency_histogram_matches_prometheus_client():
+    """The engine-fed histogram renders the same buckets, count and sum as prometheus_client's own Histogram
+    given the same values, boundaries included (a bucket counts values <= its bound)."""
+    from prometheus_client import CollectorRegistry, Histogram, generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from glmtorch.serve.metrics import ITL_BUCKETS, LatencyHistogram
+
+    values = [0.0, 0.005, 0.0050001, 0.01, 0.3, 4.99, 5.0, 5.01, 1e6, 0.074999]
+    ours = LatencyHistogram("vllm:inter_token_latency_seconds", "d", ITL_BUCKETS)
+    registry = CollectorRegistry()
+    reference = Histogram("vllm:inter_token_latency_seconds", "d", ["model_name"], buckets=ITL_BUCKETS,
+                          registry=registry).labels("m")
+    for v in values:
+        ours.observe(v)
+        reference.observe(v)
+
+    class One:
+        def collect(self):
+            yield ours.family("m")
+
+    mine = CollectorRegistry()
+    mine.register(One())
+
+    def samples(r):
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                for f in text_string_to_metric_families(generate_latest(r).decode()) for s in f.samples
+                if not s.name.endswith("_created")}
+
+    assert samples(mine) == samples(registry)
