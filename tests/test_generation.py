@@ -159,6 +159,34 @@ def test_streaming_never_splits_a_character(tokenizer_dir):
     assert "".join(pieces) == text and not any("\ufffd" in p for p in pieces)
 
 
+@pytest.mark.parametrize("stops", [[], ["o w"], ["界！", "xyz", "\n\n"], ["é"]])
+def test_text_stream_equals_the_whole_text_cut_at_the_first_stop(tokenizer_dir, stops):
+    """Streamed piece by piece (only the unshown text searched), the output is the whole decoded text up to the
+    first stop string, with "stop" exactly when one occurs; over random token sequences and every cut point."""
+    import random
+
+    from glmtorch.generation.streaming import TextStream
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    source = tok.encode("Hello world\n\n你好，世界！🙂 café, o wonder: hello o world é", add_special_tokens=False)
+    rng = random.Random(0)
+    for trial in range(40):
+        ids = source[:] if trial == 0 else [rng.choice(source) for _ in range(rng.randint(1, 30))]
+        whole = tok.decode(ids)
+        hits = [i for i in (whole.find(s) for s in stops) if i >= 0]
+        stream, shown, reason = TextStream(tok, stops), "", None
+        for i in ids:
+            piece, reason = stream.add(i)
+            shown += piece
+            if reason:
+                break
+        if reason is None:
+            piece, reason = stream.finish()
+            shown += piece
+        assert shown == (whole[:min(hits)] if hits else whole), (ids, stops)
+        assert (reason == "stop") == bool(hits)
+
+
 def test_seed_usage_snippet_runs_with_only_the_import_changed(chat_checkpoint):
     _, checkpoint = chat_checkpoint
     from glmtorch import AutoModelForCausalLM, AutoTokenizer, infer_device

@@ -25,6 +25,7 @@ TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 TIKTOKEN_FILE = "tokenizer.model"
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
+ONE_TOKEN_TEXTS = 1 << 18  # the most single-token texts a tokenizer keeps (a vocabulary of 151,552 fits)
 
 # GLM-4's pre-tokenizer split (cl100k's), and its special tokens, numbered right after the ranks.
 GLM4_SPLIT_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
@@ -320,10 +321,29 @@ class GlmTokenizer:
         thinking from its answer)."""
         if isinstance(ids, torch.Tensor):
             ids = ids.reshape(-1).tolist()
-        ids = [int(i) for i in ids]
+        return self.decode_ids([int(i) for i in ids], skip_special_tokens)
+
+    def decode_ids(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        """decode() of a list of Python ints, as a streaming detokenizer calls it at every token: no conversions,
+        and one token's text kept once decoded (the window before a stream's newest token is mostly one token)."""
+        if len(ids) == 1:
+            key = (ids[0], skip_special_tokens)
+            text = self._one_token_texts.get(key)
+            if text is None:
+                text = self._decode_ids(ids, skip_special_tokens)
+                if len(self._one_token_texts) < ONE_TOKEN_TEXTS:
+                    self._one_token_texts[key] = text
+            return text
+        return self._decode_ids(ids, skip_special_tokens)
+
+    def _decode_ids(self, ids: list[int], skip_special_tokens: bool) -> str:
         if skip_special_tokens and self._skipped_ids is not None:
             ids, skip_special_tokens = [i for i in ids if i not in self._skipped_ids], False
         return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    @functools.cached_property
+    def _one_token_texts(self) -> dict[tuple[int, bool], str]:
+        return {}
 
     @functools.cached_property
     def _skipped_ids(self) -> frozenset[int] | None:

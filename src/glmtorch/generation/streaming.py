@@ -17,38 +17,39 @@ class StreamingDetokenizer:
 
     Decodes a short window (prefix_offset:) and emits what follows the already-emitted part once it no longer
     ends in U+FFFD (an incomplete UTF-8 sequence); the window keeps tokenizers whose pieces depend on their
-    left neighbour (SentencePiece spaces) right.
+    left neighbour (SentencePiece spaces) right. The window before the newest tokens is decoded once and kept,
+    not again with every token that does not yet complete a character.
     """
 
     def __init__(self, tokenizer, skip_special_tokens: bool = True) -> None:
-        self.tokenizer = tokenizer
+        # glmtorch's Tokenizer takes a list of ints as they are; others get it through decode()
+        self.decode_list = getattr(tokenizer, "decode_ids", None) or tokenizer.decode
         self.skip_special_tokens = skip_special_tokens
         self.tokens: list[int] = []
         self.prefix_offset = 0
         self.read_offset = 0
-        self.text = ""
+        self.prefix = ""  # the text of tokens[prefix_offset:read_offset]
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.decode_list(ids, skip_special_tokens=self.skip_special_tokens) if ids else ""
 
     def add_token(self, token: int) -> str:
         """Add one token; return the new text it completes (possibly "")."""
         self.tokens.append(int(token))
-        decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)  # noqa: E731
-        prefix = decode(self.tokens[self.prefix_offset:self.read_offset])
-        current = decode(self.tokens[self.prefix_offset:])
-        if len(current) > len(prefix) and not current.endswith("\ufffd"):
-            piece = current[len(prefix):]
+        current = self._decode(self.tokens[self.prefix_offset:])
+        if len(current) > len(self.prefix) and not current.endswith("\ufffd"):
+            piece = current[len(self.prefix):]
             self.prefix_offset, self.read_offset = self.read_offset, len(self.tokens)
-            self.text += piece
+            self.prefix = self._decode(self.tokens[self.prefix_offset:self.read_offset])
             return piece
         return ""
 
     def finalize(self) -> str:
         """Whatever is left, even an incomplete character (as the replacement character)."""
-        decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)  # noqa: E731
-        prefix = decode(self.tokens[self.prefix_offset:self.read_offset])
-        current = decode(self.tokens[self.prefix_offset:])
-        piece = current[len(prefix):] if len(current) > len(prefix) else ""
+        current = self._decode(self.tokens[self.prefix_offset:])
+        piece = current[len(self.prefix):] if len(current) > len(self.prefix) else ""
         self.prefix_offset = self.read_offset = len(self.tokens)
-        self.text += piece
+        self.prefix = ""
         return piece
 
 
@@ -100,34 +101,36 @@ class TextStream:
     `add(token)` returns (text now final, finish reason or None): an end-of-sequence id (unless `ignore_eos`) or
     a completed stop string finishes with "stop"; the stop string itself is never shown, and text that could be
     the start of one is held back until it is known not to be. `finish()` flushes what is left when the length
-    limit ends the sequence."""
+    limit ends the sequence. Only the text not shown yet is searched: what was shown holds no stop string, nor the
+    start of one at its end, so a stop string can only begin after it (a token costs the same however long the
+    text grew)."""
 
     def __init__(self, tokenizer, stop_strings: list[str] | None = None, eos_ids=(), ignore_eos: bool = False) -> None:
         self.detok = StreamingDetokenizer(tokenizer)
         self.stops = list(stop_strings or [])
         self.eos = set() if ignore_eos else set(eos_ids)
-        self.shown = 0  # characters of detok.text already returned
+        self.held = ""  # text made but not returned yet: the possible start of a stop string
 
     def add(self, token: int) -> tuple[str, str | None]:
         if token in self.eos:
             return self.finish()[0], "stop"
-        self.detok.add_token(token)
-        text = self.detok.text
-        cut = find_stop(text, self.stops) if self.stops else -1
-        if cut >= 0:
-            return self._take(cut), "stop"
-        return self._take(len(text) - (partial_stop_length(text, self.stops) if self.stops else 0)), None
+        piece = self.detok.add_token(token)
+        if not self.stops:
+            return piece, None
+        return self._release(self.held + piece, final=False)
 
     def finish(self) -> tuple[str, str | None]:
         """(the rest of the text, "stop" if finalizing completed a stop string else None)."""
-        self.detok.finalize()
-        cut = find_stop(self.detok.text, self.stops) if self.stops else -1
-        return self._take(cut if cut >= 0 else len(self.detok.text)), "stop" if cut >= 0 else None
+        return self._release(self.held + self.detok.finalize(), final=True)
 
-    def _take(self, end: int) -> str:
-        piece = self.detok.text[self.shown:end] if end > self.shown else ""
-        self.shown = max(self.shown, end)
-        return piece
+    def _release(self, text: str, final: bool) -> tuple[str, str | None]:
+        cut = find_stop(text, self.stops) if self.stops else -1
+        if cut >= 0:
+            self.held = ""
+            return text[:cut], "stop"
+        keep = 0 if final else partial_stop_length(text, self.stops)
+        self.held = text[len(text) - keep:] if keep else ""
+        return text[:len(text) - keep], None
 
 
 def stream_text(model, tokenizer, input_ids: torch.Tensor, stop_strings: list[str] | None = None,

@@ -110,7 +110,7 @@ class Request:
     position: int = 0  # tokens whose keys and values its blocks hold
     last_token: int = 0
     generated: int = 0
-    history: torch.Tensor | None = None  # (1, prompt + max_tokens), filled as tokens come: no per-token concat
+    tokens: list[int] = field(default_factory=list)  # its prompt and what it has generated so far
     processors: list = field(default_factory=list)
     generator: torch.Generator | None = None
     text: TextStream | None = None
@@ -120,6 +120,20 @@ class Request:
     cached_tokens: int = 0  # prompt tokens whose keys and values came from the prefix cache, not a prefill
     preempted: int = 0  # times it gave its blocks up to older requests
     speculate: int = -1  # proposals to make next step (speculative decoding; -1: not decided yet)
+    _history: torch.Tensor | None = field(default=None, repr=False)
+    _synced: int = 0  # tokens copied into _history so far
+
+    @property
+    def history(self) -> torch.Tensor:
+        """(1, prompt + max_tokens) tensor whose first len(tokens) entries are its tokens, for logits processors
+        (which take a tensor). The tokens list is what a step appends to (a tensor write was ~3 us a token);
+        reading this copies in only the tokens added since the last read."""
+        if self._history is None:
+            self._history = torch.empty(1, len(self.prompt_ids) + self.params.max_tokens, dtype=torch.long)
+        if self._synced < len(self.tokens):
+            self._history[0, self._synced:len(self.tokens)] = torch.tensor(self.tokens[self._synced:])
+            self._synced = len(self.tokens)
+        return self._history
 
 
 def default_kv_cache_memory(model) -> int:
@@ -210,9 +224,7 @@ class Engine:
             # Count requests not yet admitted too: the engine thread may not have taken them yet.
             if self.active + len(self.waiting) >= self.max_num_seqs + self.max_queue:
                 raise QueueFull(f"{len(self.waiting)} requests are already waiting (--max-queue {self.max_queue})")
-            prompt = torch.tensor(request.prompt_ids, dtype=torch.long)
-            request.history = torch.empty(1, len(prompt) + request.params.max_tokens, dtype=torch.long)
-            request.history[0, :len(prompt)] = prompt
+            request.tokens = list(request.prompt_ids)
             # a constraint masks first, so that top-k / top-p pick among the tokens it allows
             request.processors = ([request.params.constraint.processor()] if request.params.constraint else []) \
                 + make_processors(request.params.generation_config())
@@ -304,7 +316,7 @@ class Engine:
         its prompt and all it generated but the last token (which the next decode step feeds)."""
         if r.generated == 0:
             return r.prompt_ids
-        return r.history[0, :len(r.prompt_ids) + r.generated - 1].tolist()
+        return r.tokens[:len(r.prompt_ids) + r.generated - 1]
 
     def _take_waiting(self) -> list[Request]:
         """Admit waiting requests while the pool has blocks for their prompts (keeping `watermark` free for the
@@ -372,7 +384,7 @@ class Engine:
         """Name the blocks `r` has filled since the last call, so that later requests can share them."""
         full = r.position // self.block_size
         if full > len(r.names) and self.prefix_caching:
-            tokens = r.history[0, len(r.names) * self.block_size:full * self.block_size].tolist()
+            tokens = r.tokens[len(r.names) * self.block_size:full * self.block_size]
             for block, name in zip(r.blocks[len(r.names):full],
                                    chain_hashes(tokens, self.block_size, r.names[-1] if r.names else b"")):
                 self.pool.name(block, name)
@@ -579,7 +591,7 @@ class Engine:
                 want = min(budget, self.speculative_tokens if r.speculate < 0 else r.speculate,
                            r.params.max_tokens - r.generated - 1, self.context - r.position - 2)
             filled = len(r.prompt_ids) + r.generated
-            found = propose(r.history[0, :filled].tolist(), want) if want > 0 else []
+            found = propose(r.tokens[:filled], want) if want > 0 else []
             self._grow(r, r.position + 1 + len(found))  # as far as free blocks go: no preemption for a guess
             found = found[:len(r.blocks) * self.block_size - r.position - 1]
             budget -= len(found)
@@ -630,7 +642,7 @@ class Engine:
         """Sample the request's next token from its logits (or take greedy_token, its argmax already found),
         stream its text, finish it when it stops."""
         raw = logits
-        filled = len(r.prompt_ids) + r.generated  # tokens in the history so far
+        filled = len(r.prompt_ids) + r.generated  # tokens so far (len(r.tokens))
         if greedy_token is not None:
             token = greedy_token
         else:
@@ -641,7 +653,7 @@ class Engine:
                 token = int(greedy_tokens(row)[0])
             else:
                 token = int(sample_from_logits(row, r.generator))
-        r.history[0, filled] = token
+        r.tokens.append(token)
         r.last_token = token
         r.generated += 1
         if self.observer is not None:

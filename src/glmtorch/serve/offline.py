@@ -139,7 +139,7 @@ class LLM:
                 if event.kind == "error":
                     errors.append(f"prompts[{i}]: {event.error}")
                 r = requests[i]
-                generated = r.history[0, len(r.prompt_ids):len(r.prompt_ids) + r.generated].tolist()
+                generated = r.tokens[len(r.prompt_ids):len(r.prompt_ids) + r.generated]
                 outputs[i].outputs.append(CompletionOutput(0, "".join(pieces[i]), generated, event.finish_reason))
                 outputs[i].num_cached_tokens = event.cached_tokens
                 bar.update()
