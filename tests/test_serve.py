@@ -611,3 +611,18 @@ def test_latency_histogram_matches_prometheus_client():
                 if not s.name.endswith("_created")}
 
     assert samples(mine) == samples(registry)
+
+
+@pytest.mark.parametrize("text", ["", " word", 'quote " and \\ backslash', "\n\t\x00\x1f", "你好🙂", "\u2028\ud7ff"])
+def test_chunk_format_pieces_are_the_bytes_json_dumps_gives(text):
+    """The pre-rendered per-token chunk equals sse() of the whole chunk, for completions and chat deltas."""
+    from glmtorch.serve.app import ChunkFormat, sse
+
+    head = {"id": "cmpl-x\"y", "created": 1790000000, "model": "名前"}
+    completions, chat = ChunkFormat(head, "text_completion"), ChunkFormat(head, "chat.completion.chunk")
+    for index in (0, 7, 123):
+        assert completions.piece(index, "text", text) == sse({**head, "object": "text_completion", "choices": [
+            {"index": index, "text": text, "finish_reason": None, "logprobs": None}]})
+        assert chat.piece(index, "delta", text, '{"content": ', "}") == sse(
+            {**head, "object": "chat.completion.chunk",
+             "choices": [{"index": index, "delta": {"content": text}, "finish_reason": None, "logprobs": None}]})

@@ -735,9 +735,12 @@ async def next_event(queue: asyncio.Queue, backlog: list) -> tuple:
 
 async def stream_chat(queue, requests, head: dict, tools, include_usage: bool, prompt_tokens: int,
                       thinking: bool = False):
+    chunks = ChunkFormat(head, "chat.completion.chunk")
+
     def chunk(index, delta, finish=None, logprobs=None):
-        choice = {"index": index, "delta": delta, "finish_reason": finish, "logprobs": logprobs}
-        return sse({**head, "object": "chat.completion.chunk", "choices": [choice]})
+        if finish is None and logprobs is None and len(delta) == 1 and type(delta.get("content")) is str:
+            return chunks.piece(index, "delta", delta["content"], "{\"content\": ", "}")
+        return chunks.whole({"index": index, "delta": delta, "finish_reason": finish, "logprobs": logprobs})
 
     replies = [ReplyStream(tools) for _ in requests]
     cached, backlog = [0] * len(requests), []
@@ -787,9 +790,12 @@ async def stream_chat(queue, requests, head: dict, tools, include_usage: bool, p
 
 async def stream_completion(queue, requests, head: dict, include_usage: bool, prompt_tokens: int, echoed,
                             n: int = 1):
+    chunks = ChunkFormat(head, "text_completion")
+
     def chunk(index, text, finish=None, logprobs=None):
-        return sse({**head, "object": "text_completion",
-                    "choices": [{"index": index, "text": text, "finish_reason": finish, "logprobs": logprobs}]})
+        if finish is None and logprobs is None:
+            return chunks.piece(index, "text", text)
+        return chunks.whole({"index": index, "text": text, "finish_reason": finish, "logprobs": logprobs})
 
     completion, done = 0, 0
     cached, backlog = [0] * len(requests), []
@@ -822,6 +828,25 @@ async def stream_completion(queue, requests, head: dict, include_usage: bool, pr
 # -- encoding responses ----------------------------------------------------------------------------------------
 def sse(payload: dict) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+class ChunkFormat:
+    """The events of one streamed response: `whole(choice)` is sse() of the chunk; `piece(...)`, the one sent for
+    nearly every token (a choice's new text, no finish reason, no log-probabilities), is the same bytes from a
+    beginning rendered once and the text's own JSON: ~1 us instead of the ~7 that json.dumps of the whole chunk
+    took, once per token of every stream."""
+
+    def __init__(self, head: dict, kind: str) -> None:
+        self.head = {**head, "object": kind}
+        opening = json.dumps({**self.head, "choices": [{"index": 0}]}, ensure_ascii=False)
+        self.opening = "data: " + opening[:-len("0}]}")]  # ... "choices": [{"index":<space>
+
+    def whole(self, choice: dict) -> str:
+        return sse({**self.head, "choices": [choice]})
+
+    def piece(self, index: int, field: str, text: str, before: str = "", after: str = "") -> str:
+        return (f'{self.opening}{index}, "{field}": {before}{json.dumps(text, ensure_ascii=False)}{after}, '
+                '"finish_reason": null, "logprobs": null}]}\n\n')
 
 
 def sse_error(message: str) -> str:
