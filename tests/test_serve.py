@@ -626,3 +626,37 @@ def test_chunk_format_pieces_are_the_bytes_json_dumps_gives(text):
         assert chat.piece(index, "delta", text, '{"content": ', "}") == sse(
             {**head, "object": "chat.completion.chunk",
              "choices": [{"index": index, "delta": {"content": text}, "finish_reason": None, "logprobs": None}]})
+
+
+@pytest.mark.parametrize("cut", [1, 3, 7, 64])
+def test_bench_client_reads_chunked_events_split_anywhere(cut):
+    """bench-serve's client parses the chunked framing and the event lines whatever sizes the socket reads
+    come in: a response written a few bytes at a time (through a size line, a chunk, a CRLF) gives every
+    payload once, in order, and nothing after the last chunk."""
+    from glmtorch.serve.bench import _sse_data
+
+    events = [json.dumps({"n": i, "text": "é\n" * i}) for i in range(5)] + ["[DONE]"]
+    body = "".join(f"data: {e}\n\n" for e in events).encode()
+    framed, at = b"", 0
+    for size in (5, 40, 1, 300, len(body)):  # chunks that end mid-line
+        part, at = body[at:at + size], at + size
+        if part:
+            framed += b"%x\r\n" % len(part) + part + b"\r\n"
+    framed += b"0\r\n\r\ndata: after the end\n\n"
+    response = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n" + framed
+
+    async def main():
+        async def handle(reader, writer):
+            await reader.readuntil(b"\r\n\r\n")
+            for i in range(0, len(response), cut):
+                writer.write(response[i:i + cut])
+                await writer.drain()
+                await asyncio.sleep(0)
+            writer.close()
+
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        async with server:
+            return [d async for d in _sse_data(f"http://127.0.0.1:{port}/v1/completions", {}, {})]
+
+    assert asyncio.run(main()) == events
