@@ -833,12 +833,13 @@ def sse(payload: dict) -> str:
 class ChunkFormat:
     """The events of one streamed response: `whole(choice)` is sse() of the chunk; `piece(...)`, the one sent for
     nearly every token (a choice's new text, no finish reason, no log-probabilities), is the same bytes from a
-    beginning rendered once and the text's own JSON: ~1 us instead of the ~7 that json.dumps of the whole chunk
+    beginning rendered once and the text's own JSON: 1.7 us instead of the 6.8 that json.dumps of the whole chunk
     took, once per token of every stream."""
 
     def __init__(self, head: dict, kind: str) -> None:
         self.head = {**head, "object": kind}
         opening = json.dumps({**self.head, "choices": [{"index": 0}]}, ensure_ascii=False)
+        assert opening.endswith('"choices": [{"index": 0}]}')
         self.opening = "data: " + opening[:-len("0}]}")]  # ... "choices": [{"index":<space>
 
     def whole(self, choice: dict) -> str:
