@@ -660,3 +660,28 @@ def test_bench_client_reads_chunked_events_split_anywhere(cut):
             return [d async for d in _sse_data(f"http://127.0.0.1:{port}/v1/completions", {}, {})]
 
     assert asyncio.run(main()) == events
+
+
+def test_the_http_thread_runs_at_a_lower_priority_than_the_engine():
+    """serve() lowers the HTTP thread's priority (Linux, per thread): the calling thread's nice value goes up by
+    HTTP_NICE, another thread's (the engine's) stays as it was."""
+    import os
+    import sys
+
+    from glmtorch.serve.server import HTTP_NICE, lower_this_threads_priority
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("per-thread nice values are a Linux notion")
+    before = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    seen = {}
+
+    def thread():
+        tid = threading.get_native_id()
+        lower_this_threads_priority()
+        seen["after"] = os.getpriority(os.PRIO_PROCESS, tid)
+
+    t = threading.Thread(target=thread)
+    t.start()
+    t.join()
+    assert seen["after"] == min(19, before + HTTP_NICE)
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == before

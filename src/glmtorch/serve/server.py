@@ -42,6 +42,26 @@ def build_engine(model, tokenizer, max_num_seqs: int = MAX_NUM_SEQS, max_queue: 
                   kv_cache_memory=kv_cache_memory)
 
 
+# How much lower the HTTP thread's scheduling priority is than the engine's (Linux nice, per thread). On a CPU the
+# engine's decode step runs on every core, its threads meeting at ~60 region ends a step; when the OS gave a core to
+# the HTTP thread mid-step, the other thread waited at the next region end. Lowered, the HTTP thread mostly writes
+# while the step's threads wait or spin: the demo model's 64-stream burst, two servers alternated, in both orders,
+# 4,669 -> 5,652 and 4,745 -> 5,402 tok/s (medians of 4; AMD EPYC, 2 cores); one at a time unchanged. CFS still
+# gives it ~10% of a contended core, so it never starves.
+HTTP_NICE = 10
+
+
+def lower_this_threads_priority(by: int = HTTP_NICE) -> None:
+    """Raise the calling thread's nice value by `by` (Linux: a thread is a task of its own); elsewhere nothing."""
+    if not hasattr(os, "setpriority") or not sys.platform.startswith("linux"):
+        return
+    tid = threading.get_native_id()
+    try:
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + by))
+    except OSError:  # a sandbox that forbids it: the server works, only slower under load
+        pass
+
+
 PACK_ROWS = 64  # the batch the weights' layout is chosen for: beyond, a 2-core CPU gains little per row
 
 
@@ -126,6 +146,7 @@ def serve(model_path: str | None = None, host: str = "127.0.0.1", port: int = 80
 
     def http():
         try:
+            lower_this_threads_priority()
             server.run()
         finally:  # the HTTP side ended (shut down, or failed to start): the engine ends too
             engine.request_stop()
