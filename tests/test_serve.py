@@ -621,9 +621,9 @@ def test_chunk_format_pieces_are_the_bytes_json_dumps_gives(text):
     head = {"id": "cmpl-x\"y", "created": 1790000000, "model": "名前"}
     completions, chat = ChunkFormat(head, "text_completion"), ChunkFormat(head, "chat.completion.chunk")
     for index in (0, 7, 123):
-        assert completions.piece(index, "text", text) == sse({**head, "object": "text_completion", "choices": [
+        assert completions.piece(index, text) == sse({**head, "object": "text_completion", "choices": [
             {"index": index, "text": text, "finish_reason": None, "logprobs": None}]})
-        assert chat.piece(index, "delta", text, '{"content": ', "}") == sse(
+        assert chat.piece(index, text) == sse(
             {**head, "object": "chat.completion.chunk",
              "choices": [{"index": index, "delta": {"content": text}, "finish_reason": None, "logprobs": None}]})
 

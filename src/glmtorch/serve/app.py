@@ -739,7 +739,7 @@ async def stream_chat(queue, requests, head: dict, tools, include_usage: bool, p
 
     def chunk(index, delta, finish=None, logprobs=None):
         if finish is None and logprobs is None and len(delta) == 1 and type(delta.get("content")) is str:
-            return chunks.piece(index, "delta", delta["content"], "{\"content\": ", "}")
+            return chunks.piece(index, delta["content"])
         return chunks.whole({"index": index, "delta": delta, "finish_reason": finish, "logprobs": logprobs})
 
     replies = [ReplyStream(tools) for _ in requests]
@@ -794,7 +794,7 @@ async def stream_completion(queue, requests, head: dict, include_usage: bool, pr
 
     def chunk(index, text, finish=None, logprobs=None):
         if finish is None and logprobs is None:
-            return chunks.piece(index, "text", text)
+            return chunks.piece(index, text)
         return chunks.whole({"index": index, "text": text, "finish_reason": finish, "logprobs": logprobs})
 
     completion, done = 0, 0
@@ -841,12 +841,15 @@ class ChunkFormat:
         opening = json.dumps({**self.head, "choices": [{"index": 0}]}, ensure_ascii=False)
         assert opening.endswith('"choices": [{"index": 0}]}')
         self.opening = "data: " + opening[:-len("0}]}")]  # ... "choices": [{"index":<space>
+        # where a choice's text goes: a completion's "text", a chat chunk's delta {"content": ...}
+        chat = kind == "chat.completion.chunk"
+        self.before, self.after = (', "delta": {"content": ', "}") if chat else (', "text": ', "")
 
     def whole(self, choice: dict) -> str:
         return sse({**self.head, "choices": [choice]})
 
-    def piece(self, index: int, field: str, text: str, before: str = "", after: str = "") -> str:
-        return (f'{self.opening}{index}, "{field}": {before}{json.dumps(text, ensure_ascii=False)}{after}, '
+    def piece(self, index: int, text: str) -> str:
+        return (f'{self.opening}{index}{self.before}{json.dumps(text, ensure_ascii=False)}{self.after}, '
                 '"finish_reason": null, "logprobs": null}]}\n\n')
 
 

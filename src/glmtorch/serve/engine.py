@@ -316,7 +316,7 @@ class Engine:
         its prompt and all it generated but the last token (which the next decode step feeds)."""
         if r.generated == 0:
             return r.prompt_ids
-        return r.tokens[:len(r.prompt_ids) + r.generated - 1]
+        return r.tokens[:-1]
 
     def _take_waiting(self) -> list[Request]:
         """Admit waiting requests while the pool has blocks for their prompts (keeping `watermark` free for the
@@ -590,8 +590,7 @@ class Engine:
             if r.params.temperature == 0 and not r.processors and budget > 0:
                 want = min(budget, self.speculative_tokens if r.speculate < 0 else r.speculate,
                            r.params.max_tokens - r.generated - 1, self.context - r.position - 2)
-            filled = len(r.prompt_ids) + r.generated
-            found = propose(r.tokens[:filled], want) if want > 0 else []
+            found = propose(r.tokens, want) if want > 0 else []
             self._grow(r, r.position + 1 + len(found))  # as far as free blocks go: no preemption for a guess
             found = found[:len(r.blocks) * self.block_size - r.position - 1]
             budget -= len(found)
@@ -642,13 +641,12 @@ class Engine:
         """Sample the request's next token from its logits (or take greedy_token, its argmax already found),
         stream its text, finish it when it stops."""
         raw = logits
-        filled = len(r.prompt_ids) + r.generated  # tokens so far (len(r.tokens))
         if greedy_token is not None:
             token = greedy_token
         else:
             row = logits[None].float().cpu()  # a decode step's logits come in the model's dtype
             for process in r.processors:
-                row = process(r.history[:, :filled], row)
+                row = process(r.history[:, :len(r.tokens)], row)
             if r.params.temperature == 0:
                 token = int(greedy_tokens(row)[0])
             else:

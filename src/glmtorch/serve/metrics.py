@@ -70,23 +70,6 @@ class LatencyHistogram:
         return family
 
 
-class PerTokenMetrics:
-    """The collector of what ServingMetrics counts per token."""
-
-    def __init__(self, metrics: "ServingMetrics") -> None:
-        self.metrics = metrics
-
-    def collect(self):
-        m = self.metrics
-        for name, doc, value in (("vllm:prompt_tokens", "Prompt tokens prefilled.", m.prompt_tokens),
-                                 ("vllm:generation_tokens", "Tokens generated.", m.generation_tokens)):
-            family = CounterMetricFamily(name, doc, labels=["model_name"])
-            family.add_metric([m.model_name], value)
-            yield family
-        for histogram in (m.ttft, m.itl, m.e2e):
-            yield histogram.family(m.model_name)
-
-
 class ServingMetrics:
     def __init__(self, engine, model_name: str) -> None:
         self.registry = CollectorRegistry()
@@ -108,9 +91,19 @@ class ServingMetrics:
         self.itl = LatencyHistogram("vllm:inter_token_latency_seconds", "Time between a request's tokens.",
                                     ITL_BUCKETS)
         self.e2e = LatencyHistogram("vllm:e2e_request_latency_seconds", "Arrival to the last token.", E2E_BUCKETS)
-        self.registry.register(PerTokenMetrics(self))
+        self.registry.register(self)  # collect(): what the loop counts per token
         self.success = Counter("vllm:request_success", "Requests finished, by finish reason.",
                                label + ["finished_reason"], registry=self.registry)
+
+    def collect(self):
+        """The per-token counters and the latency histograms, as metric families (the registry's collector)."""
+        for name, doc, value in (("vllm:prompt_tokens", "Prompt tokens prefilled.", self.prompt_tokens),
+                                 ("vllm:generation_tokens", "Tokens generated.", self.generation_tokens)):
+            family = CounterMetricFamily(name, doc, labels=["model_name"])
+            family.add_metric([self.model_name], value)
+            yield family
+        for histogram in (self.ttft, self.itl, self.e2e):
+            yield histogram.family(self.model_name)
 
     # -- called from the engine's loop ---------------------------------------------------------------------
     def first_token(self, arrived: float, prompt_tokens: int) -> float:

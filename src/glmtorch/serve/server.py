@@ -53,7 +53,7 @@ HTTP_NICE = 10
 
 def lower_this_threads_priority(by: int = HTTP_NICE) -> None:
     """Raise the calling thread's nice value by `by` (Linux: a thread is a task of its own); elsewhere nothing."""
-    if not hasattr(os, "setpriority") or not sys.platform.startswith("linux"):
+    if not sys.platform.startswith("linux"):
         return
     tid = threading.get_native_id()
     try:
