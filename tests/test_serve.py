@@ -657,9 +657,48 @@ def test_bench_client_reads_chunked_events_split_anywhere(cut):
         server = await asyncio.start_server(handle, "127.0.0.1", 0)
         port = server.sockets[0].getsockname()[1]
         async with server:
-            return [d async for d in _sse_data(f"http://127.0.0.1:{port}/v1/completions", {}, {})]
+            return [d async for events in _sse_data(f"http://127.0.0.1:{port}/v1/completions", {}, {}) for d in events]
 
     assert asyncio.run(main()) == events
+
+
+@pytest.mark.parametrize("stall_after", ["nothing", "headers", "one event"])
+def test_bench_client_gives_up_on_a_stalled_stream(stall_after):
+    """A server that stops sending (before its status line, after its headers, or mid-body) ends the request
+    with a TimeoutError after `timeout` seconds without data, whatever came before; a slow but steady one is not
+    cut off even when the whole response takes longer than that."""
+    from glmtorch.serve.bench import _sse_data
+
+    head = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n"
+    event = b"data: {}\n\n"
+    before = {"nothing": b"", "headers": head, "one event": head + b"%x\r\n%s\r\n" % (len(event), event)}
+
+    async def collect(handle, timeout):
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        async with server:
+            return [d async for events in _sse_data(f"http://127.0.0.1:{port}/v1/completions", {}, {}, timeout)
+                    for d in events]
+
+    async def stalls(reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(before[stall_after])
+        await asyncio.sleep(5)
+
+    async def steady(reader, writer):  # an event every 0.1 s for 0.6 s, against a 0.3 s timeout
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(head)
+        for _ in range(6):
+            await asyncio.sleep(0.1)
+            writer.write(b"%x\r\n%s\r\n" % (len(event), event))
+        writer.write(b"0\r\n\r\n")
+        writer.close()
+
+    start = time.perf_counter()
+    with pytest.raises(TimeoutError):
+        asyncio.run(collect(stalls, 0.3))
+    assert time.perf_counter() - start < 3
+    assert asyncio.run(collect(steady, 0.3)) == ["{}"] * 6
 
 
 def test_the_http_thread_runs_at_a_lower_priority_than_the_engine():

@@ -23,19 +23,32 @@ def _percentiles(values: list[float]) -> dict[str, float]:
             "max": values[-1]}
 
 
+def _run_client(workload):
+    """Run a workload's coroutine on uvloop where it is installed (it comes with the server's dependencies): the
+    client shares the machine with the server it measures, and uvloop's loop takes about half the CPU per event of
+    asyncio's own."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(workload)
+    return uvloop.run(workload)
+
+
 class HttpError(Exception):
     """The server answered with a status other than 200."""
 
 
 async def _sse_data(url: str, body: dict, headers: dict, timeout: float = 600.0):
-    """POST `body` as JSON to an http:// URL and yield the `data:` payload of each Server-Sent Event as it arrives.
+    """POST `body` as JSON to an http:// URL and yield, per socket read, the `data:` payloads of the Server-Sent
+    Events it completed (a list, often of one).
 
     Plain asyncio streams and HTTP/1.1, not an HTTP client library: with 64 streams on the 2-core machine that
     also runs the server, httpx's per-chunk machinery cost ~100 us of client CPU per token (0.41 CPU-seconds for
     a 64 x 64-token burst of the demo model, which took 1.2 s), and that CPU came out of the server's share: the
     measurement was slowing what it measured. Here the body is read a socket read at a time, its chunked framing
-    and lines parsed in place, and a token costs a line split and a json.loads: a 64 x 64-token burst of the demo
-    model took 0.22 client CPU-seconds against 0.31-0.34 when each chunk and each line was its own awaited read."""
+    and lines parsed in place, and what a read brought goes up in one piece; a stalled server is caught by one
+    timer per request that looks at when the last read came (a timeout per read was a timer armed and cancelled
+    per token)."""
     from urllib.parse import urlsplit
 
     parts = urlsplit(url)
@@ -47,25 +60,39 @@ async def _sse_data(url: str, body: dict, headers: dict, timeout: float = 600.0)
                                                   "Accept": "text/event-stream", "Connection": "close",
                                                   "Content-Length": len(payload), **headers}.items())
     reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+    loop = asyncio.get_running_loop()
+    last_read, stalled = loop.time(), False
+
+    def watch():  # every `timeout` seconds: nothing read for that long ends the request
+        nonlocal stalled
+        if loop.time() - last_read >= timeout:
+            stalled = True
+            writer.transport.abort()
+        else:
+            watchdog[0] = loop.call_at(last_read + timeout, watch)
+
+    watchdog = [loop.call_later(timeout, watch)]
     try:
         writer.write(f"POST {parts.path or '/'} HTTP/1.1\r\n{head}\r\n".encode() + payload)
         await writer.drain()
-        read = lambda coroutine: asyncio.wait_for(coroutine, timeout)  # noqa: E731
-        status = (await read(reader.readline())).decode("latin-1").split(" ", 2)
+        status = (await reader.readline()).decode("latin-1").split(" ", 2)
         fields = {}
-        while (line := (await read(reader.readline())).decode("latin-1").strip()):
+        while (line := (await reader.readline()).decode("latin-1").strip()):
             name, _, value = line.partition(":")
             fields[name.strip().lower()] = value.strip()
         chunked = "chunked" in fields.get("transfer-encoding", "").lower()
+        if stalled:
+            raise TimeoutError(f"{url}: no answer for {timeout:g}s")  # the watchdog closed the connection
         if len(status) < 2 or status[1] != "200":
-            text = (await read(reader.read(4096)))
+            text = await reader.read(4096)
             raise HttpError(f"HTTP {status[1] if len(status) > 1 else '?'}: {text[:200]!r}")
         # the body as it comes, a read at a time: every whole chunk of the chunked framing in it taken at once,
         # every whole line of those chunks' bytes looked at (no await per chunk or line: each was a task)
         raw = lines_pending = b""
         ended = False
         while not ended:
-            data = await read(reader.read(65536))
+            data = await reader.read(65536)
+            last_read = loop.time()
             if not data:
                 break
             if chunked:
@@ -83,10 +110,13 @@ async def _sse_data(url: str, body: dict, headers: dict, timeout: float = 600.0)
                 raw = raw[at:]
             lines_pending += data
             *lines, lines_pending = lines_pending.split(b"\n")
-            for line in lines:
-                if line.startswith(b"data:"):
-                    yield line[5:].strip().decode()
+            events = [line[5:].strip().decode() for line in lines if line.startswith(b"data:")]
+            if events:
+                yield events
+        if stalled:  # the watchdog closed the connection: what was read ended there
+            raise TimeoutError(f"{url}: the stream stalled for {timeout:g}s")
     finally:
+        watchdog[0].cancel()
         writer.close()
 
 
@@ -101,23 +131,25 @@ async def _one(client, url: str, body: dict, headers: dict, started: asyncio.Eve
     tokens = cached = prompt_tokens = 0
     text = ""
     try:
-        async for data in _stream(client, url, body, headers):
-            if data == "[DONE]":
+        async for events in _stream(client, url, body, headers):
+            now = time.perf_counter()  # when this read's events came
+            done = "[DONE]" in events
+            for data in events[:events.index("[DONE]")] if done else events:
+                chunk = json.loads(data)
+                if chunk.get("usage"):
+                    tokens = chunk["usage"].get("completion_tokens", tokens)
+                    prompt_tokens = chunk["usage"].get("prompt_tokens", prompt_tokens)
+                    cached = (chunk["usage"].get("prompt_tokens_details") or {}).get("cached_tokens") or 0
+                for choice in chunk.get("choices", []):
+                    piece = choice.get("text") or (choice.get("delta") or {}).get("content") or ""
+                    if piece:
+                        first = first or now
+                        if started is not None:
+                            started.set()
+                        stamps.append(now)
+                        text += piece
+            if done:
                 break
-            chunk = json.loads(data)
-            if chunk.get("usage"):
-                tokens = chunk["usage"].get("completion_tokens", tokens)
-                prompt_tokens = chunk["usage"].get("prompt_tokens", prompt_tokens)
-                cached = (chunk["usage"].get("prompt_tokens_details") or {}).get("cached_tokens") or 0
-            for choice in chunk.get("choices", []):
-                piece = choice.get("text") or (choice.get("delta") or {}).get("content") or ""
-                if piece:
-                    now = time.perf_counter()
-                    first = first or now
-                    if started is not None:
-                        started.set()
-                    stamps.append(now)
-                    text += piece
     except Exception as e:  # noqa: BLE001 - counted, not raised
         return {"error": str(e) if isinstance(e, HttpError) else f"{type(e).__name__}: {e}"}
     finally:
@@ -130,17 +162,18 @@ async def _one(client, url: str, body: dict, headers: dict, started: asyncio.Eve
 
 
 async def _stream(client, url: str, body: dict, headers: dict):
-    """The `data:` payloads of a streamed response: _sse_data for http://, httpx for https://."""
+    """The `data:` payloads of a streamed response, in lists as they came: _sse_data for http://, httpx for
+    https://."""
     if url.startswith("http://"):
-        async for data in _sse_data(url, body, headers):
-            yield data
+        async for events in _sse_data(url, body, headers):
+            yield events
         return
     async with client.stream("POST", url, json=body, headers=headers) as response:
         if response.status_code != 200:
             raise HttpError(f"HTTP {response.status_code}: {(await response.aread())[:200]!r}")
         async for line in response.aiter_lines():
             if line.startswith("data:"):
-                yield line[5:].strip()
+                yield [line[5:].strip()]
 
 
 WORDS = ("the quick brown fox jumps over a lazy dog while seven wise kings speak of old times " * 64).split()
@@ -293,7 +326,7 @@ async def _run_multi_turn(base_url: str, users: int, concurrency: int, turns: in
 def multi_turn(url: str, users: int = 8, concurrency: int = 8, turns: int = 4, prompt_words: int = 30,
                max_tokens: int = 64, model: str | None = None, api_key: str | None = None,
                temperature: float = 0.0) -> dict[str, Any]:
-    return asyncio.run(_run_multi_turn(url, users, concurrency, turns, prompt_words, max_tokens, model, api_key,
+    return _run_client(_run_multi_turn(url, users, concurrency, turns, prompt_words, max_tokens, model, api_key,
                                        temperature))
 
 
@@ -346,7 +379,7 @@ def ttft_under_load(url: str, background: int = 16, long_tokens: int = 256, long
                     max_pause: float = 0.5) -> dict[str, Any]:
     if not max_pause >= 0:
         raise ValueError(f"the probe pause must be 0 seconds or more, got {max_pause}")
-    return asyncio.run(_ttft_under_load(url, background, long_tokens, long_words, probes, model, api_key, chat,
+    return _run_client(_ttft_under_load(url, background, long_tokens, long_words, probes, model, api_key, chat,
                                         max_pause))
 
 
@@ -393,14 +426,14 @@ async def _long_prompt_under_load(base_url: str, background: int, long_words: in
 def long_prompt_under_load(url: str, background: int = 16, long_words: int = 4000, prompt_words: int = 20,
                            max_tokens: int = 1024, model: str | None = None, api_key: str | None = None,
                            calm: float = 3.0) -> dict[str, Any]:
-    return asyncio.run(_long_prompt_under_load(url, background, long_words, prompt_words, max_tokens, model,
+    return _run_client(_long_prompt_under_load(url, background, long_words, prompt_words, max_tokens, model,
                                                api_key, calm))
 
 
 def bench_serve(url: str, requests: int = 64, concurrency: int = 64, prompt_words: int = 100, max_tokens: int = 64,
                 model: str | None = None, api_key: str | None = None, chat: bool = False,
                 temperature: float = 0.0, shared_words: int = 0) -> dict[str, Any]:
-    return asyncio.run(_run(url, requests, concurrency, prompt_words, max_tokens, model, api_key, chat, temperature,
+    return _run_client(_run(url, requests, concurrency, prompt_words, max_tokens, model, api_key, chat, temperature,
                             shared_words))
 
 
