@@ -150,6 +150,81 @@ def test_fused_decode_step_matches_reference(tmp_path, name, arch, monkeypatch):
         assert rel_err(out[row], alone) < 1e-5
 
 
+@pytest.fixture
+def two_threads():
+    """Two intra-op threads (a batch split by rows needs two), whatever the machine gives by default."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("paged", [False, True], ids=["static", "paged"])
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_a_batch_split_by_rows_equals_one_split_by_columns(tmp_path, monkeypatch, two_threads, paged, quantize):
+    """The fused step with each thread running every layer for its share of the rows gives the logits and writes
+    the keys and values of the step whose products are split by columns, for 2, 3 and 5 rows at different
+    positions (odd shares), on a static cache (each share naming its cache rows) and through scattered block
+    tables; and it did split (the plan counts such steps)."""
+    monkeypatch.setenv("GLMTORCH_LINEAR_PATH", "kernel")
+    model = glmtorch.AutoModelForCausalLM.from_pretrained(save_hf(make_hf_model(**CONFIGS["gqa"]), tmp_path),
+                                                          **({"quantize": quantize} if quantize else {}))
+    step = compiled_decode_step(model)
+    for rows in (2, 3, 5):
+        lengths = torch.tensor([7, 3, 9, 1, 5][:rows])
+        window = int(lengths.max()) + 1
+        outputs = {}
+        for way in ("columns", "rows"):
+            monkeypatch.setenv("GLMTORCH_STEP_SPLIT", way)
+            if paged:
+                cache = model.new_paged_cache(4 * rows + 1, 4)
+                table = (torch.randperm(4 * rows, generator=torch.Generator().manual_seed(rows)) + 1).view(rows, 4)
+                cache = cache.view(table[:, :-(-window // 4)], window)
+            else:
+                cache = model.new_static_cache(rows, 16)
+            torch.manual_seed(rows)  # the same cached keys and values both ways
+            for buffer in (cache.key_buffer, cache.value_buffer):
+                buffer.copy_(torch.randn_like(buffer))
+            tokens = torch.arange(3, 3 + rows)[:, None]
+            mask = (torch.arange(window) <= lengths[:, None]).long()
+            before = step.plan.split_steps() if step.plan is not None else 0
+            logits = step(model, tokens, lengths[:, None], lengths[:, None], mask, cache).clone()
+            assert step.plan.split_steps() - before == (way == "rows")
+            outputs[way] = logits, cache.key_buffer.clone(), cache.value_buffer.clone()
+        for split_by_rows, split_by_columns in zip(outputs["rows"], outputs["columns"]):
+            assert rel_err(split_by_rows, split_by_columns) < 1e-6
+
+
+def test_the_row_split_is_chosen_on_the_steps_themselves(monkeypatch, two_threads):
+    """RowSplitChoice runs the first PAIRS pairs of a row bucket's steps once each way, in alternating order,
+    keeps the way with the lower median ratio, and then always takes it; a changed row count restarts a pair; a
+    batch of one is never split; GLMTORCH_STEP_SPLIT forces a way."""
+    from glmtorch.fastpath import RowSplitChoice
+
+    monkeypatch.delenv("GLMTORCH_STEP_SPLIT", raising=False)
+    for rows_time, expected in ((0.9, True), (1.1, False)):
+        choice = RowSplitChoice()
+        ways = []
+        for _ in range(2 * choice.PAIRS):
+            way = choice.pick(64)
+            ways.append(way)
+            choice.record(64, way, rows_time if way else 1.0)
+        assert ways[:4] == [False, True, True, False]  # columns first, then rows first
+        assert ways.count(True) == ways.count(False) == choice.PAIRS
+        assert all(choice.pick(64) is expected for _ in range(3)) and choice.pick(40) is expected  # one bucket
+        assert choice.pick(16) is False  # another bucket starts its own pairs
+    choice = RowSplitChoice()
+    choice.record(64, choice.pick(64), 1.0)
+    assert choice.pick(63) is False  # 63 rows do not finish a pair begun at 64: a new one begins
+    choice.record(63, False, 1.0)
+    assert choice.pick(63) is True and choice.pick(1) is None
+    monkeypatch.setenv("GLMTORCH_STEP_SPLIT", "rows")
+    assert choice.pick(64) is True
+    monkeypatch.setenv("GLMTORCH_STEP_SPLIT", "columns")
+    assert choice.pick(64) is False
+
+
 @torch.no_grad()
 @pytest.mark.parametrize("arch", ["Glm", "Glm4"])
 @pytest.mark.parametrize("product", ["kernel", "amx"])

@@ -449,6 +449,8 @@ class FusedDecodeStep:
         self.amx_weights: list = []  # (plan index, kind, (N, K), {path: fn}) of products the AMX tiles could take
         self.amx_chosen: set[int] = set()  # row buckets whose AMX choices the plan has
         self.amx_bits: dict[int, int] = {}  # plan index -> the buckets it multiplies on the tiles
+        self.row_split = RowSplitChoice()
+        self.split_now = False  # what the plan was last told
 
     def _ensure_plan(self, model) -> None:
         key = _weights_key(model)
@@ -462,6 +464,7 @@ class FusedDecodeStep:
             self.shapes = [(layer.cpu_paths(torch.float32)[0], layer.out_features, layer.in_features)
                            for layer in self.linears]
             self.kernels_win.clear()
+            self.row_split, self.split_now = RowSplitChoice(), False
             self.built_for = key
             if any(layer.weight.dtype == torch.float32 for layer in self.linears):
                 dispatch.choose_fp32_row_order()  # before the plan's first step is timed or run
@@ -490,6 +493,7 @@ class FusedDecodeStep:
         if self.plan is None or tokens.shape[0] > self.max_rows or not self._kernels_win(model, 1):
             return None
         self._choose_amx(tokens.shape[0])
+        self._split_rows(False)  # rows of one sequence read each other's keys in each layer: never split
         return self._run_plan(model, tokens, positions, positions if slots is None else slots, attention_mask, cache,
                               cache_rows, logits)
 
@@ -502,9 +506,22 @@ class FusedDecodeStep:
         rows = tokens.shape[0]
         if rows > self.max_rows or not self._kernels_win(model, rows):
             return self.fallback(model, tokens, position_ids, cache_position, attention_mask, cache)
+        split = self.row_split.pick(rows)
+        self._split_rows(split)
+        if split:
+            threads = torch.get_num_threads()
+            for share in {rows // threads, -(-rows // threads)}:  # a thread's share multiplies on its own
+                self._choose_amx(share)
+        start = time.perf_counter()
         logits = self._run_plan(model, tokens, position_ids, cache_position, attention_mask, cache, None, logits)
+        self.row_split.record(rows, split, time.perf_counter() - start)
         cache.advance(1)
         return logits
+
+    def _split_rows(self, split: bool | None) -> None:
+        if bool(split) != self.split_now:
+            self.plan.set_row_split((1 << len(dispatch.BUCKETS)) - 1 if split else 0)
+            self.split_now = bool(split)
 
     def _run_plan(self, model, tokens, position_ids, cache_position, attention_mask, cache,
                   cache_rows=None, logits=None) -> torch.Tensor:
@@ -567,6 +584,61 @@ class FusedDecodeStep:
 
         # the layered side eager: a compiled fallback (GLMTORCH_COMPILE=1) would build a graph for the scratch shapes
         return time_decode_step(model, rows, step=fused) <= time_decode_step(model, rows)
+
+
+class RowSplitChoice:
+    """Whether the fused step runs a batch with its rows split between the threads (each runs every layer for its
+    share: the threads meet once a step, and each reads every weight) or with each product's columns split (each
+    weight read once, the threads meeting at every product, norm and attention: ~60 times a step), per row bucket.
+
+    Decided on the steps themselves, once per process: the first PAIRS pairs of steps of a bucket (consecutive,
+    same row count) run once each way, in alternating order, and the way with the lower median time ratio is
+    kept. Timing on a scratch cache misses what decides it: with 64 rows of the demo model the two were even when
+    timed back to back, while in the engine's loop (its Python between steps) rows went 8% faster and a served
+    burst 5%; where every step streams weights from memory (the "small" model in fp32 at 16 rows) rows lose 12-36%
+    and the pairs show it. Batches of one, and one thread, are never split. GLMTORCH_STEP_SPLIT=rows|columns
+    forces a way."""
+
+    PAIRS = 8
+
+    def __init__(self) -> None:
+        self.chosen: dict[int, bool] = {}  # row bucket -> split by rows
+        self.ratios: dict[int, list[float]] = {}  # rows' time over columns' time, per pair so far
+        self.half: dict[int, tuple] = {}  # bucket -> (rows, split, seconds) of a pair's first step
+
+    def pick(self, rows: int) -> bool | None:
+        """How to run a step of `rows` rows: True by rows, False by columns, None where splitting cannot apply."""
+        if rows < 2 or torch.get_num_threads() < 2:
+            return None
+        forced = os.environ.get("GLMTORCH_STEP_SPLIT", "").strip().lower()
+        if forced in ("rows", "columns"):
+            return forced == "rows"
+        bucket = dispatch.row_bucket(rows)
+        if bucket in self.chosen:
+            return self.chosen[bucket]
+        first = self.half.get(bucket)
+        if first is not None and first[0] == rows:
+            return not first[1]  # the pair's other half
+        return len(self.ratios.get(bucket, ())) % 2 == 1  # a new pair: columns first, then rows first, ...
+
+    def record(self, rows: int, split: bool | None, seconds: float) -> None:
+        if split is None:
+            return
+        bucket = dispatch.row_bucket(rows)
+        if bucket in self.chosen or os.environ.get("GLMTORCH_STEP_SPLIT", "").strip().lower() in ("rows", "columns"):
+            return
+        first = self.half.pop(bucket, None)
+        if first is None or first[0] != rows or first[1] == split:
+            self.half[bucket] = (rows, split, seconds)  # a pair begins (a changed row count starts it over)
+            return
+        by_rows, by_columns = (seconds, first[2]) if split else (first[2], seconds)
+        ratios = self.ratios.setdefault(bucket, [])
+        ratios.append(by_rows / by_columns)
+        if len(ratios) == self.PAIRS:
+            self.chosen[bucket] = sorted(ratios)[len(ratios) // 2] < 1.0
+
+    def describe(self) -> str:
+        return ", ".join(f"rows<={b}: {'by rows' if v else 'by columns'}" for b, v in sorted(self.chosen.items()))
 
 
 def _distinct_linears(model) -> list:
@@ -682,7 +754,9 @@ def describe_decode_step(model) -> str:
         return "compiled forward" if compile_enabled(model) else "eager forward"
     covered, missing = fused_step_support(model)
     if covered:
-        return "fused C++ step (kernels/decode_step.cpp)"
+        step = getattr(model, "_glmtorch_decode_step", None)
+        split = step.row_split.describe() if isinstance(step, FusedDecodeStep) else ""
+        return "fused C++ step (kernels/decode_step.cpp)" + (f"; batches split {split}" if split else "")
     return f"layer by layer ({'compiled' if compile_enabled(model) else 'eager'}): not fused, needs {missing}"
 
 

@@ -18,6 +18,7 @@
 #include <torch/custom_class.h>
 #include <torch/library.h>
 
+#include <atomic>
 #include <cmath>
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -437,6 +438,13 @@ struct DecodePlan : torch::CustomClassHolder {
 
   void set_amx_buckets(int64_t index, int64_t buckets) { linears.at(index).amx_buckets = buckets; }
 
+  // bit b set: a batch of up to 2^b rows (bucket b) runs split by rows, each thread the whole step for its share
+  // of the rows (see step)
+  void set_row_split(int64_t buckets) { row_split_buckets = buckets; }
+  int64_t row_split_buckets = 0;
+  int64_t split_steps() const { return steps_split_by_rows.load(); }
+  mutable std::atomic<int64_t> steps_split_by_rows{0};  // how many steps ran split by rows (tests, reports)
+
   // tokens (B, 1), positions (B, 1) rotary positions, slots (1,) or (B, 1) cache slots written, mask (B, L) 0/1
   // padding over the attended slots; keys / values (layers, rows, KV, capacity, D), fp32 or bf16 (a bf16 model's
   // cache: written rounded to nearest, read widened). Row b of the batch uses cache row b, or cache_rows[b]: several
@@ -454,9 +462,51 @@ struct DecodePlan : torch::CustomClassHolder {
     TORCH_CHECK(keys.scalar_type() == values.scalar_type() &&
                     (keys.scalar_type() == at::kFloat || keys.scalar_type() == at::kBFloat16),
                 "the cache must be fp32 or bf16");
+    const int64_t B = tokens.size(0), threads = std::min<int64_t>(at::get_num_threads(), B);
+    if (threads > 1 && ((row_split_buckets >> row_bucket_index(B)) & 1))
+      return keys.scalar_type() == at::kBFloat16
+                 ? split_by_rows<at::BFloat16>(threads, tokens, positions, slots, mask, keys, values, cache_rows,
+                                               block_table, logits)
+                 : split_by_rows<float>(threads, tokens, positions, slots, mask, keys, values, cache_rows,
+                                        block_table, logits);
     if (keys.scalar_type() == at::kBFloat16)
       return run<at::BFloat16>(tokens, positions, slots, mask, keys, values, cache_rows, block_table, logits);
     return run<float>(tokens, positions, slots, mask, keys, values, cache_rows, block_table, logits);
+  }
+
+  // The step with the batch's rows split between the threads, each running every layer for its own rows (the
+  // kernels it calls run on that thread alone: ATen runs a parallel_for inside a parallel region inline). Where the
+  // weights are small enough to stay in the shared cache, this saves the ~60 meetings of the threads per step at
+  // the end of each product, norm and attention (each waiting for the slower thread, or for one the OS gave another
+  // task); where they are not, each thread streams every weight and it loses. Chosen per row bucket by timing
+  // (glmtorch.fastpath).
+  template <typename T>
+  at::Tensor split_by_rows(int64_t threads, const at::Tensor& tokens, const at::Tensor& positions,
+                           const at::Tensor& slots, const at::Tensor& mask, const at::Tensor& keys,
+                           const at::Tensor& values, const c10::optional<at::Tensor>& cache_rows,
+                           const c10::optional<at::Tensor>& block_table,
+                           const c10::optional<at::Tensor>& logits) const {
+    const int64_t B = tokens.size(0);
+    ++steps_split_by_rows;
+    std::vector<at::Tensor> parts(threads);
+    at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t first = B * t / threads, n = B * (t + 1) / threads - first;
+        auto rows = [&](const at::Tensor& x) { return x.narrow(0, first, n); };
+        auto some = [&](const c10::optional<at::Tensor>& x) {
+          return x ? c10::optional<at::Tensor>(rows(*x)) : c10::nullopt;
+        };
+        // a contiguous cache's row b is batch row b: this share's rows name theirs
+        const auto own_rows = cache_rows || block_table ? some(cache_rows)
+                                                        : c10::optional<at::Tensor>(at::arange(first, first + n));
+        parts[t] = run<T>(rows(tokens), rows(positions), slots.numel() == 1 ? slots : rows(slots), rows(mask), keys,
+                          values, own_rows, some(block_table), some(logits));
+      }
+    });
+    bool in_buffer = logits.has_value();
+    for (int64_t t = 0; t < threads && in_buffer; ++t)
+      in_buffer = parts[t].data_ptr() == logits->narrow(0, B * t / threads, 1).data_ptr();
+    return in_buffer ? *logits : at::cat(parts);
   }
 
   template <typename T>
@@ -558,6 +608,8 @@ TORCH_LIBRARY_FRAGMENT(glmtorch_kernels, m) {
       .def("add_layer", &DecodePlan::add_layer)
       .def("set_lm_head", &DecodePlan::set_lm_head)
       .def("set_amx_buckets", &DecodePlan::set_amx_buckets)
+      .def("set_row_split", &DecodePlan::set_row_split)
+      .def("split_steps", &DecodePlan::split_steps)
       .def("step", &DecodePlan::step);
   m.def("paged_attention(Tensor q, Tensor keys, Tensor values, Tensor table, Tensor last, Tensor visible, float scale) "
         "-> Tensor");
