@@ -369,3 +369,25 @@ def test_a_product_into_the_callers_buffer_is_the_product(rows, dtype, blocks):
                   torch.empty(rows, 128)[:, ::2]):
         with pytest.raises(RuntimeError, match="out must be a contiguous"):
             torch.ops.glmtorch_kernels.gemv_float_out(x, weight, wrong)
+
+
+@pytest.mark.parametrize("width", [1, 15, 16, 17, 3072, 3077])  # under, at and past one vector of 16
+def test_greedy_rows_gives_torch_max_indices(width):
+    """The kernels' greedy token per row equals logits.max(-1).indices: the first place on ties, a row's first
+    NaN where it has one (wherever it is against the maximum), a row of -inf, an all-equal row, +inf, rows of a
+    wider tensor (a row stride) and no rows at all; greedy_tokens takes it for fp32 CPU logits."""
+    from glmtorch.generation.sampling import greedy_tokens
+
+    g = torch.Generator().manual_seed(width)
+    x = torch.randn(40, width + 3, generator=g)[:, 3:]  # rows of a wider tensor
+    x[1] = float("-inf")
+    x[2] = 0.5
+    x[3, width // 2] = float("inf")
+    x[4, -1] = float("nan")  # a NaN after the maximum
+    x[5, 0], x[5, width // 3] = float("nan"), float("nan")
+    x[6, width // 2:] = float("inf")  # ties at the maximum: the first
+    x[7:] = torch.randint(0, 3, (33, width), generator=g).float()  # many ties
+    expected = x.max(-1).indices
+    assert torch.equal(torch.ops.glmtorch_kernels.greedy_rows(x), expected)
+    assert torch.equal(greedy_tokens(x), expected)
+    assert torch.ops.glmtorch_kernels.greedy_rows(x[:0]).shape == (0,)

@@ -66,7 +66,7 @@ def _build() -> bool:
         _put_ninja_on_path()
         flags = ["-O3", "-march=native", "-fopenmp"]
         # the header's text is in the build's name too: a change to it alone must rebuild
-        _state["name"] = extension_name(sources + [os.path.join(folder, "fast_exp.h")], flags)
+        _state["name"] = extension_name(sources + [os.path.join(folder, "vector_math.h")], flags)
         with _announce_build():
             load(name=_state["name"], sources=sources, extra_cflags=flags,
                  extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
@@ -164,6 +164,10 @@ def _register_shapes() -> None:
     @torch.library.register_fake("glmtorch_kernels::rms_norm")
     def _(x, weight, eps):
         return torch.empty_like(x)
+
+    @torch.library.register_fake("glmtorch_kernels::greedy_rows")
+    def _(logits):
+        return logits.new_empty(logits.shape[0], dtype=torch.long)
 
     @torch.library.register_fake("glmtorch_kernels::silu_mul")
     def _(gate_up):

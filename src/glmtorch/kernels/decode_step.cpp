@@ -28,11 +28,12 @@
 #include <type_traits>
 #include <vector>
 
-#include "fast_exp.h"
+#include "vector_math.h"
 
 namespace {
 
 using glmtorch_kernels_math::fast_exp;
+using glmtorch_kernels_math::max_of;
 
 // A linear layer as the kernels take it (gemv.cpp): float weights (fp32 / bf16), int8 with per-row scales, or
 // int4 with per-group scales and an optional row interleave.
@@ -222,21 +223,6 @@ inline void weigh_values(Slots slots, int64_t g0, int64_t count, const float* sc
     for (int c = 0; c < C; ++c) _mm512_storeu_ps(acc + (g0 + g) * 16 * C + 16 * c, a[g][c]);
 }
 #endif
-
-// The largest of s[0 .. n), NaNs passed over as std::max(most, s[j]) passes them. By hand: GCC left the `omp simd
-// reduction(max)` loop scalar, a chain of dependent maxss that held an eighth of the attention's samples (4-6% of
-// its time, alternated in one process).
-inline float max_of(const float* s, int64_t n) {
-  float most = -INFINITY;
-  int64_t j = 0;
-#if defined(__AVX512F__)
-  __m512 m = _mm512_set1_ps(-INFINITY);
-  for (; j + 16 <= n; j += 16) m = _mm512_max_ps(_mm512_loadu_ps(s + j), m);  // the second operand on a NaN
-  most = _mm512_reduce_max_ps(m);
-#endif
-  for (; j < n; ++j) most = std::max(most, s[j]);
-  return most;
-}
 
 // softmax(q k * scale) v of each row's Q query heads (G = Q / KV of them per key/value head) over the cached slots
 // j <= last[b] that seen[b * L + j] marks (its own slot always; seen null: all of them). Query head i of row b is
