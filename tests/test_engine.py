@@ -203,3 +203,40 @@ def test_a_pass_emits_its_events_after_its_last_row(pair):
                          Event("text", text="x"))
             raise RuntimeError("mid-pass")
     assert seen == [(9, "text", True)] and engine.outbox is None
+
+
+def test_an_idle_engine_lets_arriving_requests_in_before_it_prefills(pair):
+    """With nothing decoding and the front end still taking requests in (`arriving`), the engine waits for them
+    and prefills them in one pass, as soon as the count drops; a request that never finishes arriving (a client
+    trickling its body) holds an idle engine for ARRIVAL_WAIT at most."""
+    import threading
+    import time
+
+    from glmtorch.serve.server import build_engine
+
+    model, tokenizer = pair
+    engine = build_engine(model, tokenizer, max_num_seqs=4, thread=False)
+    params = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
+    done = []
+    first, second = prompts(2, seed=3)
+    engine.arriving = 1
+    engine.submit(Request(first, params, done.append))
+
+    def arrives_later():
+        time.sleep(0.05)
+        engine.submit(Request(second, params, done.append))
+        engine.arriving = 0
+
+    passes = engine.prefill_passes
+    late = threading.Thread(target=arrives_later)
+    late.start()
+    engine.run(until_idle=True)
+    late.join()
+    assert engine.prefill_passes - passes == 1
+    assert sum(e.kind == "done" for e in done) == 2
+    engine.arriving, engine.ARRIVAL_WAIT = 1, 0.2  # one that never arrives
+    start, passes = time.perf_counter(), engine.prefill_passes
+    engine.submit(Request(first, params, done.append))
+    engine.run(until_idle=True)
+    assert 0.2 <= time.perf_counter() - start < 5 and engine.prefill_passes - passes == 1
+    assert sum(e.kind == "done" for e in done) == 3

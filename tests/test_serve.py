@@ -269,6 +269,39 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(served, bod
     assert ok.status_code == 200
 
 
+def _eventually(condition, seconds: float = 10.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.005)
+    return condition()
+
+
+def test_a_request_counts_as_arriving_until_it_is_submitted_or_refused(served):
+    """A generation request counts in engine.arriving from its headers (its body still trickling in) until it
+    is submitted; one answered with an error without being submitted stops counting too, and nothing else counts."""
+    server, engine = served[0], served[1]
+    body = json.dumps({"prompt": "Hi", "max_tokens": 2}).encode()
+    with socket.create_connection(("127.0.0.1", server.port)) as s:
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Connection: close\r\nContent-Length: %d\r\n\r\n" % len(body) + body[:5])
+        assert _eventually(lambda: engine.arriving == 1)
+        s.sendall(body[5:])
+        reply = b""
+        while chunk := s.recv(65536):
+            reply += chunk
+    assert reply.startswith(b"HTTP/1.1 200") and engine.arriving == 0
+    url = server.url + "/v1/completions"
+    with httpx.stream("POST", url, json={"prompt": "Hi", "max_tokens": 64, "ignore_eos": True, "stream": True},
+                      timeout=30) as streamed:
+        next(streamed.iter_lines())
+        assert engine.arriving == 0  # submitted: no longer arriving while it decodes
+    for bad, status in (("not json", 400), ('{"prompt": "x", "max_tokens": -1}', 400),
+                        ('{"prompt": "x", "model": "gpt-9"}', 404)):
+        r = httpx.post(url, content=bad, headers={"Content-Type": "application/json"}, timeout=30)
+        assert r.status_code == status and _eventually(lambda: engine.arriving == 0)
+    assert httpx.get(server.url + "/health").status_code == 200 and engine.arriving == 0
+
+
 def test_context_limit_is_named(served):
     r = httpx.post(served[0].url + "/v1/completions", json={"prompt": "word " * 300, "max_tokens": 8}, timeout=30)
     assert r.status_code == 400 and "context is 256 tokens" in r.json()["error"]["message"]

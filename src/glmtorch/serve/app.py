@@ -4,6 +4,7 @@ the engine, encode its events as an OpenAI response or as Server-Sent Events."""
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import dataclasses
 import functools
 import json
@@ -362,6 +363,38 @@ class RequireApiKey:
         await self.app(scope, receive, send)
 
 
+ARRIVING_PATHS = ("/v1/completions", "/v1/chat/completions")
+_arrival: contextvars.ContextVar[list | None] = contextvars.ContextVar("glmtorch_arrival", default=None)
+
+
+class CountArrivals:
+    """ASGI middleware: a generation request counts in `engine.arriving` from when its headers are read until it
+    is submitted (arrived(), from start()) or answered without being submitted (an error), so that an idle engine
+    can let a burst come in before prefilling (Engine._let_arrivals_in)."""
+
+    def __init__(self, app, engine: Engine) -> None:
+        self.app, self.engine = app, engine
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in ARRIVING_PATHS:
+            return await self.app(scope, receive, send)
+        token = [self.engine]
+        self.engine.arriving += 1
+        reset = _arrival.set(token)
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            _arrival.reset(reset)
+            arrived(token)
+
+
+def arrived(token: list | None = None) -> None:
+    """This request (the one the current context counts) is no longer arriving; counted down once."""
+    token = _arrival.get() if token is None else token
+    if token:
+        token.pop().arriving -= 1
+
+
 # -- the app ---------------------------------------------------------------------------------------------------
 @dataclass
 class Served:
@@ -439,6 +472,8 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
         engine.observer = served.metrics
     app.router.on_shutdown.append(lambda: served.workers.shutdown(wait=False, cancel_futures=True))
     app.add_exception_handler(ApiError, api_error)
+    if hasattr(engine, "arriving"):
+        app.add_middleware(CountArrivals, engine=engine)
     if api_key:
         app.add_middleware(RequireApiKey, api_key=api_key)
     app.include_router(router)
@@ -664,11 +699,13 @@ def start(served: Served, prompts: list[list[int]], params: SamplingParams,
         for r in requests:
             served.engine.submit(r)
     except BaseException as e:  # all of a request's choices run, or none: no orphan decodes for nobody
+        arrived()
         for r in requests:
             r.cancelled.set()
         if isinstance(e, QueueFull):
             raise ApiError(503, f"the server is busy: {e}; retry later", None, "queue_full", "server_error") from None
         raise
+    arrived()
     return queue, requests
 
 

@@ -180,6 +180,9 @@ class Engine:
         self.device = model.device
         self.tp = getattr(model, "tensor_parallel", None)  # a TensorParallel when the model is a shard
         self.steps = 0  # decode steps
+        # requests a front end has begun receiving (headers read) and not yet submitted or refused: the server's
+        # HTTP side counts them (app.CountArrivals), so that an idle engine lets a burst arrive (see _loop)
+        self.arriving = 0
         self.prefill_passes = 0  # forward passes that prefilled prompts (several requests each under load)
         self.outbox: list | None = None  # events held until the pass that made them ends (_holding_events)
         self.logits: torch.Tensor | None = None  # the fused step's logits buffer (_logits_buffer)
@@ -284,6 +287,7 @@ class Engine:
                     self.cond.wait(timeout=0.25)  # a timeout: request_stop() does not notify
                 if not self.running_loop:
                     break
+                self._let_arrivals_in()
                 # a prompt being prefilled in chunks goes on first; others wait behind it, as in a queue
                 admitted = [] if self.chunking is not None else self._take_waiting()
             try:
@@ -309,6 +313,21 @@ class Engine:
                     for r in list(self.running):
                         self._fail(r, e)
         self._end_all()
+
+    ARRIVAL_WAIT = float(os.environ.get("GLMTORCH_ARRIVAL_WAIT", "0.05"))
+
+    def _let_arrivals_in(self) -> None:
+        """With nothing decoding and requests still arriving (their headers read, their bodies being parsed and
+        tokenized by the HTTP side), wait for them, at most ARRIVAL_WAIT seconds, so that a burst is prefilled in
+        one pass: begun with the first request alone, the engine ran four passes and three thin decode steps in
+        between while the HTTP thread, sharing the cores and the GIL, took the rest in. A lone request is never
+        held (its own arrival ends before it is submitted); a client trickling its body holds an idle engine for
+        at most ARRIVAL_WAIT. Called with self.cond held (its wait lets submit() in)."""
+        if self.running or self.chunking is not None or not self.arriving:
+            return
+        deadline = time.monotonic() + self.ARRIVAL_WAIT
+        while self.arriving > 0 and self.running_loop and time.monotonic() < deadline:
+            self.cond.wait(timeout=0.001)
 
     @staticmethod
     def _feed(r: Request) -> list[int]:
