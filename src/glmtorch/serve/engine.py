@@ -587,7 +587,7 @@ class Engine:
         for i, (r, use_best) in enumerate(zip(active, plain)):
             r.position += 1
             self._name_full_blocks(r)
-            self._accept_or_fail(r, logits[i], best[i] if use_best else None)
+            self._accept_or_fail(r, logits, best[i] if use_best else None, row=i)
 
     SPECULATION_ROWS = 16  # past this many rows a step is compute-bound: checking proposals would cost their rows
 
@@ -642,11 +642,12 @@ class Engine:
                 self.speculation_accepted += taken
         return True
 
-    def _accept_or_fail(self, r: Request, logits: torch.Tensor, greedy_token: int | None = None) -> None:
+    def _accept_or_fail(self, r: Request, logits: torch.Tensor, greedy_token: int | None = None,
+                        row: int | None = None) -> None:
         """One request's share of a step: what goes wrong in it (sampling, detokenising, its processors) ends
         that request with its own error; the other rows of the batch carry on."""
         try:
-            self._accept(r, logits, greedy_token)
+            self._accept(r, logits, greedy_token, row)
         except Exception as e:
             self._fail(r, e)
 
@@ -656,9 +657,13 @@ class Engine:
         r.cancelled.set()
         self._release(r)
 
-    def _accept(self, r: Request, logits: torch.Tensor, greedy_token: int | None = None) -> None:
+    def _accept(self, r: Request, logits: torch.Tensor, greedy_token: int | None = None,
+                row: int | None = None) -> None:
         """Sample the request's next token from its logits (or take greedy_token, its argmax already found),
-        stream its text, finish it when it stops."""
+        stream its text, finish it when it stops. `logits`: the request's (V,), or a step's (B, V) with `row`
+        naming its row, taken only where something reads it (a view per row of a 64-row step was ~0.1 ms)."""
+        if row is not None and (greedy_token is None or r.params.logprobs):
+            logits = logits[row]
         raw = logits
         if greedy_token is not None:
             token = greedy_token
