@@ -194,6 +194,11 @@ def test_a_batch_split_by_rows_equals_one_split_by_columns(tmp_path, monkeypatch
             outputs[way] = logits, cache.key_buffer.clone(), cache.value_buffer.clone()
         for split_by_rows, split_by_columns in zip(outputs["rows"], outputs["columns"]):
             assert rel_err(split_by_rows, split_by_columns) < 1e-6
+    if not paged:  # a verify pass's rows are one sequence, each reading the keys the others write: never split
+        monkeypatch.setenv("GLMTORCH_STEP_SPLIT", "rows")
+        cache, before = model.new_static_cache(1, 16), step.plan.split_steps()
+        assert step.verify(model, torch.tensor([3, 4, 5]), 0, 0, torch.ones(1, 3, dtype=torch.long), cache) is not None
+        assert step.plan.split_steps() == before
 
 
 def test_the_row_split_is_chosen_on_the_steps_themselves(monkeypatch, two_threads):
