@@ -205,10 +205,10 @@ def test_a_pass_emits_its_events_after_its_last_row(pair):
     assert seen == [(9, "text", True)] and engine.outbox is None
 
 
-def test_an_idle_engine_lets_arriving_requests_in_before_it_prefills(pair):
+def test_an_idle_engine_lets_arriving_requests_in_before_it_prefills(pair, monkeypatch):
     """With nothing decoding and the front end still taking requests in (`arriving`), the engine waits for them
     and prefills them in one pass, as soon as the count drops; a request that never finishes arriving (a client
-    trickling its body) holds an idle engine for ARRIVAL_WAIT at most."""
+    trickling its body) holds an idle engine for arrival_wait at most; GLMTORCH_ARRIVAL_WAIT sets it, checked."""
     import threading
     import time
 
@@ -234,9 +234,18 @@ def test_an_idle_engine_lets_arriving_requests_in_before_it_prefills(pair):
     late.join()
     assert engine.prefill_passes - passes == 1
     assert sum(e.kind == "done" for e in done) == 2
-    engine.arriving, engine.ARRIVAL_WAIT = 1, 0.2  # one that never arrives
+    engine.arriving, engine.arrival_wait = 1, 0.2  # one that never arrives
     start, passes = time.perf_counter(), engine.prefill_passes
     engine.submit(Request(first, params, done.append))
     engine.run(until_idle=True)
     assert 0.2 <= time.perf_counter() - start < 5 and engine.prefill_passes - passes == 1
     assert sum(e.kind == "done" for e in done) == 3
+    from glmtorch.serve.engine import arrival_wait_from_env
+
+    for text, seconds in (("", 0.05), ("0", 0.0), (" 0.2 ", 0.2)):
+        monkeypatch.setenv("GLMTORCH_ARRIVAL_WAIT", text)
+        assert arrival_wait_from_env() == seconds
+    for text in ("soon", "-1", "nan", "inf", "1e9"):
+        monkeypatch.setenv("GLMTORCH_ARRIVAL_WAIT", text)
+        with pytest.raises(ValueError, match="GLMTORCH_ARRIVAL_WAIT must be a number of seconds"):
+            build_engine(model, tokenizer, max_num_seqs=4, thread=False)

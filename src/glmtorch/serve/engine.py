@@ -58,6 +58,22 @@ MAX_NUM_SEQS = 256  # requests running at once by default (vLLM's default), if t
 KV_SHARE_CPU, KV_SHARE_GPU = 0.25, 0.8  # of the memory free after loading, what the KV pool takes by default
 
 
+def arrival_wait_from_env() -> float:
+    """How long an idle engine waits for arriving requests (Engine._let_arrivals_in): GLMTORCH_ARRIVAL_WAIT
+    seconds, 0.05 by default, 0 to never wait."""
+    text = os.environ.get("GLMTORCH_ARRIVAL_WAIT", "").strip()
+    if not text:
+        return 0.05
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = float("nan")
+    if not 0 <= seconds <= 10:
+        raise ValueError(f"GLMTORCH_ARRIVAL_WAIT must be a number of seconds from 0 to 10 (0: never wait for "
+                         f"arriving requests), got {text!r}")
+    return seconds
+
+
 class QueueFull(Exception):
     """More requests are waiting than --max-queue allows."""
 
@@ -183,6 +199,7 @@ class Engine:
         # requests a front end has begun receiving (headers read) and not yet submitted or refused: the server's
         # HTTP side counts them (app.CountArrivals), so that an idle engine lets a burst arrive (see _loop)
         self.arriving = 0
+        self.arrival_wait = arrival_wait_from_env()
         self.prefill_passes = 0  # forward passes that prefilled prompts (several requests each under load)
         self.outbox: list | None = None  # events held until the pass that made them ends (_holding_events)
         self.logits: torch.Tensor | None = None  # the fused step's logits buffer (_logits_buffer)
@@ -314,18 +331,16 @@ class Engine:
                         self._fail(r, e)
         self._end_all()
 
-    ARRIVAL_WAIT = float(os.environ.get("GLMTORCH_ARRIVAL_WAIT", "0.05"))
-
     def _let_arrivals_in(self) -> None:
         """With nothing decoding and requests still arriving (their headers read, their bodies being parsed and
-        tokenized by the HTTP side), wait for them, at most ARRIVAL_WAIT seconds, so that a burst is prefilled in
+        tokenized by the HTTP side), wait for them, at most `arrival_wait` seconds, so that a burst is prefilled in
         one pass: begun with the first request alone, the engine ran four passes and three thin decode steps in
         between while the HTTP thread, sharing the cores and the GIL, took the rest in. A lone request is never
         held (its own arrival ends before it is submitted); a client trickling its body holds an idle engine for
-        at most ARRIVAL_WAIT. Called with self.cond held (its wait lets submit() in)."""
+        at most `arrival_wait`. Called with self.cond held (its wait lets submit() in)."""
         if self.running or self.chunking is not None or not self.arriving:
             return
-        deadline = time.monotonic() + self.ARRIVAL_WAIT
+        deadline = time.monotonic() + self.arrival_wait
         while self.arriving > 0 and self.running_loop and time.monotonic() < deadline:
             self.cond.wait(timeout=0.001)
 
