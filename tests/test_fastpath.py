@@ -204,7 +204,7 @@ def test_a_batch_split_by_rows_equals_one_split_by_columns(tmp_path, monkeypatch
 def test_the_row_split_is_chosen_on_the_steps_themselves(monkeypatch, two_threads):
     """RowSplitChoice runs the first PAIRS pairs of a row bucket's steps once each way, in alternating order,
     keeps the way with the lower median ratio, and then always takes it; a changed row count restarts a pair; a
-    batch of one is never split; GLMTORCH_STEP_SPLIT forces a way."""
+    batch of one is never split; GLMTORCH_STEP_SPLIT forces a way, and names what it takes when it is wrong."""
     from glmtorch.fastpath import RowSplitChoice
 
     monkeypatch.delenv("GLMTORCH_STEP_SPLIT", raising=False)
@@ -228,6 +228,9 @@ def test_the_row_split_is_chosen_on_the_steps_themselves(monkeypatch, two_thread
     assert choice.pick(64) is True
     monkeypatch.setenv("GLMTORCH_STEP_SPLIT", "columns")
     assert choice.pick(64) is False
+    monkeypatch.setenv("GLMTORCH_STEP_SPLIT", "diagonal")
+    with pytest.raises(ValueError, match="GLMTORCH_STEP_SPLIT='diagonal': expected rows or columns"):
+        choice.pick(64)
 
 
 @torch.no_grad()

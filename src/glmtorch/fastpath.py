@@ -610,9 +610,9 @@ class RowSplitChoice:
         """How to run a step of `rows` rows: True by rows, False by columns, None where splitting cannot apply."""
         if rows < 2 or torch.get_num_threads() < 2:
             return None
-        forced = os.environ.get("GLMTORCH_STEP_SPLIT", "").strip().lower()
-        if forced in ("rows", "columns"):
-            return forced == "rows"
+        forced = forced_split()
+        if forced is not None:
+            return forced
         bucket = dispatch.row_bucket(rows)
         if bucket in self.chosen:
             return self.chosen[bucket]
@@ -625,7 +625,7 @@ class RowSplitChoice:
         if split is None:
             return
         bucket = dispatch.row_bucket(rows)
-        if bucket in self.chosen or os.environ.get("GLMTORCH_STEP_SPLIT", "").strip().lower() in ("rows", "columns"):
+        if bucket in self.chosen or forced_split() is not None:
             return
         first = self.half.pop(bucket, None)
         if first is None or first[0] != rows or first[1] == split:
@@ -639,6 +639,14 @@ class RowSplitChoice:
 
     def describe(self) -> str:
         return ", ".join(f"rows<={b}: {'by rows' if v else 'by columns'}" for b, v in sorted(self.chosen.items()))
+
+
+def forced_split() -> bool | None:
+    """GLMTORCH_STEP_SPLIT: "rows" (True), "columns" (False), unset (None: measured)."""
+    forced = os.environ.get("GLMTORCH_STEP_SPLIT", "").strip().lower()
+    if forced and forced not in ("rows", "columns"):
+        raise ValueError(f"GLMTORCH_STEP_SPLIT={forced!r}: expected rows or columns (or unset: measured)")
+    return None if not forced else forced == "rows"
 
 
 def _distinct_linears(model) -> list:
