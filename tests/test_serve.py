@@ -278,8 +278,22 @@ def _eventually(condition, seconds: float = 10.0) -> bool:
 
 def test_a_request_counts_as_arriving_until_it_is_submitted_or_refused(served):
     """A generation request counts in engine.arriving from its headers (its body still trickling in) until it
-    is submitted; one answered with an error without being submitted stops counting too, and nothing else counts."""
+    is submitted (a lone one no longer counts when the engine gets it, so an idle engine does not wait on it); one
+    answered with an error without being submitted stops counting too, and nothing else counts."""
     server, engine = served[0], served[1]
+    seen_at_submit = []
+    submit = engine.submit
+
+    def submit_noting_arrivals(request):
+        seen_at_submit.append(engine.arriving)
+        submit(request)
+
+    engine.submit = submit_noting_arrivals  # a lone request is no longer arriving when the engine gets it
+    try:
+        httpx.post(server.url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 2, "n": 2}, timeout=30)
+    finally:
+        del engine.submit
+    assert seen_at_submit == [0, 0]
     body = json.dumps({"prompt": "Hi", "max_tokens": 2}).encode()
     with socket.create_connection(("127.0.0.1", server.port)) as s:
         s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"

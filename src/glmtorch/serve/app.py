@@ -369,8 +369,8 @@ _arrival: contextvars.ContextVar[list | None] = contextvars.ContextVar("glmtorch
 
 class CountArrivals:
     """ASGI middleware: a generation request counts in `engine.arriving` from when its headers are read until it
-    is submitted (arrived(), from start()) or answered without being submitted (an error), so that an idle engine
-    can let a burst come in before prefilling (Engine._let_arrivals_in)."""
+    is about to be submitted (arrived(), from start()) or answered without being submitted (an error), so that an
+    idle engine can let a burst come in before prefilling (Engine._let_arrivals_in)."""
 
     def __init__(self, app, engine: Engine) -> None:
         self.app, self.engine = app, engine
@@ -695,17 +695,16 @@ def start(served: Served, prompts: list[list[int]], params: SamplingParams,
                 box.post(queue, (index, event))
 
             requests.append(EngineRequest(list(ids), seeded, emit))
+    arrived()  # before submitting: an idle engine must not wait for the request it is being handed
     try:
         for r in requests:
             served.engine.submit(r)
     except BaseException as e:  # all of a request's choices run, or none: no orphan decodes for nobody
-        arrived()
         for r in requests:
             r.cancelled.set()
         if isinstance(e, QueueFull):
             raise ApiError(503, f"the server is busy: {e}; retry later", None, "queue_full", "server_error") from None
         raise
-    arrived()
     return queue, requests
 
 
