@@ -166,10 +166,10 @@ def test_a_poisoned_request_fails_alone(demo, monkeypatch):
     server, engine = demo[:2]
     accept = Engine._accept
 
-    def poisoned(self, r, logits, greedy_token=None, row=None):
+    def poisoned(self, r, logits, greedy_token=None, index=None):
         if r.params.seed == 666:
             logits = logits * float("nan")  # a new tensor: the batch's other rows keep theirs
-        return accept(self, r, logits, greedy_token, row)
+        return accept(self, r, logits, greedy_token, index)
 
     body = {"prompt": "Good morrow", "max_tokens": 6, "temperature": 0.8, "ignore_eos": True}
     alone = [post(server, "/v1/completions", {**body, "seed": s}).json()["choices"][0]["text"] for s in (1, 2, 3)]

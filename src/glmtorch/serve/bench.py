@@ -25,8 +25,8 @@ def _percentiles(values: list[float]) -> dict[str, float]:
 
 def _run_client(workload):
     """Run a workload's coroutine on uvloop where it is installed (it comes with the server's dependencies): the
-    client shares the machine with the server it measures, and uvloop's loop takes about half the CPU per event of
-    asyncio's own."""
+    client shares the machine with the server it measures: a demo 64-burst took 0.04-0.07 client CPU-seconds on
+    uvloop against 0.055-0.09 on asyncio's loop (AMD EPYC, same server, alternated)."""
     try:
         import uvloop
     except ImportError:

@@ -602,7 +602,7 @@ class Engine:
         for i, (r, use_best) in enumerate(zip(active, plain)):
             r.position += 1
             self._name_full_blocks(r)
-            self._accept_or_fail(r, logits, best[i] if use_best else None, row=i)
+            self._accept_or_fail(r, logits, best[i] if use_best else None, index=i)
 
     SPECULATION_ROWS = 16  # past this many rows a step is compute-bound: checking proposals would cost their rows
 
@@ -658,11 +658,11 @@ class Engine:
         return True
 
     def _accept_or_fail(self, r: Request, logits: torch.Tensor, greedy_token: int | None = None,
-                        row: int | None = None) -> None:
+                        index: int | None = None) -> None:
         """One request's share of a step: what goes wrong in it (sampling, detokenising, its processors) ends
         that request with its own error; the other rows of the batch carry on."""
         try:
-            self._accept(r, logits, greedy_token, row)
+            self._accept(r, logits, greedy_token, index)
         except Exception as e:
             self._fail(r, e)
 
@@ -673,12 +673,12 @@ class Engine:
         self._release(r)
 
     def _accept(self, r: Request, logits: torch.Tensor, greedy_token: int | None = None,
-                row: int | None = None) -> None:
+                index: int | None = None) -> None:
         """Sample the request's next token from its logits (or take greedy_token, its argmax already found),
-        stream its text, finish it when it stops. `logits`: the request's (V,), or a step's (B, V) with `row`
+        stream its text, finish it when it stops. `logits`: the request's (V,), or a step's (B, V) with `index`
         naming its row, taken only where something reads it (a view per row of a 64-row step was ~0.1 ms)."""
-        if row is not None and (greedy_token is None or r.params.logprobs):
-            logits = logits[row]
+        if index is not None and (greedy_token is None or r.params.logprobs):
+            logits = logits[index]
         raw = logits
         if greedy_token is not None:
             token = greedy_token
