@@ -593,11 +593,11 @@ class RowSplitChoice:
 
     Decided on the steps themselves, once per process: the first PAIRS pairs of steps of a bucket (consecutive,
     same row count) run once each way, in alternating order, and the way with the lower median time ratio is
-    kept. Timing on a scratch cache misses what decides it: with 64 rows of the demo model the two were even when
-    timed back to back, while in the engine's loop (its Python between steps) rows went 8% faster and a served
-    burst 5%; where every step streams weights from memory (the "small" model in fp32 at 16 rows) rows lose 12-36%
-    and the pairs show it. Batches of one, and one thread, are never split. GLMTORCH_STEP_SPLIT=rows|columns
-    forces a way."""
+    kept. Timing on a scratch cache misses what decides it (AMD EPYC, 2 cores): with 64 rows of the demo model the
+    two were even when timed back to back, while in the engine's loop (its Python between steps) rows went 8-11%
+    faster and a served burst ~4%; where every step streams weights from memory (the "small" model in fp32 at 16
+    rows) rows lose 12-36% and the pairs show it. Batches of one, and one thread, are never split.
+    GLMTORCH_STEP_SPLIT=rows|columns forces a way."""
 
     PAIRS = 8
 
