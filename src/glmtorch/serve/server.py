@@ -56,7 +56,7 @@ def freeze_startup_objects() -> None:
     """Leave what loading and warming up made (~330,000 objects for the demo model: modules, the tokenizer's
     tables, FastAPI's routes) out of every later garbage collection. Each request's objects outlive a young
     collection or two while it runs and so count towards a full one, which then walked all of them while holding
-    the GIL: 160-170 ms every ~530 requests, in which no stream got a token and no request was read (AMD EPYC, 2
+    the GIL: 130-170 ms every ~530 requests, in which no stream got a token and no request was read (AMD EPYC, 2
     cores). The server owns its process, so nothing a caller made is frozen with them."""
     gc.collect()
     gc.freeze()
