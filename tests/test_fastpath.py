@@ -228,6 +228,10 @@ def test_the_row_split_is_chosen_on_the_steps_themselves(monkeypatch, two_thread
     assert choice.pick(64) is True
     monkeypatch.setenv("GLMTORCH_STEP_SPLIT", "columns")
     assert choice.pick(64) is False
+    forced = RowSplitChoice()  # steps run a forced way decide nothing: unforced, the bucket is measured afresh
+    for _ in range(2 * forced.PAIRS):
+        forced.record(64, forced.pick(64), 1.0)
+    assert forced.chosen == {}
     monkeypatch.setenv("GLMTORCH_STEP_SPLIT", "diagonal")
     with pytest.raises(ValueError, match="GLMTORCH_STEP_SPLIT='diagonal': expected rows or columns"):
         choice.pick(64)

@@ -625,7 +625,7 @@ class RowSplitChoice:
         if split is None:
             return
         bucket = dispatch.row_bucket(rows)
-        if bucket in self.chosen or forced_split() is not None:
+        if bucket in self.chosen:  # (a forced way never completes a pair: its steps all go the same way)
             return
         first = self.half.pop(bucket, None)
         if first is None or first[0] != rows or first[1] == split:
