@@ -308,9 +308,10 @@ def test_rotary_kernel_matches_the_eager_rotation(dtype, per_row):
 
 
 @torch.no_grad()
-# head sizes the vector loops take (32, 64: keys 16 at a time, a partial group at the end) and one they do not (48);
-# blocks of 16 slots (groups fill blocks) and of 5 (groups cut by every block's end)
-@pytest.mark.parametrize("head_dim", [32, 64, 48])
+# head sizes the vector loops take (16 - 128: keys a register's lanes at a time, a partial group at the end; on AVX2
+# 64 and 128 are summed a piece of 32 values at a time, 16 four heads a pass) and one they do not (48); blocks of 16
+# slots (groups fill blocks) and of 5 (groups cut by every block's end)
+@pytest.mark.parametrize("head_dim", [16, 32, 64, 128, 48])
 @pytest.mark.parametrize("block", [16, 5])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_paged_attention_is_softmax_attention(head_dim, block, dtype):

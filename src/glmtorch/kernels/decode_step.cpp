@@ -20,7 +20,7 @@
 
 #include <atomic>
 #include <cmath>
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 #include <cstdint>
@@ -32,7 +32,7 @@
 
 namespace {
 
-using glmtorch_kernels_math::fast_exp;
+using glmtorch_kernels_math::exp_shifted;
 using glmtorch_kernels_math::max_of;
 
 // A linear layer as the kernels take it (gemv.cpp): float weights (fp32 / bf16), int8 with per-row scales, or
@@ -132,30 +132,32 @@ CacheLayout cache_layout(const at::Tensor& keys, const at::Tensor& values, int64
   return c;
 }
 
+// The attention's vector loops, written once over `vec`: sixteen fp32 lanes of an AVX-512 register, or eight of an
+// AVX2 one (where the CPU has no AVX-512, the plain loops below took a 64-row step's attention at ~10 GFLOPS, a
+// third of a served step of the demo model, AMD EPYC Zen 3). LANES keys are scored at a time; ACC registers hold
+// the value sums of one pass (AVX2 has 16 registers, AVX-512 32), over PIECE vectors of each head at most.
 #if defined(__AVX512F__)
-// 16 keys' or values' elements widened to fp32 (a bf16 is the top half of an fp32)
-inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16(const at::BFloat16* p) {
+#define GLMTORCH_ATTEND_VECTORS 1
+using vec = __m512;
+constexpr int LANES = 16, ACC = 16, PIECE = 8;
+inline vec vzero() { return _mm512_setzero_ps(); }
+inline vec vset(float x) { return _mm512_set1_ps(x); }
+inline vec vmul(vec a, vec b) { return _mm512_mul_ps(a, b); }
+inline vec vfma(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
+inline void vstore(float* p, vec v) { _mm512_storeu_ps(p, v); }
+inline void vstore_first(float* p, vec v, int64_t n) {  // lanes 0 .. n - 1 only
+  _mm512_mask_storeu_ps(p, static_cast<__mmask16>((1u << n) - 1), v);
+}
+// LANES keys' or values' elements widened to fp32 (a bf16 is the top half of an fp32)
+inline vec load(const float* p) { return _mm512_loadu_ps(p); }
+inline vec load(const at::BFloat16* p) {
   return _mm512_castsi512_ps(
       _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
 }
 
-// f(std::integral_constant<int, C>) for the head sizes the vector loops take (D = 16 C: 16, 32, 64, 128); false,
-// nothing called, for others (the plain loops take them).
-template <typename F>
-inline bool with_chunks(int64_t D, F f) {
-  switch (D) {
-    case 16: f(std::integral_constant<int, 1>{}); return true;
-    case 32: f(std::integral_constant<int, 2>{}); return true;
-    case 64: f(std::integral_constant<int, 4>{}); return true;
-    case 128: f(std::integral_constant<int, 8>{}); return true;
-    default: return false;
-  }
-}
-
 // One vector of 16 sums: lane i is the sum of v[i]'s 16 lanes. A tree of unpacks and lane shuffles with 15 adds,
 // in place of 16 horizontal sums (each a chain of 4 shuffle-adds), which were most of a decode step's attention.
-inline __m512 sum16(__m512 v[16]) {
+inline vec sum_lanes(vec v[16]) {
   __m512 a[8], b[4];
   for (int i = 0; i < 8; ++i)  // per 128-bit lane: v[2i] partial sums at positions 0, 2; v[2i + 1] at 1, 3
     a[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
@@ -171,56 +173,93 @@ inline __m512 sum16(__m512 v[16]) {
   return _mm512_add_ps(_mm512_shuffle_f32x4(u0, u1, _MM_SHUFFLE(2, 0, 2, 0)),
                        _mm512_shuffle_f32x4(u0, u1, _MM_SHUFFLE(3, 1, 3, 1)));
 }
+#elif defined(__AVX2__) && defined(__FMA__)
+#define GLMTORCH_ATTEND_VECTORS 1
+using vec = __m256;
+constexpr int LANES = 8, ACC = 8, PIECE = 4;
+inline vec vzero() { return _mm256_setzero_ps(); }
+inline vec vset(float x) { return _mm256_set1_ps(x); }
+inline vec vmul(vec a, vec b) { return _mm256_mul_ps(a, b); }
+inline vec vfma(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
+inline void vstore(float* p, vec v) { _mm256_storeu_ps(p, v); }
+inline void vstore_first(float* p, vec v, int64_t n) {
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  _mm256_maskstore_ps(p, _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)), lane), v);
+}
+inline vec load(const float* p) { return _mm256_loadu_ps(p); }
+inline vec load(const at::BFloat16* p) {
+  return _mm256_castsi256_ps(
+      _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
+}
 
-// The scores of n <= 16 consecutive keys (C x 16 values each, `stride` apart) against G query heads (q, D apart):
-// scores[g * L + i] for key i. A bf16 cache's keys are widened once into a local copy, not once per head.
-template <int C, typename T>
-inline void key_scores16(const T* k, int64_t stride, int64_t n, const float* q, int64_t G, float scale,
-                         float* scores, int64_t L) {
-  alignas(64) float wide[16 * 16 * C];
-  const float* keys = wide;
-  int64_t step = 16 * C;
-  if constexpr (std::is_same_v<T, float>) {
-    keys = k, step = stride;
-  } else {
-    for (int64_t i = 0; i < n; ++i)
-      for (int c = 0; c < C; ++c) _mm512_store_ps(wide + i * 16 * C + 16 * c, load16(k + i * stride + 16 * c));
-  }
-  const __mmask16 valid = static_cast<__mmask16>((1u << n) - 1);
-  for (int64_t g = 0; g < G; ++g) {
-    __m512 qv[C];
-    for (int c = 0; c < C; ++c) qv[c] = _mm512_loadu_ps(q + g * 16 * C + 16 * c);
-    __m512 p[16];
-    for (int i = 0; i < 16; ++i) {
-      if (i >= n) {
-        p[i] = _mm512_setzero_ps();
-        continue;
-      }
-      p[i] = _mm512_mul_ps(qv[0], _mm512_loadu_ps(keys + i * step));
-      for (int c = 1; c < C; ++c) p[i] = _mm512_fmadd_ps(qv[c], _mm512_loadu_ps(keys + i * step + 16 * c), p[i]);
-    }
-    _mm512_mask_storeu_ps(scores + g * L, valid, _mm512_mul_ps(sum16(p), _mm512_set1_ps(scale)));
+// One vector of 8 sums: lane i is the sum of v[i]'s 8 lanes (pairwise adds within 128-bit lanes, then the two
+// halves of each sum added).
+inline vec sum_lanes(vec v[8]) {
+  const __m256 a0 = _mm256_hadd_ps(v[0], v[1]), a1 = _mm256_hadd_ps(v[2], v[3]);
+  const __m256 a2 = _mm256_hadd_ps(v[4], v[5]), a3 = _mm256_hadd_ps(v[6], v[7]);
+  // per 128-bit lane: partial sums of v[0..3] (b0) and v[4..7] (b1), over elements 0-3 low, 4-7 high
+  const __m256 b0 = _mm256_hadd_ps(a0, a1), b1 = _mm256_hadd_ps(a2, a3);
+  return _mm256_add_ps(_mm256_permute2f128_ps(b0, b1, 0x20), _mm256_permute2f128_ps(b0, b1, 0x31));
+}
+#endif
+
+#if defined(GLMTORCH_ATTEND_VECTORS)
+// f(std::integral_constant<int, C>) for the head sizes the vector loops take (D = C x LANES: 16, 32, 64, 128);
+// false, nothing called, for others (the plain loops take them).
+template <typename F>
+inline bool with_chunks(int64_t D, F f) {
+  switch (D) {
+    case 16: f(std::integral_constant<int, 16 / LANES>{}); return true;
+    case 32: f(std::integral_constant<int, 32 / LANES>{}); return true;
+    case 64: f(std::integral_constant<int, 64 / LANES>{}); return true;
+    case 128: f(std::integral_constant<int, 128 / LANES>{}); return true;
+    default: return false;
   }
 }
 
-// acc[g] += p[g][j] v[j] over the visible slots, for heads g0 .. g0 + GB - 1 (fewer at the end): GB x C sums held
-// in registers for the whole pass over the values (in memory, each update was a load and a store).
+// The scores of n <= LANES consecutive keys (C x LANES values each, `stride` apart) against G query heads (q, D
+// apart): scores[g * L + i] for key i. The keys are copied (a bf16 cache's widened) once into a local block, zeros
+// after the n-th: the loops over it then have fixed offsets and no per-key test (reading the cache in place, the
+// compiler kept LANES key addresses on the stack and reloaded them for every head: ~30% of the scores' time, AVX2).
+template <int C, typename T>
+inline void key_scores(const T* k, int64_t stride, int64_t n, const float* q, int64_t G, float scale,
+                       float* scores, int64_t L) {
+  alignas(64) float keys[LANES * LANES * C];
+  for (int64_t i = 0; i < LANES; ++i)
+    for (int c = 0; c < C; ++c)
+      vstore(keys + (i * C + c) * LANES, i < n ? load(k + i * stride + LANES * c) : vzero());
+  for (int64_t g = 0; g < G; ++g) {
+    vec qv[C];
+    for (int c = 0; c < C; ++c) qv[c] = load(q + g * LANES * C + LANES * c);
+    vec p[LANES];
+    for (int i = 0; i < LANES; ++i) {
+      p[i] = vmul(qv[0], load(keys + i * C * LANES));
+      for (int c = 1; c < C; ++c) p[i] = vfma(qv[c], load(keys + (i * C + c) * LANES), p[i]);
+    }
+    vstore_first(scores + g * L, vmul(sum_lanes(p), vset(scale)), n);
+  }
+}
+
+// acc[g][d0 ..] += p[g][j] v[j][d0 ..] over the visible slots, for heads g0 .. g0 + GB - 1 (fewer at the end) and
+// C vectors of each head from d0: GB x C sums held in registers for the whole pass over the values (in memory,
+// each update was a load and a store).
 template <int C, int GB, typename Slots, typename T>
-inline void weigh_values(Slots slots, int64_t g0, int64_t count, const float* scores, int64_t L, float* acc) {
-  __m512 a[GB][C];
+inline void weigh_values(Slots slots, int64_t g0, int64_t count, int64_t d0, int64_t D, const float* scores,
+                         int64_t L, float* acc) {
+  vec a[GB][C];
   for (int g = 0; g < GB; ++g)
-    for (int c = 0; c < C; ++c) a[g][c] = _mm512_setzero_ps();
+    for (int c = 0; c < C; ++c) a[g][c] = vzero();
   slots([&](int64_t j, const T* v) {
-    __m512 vv[C];
-    for (int c = 0; c < C; ++c) vv[c] = load16(v + 16 * c);
+    vec vv[C];
+    for (int c = 0; c < C; ++c) vv[c] = load(v + d0 + LANES * c);
     for (int g = 0; g < GB; ++g) {
       if (g >= count) break;
-      const __m512 p = _mm512_set1_ps(scores[(g0 + g) * L + j]);
-      for (int c = 0; c < C; ++c) a[g][c] = _mm512_fmadd_ps(p, vv[c], a[g][c]);
+      const vec p = vset(scores[(g0 + g) * L + j]);
+      for (int c = 0; c < C; ++c) a[g][c] = vfma(p, vv[c], a[g][c]);
     }
   });
   for (int g = 0; g < GB && g < count; ++g)
-    for (int c = 0; c < C; ++c) _mm512_storeu_ps(acc + (g0 + g) * 16 * C + 16 * c, a[g][c]);
+    for (int c = 0; c < C; ++c) vstore(acc + (g0 + g) * D + d0 + LANES * c, a[g][c]);
 }
 #endif
 
@@ -244,12 +283,12 @@ void attend_cached(const CacheLayout& c, const T* kc, const T* vc, int64_t B, in
       for (int64_t first = 0; first <= last; first += c.span) {  // block by block (one, unpaged)
         const T* k_block = kc + c.offset(b, h, first);
         const int64_t end = std::min(last, first + c.span - 1);
-#if defined(__AVX512F__)
+#if defined(GLMTORCH_ATTEND_VECTORS)
         if (with_chunks(D, [&](auto C) {
-              for (int64_t j = first; j <= end; j += 16)
-                key_scores16<C()>(k_block + (j - first) * c.slot_stride, c.slot_stride,
-                                  std::min<int64_t>(16, end - j + 1), q, G, static_cast<float>(scale),
-                                  scores.data() + j, L);
+              for (int64_t j = first; j <= end; j += LANES)
+                key_scores<C()>(k_block + (j - first) * c.slot_stride, c.slot_stride,
+                                std::min<int64_t>(LANES, end - j + 1), q, G, static_cast<float>(scale),
+                                scores.data() + j, L);
             }))
           continue;
 #endif
@@ -270,19 +309,10 @@ void attend_cached(const CacheLayout& c, const T* kc, const T* vc, int64_t B, in
             for (int64_t g = 0; g < G; ++g) scores[g * L + j] = -INFINITY;
       for (int64_t g = 0; g < G; ++g) {
         float* s = scores.data() + g * L;
-        const float most = max_of(s, last + 1);
-        float sum = 0.f;
-        // fast_exp vectorizes (std::exp in this loop was a third of a 64-row step's attention); a masked slot
-        // (-inf) weighs exactly 0, as with std::exp
-#pragma omp simd reduction(+ : sum)
-        for (int64_t j = 0; j <= last; ++j) {
-          s[j] = s[j] == -INFINITY ? 0.f : fast_exp(s[j] - most);
-          sum += s[j];
-        }
-        total[g] = sum;
+        total[g] = exp_shifted(s, last + 1, max_of(s, last + 1));
       }
       std::fill(acc.begin(), acc.end(), 0.f);
-#if defined(__AVX512F__)
+#if defined(GLMTORCH_ATTEND_VECTORS)
       auto slots = [&](auto visit) {  // every visible slot up to last with its values (masked ones: never read,
         for (int64_t first = 0; first <= last; first += c.span) {  // whatever a padding slot holds)
           const T* v_block = vc + c.offset(b, h, first);
@@ -290,10 +320,11 @@ void attend_cached(const CacheLayout& c, const T* kc, const T* vc, int64_t B, in
             if (!seen || seen[j] || j == last) visit(j, v_block + (j - first) * c.slot_stride);
         }
       };
-      auto weigh = [&](auto C) {  // 16 registers of sums: 16 / C heads a pass over the values
-        constexpr int GB = 16 / C();
-        for (int64_t g0 = 0; g0 < G; g0 += GB)
-          weigh_values<C(), GB, decltype(slots), T>(slots, g0, G - g0, scores.data(), L, acc.data());
+      auto weigh = [&](auto C) {  // a pass over the values per ACC / CP heads and CP vectors of each
+        constexpr int CP = C() < PIECE ? C() : PIECE, GB = ACC / CP;
+        for (int64_t d0 = 0; d0 < D; d0 += CP * LANES)
+          for (int64_t g0 = 0; g0 < G; g0 += GB)
+            weigh_values<CP, GB, decltype(slots), T>(slots, g0, G - g0, d0, D, scores.data(), L, acc.data());
       };
       if (!with_chunks(D, weigh))
 #endif

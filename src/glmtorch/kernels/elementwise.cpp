@@ -13,6 +13,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
@@ -22,6 +23,12 @@
 namespace {
 
 using glmtorch_kernels_math::fast_exp;
+#if defined(GLMTORCH_VECTOR_EXP)
+using glmtorch_kernels_math::EXP_LANES;
+using glmtorch_kernels_math::floats;
+using glmtorch_kernels_math::load_floats;
+using glmtorch_kernels_math::store_floats;
+#endif
 
 inline float load(const float* p, int64_t i) { return p[i]; }
 inline float load(const c10::BFloat16* p, int64_t i) {
@@ -67,8 +74,17 @@ void rms_norm_row(const T* row, const T* w, T* out, int64_t H, float eps) {
 
 template <typename T>
 void silu_mul_row(const T* gate, const T* up, T* out, int64_t I) {
+  int64_t i = 0;
+#if defined(GLMTORCH_VECTOR_EXP)
+  if constexpr (std::is_same_v<T, float>)
+    for (; i + EXP_LANES <= I; i += EXP_LANES) {
+      const floats g = load_floats(gate + i);
+      store_floats(out + i, load_floats(up + i) * (g / (1.f + fast_exp(-g))));
+    }
+#endif
+  const int64_t vectors = i;
 #pragma omp simd
-  for (int64_t i = 0; i < I; ++i) {
+  for (int64_t i = vectors; i < I; ++i) {
     const float g = load(gate, i);
     const float act = round_to(g / (1.f + fast_exp(-g)), gate);
     store(out, i, round_to(load(up, i) * act, gate));
