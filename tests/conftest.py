@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 import warnings
 
 import pytest
@@ -10,8 +13,10 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("GLMTORCH_DISPATCH_CACHE", os.path.join(__import__("tempfile").mkdtemp(prefix="glmtorch-dispatch-"),
-                                                             "dispatch.json"))  # the tests' shapes stay out of the user's table
+if "GLMTORCH_DISPATCH_CACHE" not in os.environ:  # the tests' shapes stay out of the user's table
+    _dispatch_folder = tempfile.mkdtemp(prefix="glmtorch-dispatch-")
+    atexit.register(shutil.rmtree, _dispatch_folder, ignore_errors=True)  # one left in /tmp by every run otherwise
+    os.environ["GLMTORCH_DISPATCH_CACHE"] = os.path.join(_dispatch_folder, "dispatch.json")
 os.environ.setdefault("GLMTORCH_COMPILE", "0")  # compiled decoding is tested where asked (test_fastpath.py)
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
