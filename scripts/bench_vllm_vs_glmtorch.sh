@@ -13,6 +13,20 @@ DTYPE=${DTYPE:-bfloat16}
 TAG=${TAG:-small-bf16}
 VLLM_PY=${VLLM_PY:-/tmp/vllmenv/bin/python}
 G=glmtorch
+# Stops vLLM's server and waits (up to 60 s) until it and every process it started (its engine core) are gone, then
+# kills what is left: glmtorch started 5 s after a bare SIGINT once measured an 8 s worst gap that a fresh run
+# did not show, possibly a vLLM engine still winding down on the same two cores.
+descendants() { local c; for c in $(pgrep -P "$1"); do echo "$c"; descendants "$c"; done; }
+running() { local p s; for p in "$@"; do s=$(ps -o stat= -p "$p" 2>/dev/null); [ -n "$s" ] && [ "${s#Z}" = "$s" ] && return 0; done; return 1; }
+stop_vllm() {
+  local pids i
+  pids="$VP $(descendants "$VP")"
+  kill -INT "$VP" 2>/dev/null
+  for i in $(seq 1 60); do running $pids || break; sleep 1; done
+  running $pids && { echo "vLLM still running after 60 s: killed"; kill -9 $pids 2>/dev/null; sleep 1; }
+  wait "$VP" 2>/dev/null
+  return 0
+}
 # WORKLOAD=prefix: instead, the prefix-caching workloads (a 1,500-word shared preamble, multi-turn chats), vLLM
 # with --enable-prefix-caching: benchmarks/serve[-vllm]-$TAG-prefix1500.json and -multiturn.json
 if [ "${WORKLOAD:-burst}" = prefix ]; then
@@ -26,7 +40,7 @@ if [ "${WORKLOAD:-burst}" = prefix ]; then
   $G bench-serve http://127.0.0.1:8021 --requests 4 --concurrency 4 --max-tokens 4 --prompt-words 50 > /dev/null
   $G bench-serve http://127.0.0.1:8021 $PREFIX --out benchmarks/serve-vllm-$TAG-prefix1500.json
   $G bench-serve http://127.0.0.1:8021 $TURNS --out benchmarks/serve-vllm-$TAG-multiturn.json
-  kill -INT $VP; sleep 5; kill -9 $VP 2>/dev/null
+  stop_vllm
   $G serve $M --dtype $DTYPE --port 8022 --max-context 2048 > /tmp/serve_glmtorch_$TAG.log 2>&1 &
   SP=$!
   for i in $(seq 1 400); do curl -sf http://127.0.0.1:8022/health >/dev/null && break; sleep 1; done
@@ -47,7 +61,7 @@ $G bench-serve $U --requests 8 --concurrency 8 --max-tokens 4 --prompt-words 125
 $G bench-serve $U --requests 64 --concurrency 64 --max-tokens 64 --prompt-words 125 --out benchmarks/serve-vllm-$TAG-c64.json
 $G bench-serve $U --requests 4 --concurrency 1 --max-tokens 64 --prompt-words 125 --out benchmarks/serve-vllm-$TAG-c1.json
 $G bench-serve $U --ttft-under-load 16 --max-tokens 256 --prompt-words 100 --out benchmarks/serve-vllm-$TAG-ttft.json
-kill -INT $VP; sleep 5; kill -9 $VP 2>/dev/null
+stop_vllm
 fi
 [ "${ONLY:-glmtorch}" = glmtorch ] || exit 0
 $G serve $M --dtype $DTYPE --port 8022 --max-context 1024 $GLMTORCH_FLAGS > /tmp/serve_glmtorch_$TAG.log 2>&1 &
