@@ -187,10 +187,7 @@ inline void vstore_first(float* p, vec v, int64_t n) {
   _mm256_maskstore_ps(p, _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)), lane), v);
 }
 inline vec load(const float* p) { return _mm256_loadu_ps(p); }
-inline vec load(const at::BFloat16* p) {
-  return _mm256_castsi256_ps(
-      _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
-}
+inline vec load(const at::BFloat16* p) { return glmtorch_kernels_math::widen_bf16_8(p); }
 
 // One vector of 8 sums: lane i is the sum of v[i]'s 8 lanes (pairwise adds within 128-bit lanes, then the two
 // halves of each sum added).

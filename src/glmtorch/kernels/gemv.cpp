@@ -41,6 +41,8 @@
 #include <cstring>
 #include <vector>
 
+#include "vector_math.h"
+
 namespace {
 
 constexpr int64_t MAX_ROWS = 8;
@@ -116,10 +118,7 @@ struct Vec8 {
   __m256 v;
   static Vec8 zero() { return {_mm256_setzero_ps()}; }
   static Vec8 load(const float* p) { return {_mm256_loadu_ps(p)}; }
-  static Vec8 from_bf16(const uint16_t* p) {
-    const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-    return {_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16))};
-  }
+  static Vec8 from_bf16(const uint16_t* p) { return {glmtorch_kernels_math::widen_bf16_8(p)}; }
   void add_product(const Vec8& x, const Vec8& w) { v = _mm256_fmadd_ps(x.v, w.v, v); }
   float sum() const { return horizontal_sum(v); }
 };

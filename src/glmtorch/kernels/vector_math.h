@@ -11,6 +11,15 @@
 
 namespace glmtorch_kernels_math {
 
+#if defined(__AVX2__)
+// Eight bf16 values widened to fp32 (a bf16 is the top half of an fp32): the AVX2 loops' bf16 loads, weights and
+// cached keys alike.
+inline __m256 widen_bf16_8(const void* p) {
+  const __m128i raw = _mm_loadu_si128(static_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+}
+#endif
+
 #if defined(__AVX512F__) || defined(__AVX2__)
 // A register of fp32 lanes in GCC's vector types (arithmetic and comparisons lane by lane), for fast_exp below.
 // Where a loop calls the scalar fast_exp GCC may leave it scalar (a chain of branches): it did in the decode
@@ -89,16 +98,13 @@ inline float exp_shifted(float* s, int64_t n, float most) {
 inline float max_of(const float* s, int64_t n) {
   float most = -INFINITY;
   int64_t j = 0;
-#if defined(__AVX512F__)
-  __m512 m = _mm512_set1_ps(-INFINITY);
-  for (; j + 16 <= n; j += 16) m = _mm512_max_ps(_mm512_loadu_ps(s + j), m);  // the second operand on a NaN
-  most = _mm512_reduce_max_ps(m);
-#elif defined(__AVX2__)
-  __m256 m = _mm256_set1_ps(-INFINITY);
-  for (; j + 8 <= n; j += 8) m = _mm256_max_ps(_mm256_loadu_ps(s + j), m);
-  alignas(32) float lanes[8];
-  _mm256_store_ps(lanes, m);
-  for (float x : lanes) most = std::max(most, x);
+#if defined(GLMTORCH_VECTOR_EXP)
+  floats m = floats{} - INFINITY;
+  for (; j + EXP_LANES <= n; j += EXP_LANES) {
+    const floats v = load_floats(s + j);
+    m = v > m ? v : m;  // false on a NaN: passed over
+  }
+  for (int i = 0; i < EXP_LANES; ++i) most = std::max(most, m[i]);
 #endif
   for (; j < n; ++j) most = std::max(most, s[j]);
   return most;
