@@ -227,12 +227,15 @@ def test_an_idle_engine_lets_arriving_requests_in_before_it_prefills(pair, monke
         engine.submit(Request(second, params, done.append))
         engine.arriving = 0
 
-    passes = engine.prefill_passes
+    # A wait far longer than the late request's 0.05 s (the default, 0.05 s, raced it on a slow CI machine); the
+    # engine must stop waiting as soon as the count drops, well before it.
+    engine.arrival_wait = 5.0
+    passes, start = engine.prefill_passes, time.perf_counter()
     late = threading.Thread(target=arrives_later)
     late.start()
     engine.run(until_idle=True)
     late.join()
-    assert engine.prefill_passes - passes == 1
+    assert engine.prefill_passes - passes == 1 and time.perf_counter() - start < 4
     assert sum(e.kind == "done" for e in done) == 2
     engine.arriving, engine.arrival_wait = 1, 0.2  # one that never arrives
     start, passes = time.perf_counter(), engine.prefill_passes
