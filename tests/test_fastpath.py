@@ -511,7 +511,7 @@ def test_weights_in_blocks_give_the_library_product(tmp_path, monkeypatch, confi
     and the same greedy tokens; the state dict and a saved checkpoint hold the plain matrices; unpack_weights and
     `.to()` bring them back, and a product that needs gradients says what to do."""
     if not kernels.takes_blocks(getattr(torch, dtype), 16, 16):
-        pytest.skip(f"the kernels here do not take {dtype} blocks (AVX-512, AVX512-BF16)")
+        pytest.skip(f"the kernels here do not take {dtype} blocks (fp32: AVX2 or AVX-512; bf16: AVX512-BF16)")
     from glmtorch.fastpath import pack_weights, unpack_weights
 
     model, ids, plain_state, expected = with_library_logits(tmp_path, monkeypatch, config, dtype)

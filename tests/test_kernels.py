@@ -82,7 +82,7 @@ def test_blocks_give_the_exact_product(dtype, rows, shape):
     whatever the rows; the bias added in fp32; the result in x's dtype, rounded once; gemv_float takes a weight in
     blocks the same way (the fused step's plans); a row's sum does not depend on the rows beside it."""
     if not kernels.takes_blocks(dtype, *shape):
-        pytest.skip(f"the kernels here do not take {dtype} blocks (AVX-512, AVX512-BF16)")
+        pytest.skip(f"the kernels here do not take {dtype} blocks (fp32: AVX2 or AVX-512; bf16: AVX512-BF16)")
     g = torch.Generator().manual_seed(rows * shape[0] + shape[1])
     w = torch.randn(*shape, generator=g).to(dtype)
     x = torch.randn(rows, shape[1], generator=g)

@@ -165,11 +165,11 @@ def _packed_linear(x: torch.Tensor, packed_weight: torch.Tensor, bias: torch.Ten
 
 def pack_weights(model: nn.Module, rows: int = 1) -> int:
     """For inference at batches of up to `rows`: keep the CPU linears' weights plain, in oneDNN's packed layout (all
-    of them, or only the LM head's), or all in the kernels' blocks of 16 output rows (kernels.takes_blocks: AVX-512,
-    and AVX512-BF16 for bf16), whichever makes the decode step fastest here; returns how many layers left the plain
-    layout. The CLI's generate / chat decode one row; the server up to its full batch, and one row when a single
-    client is served, so for rows > 1 the step is timed at one row, at the batch and between (layout_sizes), and a
-    layout must gain more where it wins than it loses where it loses (relative times multiplied).
+    of them, or only the LM head's), or all in the kernels' blocks of 16 output rows (kernels.takes_blocks: fp32 with
+    AVX2 or AVX-512, bf16 with AVX512-BF16), whichever makes the decode step fastest here; returns how many layers
+    left the plain layout. The CLI's generate / chat decode one row; the server up to its full batch, and one row
+    when a single client is served, so for rows > 1 the step is timed at one row, at the batch and between
+    (layout_sizes), and a layout must gain more where it wins than it loses where it loses (relative times multiplied).
 
     Decided by timing the model's decode step each way once per machine, model shape and row bucket (dispatch.json),
     not matrix by matrix: matrices timed alone sit in the cache, and the hand kernels read plain weights from huge

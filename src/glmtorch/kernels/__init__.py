@@ -241,8 +241,8 @@ def bf16_dot_rows() -> int:
 
 def takes_blocks(dtype: torch.dtype, out_features: int, in_features: int) -> bool:
     """Whether a weight of this dtype and shape can be kept in blocks of 16 output rows (pack_blocks) for gemv_blocks:
-    out_features a multiple of 16; fp32 where the kernels were built with AVX-512, bf16 (in_features even) with
-    AVX512-BF16."""
+    out_features a multiple of 16; fp32 where the kernels were built with AVX-512 or AVX2, bf16 (in_features even)
+    with AVX512-BF16."""
     if not available() or out_features % 16:
         return False
     kinds = int(torch.ops.glmtorch_kernels.block_kinds())
