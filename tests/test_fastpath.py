@@ -164,15 +164,15 @@ def two_threads():
 @pytest.mark.parametrize("quantize", [None, "int8"])
 def test_a_batch_split_by_rows_equals_one_split_by_columns(tmp_path, monkeypatch, two_threads, paged, quantize):
     """The fused step with each thread running every layer for its share of the rows gives the logits and writes
-    the keys and values of the step whose products are split by columns, for 2, 3 and 5 rows at different
-    positions (odd shares), on a static cache (each share naming its cache rows) and through scattered block
-    tables; and it did split (the plan counts such steps)."""
+    the keys and values of the step whose products are split by columns, for 2, 3, 5 and 37 rows at different
+    positions (odd shares; 37: three chunks of rows for two threads), on a static cache (each share naming its
+    cache rows) and through scattered block tables; and it did split (the plan counts such steps)."""
     monkeypatch.setenv("GLMTORCH_LINEAR_PATH", "kernel")
     model = glmtorch.AutoModelForCausalLM.from_pretrained(save_hf(make_hf_model(**CONFIGS["gqa"]), tmp_path),
                                                           **({"quantize": quantize} if quantize else {}))
     step = compiled_decode_step(model)
-    for rows in (2, 3, 5):
-        lengths = torch.tensor([7, 3, 9, 1, 5][:rows])
+    for rows in (2, 3, 5, 37):
+        lengths = torch.tensor([7, 3, 9, 1, 5] * 8)[:rows]
         window = int(lengths.max()) + 1
         outputs = {}
         for way in ("columns", "rows"):
