@@ -1,8 +1,10 @@
 """The kernels' decode attention alone (torch.ops.glmtorch_kernels.paged_attention, the loop the fused decode step,
 the paged cache and in-place prefill share): q rows x heads / kv heads x head size over a pool of 16-slot blocks,
-every row attending all its slots; median of 7 x 20 calls, the threads torch has.
-    python scripts/bench_paged_attention.py"""
+every row attending all its slots; median of 7 x 20 calls, the threads torch has. --pools N cycles through N pools
+(one per layer, as a decode step reads them): 6 of the demo model's case are ~31 MB, past a 32 MiB L3 with the rest.
+    python scripts/bench_paged_attention.py [--pools 6]"""
 
+import argparse
 import statistics
 import time
 
@@ -14,16 +16,21 @@ CASES = [(64, 6, 2, 32, 160), (16, 32, 2, 128, 512), (64, 16, 2, 64, 200), (1, 6
 
 
 def time_case(rows: int, heads: int, kv_heads: int, head_dim: int, slots: int, dtype: torch.dtype,
-              block: int = 16) -> float:
+              block: int = 16, pools: int = 1) -> float:
     g = torch.Generator().manual_seed(0)
     per_row = -(-slots // block)
-    keys = torch.randn(rows * per_row + 1, kv_heads, block, head_dim, generator=g).to(dtype)
-    values = torch.randn_like(keys)
+    shape = (rows * per_row + 1, kv_heads, block, head_dim)
+    caches = [(torch.randn(shape, generator=g).to(dtype), torch.randn(shape, generator=g).to(dtype))
+              for _ in range(pools)]
     table = (torch.arange(rows * per_row) + 1).view(rows, per_row)
     last, everywhere = torch.full((rows,), slots - 1), torch.empty(0, dtype=torch.bool)
     q = torch.randn(rows, heads, head_dim, generator=g)
 
+    calls = [0]
+
     def run():
+        keys, values = caches[calls[0] % pools]
+        calls[0] += 1
         return torch.ops.glmtorch_kernels.paged_attention(q, keys, values, table, last, everywhere, head_dim ** -0.5)
 
     run()
@@ -37,13 +44,16 @@ def time_case(rows: int, heads: int, kv_heads: int, head_dim: int, slots: int, d
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--pools", type=int, default=1, help="pools to cycle through (default 1)")
+    pools = max(1, parser.parse_args().pools)
     if not kernels.available():
         raise SystemExit("the kernels could not be built here (a C++ compiler is needed)")
     cpu = cpuinfo.cpu_description()
-    print(f"CPU: {cpu['model']} ({' '.join(cpu['flags'])}), {torch.get_num_threads()} threads")
+    print(f"CPU: {cpu['model']} ({' '.join(cpu['flags'])}), {torch.get_num_threads()} threads, {pools} pool(s)")
     for dtype in (torch.float32, torch.bfloat16):
         for rows, heads, kv_heads, head_dim, slots in CASES:
-            seconds = time_case(rows, heads, kv_heads, head_dim, slots, dtype)
+            seconds = time_case(rows, heads, kv_heads, head_dim, slots, dtype, pools=pools)
             flops = 4 * rows * heads * slots * head_dim
             print(f"{rows:3d} x {heads}/{kv_heads} x {head_dim:3d}, {slots} slots, {str(dtype)[6:]:8s} cache: "
                   f"{seconds * 1e3:.3f} ms  {flops / seconds / 1e9:.1f} GFLOPS")
