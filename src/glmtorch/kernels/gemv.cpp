@@ -508,9 +508,9 @@ at::Tensor run_panels(const at::Tensor& x, const at::Tensor& w, LoadWeights load
 // fp32 weights kept in blocks of 16 output rows (pack_blocks: (N / 16, K, 16)) are run_panels' panels packed once:
 // the same tiles read them in place, without transposing every weight into a panel at every call. Where the kernels
 // have AVX2 but not AVX-512 (which has its own tiles for blocks, run_blocks). The sums are run_panels' own, in the
-// same order, and each row's is the same whatever the rows beside it. The demo model's products, 32 rows (AMD EPYC
-// Zen 3, one thread): 12-21% less time than run_panels; 64 rows 6-16%; 8 rows (the register tiles) 25-35%; one row
-// within 3% of the plain layout's stream with two threads (10% slower with one).
+// same order, and each row's is the same whatever the rows beside it. The demo model's products (AMD EPYC Zen 3),
+// blocks against plain: 32 rows 11-26% less time, 8 rows (plain: the register tiles) 25-40%, 64 rows 0-6%; one row
+// 3-10% more (its plain stream reads a row of weights at a time).
 void run_packed_panels(const float* xp, int64_t M, int64_t N, int64_t K, const float* wp, float* yp,
                        const float* bias) {
   at::parallel_for(0, N / PANEL_N, 4, [&](int64_t begin, int64_t end) {
