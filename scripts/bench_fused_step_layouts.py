@@ -4,12 +4,13 @@ two processes to compare), with the batch split by columns and by rows; medians 
     python scripts/bench_fused_step_layouts.py [MODEL] [--rows 64] [--length 160]"""
 
 import argparse
+import os
 import statistics
 
 import torch
 
 from glmtorch import DEMO_MODEL, GlmForCausalLM, cpuinfo, fastpath, kernels
-from glmtorch.fastpath import GemvLinear
+from glmtorch.fastpath import pack_weights, unpack_weights
 
 
 def main() -> None:
@@ -23,18 +24,12 @@ def main() -> None:
     model = GlmForCausalLM.from_pretrained(args.model).eval()
     fastpath.use_gemv_linears(model)
     fastpath.use_fused_elementwise(model)
-    uses: dict[int, int] = {}
-    for _, p in model.named_parameters(remove_duplicate=False):
-        uses[id(p)] = uses.get(id(p), 0) + 1
-    # as pack_weights takes them: weights used once (a tied LM head stays plain), of a shape blocks take
-    packable = [layer for layer in model.modules() if type(layer) is GemvLinear and uses[id(layer.weight)] == 1
-                and kernels.takes_blocks(layer.weight.dtype, layer.out_features, layer.in_features)]
-    if not packable:
+    os.environ["GLMTORCH_PACK"] = "blocks"  # pack_weights then takes blocks for every linear they can hold
+    if not pack_weights(model):
         raise SystemExit("the kernels here take no blocks for this model's weights")
 
     def step_with(layout: str, by_rows: bool):
-        for layer in packable:
-            layer.pack("blocks") if layout == "blocks" else layer.unpack()
+        pack_weights(model) if layout == "blocks" else unpack_weights(model)
         step = fastpath.FusedDecodeStep(fallback=None)
         step._ensure_plan(model)
         if step.plan is None:
@@ -47,7 +42,7 @@ def main() -> None:
 
     cpu = cpuinfo.cpu_description()
     print(f"CPU: {cpu['model']} ({' '.join(cpu['flags'])}), {torch.get_num_threads()} threads; "
-          f"{len(packable)} linears packable")
+          "the linears pack_weights puts in blocks, against plain")
     with torch.no_grad():
         for by_rows in (False, True):
             times: dict[str, list[float]] = {"plain": [], "blocks": []}
@@ -58,8 +53,7 @@ def main() -> None:
             plain, blocks = (statistics.median(times[k]) * 1e3 for k in ("plain", "blocks"))
             print(f"{args.rows} rows, {args.length} slots, split by {'rows' if by_rows else 'columns'}: "
                   f"plain {plain:.2f} ms, blocks {blocks:.2f} ms ({blocks / plain:.3f}x)")
-    for layer in packable:
-        layer.unpack()
+    unpack_weights(model)
 
 
 if __name__ == "__main__":
