@@ -202,21 +202,25 @@ def test_a_batch_split_by_rows_equals_one_split_by_columns(tmp_path, monkeypatch
 
 
 def test_the_row_split_is_chosen_on_the_steps_themselves(monkeypatch, two_threads):
-    """RowSplitChoice runs the first PAIRS pairs of a row bucket's steps once each way, in alternating order,
-    keeps the way with the lower median ratio, and then always takes it; a changed row count restarts a pair; a
-    batch of one is never split; GLMTORCH_STEP_SPLIT forces a way, and names what it takes when it is wrong."""
+    """RowSplitChoice runs the first PAIRS pairs of a row bucket's steps once each way, in alternating order, after
+    one pair it does not count (each way's first step pays for its first use), keeps the way with the lower median
+    ratio, and then always takes it; a changed row count restarts a pair; a batch of one is never split;
+    GLMTORCH_STEP_SPLIT forces a way, and names what it takes when it is wrong."""
     from glmtorch.fastpath import RowSplitChoice
 
     monkeypatch.delenv("GLMTORCH_STEP_SPLIT", raising=False)
     for rows_time, expected in ((0.9, True), (1.1, False)):
         choice = RowSplitChoice()
         ways = []
-        for _ in range(2 * choice.PAIRS):
+        for _ in range(2 * (choice.PAIRS + 1)):
             way = choice.pick(64)
             ways.append(way)
-            choice.record(64, way, rows_time if way else 1.0)
-        assert ways[:4] == [False, True, True, False]  # columns first, then rows first
-        assert ways.count(True) == ways.count(False) == choice.PAIRS
+            # the uncounted first pair says the opposite, ten times over
+            seconds = (10 / rows_time if len(ways) <= 2 else rows_time) if way else 1.0
+            choice.record(64, way, seconds)
+        assert ways[:6] == [False, True, False, True, True, False]  # columns first, then rows first
+        assert ways.count(True) == ways.count(False) == choice.PAIRS + 1
+        assert len(choice.ratios[64]) == choice.PAIRS and all(r == rows_time for r in choice.ratios[64])
         assert all(choice.pick(64) is expected for _ in range(3)) and choice.pick(40) is expected  # one bucket
         assert choice.pick(16) is False  # another bucket starts its own pairs
     choice = RowSplitChoice()
@@ -229,7 +233,7 @@ def test_the_row_split_is_chosen_on_the_steps_themselves(monkeypatch, two_thread
     monkeypatch.setenv("GLMTORCH_STEP_SPLIT", "columns")
     assert choice.pick(64) is False
     forced = RowSplitChoice()  # steps run a forced way decide nothing: unforced, the bucket is measured afresh
-    for _ in range(2 * forced.PAIRS):
+    for _ in range(2 * (forced.PAIRS + 1)):
         forced.record(64, forced.pick(64), 1.0)
     assert forced.chosen == {}
     monkeypatch.setenv("GLMTORCH_STEP_SPLIT", "diagonal")

@@ -593,18 +593,21 @@ class RowSplitChoice:
 
     Decided on the steps themselves, once per process: the first PAIRS pairs of steps of a bucket (consecutive,
     same row count) run once each way, in alternating order, and the way with the lower median time ratio is
-    kept. Timing on a scratch cache misses what decides it (AMD EPYC, 2 cores): with 64 rows of the demo model the
+    kept. One pair more runs first and is not counted: each way's first step pays for its first use (served, the
+    first pair's ratio was 2.2-2.7 in six servers out of six, AMD EPYC Zen 3), and with the others spread over
+    0.5-2.0 a pair, 16 of them, not 8, give a median the noise of a shared machine does not flip. Timing on a scratch cache misses what decides it (AMD EPYC, 2 cores): with 64 rows of the demo model the
     two were even when timed back to back, while in the engine's loop (its Python between steps) rows went 8-11%
     faster and a served burst ~4%; where every step streams weights from memory (the "small" model in fp32 at 16
     rows) rows lose 12-36% and the pairs show it. Batches of one, and one thread, are never split.
     GLMTORCH_STEP_SPLIT=rows|columns forces a way."""
 
-    PAIRS = 8
+    PAIRS = 16
 
     def __init__(self) -> None:
         self.chosen: dict[int, bool] = {}  # row bucket -> split by rows
         self.ratios: dict[int, list[float]] = {}  # rows' time over columns' time, per pair so far
         self.half: dict[int, tuple] = {}  # bucket -> (rows, split, seconds) of a pair's first step
+        self.warmed: set[int] = set()  # buckets whose first (uncounted) pair has run
 
     def pick(self, rows: int) -> bool | None:
         """How to run a step of `rows` rows: True by rows, False by columns, None where splitting cannot apply."""
@@ -630,6 +633,9 @@ class RowSplitChoice:
         first = self.half.pop(bucket, None)
         if first is None or first[0] != rows or first[1] == split:
             self.half[bucket] = (rows, split, seconds)  # a pair begins (a changed row count starts it over)
+            return
+        if bucket not in self.warmed:
+            self.warmed.add(bucket)
             return
         by_rows, by_columns = (seconds, first[2]) if split else (first[2], seconds)
         ratios = self.ratios.setdefault(bucket, [])
