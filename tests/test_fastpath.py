@@ -216,7 +216,7 @@ def test_the_row_split_is_chosen_on_the_steps_themselves(monkeypatch, two_thread
             way = choice.pick(64)
             ways.append(way)
             # the uncounted first pair says the opposite, ten times over
-            seconds = (10 / rows_time if len(ways) <= 2 else rows_time) if way else 1.0
+            seconds = ((10.0 if rows_time < 1 else 0.1) if len(ways) <= 2 else rows_time) if way else 1.0
             choice.record(64, way, seconds)
         assert ways[:6] == [False, True, False, True, True, False]  # columns first, then rows first
         assert ways.count(True) == ways.count(False) == choice.PAIRS + 1

@@ -595,10 +595,12 @@ class RowSplitChoice:
     same row count) run once each way, in alternating order, and the way with the lower median time ratio is
     kept. One pair more runs first and is not counted: each way's first step pays for its first use (served, the
     first pair's ratio was 2.2-2.7 in six servers out of six, AMD EPYC Zen 3), and with the others spread over
-    0.5-2.0 a pair, 16 of them, not 8, give a median the noise of a shared machine does not flip. Timing on a scratch cache misses what decides it (AMD EPYC, 2 cores): with 64 rows of the demo model the
-    two were even when timed back to back, while in the engine's loop (its Python between steps) rows went 8-11%
-    faster and a served burst ~4%; where every step streams weights from memory (the "small" model in fp32 at 16
-    rows) rows lose 12-36% and the pairs show it. Batches of one, and one thread, are never split.
+    0.5-2.0 a pair, 16 of them, not 8, give a median the noise of a shared machine does not flip. Timing on a
+    scratch cache misses what decides it (AMD EPYC, 2 cores): with 64 rows of the demo model the two were even when
+    timed back to back, while in the engine's loop (its Python between steps) rows went 8-11% faster and a served
+    burst ~4%; on a Zen 3 EPYC, served, columns were 7-15% faster; where every step streams weights from memory (the
+    "small" model in fp32 at 16 rows) rows lose 12-36% and the pairs show it. Batches of one, and one thread, are
+    never split.
     GLMTORCH_STEP_SPLIT=rows|columns forces a way."""
 
     PAIRS = 16

@@ -569,7 +569,7 @@ struct DecodePlan : torch::CustomClassHolder {
     const bool* vp = visible.data_ptr<bool>();
     const bool shared_slot = slot.numel() == 1;  // every row writes the same slot (a batch that began together)
     std::vector<int64_t> row_slot(B);
-    // no padding among the slots any row attends (a server's rows, a batch that began together): the attention
+    // no padding among the slots any row attends (a server's rows, a batch of prompts of one length): the attention
     // then skips the mask's test per slot (~5% of its time for 64 rows of the demo model, AMD EPYC Zen 3)
     bool every_slot_seen = true;
     for (int64_t b = 0; b < B; ++b) {
