@@ -853,7 +853,24 @@ def compiled_decode_step(model):
 
 
 def _compiled_step(model):
-    compiled = torch.compile(decode_step, mode="reduce-overhead" if model.device.type == "cuda" else None)
+    """The compiled decode step. On a GPU, a static cache's steps (generate) replay CUDA graphs: a step of "small"
+    there is ~200 kernels whose launches, not the GPU, set its pace. A graph may change nothing it was recorded
+    with, so those steps attend the whole cache (`attends_whole_cache`: the caller passes a full-length mask,
+    causality hides the slots not yet written), and the cache's tensors, which every step writes, are marked as
+    living at fixed addresses. A paged cache's steps (the server's) change their rows and window every step,
+    which would record a graph per step: they run compiled without graphs. Measured on an H200 (README, "GPU")."""
+    graphs = model.device.type == "cuda" and getattr(model, "tensor_parallel", None) is None \
+        and os.environ.get("GLMTORCH_CUDA_GRAPHS", "1").lower() not in ("0", "false", "no")
+
+    # two functions, so each compiled form keeps its own graphs (dynamo caches them per function)
+    def static_cache_step(*args):
+        return decode_step(*args)
+
+    def paged_cache_step(*args):
+        return decode_step(*args)
+
+    compiled_static = torch.compile(static_cache_step, mode="reduce-overhead" if graphs else None)
+    compiled_paged = torch.compile(paged_cache_step)
     failed = False
 
     def step(*args):
@@ -874,11 +891,20 @@ def _compiled_step(model):
         for buffer in (cache.key_buffer, cache.value_buffer) if table is None else ():
             torch._dynamo.maybe_mark_dynamic(buffer, 1)
         try:
-            return compiled(*args)
+            if table is not None:
+                return compiled_paged(*args)
+            if not graphs:
+                return compiled_static(*args)
+            for t in (cache.key_buffer, cache.value_buffer, cache.seq_lengths):
+                torch._dynamo.mark_static_address(t, guard=False)  # written in place by the graph; a new cache
+                # (the next generate call) records anew, without recompiling
+            torch.compiler.cudagraph_mark_step_begin()  # the last step's outputs are dead: replay over them
+            return compiled_static(*args).clone()  # a copy: the next replay overwrites the graph's own output
         except Exception as e:  # no compiler toolchain, an unsupported op: stay correct, warn once
             warnings.warn(f"torch.compile of the decode step failed ({type(e).__name__}: {e}); decoding eagerly",
                           stacklevel=2)
             failed = True
             return decode_step(*args)
 
+    step.attends_whole_cache = graphs
     return step

@@ -111,7 +111,9 @@ def decode_tokens(
         yield tokens, logits, finished
         if i == max_new_tokens - 1 or bool(finished.all()):
             return
-        # attend to the slots written so far: the mask's length (dynamic in the compiled step) says how many
-        logits = step(model, tokens[:, None], next_position, slot, mask[:, :T + i + 1], cache).float()
+        # attend to the slots written so far: the mask's length (dynamic in the compiled step) says how many;
+        # a step replayed as a CUDA graph attends the whole cache, the same shape every step
+        attended = capacity if getattr(step, "attends_whole_cache", False) else T + i + 1
+        logits = step(model, tokens[:, None], next_position, slot, mask[:, :attended], cache).float()
         next_position = next_position + 1
         slot = slot + 1

@@ -1,0 +1,79 @@
+"""The serving engine's batching gain without HTTP: N prompts at once through `glmtorch.LLM` against the same
+kind of prompt one at a time, on random weights of a `glmtorch bench` preset, on any device.
+
+    python scripts/offline_burst.py --preset small --dtype bfloat16 --device cuda [--prompts 64] [--new-tokens 64]
+
+Prints one JSON object (and writes it to --out): output tok/s of the burst and of one at a time, their ratio,
+the decode step the engine took, the device and the CPU."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+
+import torch
+
+import glmtorch
+from glmtorch.bench import glm_sized_tokenizer, make_checkpoint
+from glmtorch.cpuinfo import cpu_description
+from glmtorch.fastpath import describe_decode_step
+from glmtorch.serve.engine import SamplingParams
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", default="small")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--device", default=None)
+    p.add_argument("--prompts", type=int, default=64)
+    p.add_argument("--alone", type=int, default=4, help="prompts timed one at a time")
+    p.add_argument("--prompt-tokens", type=int, default=16)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+
+    device = args.device or glmtorch.infer_device()
+    with tempfile.TemporaryDirectory(prefix="glmtorch-burst-") as folder:
+        path = make_checkpoint(args.preset, folder, getattr(torch, args.dtype))
+        model = glmtorch.AutoModelForCausalLM.from_pretrained(path, device=device)
+    tokenizer = glm_sized_tokenizer(model.config.vocab_size)
+    llm = glmtorch.LLM(model, tokenizer, prefix_caching=False)
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, min(150000, model.config.vocab_size), (args.prompt_tokens,), generator=g).tolist()
+               for _ in range(args.prompts + args.alone + 2)]
+    params = SamplingParams(max_tokens=args.new_tokens, temperature=0, ignore_eos=True)
+
+    def rate(batch) -> float:
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        outs = llm.generate(batch, params, use_tqdm=False)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        return sum(len(o.outputs[0].token_ids) for o in outs) / (time.perf_counter() - start)
+
+    warm = time.perf_counter()
+    rate(prompts[-2:-1])  # builds (compiles) the one-row step
+    rate(prompts[-2:])  # and the batched one
+    warm = time.perf_counter() - warm
+    alone = sorted(rate([q]) for q in prompts[args.prompts:args.prompts + args.alone])[args.alone // 2]
+    burst = rate(prompts[:args.prompts])
+    report = {
+        "preset": args.preset, "dtype": args.dtype, "device": device,
+        "gpu": torch.cuda.get_device_name(device) if device.startswith("cuda") else None,
+        "cpu": cpu_description(), "torch": torch.__version__, "compile": os.environ.get("GLMTORCH_COMPILE", ""),
+        "decode_step": describe_decode_step(model), "prompts": args.prompts, "new_tokens": args.new_tokens,
+        "warm_up_s": round(warm, 2), "alone_tok_s": round(alone, 1), "burst_tok_s": round(burst, 1),
+        "ratio": round(burst / alone, 2),
+    }
+    print(json.dumps(report))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
