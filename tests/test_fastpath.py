@@ -367,6 +367,8 @@ def test_bench_tiny_preset_runs(tmp_path):
     assert report["ratios"]["glmtorch/transformers"]["decode_b1_tok_s"] == pytest.approx(sum(paired) / 2)
     assert report["ratio_ranges"]["glmtorch/transformers"]["decode_b1_tok_s"] == pytest.approx(paired)
     assert "roofline" in format_report(report) and "x (" in format_report(report)
+    assert report["gpu"] is None and "GPU:" not in format_report(report)  # a GPU run names its GPU
+    assert "GPU: NVIDIA H200\n" in format_report({**report, "gpu": "NVIDIA H200"})
 
 
 @pytest.mark.slow

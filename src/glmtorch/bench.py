@@ -215,6 +215,7 @@ def run_bench(model_path: str | None = None, preset: str = "small", dtype: str =
         "model": model_path if tmp is None else f"preset:{preset}" + ("" if arch == "glm" else f" ({arch})"),
         "dtype": dtype, "quantize": quantize,
         "device": str(dev), "cpu": cpu_description(), "threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None,
         "linear_paths": dispatch.decisions(), "decode_step": describe_decode_step(ours),
         "torch": torch.__version__, "prefill_tokens": prefill, "new_tokens": new_tokens, "reps": reps,
         "weight_bytes_per_token": weights, "bandwidth_gb_s": bandwidth,
@@ -355,6 +356,7 @@ def format_report(report: dict[str, Any]) -> str:
     cpu = report.get("cpu", {})
     lines = [f"{report['model']}  dtype={report['dtype']} quantize={report['quantize']} device={report['device']} "
              f"threads={report['threads']}",
+             *([f"GPU: {report['gpu']}"] if report.get("gpu") else []),
              f"CPU: {cpu.get('model', '?')} ({', '.join(cpu.get('flags', [])) or 'no matrix flags'})",
              f"bandwidth {report['bandwidth_gb_s']:.1f} GB/s, weights {report['weight_bytes_per_token'] / 1e6:.1f} MB "
              f"per token -> roofline {report['roofline_decode_b1_tok_s']:.1f} tok/s at batch 1"]

@@ -767,7 +767,10 @@ def fused_step_supported(model) -> bool:
 def describe_decode_step(model) -> str:
     """Which decode step a model takes at batch 1, and why: what `glmtorch bench` prints."""
     if model.device.type != "cpu":
-        return "compiled forward" if compile_enabled(model) else "eager forward"
+        if not compile_enabled(model):
+            return "eager forward"
+        graphs = ", CUDA graphs (a server's paged steps: eager)" if cuda_graphs_enabled(model) else ""
+        return "compiled forward" + graphs
     covered, missing = fused_step_support(model)
     if covered:
         step = getattr(model, "_glmtorch_decode_step", None)
@@ -852,15 +855,25 @@ def compiled_decode_step(model):
     return step
 
 
+def cuda_graphs_enabled(model) -> bool:
+    """Whether generate's compiled steps replay CUDA graphs: on a GPU, not tensor parallel (its all-reduces are
+    not captured), unless GLMTORCH_CUDA_GRAPHS=0."""
+    return (model.device.type == "cuda" and getattr(model, "tensor_parallel", None) is None
+            and os.environ.get("GLMTORCH_CUDA_GRAPHS", "1").lower() not in ("0", "false", "no"))
+
+
 def _compiled_step(model):
     """The compiled decode step. On a GPU, a static cache's steps (generate) replay CUDA graphs: a step of "small"
-    there is ~200 kernels whose launches, not the GPU, set its pace. A graph may change nothing it was recorded
+    there is a few hundred kernels whose launches, not the GPU, set its pace. A graph may change nothing it was recorded
     with, so those steps attend the whole cache (`attends_whole_cache`: the caller passes a full-length mask,
     causality hides the slots not yet written), and the cache's tensors, which every step writes, are marked as
     living at fixed addresses. A paged cache's steps (the server's) change their rows and window every step,
-    which would record a graph per step: they run compiled without graphs. Measured on an H200 (README, "GPU")."""
-    graphs = model.device.type == "cuda" and getattr(model, "tensor_parallel", None) is None \
-        and os.environ.get("GLMTORCH_CUDA_GRAPHS", "1").lower() not in ("0", "false", "no")
+    which would record a graph per step; on a GPU they run eagerly unless GLMTORCH_COMPILE=1 asks: compiled, a
+    64-prompt burst of "small" did not finish in 140 s (three compiles of ~20 s, each new row count and window a
+    guard to pass), eager it took 1.8 s. Measured on an H200 (README, "On a GPU")."""
+    graphs = cuda_graphs_enabled(model)
+    forced = os.environ.get("GLMTORCH_COMPILE", "").lower() in ("1", "true", "yes")
+    compile_paged = model.device.type != "cuda" or forced
 
     # two functions, so each compiled form keeps its own graphs (dynamo caches them per function)
     def static_cache_step(*args):
@@ -892,7 +905,7 @@ def _compiled_step(model):
             torch._dynamo.maybe_mark_dynamic(buffer, 1)
         try:
             if table is not None:
-                return compiled_paged(*args)
+                return compiled_paged(*args) if compile_paged else decode_step(*args)
             if not graphs:
                 return compiled_static(*args)
             for t in (cache.key_buffer, cache.value_buffer, cache.seq_lengths):
