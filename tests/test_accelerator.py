@@ -64,6 +64,7 @@ def test_greedy_generation_of_a_padded_batch_matches_reference(device_pair):
 
 
 @pytest.mark.slow
+@pytest.mark.filterwarnings("error:torch.compile of the decode step failed")  # no eager fallback
 @torch.no_grad()
 def test_compiled_decode_step_matches_reference_and_does_not_recompile(gqa_checkpoint, monkeypatch):
     """The compiled step that every model of 50 MB or more decodes with on a GPU, replaying CUDA graphs."""

@@ -60,6 +60,7 @@ def test_per_row_cache_positions(pair):
 
 
 @pytest.mark.slow
+@pytest.mark.filterwarnings("error:torch.compile of the decode step failed")  # no eager fallback
 @torch.no_grad()
 def test_compiled_decode_matches_eager_and_does_not_recompile(pair, monkeypatch):
     ref, path = pair
@@ -90,6 +91,36 @@ def test_compiled_decode_matches_eager_and_does_not_recompile(pair, monkeypatch)
     logits = compiled_decode_step(model)(model, new, positions[:, T:], torch.tensor([T]), full_mask, cache)
     expected = ref(torch.cat([ids, new], 1), attention_mask=full_mask, position_ids=positions).logits[:, -1]
     assert rel_err(logits, expected) < 1e-5
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("error:torch.compile of the decode step failed")
+@torch.no_grad()
+def test_steps_that_attend_the_whole_cache_match_the_reference(pair, monkeypatch):
+    """What a GPU's CUDA-graph steps do (fastpath._compiled_step), here on the CPU: each step attends the whole
+    static cache, its length rounded up to 256 slots (one shape for the call, few for a process); causality
+    hides the slots not yet written, so the tokens are the reference's."""
+    from glmtorch import fastpath
+
+    ref, path = pair
+    monkeypatch.setattr(fastpath, "cuda_graphs_enabled", lambda model: True)
+    model = glmtorch.GlmForCausalLM.from_pretrained(path)
+    model._glmtorch_decode_step = step = fastpath._compiled_step(model)  # not inside the CPU's fused step
+    assert step.attends_whole_cache
+    lengths, attended = [], []
+    new_cache = model.new_static_cache
+    monkeypatch.setattr(model, "new_static_cache", lambda b, n: (lengths.append(n), new_cache(b, n))[1])
+
+    def spy(*args):
+        attended.append(args[4].shape[1])
+        return step(*args)
+
+    spy.attends_whole_cache = True
+    model._glmtorch_decode_step = spy
+    ids = torch.tensor([[0, 0, 5, 6, 7, 8], [9, 10, 11, 12, 13, 14]])
+    kw = dict(attention_mask=(ids != 0).long(), do_sample=False, eos_token_id=[], pad_token_id=0)
+    assert torch.equal(model.generate(ids, max_new_tokens=12, **kw), ref.generate(ids, max_new_tokens=12, **kw))
+    assert lengths == [256] and set(attended) == {256} and len(attended) == 11
 
 
 def _prefilled(model, ids, mask, capacity=16):

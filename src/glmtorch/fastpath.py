@@ -303,8 +303,11 @@ def use_gemv_linears(model: nn.Module) -> nn.Module:
 
 
 def _inference_on_cpu(x: torch.Tensor, weight: torch.Tensor | None = None) -> bool:
-    """Whether x goes through a C++ elementwise kernel: CPU, fp32 / bf16, contiguous, no autograd, kernels built."""
-    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and x.is_contiguous()
+    """Whether x goes through a C++ elementwise kernel: CPU, fp32 / bf16, contiguous, no autograd, kernels built,
+    and not inside a compiled graph (Inductor fuses the eager ops there; timing them there would break the graph,
+    and broke the compiled CPU step into pieces that could not keep the attended length dynamic)."""
+    return (not torch.compiler.is_compiling() and x.device.type == "cpu"
+            and x.dtype in (torch.float32, torch.bfloat16) and x.is_contiguous()
             and (weight is None or (weight.dtype == x.dtype and weight.device.type == "cpu"))
             and not (torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad)))
             and kernels.available())
@@ -891,12 +894,15 @@ def _compiled_step(model):
         if failed:
             return decode_step(*args)
         tokens, positions, mask, cache = args[1], args[2], args[4], args[5]
-        torch._dynamo.mark_dynamic(mask, 1)  # the attended length grows every step
         table = getattr(cache, "block_table", None)  # a paged cache: the pool's shape is fixed, its table's is not
+        # A cache at static addresses may get static shapes (torch 2.13 makes them so, 2.11 did not): a length
+        # that must stay dynamic would then fail the compile, so for graphs the lengths only may be dynamic.
+        dynamic = torch._dynamo.maybe_mark_dynamic if graphs and table is None else torch._dynamo.mark_dynamic
+        dynamic(mask, 1)  # the attended length grows every step
         if table is not None:
             torch._dynamo.mark_dynamic(table, 1)
         for buffer in (cache.key_buffer, cache.value_buffer) if table is None else ():
-            torch._dynamo.mark_dynamic(buffer, 3)  # caches differ in size between calls
+            dynamic(buffer, 3)  # caches differ in size between calls
         # so do batches (the server's active requests change every few steps): one graph for every row count
         # from 2 up (a single row specializes, and gets its own)
         for t in (tokens, positions, mask, cache.seq_lengths if table is None else table):

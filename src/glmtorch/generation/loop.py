@@ -53,19 +53,23 @@ def decode_tokens(
     # Left padding shifts each row's positions so its first real token sits at position 0.
     positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     capacity = T + max_new_tokens
+    step = compiled_decode_step(model)
+    # A step replayed as a CUDA graph attends the whole cache: rounded up to 256 slots, its length is one of a
+    # few, so a long-running process records few graphs (the slots past `capacity` are never written).
+    whole_cache = getattr(step, "attends_whole_cache", False)
+    slots = -(-capacity // 256) * 256 if whole_cache else capacity
     # What the processors and stop checks may look at, preallocated: left padding is marked -1.
     history = torch.full((B, capacity), -1, dtype=torch.long, device=device)
     history[:, :T] = input_ids.masked_fill(attention_mask == 0, -1)
-    cache = model.new_static_cache(B, capacity)
+    cache = model.new_static_cache(B, slots)
     # Slot j of every row holds column j of the batch: padding is marked once; slots not yet written are
     # hidden by causality. Each forward reads the prefix of the mask (and cache) written so far.
-    mask = torch.ones(B, capacity, dtype=torch.long, device=device)
+    mask = torch.ones(B, slots, dtype=torch.long, device=device)
     mask[:, :T] = attention_mask
     cache.length = T  # the prompt attends to itself only
     out = model(input_ids, attention_mask=mask[:, :T], position_ids=positions, past_key_values=cache,
                 cache_position=torch.arange(T, device=device), use_cache=True, logits_to_keep=1)
     logits = out.logits[:, -1].float()
-    step = compiled_decode_step(model)
     next_position = positions[:, -1:] + 1  # (B, 1)
     slot = torch.tensor([T], device=device)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
@@ -113,7 +117,7 @@ def decode_tokens(
             return
         # attend to the slots written so far: the mask's length (dynamic in the compiled step) says how many;
         # a step replayed as a CUDA graph attends the whole cache, the same shape every step
-        attended = capacity if getattr(step, "attends_whole_cache", False) else T + i + 1
+        attended = slots if whole_cache else T + i + 1
         logits = step(model, tokens[:, None], next_position, slot, mask[:, :attended], cache).float()
         next_position = next_position + 1
         slot = slot + 1
