@@ -119,8 +119,22 @@ def test_steps_that_attend_the_whole_cache_match_the_reference(pair, monkeypatch
     model._glmtorch_decode_step = spy
     ids = torch.tensor([[0, 0, 5, 6, 7, 8], [9, 10, 11, 12, 13, 14]])
     kw = dict(attention_mask=(ids != 0).long(), do_sample=False, eos_token_id=[], pad_token_id=0)
-    assert torch.equal(model.generate(ids, max_new_tokens=12, **kw), ref.generate(ids, max_new_tokens=12, **kw))
+    expected = ref.generate(ids, max_new_tokens=12, **kw)
+    assert torch.equal(model.generate(ids, max_new_tokens=12, **kw), expected)
     assert lengths == [256] and set(attended) == {256} and len(attended) == 11
+    # the next call of that shape gets the same cache back (the graphs' addresses), emptied first
+    kept = model._glmtorch_kept_cache
+    shorter = {**kw, "attention_mask": kw["attention_mask"][:, 1:]}
+    assert torch.equal(model.generate(ids[:, 1:], max_new_tokens=12, **shorter),
+                       ref.generate(ids[:, 1:], max_new_tokens=12, **shorter))
+    assert lengths == [256] and model._glmtorch_kept_cache is kept and not kept.lent
+    # one lent out meanwhile: another call gets its own; one of another shape replaces the kept cache
+    assert fastpath.lend_static_cache(model, 2, 256) is kept
+    assert torch.equal(model.generate(ids, max_new_tokens=12, **kw), expected)
+    assert lengths == [256, 256] and model._glmtorch_kept_cache is kept
+    fastpath.return_static_cache(kept)
+    model.generate(ids[1:], max_new_tokens=12, **{**kw, "attention_mask": kw["attention_mask"][1:]})
+    assert len(lengths) == 3 and model._glmtorch_kept_cache.seq_lengths.shape == (1,)
 
 
 def _prefilled(model, ids, mask, capacity=16):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 import time
 import warnings
 
@@ -863,6 +864,35 @@ def cuda_graphs_enabled(model) -> bool:
     not captured), unless GLMTORCH_CUDA_GRAPHS=0."""
     return (model.device.type == "cuda" and getattr(model, "tensor_parallel", None) is None
             and os.environ.get("GLMTORCH_CUDA_GRAPHS", "1").lower() not in ("0", "false", "no"))
+
+
+_kept_cache_lock = threading.Lock()
+
+
+def lend_static_cache(model, batch_size: int, slots: int):
+    """generate's cache when its steps replay CUDA graphs: the model keeps the last one and lends it again to the
+    next call of the same shape, so the graphs meet the addresses they were recorded with. A cache at new
+    addresses is recorded anew, and torch keeps every recording in its graph tree and checks them at each step:
+    a process calling generate a thousand times would hold a thousand graphs. One call at a time holds it;
+    another call meanwhile gets a cache of its own. `return_static_cache` gives it back."""
+    with _kept_cache_lock:
+        kept = getattr(model, "_glmtorch_kept_cache", None)
+        if kept is not None and not kept.lent:
+            if (kept.max_length == slots and kept.seq_lengths.shape[0] == batch_size
+                    and kept.key_buffer.device == model.device and kept.key_buffer.dtype == model.dtype):
+                kept.reset()
+                kept.lent = True
+                return kept
+            model._glmtorch_kept_cache = kept = None  # freed before the new one is allocated
+        cache = model.new_static_cache(batch_size, slots)
+        cache.lent = True
+        if kept is None:
+            model._glmtorch_kept_cache = cache
+        return cache
+
+
+def return_static_cache(cache) -> None:
+    cache.lent = False
 
 
 def _compiled_step(model):

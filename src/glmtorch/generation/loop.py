@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from ..fastpath import compiled_decode_step
+from ..fastpath import compiled_decode_step, lend_static_cache, return_static_cache
 from .processors import make_processors
 from .sampling import make_sampler
 
@@ -41,6 +41,25 @@ def decode_tokens(
     pass, yielded one by one, logits None).
     """
     B, T = input_ids.shape
+    step = compiled_decode_step(model)
+    # A step replayed as a CUDA graph attends the whole cache: rounded up to 256 slots, its length is one of a
+    # few (the slots past the request's are never written), and the cache is the model's kept one (fastpath.
+    # lend_static_cache), at the addresses the graphs were recorded with.
+    whole_cache = getattr(step, "attends_whole_cache", False)
+    capacity = T + max_new_tokens
+    slots = -(-capacity // 256) * 256 if whole_cache else capacity
+    cache = lend_static_cache(model, B, slots) if whole_cache else model.new_static_cache(B, slots)
+    try:
+        yield from _decode(model, input_ids, attention_mask, config, max_new_tokens, generator, stop_checks,
+                           constraints, logits_processor, assistant_model, step, cache, whole_cache)
+    finally:
+        if whole_cache:
+            return_static_cache(cache)
+
+
+def _decode(model, input_ids, attention_mask, config, max_new_tokens, generator, stop_checks, constraints,
+            logits_processor, assistant_model, step, cache, whole_cache):
+    B, T = input_ids.shape
     device = input_ids.device
     processors = list(constraints) + make_processors(config) + list(logits_processor)
     sample = make_sampler(config.do_sample, generator)
@@ -53,15 +72,10 @@ def decode_tokens(
     # Left padding shifts each row's positions so its first real token sits at position 0.
     positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     capacity = T + max_new_tokens
-    step = compiled_decode_step(model)
-    # A step replayed as a CUDA graph attends the whole cache: rounded up to 256 slots, its length is one of a
-    # few, so a long-running process records few graphs (the slots past `capacity` are never written).
-    whole_cache = getattr(step, "attends_whole_cache", False)
-    slots = -(-capacity // 256) * 256 if whole_cache else capacity
+    slots = cache.max_length
     # What the processors and stop checks may look at, preallocated: left padding is marked -1.
     history = torch.full((B, capacity), -1, dtype=torch.long, device=device)
     history[:, :T] = input_ids.masked_fill(attention_mask == 0, -1)
-    cache = model.new_static_cache(B, slots)
     # Slot j of every row holds column j of the batch: padding is marked once; slots not yet written are
     # hidden by causality. Each forward reads the prefix of the mask (and cache) written so far.
     mask = torch.ones(B, slots, dtype=torch.long, device=device)
