@@ -41,7 +41,8 @@ fi
 if [[ " $parts " == *" bench "* ]]; then
   for compile in ${BENCH_COMPILE:-0 1}; do
     say "bench $PRESET bf16 GLMTORCH_COMPILE=$compile"
-    GLMTORCH_COMPILE=$compile TORCH_LOGS=${TORCH_LOGS:-perf_hints} timeout "${BENCH_LIMIT:-110}" python3 -m glmtorch bench \
+    GLMTORCH_COMPILE=$compile TORCH_LOGS=${TORCH_LOGS:-perf_hints} timeout "${BENCH_LIMIT:-110}" \
+      python3 -m glmtorch bench \
       --device "$DEVICE" --preset "$PRESET" --dtype bfloat16 --batch ${BENCH_BATCH:-1 8 64} --reps 2 --prefill 256 \
       --new-tokens 32 --out "$scratch/bench.json" >>"$log" 2>&1
     say "bench rc=$?"
@@ -52,7 +53,8 @@ fi
 if [[ " $parts " == *" burst "* ]]; then
   for compile in ${BURST_COMPILE:-0 1}; do
     say "offline burst $PRESET bf16 GLMTORCH_COMPILE=$compile"
-    GLMTORCH_COMPILE=$compile TORCH_LOGS=${TORCH_LOGS:-perf_hints} timeout "${BURST_LIMIT:-90}" python3 scripts/offline_burst.py \
+    GLMTORCH_COMPILE=$compile TORCH_LOGS=${TORCH_LOGS:-perf_hints} timeout "${BURST_LIMIT:-90}" \
+      python3 scripts/offline_burst.py \
       --device "$DEVICE" --preset "$PRESET" --dtype bfloat16 --new-tokens 32 \
       --out "$OUT/burst-$PRESET-bf16-compile$compile.json" >>"$log" 2>&1
     say "burst rc=$?"
@@ -62,7 +64,8 @@ if [[ " $parts " == *" serve "* ]]; then
   say "serve $PRESET bf16 on $DEVICE"
   url=http://127.0.0.1:8050
   timeout 60 python3 scripts/make_bench_checkpoint.py "$PRESET" "$scratch/model" --dtype bfloat16 >>"$log" 2>&1
-  timeout "${SERVE_LIMIT:-150}" python3 -m glmtorch serve "$scratch/model" --device "$DEVICE" --port 8050 >>"$log" 2>&1 &
+  timeout "${SERVE_LIMIT:-150}" python3 -m glmtorch serve "$scratch/model" --device "$DEVICE" --port 8050 \
+    >>"$log" 2>&1 &
   server=$!
   python3 - "$url" <<'WAIT' >>"$log" 2>&1
 import sys, time, urllib.request

@@ -897,13 +897,14 @@ def return_static_cache(cache) -> None:
 
 def _compiled_step(model):
     """The compiled decode step. On a GPU, a static cache's steps (generate) replay CUDA graphs: a step of "small"
-    there is a few hundred kernels whose launches, not the GPU, set its pace. A graph may change nothing it was recorded
-    with, so those steps attend the whole cache (`attends_whole_cache`: the caller passes a full-length mask,
-    causality hides the slots not yet written), and the cache's tensors, which every step writes, are marked as
-    living at fixed addresses. A paged cache's steps (the server's) change their rows and window every step,
-    which would record a graph per step; on a GPU they run eagerly unless GLMTORCH_COMPILE=1 asks: compiled, a
-    64-prompt burst of "small" did not finish in 140 s (three compiles of ~20 s, each new row count and window a
-    guard to pass), eager it took 1.8 s. Measured on an H200 (README, "On a GPU")."""
+    there is a few hundred kernels whose launches, not the GPU, set its pace. A graph may change nothing it was
+    recorded with, so those steps attend the whole cache (`attends_whole_cache`: the caller passes a full-length
+    mask, causality hides the slots not yet written), and the cache's tensors, which every step writes, are
+    marked as living at fixed addresses (the caller lends the same cache again: lend_static_cache). A paged
+    cache's steps (the server's) change their rows and window every step, which would record a graph per step;
+    on a GPU they run eagerly unless GLMTORCH_COMPILE=1 asks: compiled, a 64-prompt burst of "small" did not
+    finish in 140 s (three compiles of ~20 s, each new row count and window a guard to pass), eager it took
+    1.8 s. Measured on an H200 (README, "On a GPU")."""
     graphs = cuda_graphs_enabled(model)
     forced = os.environ.get("GLMTORCH_COMPILE", "").lower() in ("1", "true", "yes")
     compile_paged = model.device.type != "cuda" or forced
@@ -925,8 +926,8 @@ def _compiled_step(model):
             return decode_step(*args)
         tokens, positions, mask, cache = args[1], args[2], args[4], args[5]
         table = getattr(cache, "block_table", None)  # a paged cache: the pool's shape is fixed, its table's is not
-        # A cache at static addresses may get static shapes (torch 2.13 makes them so, 2.11 did not): a length
-        # that must stay dynamic would then fail the compile, so for graphs the lengths only may be dynamic.
+        # A cache at static addresses may get static shapes (torch 2.13 gives them, 2.11 did not), and a length
+        # marked strictly dynamic would then fail the compile: with graphs, lengths are marked maybe-dynamic.
         dynamic = torch._dynamo.maybe_mark_dynamic if graphs and table is None else torch._dynamo.mark_dynamic
         dynamic(mask, 1)  # the attended length grows every step
         if table is not None:
@@ -945,8 +946,8 @@ def _compiled_step(model):
             if not graphs:
                 return compiled_static(*args)
             for t in (cache.key_buffer, cache.value_buffer, cache.seq_lengths):
-                torch._dynamo.mark_static_address(t, guard=False)  # written in place by the graph; a new cache
-                # (the next generate call) records anew, without recompiling
+                torch._dynamo.mark_static_address(t, guard=False)  # written in place by the graph; another
+                # cache records anew, without recompiling
             torch.compiler.cudagraph_mark_step_begin()  # the last step's outputs are dead: replay over them
             return compiled_static(*args).clone()  # a copy: the next replay overwrites the graph's own output
         except Exception as e:  # no compiler toolchain, an unsupported op: stay correct, warn once
