@@ -24,7 +24,7 @@ def on_device(model):
     return copy.deepcopy(model).to(DEVICE)
 
 
-def left_padded(lengths=(9, 6, 3), vocab=160, pad=0, seed=1, side="left"):
+def padded_batch(lengths=(9, 6, 3), vocab=160, pad=0, seed=1, side="left"):
     g = torch.Generator().manual_seed(seed)
     T = max(lengths)
     ids = torch.full((len(lengths), T), pad)
@@ -49,7 +49,7 @@ def test_loaded_onto_the_device_and_logits_match_reference(device_pair):
     ref, ours = device_pair
     assert ours.device.type == torch.device(DEVICE).type
     assert all(p.device == ours.device for p in ours.parameters())
-    ids, mask = left_padded()
+    ids, mask = padded_batch()
     real = mask.bool()  # a padding position's output is nobody's
     got, expected = ours(ids, attention_mask=mask).logits, ref(ids, attention_mask=mask).logits
     assert rel_err(got[real], expected[real]) < 1e-5
@@ -58,7 +58,7 @@ def test_loaded_onto_the_device_and_logits_match_reference(device_pair):
 @torch.no_grad()
 def test_greedy_generation_of_a_padded_batch_matches_reference(device_pair):
     ref, ours = device_pair
-    ids, mask = left_padded()
+    ids, mask = padded_batch()
     kw = dict(attention_mask=mask, max_new_tokens=12, do_sample=False, eos_token_id=[], pad_token_id=0)
     assert torch.equal(ours.generate(ids, **kw), ref.generate(ids, **kw))
 
@@ -74,7 +74,7 @@ def test_compiled_decode_step_matches_reference_and_does_not_recompile(gqa_check
     ref, path = gqa_checkpoint
     ref = on_device(ref)
     ours = glmtorch.GlmForCausalLM.from_pretrained(path, device=DEVICE)
-    ids, mask = left_padded()
+    ids, mask = padded_batch()
     kw = dict(max_new_tokens=10, do_sample=False, eos_token_id=[], pad_token_id=0)
     skips = counters["inductor"]["cudagraph_skips"]
     assert torch.equal(ours.generate(ids, attention_mask=mask, **kw), ref.generate(ids, attention_mask=mask, **kw))
@@ -92,7 +92,7 @@ def test_bf16_within_reference_bf16_error(gqa_checkpoint):
     import transformers
 
     ref, path = gqa_checkpoint
-    ids, mask = left_padded()
+    ids, mask = padded_batch()
     real = mask.bool()
     exact = on_device(ref)(ids, attention_mask=mask).logits[real]
     ref_bf16 = on_device(transformers.GlmForCausalLM.from_pretrained(path, dtype=torch.bfloat16))
@@ -123,7 +123,7 @@ def test_quantized_weights_equal_their_dequantized_matrices(gqa_checkpoint, mode
     for name, m in dense.named_modules():
         if name in layers:
             m.weight.copy_(layers[name].dequantized(torch.float32))
-    ids, mask = left_padded()
+    ids, mask = padded_batch()
     real = mask.bool()
     expected = dense(ids, attention_mask=mask).logits[real]
     assert rel_err(quantized(ids, attention_mask=mask).logits[real], expected) < 1e-5
@@ -164,7 +164,7 @@ def test_the_engine_on_the_device_equals_each_request_alone(chat_checkpoint):
 
 
 def test_classification_heads_match_reference(tmp_path):
-    ids, mask = left_padded()
+    ids, mask = padded_batch()
     for name in ("GlmForSequenceClassification", "GlmForTokenClassification"):
         ref = make_hf_model(name, **CONFIGS["gqa"], num_labels=3)
         path = save_hf(ref, tmp_path / name)
@@ -183,7 +183,7 @@ def test_a_training_step_matches_reference(gqa_checkpoint):
     ref, path = gqa_checkpoint
     ref = on_device(ref).train()
     ours = glmtorch.GlmForCausalLM.from_pretrained(path, device=DEVICE).train()
-    ids, mask = left_padded(side="right")
+    ids, mask = padded_batch(side="right")
     labels = ids.masked_fill(mask == 0, -100)
     ours_loss = ours(ids, attention_mask=mask, labels=labels).loss
     ref_loss = ref(ids, attention_mask=mask, labels=labels).loss
