@@ -30,6 +30,19 @@ def test_generate_streams_a_reply(chat_checkpoint):
     assert raw.returncode == 0, raw.stderr
 
 
+@pytest.mark.parametrize("compiled", ["0", "1"])
+def test_a_compiling_model_says_the_first_reply_waits(chat_checkpoint, monkeypatch, capsys, compiled):
+    """A GPU compiles the decode step on the first reply (tens of seconds): the CLI says so, or it looks hung."""
+    import argparse
+
+    from glmtorch.cli import load
+
+    monkeypatch.setenv("GLMTORCH_COMPILE", compiled)  # what a GPU with a model of 50 MB or more decides
+    _, path = chat_checkpoint
+    load(argparse.Namespace(model=str(path), dtype=None, device="cpu", speculate=None))
+    assert ("the first reply compiles the decode step" in capsys.readouterr().err) == (compiled == "1")
+
+
 def test_chat_reads_piped_stdin_and_keeps_history(chat_checkpoint):
     _, path = chat_checkpoint
     result = run("chat", str(path), "--max-new-tokens", "6", "--greedy", stdin="Hello\n/reset\nHello\nMore\n/exit\nignored\n")

@@ -166,6 +166,11 @@ def load(args: argparse.Namespace):
         if args.draft.config.vocab_size != model.config.vocab_size:
             raise UsageError(f"--speculate {speculate}: its vocabulary has {args.draft.config.vocab_size} tokens, "
                              f"the model's {model.config.vocab_size}; a draft must share the model's tokenizer")
+    from .fastpath import compile_enabled
+
+    if compile_enabled(model) and is_main_process():  # else the first reply's wait looks like a hang
+        print("glmtorch: the first reply compiles the decode step (tens of seconds, once per process and batch "
+              "shape; GLMTORCH_COMPILE=0 skips it)", file=sys.stderr)
     return model, tokenizer
 
 
