@@ -66,6 +66,18 @@ def save_hf(model, path, **kw) -> str:
     return str(path)
 
 
+def padded_batch(vocab=160, lengths=(9, 6, 3), pad=0, seed=1, side="left"):
+    """(ids, mask) of random rows of these lengths, padded with `pad` on the left (or right)."""
+    g = torch.Generator().manual_seed(seed)
+    T = max(lengths)
+    ids = torch.full((len(lengths), T), pad)
+    for row, n in enumerate(lengths):
+        ids[row, T - n:] = torch.randint(4, vocab, (n,), generator=g)
+    if side == "right":
+        ids = torch.stack([torch.cat([r[r != pad], r[r == pad]]) for r in ids])
+    return ids, (ids != pad).long()
+
+
 def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
     ours, ref = ours.detach().double(), ref.detach().double()
     return float((ours - ref).norm() / ref.norm())

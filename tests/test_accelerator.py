@@ -14,6 +14,7 @@ import torch
 
 import glmtorch
 from conftest import CONFIGS, make_hf_model, rel_err, save_hf
+from conftest import padded_batch as conftest_padded_batch
 
 DEVICE = os.environ.get("GLMTORCH_TEST_DEVICE") or ("cuda" if torch.cuda.is_available() else None)
 pytestmark = pytest.mark.skipif(DEVICE is None, reason="no GPU visible (GLMTORCH_TEST_DEVICE=cpu runs these here)")
@@ -24,15 +25,9 @@ def on_device(model):
     return copy.deepcopy(model).to(DEVICE)
 
 
-def padded_batch(lengths=(9, 6, 3), vocab=160, pad=0, seed=1, side="left"):
-    g = torch.Generator().manual_seed(seed)
-    T = max(lengths)
-    ids = torch.full((len(lengths), T), pad)
-    for row, n in enumerate(lengths):
-        ids[row, T - n:] = torch.randint(4, vocab, (n,), generator=g)
-    if side == "right":
-        ids = torch.stack([torch.cat([r[r != pad], r[r == pad]]) for r in ids])
-    return ids.to(DEVICE), (ids != pad).long().to(DEVICE)
+def padded_batch(**kw):
+    ids, mask = conftest_padded_batch(**kw)
+    return ids.to(DEVICE), mask.to(DEVICE)
 
 
 @pytest.fixture(params=sorted(CONFIGS))

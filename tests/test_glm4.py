@@ -10,8 +10,7 @@ import pytest
 import torch
 
 import glmtorch
-from conftest import CONFIGS, make_hf_model, rel_err, save_hf
-from test_modeling import left_padded_batch
+from conftest import CONFIGS, make_hf_model, padded_batch, rel_err, save_hf
 
 TOL = 1e-5
 
@@ -79,7 +78,7 @@ def test_logits_match_reference(glm4_checkpoint):
 def test_padded_batch_cached_decode_and_hidden_states(gqa_glm4):
     ref_model, path = gqa_glm4
     model = glmtorch.Glm4ForCausalLM.from_pretrained(path)
-    ids, mask = left_padded_batch(lengths=(10, 7, 4))
+    ids, mask = padded_batch(lengths=(10, 7, 4))
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     real = mask.bool()
     full = model(ids, attention_mask=mask, position_ids=positions, output_hidden_states=True)
@@ -100,7 +99,7 @@ def test_padded_batch_cached_decode_and_hidden_states(gqa_glm4):
 def test_greedy_generate_matches_reference(gqa_glm4):
     ref_model, path = gqa_glm4
     model = glmtorch.AutoModelForCausalLM.from_pretrained(path)
-    ids, mask = left_padded_batch(lengths=(6, 4))
+    ids, mask = padded_batch(lengths=(6, 4))
     kwargs = dict(attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0, eos_token_id=None)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -110,7 +109,7 @@ def test_greedy_generate_matches_reference(gqa_glm4):
 
 @torch.no_grad()
 def test_heads_and_losses_match_reference(tmp_path):
-    ids, mask = left_padded_batch()
+    ids, mask = padded_batch()
     ref = make_hf_model("Glm4ForSequenceClassification", num_labels=3, **CONFIGS["mqa_wide_heads"])
     model = glmtorch.AutoModelForSequenceClassification.from_pretrained(save_hf(ref, tmp_path / "seq"))
     assert type(model) is glmtorch.Glm4ForSequenceClassification

@@ -5,20 +5,9 @@ import pytest
 import torch
 
 import glmtorch
-from conftest import CONFIGS, make_hf_model, rel_err, save_hf
+from conftest import CONFIGS, make_hf_model, padded_batch, rel_err, save_hf
 
 TOL = 1e-5
-
-
-def left_padded_batch(vocab=160, lengths=(9, 6, 3), pad=0, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    T = max(lengths)
-    ids = torch.full((len(lengths), T), pad)
-    mask = torch.zeros(len(lengths), T, dtype=torch.long)
-    for i, n in enumerate(lengths):
-        ids[i, T - n:] = torch.randint(4, vocab, (n,), generator=g)
-        mask[i, T - n:] = 1
-    return ids, mask
 
 
 @torch.no_grad()
@@ -49,10 +38,7 @@ def test_state_dict_speaks_transformers_names(hf_checkpoint):
 def test_padded_batch_matches_reference(hf_checkpoint, side):
     ref_model, path = hf_checkpoint
     model = glmtorch.GlmForCausalLM.from_pretrained(path)
-    ids, mask = left_padded_batch()
-    if side == "right":
-        ids, mask = ids.flip(1), mask.flip(1)
-        ids = torch.stack([torch.cat([r[m.bool()].flip(0), r[~m.bool()]]) for r, m in zip(ids, mask)])
+    ids, mask = padded_batch(side=side)
     ours = model(ids, attention_mask=mask).logits
     ref = ref_model(ids, attention_mask=mask).logits
     real = mask.bool()
@@ -63,7 +49,7 @@ def test_padded_batch_matches_reference(hf_checkpoint, side):
 def test_left_padded_row_equals_unpadded_row(gqa_checkpoint):
     _, path = gqa_checkpoint
     model = glmtorch.GlmForCausalLM.from_pretrained(path)
-    ids, mask = left_padded_batch()
+    ids, mask = padded_batch()
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     batched = model(ids, attention_mask=mask, position_ids=positions).logits
     for i in range(ids.shape[0]):
@@ -77,7 +63,7 @@ def test_left_padded_row_equals_unpadded_row(gqa_checkpoint):
 def test_cached_decode_matches_full_forward(hf_checkpoint, attn):
     ref_model, path = hf_checkpoint
     model = glmtorch.GlmForCausalLM.from_pretrained(path, attn_implementation=attn)
-    ids, mask = left_padded_batch(lengths=(10, 7, 4))
+    ids, mask = padded_batch(lengths=(10, 7, 4))
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     full = model(ids, attention_mask=mask, position_ids=positions).logits
     ref_full = ref_model(ids, attention_mask=mask, position_ids=positions).logits
@@ -112,7 +98,7 @@ def test_hidden_states_and_attention_probabilities(hf_checkpoint):
     ref_model, path = hf_checkpoint
     ref_model.set_attn_implementation("eager")
     model = glmtorch.GlmForCausalLM.from_pretrained(path)  # sdpa: probabilities come from the eager path
-    ids, mask = left_padded_batch()
+    ids, mask = padded_batch()
     ours = model(ids, attention_mask=mask, output_hidden_states=True, output_attentions=True)
     ref = ref_model(ids, attention_mask=mask, output_hidden_states=True, output_attentions=True)
     assert len(ours.hidden_states) == len(ref.hidden_states) == model.config.num_hidden_layers + 1
@@ -158,7 +144,7 @@ def test_sequence_classification_matches_reference(tmp_path, num_labels, labels)
     ref_model = make_hf_model("GlmForSequenceClassification", num_labels=num_labels, **CONFIGS["gqa"])
     path = save_hf(ref_model, tmp_path / "seq")
     model = glmtorch.AutoModelForSequenceClassification.from_pretrained(path)
-    ids, mask = left_padded_batch()
+    ids, mask = padded_batch()
     ours = model(ids, attention_mask=mask, labels=labels)
     ref = ref_model(ids, attention_mask=mask, labels=labels)
     assert ours.logits.shape == (3, num_labels)
@@ -171,7 +157,7 @@ def test_token_classification_matches_reference(tmp_path):
     ref_model = make_hf_model("GlmForTokenClassification", num_labels=5, **CONFIGS["mqa_wide_heads"])
     path = save_hf(ref_model, tmp_path / "tok")
     model = glmtorch.AutoModelForTokenClassification.from_pretrained(path)
-    ids, mask = left_padded_batch()
+    ids, mask = padded_batch()
     labels = torch.randint(0, 5, ids.shape).masked_fill(mask == 0, -100)
     ours, ref = model(ids, attention_mask=mask, labels=labels), ref_model(ids, attention_mask=mask, labels=labels)
     assert rel_err(ours.logits[mask.bool()], ref.logits[mask.bool()]) < TOL

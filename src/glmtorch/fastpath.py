@@ -403,6 +403,12 @@ def use_fused_elementwise(model: nn.Module) -> nn.Module:
 COMPILE_MIN_BYTES = 50e6  # below this, compiling (tens of seconds) costs more than it saves in a session
 
 
+def compile_forced() -> bool | None:
+    """GLMTORCH_COMPILE=1 / 0 as True / False; None where it does not say."""
+    forced = os.environ.get("GLMTORCH_COMPILE", "").lower()
+    return forced in ("1", "true", "yes") if forced in ("0", "false", "no", "1", "true", "yes") else None
+
+
 def compile_enabled(model) -> bool:
     """Whether to compile the decode step: GLMTORCH_COMPILE=1 / 0 forces it; by default on CUDA for a model of at
     least 50 MB of weights (CUDA graphs remove the launch overhead), and not on a CPU: there every matrix product
@@ -412,9 +418,9 @@ def compile_enabled(model) -> bool:
     step either way."""
     if model.device.type not in ("cpu", "cuda"):
         return False
-    forced = os.environ.get("GLMTORCH_COMPILE", "").lower()
-    if forced in ("0", "false", "no", "1", "true", "yes"):
-        return forced in ("1", "true", "yes")
+    forced = compile_forced()
+    if forced is not None:
+        return forced
     if model.device.type == "cpu":
         return False
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -885,6 +891,9 @@ def lend_static_cache(model, batch_size: int, slots: int):
                 return kept
             model._glmtorch_kept_cache = kept = None  # freed before the new one is allocated
         cache = model.new_static_cache(batch_size, slots)
+        for t in (cache.key_buffer, cache.value_buffer, cache.seq_lengths):
+            torch._dynamo.mark_static_address(t, guard=False)  # written in place by the graphs; another cache
+            # records anew, without recompiling
         cache.lent = True
         if kept is None:
             model._glmtorch_kept_cache = cache
@@ -906,8 +915,7 @@ def _compiled_step(model):
     finish in 140 s (three compiles of ~20 s, each new row count and window a guard to pass), eager it took
     1.8 s. Measured on an H200 (README, "On a GPU")."""
     graphs = cuda_graphs_enabled(model)
-    forced = os.environ.get("GLMTORCH_COMPILE", "").lower() in ("1", "true", "yes")
-    compile_paged = model.device.type != "cuda" or forced
+    compile_paged = model.device.type != "cuda" or compile_forced() is True
 
     # two functions, so each compiled form keeps its own graphs (dynamo caches them per function)
     def static_cache_step(*args):
@@ -945,9 +953,7 @@ def _compiled_step(model):
                 return compiled_paged(*args) if compile_paged else decode_step(*args)
             if not graphs:
                 return compiled_static(*args)
-            for t in (cache.key_buffer, cache.value_buffer, cache.seq_lengths):
-                torch._dynamo.mark_static_address(t, guard=False)  # written in place by the graph; another
-                # cache records anew, without recompiling
+            # (its cache's tensors were marked as living at fixed addresses where it was made: lend_static_cache)
             torch.compiler.cudagraph_mark_step_begin()  # the last step's outputs are dead: replay over them
             return compiled_static(*args).clone()  # a copy: the next replay overwrites the graph's own output
         except Exception as e:  # no compiler toolchain, an unsupported op: stay correct, warn once
