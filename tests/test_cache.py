@@ -114,9 +114,9 @@ def test_a_long_prefill_read_in_place_equals_the_gathered_one(tmp_path, monkeypa
 
 
 def test_how_a_long_prefill_attends_is_measured_once_and_kept(monkeypatch, tmp_path):
-    """The choice between reading in place and gathering is timed once per head shape and length bucket and kept
-    in the dispatch table (a new process reads it, measuring nothing); past PREFILL_PASS_TOKENS, lengths are timed
-    in turn until SDPA wins; a forced value is honoured, a wrong one refused by name."""
+    """The choice between reading in place and gathering is timed once per head shape and pair of buckets (new
+    tokens, slots), and kept in the dispatch table (a new process reads it, measuring nothing); past LONGEST_TIMED
+    the longest bucket decides; a forced value is honoured, a wrong one refused by name."""
     from glmtorch import cache, dispatch, kernels
 
     if not kernels.available():
@@ -126,18 +126,23 @@ def test_how_a_long_prefill_attends_is_measured_once_and_kept(monkeypatch, tmp_p
     dispatch.forget()
     cache._in_place_wins.cache_clear()
     timed = []
-    outcome = {64: "in_place", 1024: "in_place", 2048: "gathered"}
+    outcome = {(64, 64): "in_place", (32, 2048): "in_place", (2048, 2048): "gathered"}
     monkeypatch.setattr(cache, "_time_prefill_attention",
-                        lambda dtype, h, kv, d, length: timed.append(length) or outcome[length])
+                        lambda dtype, h, kv, d, new, length: timed.append((new, length)) or outcome[new, length])
+    longest = cache.LONGEST_TIMED
     try:
-        assert cache.prefill_reads_in_place(torch.bfloat16, 16, 2, 64, 40)  # bucket 64
-        assert not cache.prefill_reads_in_place(torch.bfloat16, 16, 2, 64, 3000)  # 1024 in place, 2048 not: 4096 too
-        assert timed == [64, 1024, 2048]
-        assert dispatch.decisions()["prefill attention bfloat16 16 heads over 2 of 64 slots<=2048"] == "gathered"
+        assert cache.prefill_reads_in_place(torch.bfloat16, 16, 2, 64, 40)  # a fresh prompt: (64, 64)
+        assert cache.prefill_reads_in_place(torch.bfloat16, 16, 2, 64, 40, 40)  # the same pair, not timed again
+        assert cache.prefill_reads_in_place(torch.bfloat16, 16, 2, 64, 5000, 30)  # 30 new after 4,970 cached
+        assert not cache.prefill_reads_in_place(torch.bfloat16, 16, 2, 64, 9000)  # a fresh prompt past the longest
+        assert timed == [(64, 64), (32, longest), (longest, longest)]
+        assert dispatch.decisions()[f"prefill attention bfloat16 16 heads over 2 of 64 new<={longest} "
+                                    f"slots<={longest}"] == "gathered"
         dispatch.forget()
         cache._in_place_wins.cache_clear()
-        assert not cache.prefill_reads_in_place(torch.bfloat16, 16, 2, 64, 5000)
-        assert timed == [64, 1024, 2048]  # read from the file
+        assert not cache.prefill_reads_in_place(torch.bfloat16, 16, 2, 64, 3000)
+        assert cache.prefill_reads_in_place(torch.bfloat16, 16, 2, 64, 3000, 17)
+        assert len(timed) == 3  # read from the file
         monkeypatch.setenv("GLMTORCH_PREFILL_ATTENTION", "in_place")
         assert cache.prefill_reads_in_place(torch.bfloat16, 16, 2, 64, 5000)
         monkeypatch.setenv("GLMTORCH_PREFILL_ATTENTION", "sometimes")
@@ -148,10 +153,12 @@ def test_how_a_long_prefill_attends_is_measured_once_and_kept(monkeypatch, tmp_p
         cache._in_place_wins.cache_clear()
 
 
-def test_the_prefill_attention_timing_runs_both_ways():
-    """The measurement itself: both ways run on a pass of PREFILL_PASS_TOKENS tokens and one of them is named."""
+@pytest.mark.parametrize("new, length", [(64, 64), (32, 160)], ids=["fresh", "after-a-prefix"])
+def test_the_prefill_attention_timing_runs_both_ways(new, length):
+    """The measurement itself: both ways run on a pass of PREFILL_PASS_TOKENS new tokens (fresh prompts, and
+    prompts after a cached prefix: the gather counted) and one of them is named."""
     from glmtorch import cache, kernels
 
     if not kernels.available():
         pytest.skip("kernels not built")
-    assert cache._time_prefill_attention(torch.float32, 4, 2, 32, 64) in ("in_place", "gathered")
+    assert cache._time_prefill_attention(torch.float32, 4, 2, 32, new, length) in ("in_place", "gathered")

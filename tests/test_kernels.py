@@ -350,6 +350,63 @@ def test_paged_attention_is_softmax_attention(head_dim, block, dtype):
 
 
 @torch.no_grad()
+# head sizes 16 - 128 and an odd one (48); 3 and 8 query heads per key/value head; 23 tokens a prompt (69 and 184
+# query heads a key/value head: tiles of groups of registers, the last partly padding) and 3 (9 and 24: 9 are too
+# few for a tile, read a row at a time); blocks of 16 and of 5 slots; no mask, a causal one, one with holes
+@pytest.mark.parametrize("head_dim, heads", [(16, 6), (32, 6), (64, 16), (128, 16), (48, 6)])
+@pytest.mark.parametrize("T", [23, 3])
+@pytest.mark.parametrize("block", [16, 5])
+@pytest.mark.parametrize("mask", ["none", "causal", "holes"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prefill_attention_of_prompts_is_softmax_attention(head_dim, heads, T, block, mask, dtype):
+    """paged_prefill_attention (a prefill pass's tokens over a pool, each key and value read once for a tile of
+    tokens) against float64 softmax attention: three prompts of T new tokens after cached prefixes of 0, 9 and 40
+    slots, each token seeing the slots up to its own (given no mask, or the model's mask saying just that) and,
+    with holes, only the ones its mask keeps; the pool is NaN outside the written slots, so a read past a token's
+    visible slots would show."""
+    masked = mask == "holes"
+    g = torch.Generator().manual_seed(11)
+    runs, KV, D = 3, 2, head_dim
+    starts = torch.tensor([0, 9, 40])
+    lasts = starts[:, None] + torch.arange(T)  # (runs, T)
+    L = int(lasts.max()) + 1
+    per_row = -(-L // block)
+    keys = torch.full((runs * per_row + 1, KV, block, D), float("nan"), dtype=dtype)
+    values = keys.clone()
+    table = (torch.randperm(runs * per_row, generator=g) + 1).view(runs, per_row)
+    k_rows = torch.randn(runs, L, KV, D, generator=g).to(dtype)
+    v_rows = torch.randn(runs, L, KV, D, generator=g).to(dtype)
+    holes = torch.rand(runs, L, generator=g) < 0.2  # slots never written (padding), hidden from every token
+    holes[:, 0] = False
+    for r in range(runs):
+        holes[r, starts[r]:] = False
+        for j in range(int(lasts[r, -1]) + 1):
+            if not (masked and holes[r, j]):
+                keys[table[r, j // block], :, j % block] = k_rows[r, j]
+                values[table[r, j // block], :, j % block] = v_rows[r, j]
+    if mask == "none":
+        visible = torch.empty(0, dtype=torch.bool)
+    else:
+        visible = (torch.arange(L) <= lasts[..., None]) & ~(holes[:, None, :] & masked)  # (runs, T, L)
+        visible = visible.reshape(runs * T, L)
+    q = torch.randn(runs, T, heads, D, generator=g)
+    scale = D ** -0.5
+    got = torch.ops.glmtorch_kernels.paged_prefill_attention(q, keys, values, table, lasts, visible, scale)
+    assert got.shape == (runs, T, heads, D)
+    for r in range(runs):
+        for t in range(T):
+            own = int(lasts[r, t])
+            seen = torch.arange(own + 1)
+            if masked:
+                seen = seen[~holes[r, :own + 1]]
+            k = k_rows[r, seen].double().repeat_interleave(heads // KV, 1)  # (S, Q, D)
+            v = v_rows[r, seen].double().repeat_interleave(heads // KV, 1)
+            weights = torch.softmax(torch.einsum("qd,sqd->qs", q[r, t].double(), k) * scale, -1)
+            expected = torch.einsum("qs,sqd->qd", weights, v)
+            assert rel(got[r, t], expected) < 1e-6, (r, t, rel(got[r, t], expected))
+
+
+@torch.no_grad()
 @pytest.mark.parametrize("rows", [1, 3, 40])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("blocks", [False, True])

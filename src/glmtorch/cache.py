@@ -188,72 +188,90 @@ class StaticCache:
 IN_PLACE_MAX_TOKENS = 16  # new tokens per row up to which PagedKVCache.attend always reads the pool in place
 
 
-def prefill_reads_in_place(dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int, length: int) -> bool:
-    """Whether a CPU pass of more than IN_PLACE_MAX_TOKENS new tokens a row, attending `length` slots, reads the
-    pool in place (the decode kernel, one task per query row and key/value head, each reading only the keys up to
-    its own) rather than SDPA's flash kernel on the pass's keys. Measured once per machine and head shape for
-    powers of two of the length (dispatch.json), on prompts of that length filling a pass of 512 tokens. Past 512
-    slots the lengths are measured in turn and the first at which SDPA wins decides every longer one (the kernel
-    has no tiling across queries: its cost per query grows with the length faster than SDPA's; one prompt of 8192
-    tokens would take seconds to time). Here (AMD EPYC, 2 threads, 16 heads over 2 of 64, bf16) in place took
-    2.4 ms against SDPA's 4.9 for 6 prompts of 129 tokens, 6.9 against 7.7 for one of 512, 27 against 25 for one
-    of 1024. GLMTORCH_PREFILL_ATTENTION=in_place|gathered decides without measuring."""
+def prefill_reads_in_place(dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int, length: int,
+                           new_tokens: int | None = None) -> bool:
+    """Whether a CPU pass of `new_tokens` (more than IN_PLACE_MAX_TOKENS) new tokens a row, attending `length`
+    slots (a cached prefix and the new tokens; a fresh prompt when new_tokens is None or equals length), reads the
+    pool in place (paged_prefill_attention: tiles of a prompt's query heads reading each key and value once) rather
+    than SDPA's flash kernel on keys gathered from the pool (a fresh prompt's own keys need no gathering). Measured
+    once per machine, head shape and pair of power-of-two buckets of new tokens and slots (dispatch.json), on a
+    pass of PREFILL_PASS_TOKENS new tokens (at least one prompt) after prefixes filling the slots; past
+    LONGEST_TIMED the longest bucket decides (both ways cost about new tokens x slots there). Here (AMD EPYC Zen 3,
+    2 threads, 16 heads over 2 of 64, fp32): 8 prompts of 30 tokens after 1,500 cached took 15 ms in place against
+    SDPA's 17-22 with the gather; fresh prompts of 4,096 tokens 409 against 274.
+    GLMTORCH_PREFILL_ATTENTION=in_place|gathered decides without measuring."""
     forced = os.environ.get("GLMTORCH_PREFILL_ATTENTION", "").strip().lower()
     if forced:
         if forced not in ATTENTION_READS:
             raise ValueError(f"GLMTORCH_PREFILL_ATTENTION={forced!r}: expected one of {', '.join(ATTENTION_READS)}")
         return forced == "in_place"
-    bucket = 2 * IN_PLACE_MAX_TOKENS
-    while bucket < length:
-        bucket *= 2
-    if bucket <= PREFILL_PASS_TOKENS:
-        return _in_place_wins(dtype, heads, kv_heads, head_dim, bucket)
-    longer = 2 * PREFILL_PASS_TOKENS
-    while _in_place_wins(dtype, heads, kv_heads, head_dim, longer):
-        if longer >= bucket:
-            return True
-        longer *= 2
-    return False
+
+    def bucket(n: int) -> int:
+        size = 2 * IN_PLACE_MAX_TOKENS
+        while size < min(n, LONGEST_TIMED):
+            size *= 2
+        return size
+
+    new = bucket(length if new_tokens is None else new_tokens)
+    return _in_place_wins(dtype, heads, kv_heads, head_dim, new, max(new, bucket(length)))
 
 
-PREFILL_PASS_TOKENS = 512  # the pass prefill_reads_in_place times: this many tokens in prompts of one length
+PREFILL_PASS_TOKENS = 512  # the pass prefill_reads_in_place times: this many new tokens in prompts of one shape
+LONGEST_TIMED = 2048  # slots and new tokens: longer passes take the choice measured for this many (~0.1 s a pass)
 
 
 @functools.lru_cache(maxsize=None)
-def _in_place_wins(dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int, length: int) -> bool:
+def _in_place_wins(dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int, new: int, length: int) -> bool:
     key = f"prefill attention {str(dtype).removeprefix('torch.')} {heads} heads over {kv_heads} of {head_dim} " \
-          f"slots<={length}"
-    return dispatch.decide(key, lambda: _time_prefill_attention(dtype, heads, kv_heads, head_dim, length)) \
+          f"new<={new} slots<={length}"
+    return dispatch.decide(key, lambda: _time_prefill_attention(dtype, heads, kv_heads, head_dim, new, length)) \
         == "in_place"
 
 
-def _time_prefill_attention(dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int, length: int) -> str:
-    """"in_place" or "gathered", whichever attends fresh prompts of `length` tokens (PREFILL_PASS_TOKENS in all,
-    at least one prompt) faster here: random queries, keys and values; the queries' conversions to and from fp32
-    counted, as `attend` makes them."""
+def _time_prefill_attention(dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int, new: int,
+                            length: int) -> str:
+    """"in_place" or "gathered", whichever attends prompts of `new` tokens after `length - new` cached slots
+    (PREFILL_PASS_TOKENS new tokens in all, at least one prompt) faster here, each way as a pass of the model runs
+    it: random queries, keys and values; the queries' conversions to and from fp32 counted, the mask the model
+    gives, and for a cached prefix the gather from the pool that SDPA needs."""
     from .attention import sdpa_attention
 
     g = torch.Generator().manual_seed(0)
-    rows, block = max(1, PREFILL_PASS_TOKENS // length), 16
+    rows, block, start = max(1, PREFILL_PASS_TOKENS // new), 16, length - new
     per_row = -(-length // block)
-    keys, values = (torch.randn(rows * per_row + 1, kv_heads, block, head_dim, generator=g).to(dtype)
+    # the pool's layout: each key/value head's blocks together (PagedKVCache's buffers)
+    keys, values = (torch.randn(kv_heads, rows * per_row + 1, block, head_dim, generator=g).to(dtype).transpose(0, 1)
                     for _ in range(2))
-    table = torch.arange(1, rows * per_row + 1).view(rows, per_row).repeat_interleave(length, 0)
-    last, everywhere = torch.arange(length).repeat(rows), torch.empty(0, dtype=torch.bool)
-    k, v = (t[1:].view(rows, per_row, kv_heads, block, head_dim).transpose(1, 2)
-            .reshape(rows, kv_heads, -1, head_dim)[:, :, :length] for t in (keys, values))
+    table = torch.arange(1, rows * per_row + 1).view(rows, per_row)
+    positions = (start + torch.arange(new)).expand(rows, new)
+    mask = make_attention_mask(positions, length, None) if start else None
+    visible = (mask.expand(rows, 1, new, length).reshape(rows * new, length) if mask is not None
+               else torch.empty(0, dtype=torch.bool))
+    fresh = [torch.randn(rows, kv_heads, length, head_dim, generator=g).to(dtype) for _ in range(2)]  # the pass's own
     scale = head_dim ** -0.5
 
     def in_place(q):
-        flat = q.transpose(1, 2).reshape(rows * length, heads, head_dim).float()
-        return torch.ops.glmtorch_kernels.paged_attention(flat, keys, values, table, last, everywhere, scale).to(dtype)
+        tokens = q.transpose(1, 2).float()
+        return torch.ops.glmtorch_kernels.paged_prefill_attention(tokens, keys, values, table, positions, visible,
+                                                                  scale).to(dtype)
 
     def gathered(q):
-        return sdpa_attention(q, k, v, None, scale)[0]
+        k, v = (gather_blocks(keys, table, length), gather_blocks(values, table, length)) if start else fresh
+        return sdpa_attention(q, k, v, mask, scale)[0]
 
-    q = torch.randn(rows, heads, length, head_dim, generator=g).to(dtype)
-    times = dispatch.time_paths({"in_place": in_place, "gathered": gathered}, length, head_dim, dtype, x=q)
+    q = torch.randn(rows, heads, new, head_dim, generator=g).to(dtype)
+    times = dispatch.time_paths({"in_place": in_place, "gathered": gathered}, new, head_dim, dtype, x=q)
     return min(times, key=times.get)
+
+
+def gather_blocks(buffer: torch.Tensor, table: torch.Tensor, length: int) -> torch.Tensor:
+    """One layer's pool (blocks, KV, block size, D) read through a (B, >= length / block size) table: the first
+    `length` slots of each row, (B, KV, length, D), a copy of whole blocks at a time."""
+    KV, block, D = buffer.shape[1:]
+    used = table[:, :-(-length // block)]
+    by_head = buffer.transpose(0, 1).flatten(2)  # (KV, blocks, block x D), the storage's layout
+    blocks = by_head.index_select(1, used.flatten())
+    return blocks.view(KV, table.shape[0], -1, D).transpose(0, 1)[:, :, :length]  # a view of that copy
 
 
 class PagedKVCache:
@@ -326,14 +344,8 @@ class PagedKVCache:
         self.write(layer_idx, k, v, cache_position)
         if T == self.length and cache_position.dim() == 1:
             return k, v  # a pass over fresh sequences (slots 0..T-1): the keys it attends are its own, no gather
-        used = self.block_table[:, :-(-self.length // self.block_size)]  # (B, n) blocks covering `length` slots
-
-        def gather(buffer: torch.Tensor) -> torch.Tensor:
-            by_head = buffer[layer_idx].transpose(0, 1).flatten(2)  # (KV, blocks, block x D), the storage's layout
-            blocks = by_head.index_select(1, used.flatten())  # one copy, a block's slots at a time
-            return blocks.view(KV, B, -1, D).transpose(0, 1)[:, :, :self.length]  # (B, KV, n x block, D), a view
-
-        return gather(self.key_buffer), gather(self.value_buffer)
+        return (gather_blocks(self.key_buffer[layer_idx], self.block_table, self.length),
+                gather_blocks(self.value_buffer[layer_idx], self.block_table, self.length))
 
     def reads_in_place(self, q: torch.Tensor) -> bool:
         """Whether `attend` takes these queries (B, H, T, D): on a CPU with glmtorch's kernels, a few new tokens a
@@ -342,7 +354,7 @@ class PagedKVCache:
         if q.device.type != "cpu" or not kernels.available():
             return False
         return q.shape[2] <= IN_PLACE_MAX_TOKENS or prefill_reads_in_place(
-            q.dtype, q.shape[1], self.key_buffer.shape[2], q.shape[3], max(self.length, q.shape[2]))
+            q.dtype, q.shape[1], self.key_buffer.shape[2], q.shape[3], max(self.length, q.shape[2]), q.shape[2])
 
     def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                cache_position: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
@@ -351,12 +363,16 @@ class PagedKVCache:
         None for every slot up to each query's own."""
         B, H, T, D = q.shape
         positions = self.write(layer_idx, k, v, cache_position)
-        rows = q.transpose(1, 2).reshape(B * T, H, D).float()
-        table = self.block_table.repeat_interleave(T, 0) if T > 1 else self.block_table
+        tokens = q.transpose(1, 2).float()  # (B, T, H, D)
         visible = (mask.expand(B, 1, T, -1).reshape(B * T, -1) if mask is not None
-                   else rows.new_empty(0, dtype=torch.bool))
-        out = torch.ops.glmtorch_kernels.paged_attention(rows, self.key_buffer[layer_idx], self.value_buffer[layer_idx],
-                                                         table, positions.reshape(-1), visible, scale)
+                   else tokens.new_empty(0, dtype=torch.bool))
+        keys, values = self.key_buffer[layer_idx], self.value_buffer[layer_idx]
+        if T == 1:
+            out = torch.ops.glmtorch_kernels.paged_attention(tokens.reshape(B, H, D), keys, values, self.block_table,
+                                                             positions.reshape(-1), visible, scale)
+        else:  # a row's tokens read each key and value together
+            out = torch.ops.glmtorch_kernels.paged_prefill_attention(tokens, keys, values, self.block_table, positions,
+                                                                     visible, scale)
         return out.view(B, T, H, D).to(q.dtype)
 
     def advance(self, new_tokens: int | torch.Tensor) -> None:

@@ -22,8 +22,9 @@ Products of 128 rows or more (prefill) may also reorder a plain weight into that
 (`packed_per_call`), or into the kernels' blocks of 16 rows (`blocks_per_call`), where that beats the library's
 product on the plain weight even counting the reorder.
 
-How a CPU prefill attends over the paged KV cache (reading the pool in place with the decode kernel, or SDPA on
-the pass's keys) is kept in the same table, measured by glmtorch.cache.prefill_reads_in_place.
+How a CPU prefill attends over the paged KV cache (reading the pool in place, tiles of a prompt's query heads
+reading each key once, or SDPA on keys gathered from it) is kept in the same table, per pair of buckets of new
+tokens and attended slots, measured by glmtorch.cache.prefill_reads_in_place.
 
 GLMTORCH_LINEAR_PATH=kernel|library|widen_fp32|widen_bf16|amx|packed_per_call|blocks_per_call forces a path
 wherever the layer offers it (a packed layer offers only `packed`, one in blocks of 16 rows only `blocks`;
