@@ -2,7 +2,12 @@
 the paged cache and in-place prefill share): q rows x heads / kv heads x head size over a pool of 16-slot blocks,
 every row attending all its slots; median of 7 x 20 calls, the threads torch has. --pools N cycles through N pools
 (one per layer, as a decode step reads them): 6 of the demo model's case are ~31 MB, past a 32 MiB L3 with the rest.
-    python scripts/bench_paged_attention.py [--pools 6]"""
+    python scripts/bench_paged_attention.py [--pools 6]
+--prefill times prompts' passes instead (paged_prefill_attention, the tiles a prefill after a cached prefix reads
+in place) beside the same queries a row at a time (paged_attention) and SDPA on keys gathered from the pool (the
+gather counted, as PagedKVCache.update makes it): runs x new tokens after a prefix of cached slots, median of 7
+rounds that run the three in turn.
+    python scripts/bench_paged_attention.py --prefill"""
 
 import argparse
 import statistics
@@ -13,6 +18,10 @@ import torch
 from glmtorch import cpuinfo, kernels
 
 CASES = [(64, 6, 2, 32, 160), (16, 32, 2, 128, 512), (64, 16, 2, 64, 200), (1, 6, 2, 32, 160)]
+# runs, new tokens, cached slots before them, heads, kv heads, head size: the demo burst's prefill after its prompts'
+# cached blocks, 8 questions after a 1,500-token shared preamble ("small"), a 4K prompt's later chunks, fresh prompts
+PREFILL_CASES = [(64, 15, 128, 6, 2, 32), (8, 30, 1500, 16, 2, 64), (1, 512, 1024, 16, 2, 64),
+                 (1, 512, 3584, 16, 2, 64), (4, 128, 0, 16, 2, 64), (1, 512, 1024, 32, 2, 128)]
 
 
 def time_case(rows: int, heads: int, kv_heads: int, head_dim: int, slots: int, dtype: torch.dtype,
@@ -43,14 +52,63 @@ def time_case(rows: int, heads: int, kv_heads: int, head_dim: int, slots: int, d
     return statistics.median(times)
 
 
+def time_prefill(runs: int, new: int, start: int, heads: int, kv_heads: int, head_dim: int,
+                 dtype: torch.dtype) -> dict[str, float]:
+    """Median seconds of one pass each way: tiles, a row at a time, SDPA on the gathered keys."""
+    from glmtorch.attention import sdpa_attention
+    from glmtorch.cache import gather_blocks, make_attention_mask
+
+    g = torch.Generator().manual_seed(0)
+    length, block = start + new, 16
+    per_row = -(-length // block)
+    keys, values = (torch.randn(kv_heads, runs * per_row + 1, block, head_dim, generator=g).to(dtype)
+                    .transpose(0, 1) for _ in range(2))  # the pool's layout (PagedKVCache)
+    table = (torch.randperm(runs * per_row, generator=g) + 1).view(runs, per_row)
+    positions = (start + torch.arange(new)).expand(runs, new)
+    q = torch.randn(runs, new, heads, head_dim, generator=g)
+    everywhere, scale = torch.empty(0, dtype=torch.bool), head_dim ** -0.5
+    mask = make_attention_mask(positions, length, None)
+    ops = torch.ops.glmtorch_kernels
+
+    def gathered():
+        k, v = gather_blocks(keys, table, length), gather_blocks(values, table, length)
+        return sdpa_attention(q.transpose(1, 2).to(dtype), k, v, mask, scale)[0]
+
+    ways = {"tiles": lambda: ops.paged_prefill_attention(q, keys, values, table, positions, everywhere, scale),
+            "row at a time": lambda: ops.paged_attention(q.reshape(-1, heads, head_dim), keys, values,
+                                                         table.repeat_interleave(new, 0), positions.reshape(-1),
+                                                         everywhere, scale),
+            "SDPA, gathered": gathered}
+    for run in ways.values():
+        run()
+    times = {name: [] for name in ways}
+    for _ in range(7):  # the ways in turn, so that a slow stretch of a shared machine hits each alike
+        for name, run in ways.items():
+            began = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - began)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--pools", type=int, default=1, help="pools to cycle through (default 1)")
-    pools = max(1, parser.parse_args().pools)
+    parser.add_argument("--prefill", action="store_true", help="time prompts' passes (see above)")
+    args = parser.parse_args()
+    pools = max(1, args.pools)
     if not kernels.available():
         raise SystemExit("the kernels could not be built here (a C++ compiler is needed)")
     cpu = cpuinfo.cpu_description()
     print(f"CPU: {cpu['model']} ({' '.join(cpu['flags'])}), {torch.get_num_threads()} threads, {pools} pool(s)")
+    if args.prefill:
+        for runs, new, start, heads, kv_heads, head_dim in PREFILL_CASES:
+            dtype = torch.bfloat16 if head_dim == 128 else torch.float32
+            times = time_prefill(runs, new, start, heads, kv_heads, head_dim, dtype)
+            flops = 4 * runs * new * heads * (start + (new + 1) / 2) * head_dim  # each token: its visible slots
+            print(f"{runs:2d} x {new:3d} new after {start:4d}, {heads}/{kv_heads} x {head_dim:3d}, "
+                  f"{str(dtype)[6:]:8s}: " + ", ".join(f"{name} {t * 1e3:.2f} ms ({flops / t / 1e9:.0f} GFLOPS)"
+                                                       for name, t in times.items()))
+        return
     for dtype in (torch.float32, torch.bfloat16):
         for rows, heads, kv_heads, head_dim, slots in CASES:
             seconds = time_case(rows, heads, kv_heads, head_dim, slots, dtype, pools=pools)
