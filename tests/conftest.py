@@ -160,3 +160,28 @@ def chat_checkpoint(tmp_path_factory, tokenizer_dir):
     for name in os.listdir(tokenizer_dir):
         shutil.copy(tokenizer_dir / name, path / name)
     return model, path
+
+
+@pytest.fixture
+def timed_prefill_attention(monkeypatch, tmp_path):
+    """A fresh dispatch table, and how prefill passes attend 'timed' by a stand-in: yields (calls, outcome), calls
+    the (heads, kv heads, head size, new tokens, slots) of every timing asked for, outcome a dict (new tokens,
+    slots) -> "in_place" | "gathered" the test may fill ("in_place" where it says nothing)."""
+    from glmtorch import cache, dispatch, kernels
+
+    if not kernels.available():
+        pytest.skip("kernels not built")
+    monkeypatch.setenv("GLMTORCH_DISPATCH_CACHE", str(tmp_path / "dispatch.json"))
+    monkeypatch.delenv("GLMTORCH_PREFILL_ATTENTION", raising=False)
+    dispatch.forget()
+    cache._in_place_wins.cache_clear()
+    calls, outcome = [], {}
+
+    def timed(dtype, heads, kv_heads, head_dim, new, length):
+        calls.append((heads, kv_heads, head_dim, new, length))
+        return outcome.get((new, length), "in_place")
+
+    monkeypatch.setattr(cache, "_time_prefill_attention", timed)
+    yield calls, outcome
+    dispatch.forget()
+    cache._in_place_wins.cache_clear()

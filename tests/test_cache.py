@@ -113,44 +113,32 @@ def test_a_long_prefill_read_in_place_equals_the_gathered_one(tmp_path, monkeypa
     assert rel_err(results[0], results[1]) < (1e-5 if dtype == torch.float32 else 2e-2)
 
 
-def test_how_a_long_prefill_attends_is_measured_once_and_kept(monkeypatch, tmp_path):
+def test_how_a_long_prefill_attends_is_measured_once_and_kept(timed_prefill_attention, monkeypatch):
     """The choice between reading in place and gathering is timed once per head shape and pair of buckets (new
     tokens, slots), and kept in the dispatch table (a new process reads it, measuring nothing); past LONGEST_TIMED
     the longest bucket decides; a forced value is honoured, a wrong one refused by name."""
-    from glmtorch import cache, dispatch, kernels
+    from glmtorch import cache, dispatch
 
-    if not kernels.available():
-        pytest.skip("kernels not built")
-    monkeypatch.setenv("GLMTORCH_DISPATCH_CACHE", str(tmp_path / "dispatch.json"))
-    monkeypatch.delenv("GLMTORCH_PREFILL_ATTENTION", raising=False)
+    calls, outcome = timed_prefill_attention
+    longest = cache.LONGEST_TIMED
+    outcome[longest, longest] = "gathered"
+    assert cache.prefill_reads_in_place(torch.bfloat16, 16, 2, 64, 40)  # a fresh prompt: (64, 64)
+    assert cache.prefill_reads_in_place(torch.bfloat16, 16, 2, 64, 40, 40)  # the same pair, not timed again
+    assert cache.prefill_reads_in_place(torch.bfloat16, 16, 2, 64, 5000, 30)  # 30 new after 4,970 cached
+    assert not cache.prefill_reads_in_place(torch.bfloat16, 16, 2, 64, 9000)  # a fresh prompt past the longest
+    assert [c[3:] for c in calls] == [(64, 64), (32, longest), (longest, longest)]
+    assert dispatch.decisions()[f"prefill attention bfloat16 16 heads over 2 of 64 new<={longest} "
+                                f"slots<={longest}"] == "gathered"
     dispatch.forget()
     cache._in_place_wins.cache_clear()
-    timed = []
-    outcome = {(64, 64): "in_place", (32, 2048): "in_place", (2048, 2048): "gathered"}
-    monkeypatch.setattr(cache, "_time_prefill_attention",
-                        lambda dtype, h, kv, d, new, length: timed.append((new, length)) or outcome[new, length])
-    longest = cache.LONGEST_TIMED
-    try:
-        assert cache.prefill_reads_in_place(torch.bfloat16, 16, 2, 64, 40)  # a fresh prompt: (64, 64)
-        assert cache.prefill_reads_in_place(torch.bfloat16, 16, 2, 64, 40, 40)  # the same pair, not timed again
-        assert cache.prefill_reads_in_place(torch.bfloat16, 16, 2, 64, 5000, 30)  # 30 new after 4,970 cached
-        assert not cache.prefill_reads_in_place(torch.bfloat16, 16, 2, 64, 9000)  # a fresh prompt past the longest
-        assert timed == [(64, 64), (32, longest), (longest, longest)]
-        assert dispatch.decisions()[f"prefill attention bfloat16 16 heads over 2 of 64 new<={longest} "
-                                    f"slots<={longest}"] == "gathered"
-        dispatch.forget()
-        cache._in_place_wins.cache_clear()
-        assert not cache.prefill_reads_in_place(torch.bfloat16, 16, 2, 64, 3000)
-        assert cache.prefill_reads_in_place(torch.bfloat16, 16, 2, 64, 3000, 17)
-        assert len(timed) == 3  # read from the file
-        monkeypatch.setenv("GLMTORCH_PREFILL_ATTENTION", "in_place")
-        assert cache.prefill_reads_in_place(torch.bfloat16, 16, 2, 64, 5000)
-        monkeypatch.setenv("GLMTORCH_PREFILL_ATTENTION", "sometimes")
-        with pytest.raises(ValueError, match="GLMTORCH_PREFILL_ATTENTION='sometimes'"):
-            cache.prefill_reads_in_place(torch.bfloat16, 16, 2, 64, 40)
-    finally:
-        dispatch.forget()
-        cache._in_place_wins.cache_clear()
+    assert not cache.prefill_reads_in_place(torch.bfloat16, 16, 2, 64, 3000)
+    assert cache.prefill_reads_in_place(torch.bfloat16, 16, 2, 64, 3000, 17)
+    assert len(calls) == 3  # read from the file
+    monkeypatch.setenv("GLMTORCH_PREFILL_ATTENTION", "in_place")
+    assert cache.prefill_reads_in_place(torch.bfloat16, 16, 2, 64, 5000)
+    monkeypatch.setenv("GLMTORCH_PREFILL_ATTENTION", "sometimes")
+    with pytest.raises(ValueError, match="GLMTORCH_PREFILL_ATTENTION='sometimes'"):
+        cache.prefill_reads_in_place(torch.bfloat16, 16, 2, 64, 40)
 
 
 @pytest.mark.parametrize("new, length", [(64, 64), (32, 160)], ids=["fresh", "after-a-prefix"])

@@ -478,6 +478,30 @@ def test_compiled_engine_steps_any_row_count_with_one_graph(chat_checkpoint, mon
         engine.stop()
 
 
+def test_warm_up_makes_the_prefill_attention_choices(chat_checkpoint, timed_prefill_attention):
+    """warm_up measures how prefill passes attend for every pair of buckets (new tokens, slots) the engine's passes
+    can meet, with the model's head shape, so that no served pass stops to time one; a later pass measures
+    nothing."""
+    from glmtorch import cache
+
+    calls, _ = timed_prefill_attention
+    _, path = chat_checkpoint
+    model = glmtorch.AutoModelForCausalLM.from_pretrained(path)
+    engine = build_engine(model, glmtorch.AutoTokenizer.from_pretrained(path), max_num_seqs=2, max_queue=4,
+                          max_context=200)
+    try:
+        warm_up(engine)
+        c = model.config
+        shape = (c.num_attention_heads, c.num_key_value_heads, c.head_dim)
+        assert sorted(calls) == sorted(shape + (new, slots) for new in (32, 64, 128, 256)
+                                       for slots in (32, 64, 128, 256) if new <= slots)
+        count = len(calls)
+        assert cache.prefill_reads_in_place(torch.float32, *shape, 190, 100)  # (128, 256): decided at warm-up
+        assert len(calls) == count
+    finally:
+        engine.stop()
+
+
 def test_engine_runs_in_the_callers_thread(chat_checkpoint):
     """Engine(thread=False): `glmtorch serve` runs the loop in the main thread (OpenMP is several times quicker to
     start a parallel region there); run(until_idle=True) serves what is queued and returns, stop() ends the rest."""

@@ -205,15 +205,16 @@ def prefill_reads_in_place(dtype: torch.dtype, heads: int, kv_heads: int, head_d
         if forced not in ATTENTION_READS:
             raise ValueError(f"GLMTORCH_PREFILL_ATTENTION={forced!r}: expected one of {', '.join(ATTENTION_READS)}")
         return forced == "in_place"
+    new = _bucket(length if new_tokens is None else new_tokens)
+    return _in_place_wins(dtype, heads, kv_heads, head_dim, new, max(new, _bucket(length)))
 
-    def bucket(n: int) -> int:
-        size = 2 * IN_PLACE_MAX_TOKENS
-        while size < min(n, LONGEST_TIMED):
-            size *= 2
-        return size
 
-    new = bucket(length if new_tokens is None else new_tokens)
-    return _in_place_wins(dtype, heads, kv_heads, head_dim, new, max(new, bucket(length)))
+def _bucket(n: int) -> int:
+    """The power of two (32 to LONGEST_TIMED) whose measured choice a pass of n new tokens or slots takes."""
+    size = 2 * IN_PLACE_MAX_TOKENS
+    while size < min(n, LONGEST_TIMED):
+        size *= 2
+    return size
 
 
 PREFILL_PASS_TOKENS = 512  # the pass prefill_reads_in_place times: this many new tokens in prompts of one shape
@@ -355,6 +356,24 @@ class PagedKVCache:
             return False
         return q.shape[2] <= IN_PLACE_MAX_TOKENS or prefill_reads_in_place(
             q.dtype, q.shape[1], self.key_buffer.shape[2], q.shape[3], max(self.length, q.shape[2]), q.shape[2])
+
+    def decide_prefill_attention(self, heads: int, longest_pass: int, longest_context: int) -> None:
+        """Make now every choice prefill_reads_in_place can be asked for by passes of up to `longest_pass` new
+        tokens a row over up to `longest_context` slots, for `heads` query heads in the pool's dtype: one measured
+        inside a served pass held every other stream up while it was timed (a pair of 2,048-token buckets takes ~1
+        s; a 4,000-token prompt's chunks under load on "small" had a 3.0 s gap where the measured ones had 1.3).
+        Choices this machine measured before are read from dispatch.json."""
+        if self.key_buffer.device.type != "cpu" or not kernels.available():
+            return
+
+        kv_heads, head_dim = self.key_buffer.shape[2], self.key_buffer.shape[4]
+        new = 2 * IN_PLACE_MAX_TOKENS
+        while new <= _bucket(min(longest_pass, longest_context)):
+            slots = new
+            while slots <= _bucket(longest_context):
+                prefill_reads_in_place(self.key_buffer.dtype, heads, kv_heads, head_dim, slots, new)
+                slots *= 2
+            new *= 2
 
     def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                cache_position: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:

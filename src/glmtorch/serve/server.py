@@ -10,6 +10,7 @@ import sys
 import threading
 
 from ..fastpath import pack_weights
+from ..modeling import Attention
 from .app import create_app
 from .engine import MAX_NUM_SEQS, Engine, Request, SamplingParams, default_kv_cache_memory
 
@@ -78,7 +79,12 @@ PACK_ROWS = 64  # the batch the weights' layout is chosen for: beyond, a 2-core 
 
 def warm_up(engine: Engine) -> None:
     """Run tiny requests so the compiled decode steps exist before the first client arrives: one alone (the
-    one-row step), then two together (the step for any larger batch, whose row count is dynamic)."""
+    one-row step), then two together (the step for any larger batch, whose row count is dynamic); and make the
+    measured choices of how prefill passes attend (PagedKVCache.decide_prefill_attention) before any stream waits
+    on them."""
+    attention = next(m for m in engine.model.modules() if isinstance(m, Attention))
+    engine.cache.decide_prefill_attention(attention.qkv_sizes[0] // attention.head_dim, engine.prefill_tokens,
+                                          engine.context)
     for batch in (1, 2) if engine.max_num_seqs > 1 else (1,):
         done = [threading.Event() for _ in range(batch)]
         for d in done:
