@@ -480,17 +480,20 @@ def test_compiled_engine_steps_any_row_count_with_one_graph(chat_checkpoint, mon
 
 def test_warm_up_makes_the_prefill_attention_choices(chat_checkpoint, timed_prefill_attention):
     """warm_up measures how prefill passes attend for every pair of buckets (new tokens, slots) the engine's passes
-    can meet, with the model's head shape, so that no served pass stops to time one; a later pass measures
-    nothing."""
+    can meet, with the model's head shape, so that no served pass stops to time one (a later pass measures
+    nothing), and which batches the fused decode step runs, for every row bucket up to max_num_seqs."""
     from glmtorch import cache
+    from glmtorch.fastpath import FusedDecodeStep
 
     calls, _ = timed_prefill_attention
     _, path = chat_checkpoint
     model = glmtorch.AutoModelForCausalLM.from_pretrained(path)
-    engine = build_engine(model, glmtorch.AutoTokenizer.from_pretrained(path), max_num_seqs=2, max_queue=4,
+    engine = build_engine(model, glmtorch.AutoTokenizer.from_pretrained(path), max_num_seqs=4, max_queue=4,
                           max_context=200)
     try:
         warm_up(engine)
+        assert isinstance(engine.step_fn, FusedDecodeStep)
+        assert {2, 4} <= set(engine.step_fn.kernels_win) and 8 not in engine.step_fn.kernels_win
         c = model.config
         shape = (c.num_attention_heads, c.num_key_value_heads, c.head_dim)
         assert sorted(calls) == sorted(shape + (new, slots) for new in (32, 64, 128, 256)

@@ -541,6 +541,15 @@ class FusedDecodeStep:
                              None if self.head_outside else logits)
         return model.lm_head(out.to(model.dtype)) if self.head_outside else out
 
+    def decide_batches(self, model, rows: int) -> None:
+        """Make now, for every row bucket up to `rows`, the measured choice between this step and the layers
+        (_kernels_win): where it times whole steps, a served batch that first reached 128 or 256 rows waited for it
+        (10 and 16 s for "small" fp32 on a machine's first start, AMD EPYC Zen 3). Kept in dispatch.json."""
+        self._ensure_plan(model)
+        for bucket in dispatch.BUCKETS:
+            if 1 < bucket <= min(rows, self.max_rows):
+                self._kernels_win(model, bucket)
+
     def _kernels_win(self, model, rows: int) -> bool:
         """Whether the fused step is the faster way to run this many rows (batch 1: always, that is what the plan
         is for). Where the kernels are the measured choice for every matrix, yes; where the library wins some (a

@@ -9,7 +9,7 @@ import socket
 import sys
 import threading
 
-from ..fastpath import pack_weights
+from ..fastpath import FusedDecodeStep, pack_weights
 from ..modeling import Attention
 from .app import create_app
 from .engine import MAX_NUM_SEQS, Engine, Request, SamplingParams, default_kv_cache_memory
@@ -80,11 +80,13 @@ PACK_ROWS = 64  # the batch the weights' layout is chosen for: beyond, a 2-core 
 def warm_up(engine: Engine) -> None:
     """Run tiny requests so the compiled decode steps exist before the first client arrives: one alone (the
     one-row step), then two together (the step for any larger batch, whose row count is dynamic); and make the
-    measured choices of how prefill passes attend (PagedKVCache.decide_prefill_attention) before any stream waits
-    on them."""
+    measured choices that time whole passes (how prefill passes attend, PagedKVCache.decide_prefill_attention;
+    which batches the fused decode step runs, FusedDecodeStep.decide_batches) before any stream waits on them."""
     attention = next(m for m in engine.model.modules() if isinstance(m, Attention))
     engine.cache.decide_prefill_attention(attention.qkv_sizes[0] // attention.head_dim, engine.prefill_tokens,
                                           engine.context)
+    if isinstance(engine.step_fn, FusedDecodeStep):
+        engine.step_fn.decide_batches(engine.model, engine.max_num_seqs)
     for batch in (1, 2) if engine.max_num_seqs > 1 else (1,):
         done = [threading.Event() for _ in range(batch)]
         for d in done:
@@ -149,7 +151,8 @@ def serve(model_path: str | None = None, host: str = "127.0.0.1", port: int = 80
         return
     if model_path is None:
         print("glmtorch: no MODEL given, serving the built-in demo model", file=sys.stderr)
-    print("glmtorch: warming up...", file=sys.stderr, flush=True)
+    print("glmtorch: warming up (on this machine's first start, timing which ways run fastest here: a minute or "
+          "more, once)...", file=sys.stderr, flush=True)
     warm_up(engine)
     app = create_app(engine, tokenizer, name, api_key, **({"max_body_bytes": max_body_bytes} if max_body_bytes else {}))
     freeze_startup_objects()
