@@ -379,9 +379,10 @@ using glmtorch_kernels_math::ints;
 // of the tile scores each key and weighs in each value (the softmax kept online: a running maximum and sum per
 // query, the sums so far rescaled when the maximum grows). A group's queries are the lanes of its registers, so a
 // score is a sum of broadcast key elements times registers of queries, with no horizontal sums. One task per query
-// row, as the decode kernel attends (attend_cached), read the whole prefix again for every token of the prompt and
-// took the demo model's prefill of 15 tokens a prompt after 128 cached ones at ~60 GFLOPS (AMD EPYC Zen 3).
-constexpr int TILE_VECTORS = 3, TILE_GROUPS = 4, KEY_BLOCK = EXP_LANES == 16 ? 8 : 4;  // 12 sums in registers
+// row, as the decode kernel attends (attend_cached), read the whole prefix again for every token of the prompt:
+// 1.2-1.7x slower (scripts/bench_paged_attention.py --prefill, AMD EPYC Zen 3). Sums in registers: KEY_BLOCK x
+// TILE_VECTORS, 12 of AVX2's 16 (other blockings, 3 x 4 to 2 x 5, did no better), 24 of AVX-512's 32.
+constexpr int TILE_VECTORS = 3, TILE_GROUPS = 4, KEY_BLOCK = EXP_LANES == 16 ? 8 : 4;
 constexpr int64_t GROUP_LANES = TILE_VECTORS * EXP_LANES, TILE_LANES = TILE_GROUPS * GROUP_LANES;
 constexpr int64_t PASS_BYTES = 16384;
 
