@@ -481,7 +481,8 @@ def test_compiled_engine_steps_any_row_count_with_one_graph(chat_checkpoint, mon
 def test_warm_up_makes_the_prefill_attention_choices(chat_checkpoint, timed_prefill_attention):
     """warm_up measures how prefill passes attend for every pair of buckets (new tokens, slots) the engine's passes
     can meet, with the model's head shape, so that no served pass stops to time one (a later pass measures
-    nothing), and which batches the fused decode step runs, for every row bucket up to max_num_seqs."""
+    nothing), and which batches the fused decode step runs, for every row bucket up to max_num_seqs (within a time
+    budget)."""
     from glmtorch import cache
     from glmtorch.fastpath import FusedDecodeStep
 
@@ -494,6 +495,11 @@ def test_warm_up_makes_the_prefill_attention_choices(chat_checkpoint, timed_pref
         warm_up(engine)
         assert isinstance(engine.step_fn, FusedDecodeStep)
         assert {2, 4} <= set(engine.step_fn.kernels_win) and 8 not in engine.step_fn.kernels_win
+        engine.step_fn.kernels_win.clear()  # past its time budget, no bucket is begun
+        engine.step_fn.decide_batches(model, 8, seconds=0)
+        assert not engine.step_fn.kernels_win
+        engine.step_fn.decide_batches(model, 8)
+        assert set(engine.step_fn.kernels_win) == {2, 4, 8}
         c = model.config
         shape = (c.num_attention_heads, c.num_key_value_heads, c.head_dim)
         assert sorted(calls) == sorted(shape + (new, slots) for new in (32, 64, 128, 256)

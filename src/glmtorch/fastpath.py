@@ -541,13 +541,16 @@ class FusedDecodeStep:
                              None if self.head_outside else logits)
         return model.lm_head(out.to(model.dtype)) if self.head_outside else out
 
-    def decide_batches(self, model, rows: int) -> None:
+    def decide_batches(self, model, rows: int, seconds: float = 60.0) -> None:
         """Make now, for every row bucket up to `rows`, the measured choice between this step and the layers
         (_kernels_win): where it times whole steps, a served batch that first reached 128 or 256 rows waited for it
-        (10 and 16 s for "small" fp32 on a machine's first start, AMD EPYC Zen 3). Kept in dispatch.json."""
+        (10 and 16 s for "small" fp32 on a machine's first start, AMD EPYC Zen 3). Kept in dispatch.json. Smaller
+        buckets first, none begun after `seconds`: a model many times "small" (a 9B on two cores) would take
+        minutes for its largest batches, which are then decided when a batch first needs them, as before."""
         self._ensure_plan(model)
+        began = time.perf_counter()
         for bucket in dispatch.BUCKETS:
-            if 1 < bucket <= min(rows, self.max_rows):
+            if 1 < bucket <= min(rows, self.max_rows) and time.perf_counter() - began < seconds:
                 self._kernels_win(model, bucket)
 
     def _kernels_win(self, model, rows: int) -> bool:
