@@ -54,40 +54,20 @@ def time_case(rows: int, heads: int, kv_heads: int, head_dim: int, slots: int, d
 
 def time_prefill(runs: int, new: int, start: int, heads: int, kv_heads: int, head_dim: int,
                  dtype: torch.dtype) -> dict[str, float]:
-    """Median seconds of one pass each way: tiles, a row at a time, SDPA on the gathered keys."""
-    from glmtorch.attention import sdpa_attention
-    from glmtorch.cache import gather_blocks, make_attention_mask
+    """Median seconds of one pass each way (glmtorch.cache.prefill_attention_ways)."""
+    from glmtorch.cache import prefill_attention_ways
 
-    g = torch.Generator().manual_seed(0)
-    length, block = start + new, 16
-    per_row = -(-length // block)
-    keys, values = (torch.randn(kv_heads, runs * per_row + 1, block, head_dim, generator=g).to(dtype)
-                    .transpose(0, 1) for _ in range(2))  # the pool's layout (PagedKVCache)
-    table = (torch.randperm(runs * per_row, generator=g) + 1).view(runs, per_row)
-    positions = (start + torch.arange(new)).expand(runs, new)
-    q = torch.randn(runs, new, heads, head_dim, generator=g)
-    everywhere, scale = torch.empty(0, dtype=torch.bool), head_dim ** -0.5
-    mask = make_attention_mask(positions, length, None)
-    ops = torch.ops.glmtorch_kernels
-
-    def gathered():
-        k, v = gather_blocks(keys, table, length), gather_blocks(values, table, length)
-        return sdpa_attention(q.transpose(1, 2).to(dtype), k, v, mask, scale)[0]
-
-    ways = {"tiles": lambda: ops.paged_prefill_attention(q, keys, values, table, positions, everywhere, scale),
-            "row at a time": lambda: ops.paged_attention(q.reshape(-1, heads, head_dim), keys, values,
-                                                         table.repeat_interleave(new, 0), positions.reshape(-1),
-                                                         everywhere, scale),
-            "SDPA, gathered": gathered}
+    q, ways = prefill_attention_ways(dtype, heads, kv_heads, head_dim, runs, new, start + new)
+    names = {"in_place": "tiles", "row_at_a_time": "row at a time", "gathered": "SDPA, gathered"}
     for run in ways.values():
-        run()
+        run(q)
     times = {name: [] for name in ways}
     for _ in range(7):  # the ways in turn, so that a slow stretch of a shared machine hits each alike
         for name, run in ways.items():
             began = time.perf_counter()
-            run()
+            run(q)
             times[name].append(time.perf_counter() - began)
-    return {name: statistics.median(t) for name, t in times.items()}
+    return {names[name]: statistics.median(times[name]) for name in names}
 
 
 def main() -> None:

@@ -150,3 +150,17 @@ def test_the_prefill_attention_timing_runs_both_ways(new, length):
     if not kernels.available():
         pytest.skip("kernels not built")
     assert cache._time_prefill_attention(torch.float32, 4, 2, 32, new, length) in ("in_place", "gathered")
+
+
+@pytest.mark.parametrize("new, length", [(64, 64), (32, 160)], ids=["fresh", "after-a-prefix"])
+def test_the_ways_a_prefill_pass_attends_agree(new, length):
+    """What the measurement (and bench_paged_attention --prefill) times: the tiles, SDPA on the gathered keys and
+    the row-at-a-time kernel give the same attention (fp32 < 1e-5)."""
+    from glmtorch import cache, kernels
+
+    if not kernels.available():
+        pytest.skip("kernels not built")
+    q, ways = cache.prefill_attention_ways(torch.float32, 8, 2, 32, 3, new, length)
+    out = {name: way(q) for name, way in ways.items()}
+    assert rel_err(out["in_place"], out["gathered"]) < 1e-5
+    assert rel_err(out["row_at_a_time"], out["gathered"]) < 1e-5

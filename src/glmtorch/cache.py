@@ -232,37 +232,52 @@ def _in_place_wins(dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int,
 def _time_prefill_attention(dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int, new: int,
                             length: int) -> str:
     """"in_place" or "gathered", whichever attends prompts of `new` tokens after `length - new` cached slots
-    (PREFILL_PASS_TOKENS new tokens in all, at least one prompt) faster here, each way as a pass of the model runs
-    it: random queries, keys and values; the queries' conversions to and from fp32 counted, the mask the model
-    gives, and for a cached prefix the gather from the pool that SDPA needs."""
+    (PREFILL_PASS_TOKENS new tokens in all, at least one prompt) faster here (prefill_attention_ways)."""
+    q, ways = prefill_attention_ways(dtype, heads, kv_heads, head_dim, max(1, PREFILL_PASS_TOKENS // new), new,
+                                     length)
+    times = dispatch.time_paths({name: ways[name] for name in ATTENTION_READS}, new, head_dim, dtype, x=q)
+    return min(times, key=times.get)
+
+
+def prefill_attention_ways(dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int, rows: int, new: int,
+                           length: int) -> tuple[torch.Tensor, dict]:
+    """Queries (rows, heads, new, D) of `rows` prompts of `new` tokens after `length - new` cached slots, in a pool
+    of scattered 16-slot blocks, and the ways a pass of the model can attend them, each as the pass runs it (the
+    queries' conversions to and from fp32, the model's mask, and for a cached prefix the gather SDPA needs):
+    "in_place" (paged_prefill_attention's tiles), "gathered" (SDPA) and, for comparison, "row_at_a_time" (the
+    decode kernel, a task per token: what in place was before the tiles), each giving (rows, new, heads, D).
+    Random values."""
     from .attention import sdpa_attention
 
     g = torch.Generator().manual_seed(0)
-    rows, block, start = max(1, PREFILL_PASS_TOKENS // new), 16, length - new
+    block, start = 16, length - new
     per_row = -(-length // block)
     # the pool's layout: each key/value head's blocks together (PagedKVCache's buffers)
     keys, values = (torch.randn(kv_heads, rows * per_row + 1, block, head_dim, generator=g).to(dtype).transpose(0, 1)
                     for _ in range(2))
-    table = torch.arange(1, rows * per_row + 1).view(rows, per_row)
+    table = (torch.randperm(rows * per_row, generator=g) + 1).view(rows, per_row)
     positions = (start + torch.arange(new)).expand(rows, new)
     mask = make_attention_mask(positions, length, None) if start else None
     visible = (mask.expand(rows, 1, new, length).reshape(rows * new, length) if mask is not None
                else torch.empty(0, dtype=torch.bool))
-    fresh = [torch.randn(rows, kv_heads, length, head_dim, generator=g).to(dtype) for _ in range(2)]  # the pass's own
-    scale = head_dim ** -0.5
+    own = [gather_blocks(t, table, length) for t in (keys, values)]  # a fresh pass's keys: its own, no gather
+    scale, ops = head_dim ** -0.5, torch.ops.glmtorch_kernels
 
     def in_place(q):
         tokens = q.transpose(1, 2).float()
-        return torch.ops.glmtorch_kernels.paged_prefill_attention(tokens, keys, values, table, positions, visible,
-                                                                  scale).to(dtype)
+        return ops.paged_prefill_attention(tokens, keys, values, table, positions, visible, scale).to(dtype)
+
+    def row_at_a_time(q):
+        tokens = q.transpose(1, 2).reshape(rows * new, heads, head_dim).float()
+        return ops.paged_attention(tokens, keys, values, table.repeat_interleave(new, 0), positions.reshape(-1),
+                                   visible, scale).view(rows, new, heads, head_dim).to(dtype)
 
     def gathered(q):
-        k, v = (gather_blocks(keys, table, length), gather_blocks(values, table, length)) if start else fresh
+        k, v = (gather_blocks(keys, table, length), gather_blocks(values, table, length)) if start else own
         return sdpa_attention(q, k, v, mask, scale)[0]
 
     q = torch.randn(rows, heads, new, head_dim, generator=g).to(dtype)
-    times = dispatch.time_paths({"in_place": in_place, "gathered": gathered}, new, head_dim, dtype, x=q)
-    return min(times, key=times.get)
+    return q, {"in_place": in_place, "gathered": gathered, "row_at_a_time": row_at_a_time}
 
 
 def gather_blocks(buffer: torch.Tensor, table: torch.Tensor, length: int) -> torch.Tensor:
@@ -341,7 +356,7 @@ class PagedKVCache:
     def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor, cache_position: torch.Tensor):
         """Write k, v (B, KV, T, D); returns the layer's (B, KV, length, D) keys and values gathered from the
         blocks (a copy: `attend` reads them in place where it can), or k, v themselves where they are all of it."""
-        B, KV, T, D = k.shape
+        T = k.shape[2]
         self.write(layer_idx, k, v, cache_position)
         if T == self.length and cache_position.dim() == 1:
             return k, v  # a pass over fresh sequences (slots 0..T-1): the keys it attends are its own, no gather

@@ -555,6 +555,28 @@ void attend_runs(const CacheLayout& c, const T* kc, const T* vc, int64_t runs, i
 }
 #endif
 
+// Each query row's own slot (last, N of them) and, given, its visible slots (visible (N, L) bool, else empty: every
+// slot up to its own), checked, and the window L they span: what paged_attention and paged_prefill_attention take.
+struct Window {
+  at::Tensor lasts, seen;  // seen undefined: no mask
+  int64_t L = 0;
+};
+
+Window checked_window(const at::Tensor& last, const at::Tensor& visible, int64_t N, const char* op) {
+  Window w;
+  w.lasts = last.to(at::kLong).contiguous();
+  w.seen = visible.numel() ? visible.to(at::kBool).contiguous() : at::Tensor();
+  TORCH_CHECK(w.lasts.numel() == N && (!w.seen.defined() || w.seen.size(0) == N), op, ": mismatched shapes");
+  const int64_t* lp = w.lasts.data_ptr<int64_t>();
+  w.L = w.seen.defined() ? w.seen.size(1) : 0;
+  for (int64_t i = 0; i < N; ++i) {
+    TORCH_CHECK(lp[i] >= 0, op, ": a negative slot");
+    w.L = w.seen.defined() ? w.L : std::max(w.L, lp[i] + 1);
+    TORCH_CHECK(lp[i] < w.L, op, ": a slot outside the visible window");
+  }
+  return w;
+}
+
 // The attention of the layer-by-layer decode path over a paged pool, read in place (no gathered copy of the
 // attended keys, which cost a 64-row step of "small" fp32 a fifth of its time): q (N, Q, D) fp32, one row per
 // new token; keys / values one layer's pool (blocks, KV, block size, D), fp32 or bf16; table (N, blocks); last
@@ -566,15 +588,10 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& keys, const at
                   (keys.scalar_type() == at::kFloat || keys.scalar_type() == at::kBFloat16),
               "paged_attention: q (N, Q, D) fp32 and an fp32 or bf16 (blocks, KV, block size, D) pool");
   const int64_t N = q.size(0), Q = q.size(1), D = q.size(2), KV = keys.size(1);
-  const auto lasts = last.to(at::kLong).contiguous();
-  const auto seen = visible.numel() ? visible.to(at::kBool).contiguous() : at::Tensor();
-  int64_t L = seen.defined() ? seen.size(1) : 0;
-  for (int64_t b = 0; b < N; ++b) {
-    TORCH_CHECK(lasts.data_ptr<int64_t>()[b] >= 0, "paged_attention: a negative slot");
-    L = seen.defined() ? L : std::max(L, lasts.data_ptr<int64_t>()[b] + 1);
-    TORCH_CHECK(lasts.data_ptr<int64_t>()[b] < L, "paged_attention: a slot outside the visible window");
-  }
-  TORCH_CHECK(Q % KV == 0 && (!seen.defined() || seen.size(0) == N), "paged_attention: mismatched shapes");
+  const Window w = checked_window(last, visible, N, "paged_attention");
+  const auto &lasts = w.lasts, &seen = w.seen;
+  const int64_t L = w.L;
+  TORCH_CHECK(Q % KV == 0, "paged_attention: mismatched shapes");
   const CacheLayout c = cache_layout(keys, values, N, KV, D, L, c10::nullopt, table);
   const auto qc = q.contiguous();
   auto out = at::empty({N, Q, D}, q.options());
@@ -609,16 +626,10 @@ at::Tensor paged_prefill_attention(const at::Tensor& q, const at::Tensor& keys, 
     TORCH_CHECK(keys.scalar_type() == values.scalar_type() &&
                     (keys.scalar_type() == at::kFloat || keys.scalar_type() == at::kBFloat16),
                 "paged_prefill_attention: an fp32 or bf16 (blocks, KV, block size, D) pool");
-    const auto lasts = last.to(at::kLong).contiguous();
-    const auto seen = visible.numel() ? visible.to(at::kBool).contiguous() : at::Tensor();
-    const int64_t* lp = lasts.data_ptr<int64_t>();
-    int64_t L = seen.defined() ? seen.size(1) : 0;
-    for (int64_t i = 0; i < runs * T; ++i) {
-      TORCH_CHECK(lp[i] >= 0, "paged_prefill_attention: a negative slot");
-      L = seen.defined() ? L : std::max(L, lp[i] + 1);
-      TORCH_CHECK(lp[i] < L, "paged_prefill_attention: a slot outside the visible window");
-    }
-    TORCH_CHECK(!seen.defined() || seen.size(0) == runs * T, "paged_prefill_attention: mismatched shapes");
+    const Window w = checked_window(last, visible, runs * T, "paged_prefill_attention");
+    const at::Tensor& seen = w.seen;
+    const int64_t* lp = w.lasts.data_ptr<int64_t>();
+    const int64_t L = w.L;
     // a mask that only says what `last` says (each token sees every slot up to its own: the model's mask for a
     // prompt after a cached prefix, nothing padded) is dropped: the tiles then test no slot one by one
     bool causal = seen.defined();
