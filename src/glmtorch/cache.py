@@ -375,9 +375,9 @@ class PagedKVCache:
     def decide_prefill_attention(self, heads: int, longest_pass: int, longest_context: int) -> None:
         """Make now every choice prefill_reads_in_place can be asked for by passes of up to `longest_pass` new
         tokens a row over up to `longest_context` slots, for `heads` query heads in the pool's dtype: one measured
-        inside a served pass held every other stream up while it was timed (a pair of 2,048-token buckets takes ~1
-        s; a 4,000-token prompt's chunks under load on "small" had a 3.0 s gap where the measured ones had 1.3).
-        Choices this machine measured before are read from dispatch.json."""
+        inside a served pass holds every other stream up while it is timed (a pair of 2,048-token buckets of
+        "small" takes ~1 s, all 28 pairs ~7 s, AMD EPYC Zen 3). Choices this machine measured before are read from
+        dispatch.json."""
         if self.key_buffer.device.type != "cpu" or not kernels.available():
             return
 
