@@ -224,3 +224,39 @@ def test_bad_inputs_are_clear_errors(gqa_checkpoint):
     with pytest.raises(ValueError, match="pad_token_id"):
         glmtorch.GlmForCausalLM(glmtorch.GlmConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1,
                                                    num_attention_heads=2, head_dim=16))
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_a_padded_prefill_runs_only_its_real_tokens(tmp_path, name):
+    """Prompts of different lengths prefilled in one right-padded pass into a paged pool (fresh, then more tokens
+    after each one's cached prefix, as a server's burst): the layers' products see the N real tokens only, not
+    B x T rows, and each row's last-token logits equal its prompt's prefilled alone (fp32 < 1e-5)."""
+    model = glmtorch.AutoModelForCausalLM.from_pretrained(save_hf(make_hf_model(**CONFIGS[name]), tmp_path))
+    g = torch.Generator().manual_seed(3)
+    passes = [torch.tensor([9, 3, 14, 1]), torch.tensor([5, 7, 1, 2])]
+    rows_seen = []
+    hook = model.model.layers[0].mlp.gate_up_proj.register_forward_hook(
+        lambda module, args, out: rows_seen.append(args[0].numel() // args[0].shape[-1]))
+    table = torch.arange(1, 33).view(4, 8)  # 8 blocks of 4 slots a row
+
+    def prefill(rows, pool, starts, lengths, ids):
+        positions = torch.arange(ids.shape[1]) if not starts.any() else starts[:, None] + torch.arange(ids.shape[1])
+        length = int((starts + ids.shape[1]).max())
+        return model.last_token_logits(ids, lengths, None, pool.view(table[rows, :-(-length // 4)], length),
+                                       positions)
+
+    batch_pool, alone_pools = model.new_paged_cache(33, 4), [model.new_paged_cache(33, 4) for _ in range(4)]
+    starts = torch.zeros(4, dtype=torch.long)
+    for lengths in passes:
+        ids = torch.zeros(4, int(lengths.max()), dtype=torch.long)
+        for i, n in enumerate(lengths.tolist()):
+            ids[i, :n] = torch.randint(1, 160, (n,), generator=g)
+        rows_seen.clear()
+        batch = prefill(list(range(4)), batch_pool, starts, lengths, ids)
+        assert rows_seen == [int(lengths.sum())]
+        for i, n in enumerate(lengths.tolist()):
+            alone = prefill([i], alone_pools[i], starts[i:i + 1], lengths[i:i + 1], ids[i:i + 1, :n])
+            assert rel_err(batch[i], alone[0]) < 1e-5, (i, rel_err(batch[i], alone[0]))
+        starts = starts + lengths
+    hook.remove()

@@ -93,6 +93,29 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return torch.cat([x_rot * cos + rotate_pairs(x_rot) * sin, x_pass], dim=-1)
 
 
+class PackedRows:
+    """The real tokens of a right-padded (B, T) batch, packed: prompts of different lengths prefilled in one pass
+    (a server's burst) go through every matrix product as their N real tokens only, not as B x T rows of which
+    the padding can be most (64 questions of 1-20 tokens after their cached prefixes: 544 tokens in 1,280 rows).
+    Only attention, which needs each token among its own sequence's, sees them in the (B, T) layout."""
+
+    def __init__(self, lengths: torch.Tensor, T: int, device: torch.device) -> None:
+        lengths = lengths.to(device)
+        self.batch, self.time = lengths.shape[0], T
+        keep = torch.arange(T, device=device)[None, :] < lengths[:, None]  # (B, T)
+        self.index = keep.flatten().nonzero().squeeze(1)  # (N,) positions in the flattened batch, row by row
+        self.last = lengths.cumsum(0) - 1  # (B,) each row's last token among the N
+
+    def pack(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T, C) -> (N, C)"""
+        return x.reshape(self.batch * self.time, x.shape[-1]).index_select(0, self.index)
+
+    def unpack(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, C) -> (B, T, C), zeros where the batch is padded"""
+        out = x.new_zeros(self.batch * self.time, x.shape[-1])
+        return out.index_copy_(0, self.index, x).view(self.batch, self.time, x.shape[-1])
+
+
 class Attention(nn.Module):
     def __init__(self, config: GlmConfig, layer_idx: int) -> None:
         super().__init__()
@@ -115,21 +138,25 @@ class Attention(nn.Module):
         cos, sin = rope
         return apply_rotary(x.transpose(1, 2), cos, sin)
 
-    def forward(self, x, rope, mask, cache, cache_position, need_weights=False):
-        B, T, _ = x.shape
-        q, k, v = self.qkv_proj(x).split(self.qkv_sizes, dim=-1)
+    def forward(self, x, rope, mask, cache, cache_position, need_weights=False, packed=None):
+        qkv = self.qkv_proj(x)
+        if packed is not None:  # (N, C): back to the batch's (B, T) layout, which attention reads
+            qkv = packed.unpack(qkv)
+        B, T, _ = qkv.shape
+        q, k, v = qkv.split(self.qkv_sizes, dim=-1)
         # Head counts come from the weights, so a tensor-parallel shard (fewer heads per rank) runs as is.
         q = self.rotate(q.view(B, T, -1, self.head_dim), rope)  # (B, H, T, D)
         k = self.rotate(k.view(B, T, -1, self.head_dim), rope)  # (B, KV, T, D)
         v = v.view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, KV, T, D)
         if isinstance(cache, PagedKVCache) and not need_weights and cache.reads_in_place(q):
-            out = cache.attend(self.layer_idx, q, k, v, cache_position, mask, self.scale)  # (B, T, H, D)
-            return self.o_proj(out.reshape(B, T, -1)), None
-        if cache is not None:
-            k, v = cache.update(self.layer_idx, k, v, cache_position)  # (B, KV, S, D)
-        dropout = self.dropout if self.training else 0.0
-        out, probs = self.attend(q, k, v, mask, self.scale, dropout, need_weights)  # (B, T, H, D)
-        return self.o_proj(out.reshape(B, T, -1)), probs
+            out, probs = cache.attend(self.layer_idx, q, k, v, cache_position, mask, self.scale), None
+        else:
+            if cache is not None:
+                k, v = cache.update(self.layer_idx, k, v, cache_position)  # (B, KV, S, D)
+            dropout = self.dropout if self.training else 0.0
+            out, probs = self.attend(q, k, v, mask, self.scale, dropout, need_weights)  # (B, T, H, D)
+        out = out.reshape(B, T, -1)
+        return self.o_proj(out if packed is None else packed.pack(out)), probs
 
 
 # The state dict speaks transformers' names (q_proj, k_proj, v_proj): save_pretrained, load_state_dict and
@@ -183,8 +210,8 @@ class DecoderLayer(nn.Module):
             self.post_self_attn_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
             self.post_mlp_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x, rope, mask, cache, cache_position, need_weights=False):
-        h, probs = self.self_attn(self.input_layernorm(x), rope, mask, cache, cache_position, need_weights)
+    def forward(self, x, rope, mask, cache, cache_position, need_weights=False, packed=None):
+        h, probs = self.self_attn(self.input_layernorm(x), rope, mask, cache, cache_position, need_weights, packed)
         if self.sandwich_norms:
             h = self.post_self_attn_layernorm(h)
         x = x + h
@@ -306,6 +333,7 @@ class GlmModel(GlmPreTrainedModel):
         output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
         return_dict: bool | None = None,
+        packed: PackedRows | None = None,
         **kwargs,
     ):
         x = self._embed(input_ids, inputs_embeds)  # (B, T, hidden)
@@ -326,16 +354,18 @@ class GlmModel(GlmPreTrainedModel):
         mask = self._mask(attention_mask, cache_position, kv_length, past, B, T)
 
         rope = self.rotary_emb(position_ids, x.dtype)
+        if packed is not None:
+            x = packed.pack(x)  # (N, hidden): the layers' products take the real tokens only
         hidden_states: list[torch.Tensor] = []
         attentions: list[torch.Tensor] = []
         for layer in self.layers:
             if output_hidden_states:
                 hidden_states.append(x)
             if self.gradient_checkpointing and self.training:
-                x, probs = checkpoint(layer, x, rope, mask, cache, cache_position, bool(output_attentions),
+                x, probs = checkpoint(layer, x, rope, mask, cache, cache_position, bool(output_attentions), packed,
                                       use_reentrant=False)
             else:
-                x, probs = layer(x, rope, mask, cache, cache_position, bool(output_attentions))
+                x, probs = layer(x, rope, mask, cache, cache_position, bool(output_attentions), packed)
             if output_attentions:
                 attentions.append(probs)
         x = self.norm(x)
@@ -439,12 +469,16 @@ class GlmForCausalLM(GlmPreTrainedModel):
 
     def last_token_logits(self, input_ids, lengths, attention_mask, past_key_values, cache_position) -> torch.Tensor:
         """(B, vocab) fp32 logits at each row's last real token of a right-padded batch (row i's are at
-        lengths[i] - 1): a server prefilling several prompts of different lengths at once. Only those B rows go
-        through the LM head."""
+        lengths[i] - 1): a server prefilling several prompts of different lengths at once. Where rows are padded,
+        only the real tokens go through the layers' products (PackedRows); only the B last ones through the LM head."""
+        B, T = input_ids.shape
+        lengths = torch.as_tensor(lengths)
+        packed = PackedRows(lengths, T, input_ids.device) if B > 1 and int(lengths.min()) < T else None
         h = self.model(input_ids, attention_mask, past_key_values=past_key_values, cache_position=cache_position,
-                       use_cache=True, return_dict=True).last_hidden_state
-        last = (lengths - 1).to(h.device)
-        return self.lm_head(h[torch.arange(h.shape[0], device=h.device), last]).float()
+                       use_cache=True, return_dict=True, packed=packed).last_hidden_state
+        last = h[packed.last] if packed is not None else \
+            h[torch.arange(B, device=h.device), (lengths - 1).to(h.device)]
+        return self.lm_head(last).float()
 
 
 class GlmForSequenceClassification(GlmPreTrainedModel):
