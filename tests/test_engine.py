@@ -207,8 +207,9 @@ def test_a_pass_emits_its_events_after_its_last_row(pair):
 
 def test_an_idle_engine_lets_arriving_requests_in_before_it_prefills(pair, monkeypatch):
     """With nothing decoding and the front end still taking requests in (`arriving`), the engine waits for them
-    and prefills them in one pass, as soon as the count drops; a request that never finishes arriving (a client
-    trickling its body) holds an idle engine for arrival_wait at most; GLMTORCH_ARRIVAL_WAIT sets it, checked."""
+    and prefills them in one pass, as soon as the last is submitted or refused (each told to the engine, which
+    does not poll); a request that never finishes arriving (a client trickling its body) holds an idle engine for
+    arrival_wait at most; GLMTORCH_ARRIVAL_WAIT sets it, checked."""
     import threading
     import time
 
@@ -219,30 +220,36 @@ def test_an_idle_engine_lets_arriving_requests_in_before_it_prefills(pair, monke
     params = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
     done = []
     first, second = prompts(2, seed=3)
-    engine.arriving = 1
-    engine.submit(Request(first, params, done.append))
 
-    def arrives_later():
+    def submitted():  # as the server's front end submits: no longer counted as arriving, then handed over
         time.sleep(0.05)
+        engine.arriving -= 1
         engine.submit(Request(second, params, done.append))
-        engine.arriving = 0
 
-    # A wait far longer than the late request's 0.05 s (the default, 0.05 s, raced it on a slow CI machine); the
-    # engine must stop waiting as soon as the count drops, well before it.
+    def refused():  # answered with an error, never submitted
+        time.sleep(0.05)
+        engine.end_arrival()
+
+    # A wait far longer than the late requests' 0.05 s (the default, 0.05 s, raced it on a slow CI machine); the
+    # engine must stop waiting as soon as the last one is in, well before it.
     engine.arrival_wait = 5.0
-    passes, start = engine.prefill_passes, time.perf_counter()
-    late = threading.Thread(target=arrives_later)
-    late.start()
-    engine.run(until_idle=True)
-    late.join()
-    assert engine.prefill_passes - passes == 1 and time.perf_counter() - start < 4
-    assert sum(e.kind == "done" for e in done) == 2
+    for late_ones in ([submitted], [submitted, refused], [refused, submitted]):
+        engine.arriving = 1 + len(late_ones)
+        engine.arriving -= 1
+        engine.submit(Request(first, params, done.append))
+        passes, start, before = engine.prefill_passes, time.perf_counter(), len(done)
+        late = threading.Thread(target=lambda: [arrive() for arrive in late_ones])
+        late.start()
+        engine.run(until_idle=True)
+        late.join()
+        assert engine.prefill_passes - passes == 1 and time.perf_counter() - start < 4, late_ones
+        assert sum(e.kind == "done" for e in done[before:]) == 2 and engine.arriving == 0
     engine.arriving, engine.arrival_wait = 1, 0.2  # one that never arrives
     start, passes = time.perf_counter(), engine.prefill_passes
     engine.submit(Request(first, params, done.append))
     engine.run(until_idle=True)
     assert 0.2 <= time.perf_counter() - start < 5 and engine.prefill_passes - passes == 1
-    assert sum(e.kind == "done" for e in done) == 3
+    assert sum(e.kind == "done" for e in done) == 7
     from glmtorch.serve.engine import arrival_wait_from_env
 
     for text, seconds in (("", 0.05), ("0", 0.0), (" 0.2 ", 0.2)):

@@ -385,12 +385,14 @@ class CountArrivals:
             await self.app(scope, receive, send)
         finally:
             _arrival.reset(reset)
-            arrived(token)
+            if token:  # answered without being submitted (an error): counted down here, the engine told
+                token.pop().end_arrival()
 
 
-def arrived(token: list | None = None) -> None:
-    """This request (the one the current context counts) is no longer arriving; counted down once."""
-    token = _arrival.get() if token is None else token
+def arrived() -> None:
+    """This request (the one the current context counts) is no longer arriving: counted down once, just before it
+    is submitted (whose submit() wakes an engine waiting for the last arrival)."""
+    token = _arrival.get()
     if token:
         token.pop().arriving -= 1
 

@@ -252,7 +252,19 @@ class Engine:
                 request.params.seed if request.params.seed is not None else int.from_bytes(os.urandom(6), "little"))
             request.text = TextStream(self.tokenizer, request.params.stop, self.stop_ids, request.params.ignore_eos)
             self.waiting.append(request)
-            self.cond.notify()
+            # Wake an idle engine (its first request: it then lets the others arrive), or one letting arrivals in
+            # when this was the last: not at every request of a burst, nor every millisecond (it polled before),
+            # each wake-up a turn for the GIL and the lock taken from the thread that submits the rest.
+            if len(self.waiting) == 1 or not self.arriving:
+                self.cond.notify()
+
+    def end_arrival(self) -> None:
+        """A request stopped arriving without being submitted (refused): an engine letting arrivals in goes on
+        once none is left."""
+        with self.cond:
+            self.arriving -= 1
+            if not self.arriving:
+                self.cond.notify()
 
     def stop(self) -> None:
         """End every request with an error and stop the loop's thread (SIGTERM / Ctrl-C)."""
@@ -337,12 +349,13 @@ class Engine:
         one pass: begun with the first request alone, the engine ran four passes and three thin decode steps in
         between while the HTTP thread, sharing the cores and the GIL, took the rest in. A lone request is never
         held (its own arrival ends before it is submitted); a client trickling its body holds an idle engine for
-        at most `arrival_wait`. Called with self.cond held (its wait lets submit() in)."""
+        at most `arrival_wait`. Called with self.cond held (its wait lets submit() in; the last arrival's submit(),
+        or end_arrival(), wakes it)."""
         if self.running or self.chunking is not None or not self.arriving:
             return
         deadline = time.monotonic() + self.arrival_wait
-        while self.arriving > 0 and self.running_loop and time.monotonic() < deadline:
-            self.cond.wait(timeout=0.001)
+        while self.arriving > 0 and self.running_loop and (left := deadline - time.monotonic()) > 0:
+            self.cond.wait(timeout=left)
 
     @staticmethod
     def _feed(r: Request) -> list[int]:
