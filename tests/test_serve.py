@@ -116,16 +116,20 @@ def test_seeds_and_n(client):
 
 def test_a_stream_that_falls_behind_gets_its_tokens_merged_in_order():
     """Events that piled up while a response was writing come out one per choice: texts and log-probabilities
-    joined in order, a final event carrying the text before it; an error is never merged into anything."""
-    from glmtorch.serve.app import next_event
+    joined in order, a final event carrying the text before it; an error is never merged into anything. A reader
+    waiting on an empty inbox wakes when events are delivered."""
+    from glmtorch.serve.app import Inbox, next_event
 
     async def drain(items):
-        queue = asyncio.Queue()
+        inbox, backlog, out = Inbox(), [], []
+        reader = asyncio.ensure_future(next_event(inbox, backlog))
+        await asyncio.sleep(0.01)
+        assert not reader.done()  # nothing delivered yet
         for item in items:
-            queue.put_nowait(item)
-        backlog, out = [], []
-        while not queue.empty() or backlog:
-            out.append(await next_event(queue, backlog))
+            inbox.put(item)
+        out.append(await asyncio.wait_for(reader, 5))
+        while inbox.items or backlog:
+            out.append(await next_event(inbox, backlog))
         return out
 
     lp = [{"token": i} for i in range(4)]
