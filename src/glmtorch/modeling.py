@@ -96,7 +96,7 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 class PackedRows:
     """The real tokens of a right-padded (B, T) batch, packed: prompts of different lengths prefilled in one pass
     (a server's burst) go through every matrix product as their N real tokens only, not as B x T rows of which
-    the padding can be most (64 questions of 1-20 tokens after their cached prefixes: 544 tokens in 1,280 rows).
+    the padding can be most (a served burst's 64 questions after their cached prefixes: 397 tokens in 1,024 rows).
     Only attention, which needs each token among its own sequence's, sees them in the (B, T) layout."""
 
     def __init__(self, lengths: torch.Tensor, T: int, device: torch.device) -> None:

@@ -426,8 +426,8 @@ class Served:
 
 class Inbox:
     """One response's (choice index, event) pairs as the Mailbox delivers them on its event loop: a list and at most
-    one waiting reader, which takes everything there at once. An asyncio.Queue's per-item bookkeeping (its put, get
-    and wake-up of getters) was ~1/4 of the HTTP thread's CPU in a demo burst of 64 streams."""
+    one waiting reader, which takes everything there at once, without an asyncio.Queue's bookkeeping per item (its
+    put, get and wake-up of getters): 2.85 us of the HTTP thread's CPU per event against 3.6 (64 streams, AMD EPYC)."""
 
     __slots__ = ("items", "reader")
 
