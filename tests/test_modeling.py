@@ -260,3 +260,6 @@ def test_a_padded_prefill_runs_only_its_real_tokens(tmp_path, name):
             assert rel_err(batch[i], alone[0]) < 1e-5, (i, rel_err(batch[i], alone[0]))
         starts = starts + lengths
     hook.remove()
+    for bad in ([3, 0, 2, 1], [3, 5, 2, 1], [3, 2]):  # an empty row, one longer than the batch, a row missing
+        with pytest.raises(ValueError, match="lengths must give each of the 4 rows between 1 and 3"):
+            model.last_token_logits(torch.ones(4, 3, dtype=torch.long), torch.tensor(bad), None, None, None)

@@ -473,7 +473,11 @@ class GlmForCausalLM(GlmPreTrainedModel):
         only the real tokens go through the layers' products (PackedRows); only the B last ones through the LM head."""
         B, T = input_ids.shape
         lengths = torch.as_tensor(lengths)
-        packed = PackedRows(lengths, T, input_ids.device) if B > 1 and int(lengths.min()) < T else None
+        shortest, longest = int(lengths.min()), int(lengths.max())
+        if lengths.shape != (B,) or shortest < 1 or longest > T:
+            raise ValueError(f"lengths must give each of the {B} rows between 1 and {T} real tokens, got "
+                             f"{lengths.tolist()}")
+        packed = PackedRows(lengths, T, input_ids.device) if B > 1 and shortest < T else None
         h = self.model(input_ids, attention_mask, past_key_values=past_key_values, cache_position=cache_position,
                        use_cache=True, return_dict=True, packed=packed).last_hidden_state
         last = h[packed.last] if packed is not None else \
