@@ -2,6 +2,9 @@
 graphs, and only taken where they apply."""
 
 import os
+import platform
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -20,6 +23,50 @@ def rel(a, b):
 
 def test_kernels_build_here():
     assert kernels.available(), "the C++ kernels did not build (is g++ installed?)"
+
+
+def test_a_native_build_is_named_for_its_cpu(tmp_path, monkeypatch):
+    """Machines sharing a home folder (a cluster's, a container image's baked-in cache) must not load each other's
+    -march=native builds: an AVX-512 machine's dies of an illegal instruction on an AVX2 one."""
+    source = tmp_path / "k.cpp"
+    source.write_text("int x;")
+    names = {}
+    for cpu, flags in (("avx2", ["fma", "avx2"]), ("avx512", ["fma", "avx2", "avx512f"])):
+        monkeypatch.setattr(kernels, "cpu_model_and_flags", lambda flags=flags: ("CPU", flags))
+        names[cpu] = (kernels.extension_name([str(source)], ["-O3", "-march=native"]),
+                      kernels.extension_name([str(source)], ["-O3", "-march=x86-64-v3"]))
+    assert names["avx2"][0] != names["avx512"][0]  # native: one build per instruction set
+    assert names["avx2"][1] == names["avx512"][1]  # a named target runs on every CPU that has it: one build
+    monkeypatch.setattr(kernels, "cpu_model_and_flags", lambda: ("CPU", ["avx2", "fma"]))  # order does not matter
+    assert kernels.extension_name([str(source)], ["-O3", "-march=native"]) == names["avx2"][0]
+
+
+@pytest.mark.parametrize("value, arch", [("", "native"), (" x86-64-v3 ", "x86-64-v3"), ("skylake-avx512", None),
+                                         ("native -fno-x; touch /tmp/owned", ValueError), ("$(id)", ValueError)])
+def test_the_build_target_comes_from_GLMTORCH_KERNELS_MARCH(value, arch, monkeypatch):
+    """The value goes into the build's command line (ninja runs it through a shell): anything but a -march name
+    is refused."""
+    monkeypatch.setenv("GLMTORCH_KERNELS_MARCH", value)
+    if arch is ValueError:
+        with pytest.raises(ValueError, match="GLMTORCH_KERNELS_MARCH"):
+            kernels.target_arch()
+    else:
+        assert kernels.target_arch() == (arch or value)
+
+
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64") or bool(os.environ.get(
+    "GLMTORCH_KERNELS_MARCH")), reason="builds the x86-64 baseline (and not again inside its own run)")
+def test_the_plain_loops_pass_the_kernel_tests(tmp_path):
+    """The loops a CPU without AVX2 runs (an ARM server's, an old x86's) are never built on a machine with AVX2:
+    here they are (-march=x86-64, its own build folder and dispatch table), and this file's and test_fastpath's
+    tests run against them in a child process. Its skip reasons show the build it had."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = {**os.environ, "GLMTORCH_KERNELS_MARCH": "x86-64", "GLMTORCH_DISPATCH_CACHE": str(tmp_path / "d.json")}
+    child = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider",
+                            os.path.join(here, "test_kernels.py"), os.path.join(here, "test_fastpath.py")],
+                           env=env, capture_output=True, text=True, timeout=1500, cwd=tmp_path)
+    assert child.returncode == 0, child.stdout[-4000:] + child.stderr[-2000:]
+    assert "built without AVX2" in child.stdout  # the child had the plain loops, not this machine's build
 
 
 @torch.no_grad()
@@ -154,11 +201,17 @@ def test_int4_gemv_matches_dequantized_product(group, in_features, scale_dtype, 
     assert got.dtype == dtype and rel(got, expected) < 2e-2
 
 
+def skip_unless_int4_interleaved():
+    if kernels.int4_row_interleave() == 1:
+        pytest.skip("the kernels here read int4 rows one at a time (built without AVX2): loading keeps them plain")
+
+
 @torch.no_grad()
 @pytest.mark.parametrize("rows", [1, 2, 11])
 def test_int4_interleaved_rows_give_the_plain_layouts_results(rows):
     """Loading puts int4 rows in blocks of 4 for the kernels; results, dequantized rows and the state dict stay
     those of the plain layout (rows 1: the one-row block kernel, 2 and 11: row groups reading strided pairs)."""
+    skip_unless_int4_interleaved()
     g = torch.Generator().manual_seed(rows)
     plain = Int4Linear.from_linear(torch.nn.Linear(256, 36, bias=True))
     layer = Int4Linear.from_linear(torch.nn.Linear(256, 36, bias=True))
@@ -191,6 +244,7 @@ def test_integer_rows_come_out_the_same_alone_or_together(kind, monkeypatch):
     linear = torch.nn.Linear(1024, 68, bias=False)
     layer = Int8Linear.from_linear(linear) if kind == "int8" else Int4Linear.from_linear(linear)
     if kind == "int4-interleaved":
+        skip_unless_int4_interleaved()
         assert layer.interleave_rows(kernels.int4_row_interleave())
     x = torch.randn(9, 1024, generator=g) * 3
     together = layer(x)

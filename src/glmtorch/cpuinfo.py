@@ -16,15 +16,16 @@ def cpu_description() -> dict:
     return {"model": model, "flags": [f for f in MATRIX_FLAGS if f in flags], "cores": os.cpu_count()}
 
 
-def cpu_model_and_flags() -> tuple[str, list[str]]:
-    """(model name, flags) of the first CPU in /proc/cpuinfo; platform's names where there is none."""
+def cpu_model_and_flags(path: str = "/proc/cpuinfo") -> tuple[str, list[str]]:
+    """(model name, flags) of the first CPU in /proc/cpuinfo (an ARM CPU's "Features"); platform's names where there
+    is none."""
     model, flags = platform.processor() or platform.machine(), []
     try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+        with open(path, encoding="utf-8", errors="replace") as f:
             for line in f:
                 if line.startswith("model name"):
                     model = line.split(":", 1)[1].strip()
-                elif line.startswith("flags"):
+                elif line.startswith(("flags", "Features")):
                     flags = line.split(":", 1)[1].split()
                     break
     except OSError:

@@ -33,6 +33,8 @@ import warnings
 import torch
 import torch.nn.functional as F
 
+from ..cpuinfo import cpu_model_and_flags
+
 # Up to this many rows the kernels beat the BLAS matrix product here, measured on the "small" shapes: integer
 # weights 2-4x at 8-16 rows, even at 64, behind from 128 rows; float weights (packed panels) 1.2-2x at 64 rows,
 # 1.05-1.4x at 256 (bf16 against widening + BLAS), behind from 512.
@@ -64,7 +66,7 @@ def _build() -> bool:
         from torch.utils.cpp_extension import load
 
         _put_ninja_on_path()
-        flags = ["-O3", "-march=native", "-fopenmp"]
+        flags = ["-O3", f"-march={target_arch()}", "-fopenmp"]
         # the header's text is in the build's name too: a change to it alone must rebuild
         _state["name"] = extension_name(sources + [os.path.join(folder, "vector_math.h")], flags)
         with _announce_build():
@@ -85,11 +87,27 @@ def build_name() -> str:
     return _state.get("name", "none") if available() else "none"
 
 
+def target_arch() -> str:
+    """The -march the kernels are built for: `native` (this CPU's instruction sets), or GLMTORCH_KERNELS_MARCH
+    (e.g. `x86-64-v3` for a build that every AVX2 machine of a fleet can load, or `x86-64`: the plain loops a CPU
+    without AVX2, or an ARM one, runs; the tests build that too)."""
+    arch = os.environ.get("GLMTORCH_KERNELS_MARCH", "").strip() or "native"
+    if not all(c.isalnum() or c in "-_.+" for c in arch):
+        raise ValueError(f"GLMTORCH_KERNELS_MARCH={arch!r} is not a -march value such as native, x86-64-v3 or "
+                         "skylake-avx512")
+    return arch
+
+
 def extension_name(sources: list[str], flags: list[str]) -> str:
     """The build's name, with a digest of its sources and flags: two glmtorch versions on one machine (two venvs,
     a CI checkout beside a working tree) build into folders of their own, instead of rebuilding one folder in
-    turn, where one process could load the other's library mid-build (seen: a step() of the wrong signature)."""
+    turn, where one process could load the other's library mid-build (seen: a step() of the wrong signature).
+    A `-march=native` build also digests this CPU's instruction sets (/proc/cpuinfo's flags): machines that share
+    a home folder (a cluster's network home, a container image with its cache baked in, a VM moved to another host)
+    each build their own, where an AVX-512 machine's build loaded on an AVX2 one dies of an illegal instruction."""
     digest = hashlib.sha256(" ".join(flags).encode())
+    if "-march=native" in flags:
+        digest.update(" ".join(sorted(cpu_model_and_flags()[1])).encode())
     for path in sources:
         with open(path, "rb") as f:
             digest.update(f.read())
