@@ -3,6 +3,7 @@ graphs, and only taken where they apply."""
 
 import os
 import platform
+import shutil
 import subprocess
 import sys
 
@@ -52,6 +53,38 @@ def test_the_build_target_comes_from_GLMTORCH_KERNELS_MARCH(value, arch, monkeyp
             kernels.target_arch()
     else:
         assert kernels.target_arch() == (arch or value)
+
+
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64") or shutil.which("g++") is None,
+                    reason="compiles the x86 kernels with g++")
+def test_the_kernels_compile_for_avx512_and_amx():
+    """The AVX-512 loops (with and without AVX512-BF16) and the AMX tiles are compiled only on CPUs that have them:
+    a mistake there would leave such a machine without kernels (a warning and the slow library paths). Here every
+    source is compiled (syntax and types, templates instantiated, nothing run) for Skylake-AVX512 and for Sapphire
+    Rapids (AVX512-BF16, AMX), the two at once."""
+    import sysconfig
+
+    from torch.utils.cpp_extension import include_paths
+
+    folder = os.path.dirname(kernels.__file__)
+    sources = [os.path.join(folder, name) for name in ("gemv.cpp", "decode_step.cpp", "elementwise.cpp")]
+    includes = [f"-I{p}" for p in include_paths() + [sysconfig.get_paths()["include"]]]
+    checks = {}
+    for arch, macros in (("skylake-avx512", ["__AVX512F__"]), ("sapphirerapids", ["__AVX512BF16__", "__AMX_TILE__"])):
+        # the macros the sources test: the target really switches those branches on
+        probe = subprocess.run(["g++", f"-march={arch}", "-dM", "-E", "-x", "c++", "/dev/null"], capture_output=True,
+                               text=True)
+        if probe.returncode != 0:
+            pytest.skip(f"this g++ does not know -march={arch}")
+        assert all(f"#define {m} 1" in probe.stdout for m in macros), (arch, macros)
+        checks[arch] = subprocess.Popen(["g++", "-std=c++20", "-fsyntax-only", "-fopenmp", f"-march={arch}",
+                                         "-DTORCH_EXTENSION_NAME=syntax_check", "-DTORCH_API_INCLUDE_EXTENSION_H",
+                                         *includes, *sources], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                        text=True)
+    for arch, check in checks.items():
+        output = check.communicate(timeout=600)[0]
+        errors = [line for line in output.splitlines() if "error" in line]
+        assert check.returncode == 0 and not errors, f"-march={arch}:\n" + "\n".join(errors[:20] or [output[-3000:]])
 
 
 @pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64") or bool(os.environ.get(
