@@ -18,7 +18,7 @@ if "GLMTORCH_DISPATCH_CACHE" not in os.environ:  # the tests' shapes stay out of
     atexit.register(shutil.rmtree, _dispatch_folder, ignore_errors=True)  # one left in /tmp by every run otherwise
     os.environ["GLMTORCH_DISPATCH_CACHE"] = os.path.join(_dispatch_folder, "dispatch.json")
 os.environ.setdefault("GLMTORCH_COMPILE", "0")  # compiled decoding is tested where asked (test_fastpath.py)
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+torch.set_num_threads(int(os.environ.get("GLMTORCH_TEST_THREADS") or 0) or min(2, os.cpu_count() or 1))
 
 # Configs that differ where GLM implementations go wrong: kv grouping, rotary fraction, head size,
 # biases, tied embeddings, activation.

@@ -204,14 +204,26 @@ def two_threads():
     torch.set_num_threads(before)
 
 
+@pytest.fixture(params=[2, 3, 5], ids=lambda n: f"{n}threads")
+def threads(request):
+    """The machines people run on have other core counts than these tests' two: the work the threads share out
+    (a product's columns, a batch's rows) is split differently at 3 and 5 (on two cores too, oversubscribed)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
 @torch.no_grad()
 @pytest.mark.parametrize("paged", [False, True], ids=["static", "paged"])
-@pytest.mark.parametrize("quantize", [None, "int8"])
-def test_a_batch_split_by_rows_equals_one_split_by_columns(tmp_path, monkeypatch, two_threads, paged, quantize):
+@pytest.mark.parametrize("quantize", [None, "int8", "int4"])
+def test_a_batch_split_by_rows_equals_one_split_by_columns(tmp_path, monkeypatch, threads, paged, quantize):
     """The fused step with each thread running every layer for its share of the rows gives the logits and writes
     the keys and values of the step whose products are split by columns, for 2, 3, 5 and 37 rows at different
     positions (odd shares; 37: three chunks of rows for two threads), on a static cache (each share naming its
-    cache rows) and through scattered block tables; and it did split (the plan counts such steps)."""
+    cache rows) and through scattered block tables; and it did split (the plan counts such steps). With 2, 3 and 5
+    threads: the two ways share the work out independently (by columns, every product; by rows, each share on one
+    thread), so a share lost or doubled at some thread count shows as a difference."""
     monkeypatch.setenv("GLMTORCH_LINEAR_PATH", "kernel")
     model = glmtorch.AutoModelForCausalLM.from_pretrained(save_hf(make_hf_model(**CONFIGS["gqa"]), tmp_path),
                                                           **({"quantize": quantize} if quantize else {}))
