@@ -141,3 +141,20 @@ def test_speculation_flags_leave_the_reply_unchanged(chat_checkpoint):
         assert fast.returncode == 0 and fast.stdout == plain.stdout, (how, fast.stderr)
     bad = run(*base, "--speculate", "/no/such/draft")
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
+
+
+def test_without_a_compiler_the_command_says_so_in_one_line_and_still_answers(tmp_path):
+    """A fresh machine without g++ (a slim container): the kernels cannot be built; the command prints one
+    warning line in its own format (not torch's page-wide banner about the compiler, not Python's file-and-line
+    form) and gives the reply it gives with the kernels."""
+    command = [EXE, "generate", "--prompt", "Good morrow", "--max-new-tokens", "12", "--greedy"]
+    with_kernels = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    env = {**os.environ, "CXX": str(tmp_path / "no-such-compiler"), "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext")}
+    without = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert with_kernels.returncode == 0 and without.returncode == 0, without.stderr
+    warned = [line for line in without.stderr.splitlines() if "warning" in line.lower()]
+    assert len(warned) == 1 and warned[0].startswith("glmtorch: warning: ") and "C++ compiler" in warned[0], \
+        without.stderr
+    assert "Traceback" not in without.stderr and "!!" not in without.stderr
+    assert "warning" not in with_kernels.stderr.lower()
+    assert without.stdout == with_kernels.stdout and without.stdout.strip()

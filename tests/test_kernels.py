@@ -26,6 +26,16 @@ def test_kernels_build_here():
     assert kernels.available(), "the C++ kernels did not build (is g++ installed?)"
 
 
+def test_a_build_made_before_loads_without_a_compiler(tmp_path):
+    """An image made with its kernels built, run where there is no compiler: the build is loaded as it is (torch's
+    builder would try to compile it again, its command line naming the missing compiler)."""
+    assert kernels.available()
+    child = subprocess.run([sys.executable, "-W", "error", "-c", "from glmtorch import kernels; "
+                            "print(kernels.available(), kernels.build_name())"], capture_output=True, text=True,
+                           timeout=120, env={**os.environ, "CXX": str(tmp_path / "no-such-compiler")})
+    assert child.returncode == 0 and child.stdout.split() == ["True", kernels.build_name()], child.stderr
+
+
 def test_a_native_build_is_named_for_its_cpu(tmp_path, monkeypatch):
     """Machines sharing a home folder (a cluster's, a container image's baked-in cache) must not load each other's
     -march=native builds: an AVX-512 machine's dies of an illegal instruction on an AVX2 one."""

@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 import threading
+import warnings
 from collections.abc import Callable
 
 
@@ -642,10 +643,31 @@ def _leave_distributed_job(code: int) -> None:
     os._exit(code)
 
 
+def _show_own_warnings_in_one_line() -> None:
+    """In the command, glmtorch's own warnings print as its errors do, one line on stderr (`glmtorch: warning:
+    ...`), not as Python shows them (the file and line that warned, then that line of code); others as before."""
+    if getattr(warnings.showwarning, "glmtorch", False):
+        return
+    package, shown = os.path.dirname(os.path.abspath(__file__)) + os.sep, warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if not os.path.abspath(filename).startswith(package):
+            return shown(message, category, filename, lineno, file, line)
+        text = str(message).removeprefix("glmtorch: ")
+        try:
+            print(f"glmtorch: warning: {text}", file=file or sys.stderr, flush=True)
+        except OSError:  # stderr closed: nothing to tell
+            pass
+
+    show.glmtorch = True
+    warnings.showwarning = show
+
+
 def _main(argv: list[str] | None = None) -> int:
     from .extras import MissingDependency, install_hint, missing_message, require
 
     args = build_parser().parse_args(argv)
+    _show_own_warnings_in_one_line()
     if threading.current_thread() is threading.main_thread():
         # SIGTERM (kill, a job scheduler, a container stopping) unwinds like Ctrl-C, so what cleans up half-written
         # files on an exception (convert, GGUF export, training checkpoints) runs on it too

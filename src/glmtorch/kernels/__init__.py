@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import shutil
 import sys
 import threading
 import time
@@ -63,18 +64,28 @@ def _build() -> bool:
     folder = os.path.dirname(__file__)
     sources = [os.path.join(folder, name) for name in ("gemv.cpp", "decode_step.cpp", "elementwise.cpp")]
     try:
-        from torch.utils.cpp_extension import load
+        from torch.utils.cpp_extension import _get_build_directory, load
 
         _put_ninja_on_path()
         flags = ["-O3", f"-march={target_arch()}", "-fopenmp"]
         # the header's text is in the build's name too: a change to it alone must rebuild
-        _state["name"] = extension_name(sources + [os.path.join(folder, "vector_math.h")], flags)
-        with _announce_build():
-            load(name=_state["name"], sources=sources, extra_cflags=flags,
-                 extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
+        name = _state["name"] = extension_name(sources + [os.path.join(folder, "vector_math.h")], flags)
+        compiler = os.environ.get("CXX", "").strip() or "c++"  # what torch's builder runs
+        library = os.path.join(_get_build_directory(name, verbose=False), f"{name}.so")
+        if shutil.which(compiler) is not None:
+            with _announce_build():
+                load(name=name, sources=sources, extra_cflags=flags, extra_ldflags=["-fopenmp"],
+                     is_python_module=False, verbose=False)
+        elif os.path.isfile(library):  # built before (an image made with its cache): torch's builder would rebuild
+            torch.ops.load_library(library)
+        else:  # said in one line here: torch's builder would print a page-wide banner about the compiler first
+            warnings.warn(f"glmtorch's CPU decode kernels need a C++ compiler and there is none ({compiler!r} is "
+                          "not on PATH; CXX names another); decoding uses the slower library paths. Install g++ "
+                          "to get them, or set GLMTORCH_KERNELS=0 to silence this.", stacklevel=3)
+            return False
         _register_shapes()
         return True
-    except Exception as e:  # no compiler, an unsupported platform: the library paths still work
+    except Exception as e:  # a failed build, an unsupported platform: the library paths still work
         warnings.warn(f"glmtorch's CPU decode kernels could not be built ({type(e).__name__}: "
                       f"{str(e).strip().splitlines()[-1] if str(e).strip() else ''}); decoding uses the slower "
                       "library paths. Install a C++ compiler (g++) to get them, or set GLMTORCH_KERNELS=0 to "
