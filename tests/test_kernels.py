@@ -36,6 +36,14 @@ def test_a_build_made_before_loads_without_a_compiler(tmp_path):
     assert child.returncode == 0 and child.stdout.split() == ["True", kernels.build_name()], child.stderr
 
 
+def test_a_failed_build_is_told_by_the_compilers_error():
+    ninja = RuntimeError("Error building extension 'x': [1/2] c++ -MMD -fopenmp -c a.cpp -o a.o\nFAILED: a.o\n"
+                         "c++ -MMD -fopenmp -c a.cpp -o a.o\nc++: error: unsupported option '-fopenmp'\n"
+                         "ninja: build stopped: subcommand failed.\n")
+    assert kernels.why_failed(ninja) == "c++: error: unsupported option '-fopenmp'"
+    assert kernels.why_failed(OSError("first\nlast line\n")) == "last line" and kernels.why_failed(OSError()) == ""
+
+
 def test_a_native_build_is_named_for_its_cpu(tmp_path, monkeypatch):
     """Machines sharing a home folder (a cluster's, a container image's baked-in cache) must not load each other's
     -march=native builds: an AVX-512 machine's dies of an illegal instruction on an AVX2 one."""

@@ -86,11 +86,17 @@ def _build() -> bool:
         _register_shapes()
         return True
     except Exception as e:  # a failed build, an unsupported platform: the library paths still work
-        warnings.warn(f"glmtorch's CPU decode kernels could not be built ({type(e).__name__}: "
-                      f"{str(e).strip().splitlines()[-1] if str(e).strip() else ''}); decoding uses the slower "
-                      "library paths. Install a C++ compiler (g++) to get them, or set GLMTORCH_KERNELS=0 to "
-                      "silence this.", stacklevel=3)
+        warnings.warn(f"glmtorch's CPU decode kernels could not be built ({type(e).__name__}: {why_failed(e)}); "
+                      "decoding uses the slower library paths. Install a C++ compiler (g++) to get them, or set "
+                      "GLMTORCH_KERNELS=0 to silence this.", stacklevel=3)
         return False
+
+
+def why_failed(e: Exception) -> str:
+    """The line of a failed build that says why: the compiler's first error (torch's message is every command ninja
+    ran and all they printed, ending in "ninja: build stopped"), else its last line."""
+    lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+    return next((line for line in lines if "error:" in line.lower()), lines[-1] if lines else "")
 
 
 def build_name() -> str:
