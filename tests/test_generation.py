@@ -8,7 +8,7 @@ import torch
 import glmtorch
 from glmtorch import AutoModelForCausalLM, AutoTokenizer, TextIteratorStreamer, stream_text
 from glmtorch.generation import processors as P
-from glmtorch.generation.config import GenerationConfig
+from glmtorch.generation.config import GenerationConfig, check_logit_bias
 from conftest import BASE, CONFIGS, make_hf_model, save_hf
 
 TINY = dict(BASE, **CONFIGS["gqa"])
@@ -58,6 +58,40 @@ def test_processor_matches_transformers(ours, theirs):
     logits = torch.randn(4, 200, generator=g) * 3
     history = torch.randint(0, 200, (4, 12), generator=g)
     assert torch.equal(ours(history, logits.clone()), ref(history, logits.clone()))
+
+
+def test_openai_penalties_and_logit_bias_follow_their_definitions():
+    """presence / frequency penalties (OpenAI's: logit - frequency x count - presence x (count > 0), counted over
+    the reply only, as vLLM does) and logit_bias, against a loop over every row and token; padding (-1) counts
+    for nothing."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 50, generator=g)
+    history = torch.randint(0, 50, (3, 20), generator=g)
+    history[1, :6] = -1  # left padding
+    prompt = 8
+    got = P.PresenceFrequencyPenalty(0.7, -0.3, prompt)(history, logits.clone())
+    expected = logits.clone()
+    for b in range(3):
+        reply = [t for t in history[b, prompt:].tolist() if t >= 0]
+        for t in set(reply):
+            expected[b, t] -= -0.3 * reply.count(t) + 0.7
+    assert torch.allclose(got, expected, atol=1e-6) and not torch.equal(got, logits)
+    assert torch.equal(P.PresenceFrequencyPenalty(0.7, 0.5, 20)(history, logits), logits)  # no reply yet
+    biased = P.LogitBias({3: 100.0, 7: -100.0, 0: 0.5})(history, logits)
+    shift = torch.zeros(50)
+    shift[3], shift[7], shift[0] = 100.0, -100.0, 0.5
+    assert torch.allclose(biased, logits + shift)
+
+
+@pytest.mark.parametrize("bias, match", [
+    ([1, 2], "must be an object"), ({"abc": 1}, "'abc' is not a token id"), ({"50": 1}, r"not a token id in \[0, 50\)"),
+    ({"-1": 1}, "not a token id"), ({"3": 101}, r"must be a number in \[-100, 100\]"), ({"3": "1"}, "must be a number"),
+    ({"3": True}, "must be a number"), ({"3": float("nan")}, "must be a number"), ({"\u0663": 1}, "not a token id"),
+])
+def test_logit_bias_entries_are_checked(bias, match):
+    with pytest.raises(ValueError, match=match):
+        check_logit_bias(bias, 50)
+    assert check_logit_bias({"3": 1, 7: -2.5}, 50) == {3: 1.0, 7: -2.5}
 
 
 def test_sampling_is_reproducible_and_top_k_1_is_greedy(pair):

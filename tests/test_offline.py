@@ -42,6 +42,8 @@ def test_generate_matches_generate_and_keeps_order(llm, chat_checkpoint):
     (["x"], SamplingParams(max_tokens=0), "max_tokens"),
     (["x"], SamplingParams(max_tokens=500), "context"),
     (["x"], [SamplingParams(), SamplingParams()], "one per prompt"),
+    (["x"], SamplingParams(frequency_penalty=3), "frequency_penalty=3"),
+    (["x"], SamplingParams(logit_bias={10**9: 1.0}), "logit_bias: 1000000000 is not a token id"),
     ([[10**9]], None, "token ids"),
     ([3.5], None, "string or a list"),
 ])

@@ -2,6 +2,7 @@
 
 import asyncio
 import json
+import re
 import socket
 import threading
 import time
@@ -112,6 +113,50 @@ def test_seeds_and_n(client):
     many = client.chat.completions.create(**kw, n=3)
     assert len(many.choices) == 3 and many.choices[0].message.content == a
     assert len({c.message.content for c in many.choices}) > 1
+
+
+def test_logit_bias_and_the_openai_penalties_steer_the_reply(served, client):
+    """Two words pushed far above the rest (logit_bias +50 and +49), greedy: alone the first repeats; with
+    frequency_penalty 2 each use costs it 2 more, so the two alternate; with presence_penalty 2 the first pays
+    once, the second is said once, then the first again for good. The prompt holds the first word already: only
+    the reply's tokens count (as vLLM counts them)."""
+    tokenizer = served[3]
+    a, b = (tokenizer.encode(word, add_special_tokens=False)[-1] for word in (" the", " and"))
+    assert a != b and not {a, b} & set(tokenizer.stop_token_ids())
+
+    def reply(**kw):
+        out = client.completions.create(model="tiny-glm", prompt="the the the", max_tokens=6, temperature=0,
+                                        logprobs=0, logit_bias={str(a): 50, str(b): 49}, **kw)
+        return out.choices[0].logprobs.tokens
+
+    one, two = tokenizer.decode([a]), tokenizer.decode([b])
+    assert reply() == [one] * 6
+    assert reply(frequency_penalty=2.0) == [one, two] * 3
+    assert reply(presence_penalty=2.0) == [one, two] + [one] * 4
+    banned = client.completions.create(model="tiny-glm", prompt="the the the", max_tokens=6, temperature=0,
+                                       logprobs=0, logit_bias={str(b): 49, str(a): -100})
+    assert one not in banned.choices[0].logprobs.tokens
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("presence_penalty", 2.5, "presence_penalty=2.5: out of range"), ("frequency_penalty", "a", "must be a number"),
+    ("logit_bias", {"abc": 1}, "not a token id"), ("logit_bias", {"99999999": 1}, "not a token id"),
+    ("logit_bias", {"3": 500}, r"\[-100, 100\]"), ("logit_bias", [3], "must be an object"),
+    ("best_of", 3, "'best_of' is not supported"), ("suffix", "x", "'suffix' is not supported"),
+    ("min_tokens", 4, "'min_tokens' is not supported"),
+])
+def test_sampling_fields_are_checked_not_ignored(served, field, value, match):
+    """What the server does not do, or a value it cannot use, is a 400 naming the field: never output made as if
+    the field had not been sent."""
+    for path, body in (("completions", {"prompt": "Hi"}), ("chat/completions", {"messages": [{"role": "user",
+                                                                                             "content": "Hi"}]})):
+        r = httpx.post(f"{served[0].url}/v1/{path}", json={"model": "tiny-glm", "max_tokens": 2, field: value, **body})
+        assert r.status_code == 400 and r.json()["error"]["param"] == field, r.text
+        assert re.search(match, r.json()["error"]["message"]), r.text
+    for no_op in ({"best_of": 1}, {"suffix": ""}, {"min_tokens": 0}, {"logit_bias": {}}, {"presence_penalty": 0}):
+        r = httpx.post(f"{served[0].url}/v1/completions", json={"model": "tiny-glm", "max_tokens": 2, "prompt": "Hi",
+                                                              **no_op})
+        assert r.status_code == 200, r.text
 
 
 def test_a_stream_that_falls_behind_gets_its_tokens_merged_in_order():

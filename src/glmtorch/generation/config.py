@@ -46,6 +46,8 @@ SAMPLING_BOUNDS: dict[str, Bound] = {
     "top_k": Bound(int, 0, INT_MAX, why="an integer >= 0 (0 disables it)"),
     "min_p": Bound(float, 0.0, 1.0, why="in [0, 1]"),
     "repetition_penalty": Bound(float, 0.01, 100.0, why="between 0.01 and 100 (1.0 disables it)"),
+    "presence_penalty": Bound(float, -2.0, 2.0, why="between -2 and 2 (0 disables it)"),  # OpenAI's ranges
+    "frequency_penalty": Bound(float, -2.0, 2.0, why="between -2 and 2 (0 disables it)"),
     "max_new_tokens": Bound(int, 1, INT_MAX, why="an integer >= 1"),
     "max_length": Bound(int, 1, INT_MAX, why="an integer >= 1"),
     "seed": Bound(int, 0, SEED_MAX, why=f"an integer in [0, {SEED_MAX}]"),
@@ -78,6 +80,22 @@ def check_sampling_value(name: str, value: Any, shown: str | None = None) -> Any
     if below or value > bound.high:
         bad(f"out of range: must be {bound.why}")
     return value
+
+
+def check_logit_bias(bias: Any, vocab: int, shown: str = "logit_bias") -> dict[int, float]:
+    """OpenAI's logit_bias: {token id: bias in [-100, 100]} with ids in [0, vocab); JSON's keys, strings of digits,
+    are taken as ids. Returns {int: float}; SamplingValueError naming the first bad entry."""
+    if not isinstance(bias, dict):
+        raise SamplingValueError(shown, f"{shown} must be an object mapping token ids to biases in [-100, 100]")
+    out = {}
+    for key, value in bias.items():
+        token = int(key) if isinstance(key, str) and key.isdecimal() and key.isascii() else key
+        if type(token) is not int or not 0 <= token < vocab:
+            raise SamplingValueError(shown, f"{shown}: {key!r} is not a token id in [0, {vocab})")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not -100 <= value <= 100:
+            raise SamplingValueError(shown, f"{shown}[{key!r}]={value!r}: must be a number in [-100, 100]")
+        out[token] = float(value)
+    return out
 
 
 @dataclass

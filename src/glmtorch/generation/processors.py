@@ -25,6 +25,37 @@ class RepetitionPenalty:
         return torch.where(seen[:, :vocab], penalised, logits)
 
 
+class LogitBias:
+    """OpenAI's logit_bias: a fixed amount added to chosen tokens' logits (-100 bans a token in practice, +100
+    all but forces it)."""
+
+    def __init__(self, bias: dict[int, float]) -> None:
+        self.ids = torch.tensor(list(bias), dtype=torch.long)
+        self.values = torch.tensor(list(bias.values()), dtype=torch.float32)
+
+    def __call__(self, tokens: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        return logits.index_add(-1, self.ids.to(logits.device), self.values.to(logits.device, logits.dtype)
+                                .expand(logits.shape[0], -1))
+
+
+class PresenceFrequencyPenalty:
+    """OpenAI's penalties on what the reply has said so far (not the prompt, as vLLM counts them): a token's logit
+    minus frequency x its count, minus presence once it has appeared at all. `prompt_length`: where the reply
+    begins in the history."""
+
+    def __init__(self, presence: float, frequency: float, prompt_length: int) -> None:
+        self.presence, self.frequency, self.prompt_length = presence, frequency, prompt_length
+
+    def __call__(self, tokens: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        vocab = logits.shape[-1]
+        said = tokens[:, self.prompt_length:]
+        said = said.masked_fill((said < 0) | (said >= vocab), vocab)  # padding goes to a dropped column
+        counts = torch.zeros(logits.shape[0], vocab + 1, dtype=logits.dtype, device=logits.device)
+        counts.scatter_add_(1, said, torch.ones_like(said, dtype=logits.dtype))
+        counts = counts[:, :vocab]
+        return logits - self.frequency * counts - self.presence * (counts > 0).to(logits.dtype)
+
+
 class Temperature:
     def __init__(self, temperature: float) -> None:
         self.temperature = temperature

@@ -23,7 +23,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from ..chat import (ChatFormatError, ReasoningStream, ReplyStream, parse_assistant_reply, prompt_opens_thinking,
                     split_reasoning)
-from ..generation.config import SEED_MAX, SamplingValueError, check_sampling_value
+from ..generation.config import SEED_MAX, SamplingValueError, check_logit_bias, check_sampling_value
 from .engine import Engine, Event, QueueFull, Request as EngineRequest, SamplingParams, default_max_tokens
 from .metrics import ServingMetrics
 
@@ -78,8 +78,26 @@ def _sampling(body: dict, name: str, field: str, default: Any) -> Any:
         raise ApiError(400, str(e), name, "invalid_value") from None
 
 
-def sampling_params(body: dict) -> tuple[SamplingParams, int | None, int]:
-    """(params, max_tokens or None, n) from an OpenAI request body."""
+# OpenAI fields glmtorch does not do, refused when set to anything but their no-op value rather than ignored:
+# a client that asks for them must not get output made without them
+NOT_SUPPORTED = {"best_of": (None, 1), "suffix": (None, ""), "min_tokens": (None, 0)}
+
+
+def _logit_bias(body: dict, vocab: int) -> dict[int, float]:
+    if body.get("logit_bias") is None:
+        return {}
+    try:
+        return check_logit_bias(body["logit_bias"], vocab)
+    except SamplingValueError as e:
+        raise ApiError(400, str(e), "logit_bias", "invalid_value") from None
+
+
+def sampling_params(body: dict, vocab: int) -> tuple[SamplingParams, int | None, int]:
+    """(params, max_tokens or None, n) from an OpenAI request body; `vocab`: the token ids logit_bias may name."""
+    for name, no_op in NOT_SUPPORTED.items():
+        if body.get(name, None) not in no_op:
+            raise ApiError(400, f"'{name}' is not supported by this server (leave it out)", name,
+                           "unsupported_parameter")
     max_tokens = _sampling(body, "max_completion_tokens", "max_new_tokens", None)
     if max_tokens is None:
         max_tokens = _sampling(body, "max_tokens", "max_new_tokens", None)
@@ -106,7 +124,9 @@ def sampling_params(body: dict) -> tuple[SamplingParams, int | None, int]:
         top_k=_sampling(body, "top_k", "top_k", 0),
         min_p=_sampling(body, "min_p", "min_p", 0.0),
         repetition_penalty=_sampling(body, "repetition_penalty", "repetition_penalty", 1.0),
-        seed=seed, stop=stop, logprobs=bool(logprobs), top_logprobs=top_logprobs,
+        presence_penalty=_sampling(body, "presence_penalty", "presence_penalty", 0.0),
+        frequency_penalty=_sampling(body, "frequency_penalty", "frequency_penalty", 0.0),
+        logit_bias=_logit_bias(body, vocab), seed=seed, stop=stop, logprobs=bool(logprobs), top_logprobs=top_logprobs,
         # vLLM's extension, which benchmarks send so that every request produces max_tokens
         ignore_eos=_get(body, "ignore_eos", (bool,), False),
     )
@@ -173,10 +193,8 @@ async def compile_request_constraint(served: "Served", spec: dict | None, field:
         return None
     from ..generation.constrain import ConstraintError, compile_constraint
 
-    model = getattr(served.engine, "model", None)
-    vocab = model.config.vocab_size if model is not None else served.tokenizer.vocab_size
     try:
-        return await served.off_loop(compile_constraint, served.tokenizer, spec, vocab,
+        return await served.off_loop(compile_constraint, served.tokenizer, spec, served.vocab_size,
                                      getattr(served.engine, "stop_ids", ()))
     except ConstraintError as e:
         raise ApiError(400, str(e), field, "invalid_value") from None
@@ -415,6 +433,12 @@ class Served:
     async def off_loop(self, fn, *args, **kwargs):
         return await asyncio.get_running_loop().run_in_executor(self.workers, functools.partial(fn, *args, **kwargs))
 
+    @property
+    def vocab_size(self) -> int:
+        """The model's logits' width (token ids a request may name), the tokenizer's size without a model."""
+        model = getattr(self.engine, "model", None)
+        return model.config.vocab_size if model is not None else self.tokenizer.vocab_size
+
     def model_card(self) -> dict:
         return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "glmtorch"}
 
@@ -542,7 +566,7 @@ async def chat_completions(request: Request):
     served: Served = request.app.state.served
     body = await read_body(served, request)
     tools, ids, thinking = await chat_prompt(served, body)
-    params, max_tokens, n = sampling_params(body)
+    params, max_tokens, n = sampling_params(body, served.vocab_size)
     params.constraint = await compile_request_constraint(served, *constraint_spec(body, tools))
     stream, include_usage = stream_flags(body)
     params.max_tokens = check_context(served, len(ids), max_tokens)
@@ -574,7 +598,7 @@ async def completions(request: Request):
     prompts = [prompt] if isinstance(prompt, str) else prompt
     if not prompts or not all(isinstance(p, str) for p in prompts):
         raise ApiError(400, "'prompt' must be a string or a non-empty list of strings", "prompt", "invalid_value")
-    params, max_tokens, n = sampling_params(body)
+    params, max_tokens, n = sampling_params(body, served.vocab_size)
     if body.get("tool_choice") is not None:
         raise ApiError(400, "'tool_choice' belongs to /v1/chat/completions", "tool_choice", "invalid_value")
     params.constraint = await compile_request_constraint(served, *constraint_spec(body))

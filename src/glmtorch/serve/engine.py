@@ -47,7 +47,7 @@ import torch
 
 from ..fastpath import FusedDecodeStep, compiled_decode_step
 from ..generation.config import GenerationConfig
-from ..generation.processors import make_processors
+from ..generation.processors import LogitBias, PresenceFrequencyPenalty, make_processors
 from ..generation.sampling import greedy_tokens, sample_from_logits
 from ..generation.streaming import TextStream
 from .blocks import BlockPool, chain_hashes
@@ -74,6 +74,18 @@ def arrival_wait_from_env() -> float:
     return seconds
 
 
+def request_processors(params: SamplingParams, prompt_length: int) -> list:
+    """A request's logits processors, in vLLM's order: its constraint's mask first (so that top-k / top-p pick
+    among the tokens it allows), then logit_bias, the presence / frequency penalties, and generate()'s processors
+    (repetition penalty, temperature, top-k, top-p, min-p)."""
+    processors = [params.constraint.processor()] if params.constraint else []
+    if params.logit_bias:
+        processors.append(LogitBias(params.logit_bias))
+    if params.presence_penalty or params.frequency_penalty:
+        processors.append(PresenceFrequencyPenalty(params.presence_penalty, params.frequency_penalty, prompt_length))
+    return processors + make_processors(params.generation_config())
+
+
 class QueueFull(Exception):
     """More requests are waiting than --max-queue allows."""
 
@@ -86,6 +98,9 @@ class SamplingParams:
     top_k: int = 0
     min_p: float = 0.0
     repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0  # OpenAI's, on the reply's tokens so far
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     logprobs: bool = False
@@ -245,9 +260,7 @@ class Engine:
             if self.active + len(self.waiting) >= self.max_num_seqs + self.max_queue:
                 raise QueueFull(f"{len(self.waiting)} requests are already waiting (--max-queue {self.max_queue})")
             request.tokens = list(request.prompt_ids)
-            # a constraint masks first, so that top-k / top-p pick among the tokens it allows
-            request.processors = ([request.params.constraint.processor()] if request.params.constraint else []) \
-                + make_processors(request.params.generation_config())
+            request.processors = request_processors(request.params, len(request.prompt_ids))
             request.generator = torch.Generator().manual_seed(
                 request.params.seed if request.params.seed is not None else int.from_bytes(os.urandom(6), "little"))
             request.text = TextStream(self.tokenizer, request.params.stop, self.stop_ids, request.params.ignore_eos)

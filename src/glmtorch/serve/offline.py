@@ -18,12 +18,13 @@ from dataclasses import dataclass, field, replace
 
 from tqdm.auto import tqdm
 
-from ..generation.config import check_sampling_value
+from ..generation.config import check_logit_bias, check_sampling_value
 from .engine import Event, Request, SamplingParams
 
 # The engine's fields with the generation bounds that check them (one table, generation.config).
 _BOUNDED = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
-            "repetition_penalty": "repetition_penalty", "max_tokens": "max_new_tokens", "seed": "seed"}
+            "repetition_penalty": "repetition_penalty", "presence_penalty": "presence_penalty",
+            "frequency_penalty": "frequency_penalty", "max_tokens": "max_new_tokens", "seed": "seed"}
 
 
 @dataclass
@@ -117,7 +118,10 @@ class LLM:
                     check_sampling_value(bound, getattr(p, name), shown=name)
             if not isinstance(p.stop, list) or not all(isinstance(s, str) and s for s in p.stop):
                 raise ValueError("SamplingParams.stop must be a list of non-empty strings")
-        return [replace(p, stop=list(p.stop)) for p in params]  # the engine's requests own their copies
+        vocab = self.engine.model.config.vocab_size
+        return [replace(p, stop=list(p.stop),  # the engine's requests own their copies
+                        logit_bias=check_logit_bias(p.logit_bias, vocab, "SamplingParams.logit_bias"))
+                for p in params]
 
     def _run(self, texts, ids, params, use_tqdm) -> list[RequestOutput]:
         for i, (prompt, p) in enumerate(zip(ids, params)):
