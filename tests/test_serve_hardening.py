@@ -98,6 +98,7 @@ def wait_idle(engine, seconds=10):
     ({"messages": USER, "guided_json": "{not json"}, "guided_json"),
     ({"messages": USER, "guided_regex": "a+", "response_format": {"type": "json_object"}}, "guided_regex"),
     ({"messages": USER, "tool_choice": "required"}, "tool_choice"),
+    ({"messages": USER, "tool_choice": {"type": "function", "function": {"name": "get_weather"}}}, "tool_choice"),
     ({"messages": USER, "model": ["demo"]}, "model"),
     ("[1, 2]", None),
     ("\xff\xfe", None),
@@ -269,11 +270,14 @@ VALUES = [None, True, False, 0, 1, -1, 2, 7, 2**31, 2**63, 2**64, -2**63, 0.5, 1
           {"type": "json_object"}, {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}},
           {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "array", "uniqueItems": True}}},
           {"json": {"type": "string"}}, {"regex": "[a-z]{3}"}, {"choice": ["x", "y"]}, {"regex": "("}, "required",
-          {"type": "function", "function": {"name": "f"}}, {"enable_thinking": False}, {"messages": 1}, "(a|b)+"]
+          {"type": "function", "function": {"name": "f"}}, {"enable_thinking": False}, {"messages": 1}, "(a|b)+",
+          # logit_bias's shapes
+          {"5": 100}, {"5": -100, "6": 1e-300}, {"05": 1}, {"99999999999999999999": 1}]
 FIELDS = ["model", "messages", "prompt", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k",
           "min_p", "repetition_penalty", "seed", "stop", "n", "stream", "stream_options", "logprobs",
           "top_logprobs", "tools", "tool_choice", "ignore_eos", "echo", "user", "response_format",
-          "structured_outputs", "guided_json", "guided_regex", "guided_choice", "chat_template_kwargs"]
+          "structured_outputs", "guided_json", "guided_regex", "guided_choice", "chat_template_kwargs",
+          "presence_penalty", "frequency_penalty", "logit_bias", "best_of", "suffix", "min_tokens"]
 
 
 def mutate(rng: random.Random, body: dict) -> dict | str:

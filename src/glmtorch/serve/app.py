@@ -281,6 +281,9 @@ def chat_tools(body: dict) -> list[dict] | None:
         raise ApiError(400, f"'tool_choice'={choice!r} must be 'none', 'auto', 'required' or a named function",
                        "tool_choice", "invalid_value")
     if not tools:
+        if isinstance(choice, dict):
+            raise ApiError(400, f"tool_choice names {choice['function']['name']!r} but no tools are given",
+                           "tool_choice", "invalid_value")
         return None
     for i, t in enumerate(tools):
         function = t.get("function") if isinstance(t, dict) else None
