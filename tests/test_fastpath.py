@@ -425,6 +425,10 @@ def test_bench_tiny_preset_runs(tmp_path):
     assert report["ratio_ranges"]["glmtorch/transformers"]["decode_b1_tok_s"] == pytest.approx(paired)
     assert "roofline" in format_report(report) and "x (" in format_report(report)
     assert report["gpu"] is None and "GPU:" not in format_report(report)  # a GPU run names its GPU
+    # the kernels a figure ran with: their build and target (a portable build's figures must say so)
+    assert report["kernels"] == {"build": kernels.build_name(), "march": kernels.target_arch()}
+    assert f"kernels: -march={kernels.target_arch()}" in format_report(report)
+    assert "kernels: none (library paths)" in format_report({**report, "kernels": {"build": "none", "march": None}})
     assert "GPU: NVIDIA H200\n" in format_report({**report, "gpu": "NVIDIA H200"})
 
 

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from . import dispatch
+from . import dispatch, kernels
 from .cpuinfo import cpu_description
 from .fastpath import describe_decode_step, pack_weights
 from .extras import install_hint
@@ -214,7 +214,7 @@ def run_bench(model_path: str | None = None, preset: str = "small", dtype: str =
     report: dict[str, Any] = {
         "model": model_path if tmp is None else f"preset:{preset}" + ("" if arch == "glm" else f" ({arch})"),
         "dtype": dtype, "quantize": quantize,
-        "device": str(dev), "cpu": cpu_description(), "threads": torch.get_num_threads(),
+        "device": str(dev), "cpu": cpu_description(), "kernels": kernels.describe(), "threads": torch.get_num_threads(),
         "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None,
         "linear_paths": dispatch.decisions(), "decode_step": describe_decode_step(ours),
         "torch": torch.__version__, "prefill_tokens": prefill, "new_tokens": new_tokens, "reps": reps,
@@ -352,12 +352,19 @@ def speculation_rates(model, vocab: int, new_tokens: int, reps: int, num_tokens:
     return out
 
 
+def _kernels_line(built: dict | None) -> str:
+    if not built or built.get("build") == "none":
+        return "none (library paths)"
+    return f"-march={built['march']}"
+
+
 def format_report(report: dict[str, Any]) -> str:
     cpu = report.get("cpu", {})
     lines = [f"{report['model']}  dtype={report['dtype']} quantize={report['quantize']} device={report['device']} "
              f"threads={report['threads']}",
              *([f"GPU: {report['gpu']}"] if report.get("gpu") else []),
-             f"CPU: {cpu.get('model', '?')} ({', '.join(cpu.get('flags', [])) or 'no matrix flags'})",
+             f"CPU: {cpu.get('model', '?')} ({', '.join(cpu.get('flags', [])) or 'no matrix flags'}); "
+             f"kernels: {_kernels_line(report.get('kernels'))}",
              f"bandwidth {report['bandwidth_gb_s']:.1f} GB/s, weights {report['weight_bytes_per_token'] / 1e6:.1f} MB "
              f"per token -> roofline {report['roofline_decode_b1_tok_s']:.1f} tok/s at batch 1"]
     for name, r in report["results"].items():

@@ -104,6 +104,14 @@ def build_name() -> str:
     return _state.get("name", "none") if available() else "none"
 
 
+def describe() -> dict:
+    """Which kernels a figure ran with (benchmark reports): the build's name and the -march it was built for, or
+    none where they did not build."""
+    if not available():
+        return {"build": "none", "march": None}
+    return {"build": build_name(), "march": target_arch()}
+
+
 def target_arch() -> str:
     """The -march the kernels are built for: `native` (this CPU's instruction sets), or GLMTORCH_KERNELS_MARCH
     (e.g. `x86-64-v3` for a build that every AVX2 machine of a fleet can load, or `x86-64`: the plain loops a CPU
