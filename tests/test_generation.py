@@ -83,6 +83,17 @@ def test_openai_penalties_and_logit_bias_follow_their_definitions():
     assert torch.allclose(biased, logits + shift)
 
 
+def test_min_tokens_masks_the_stop_tokens_until_the_reply_is_long_enough():
+    logits = torch.randn(2, 10)
+    hold = P.MinTokens({3, 7, 99}, min_tokens=2, prompt_length=4)  # 99: past this vocabulary, ignored
+    held = hold(torch.zeros(2, 5, dtype=torch.long), logits)  # one reply token so far
+    assert torch.isinf(held[:, [3, 7]]).all() and torch.equal(held[:, [0, 1, 2, 4]], logits[:, [0, 1, 2, 4]])
+    assert torch.equal(hold(torch.zeros(2, 6, dtype=torch.long), logits), logits)  # two: free to stop
+    only_stop = torch.full((1, 10), -float("inf"))
+    only_stop[0, 3] = 1.0  # a constraint that allows only the end: it is not masked away
+    assert torch.equal(hold(torch.zeros(1, 4, dtype=torch.long), only_stop), only_stop)
+
+
 @pytest.mark.parametrize("bias, match", [
     ([1, 2], "must be an object"), ({"abc": 1}, "'abc' is not a token id"), ({"50": 1}, r"not a token id in \[0, 50\)"),
     ({"-1": 1}, "not a token id"), ({"3": 101}, r"must be a number in \[-100, 100\]"), ({"3": "1"}, "must be a number"),

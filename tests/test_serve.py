@@ -138,12 +138,26 @@ def test_logit_bias_and_the_openai_penalties_steer_the_reply(served, client):
     assert one not in banned.choices[0].logprobs.tokens
 
 
+def test_min_tokens_holds_the_stop_tokens_back(served, client):
+    """The end-of-text token pushed to the top (logit_bias +100): alone the reply ends at once; with min_tokens 3
+    it says three tokens first, then ends with it (finish_reason stop, not length)."""
+    tokenizer = served[3]
+    end = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    kw = dict(model="tiny-glm", prompt="To be", max_tokens=8, temperature=0, logit_bias={str(end): 100})
+    at_once = client.completions.create(**kw)
+    assert at_once.choices[0].finish_reason == "stop" and at_once.choices[0].text == ""
+    held = client.completions.create(**kw, extra_body={"min_tokens": 3}, logprobs=0)
+    tokens = held.choices[0].logprobs.tokens  # the reply's tokens, the end-of-text token that ended it last
+    assert held.choices[0].finish_reason == "stop" and len(tokens) == 4 and tokens[-1] == "<|endoftext|>"
+    assert held.choices[0].text == "".join(tokens[:3])
+
+
 @pytest.mark.parametrize("field, value, match", [
     ("presence_penalty", 2.5, "presence_penalty=2.5: out of range"), ("frequency_penalty", "a", "must be a number"),
     ("logit_bias", {"abc": 1}, "not a token id"), ("logit_bias", {"99999999": 1}, "not a token id"),
     ("logit_bias", {"3": 500}, r"\[-100, 100\]"), ("logit_bias", [3], "must be an object"),
     ("best_of", 3, "'best_of' is not supported"), ("suffix", "x", "'suffix' is not supported"),
-    ("min_tokens", 4, "'min_tokens' is not supported"),
+    ("min_tokens", -1, "min_tokens=-1: out of range"), ("min_tokens", 3, "'min_tokens'=3 is more than max_tokens=2"),
 ])
 def test_sampling_fields_are_checked_not_ignored(served, field, value, match):
     """What the server does not do, or a value it cannot use, is a 400 naming the field: never output made as if

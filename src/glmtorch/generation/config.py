@@ -49,6 +49,7 @@ SAMPLING_BOUNDS: dict[str, Bound] = {
     "presence_penalty": Bound(float, -2.0, 2.0, why="between -2 and 2 (0 disables it)"),  # OpenAI's ranges
     "frequency_penalty": Bound(float, -2.0, 2.0, why="between -2 and 2 (0 disables it)"),
     "max_new_tokens": Bound(int, 1, INT_MAX, why="an integer >= 1"),
+    "min_new_tokens": Bound(int, 0, INT_MAX, why="an integer >= 0"),
     "max_length": Bound(int, 1, INT_MAX, why="an integer >= 1"),
     "seed": Bound(int, 0, SEED_MAX, why=f"an integer in [0, {SEED_MAX}]"),
     "prompt_lookup_num_tokens": Bound(int, 1, 64, why="an integer in [1, 64]"),

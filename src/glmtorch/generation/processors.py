@@ -56,6 +56,24 @@ class PresenceFrequencyPenalty:
         return logits - self.frequency * counts - self.presence * (counts > 0).to(logits.dtype)
 
 
+class MinTokens:
+    """vLLM's min_tokens: the stop tokens (end of turn, end of text) cannot be chosen before the reply has
+    `min_tokens` tokens, unless nothing else is left (a constraint that allows only the end: a reply that must
+    end is not made to go on with a token it forbids). `prompt_length`: where the reply begins in the history."""
+
+    def __init__(self, stop_ids, min_tokens: int, prompt_length: int) -> None:
+        self.stop_ids = torch.tensor(sorted(stop_ids), dtype=torch.long)
+        self.min_tokens, self.prompt_length = min_tokens, prompt_length
+
+    def __call__(self, tokens: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        if tokens.shape[1] - self.prompt_length >= self.min_tokens or not len(self.stop_ids):
+            return logits
+        ids = self.stop_ids[self.stop_ids < logits.shape[-1]].to(logits.device)
+        masked = logits.index_fill(-1, ids, NEG_INF)
+        something_left = torch.isfinite(masked).any(dim=-1, keepdim=True)
+        return torch.where(something_left, masked, logits)
+
+
 class Temperature:
     def __init__(self, temperature: float) -> None:
         self.temperature = temperature

@@ -80,7 +80,7 @@ def _sampling(body: dict, name: str, field: str, default: Any) -> Any:
 
 # OpenAI fields glmtorch does not do, refused when set to anything but their no-op value rather than ignored:
 # a client that asks for them must not get output made without them
-NOT_SUPPORTED = {"best_of": (None, 1), "suffix": (None, ""), "min_tokens": (None, 0)}
+NOT_SUPPORTED = {"best_of": (None, 1), "suffix": (None, "")}
 
 
 def _logit_bias(body: dict, vocab: int) -> dict[int, float]:
@@ -90,6 +90,14 @@ def _logit_bias(body: dict, vocab: int) -> dict[int, float]:
         return check_logit_bias(body["logit_bias"], vocab)
     except SamplingValueError as e:
         raise ApiError(400, str(e), "logit_bias", "invalid_value") from None
+
+
+def _min_tokens(body: dict, max_tokens: int | None) -> int:
+    min_tokens = _sampling(body, "min_tokens", "min_new_tokens", 0)
+    if max_tokens is not None and min_tokens > max_tokens:
+        raise ApiError(400, f"'min_tokens'={min_tokens} is more than max_tokens={max_tokens}", "min_tokens",
+                       "invalid_value")
+    return min_tokens
 
 
 def sampling_params(body: dict, vocab: int) -> tuple[SamplingParams, int | None, int]:
@@ -126,7 +134,7 @@ def sampling_params(body: dict, vocab: int) -> tuple[SamplingParams, int | None,
         repetition_penalty=_sampling(body, "repetition_penalty", "repetition_penalty", 1.0),
         presence_penalty=_sampling(body, "presence_penalty", "presence_penalty", 0.0),
         frequency_penalty=_sampling(body, "frequency_penalty", "frequency_penalty", 0.0),
-        logit_bias=_logit_bias(body, vocab), seed=seed, stop=stop, logprobs=bool(logprobs), top_logprobs=top_logprobs,
+        logit_bias=_logit_bias(body, vocab), min_tokens=_min_tokens(body, max_tokens), seed=seed, stop=stop, logprobs=bool(logprobs), top_logprobs=top_logprobs,
         # vLLM's extension, which benchmarks send so that every request produces max_tokens
         ignore_eos=_get(body, "ignore_eos", (bool,), False),
     )

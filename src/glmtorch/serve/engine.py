@@ -47,7 +47,7 @@ import torch
 
 from ..fastpath import FusedDecodeStep, compiled_decode_step
 from ..generation.config import GenerationConfig
-from ..generation.processors import LogitBias, PresenceFrequencyPenalty, make_processors
+from ..generation.processors import LogitBias, MinTokens, PresenceFrequencyPenalty, make_processors
 from ..generation.sampling import greedy_tokens, sample_from_logits
 from ..generation.streaming import TextStream
 from .blocks import BlockPool, chain_hashes
@@ -74,11 +74,13 @@ def arrival_wait_from_env() -> float:
     return seconds
 
 
-def request_processors(params: SamplingParams, prompt_length: int) -> list:
+def request_processors(params: SamplingParams, prompt_length: int, stop_ids=()) -> list:
     """A request's logits processors, in vLLM's order: its constraint's mask first (so that top-k / top-p pick
-    among the tokens it allows), then logit_bias, the presence / frequency penalties, and generate()'s processors
-    (repetition penalty, temperature, top-k, top-p, min-p)."""
+    among the tokens it allows), then min_tokens (no stop token yet), logit_bias, the presence / frequency
+    penalties, and generate()'s processors (repetition penalty, temperature, top-k, top-p, min-p)."""
     processors = [params.constraint.processor()] if params.constraint else []
+    if params.min_tokens and not params.ignore_eos:
+        processors.append(MinTokens(stop_ids, params.min_tokens, prompt_length))
     if params.logit_bias:
         processors.append(LogitBias(params.logit_bias))
     if params.presence_penalty or params.frequency_penalty:
@@ -101,6 +103,7 @@ class SamplingParams:
     presence_penalty: float = 0.0  # OpenAI's, on the reply's tokens so far
     frequency_penalty: float = 0.0
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
+    min_tokens: int = 0  # vLLM's: no stop token (end of turn / text) before the reply has this many tokens
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     logprobs: bool = False
@@ -260,7 +263,7 @@ class Engine:
             if self.active + len(self.waiting) >= self.max_num_seqs + self.max_queue:
                 raise QueueFull(f"{len(self.waiting)} requests are already waiting (--max-queue {self.max_queue})")
             request.tokens = list(request.prompt_ids)
-            request.processors = request_processors(request.params, len(request.prompt_ids))
+            request.processors = request_processors(request.params, len(request.prompt_ids), self.stop_ids)
             request.generator = torch.Generator().manual_seed(
                 request.params.seed if request.params.seed is not None else int.from_bytes(os.urandom(6), "little"))
             request.text = TextStream(self.tokenizer, request.params.stop, self.stop_ids, request.params.ignore_eos)

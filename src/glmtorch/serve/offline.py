@@ -24,7 +24,8 @@ from .engine import Event, Request, SamplingParams
 # The engine's fields with the generation bounds that check them (one table, generation.config).
 _BOUNDED = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
             "repetition_penalty": "repetition_penalty", "presence_penalty": "presence_penalty",
-            "frequency_penalty": "frequency_penalty", "max_tokens": "max_new_tokens", "seed": "seed"}
+            "frequency_penalty": "frequency_penalty", "max_tokens": "max_new_tokens", "min_tokens": "min_new_tokens",
+            "seed": "seed"}
 
 
 @dataclass
