@@ -134,7 +134,8 @@ def sampling_params(body: dict, vocab: int) -> tuple[SamplingParams, int | None,
         repetition_penalty=_sampling(body, "repetition_penalty", "repetition_penalty", 1.0),
         presence_penalty=_sampling(body, "presence_penalty", "presence_penalty", 0.0),
         frequency_penalty=_sampling(body, "frequency_penalty", "frequency_penalty", 0.0),
-        logit_bias=_logit_bias(body, vocab), min_tokens=_min_tokens(body, max_tokens), seed=seed, stop=stop, logprobs=bool(logprobs), top_logprobs=top_logprobs,
+        logit_bias=_logit_bias(body, vocab), min_tokens=_min_tokens(body, max_tokens), seed=seed, stop=stop,
+        logprobs=bool(logprobs), top_logprobs=top_logprobs,
         # vLLM's extension, which benchmarks send so that every request produces max_tokens
         ignore_eos=_get(body, "ignore_eos", (bool,), False),
     )
