@@ -10,6 +10,15 @@ from .config import GenerationConfig
 NEG_INF = -float("inf")
 
 
+def token_counts(tokens: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """(B, vocab) how many times each token occurs in each row of `tokens`, in the logits' dtype; padding (-1) and
+    ids past the vocabulary count for nothing."""
+    vocab = logits.shape[-1]
+    ids = tokens.masked_fill((tokens < 0) | (tokens >= vocab), vocab)  # padding goes to a dropped column
+    counts = torch.zeros(logits.shape[0], vocab + 1, dtype=logits.dtype, device=logits.device)
+    return counts.scatter_add_(1, ids, torch.ones_like(ids, dtype=logits.dtype))[:, :vocab]
+
+
 class RepetitionPenalty:
     """Divide positive / multiply negative logits of every token already in the row's history."""
 
@@ -17,12 +26,8 @@ class RepetitionPenalty:
         self.penalty = penalty
 
     def __call__(self, tokens: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        vocab = logits.shape[-1]
-        seen = torch.zeros(logits.shape[0], vocab + 1, dtype=torch.bool, device=logits.device)
-        ids = tokens.masked_fill((tokens < 0) | (tokens >= vocab), vocab)  # padding goes to a dropped column
-        seen.scatter_(1, ids, True)
         penalised = torch.where(logits < 0, logits * self.penalty, logits / self.penalty)
-        return torch.where(seen[:, :vocab], penalised, logits)
+        return torch.where(token_counts(tokens, logits) > 0, penalised, logits)
 
 
 class LogitBias:
@@ -47,12 +52,7 @@ class PresenceFrequencyPenalty:
         self.presence, self.frequency, self.prompt_length = presence, frequency, prompt_length
 
     def __call__(self, tokens: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        vocab = logits.shape[-1]
-        said = tokens[:, self.prompt_length:]
-        said = said.masked_fill((said < 0) | (said >= vocab), vocab)  # padding goes to a dropped column
-        counts = torch.zeros(logits.shape[0], vocab + 1, dtype=logits.dtype, device=logits.device)
-        counts.scatter_add_(1, said, torch.ones_like(said, dtype=logits.dtype))
-        counts = counts[:, :vocab]
+        counts = token_counts(tokens[:, self.prompt_length:], logits)
         return logits - self.frequency * counts - self.presence * (counts > 0).to(logits.dtype)
 
 

@@ -161,10 +161,8 @@ def constraint_spec(body: dict, tools: list[dict] | None = None) -> tuple[dict |
                            "invalid_value")
         asked.append(("response_format", response_format))
     choice = body.get("tool_choice")
-    if tools and (choice == "required" or isinstance(choice, dict)):
+    if tools and (choice == "required" or isinstance(choice, dict)):  # chat_tools checked that tools are given
         asked.append(("tool_choice", {"type": "tool_call", "tools": tools}))
-    elif choice == "required":
-        raise ApiError(400, "'tool_choice': 'required' needs 'tools'", "tool_choice", "invalid_value")
     guided = {GUIDED_FIELDS[k]: body[k] for k in GUIDED_FIELDS if body.get(k) is not None}
     if body.get("structured_outputs") is not None:
         outputs = body["structured_outputs"]
@@ -290,9 +288,10 @@ def chat_tools(body: dict) -> list[dict] | None:
         raise ApiError(400, f"'tool_choice'={choice!r} must be 'none', 'auto', 'required' or a named function",
                        "tool_choice", "invalid_value")
     if not tools:
-        if isinstance(choice, dict):
-            raise ApiError(400, f"tool_choice names {choice['function']['name']!r} but no tools are given",
-                           "tool_choice", "invalid_value")
+        if choice == "required" or isinstance(choice, dict):
+            asked = "'required'" if choice == "required" else f"function {choice['function']['name']!r}"
+            raise ApiError(400, f"'tool_choice' asks for {asked} but no 'tools' are given", "tool_choice",
+                           "invalid_value")
         return None
     for i, t in enumerate(tools):
         function = t.get("function") if isinstance(t, dict) else None
