@@ -514,6 +514,44 @@ def test_prefill_attention_of_prompts_is_softmax_attention(head_dim, heads, T, b
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("T", [23, 3])  # tiles, and the row-at-a-time loop (9 query heads a key/value head)
+@pytest.mark.parametrize("mask", ["none", "causal"])
+def test_prefill_attention_skips_a_passs_padding(T, mask):
+    """A right-padded pass (prompts of different lengths after cached prefixes) marks its padding tokens' slots -1:
+    paged_prefill_attention gives the real tokens exactly what a pass of them alone gives, zeros for the padding,
+    whatever the padding's queries hold; padding before a real token is refused, named."""
+    g = torch.Generator().manual_seed(5)
+    runs, KV, heads, D, block = 3, 2, 6, 32, 16
+    real = [T, max(1, T // 3), 1]
+    starts = torch.tensor([0, 9, 40])
+    lasts = starts[:, None] + torch.arange(T)
+    L = int(lasts.max()) + 1
+    per_row = -(-L // block)
+    keys = torch.randn(runs * per_row + 1, KV, block, D, generator=g)
+    values = torch.randn(runs * per_row + 1, KV, block, D, generator=g)
+    table = (torch.randperm(runs * per_row, generator=g) + 1).view(runs, per_row)
+    q = torch.randn(runs, T, heads, D, generator=g)
+    visible = (torch.arange(L) <= lasts[..., None]).reshape(runs * T, L) if mask == "causal" \
+        else torch.empty(0, dtype=torch.bool)
+    padded = lasts.clone()
+    for r in range(runs):
+        padded[r, real[r]:] = -1
+    noisy = q.clone()
+    noisy[padded < 0] = float("nan")  # a padding query is never read
+    ops, scale = torch.ops.glmtorch_kernels, D ** -0.5
+    full = ops.paged_prefill_attention(q, keys, values, table, lasts, visible, scale)
+    got = ops.paged_prefill_attention(noisy, keys, values, table, padded, visible, scale)
+    for r in range(runs):
+        assert torch.equal(got[r, :real[r]], full[r, :real[r]]), r
+        assert torch.equal(got[r, real[r]:], torch.zeros_like(got[r, real[r]:])), r
+    if T > 1:
+        wrong = lasts.clone()
+        wrong[0, 0] = -1
+        with pytest.raises(RuntimeError, match="padding .* must come after all its real tokens"):
+            ops.paged_prefill_attention(q, keys, values, table, wrong, visible, scale)
+
+
+@torch.no_grad()
 @pytest.mark.parametrize("rows", [1, 3, 40])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("blocks", [False, True])

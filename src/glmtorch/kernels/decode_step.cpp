@@ -538,18 +538,21 @@ void attend_tile(const CacheLayout& c, const T* kc, const T* vc, int64_t b, int6
   }
 }
 
-// Every run's T x G query heads of each key/value head, in tiles (attend_tile): runs x KV x tiles tasks.
+// Every run's T x G query heads of each key/value head, in tiles (attend_tile): runs x KV x tiles tasks. A run's
+// padding (its tokens from the first whose slot is -1 on) is no task's: `real` holds each run's real tokens.
 template <typename T>
 void attend_runs(const CacheLayout& c, const T* kc, const T* vc, int64_t runs, int64_t rows_per_run, int64_t Q,
                  int64_t KV, int64_t D, int64_t L, const int64_t* last_of, const bool* seen_of, double scale,
-                 const float* q_of, float* out_of) {
-  const int64_t heads = rows_per_run * (Q / KV), tiles = (heads + TILE_LANES - 1) / TILE_LANES;
+                 const float* q_of, float* out_of, const std::vector<int64_t>& real) {
+  const int64_t G = Q / KV, tiles = (rows_per_run * G + TILE_LANES - 1) / TILE_LANES;
   at::parallel_for(0, runs * KV * tiles, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> work;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / (KV * tiles), h = task / tiles % KV, u0 = task % tiles * TILE_LANES;
-      attend_tile(c, kc, vc, b, h, rows_per_run, Q, KV, D, L, last_of, seen_of, static_cast<float>(scale), q_of,
-                  out_of, u0, std::min(TILE_LANES, heads - u0), work);
+      const int64_t heads = real[b] * G;  // this run's real query heads of head h
+      if (u0 < heads)
+        attend_tile(c, kc, vc, b, h, rows_per_run, Q, KV, D, L, last_of, seen_of, static_cast<float>(scale), q_of,
+                    out_of, u0, std::min(TILE_LANES, heads - u0), work);
     }
   });
 }
@@ -562,7 +565,9 @@ struct Window {
   int64_t L = 0;
 };
 
-Window checked_window(const at::Tensor& last, const at::Tensor& visible, int64_t N, const char* op) {
+// With `padding`, a slot of -1 marks a query row that is a pass's padding (paged_prefill_attention skips it).
+Window checked_window(const at::Tensor& last, const at::Tensor& visible, int64_t N, const char* op,
+                      bool padding = false) {
   Window w;
   w.lasts = last.to(at::kLong).contiguous();
   w.seen = visible.numel() ? visible.to(at::kBool).contiguous() : at::Tensor();
@@ -570,6 +575,7 @@ Window checked_window(const at::Tensor& last, const at::Tensor& visible, int64_t
   const int64_t* lp = w.lasts.data_ptr<int64_t>();
   w.L = w.seen.defined() ? w.seen.size(1) : 0;
   for (int64_t i = 0; i < N; ++i) {
+    if (padding && lp[i] == -1) continue;
     TORCH_CHECK(lp[i] >= 0, op, ": a negative slot");
     w.L = w.seen.defined() ? w.L : std::max(w.L, lp[i] + 1);
     TORCH_CHECK(lp[i] < w.L, op, ": a slot outside the visible window");
@@ -605,11 +611,25 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& keys, const at
   return out;
 }
 
+// Each run's real tokens: those before its first slot of -1 (padding, which only ever comes last: a right-padded
+// pass of prompts of different lengths).
+std::vector<int64_t> real_tokens(const at::Tensor& lasts, int64_t runs, int64_t T) {
+  const int64_t* lp = lasts.data_ptr<int64_t>();
+  std::vector<int64_t> real(runs);
+  for (int64_t b = 0; b < runs; ++b) {
+    const int64_t* row = lp + b * T;
+    real[b] = std::find(row, row + T, -1) - row;
+    TORCH_CHECK(std::all_of(row + real[b], row + T, [](int64_t x) { return x == -1; }),
+                "paged_prefill_attention: a run's padding (slot -1) must come after all its real tokens");
+  }
+  return real;
+}
+
 // Prefill attention over a paged pool, read in place: q (runs, T, Q, D) fp32, the T new tokens of each run (a
 // prompt); keys / values one layer's pool (blocks, KV, block size, D), fp32 or bf16; table (runs, blocks); last
-// (runs, T) each token's own slot; visible (runs T, L) bool or empty (every slot up to last). Returns (runs, T, Q, D)
-// fp32. Without the vector loops, or with too few query heads for a tile, paged_attention's loop takes a row at a
-// time.
+// (runs, T) each token's own slot, or -1 for a padding token after a shorter run's real ones (not attended: its
+// output is zeros); visible (runs T, L) bool or empty (every slot up to last). Returns (runs, T, Q, D) fp32.
+// Without the vector loops, or with too few query heads for a tile, paged_attention's loop takes a row at a time.
 at::Tensor paged_prefill_attention(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& values,
                                    const at::Tensor& table, const at::Tensor& last, const at::Tensor& visible,
                                    double scale) {
@@ -618,6 +638,9 @@ at::Tensor paged_prefill_attention(const at::Tensor& q, const at::Tensor& keys, 
               "paged_prefill_attention: q (runs, T, Q, D), table (runs, blocks) and last (runs, T)");
   const int64_t runs = q.size(0), T = q.size(1), Q = q.size(2), D = q.size(3);
   const auto rows = q.reshape({runs * T, Q, D});
+  const Window w = checked_window(last, visible, runs * T, "paged_prefill_attention", /*padding=*/true);
+  const std::vector<int64_t> real = real_tokens(w.lasts, runs, T);
+  const bool padded = std::any_of(real.begin(), real.end(), [T](int64_t n) { return n < T; });
 #if defined(GLMTORCH_VECTOR_EXP) && defined(GLMTORCH_ATTEND_VECTORS)
   const int64_t KV = keys.dim() == 4 ? keys.size(1) : 0;
   // tiles where a run's query heads of a key/value head fill a group's registers (fewer: mostly padding lanes,
@@ -626,7 +649,6 @@ at::Tensor paged_prefill_attention(const at::Tensor& q, const at::Tensor& keys, 
     TORCH_CHECK(keys.scalar_type() == values.scalar_type() &&
                     (keys.scalar_type() == at::kFloat || keys.scalar_type() == at::kBFloat16),
                 "paged_prefill_attention: an fp32 or bf16 (blocks, KV, block size, D) pool");
-    const Window w = checked_window(last, visible, runs * T, "paged_prefill_attention");
     const at::Tensor& seen = w.seen;
     const int64_t* lp = w.lasts.data_ptr<int64_t>();
     const int64_t L = w.L;
@@ -635,24 +657,33 @@ at::Tensor paged_prefill_attention(const at::Tensor& q, const at::Tensor& keys, 
     bool causal = seen.defined();
     for (int64_t i = 0; causal && i < runs * T; ++i) {
       const bool* row = seen.data_ptr<bool>() + i * L;
-      causal = std::all_of(row, row + lp[i] + 1, [](bool x) { return x; }) &&
-               std::none_of(row + lp[i] + 1, row + L, [](bool x) { return x; });
+      causal = lp[i] == -1 || (std::all_of(row, row + lp[i] + 1, [](bool x) { return x; }) &&
+                               std::none_of(row + lp[i] + 1, row + L, [](bool x) { return x; }));
     }
     const CacheLayout c = cache_layout(keys, values, runs, KV, D, L, c10::nullopt, table);
     const auto qc = rows.contiguous();
-    auto out = at::empty({runs, T, Q, D}, q.options());
+    auto out = padded ? at::zeros({runs, T, Q, D}, q.options()) : at::empty({runs, T, Q, D}, q.options());
     const bool* sp = seen.defined() && !causal ? seen.data_ptr<bool>() : nullptr;
     if (keys.scalar_type() == at::kBFloat16)
       attend_runs(c, keys.data_ptr<at::BFloat16>(), values.data_ptr<at::BFloat16>(), runs, T, Q, KV, D, L, lp, sp,
-                  scale, qc.data_ptr<float>(), out.data_ptr<float>());
+                  scale, qc.data_ptr<float>(), out.data_ptr<float>(), real);
     else
       attend_runs(c, keys.data_ptr<float>(), values.data_ptr<float>(), runs, T, Q, KV, D, L, lp, sp, scale,
-                  qc.data_ptr<float>(), out.data_ptr<float>());
+                  qc.data_ptr<float>(), out.data_ptr<float>(), real);
     return out;
   }
 #endif
-  return paged_attention(rows, keys, values, table.repeat_interleave(T, 0), last.reshape({-1}), visible, scale)
-      .view({runs, T, Q, D});
+  const auto tables = table.repeat_interleave(T, 0);
+  const auto lasts = w.lasts.view({-1});
+  if (!padded)
+    return paged_attention(rows, keys, values, tables, lasts, visible, scale).view({runs, T, Q, D});
+  auto out = at::zeros({runs * T, Q, D}, q.options());
+  const auto keep = (lasts >= 0).nonzero().squeeze(1);  // the real tokens' rows
+  if (keep.numel())
+    out.index_copy_(0, keep, paged_attention(rows.index_select(0, keep), keys, values, tables.index_select(0, keep),
+                                             lasts.index_select(0, keep),
+                                             visible.numel() ? visible.index_select(0, keep) : visible, scale));
+  return out.view({runs, T, Q, D});
 }
 
 // weight * (x / sqrt(mean(x^2) + eps)) per row, as RMSNorm in fp32: elementwise.cpp's op (rows over the threads,
