@@ -249,7 +249,7 @@ def test_bench_serve_stream_reader_gives_the_server_text_and_its_errors(served):
     url = served[0].url + "/v1/completions"
     body = {"prompt": "Tell me", "max_tokens": 10, "temperature": 0, "stream": True,
             "stream_options": {"include_usage": True}}
-    whole = httpx.post(url, json={**body, "stream": False}, timeout=60).json()
+    whole = httpx.post(url, json={**body, "stream": False, "stream_options": None}, timeout=60).json()
     streamed = asyncio.run(_one(None, url, body, {}))
     assert streamed["text"] == whole["choices"][0]["text"] and streamed["tokens"] == whole["usage"]["completion_tokens"]
     assert streamed["prompt_tokens"] == whole["usage"]["prompt_tokens"] and len(streamed["stamps"]) >= 2

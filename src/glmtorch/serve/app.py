@@ -121,6 +121,7 @@ def sampling_params(body: dict, vocab: int) -> tuple[SamplingParams, int | None,
             raise ApiError(400, "'logprobs' must be in [0, 20]", "logprobs", "invalid_value")
         top_logprobs, logprobs = logprobs, True
     n = _get(body, "n", (int,), 1, lambda v: 1 <= v <= 16, "must be in [1, 16]")
+    _get(body, "user", (str,), None)  # OpenAI's end-user id: read by nothing here, but a string or a 400
     seed = _sampling(body, "seed", "seed", None)
     if seed is not None and seed + n - 1 > SEED_MAX:  # choice i of n samples with seed + i
         raise ApiError(400, f"'seed'={seed} leaves no room for n={n} choices (seed + n - 1 must be <= {SEED_MAX})",
@@ -208,9 +209,13 @@ async def compile_request_constraint(served: "Served", spec: dict | None, field:
 
 
 def stream_flags(body: dict) -> tuple[bool, bool]:
-    """(stream, stream_options.include_usage)."""
+    """(stream, stream_options.include_usage). stream_options without stream is a 400, as OpenAI and vLLM answer
+    it: a client asking for a usage chunk in a response that has no chunks has its request wrong."""
     stream = _get(body, "stream", (bool,), False)
     options = _get(body, "stream_options", (dict,), {})
+    if options and not stream:
+        raise ApiError(400, "'stream_options' is only allowed with \"stream\": true", "stream_options",
+                       "invalid_value")
     include_usage = options.get("include_usage", False)
     if include_usage is not None and not isinstance(include_usage, bool):
         raise ApiError(400, "'stream_options.include_usage' must be a boolean", "stream_options.include_usage",
