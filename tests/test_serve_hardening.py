@@ -68,6 +68,11 @@ def wait_idle(engine, seconds=10):
     ({"messages": USER, "stream": True, "stream_options": {"include_usage": "yes"}}, "stream_options.include_usage"),
     ({"messages": USER, "stream_options": {"include_usage": True}}, "stream_options"),
     ({"messages": USER, "stream": False, "stream_options": {"include_usage": False}}, "stream_options"),
+    ({"messages": USER, "stream": True, "stream_options": {"include_usages": True}}, "stream_options.include_usages"),
+    ({"messages": USER, "stream": True, "stream_options": {"continuous_usage_stats": True}},
+     "stream_options.continuous_usage_stats"),
+    ({"messages": USER, "stream": True, "stream_options": {"include_obfuscation": True}},
+     "stream_options.include_obfuscation"),
     ({"messages": USER, "user": 5}, "user"),
     ({"messages": USER, "user": ["a"]}, "user"),
     ({"messages": USER, "tool_choice": {"type": "function", "function": "get_weather"}}, "tool_choice"),
@@ -114,6 +119,18 @@ def test_malformed_shapes_are_400_naming_the_field(demo, body, param):
     error = r.json()["error"]
     assert error["param"] == param and error["message"]
     assert post(server, "/v1/chat/completions", {"messages": USER, "max_tokens": 2}).status_code == 200
+
+
+def test_stream_options_set_to_what_they_already_do_are_accepted(demo):
+    """stream_options' keys a client may send as false (OpenAI's include_obfuscation, vLLM's continuous_usage_stats)
+    are no error; include_usage still ends the stream with a usage chunk."""
+    server = demo[0]
+    options = {"include_usage": True, "include_obfuscation": False, "continuous_usage_stats": None}
+    r = post(server, "/v1/chat/completions", {"messages": USER, "max_tokens": 2, "stream": True,
+                                              "stream_options": options})
+    assert r.status_code == 200, r.text
+    events = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")]
+    assert events[-1]["choices"] == [] and events[-1]["usage"]["completion_tokens"] == 2
 
 
 def test_completions_shapes_and_echo(demo):

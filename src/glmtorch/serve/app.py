@@ -216,11 +216,22 @@ def stream_flags(body: dict) -> tuple[bool, bool]:
     if options and not stream:
         raise ApiError(400, "'stream_options' is only allowed with \"stream\": true", "stream_options",
                        "invalid_value")
-    include_usage = options.get("include_usage", False)
-    if include_usage is not None and not isinstance(include_usage, bool):
-        raise ApiError(400, "'stream_options.include_usage' must be a boolean", "stream_options.include_usage",
-                       "invalid_type")
-    return stream, bool(include_usage)
+    for key, value in options.items():
+        field = f"stream_options.{key}"
+        if key not in STREAM_OPTIONS:
+            raise ApiError(400, f"'{field}' is not a stream option this server knows (it knows "
+                           f"{', '.join(STREAM_OPTIONS)})", field, "invalid_value")
+        if value is not None and not isinstance(value, bool):
+            raise ApiError(400, f"'{field}' must be a boolean", field, "invalid_type")
+        if value and not STREAM_OPTIONS[key]:
+            raise ApiError(400, f"'{field}' is not supported by this server (leave it out or set it false)", field,
+                           "unsupported_parameter")
+    return stream, bool(options.get("include_usage"))
+
+
+# stream_options' keys (OpenAI's and vLLM's) -> whether this server does what `true` asks: a final usage chunk, yes;
+# usage in every chunk (vLLM's continuous_usage_stats) and OpenAI's padding of chunks against size side channels, no
+STREAM_OPTIONS = {"include_usage": True, "continuous_usage_stats": False, "include_obfuscation": False}
 
 
 def chat_messages(body: dict) -> list[dict]:
