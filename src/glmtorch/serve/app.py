@@ -217,10 +217,10 @@ def stream_flags(body: dict) -> tuple[bool, bool]:
         raise ApiError(400, "'stream_options' is only allowed with \"stream\": true", "stream_options",
                        "invalid_value")
     for key, value in options.items():
+        if key not in STREAM_OPTIONS:  # the key quoted cut short: it is the client's, of any length
+            raise ApiError(400, f"'stream_options' has a key this server does not know, {key[:64]!r} (it knows "
+                           f"{', '.join(STREAM_OPTIONS)})", "stream_options", "invalid_value")
         field = f"stream_options.{key}"
-        if key not in STREAM_OPTIONS:
-            raise ApiError(400, f"'{field}' is not a stream option this server knows (it knows "
-                           f"{', '.join(STREAM_OPTIONS)})", field, "invalid_value")
         if value is not None and not isinstance(value, bool):
             raise ApiError(400, f"'{field}' must be a boolean", field, "invalid_type")
         if value and not STREAM_OPTIONS[key]:
