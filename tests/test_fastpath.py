@@ -223,7 +223,8 @@ def test_a_batch_split_by_rows_equals_one_split_by_columns(tmp_path, monkeypatch
     positions (odd shares; 37: three chunks of rows for two threads), on a static cache (each share naming its
     cache rows) and through scattered block tables; and it did split (the plan counts such steps). With 2, 3 and 5
     threads: the two ways share the work out independently (by columns, every product; by rows, each share on one
-    thread), so a share lost or doubled at some thread count shows as a difference."""
+    thread), so a share lost or doubled at some thread count shows as a difference. Each row's greedy token, which
+    the step finds where it runs the LM head (each share its own rows'), is its logits' argmax both ways."""
     monkeypatch.setenv("GLMTORCH_LINEAR_PATH", "kernel")
     model = glmtorch.AutoModelForCausalLM.from_pretrained(save_hf(make_hf_model(**CONFIGS["gqa"]), tmp_path),
                                                           **({"quantize": quantize} if quantize else {}))
@@ -246,8 +247,10 @@ def test_a_batch_split_by_rows_equals_one_split_by_columns(tmp_path, monkeypatch
             tokens = torch.arange(3, 3 + rows)[:, None]
             mask = (torch.arange(window) <= lengths[:, None]).long()
             before = step.plan.split_steps() if step.plan is not None else 0
-            logits = step(model, tokens, lengths[:, None], lengths[:, None], mask, cache).clone()
+            greedy = torch.full((rows,), -1)
+            logits = step(model, tokens, lengths[:, None], lengths[:, None], mask, cache, greedy=greedy).clone()
             assert step.plan.split_steps() - before == (way == "rows")
+            assert torch.equal(greedy, logits.argmax(-1)), way
             outputs[way] = logits, cache.key_buffer.clone(), cache.value_buffer.clone()
         for split_by_rows, split_by_columns in zip(outputs["rows"], outputs["columns"]):
             assert rel_err(split_by_rows, split_by_columns) < 1e-6
@@ -338,14 +341,17 @@ def test_fused_decode_step_falls_back(pair, monkeypatch):
     step = FusedDecodeStep(lambda *args: calls.append(1) or decode_step(*args))
     monkeypatch.setattr(glmtorch.kernels, "FLOAT_MAX_ROWS", 1)
     cache, positions, full_mask = _prefilled(model, ids, mask)
-    out = step(model, torch.tensor([[3], [4]]), positions[:, 3:], torch.tensor([3]), full_mask, cache)
+    greedy = torch.full((2,), -1)  # each row's greedy token, found from the fallback's logits
+    out = step(model, torch.tensor([[3], [4]]), positions[:, 3:], torch.tensor([3]), full_mask, cache, greedy=greedy)
     assert calls == [1] and step.plan is not None and step.max_rows == 1
+    assert torch.equal(greedy, out.argmax(-1))
     monkeypatch.undo()
     model.to(torch.float16)
     cache, positions, full_mask = _prefilled(model, ids, mask)
-    out16 = step(model, torch.tensor([[3], [4]]), positions[:, 3:], torch.tensor([3]), full_mask, cache)
+    greedy.fill_(-1)
+    out16 = step(model, torch.tensor([[3], [4]]), positions[:, 3:], torch.tensor([3]), full_mask, cache, greedy=greedy)
     assert calls == [1, 1] and step.plan is None and out16.dtype == torch.float16  # the model's dtype
-    assert rel_err(out16, out) < 2e-2
+    assert rel_err(out16, out) < 2e-2 and torch.equal(greedy, out16.argmax(-1))
     with pytest.MonkeyPatch.context() as env:
         env.setenv("GLMTORCH_FUSED_STEP", "0")
         assert not fused_step_supported(model.float())
@@ -567,6 +573,24 @@ def test_packed_weights_give_the_library_product_bit_for_bit(tmp_path, monkeypat
     pack_weights(model, rows=8)
     wide = model.to(torch.float32)  # .to() unpacks first
     assert not any(m.packed for m in linears) and wide.lm_head.weight.dtype == torch.float32
+
+
+@pytest.mark.parametrize("dtype", packable("float32", "bfloat16"))
+@torch.no_grad()
+def test_a_step_whose_head_runs_outside_gives_its_greedy_tokens(tmp_path, monkeypatch, dtype):
+    """With the LM head's weight packed for oneDNN, the fused step stops at the final norm and the head runs after
+    it, in Python: each row's greedy token is then found there, the argmax of the logits returned."""
+    model = glmtorch.GlmForCausalLM.from_pretrained(save_hf(make_hf_model(**CONFIGS["gqa"]), tmp_path), dtype=dtype)
+    model.lm_head.pack()  # the head alone: packed layers are not the plan's
+    monkeypatch.setenv("GLMTORCH_LINEAR_PATH", "kernel")  # the fused step taken, not timed against the layers
+    step = compiled_decode_step(model)
+    ids, mask = torch.tensor([[5, 6, 7], [8, 9, 10]]), torch.ones(2, 3, dtype=torch.long)
+    cache, positions, full_mask = _prefilled(model, ids, mask)
+    greedy = torch.full((2,), -1)
+    logits = step(model, torch.tensor([[3], [4]]), positions[:, 3:], torch.tensor([3]), full_mask, cache,
+                  greedy=greedy)
+    assert step.plan is not None and step.head_outside
+    assert torch.equal(greedy, logits.float().argmax(-1))
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

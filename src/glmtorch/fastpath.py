@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import dispatch, kernels
+from .generation.sampling import greedy_tokens
 from .hugepages import place_on_cpu
 from .modeling import MLP, Attention, RMSNorm
 from .quantize import Int4Linear, Int8Linear
@@ -508,14 +509,19 @@ class FusedDecodeStep:
                               cache_rows, logits)
 
     def __call__(self, model, tokens, position_ids, cache_position, attention_mask, cache,
-                 logits=None) -> torch.Tensor:
+                 logits=None, greedy=None) -> torch.Tensor:
         """(B, vocab) logits of one new token per row. `logits`: a (B, vocab) fp32 buffer the step may write them
         into (a caller that reuses one buffer, the server: large fresh tensors are page-faulted in at every step);
-        read the returned tensor, which is that buffer or a new one."""
+        read the returned tensor, which is that buffer or a new one. `greedy`: a (B,) int64 tensor given each row's
+        most likely token (sampling.greedy_tokens of its logits), inside the plan's step where its LM head runs
+        there."""
         self._ensure_plan(model)
         rows = tokens.shape[0]
         if rows > self.max_rows or not self._kernels_win(model, rows):
-            return self.fallback(model, tokens, position_ids, cache_position, attention_mask, cache)
+            out = self.fallback(model, tokens, position_ids, cache_position, attention_mask, cache)
+            if greedy is not None:
+                greedy.copy_(greedy_tokens(out))
+            return out
         split = self.row_split.pick(rows)
         self._split_rows(split)
         if split:
@@ -523,7 +529,8 @@ class FusedDecodeStep:
             for share in {rows // threads, -(-rows // threads)}:  # a thread's share multiplies on its own
                 self._choose_amx(share)
         start = time.perf_counter()
-        logits = self._run_plan(model, tokens, position_ids, cache_position, attention_mask, cache, None, logits)
+        logits = self._run_plan(model, tokens, position_ids, cache_position, attention_mask, cache, None, logits,
+                                greedy)
         self.row_split.record(rows, split, time.perf_counter() - start)
         cache.advance(1)
         return logits
@@ -534,12 +541,17 @@ class FusedDecodeStep:
             self.split_now = bool(split)
 
     def _run_plan(self, model, tokens, position_ids, cache_position, attention_mask, cache,
-                  cache_rows=None, logits=None) -> torch.Tensor:
+                  cache_rows=None, logits=None, greedy=None) -> torch.Tensor:
         cache.length = attention_mask.shape[1]
         out = self.plan.step(tokens, position_ids, cache_position, attention_mask, cache.key_buffer,
                              cache.value_buffer, cache_rows, getattr(cache, "block_table", None),
-                             None if self.head_outside else logits)
-        return model.lm_head(out.to(model.dtype)) if self.head_outside else out
+                             None if self.head_outside else logits, None if self.head_outside else greedy)
+        if not self.head_outside:
+            return out
+        out = model.lm_head(out.to(model.dtype))
+        if greedy is not None:
+            greedy.copy_(greedy_tokens(out))
+        return out
 
     def decide_batches(self, model, rows: int, seconds: float = 60.0) -> None:
         """Make now, for every row bucket up to `rows`, the measured choice between this step and the layers

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from array import array
 import threading
 import time
 import warnings
@@ -221,6 +222,7 @@ class Engine:
         self.prefill_passes = 0  # forward passes that prefilled prompts (several requests each under load)
         self.outbox: list | None = None  # events held until the pass that made them ends (_holding_events)
         self.logits: torch.Tensor | None = None  # the fused step's logits buffer (_logits_buffer)
+        self.greedy_ids: torch.Tensor | None = None  # where the fused step puts each row's greedy token (_op_step)
         self.thread = None
         if thread:
             self.thread = threading.Thread(target=self.run, name="glmtorch-engine", daemon=True)
@@ -489,7 +491,7 @@ class Engine:
 
     def _table(self, requests: list[Request], slots: int) -> torch.Tensor:
         """The block-table rows of `requests` (one per request, repeated as given), covering `slots` slots."""
-        return self.tables[[r.row for r in requests], :-(-slots // self.block_size)]
+        return self.tables[:, :-(-slots // self.block_size)].index_select(0, int64s([r.row for r in requests]))
 
     def _prefill(self, requests: list[Request]) -> None:
         """Prompts right-padded into one batch; each starts after the prefix its blocks already hold
@@ -576,14 +578,25 @@ class Engine:
         return self.model.last_token_logits(ids.to(self.device), lengths, None if real is None else
                                             real.to(self.device), view, positions.to(self.device))
 
-    def _op_step(self, tokens, positions, window: int, table) -> torch.Tensor:
+    def _op_step(self, tokens, positions, window: int, table, greedy: bool = False) -> torch.Tensor:
+        """The step's logits; with `greedy`, each row's most likely token goes to self.greedy_ids too (where the
+        fused step takes it; _best_ids)."""
         tokens, positions = tokens.to(self.device), positions.to(self.device)
         mask = torch.ones(tokens.shape[0], window, dtype=torch.long, device=self.device)
         view = self.cache.view(table.to(self.device), window)
         if isinstance(self.step_fn, FusedDecodeStep):
+            rows = tokens.shape[0]
+            if greedy and (self.greedy_ids is None or self.greedy_ids.shape[0] < rows):
+                self.greedy_ids = torch.empty(max(rows, 8), dtype=torch.long)
             return self.step_fn(self.model, tokens, positions, positions, mask, view,
-                                logits=self._logits_buffer(tokens.shape[0]))
+                                logits=self._logits_buffer(rows), greedy=self.greedy_ids[:rows] if greedy else None)
         return self.step_fn(self.model, tokens, positions, positions, mask, view)
+
+    def _best_ids(self, logits: torch.Tensor, rows: int) -> list[int]:
+        """Each row's most likely token of a step run with greedy=True."""
+        if isinstance(self.step_fn, FusedDecodeStep):
+            return self.greedy_ids[:rows].tolist()
+        return greedy_tokens(logits).tolist()
 
     def _op_rows_step(self, tokens, positions, window: int, table) -> torch.Tensor | None:
         mask = torch.ones(tokens.shape[0], window, dtype=torch.long, device=self.device)
@@ -618,16 +631,17 @@ class Engine:
             return
         if self.speculative_tokens and self._speculative_step(active):
             return
-        tokens = torch.tensor([[r.last_token] for r in active])
-        positions = torch.tensor([[r.position] for r in active])
+        tokens = int64s([r.last_token for r in active]).view(-1, 1)
+        positions = int64s([r.position for r in active]).view(-1, 1)
         # attention reads the slots up to the furthest row, not the whole context
         window = max(r.position for r in active) + 1
-        logits = self._do("step", tokens, positions, window, self._table(active, window))
-        self.steps += 1
         # Greedy rows whose logits nothing adjusts take one argmax over the whole batch (rows spread over the
-        # threads: 64 rows of a 151552-word vocabulary cost ~25 ms one by one, ~1/20 of a 64-row step).
+        # threads: 64 rows of a 151552-word vocabulary cost ~25 ms one by one, ~1/20 of a 64-row step), inside
+        # the fused step where it runs the LM head (greedy_ids).
         plain = [r.params.temperature == 0 and not r.processors for r in active]
-        best = greedy_tokens(logits).tolist() if any(plain) else []
+        logits = self._do("step", tokens, positions, window, self._table(active, window), any(plain))
+        self.steps += 1
+        best = self._best_ids(logits, len(active)) if any(plain) else []
         for i, (r, use_best) in enumerate(zip(active, plain)):
             r.position += 1
             self._name_full_blocks(r)
@@ -771,6 +785,12 @@ class Engine:
         if self.observer is not None:
             self.observer.finished(r.arrived, reason)
         self._release(r)
+
+
+def int64s(values: list[int]) -> torch.Tensor:
+    """A 1-D int64 tensor of Python ints through an array's buffer: a step's token, position and block-table row
+    lists (torch.tensor of 64 one-element lists took ~37 us, ~100 just after a step had filled the caches; this ~4)."""
+    return torch.frombuffer(array("q", values), dtype=torch.long) if values else torch.empty(0, dtype=torch.long)
 
 
 def default_max_tokens(engine: Engine, prompt_tokens: int) -> int:
