@@ -621,8 +621,9 @@ class Engine:
     def _decode_step(self) -> None:
         # every running request gets a block for the token it writes now; where the pool has none left, the
         # youngest requests give theirs up (oldest first served: the ones closest to finishing keep going)
+        size = self.block_size
         for r in list(self.running):
-            if r is self.chunking:
+            if r is self.chunking or r.position < len(r.blocks) * size:  # its last block has room (15 steps in 16)
                 continue
             while r.row >= 0 and not self._grow(r, r.position + 1):
                 self._preempt(self.running[-1])
@@ -644,7 +645,8 @@ class Engine:
         best = self._best_ids(logits, len(active)) if any(plain) else []
         for i, (r, use_best) in enumerate(zip(active, plain)):
             r.position += 1
-            self._name_full_blocks(r)
+            if r.position % size == 0:  # a block just filled: named for later requests to share
+                self._name_full_blocks(r)
             self._accept_or_fail(r, logits, best[i] if use_best else None, index=i)
 
     SPECULATION_ROWS = 16  # past this many rows a step is compute-bound: checking proposals would cost their rows
