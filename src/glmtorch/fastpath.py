@@ -25,7 +25,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import dispatch, kernels
-from .generation.sampling import greedy_tokens
 from .hugepages import place_on_cpu
 from .modeling import MLP, Attention, RMSNorm
 from .quantize import Int4Linear, Int8Linear
@@ -513,14 +512,14 @@ class FusedDecodeStep:
         """(B, vocab) logits of one new token per row. `logits`: a (B, vocab) fp32 buffer the step may write them
         into (a caller that reuses one buffer, the server: large fresh tensors are page-faulted in at every step);
         read the returned tensor, which is that buffer or a new one. `greedy`: a (B,) int64 tensor given each row's
-        most likely token (sampling.greedy_tokens of its logits), inside the plan's step where its LM head runs
+        most likely token (kernels.greedy_tokens of its logits), inside the plan's step where its LM head runs
         there."""
         self._ensure_plan(model)
         rows = tokens.shape[0]
         if rows > self.max_rows or not self._kernels_win(model, rows):
             out = self.fallback(model, tokens, position_ids, cache_position, attention_mask, cache)
             if greedy is not None:
-                greedy.copy_(greedy_tokens(out))
+                greedy.copy_(kernels.greedy_tokens(out))
             return out
         split = self.row_split.pick(rows)
         self._split_rows(split)
@@ -550,7 +549,7 @@ class FusedDecodeStep:
             return out
         out = model.lm_head(out.to(model.dtype))
         if greedy is not None:
-            greedy.copy_(greedy_tokens(out))
+            greedy.copy_(kernels.greedy_tokens(out))
         return out
 
     def decide_batches(self, model, rows: int, seconds: float = 60.0) -> None:

@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import torch
 
-from .. import kernels
+from ..kernels import greedy_tokens
 from .config import check_sampling_value
 
 Sampler = Callable[[torch.Tensor], torch.Tensor]
@@ -18,16 +18,6 @@ def make_sampler(do_sample: bool, generator: torch.Generator | None = None) -> S
         return greedy_tokens
 
     return lambda logits: sample_from_logits(logits, generator)
-
-
-def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
-    """(B, V) -> (B,) the most likely ids: logits.max(-1).indices (the first on ties; a row's first NaN, if it has
-    one). fp32 rows on a CPU go through the kernels' greedy_rows, the same ids: torch's reduction takes ~1 ns a
-    value (64 rows of a 3,072-word vocabulary: 0.19 ms against ~0.02; of 151,552: 8.4 ms against ~1.5, AMD EPYC)."""
-    if (logits.device.type == "cpu" and logits.dtype == torch.float32 and logits.dim() == 2 and logits.shape[1]
-            and logits.stride(1) == 1 and not logits.requires_grad and kernels.available()):
-        return torch.ops.glmtorch_kernels.greedy_rows(logits)
-    return logits.max(dim=-1).indices
 
 
 def sample_from_logits(logits: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -36,10 +36,10 @@ from __future__ import annotations
 
 import contextlib
 import os
-from array import array
 import threading
 import time
 import warnings
+from array import array
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
