@@ -392,16 +392,15 @@ class PagedKVCache:
 
     def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                cache_position: torch.Tensor, mask: torch.Tensor | None, scale: float,
-               lengths: torch.Tensor | None = None) -> torch.Tensor:
+               padding: torch.Tensor | None = None) -> torch.Tensor:
         """Write k, v, then attention of q (B, H, T, D) over the pool read through the table in place (the C++
         kernel the fused decode step uses, in fp32): (B, T, H, D). mask: make_attention_mask's (B|1, 1, T, S), or
-        None for every slot up to each query's own. lengths (B,): each row's real tokens in a right-padded pass;
-        the padding's queries are not attended (zeros; a served burst's questions after their cached prefixes
+        None for every slot up to each query's own. padding (B, T) bool: a right-padded pass's padding tokens,
+        whose queries are not attended (zeros; a served burst's questions after their cached prefixes
         were 397 real tokens in 64 x 16 rows)."""
         B, H, T, D = q.shape
         positions = self.write(layer_idx, k, v, cache_position)
-        if lengths is not None and T > 1:
-            padding = torch.arange(T, device=positions.device)[None, :] >= lengths.to(positions.device)[:, None]
+        if padding is not None and T > 1:
             positions = positions.masked_fill(padding, -1)
         tokens = q.transpose(1, 2).float()  # (B, T, H, D)
         visible = (mask.expand(B, 1, T, -1).reshape(B * T, -1) if mask is not None

@@ -101,8 +101,9 @@ class PackedRows:
 
     def __init__(self, lengths: torch.Tensor, T: int, device: torch.device) -> None:
         lengths = lengths.to(device)
-        self.batch, self.time, self.lengths = lengths.shape[0], T, lengths
+        self.batch, self.time = lengths.shape[0], T
         keep = torch.arange(T, device=device)[None, :] < lengths[:, None]  # (B, T)
+        self.padding = ~keep  # what attention skips (PagedKVCache.attend), made once for every layer
         self.index = keep.flatten().nonzero().squeeze(1)  # (N,) positions in the flattened batch, row by row
         self.last = lengths.cumsum(0) - 1  # (B,) each row's last token among the N
 
@@ -149,8 +150,8 @@ class Attention(nn.Module):
         k = self.rotate(k.view(B, T, -1, self.head_dim), rope)  # (B, KV, T, D)
         v = v.view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, KV, T, D)
         if isinstance(cache, PagedKVCache) and not need_weights and cache.reads_in_place(q):
-            lengths = None if packed is None else packed.lengths  # the padding's queries are skipped
-            out, probs = cache.attend(self.layer_idx, q, k, v, cache_position, mask, self.scale, lengths), None
+            padding = None if packed is None else packed.padding  # the padding's queries are skipped
+            out, probs = cache.attend(self.layer_idx, q, k, v, cache_position, mask, self.scale, padding), None
         else:
             if cache is not None:
                 k, v = cache.update(self.layer_idx, k, v, cache_position)  # (B, KV, S, D)

@@ -640,9 +640,10 @@ class Engine:
         # threads: 64 rows of a 151552-word vocabulary cost ~25 ms one by one, ~1/20 of a 64-row step), inside
         # the fused step where it runs the LM head (greedy_ids).
         plain = [r.params.temperature == 0 and not r.processors for r in active]
-        logits = self._do("step", tokens, positions, window, self._table(active, window), any(plain))
+        greedy = any(plain)
+        logits = self._do("step", tokens, positions, window, self._table(active, window), greedy)
         self.steps += 1
-        best = self._best_ids(logits, len(active)) if any(plain) else []
+        best = self._best_ids(logits, len(active)) if greedy else []
         for i, (r, use_best) in enumerate(zip(active, plain)):
             r.position += 1
             if r.position % size == 0:  # a block just filled: named for later requests to share
