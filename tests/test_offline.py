@@ -44,6 +44,18 @@ def test_generate_matches_generate_and_keeps_order(llm, chat_checkpoint):
     (["x"], [SamplingParams(), SamplingParams()], "one per prompt"),
     (["x"], SamplingParams(frequency_penalty=3), "frequency_penalty=3"),
     (["x"], SamplingParams(logit_bias={10**9: 1.0}), "logit_bias: 1000000000 is not a token id"),
+    # the rules beyond one value's range: SamplingParams.checked, the same for the server
+    (["x"], SamplingParams(max_tokens=4, min_tokens=5), "min_tokens=5 is more than max_tokens=4"),
+    (["x"], SamplingParams(logprobs=True, top_logprobs=-1), r"top_logprobs=-1: must be an integer in \[0, 20\]"),
+    (["x"], SamplingParams(logprobs=True, top_logprobs=21), r"top_logprobs=21"),
+    (["x"], SamplingParams(top_logprobs=2), "top_logprobs=2 needs logprobs set true"),
+    (["x"], SamplingParams(ignore_eos="no"), "ignore_eos='no': must be true or false"),
+    (["x"], SamplingParams(logprobs=1), "logprobs=1: must be true or false"),
+    (["x"], SamplingParams(temperature=None), "temperature=None: must be a number"),
+    (["x"], SamplingParams(stop=["ok", ""]), "stop must be a non-empty string or a list of them"),
+    (["x"], SamplingParams(stop=7), "stop must be"),
+    (["x"], SamplingParams(constraint="json"), "constraint must be a compiled"),
+    (["x", "y"], [SamplingParams(), SamplingParams(top_p=0)], "top_p=0"),  # the second: neither runs
     ([[10**9]], None, "token ids"),
     ([3.5], None, "string or a list"),
 ])
@@ -51,3 +63,16 @@ def test_bad_input_is_refused_before_anything_runs(llm, prompts, params, match):
     with pytest.raises(ValueError, match=match):
         llm.generate(prompts, params)
     assert llm.engine.active == 0 and not llm.engine.waiting
+
+
+def test_the_engine_checks_every_request_it_is_given(llm):
+    """Engine.submit applies the same rules to a request built by hand (not through LLM or the server): refused
+    before it is queued; a lone stop string is taken as a list of one, as vLLM takes it."""
+    from glmtorch.generation.config import SamplingValueError
+    from glmtorch.serve.engine import Request
+
+    with pytest.raises(SamplingValueError, match="min_tokens=3 is more than max_tokens=2") as e:
+        llm.engine.submit(Request([5, 6], SamplingParams(max_tokens=2, min_tokens=3), lambda event: None))
+    assert e.value.field == "min_tokens" and not llm.engine.waiting
+    out = llm.generate("x", SamplingParams(max_tokens=3, temperature=0, stop="\n"))[0].outputs[0]
+    assert len(out.token_ids) <= 3 and "\n" not in out.text

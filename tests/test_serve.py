@@ -157,7 +157,8 @@ def test_min_tokens_holds_the_stop_tokens_back(served, client):
     ("logit_bias", {"abc": 1}, "not a token id"), ("logit_bias", {"99999999": 1}, "not a token id"),
     ("logit_bias", {"3": 500}, r"\[-100, 100\]"), ("logit_bias", [3], "must be an object"),
     ("best_of", 3, "'best_of' is not supported"), ("suffix", "x", "'suffix' is not supported"),
-    ("min_tokens", -1, "min_tokens=-1: out of range"), ("min_tokens", 3, "'min_tokens'=3 is more than max_tokens=2"),
+    ("min_tokens", -1, "min_tokens=-1: out of range"), ("min_tokens", 3, "min_tokens=3 is more than max_tokens=2"),
+    ("top_logprobs", 21, r"top_logprobs=21: must be an integer in \[0, 20\]"), ("top_logprobs", 2, "needs logprobs"),
 ])
 def test_sampling_fields_are_checked_not_ignored(served, field, value, match):
     """What the server does not do, or a value it cannot use, is a 400 naming the field: never output made as if

@@ -92,14 +92,6 @@ def _logit_bias(body: dict, vocab: int) -> dict[int, float]:
         raise ApiError(400, str(e), "logit_bias", "invalid_value") from None
 
 
-def _min_tokens(body: dict, max_tokens: int | None) -> int:
-    min_tokens = _sampling(body, "min_tokens", "min_new_tokens", 0)
-    if max_tokens is not None and min_tokens > max_tokens:
-        raise ApiError(400, f"'min_tokens'={min_tokens} is more than max_tokens={max_tokens}", "min_tokens",
-                       "invalid_value")
-    return min_tokens
-
-
 def sampling_params(body: dict, vocab: int) -> tuple[SamplingParams, int | None, int]:
     """(params, max_tokens or None, n) from an OpenAI request body; `vocab`: the token ids logit_bias may name."""
     for name, no_op in NOT_SUPPORTED.items():
@@ -115,7 +107,7 @@ def sampling_params(body: dict, vocab: int) -> tuple[SamplingParams, int | None,
         raise ApiError(400, "'stop' must be a non-empty string of at most 1024 characters or a list of up to 16 of "
                        "them", "stop", "invalid_value")
     logprobs = _get(body, "logprobs", (bool, int), False)
-    top_logprobs = _get(body, "top_logprobs", (int,), 0, lambda v: 0 <= v <= 20, "must be in [0, 20]")
+    top_logprobs = _get(body, "top_logprobs", (int,), 0)  # its range: SamplingParams.checked
     if isinstance(logprobs, int) and not isinstance(logprobs, bool):  # /v1/completions: logprobs is a count
         if not 0 <= logprobs <= 20:
             raise ApiError(400, "'logprobs' must be in [0, 20]", "logprobs", "invalid_value")
@@ -135,7 +127,8 @@ def sampling_params(body: dict, vocab: int) -> tuple[SamplingParams, int | None,
         repetition_penalty=_sampling(body, "repetition_penalty", "repetition_penalty", 1.0),
         presence_penalty=_sampling(body, "presence_penalty", "presence_penalty", 0.0),
         frequency_penalty=_sampling(body, "frequency_penalty", "frequency_penalty", 0.0),
-        logit_bias=_logit_bias(body, vocab), min_tokens=_min_tokens(body, max_tokens), seed=seed, stop=stop,
+        logit_bias=_logit_bias(body, vocab), min_tokens=_sampling(body, "min_tokens", "min_new_tokens", 0),
+        seed=seed, stop=stop,
         logprobs=bool(logprobs), top_logprobs=top_logprobs,
         # vLLM's extension, which benchmarks send so that every request produces max_tokens
         ignore_eos=_get(body, "ignore_eos", (bool,), False),
@@ -762,6 +755,10 @@ def check_context(served: Served, prompt_tokens: int, max_tokens: int | None) ->
 def start(served: Served, prompts: list[list[int]], params: SamplingParams,
           n: int) -> tuple[Inbox, list[EngineRequest]]:
     """Submit n requests per prompt; their events arrive in one inbox as (choice index, event)."""
+    try:  # the rules every request meets (min_tokens against the max_tokens now final, top_logprobs, ...)
+        params = params.checked(served.vocab_size)
+    except SamplingValueError as e:
+        raise ApiError(400, str(e), e.field, "invalid_value") from None
     box = mailbox()
     inbox = Inbox()
     requests = []

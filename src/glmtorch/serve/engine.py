@@ -41,13 +41,14 @@ import time
 import warnings
 from array import array
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
 
 from ..fastpath import FusedDecodeStep, compiled_decode_step
-from ..generation.config import GenerationConfig
+from ..generation.config import GenerationConfig, SamplingValueError, check_logit_bias, check_sampling_value
+from ..generation.constrain import Constraint
 from ..generation.processors import LogitBias, MinTokens, PresenceFrequencyPenalty, make_processors
 from ..generation.sampling import greedy_tokens, sample_from_logits
 from ..generation.streaming import TextStream
@@ -93,6 +94,14 @@ class QueueFull(Exception):
     """More requests are waiting than --max-queue allows."""
 
 
+# The sampling fields bounded as generate()'s are (generation.config.SAMPLING_BOUNDS), each with its bound's name.
+BOUNDED_FIELDS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
+                  "repetition_penalty": "repetition_penalty", "presence_penalty": "presence_penalty",
+                  "frequency_penalty": "frequency_penalty", "max_tokens": "max_new_tokens",
+                  "min_tokens": "min_new_tokens", "seed": "seed"}
+TOP_LOGPROBS_MAX = 20  # OpenAI's
+
+
 @dataclass
 class SamplingParams:
     max_tokens: int = 256
@@ -111,6 +120,34 @@ class SamplingParams:
     top_logprobs: int = 0
     ignore_eos: bool = False  # keep going past end-of-turn / end-of-text tokens (benchmarks)
     constraint: object = None  # a compiled generation.constrain.Constraint: the output must follow it
+
+    def checked(self, vocab_size: int) -> "SamplingParams":
+        """A copy with every field checked: the one place these rules live (Engine.submit applies them to every
+        request, whoever builds it: glmtorch.LLM, the server, a caller of its own). SamplingValueError names the
+        first bad field. A lone stop string becomes a list of one (vLLM takes either)."""
+        for name, bound in BOUNDED_FIELDS.items():
+            value = getattr(self, name)
+            if value is not None or name != "seed":  # only the seed may be left unset
+                check_sampling_value(bound, value, shown=name)
+        if self.min_tokens > self.max_tokens:
+            raise SamplingValueError("min_tokens", f"min_tokens={self.min_tokens} is more than "
+                                                   f"max_tokens={self.max_tokens}")
+        for name in ("logprobs", "ignore_eos"):
+            if not isinstance(getattr(self, name), bool):
+                raise SamplingValueError(name, f"{name}={getattr(self, name)!r}: must be true or false")
+        top = self.top_logprobs
+        if isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= TOP_LOGPROBS_MAX:
+            raise SamplingValueError("top_logprobs", f"top_logprobs={top!r}: must be an integer in "
+                                                     f"[0, {TOP_LOGPROBS_MAX}]")
+        if top and not self.logprobs:  # as OpenAI answers it: asked-for output is never silently left out
+            raise SamplingValueError("top_logprobs", f"top_logprobs={top} needs logprobs set true")
+        stop = [self.stop] if isinstance(self.stop, str) else self.stop
+        if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) and s for s in stop):
+            raise SamplingValueError("stop", "stop must be a non-empty string or a list of them")
+        if self.constraint is not None and not isinstance(self.constraint, Constraint):
+            raise SamplingValueError("constraint", "constraint must be a compiled glmtorch.generation.constrain."
+                                                   f"Constraint or None, got {type(self.constraint).__name__}")
+        return replace(self, stop=list(stop), logit_bias=check_logit_bias(self.logit_bias, vocab_size))
 
     def generation_config(self) -> GenerationConfig:
         greedy = self.temperature == 0
@@ -258,6 +295,9 @@ class Engine:
 
     # -- the outside ---------------------------------------------------------------------------------------
     def submit(self, request: Request) -> None:
+        """Queue a request; SamplingValueError where its parameters break a rule (SamplingParams.checked),
+        QueueFull where the queue is full."""
+        request.params = request.params.checked(self.model.config.vocab_size)
         with self.cond:
             if not self.running_loop:
                 raise QueueFull("the server is shutting down")

@@ -14,19 +14,11 @@ own sampling parameters and seed, so a seeded request gives the same text here, 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from tqdm.auto import tqdm
 
-from ..generation.config import check_logit_bias, check_sampling_value
 from .engine import Event, Request, SamplingParams
-
-# The engine's fields with the generation bounds that check them (one table, generation.config).
-_BOUNDED = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
-            "repetition_penalty": "repetition_penalty", "presence_penalty": "presence_penalty",
-            "frequency_penalty": "frequency_penalty", "max_tokens": "max_new_tokens", "min_tokens": "min_new_tokens",
-            "seed": "seed"}
-
 
 @dataclass
 class CompletionOutput:
@@ -114,15 +106,9 @@ class LLM:
         for p in params:
             if not isinstance(p, SamplingParams):
                 raise ValueError(f"sampling_params must be glmtorch.SamplingParams, got {type(p).__name__}")
-            for name, bound in _BOUNDED.items():
-                if getattr(p, name) is not None:
-                    check_sampling_value(bound, getattr(p, name), shown=name)
-            if not isinstance(p.stop, list) or not all(isinstance(s, str) and s for s in p.stop):
-                raise ValueError("SamplingParams.stop must be a list of non-empty strings")
+        # checked here, before any prompt is queued (the engine checks each again as it is submitted)
         vocab = self.engine.model.config.vocab_size
-        return [replace(p, stop=list(p.stop),  # the engine's requests own their copies
-                        logit_bias=check_logit_bias(p.logit_bias, vocab, "SamplingParams.logit_bias"))
-                for p in params]
+        return [p.checked(vocab) for p in params]  # copies: the engine's requests own theirs
 
     def _run(self, texts, ids, params, use_tqdm) -> list[RequestOutput]:
         for i, (prompt, p) in enumerate(zip(ids, params)):
