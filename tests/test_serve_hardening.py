@@ -70,7 +70,7 @@ def wait_idle(engine, seconds=10):
     ({"messages": USER, "stream": False, "stream_options": {"include_usage": False}}, "stream_options"),
     ({"messages": USER, "stream": True, "stream_options": {"include_usages": True}}, "stream_options"),
     ({"messages": USER, "stream": True, "stream_options": {"x" * 100000: True}}, "stream_options"),
-    ({"messages": USER, "stream": True, "stream_options": {"continuous_usage_stats": True}},
+    ({"messages": USER, "stream": True, "stream_options": {"continuous_usage_stats": "on"}},
      "stream_options.continuous_usage_stats"),
     ({"messages": USER, "stream": True, "stream_options": {"include_obfuscation": True}},
      "stream_options.include_obfuscation"),
@@ -132,6 +132,35 @@ def test_stream_options_set_to_what_they_already_do_are_accepted(demo):
     assert r.status_code == 200, r.text
     events = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")]
     assert events[-1]["choices"] == [] and events[-1]["usage"]["completion_tokens"] == 2
+
+
+@pytest.mark.parametrize("path, body, choices", [
+    ("/v1/chat/completions", {"messages": USER, "n": 2, "logprobs": True}, 2),
+    ("/v1/completions", {"prompt": ["Good morrow", "Hail"], "n": 2, "logprobs": 0}, 4)])
+def test_continuous_usage_stats_put_the_usage_so_far_in_every_chunk(demo, path, body, choices):
+    """vLLM's stream_options.continuous_usage_stats: with include_usage, every chunk carries the response's usage
+    so far (the tokens streamed up to it, which their log-probabilities count, one each), the last the same as
+    without it; without include_usage it asks for nothing."""
+    server = demo[0]
+
+    def chunks(options):
+        r = post(server, path, {**body, "max_tokens": 3, "temperature": 0, "ignore_eos": True, "stream": True,
+                                "stream_options": options})
+        assert r.status_code == 200, r.text
+        return [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")]
+
+    every = chunks({"include_usage": True, "continuous_usage_stats": True})
+    final = chunks({"include_usage": True})
+    assert all("usage" in c for c in every) and every[-1]["usage"] == final[-1]["usage"]
+    assert every[-1]["usage"]["completion_tokens"] == 3 * choices
+    streamed = 0
+    for c in every:
+        for choice in c["choices"]:
+            logprobs = choice.get("logprobs") or {}
+            streamed += len(logprobs.get("content") or logprobs.get("tokens") or [])
+        usage = c["usage"]
+        assert usage["completion_tokens"] == streamed and usage["total_tokens"] == usage["prompt_tokens"] + streamed
+    assert "usage" not in final[0] and all("usage" not in c for c in chunks({"continuous_usage_stats": True}))
 
 
 def test_completions_shapes_and_echo(demo):

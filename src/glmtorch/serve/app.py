@@ -201,9 +201,11 @@ async def compile_request_constraint(served: "Served", spec: dict | None, field:
         raise ApiError(400, str(e), field, "invalid_value") from None
 
 
-def stream_flags(body: dict) -> tuple[bool, bool]:
-    """(stream, stream_options.include_usage). stream_options without stream is a 400, as OpenAI and vLLM answer
-    it: a client asking for a usage chunk in a response that has no chunks has its request wrong."""
+def stream_flags(body: dict) -> tuple[bool, str | None]:
+    """(stream, usage): usage None, "final" (stream_options.include_usage: a last chunk with the usage) or "every"
+    (with vLLM's continuous_usage_stats too: every chunk carries the usage so far; without include_usage it asks
+    for nothing, as in vLLM). stream_options without stream is a 400, as OpenAI and vLLM answer it: a client asking
+    for a usage chunk in a response that has no chunks has its request wrong."""
     stream = _get(body, "stream", (bool,), False)
     options = _get(body, "stream_options", (dict,), {})
     if options and not stream:
@@ -219,12 +221,14 @@ def stream_flags(body: dict) -> tuple[bool, bool]:
         if value and not STREAM_OPTIONS[key]:
             raise ApiError(400, f"'{field}' is not supported by this server (leave it out or set it false)", field,
                            "unsupported_parameter")
-    return stream, bool(options.get("include_usage"))
+    if not options.get("include_usage"):
+        return stream, None
+    return stream, "every" if options.get("continuous_usage_stats") else "final"
 
 
-# stream_options' keys (OpenAI's and vLLM's) -> whether this server does what `true` asks: a final usage chunk, yes;
-# usage in every chunk (vLLM's continuous_usage_stats) and OpenAI's padding of chunks against size side channels, no
-STREAM_OPTIONS = {"include_usage": True, "continuous_usage_stats": False, "include_obfuscation": False}
+# stream_options' keys (OpenAI's and vLLM's) -> whether this server does what `true` asks: a final usage chunk and
+# vLLM's usage in every chunk, yes; OpenAI's padding of chunks against size side channels, no
+STREAM_OPTIONS = {"include_usage": True, "continuous_usage_stats": True, "include_obfuscation": False}
 
 
 def chat_messages(body: dict) -> list[dict]:
@@ -588,12 +592,12 @@ async def chat_completions(request: Request):
     tools, ids, thinking = await chat_prompt(served, body)
     params, max_tokens, n = sampling_params(body, served.vocab_size)
     params.constraint = await compile_request_constraint(served, *constraint_spec(body, tools))
-    stream, include_usage = stream_flags(body)
+    stream, usage_mode = stream_flags(body)
     params.max_tokens = check_context(served, len(ids), max_tokens)
     inbox, requests = start(served, [ids], params, n)
     head = {"id": f"chatcmpl-{secrets.token_hex(12)}", "created": int(time.time()), "model": served.model_name}
     if stream:
-        return StreamingResponse(stream_chat(inbox, requests, head, tools, include_usage, len(ids), thinking),
+        return StreamingResponse(stream_chat(inbox, requests, head, tools, usage_mode, len(ids), thinking),
                                  media_type="text/event-stream")
     results = await collect(inbox, requests, request)
     if results is None:
@@ -624,7 +628,7 @@ async def completions(request: Request):
     params.constraint = await compile_request_constraint(served, *constraint_spec(body))
     if max_tokens is None:
         max_tokens = 16  # OpenAI's default for completions
-    stream, include_usage = stream_flags(body)
+    stream, usage_mode = stream_flags(body)
     echo = _get(body, "echo", (bool,), False)
     if echo and params.logprobs:
         raise ApiError(400, "'echo' with 'logprobs' is not supported (the prompt's log-probabilities are not "
@@ -641,7 +645,7 @@ async def completions(request: Request):
     prompt_tokens = sum(len(ids) for ids in encoded)
     echoed = [prompts[i // n] if echo else "" for i in range(len(requests))]  # choice i answers prompt i // n
     if stream:
-        return StreamingResponse(stream_completion(inbox, requests, head, include_usage, prompt_tokens, echoed, n),
+        return StreamingResponse(stream_completion(inbox, requests, head, usage_mode, prompt_tokens, echoed, n),
                                  media_type="text/event-stream")
     results = await collect(inbox, requests, request)
     if results is None:
@@ -846,19 +850,23 @@ async def next_event(inbox: Inbox, backlog: list) -> tuple:
     return backlog.pop()
 
 
-async def stream_chat(inbox: Inbox, requests, head: dict, tools, include_usage: bool, prompt_tokens: int,
+async def stream_chat(inbox: Inbox, requests, head: dict, tools, usage_mode: str | None, prompt_tokens: int,
                       thinking: bool = False):
     chunks = ChunkFormat(head, "chat.completion.chunk")
+    tally = UsageTally(len(requests), prompt_tokens)
 
     def chunk(index, delta, finish=None, logprobs=None):
+        if usage_mode == "every":
+            return chunks.whole({"index": index, "delta": delta, "finish_reason": finish, "logprobs": logprobs},
+                                tally.so_far(max))
         if finish is None and logprobs is None and len(delta) == 1 and type(delta.get("content")) is str:
             return chunks.piece(index, delta["content"])
         return chunks.whole({"index": index, "delta": delta, "finish_reason": finish, "logprobs": logprobs})
 
     replies = [ReplyStream(tools) for _ in requests]
-    cached, backlog = [0] * len(requests), []
+    backlog = []
     thoughts = [ReasoningStream(thinking) for _ in requests]  # the thinking comes off first, as reasoning_content
-    completion, done = 0, 0
+    done = 0
     try:
         for i in range(len(requests)):
             yield chunk(i, {"role": "assistant", "content": ""})
@@ -867,6 +875,7 @@ async def stream_chat(inbox: Inbox, requests, head: dict, tools, include_usage: 
             if event.kind == "error":
                 yield sse_error(event.error)
                 break
+            tally.note(index, event)
             lp = {"content": [chat_logprob(e) for e in event.token_logprobs]} if event.token_logprobs else None
             thought, answer = thoughts[index].feed(event.text)
             if event.kind == "done":  # the reply is over: what was held for a possible tag is text after all
@@ -880,8 +889,6 @@ async def stream_chat(inbox: Inbox, requests, head: dict, tools, include_usage: 
                 yield chunk(index, {"content": piece}, logprobs=lp)
             if event.kind == "done":
                 done += 1
-                completion += event.completion_tokens
-                cached[index] = event.cached_tokens
                 finish = event.finish_reason
                 held = replies[index].held_back()
                 if held is not None:
@@ -892,26 +899,32 @@ async def stream_chat(inbox: Inbox, requests, head: dict, tools, include_usage: 
                     elif message["content"]:
                         yield chunk(index, {"content": message["content"]})
                 yield chunk(index, {}, finish)
-        if include_usage:
-            yield sse({**head, "object": "chat.completion.chunk", "choices": [],
-                       "usage": usage(prompt_tokens, completion, max(cached))})
+        if usage_mode:
+            yield sse({**head, "object": "chat.completion.chunk", "choices": [], "usage": tally.so_far(max)})
         yield "data: [DONE]\n\n"
     finally:
         for r in requests:
             r.cancelled.set()
 
 
-async def stream_completion(inbox: Inbox, requests, head: dict, include_usage: bool, prompt_tokens: int, echoed,
-                            n: int = 1):
+async def stream_completion(inbox: Inbox, requests, head: dict, usage_mode: str | None, prompt_tokens: int,
+                            echoed, n: int = 1):
     chunks = ChunkFormat(head, "text_completion")
+    tally = UsageTally(len(requests), prompt_tokens)
+
+    def cached(per_choice: list[int]) -> int:
+        return cached_prompt_tokens(per_choice, n)
 
     def chunk(index, text, finish=None, logprobs=None):
+        if usage_mode == "every":
+            return chunks.whole({"index": index, "text": text, "finish_reason": finish, "logprobs": logprobs},
+                                tally.so_far(cached))
         if finish is None and logprobs is None:
             return chunks.piece(index, text)
         return chunks.whole({"index": index, "text": text, "finish_reason": finish, "logprobs": logprobs})
 
-    completion, done = 0, 0
-    cached, backlog = [0] * len(requests), []
+    done = 0
+    backlog = []
     try:
         for index, text in enumerate(echoed):
             if text:
@@ -921,17 +934,15 @@ async def stream_completion(inbox: Inbox, requests, head: dict, include_usage: b
             if event.kind == "error":
                 yield sse_error(event.error)
                 break
+            tally.note(index, event)
             if event.text or event.token_logprobs:
                 lp = completion_logprobs(event.token_logprobs) if event.token_logprobs else None
                 yield chunk(index, event.text, logprobs=lp)
             if event.kind == "done":
                 done += 1
-                completion += event.completion_tokens
-                cached[index] = event.cached_tokens
                 yield chunk(index, "", event.finish_reason)
-        if include_usage:
-            yield sse({**head, "object": "text_completion", "choices": [],
-                       "usage": usage(prompt_tokens, completion, cached_prompt_tokens(cached, n))})
+        if usage_mode:
+            yield sse({**head, "object": "text_completion", "choices": [], "usage": tally.so_far(cached)})
         yield "data: [DONE]\n\n"
     finally:
         for r in requests:
@@ -958,8 +969,8 @@ class ChunkFormat:
         chat = kind == "chat.completion.chunk"
         self.before, self.after = (', "delta": {"content": ', "}") if chat else (', "text": ', "")
 
-    def whole(self, choice: dict) -> str:
-        return sse({**self.head, "choices": [choice]})
+    def whole(self, choice: dict, usage: dict | None = None) -> str:
+        return sse({**self.head, "choices": [choice], **({"usage": usage} if usage else {})})
 
     def piece(self, index: int, text: str) -> str:
         return (f'{self.opening}{index}{self.before}{json.dumps(text, ensure_ascii=False)}{self.after}, '
@@ -973,6 +984,23 @@ def sse_error(message: str) -> str:
 def cached_prompt_tokens(per_choice: list[int], n: int) -> int:
     """Prompt tokens the prefix cache supplied, each prompt counted once (its n choices are n requests)."""
     return sum(max(per_choice[p:p + n]) for p in range(0, len(per_choice), n))
+
+
+class UsageTally:
+    """A streamed response's usage as its events arrive: each choice's tokens generated so far and prompt tokens
+    from the prefix cache (every event carries its request's counts so far; merged events, the latest)."""
+
+    def __init__(self, choices: int, prompt_tokens: int) -> None:
+        self.prompt_tokens = prompt_tokens
+        self.generated, self.cached = [0] * choices, [0] * choices
+
+    def note(self, index: int, event: Event) -> None:
+        self.generated[index], self.cached[index] = event.completion_tokens, event.cached_tokens
+
+    def so_far(self, cached_of) -> dict:
+        """usage() of the tokens so far; `cached_of` counts the choices' cached tokens (max: one prompt shared by the
+        choices; cached_prompt_tokens: n choices per prompt)."""
+        return usage(self.prompt_tokens, sum(self.generated), cached_of(self.cached))
 
 
 def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:

@@ -163,7 +163,7 @@ class Event:
     token_logprobs: list[dict] = field(default_factory=list)
     finish_reason: str | None = None
     prompt_tokens: int = 0
-    completion_tokens: int = 0
+    completion_tokens: int = 0  # generated so far (a text event) or in all (done)
     cached_tokens: int = 0  # of the prompt tokens, how many came from the prefix cache
     error: str | None = None
 
@@ -819,7 +819,8 @@ class Engine:
 
     def _send(self, r: Request, piece: str) -> None:
         if piece or r.pending_logprobs:
-            self._emit(r, Event("text", text=piece, token_logprobs=r.pending_logprobs))
+            self._emit(r, Event("text", text=piece, token_logprobs=r.pending_logprobs, completion_tokens=r.generated,
+                                cached_tokens=r.cached_tokens))
             r.pending_logprobs = []
 
     def _finish(self, r: Request, reason: str) -> None:
