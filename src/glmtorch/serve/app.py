@@ -759,10 +759,6 @@ def check_context(served: Served, prompt_tokens: int, max_tokens: int | None) ->
 def start(served: Served, prompts: list[list[int]], params: SamplingParams,
           n: int) -> tuple[Inbox, list[EngineRequest]]:
     """Submit n requests per prompt; their events arrive in one inbox as (choice index, event)."""
-    try:  # the rules every request meets (min_tokens against the max_tokens now final, top_logprobs, ...)
-        params = params.checked(served.vocab_size)
-    except SamplingValueError as e:
-        raise ApiError(400, str(e), e.field, "invalid_value") from None
     box = mailbox()
     inbox = Inbox()
     requests = []
@@ -785,6 +781,8 @@ def start(served: Served, prompts: list[list[int]], params: SamplingParams,
             r.cancelled.set()
         if isinstance(e, QueueFull):
             raise ApiError(503, f"the server is busy: {e}; retry later", None, "queue_full", "server_error") from None
+        if isinstance(e, SamplingValueError):  # the rules every request meets (SamplingParams.checked: min_tokens
+            raise ApiError(400, str(e), e.field, "invalid_value") from None  # against the final max_tokens, ...)
         raise
     return inbox, requests
 

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from .engine import Event, Request, SamplingParams
 
+
 @dataclass
 class CompletionOutput:
     index: int
