@@ -56,6 +56,8 @@ def test_generate_matches_generate_and_keeps_order(llm, chat_checkpoint):
     (["x"], SamplingParams(stop=7), "stop must be"),
     (["x"], SamplingParams(constraint="json"), "constraint must be a compiled"),
     (["x", "y"], [SamplingParams(), SamplingParams(top_p=0)], "top_p=0"),  # the second: neither runs
+    (["x"], SamplingParams(n=0), "n=0: must be an integer >= 1"),
+    (["x"], SamplingParams(n=2, seed=2**63 - 1), "no room for n=2"),
     ([[10**9]], None, "token ids"),
     ([3.5], None, "string or a list"),
 ])
@@ -76,3 +78,26 @@ def test_the_engine_checks_every_request_it_is_given(llm):
     assert e.value.field == "min_tokens" and not llm.engine.waiting
     out = llm.generate("x", SamplingParams(max_tokens=3, temperature=0, stop="\n"))[0].outputs[0]
     assert len(out.token_ids) <= 3 and "\n" not in out.text
+
+
+def test_n_completions_each_seeded_and_their_logprobs(llm):
+    """SamplingParams(n=3): three completions of each prompt, index 0-2, completion k the same as the prompt run
+    alone with seed + k; logprobs=True gives each a log-probability per generated token (its token's own, the
+    largest of its top_logprobs), none where not asked for. A seed at the top of its range still has room for n
+    completions counted from it."""
+    params = SamplingParams(max_tokens=5, temperature=0.9, seed=11, ignore_eos=True, n=3, logprobs=True,
+                            top_logprobs=2)
+    outs = llm.generate(["Hail", "Good morrow"], params)
+    for out in outs:
+        assert [c.index for c in out.outputs] == [0, 1, 2]
+        for c in out.outputs:
+            alone = llm.generate(out.prompt, SamplingParams(max_tokens=5, temperature=0.9, seed=11 + c.index,
+                                                           ignore_eos=True))[0].outputs[0]
+            assert c.token_ids == alone.token_ids and c.text == alone.text and alone.logprobs is None
+            assert len(c.logprobs) == len(c.token_ids) == 5
+            for entry in c.logprobs:
+                assert entry["logprob"] <= 0 and len(entry["top_logprobs"]) == 2
+                assert entry["logprob"] <= entry["top_logprobs"][0]["logprob"] + 1e-6
+    assert len({tuple(c.token_ids) for c in outs[0].outputs}) > 1  # three seeds, not one sample thrice
+    top = llm.generate("Hail", SamplingParams(max_tokens=2, seed=2**63 - 3, n=3))[0].outputs
+    assert [c.index for c in top] == [0, 1, 2]

@@ -13,7 +13,7 @@ import threading
 import time
 import weakref
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from typing import Any
 
@@ -23,7 +23,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from ..chat import (ChatFormatError, ReasoningStream, ReplyStream, parse_assistant_reply, prompt_opens_thinking,
                     split_reasoning)
-from ..generation.config import SEED_MAX, SamplingValueError, check_logit_bias, check_sampling_value
+from ..generation.config import SamplingValueError, check_logit_bias, check_sampling_value
 from .engine import Engine, Event, QueueFull, Request as EngineRequest, SamplingParams, default_max_tokens
 from .metrics import ServingMetrics
 
@@ -115,9 +115,6 @@ def sampling_params(body: dict, vocab: int) -> tuple[SamplingParams, int | None,
     n = _get(body, "n", (int,), 1, lambda v: 1 <= v <= 16, "must be in [1, 16]")
     _get(body, "user", (str,), None)  # OpenAI's end-user id: read by nothing here, but a string or a 400
     seed = _sampling(body, "seed", "seed", None)
-    if seed is not None and seed + n - 1 > SEED_MAX:  # choice i of n samples with seed + i
-        raise ApiError(400, f"'seed'={seed} leaves no room for n={n} choices (seed + n - 1 must be <= {SEED_MAX})",
-                       "seed", "invalid_value")
     params = SamplingParams(
         max_tokens=max_tokens or 0,
         temperature=_sampling(body, "temperature", "temperature", 1.0),
@@ -131,7 +128,7 @@ def sampling_params(body: dict, vocab: int) -> tuple[SamplingParams, int | None,
         seed=seed, stop=stop,
         logprobs=bool(logprobs), top_logprobs=top_logprobs,
         # vLLM's extension, which benchmarks send so that every request produces max_tokens
-        ignore_eos=_get(body, "ignore_eos", (bool,), False),
+        ignore_eos=_get(body, "ignore_eos", (bool,), False), n=n,  # seed + n - 1 checked with the rest
     )
     return params, max_tokens, n
 
@@ -594,7 +591,7 @@ async def chat_completions(request: Request):
     params.constraint = await compile_request_constraint(served, *constraint_spec(body, tools))
     stream, usage_mode = stream_flags(body)
     params.max_tokens = check_context(served, len(ids), max_tokens)
-    inbox, requests = start(served, [ids], params, n)
+    inbox, requests = start(served, [ids], params)
     head = {"id": f"chatcmpl-{secrets.token_hex(12)}", "created": int(time.time()), "model": served.model_name}
     if stream:
         return StreamingResponse(stream_chat(inbox, requests, head, tools, usage_mode, len(ids), thinking),
@@ -640,7 +637,7 @@ async def completions(request: Request):
         raise ApiError(400, "'prompt' must not be empty", "prompt", "invalid_value")
     for ids in encoded:
         params.max_tokens = check_context(served, len(ids), max_tokens)
-    inbox, requests = start(served, encoded, params, n)
+    inbox, requests = start(served, encoded, params)
     head = {"id": f"cmpl-{secrets.token_hex(12)}", "created": int(time.time()), "model": served.model_name}
     prompt_tokens = sum(len(ids) for ids in encoded)
     echoed = [prompts[i // n] if echo else "" for i in range(len(requests))]  # choice i answers prompt i // n
@@ -756,17 +753,17 @@ def check_context(served: Served, prompt_tokens: int, max_tokens: int | None) ->
     return max_tokens
 
 
-def start(served: Served, prompts: list[list[int]], params: SamplingParams,
-          n: int) -> tuple[Inbox, list[EngineRequest]]:
-    """Submit n requests per prompt; their events arrive in one inbox as (choice index, event)."""
+def start(served: Served, prompts: list[list[int]], params: SamplingParams) -> tuple[Inbox, list[EngineRequest]]:
+    """Submit params.n requests per prompt (choice i seeded seed + i); their events arrive in one inbox as (choice
+    index, event)."""
+    n = params.n
     box = mailbox()
     inbox = Inbox()
     requests = []
     for p, ids in enumerate(prompts):
         for i in range(n):
             index = p * n + i
-            seeded = params if params.seed is None or i == 0 else \
-                SamplingParams(**{**params.__dict__, "seed": params.seed + i})
+            seeded = params if params.seed is None or i == 0 else replace(params, seed=params.seed + i, n=1)
 
             def emit(event: Event, index=index):
                 box.post(inbox, (index, event))

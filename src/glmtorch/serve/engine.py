@@ -47,7 +47,8 @@ from typing import Callable
 import torch
 
 from ..fastpath import FusedDecodeStep, compiled_decode_step
-from ..generation.config import GenerationConfig, SamplingValueError, check_logit_bias, check_sampling_value
+from ..generation.config import (SEED_MAX, GenerationConfig, SamplingValueError, check_logit_bias,
+                                check_sampling_value)
 from ..generation.constrain import Constraint
 from ..generation.processors import LogitBias, MinTokens, PresenceFrequencyPenalty, make_processors
 from ..generation.sampling import greedy_tokens, sample_from_logits
@@ -120,6 +121,9 @@ class SamplingParams:
     top_logprobs: int = 0
     ignore_eos: bool = False  # keep going past end-of-turn / end-of-text tokens (benchmarks)
     constraint: object = None  # a compiled generation.constrain.Constraint: the output must follow it
+    # completions of each prompt that glmtorch.LLM makes (vLLM's n; completion i is seeded seed + i): each is one
+    # request, which the engine runs as one sequence (the server takes a request body's n the same way)
+    n: int = 1
 
     def checked(self, vocab_size: int) -> "SamplingParams":
         """A copy with every field checked: the one place these rules live (Engine.submit applies them to every
@@ -129,6 +133,11 @@ class SamplingParams:
             value = getattr(self, name)
             if value is not None or name != "seed":  # only the seed may be left unset
                 check_sampling_value(bound, value, shown=name)
+        if isinstance(self.n, bool) or not isinstance(self.n, int) or self.n < 1:
+            raise SamplingValueError("n", f"n={self.n!r}: must be an integer >= 1")
+        if self.seed is not None and self.seed + self.n - 1 > SEED_MAX:  # completion i has seed + i
+            raise SamplingValueError("seed", f"seed={self.seed} leaves no room for n={self.n} completions "
+                                             f"(seed + n - 1 must be <= {SEED_MAX})")
         if self.min_tokens > self.max_tokens:
             raise SamplingValueError("min_tokens", f"min_tokens={self.min_tokens} is more than "
                                                    f"max_tokens={self.max_tokens}")

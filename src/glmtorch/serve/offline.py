@@ -6,15 +6,17 @@
     print(outs[0].outputs[0].text)
     llm.chat([{"role": "user", "content": "Hi"}])       # through the model's chat template
 
-Every prompt goes to the engine at once; it runs them with continuous batching (a finished request's slot takes
-the next prompt at once, prompts are prefilled several to a pass), in the caller's thread. Each request keeps its
+`SamplingParams(n=4)` makes four completions of each prompt (`outputs[k]`, seeded seed + k), and
+`logprobs=True` fills each completion's `logprobs`. Every prompt goes to the engine at once; it runs them with
+continuous batching (a finished request's slot takes the next prompt at once, prompts are prefilled several to a
+pass), in the caller's thread. Each request keeps its
 own sampling parameters and seed, so a seeded request gives the same text here, alone, or through the server.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from tqdm.auto import tqdm
 
@@ -23,10 +25,13 @@ from .engine import Event, Request, SamplingParams
 
 @dataclass
 class CompletionOutput:
-    index: int
+    index: int  # of the prompt's n completions
     text: str
     token_ids: list[int]
     finish_reason: str | None
+    # with SamplingParams(logprobs=True): per generated token {"token", "logprob"} (and "top_logprobs", a list of
+    # those, with top_logprobs > 0); None when not asked for
+    logprobs: list[dict] | None = None
 
 
 @dataclass
@@ -117,29 +122,37 @@ class LLM:
                 raise ValueError(f"prompts[{i}]: {len(prompt)} prompt tokens + max_tokens={p.max_tokens} exceed the "
                                  f"context of {self.engine.context} tokens")
         outputs = [RequestOutput(text, prompt) for text, prompt in zip(texts, ids)]
-        pieces: list[list[str]] = [[] for _ in ids]
+        # one request per completion: (prompt index, completion index, its params), completion k seeded seed + k
+        jobs = [(i, k, p if k == 0 or p.seed is None else replace(p, seed=p.seed + k, n=1))
+                for i, p in enumerate(params) for k in range(p.n)]
+        pieces: list[list[str]] = [[] for _ in jobs]
+        logprobs: list[list[dict]] = [[] for _ in jobs]
         errors: list[str] = []
-        bar = tqdm(total=len(ids), desc="Generating", unit="prompt",
+        bar = tqdm(total=len(jobs), desc="Generating", unit="completion",
                    disable=None if use_tqdm is None else not use_tqdm)
         requests = []
 
-        def emit_for(i: int):
+        def emit_for(j: int):
+            i, k, p = jobs[j]
+
             def emit(event: Event) -> None:
+                logprobs[j] += event.token_logprobs
                 if event.kind == "text":
-                    pieces[i].append(event.text)
+                    pieces[j].append(event.text)
                     return
                 if event.kind == "error":
                     errors.append(f"prompts[{i}]: {event.error}")
-                r = requests[i]
+                r = requests[j]
                 generated = r.tokens[len(r.prompt_ids):len(r.prompt_ids) + r.generated]
-                outputs[i].outputs.append(CompletionOutput(0, "".join(pieces[i]), generated, event.finish_reason))
-                outputs[i].num_cached_tokens = event.cached_tokens
+                outputs[i].outputs.append(CompletionOutput(k, "".join(pieces[j]), generated, event.finish_reason,
+                                                           logprobs[j] if p.logprobs else None))
+                outputs[i].num_cached_tokens = max(outputs[i].num_cached_tokens, event.cached_tokens)
                 bar.update()
             return emit
 
         try:
-            for i, (prompt, p) in enumerate(zip(ids, params)):
-                requests.append(Request(prompt, p, emit_for(i)))
+            for j, (i, _, p) in enumerate(jobs):
+                requests.append(Request(ids[i], p, emit_for(j)))
                 self.engine.submit(requests[-1])
             self.engine.run(until_idle=True)
         except BaseException:  # Ctrl-C, say: nothing of this call may stay queued for the next one
@@ -151,4 +164,6 @@ class LLM:
             bar.close()
         if errors:
             raise RuntimeError("; ".join(errors[:5]))
+        for out in outputs:
+            out.outputs.sort(key=lambda c: c.index)  # in the order they finished until now
         return outputs
