@@ -13,7 +13,7 @@ import threading
 import time
 import weakref
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
@@ -763,12 +763,10 @@ def start(served: Served, prompts: list[list[int]], params: SamplingParams) -> t
     for p, ids in enumerate(prompts):
         for i in range(n):
             index = p * n + i
-            seeded = params if params.seed is None or i == 0 else replace(params, seed=params.seed + i, n=1)
-
             def emit(event: Event, index=index):
                 box.post(inbox, (index, event))
 
-            requests.append(EngineRequest(list(ids), seeded, emit))
+            requests.append(EngineRequest(list(ids), params.for_choice(i), emit))
     arrived()  # before submitting: an idle engine must not wait for the request it is being handed
     try:
         for r in requests:

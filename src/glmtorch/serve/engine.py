@@ -158,6 +158,10 @@ class SamplingParams:
                                                    f"Constraint or None, got {type(self.constraint).__name__}")
         return replace(self, stop=list(stop), logit_bias=check_logit_bias(self.logit_bias, vocab_size))
 
+    def for_choice(self, k: int) -> "SamplingParams":
+        """The parameters of completion k of n (LLM.generate, the server's choices): seeded seed + k, one sequence."""
+        return self if k == 0 or self.seed is None else replace(self, seed=self.seed + k, n=1)
+
     def generation_config(self) -> GenerationConfig:
         greedy = self.temperature == 0
         return GenerationConfig(do_sample=not greedy, temperature=None if greedy else self.temperature,

@@ -9,14 +9,14 @@
 `SamplingParams(n=4)` makes four completions of each prompt (`outputs[k]`, seeded seed + k), and
 `logprobs=True` fills each completion's `logprobs`. Every prompt goes to the engine at once; it runs them with
 continuous batching (a finished request's slot takes the next prompt at once, prompts are prefilled several to a
-pass), in the caller's thread. Each request keeps its
-own sampling parameters and seed, so a seeded request gives the same text here, alone, or through the server.
+pass), in the caller's thread. Each request keeps its own sampling parameters and seed, so a seeded request gives
+the same text here, alone, or through the server.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from tqdm.auto import tqdm
 
@@ -112,9 +112,14 @@ class LLM:
         for p in params:
             if not isinstance(p, SamplingParams):
                 raise ValueError(f"sampling_params must be glmtorch.SamplingParams, got {type(p).__name__}")
-        # checked here, before any prompt is queued (the engine checks each again as it is submitted)
+        # checked here, before any prompt is queued (the engine checks each again as it is submitted), once per
+        # object given (one for 10,000 prompts is one check); the copies are the engine's requests' own
         vocab = self.engine.model.config.vocab_size
-        return [p.checked(vocab) for p in params]  # copies: the engine's requests own theirs
+        checked = {}
+        for p in params:
+            if id(p) not in checked:
+                checked[id(p)] = p.checked(vocab)
+        return [checked[id(p)] for p in params]
 
     def _run(self, texts, ids, params, use_tqdm) -> list[RequestOutput]:
         for i, (prompt, p) in enumerate(zip(ids, params)):
@@ -123,8 +128,7 @@ class LLM:
                                  f"context of {self.engine.context} tokens")
         outputs = [RequestOutput(text, prompt) for text, prompt in zip(texts, ids)]
         # one request per completion: (prompt index, completion index, its params), completion k seeded seed + k
-        jobs = [(i, k, p if k == 0 or p.seed is None else replace(p, seed=p.seed + k, n=1))
-                for i, p in enumerate(params) for k in range(p.n)]
+        jobs = [(i, k, p.for_choice(k)) for i, p in enumerate(params) for k in range(p.n)]
         pieces: list[list[str]] = [[] for _ in jobs]
         logprobs: list[list[dict]] = [[] for _ in jobs]
         errors: list[str] = []
