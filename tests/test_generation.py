@@ -194,18 +194,67 @@ def test_stop_strings_and_streaming(chat_checkpoint):
     assert "".join(p for p, _ in events) == text[:text.index(stop)] and events[-1] == ("", "stop")
 
 
-def test_streaming_never_splits_a_character(tokenizer_dir):
+class WindowDecoding:
+    """A tokenizer seen without GlmTokenizer.byte_pieces: the streaming detokenizer then decodes windows of tokens,
+    as it does for a SentencePiece tokenizer (each test of streaming runs both ways)."""
+
+    def __init__(self, tokenizer) -> None:
+        self.decode, self.decode_ids = tokenizer.decode, tokenizer.decode_ids
+
+
+def streaming_tokenizer(tokenizer_dir, way: str):
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    return tok if way == "bytes" else WindowDecoding(tok)
+
+
+@pytest.mark.parametrize("way", ["bytes", "windows"])
+def test_streaming_never_splits_a_character(tokenizer_dir, way):
     from glmtorch.generation.streaming import StreamingDetokenizer
 
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tok = streaming_tokenizer(tokenizer_dir, way)
     text = "你好，世界！🙂 café"
     detok = StreamingDetokenizer(tok)
-    pieces = [detok.add_token(t) for t in tok.encode(text)] + [detok.finalize()]
+    assert (detok.pieces is not None) == (way == "bytes")
+    pieces = [detok.add_token(t) for t in AutoTokenizer.from_pretrained(tokenizer_dir).encode(text)]
+    pieces.append(detok.finalize())
     assert "".join(pieces) == text and not any("\ufffd" in p for p in pieces)
 
 
+@pytest.mark.parametrize("think_tags_special", [False, True])
+def test_byte_level_streaming_equals_decode_of_all_the_tokens(tokenizer_dir, think_tags_special):
+    """The byte path (each token's bytes through an incremental UTF-8 decoder) gives decode() of all the tokens,
+    and the window path alike, over random ids of the whole vocabulary (byte tokens that split a character,
+    control tokens skipped or kept, ids past the vocabulary) with and without skip_special_tokens; a GLM-Z1
+    tokenizer whose thinking tags are special tokens keeps them; an added token in another script is its own
+    UTF-8."""
+    import random
+
+    from tokenizers import AddedToken
+
+    from glmtorch.generation.streaming import StreamingDetokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    if think_tags_special:
+        tok.backend.add_special_tokens([AddedToken("<think>", special=True), AddedToken("</think>", special=True)])
+    tok.backend.add_tokens([AddedToken("世界🙂", special=False)])  # characters outside the byte-level alphabet
+    size = tok.backend.get_vocab_size(with_added_tokens=True)
+    rng = random.Random(0)
+    text = tok.encode("你好，世界！🙂 café <think>x</think>", add_special_tokens=False)
+    for trial in range(200):
+        ids = [rng.randrange(size + 3) if rng.random() < 0.8 else rng.choice(text) for _ in range(rng.randint(0, 40))]
+        for skip in (True, False):
+            expected = tok.decode(ids, skip_special_tokens=skip)
+            for way in (tok, WindowDecoding(tok)):
+                detok = StreamingDetokenizer(way, skip_special_tokens=skip)
+                streamed = "".join(detok.add_token(i) for i in ids) + detok.finalize()
+                assert streamed == expected, (ids, skip, type(way).__name__)
+                assert (detok.pieces is not None) == (way is tok)
+    assert "<think>" in tok.decode(text, skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("way", ["bytes", "windows"])
 @pytest.mark.parametrize("stops", [[], ["o w"], ["界！", "xyz", "\n\n"], ["é"]])
-def test_text_stream_equals_the_whole_text_cut_at_the_first_stop(tokenizer_dir, stops):
+def test_text_stream_equals_the_whole_text_cut_at_the_first_stop(tokenizer_dir, stops, way):
     """Streamed piece by piece (only the unshown text searched), the output is the whole decoded text up to the
     first stop string, with "stop" exactly when one occurs; over random token sequences and every cut point."""
     import random
@@ -219,7 +268,7 @@ def test_text_stream_equals_the_whole_text_cut_at_the_first_stop(tokenizer_dir, 
         ids = source[:] if trial == 0 else [rng.choice(source) for _ in range(rng.randint(1, 30))]
         whole = tok.decode(ids)
         hits = [i for i in (whole.find(s) for s in stops) if i >= 0]
-        stream, shown, reason = TextStream(tok, stops), "", None
+        stream, shown, reason = TextStream(tok if way == "bytes" else WindowDecoding(tok), stops), "", None
         for i in ids:
             piece, reason = stream.add(i)
             shown += piece

@@ -66,6 +66,29 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(printable, map(chr, chars)))
 
 
+class TokenBytes(dict):
+    """id -> the bytes a byte-level decoder makes of that token (b"" for an id it skips or does not know), each
+    found on first use: a vocabulary of 151,552 ids is not walked at start."""
+
+    BYTE_OF = {c: b for b, c in _bytes_to_unicode().items()}
+
+    def __init__(self, backend, skipped: frozenset[int]) -> None:
+        super().__init__()
+        self.backend, self.skipped = backend, skipped
+
+    def __missing__(self, token: int) -> bytes:
+        text = None if token in self.skipped or token < 0 else self.backend.id_to_token(token)
+        if text is None:
+            piece = b""
+        else:
+            try:
+                piece = bytes(self.BYTE_OF[c] for c in text)
+            except KeyError:  # a character outside the byte alphabet: the decoder takes the token's own UTF-8
+                piece = text.encode("utf-8")
+        self[token] = piece
+        return piece
+
+
 def read_tiktoken_ranks(path: str) -> dict[bytes, int]:
     ranks: dict[bytes, int] = {}
     with open(path, "rb") as f:
@@ -344,6 +367,28 @@ class GlmTokenizer:
     @functools.cached_property
     def _one_token_texts(self) -> dict[tuple[int, bool], str]:
         return {}
+
+    def byte_pieces(self, skip_special_tokens: bool = False) -> "TokenBytes | None":
+        """Each id's bytes, for a tokenizer whose decode() is the UTF-8 (errors replaced) of its tokens' bytes
+        joined: a byte-level BPE (GLM-4's, as a tokenizer.json or converted from tiktoken), where the backend's
+        ByteLevel decoder maps each token's characters back to bytes (a token with a character outside that
+        alphabet, an added token written in another script, gives its own UTF-8) and skips what
+        skip_special_tokens drops. A stream can then decode its tokens' bytes incrementally instead of decoding
+        windows of tokens (StreamingDetokenizer; a streamed token's text in the demo model's 64-row burst 3.9 ->
+        1.2 us, ~0.17 ms of a ~5 ms step over its 64 rows, AMD EPYC Zen 4). None for other tokenizers
+        (SentencePiece's spaces depend on the token before)."""
+        from tokenizers import decoders
+
+        if not isinstance(getattr(self.backend, "decoder", None), decoders.ByteLevel):
+            return None
+        key = "_pieces_skipping" if skip_special_tokens else "_pieces"
+        if key not in self.__dict__:
+            skipped: frozenset[int] = frozenset()
+            if skip_special_tokens:
+                skipped = self._skipped_ids if self._skipped_ids is not None else frozenset(
+                    i for i, t in self.backend.get_added_tokens_decoder().items() if t.special)
+            self.__dict__[key] = TokenBytes(self.backend, skipped)
+        return self.__dict__[key]
 
     @functools.cached_property
     def _skipped_ids(self) -> frozenset[int] | None:

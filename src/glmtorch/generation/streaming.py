@@ -4,6 +4,7 @@ back text that may be the start of a stop string."""
 
 from __future__ import annotations
 
+import codecs
 import queue
 from collections.abc import Iterator
 
@@ -15,16 +16,22 @@ from .stopping import find_stop, partial_stop_length
 class StreamingDetokenizer:
     """Turns tokens into text pieces as they arrive.
 
-    Decodes a short window (prefix_offset:) and emits what follows the already-emitted part once it no longer
-    ends in U+FFFD (an incomplete UTF-8 sequence); the window keeps tokenizers whose pieces depend on their
-    left neighbour (SentencePiece spaces) right. The window before the newest tokens is decoded once and kept,
-    not again with every token that does not yet complete a character.
+    Where the tokenizer's decode() is the UTF-8 of its tokens' bytes joined (a byte-level BPE, GLM-4's:
+    GlmTokenizer.byte_pieces), each token's bytes go through an incremental UTF-8 decoder, which holds back an
+    incomplete character. Otherwise it decodes a short window (prefix_offset:) and emits what follows the
+    already-emitted part once it no longer ends in U+FFFD (an incomplete UTF-8 sequence); the window keeps
+    tokenizers whose pieces depend on their left neighbour (SentencePiece spaces) right. The window before the
+    newest tokens is decoded once and kept, not again with every token that does not yet complete a character.
+    Either way the pieces joined are decode() of all the tokens.
     """
 
     def __init__(self, tokenizer, skip_special_tokens: bool = True) -> None:
         # glmtorch's Tokenizer takes a list of ints as they are; others get it through decode()
         self.decode_list = getattr(tokenizer, "decode_ids", None) or tokenizer.decode
         self.skip_special_tokens = skip_special_tokens
+        pieces = getattr(tokenizer, "byte_pieces", None)
+        self.pieces = pieces(skip_special_tokens) if pieces is not None else None
+        self.utf8 = codecs.getincrementaldecoder("utf-8")("replace") if self.pieces is not None else None
         self.tokens: list[int] = []
         self.prefix_offset = 0
         self.read_offset = 0
@@ -35,6 +42,8 @@ class StreamingDetokenizer:
 
     def add_token(self, token: int) -> str:
         """Add one token; return the new text it completes (possibly "")."""
+        if self.pieces is not None:
+            return self.utf8.decode(self.pieces[int(token)])
         self.tokens.append(int(token))
         current = self._decode(self.tokens[self.prefix_offset:])
         if len(current) > len(self.prefix) and not current.endswith("\ufffd"):
@@ -46,6 +55,8 @@ class StreamingDetokenizer:
 
     def finalize(self) -> str:
         """Whatever is left, even an incomplete character (as the replacement character)."""
+        if self.utf8 is not None:
+            return self.utf8.decode(b"", final=True)  # (and the decoder starts afresh)
         current = self._decode(self.tokens[self.prefix_offset:])
         piece = current[len(self.prefix):] if len(current) > len(self.prefix) else ""
         self.prefix_offset = self.read_offset = len(self.tokens)
