@@ -88,6 +88,7 @@ def test_chat_survives_bytes_that_are_not_utf8():
     (["generate", "--prompt", "hi", "--seed", "-5"], "--seed"),
     (["generate", "--prompt", "hi", "--max-new-tokens", "0"], "--max-new-tokens"),
     (["bench-serve", "http://x", "--concurrency", "0"], "--concurrency"),
+    (["bench-serve", "http://x", "--batching-gain", "-1"], "--batching-gain"),
 ])
 def test_out_of_range_flags_are_usage_errors(args, flag):
     result = run(*args, timeout=60)

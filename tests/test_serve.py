@@ -242,6 +242,28 @@ def test_bench_serve_and_ttft_under_load(served):
     assert served[1].active == 0
 
 
+def test_bench_serve_batching_gain_alternates_the_burst_and_one_at_a_time(served, monkeypatch):
+    from glmtorch.serve import bench
+
+    report = bench.batching_gain(served[0].url, rounds=2, burst=3, alone=2, prompt_words=5, max_tokens=6)
+    assert report["error_count"] == 0 and len(report["ratios"]) == 2 and report["model"] == "tiny-glm"
+    assert report["ratios"] == [b / a for b, a in zip(report["burst_tok_s"], report["alone_tok_s"])]
+    assert "batching gain" in bench.format_serve_report(report)
+
+    runs = []  # the order of the runs, each round's pair in turn, and the median of the rounds' ratios
+    rates = iter([1.0, 1.0, 10.0, 5.0, 90.0, 10.0, 40.0, 10.0])
+
+    async def run(url, requests, concurrency, prompt_words, max_tokens, *rest):
+        runs.append((requests, concurrency, max_tokens))
+        return {"model": "m", "output_tok_s": next(rates), "errors": [], "error_count": 0}
+
+    monkeypatch.setattr(bench, "_run", run)
+    report = bench.batching_gain("http://x", rounds=3, burst=8, alone=2, max_tokens=16)
+    assert runs == [(8, 8, 4), (2, 1, 4)] + [(8, 8, 16), (2, 1, 16)] * 3  # a warm-up of 4 tokens, then in turn
+    assert report["ratios"] == [2.0, 9.0, 4.0] and report["batching_gain"] == 4.0
+    assert "2.00x / 9.00x / 4.00x: 4.00x on the median" in bench.format_serve_report(report)
+
+
 def test_bench_serve_stream_reader_gives_the_server_text_and_its_errors(served):
     """bench-serve reads streams over plain asyncio HTTP/1.1 (chunked SSE): the text it assembles is the text a
     non-streamed request gets, and a refused request is an error naming the status, not a crash."""

@@ -514,9 +514,13 @@ def _serve_flags(p: argparse.ArgumentParser) -> None:
 def cmd_bench_serve(args: argparse.Namespace) -> int:
     import json
 
-    from .serve.bench import bench_serve, format_serve_report, long_prompt_under_load, multi_turn, ttft_under_load
+    from .serve.bench import (batching_gain, bench_serve, format_serve_report, long_prompt_under_load, multi_turn,
+                              ttft_under_load)
 
-    if args.multi_turn:
+    if args.batching_gain:
+        report = batching_gain(args.url, args.batching_gain, args.requests, min(4, args.requests), args.prompt_words,
+                               args.max_tokens, args.model, args.api_key, args.chat, args.temperature)
+    elif args.multi_turn:
         report = multi_turn(args.url, args.requests, args.concurrency, args.multi_turn, args.prompt_words,
                             args.max_tokens, args.model, args.api_key, args.temperature)
     elif args.long_prompt_under_load:
@@ -561,6 +565,9 @@ def _bench_serve_flags(p: argparse.ArgumentParser) -> None:
                    help="instead: N streams decode (--prompt-words, --max-tokens each) and one prompt of "
                         "--long-prompt-words words arrives; reports the streams' worst gap while it is prefilled")
     p.add_argument("--long-prompt-words", type=ranged(int, 1, 10_000_000), default=4000, metavar="W")
+    p.add_argument("--batching-gain", type=ranged(int, 0, 1000), default=0, metavar="ROUNDS",
+                   help="instead: --requests requests at once against 4 one at a time, in turn for ROUNDS rounds "
+                        "(after a short warm-up); reports each round's ratio of output tok/s and their median")
     p.add_argument("--out", default=None, help="also write the report as JSON")
 
 

@@ -430,6 +430,37 @@ def long_prompt_under_load(url: str, background: int = 16, long_words: int = 400
                                                api_key, calm))
 
 
+async def _batching_gain(base_url: str, rounds: int, burst: int, alone: int, prompt_words: int, max_tokens: int,
+                         model: str | None, api_key: str | None, chat: bool, temperature: float) -> dict[str, Any]:
+    """What batching gives: `burst` requests sent at once against `alone` sent one at a time (the same prompts as
+    bench-serve's, the first `alone` of the burst's), in turn for `rounds` rounds after a short warm-up of each, so
+    that a slow stretch of a shared machine hits both sides of a round alike; each round's ratio of output tok/s and
+    their median. (Issue 22's figure; one pair of separate runs gave 3.5x-5.5x on one server in one hour.)"""
+    async def run(requests: int, concurrency: int, tokens: int) -> dict[str, Any]:
+        return await _run(base_url, requests, concurrency, prompt_words, tokens, model, api_key, chat, temperature)
+
+    await run(burst, burst, min(4, max_tokens))  # warm-up: the server's first steps of each size are not timed
+    await run(alone, 1, min(4, max_tokens))
+    bursts, singles = [], []
+    for _ in range(rounds):
+        bursts.append(await run(burst, burst, max_tokens))
+        singles.append(await run(alone, 1, max_tokens))
+    ratios = [b["output_tok_s"] / a["output_tok_s"] for b, a in zip(bursts, singles) if a["output_tok_s"] > 0]
+    return {"url": base_url, "model": bursts[0]["model"], "client_cpu": cpu_description(), "burst": burst,
+            "alone": alone, "rounds": rounds, "prompt_words": prompt_words, "max_tokens": max_tokens,
+            "burst_tok_s": [b["output_tok_s"] for b in bursts], "alone_tok_s": [a["output_tok_s"] for a in singles],
+            "ratios": ratios, "batching_gain": statistics.median(ratios) if ratios else None,
+            "errors": [e for r in bursts + singles for e in r["errors"]][:10],
+            "error_count": sum(r["error_count"] for r in bursts + singles)}
+
+
+def batching_gain(url: str, rounds: int = 3, burst: int = 64, alone: int = 4, prompt_words: int = 100,
+                  max_tokens: int = 64, model: str | None = None, api_key: str | None = None, chat: bool = False,
+                  temperature: float = 0.0) -> dict[str, Any]:
+    return _run_client(_batching_gain(url, rounds, burst, alone, prompt_words, max_tokens, model, api_key, chat,
+                                      temperature))
+
+
 def bench_serve(url: str, requests: int = 64, concurrency: int = 64, prompt_words: int = 100, max_tokens: int = 64,
                 model: str | None = None, api_key: str | None = None, chat: bool = False,
                 temperature: float = 0.0, shared_words: int = 0) -> dict[str, Any]:
@@ -438,6 +469,14 @@ def bench_serve(url: str, requests: int = 64, concurrency: int = 64, prompt_word
 
 
 def format_serve_report(r: dict[str, Any]) -> str:
+    if "batching_gain" in r:
+        gain = "no round completed" if r["batching_gain"] is None else f"{r['batching_gain']:.2f}x on the median"
+        return (f"{r['url']} model={r['model']}: {r['burst']} requests at once against {r['alone']} one at a time, "
+                f"{r['rounds']} rounds in turn, {r['error_count']} errors\n"
+                f"  at once: {' / '.join(f'{x:.0f}' for x in r['burst_tok_s'])} tok/s; one at a time: "
+                f"{' / '.join(f'{x:.0f}' for x in r['alone_tok_s'])} tok/s\n"
+                f"  batching gain: {' / '.join(f'{x:.2f}x' for x in r['ratios'])}: {gain}\n"
+                f"  measured from: {_cpu_line(r.get('client_cpu'))}")
     if "worst_gap_during_prefill_s" in r:
         return (f"{r['url']} model={r['model']}: a {r['long_prompt_tokens']}-token prompt arriving while "
                 f"{r['background_requests']} streams decode\n"
