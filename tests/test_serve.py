@@ -262,6 +262,8 @@ def test_bench_serve_batching_gain_alternates_the_burst_and_one_at_a_time(served
     assert runs == [(8, 8, 4), (2, 1, 4)] + [(8, 8, 16), (2, 1, 16)] * 3  # a warm-up of 4 tokens, then in turn
     assert report["ratios"] == [2.0, 9.0, 4.0] and report["batching_gain"] == 4.0
     assert "2.00x / 9.00x / 4.00x: 4.00x on the median" in bench.format_serve_report(report)
+    with pytest.raises(ValueError, match="at least 1"):
+        bench.batching_gain("http://x", rounds=0)
 
 
 def test_bench_serve_stream_reader_gives_the_server_text_and_its_errors(served):
