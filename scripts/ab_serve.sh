@@ -4,9 +4,10 @@
 # `git worktree add /tmp/old <commit>`), run from this venv with PYTHONPATH pointing at each.
 #   OLD_SRC=/tmp/old/src NEW_SRC=$PWD/src TAG=ab-paged-s11-small-fp32 bash scripts/ab_serve.sh /tmp/small-serve-fp32
 # Reports: benchmarks/$TAG-{old,new}-{1,2}-{c64,c1}.json (each names the CPU it ran on).
+# FLAGS: the servers' flags; unset, the eleventh session's; FLAGS="" serves with the defaults (issue 22's case).
 M=${1:?checkpoint directory}
 TAG=${TAG:-ab}
-FLAGS=${FLAGS:---max-batch 64 --max-queue 256 --max-context 1024 --no-prefix-caching}
+FLAGS=${FLAGS---max-batch 64 --max-queue 256 --max-context 1024 --no-prefix-caching}
 for round in 1 2; do
   for side in old new; do
     if [ $side = old ]; then PP=${OLD_SRC:?}; else PP=${NEW_SRC:?}; fi
