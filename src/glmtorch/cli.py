@@ -518,8 +518,9 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
                               ttft_under_load)
 
     if args.batching_gain:
-        report = batching_gain(args.url, args.batching_gain, args.requests, min(4, args.requests), args.prompt_words,
-                               args.max_tokens, args.model, args.api_key, args.chat, args.temperature)
+        report = batching_gain(args.url, args.batching_gain, args.requests, prompt_words=args.prompt_words,
+                               max_tokens=args.max_tokens, model=args.model, api_key=args.api_key, chat=args.chat,
+                               temperature=args.temperature)
     elif args.multi_turn:
         report = multi_turn(args.url, args.requests, args.concurrency, args.multi_turn, args.prompt_words,
                             args.max_tokens, args.model, args.api_key, args.temperature)

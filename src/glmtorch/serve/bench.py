@@ -457,9 +457,10 @@ async def _batching_gain(base_url: str, rounds: int, burst: int, alone: int, pro
 def batching_gain(url: str, rounds: int = 3, burst: int = 64, alone: int = 4, prompt_words: int = 100,
                   max_tokens: int = 64, model: str | None = None, api_key: str | None = None, chat: bool = False,
                   temperature: float = 0.0) -> dict[str, Any]:
+    """`burst` at once against `alone` one at a time (at most as many as the burst), `rounds` rounds in turn."""
     if rounds < 1 or burst < 1 or alone < 1:
         raise ValueError(f"batching_gain: rounds, burst and alone must be at least 1 (got {rounds}, {burst}, {alone})")
-    return _run_client(_batching_gain(url, rounds, burst, alone, prompt_words, max_tokens, model, api_key, chat,
+    return _run_client(_batching_gain(url, rounds, burst, min(alone, burst), prompt_words, max_tokens, model, api_key, chat,
                                       temperature))
 
 
