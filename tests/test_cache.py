@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import glmtorch
+from glmtorch import kernels
 from glmtorch.cache import PagedKVCache
 from glmtorch.fastpath import compiled_decode_step, decode_step, fused_step_supported
 from conftest import CONFIGS, make_hf_model, rel_err, save_hf
@@ -19,11 +20,12 @@ def _scattered_tables(rows: int, per_row: int, num_blocks: int, seed: int = 0) -
 @torch.no_grad()
 @pytest.mark.parametrize("in_place", [True, False], ids=["read-in-place", "gathered"])
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_attention_through_block_tables_equals_contiguous(tmp_path, name, in_place, monkeypatch):
-    """Two prompts of different lengths prefilled together (padded) into scattered blocks of 4 tokens, then
-    decoded at different positions for several steps: logits equal a static cache's (fp32 < 1e-6), whether
-    attention reads the blocks in place (the C++ kernel) or gathers them for SDPA, and the fused step reads the
-    same blocks."""
+@pytest.mark.parametrize("block", [4, 16])
+def test_attention_through_block_tables_equals_contiguous(tmp_path, name, in_place, block, monkeypatch):
+    """Two prompts of different lengths prefilled together (padded) into scattered blocks of 4 or 16 tokens (16: a
+    CPU pool's keys stored by element, cache.keys_by_element), then decoded at different positions for several
+    steps: logits equal a static cache's (fp32 < 1e-6), whether attention reads the blocks in place (the C++
+    kernel) or gathers them for SDPA, and the fused step reads and writes the same blocks."""
     monkeypatch.setenv("GLMTORCH_LINEAR_PATH", "kernel")  # the fused step for 2 rows, whatever timing says here
     monkeypatch.setattr("glmtorch.cache.IN_PLACE_MAX_TOKENS", 16 if in_place else 0)
     monkeypatch.setenv("GLMTORCH_PREFILL_ATTENTION", "in_place" if in_place else "gathered")
@@ -35,8 +37,9 @@ def test_attention_through_block_tables_equals_contiguous(tmp_path, name, in_pla
         ids[i, :len(p)] = torch.tensor(p)
     lengths = torch.tensor([len(p) for p in prompts])
     real = (torch.arange(T) < lengths[:, None]).long()
-    paged = model.new_paged_cache(20, 4)
+    paged = model.new_paged_cache(20, block)
     assert isinstance(paged, PagedKVCache) and not paged.key_buffer.any()
+    assert (paged.key_buffer.stride(-1) != 1) == (block == 16 and kernels.available())
     table = _scattered_tables(2, 5, 20)
     static = model.new_static_cache(2, 20)
     got = model.last_token_logits(ids, lengths, real, paged.view(table[:, :3], T), torch.arange(T))
@@ -53,7 +56,7 @@ def test_attention_through_block_tables_equals_contiguous(tmp_path, name, in_pla
     for step in range(steps):
         window = int(positions.max()) + 1
         mask = torch.ones(2, window, dtype=torch.long)
-        view = paged.view(table[:, :-(-window // 4)], window)
+        view = paged.view(table[:, :-(-window // block)], window)
         want = decode_step(model, tokens, positions, positions, mask, static)
         for stepper, tolerance in steppers:  # each writes the same slot of the same block: the same keys again
             assert rel_err(stepper(model, tokens, positions, positions, mask, view).float(), want.float()) < tolerance

@@ -414,26 +414,42 @@ def test_rotary_kernel_matches_the_eager_rotation(dtype, per_row):
     assert torch.equal(got[..., R:], x.transpose(1, 2)[..., R:])
 
 
+def by_element(pool: torch.Tensor) -> torch.Tensor:
+    """The same (blocks, KV, block size, D) keys stored as a CPU PagedKVCache stores them: each block D x block
+    size (cache.keys_by_element)."""
+    return pool.transpose(-1, -2).contiguous().transpose(-1, -2)
+
+
 @torch.no_grad()
 # head sizes the vector loops take (16 - 128: keys a register's lanes at a time, a partial group at the end; on AVX2
-# 64 and 128 are summed a piece of 32 values at a time, 16 four heads a pass) and one they do not (48); blocks of 16
-# slots (groups fill blocks) and of 5 (groups cut by every block's end)
-@pytest.mark.parametrize("head_dim", [16, 32, 64, 128, 48])
+# 64 and 128 are summed a piece of 32 values at a time, 16 four heads a pass) and one they do not (48; and 15, odd,
+# for keys by element: their loop takes elements two at a time); blocks of 16 slots (groups fill blocks) and of 5
+# (groups cut by every block's end; keys by element: the plain loop, not whole registers of slots); 3 and 10 query
+# heads per key/value head (keys by element: fewer than a pass of heads, and a whole pass and the rest)
+@pytest.mark.parametrize("head_dim", [16, 32, 64, 128, 48, 15])
 @pytest.mark.parametrize("block", [16, 5])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_paged_attention_is_softmax_attention(head_dim, block, dtype):
+@pytest.mark.parametrize("keys_stored", ["by slot", "by element"])
+@pytest.mark.parametrize("per_kv", [3, 10])
+def test_paged_attention_is_softmax_attention(head_dim, block, dtype, keys_stored, per_kv):
     """The decode attention of the fused step and the paged cache (paged_attention), read through scattered block
     tables, against float64 softmax attention over each row's visible slots: rows of different lengths (1 to 70
-    slots), padding holes in the mask, 3 query heads per key/value head; a pool full of NaN outside the written
-    slots, so that a key or value read past a row's last slot or at a hole would show."""
+    slots), padding holes in the mask, 3 or 10 query heads per key/value head, keys stored slot by slot or by
+    element; a pool full of NaN outside the written slots, so that a key or value read past a row's last slot or
+    at a hole would show."""
+    if head_dim == 15 and keys_stored == "by slot":
+        pytest.skip("odd head sizes matter to the by-element loop only")
     g = torch.Generator().manual_seed(5)
-    N, Q, KV, D = 4, 6, 2, head_dim
+    N, KV, D = 4, 2, head_dim
+    Q = KV * per_kv
     lasts = torch.tensor([0, 15, 33, 69])
     L = int(lasts.max()) + 1
     per_row = -(-L // block)
     pool_blocks = N * per_row + 1
     keys = torch.full((pool_blocks, KV, block, D), float("nan"), dtype=dtype)
     values = keys.clone()
+    if keys_stored == "by element":
+        keys = by_element(keys)
     table = (torch.randperm(N * per_row, generator=g) + 1).view(N, per_row)
     visible = torch.rand(N, L, generator=g) > 0.2
     k_rows = torch.randn(N, L, KV, D, generator=g).to(dtype)
@@ -465,12 +481,13 @@ def test_paged_attention_is_softmax_attention(head_dim, block, dtype):
 @pytest.mark.parametrize("block", [16, 5])
 @pytest.mark.parametrize("mask", ["none", "causal", "holes"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_prefill_attention_of_prompts_is_softmax_attention(head_dim, heads, T, block, mask, dtype):
+@pytest.mark.parametrize("keys_stored", ["by slot", "by element"])
+def test_prefill_attention_of_prompts_is_softmax_attention(head_dim, heads, T, block, mask, dtype, keys_stored):
     """paged_prefill_attention (a prefill pass's tokens over a pool, each key and value read once for a tile of
     tokens) against float64 softmax attention: three prompts of T new tokens after cached prefixes of 0, 9 and 40
     slots, each token seeing the slots up to its own (given no mask, or the model's mask saying just that) and,
-    with holes, only the ones its mask keeps; the pool is NaN outside the written slots, so a read past a token's
-    visible slots would show."""
+    with holes, only the ones its mask keeps; keys stored slot by slot or by element; the pool is NaN outside the
+    written slots, so a read past a token's visible slots would show."""
     masked = mask == "holes"
     g = torch.Generator().manual_seed(11)
     runs, KV, D = 3, 2, head_dim
@@ -480,6 +497,8 @@ def test_prefill_attention_of_prompts_is_softmax_attention(head_dim, heads, T, b
     per_row = -(-L // block)
     keys = torch.full((runs * per_row + 1, KV, block, D), float("nan"), dtype=dtype)
     values = keys.clone()
+    if keys_stored == "by element":
+        keys = by_element(keys)
     table = (torch.randperm(runs * per_row, generator=g) + 1).view(runs, per_row)
     k_rows = torch.randn(runs, L, KV, D, generator=g).to(dtype)
     v_rows = torch.randn(runs, L, KV, D, generator=g).to(dtype)

@@ -98,12 +98,21 @@ at::Tensor apply(const Linear& l, const at::Tensor& x, const c10::optional<at::T
 // A contiguous cache ([layers,] rows, KV, capacity, D) is one block of its whole capacity per row (the row named by
 // cache_rows, or b itself); a paged pool ([layers,] blocks, KV, block size, D) has a (B, blocks) table: slot j is
 // in block table[b][j / block size] at offset j % block size.
+// The keys' elements are either each slot's D in a row, as the values' (key_dim_stride 1), or, in a CPU pool
+// (cache.PagedKVCache), each block's slots side by side per element, the block D x block size (key_dim_stride is
+// the block size, the slots 1 apart): attend_cached then scores LANES slots at once with broadcast query elements
+// and no horizontal sums (key_slot_scores).
 struct CacheLayout {
   int64_t span = 0, per_row = 1, block_stride = 0, head_stride = 0, slot_stride = 0;
+  int64_t key_slot_stride = 0, key_dim_stride = 1;
   std::vector<int64_t> blocks;
   int64_t offset(int64_t b, int64_t h, int64_t j) const {
     return blocks[b * per_row + j / span] * block_stride + h * head_stride + (j % span) * slot_stride;
   }
+  int64_t key_offset(int64_t b, int64_t h, int64_t j) const {  // where slot j's first key element is
+    return blocks[b * per_row + j / span] * block_stride + h * head_stride + (j % span) * key_slot_stride;
+  }
+  bool keys_by_element() const { return key_dim_stride != 1; }
 };
 
 CacheLayout cache_layout(const at::Tensor& keys, const at::Tensor& values, int64_t B, int64_t KV, int64_t D,
@@ -113,15 +122,20 @@ CacheLayout cache_layout(const at::Tensor& keys, const at::Tensor& values, int64
   CacheLayout c;
   const bool paged = block_table.has_value();
   c.span = keys.size(n - 2);
-  c.block_stride = keys.stride(n - 4), c.head_stride = keys.stride(n - 3), c.slot_stride = keys.stride(n - 2);
+  c.block_stride = values.stride(n - 4), c.head_stride = values.stride(n - 3), c.slot_stride = values.stride(n - 2);
+  c.key_slot_stride = keys.stride(n - 2), c.key_dim_stride = keys.stride(n - 1);
   const auto table = paged ? block_table->to(at::kLong).contiguous() : at::Tensor();
   const auto rows = cache_rows && !paged ? cache_rows->to(at::kLong).contiguous() : at::Tensor();
   c.per_row = paged ? table.size(1) : 1;
-  TORCH_CHECK(keys.stride(n - 1) == 1 && keys.sizes() == values.sizes() && keys.strides() == values.strides() &&
+  const bool keys_like_values = keys.strides() == values.strides();
+  const bool keys_by_element = c.key_dim_stride == c.span && c.key_slot_stride == 1 &&
+                               keys.stride(n - 3) == c.head_stride && keys.stride(n - 4) == c.block_stride;
+  TORCH_CHECK(values.stride(n - 1) == 1 && keys.sizes() == values.sizes() && (keys_like_values || keys_by_element) &&
                   (paged || cache_rows || keys.size(n - 4) == B) && keys.size(n - 3) == KV &&
                   keys.size(n - 1) == D && L <= c.span * c.per_row && (!paged || table.size(0) == B),
               "the cache must be (layers, B, KV, capacity, D) buffers covering the mask, or (layers, blocks, KV, "
-              "block size, D) with a (B, blocks) table covering it");
+              "block size, D) with a (B, blocks) table covering it (the keys' blocks may be stored D x block size)");
+  if (keys_like_values) c.key_slot_stride = c.slot_stride, c.key_dim_stride = 1;
   c.blocks.resize(B * c.per_row);
   for (int64_t b = 0; b < B; ++b)
     for (int64_t i = 0; i < c.per_row; ++i) {
@@ -143,6 +157,7 @@ constexpr int LANES = 16, ACC = 16, PIECE = 8;
 inline vec vzero() { return _mm512_setzero_ps(); }
 inline vec vset(float x) { return _mm512_set1_ps(x); }
 inline vec vmul(vec a, vec b) { return _mm512_mul_ps(a, b); }
+inline vec vadd(vec a, vec b) { return _mm512_add_ps(a, b); }
 inline vec vfma(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
 inline void vstore(float* p, vec v) { _mm512_storeu_ps(p, v); }
 inline void vstore_first(float* p, vec v, int64_t n) {  // lanes 0 .. n - 1 only
@@ -180,6 +195,7 @@ constexpr int LANES = 8, ACC = 8, PIECE = 4;
 inline vec vzero() { return _mm256_setzero_ps(); }
 inline vec vset(float x) { return _mm256_set1_ps(x); }
 inline vec vmul(vec a, vec b) { return _mm256_mul_ps(a, b); }
+inline vec vadd(vec a, vec b) { return _mm256_add_ps(a, b); }
 inline vec vfma(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
 inline void vstore(float* p, vec v) { _mm256_storeu_ps(p, v); }
 inline void vstore_first(float* p, vec v, int64_t n) {
@@ -262,6 +278,62 @@ inline void weigh_values(Slots slots, int64_t g0, int64_t count, int64_t d0, int
   for (int g = 0; g < GB && g < count; ++g)
     for (int c = 0; c < C; ++c) vstore(acc + (g0 + g) * D + d0 + LANES * c, a[g][c]);
 }
+
+// The scores of n <= LANES slots of a block whose keys are stored by element (element d of slot i at k[d * stride +
+// i]) against GB query heads (q, D apart): scores[g * L + i]. Each head's sums are LANES slots wide, one broadcast
+// query element times one load of keys per element, with no horizontal sums (key_scores spent more on its trees
+// of shuffles than on its products); two sums per head, over even and odd elements, so that a head's FMAs do not
+// each wait for the one before.
+template <int GB, typename T>
+inline void slot_scores(const T* k, int64_t stride, int64_t n, int64_t D, const float* q, float scale, float* scores,
+                        int64_t L) {
+  vec even[GB], odd[GB];
+  for (int g = 0; g < GB; ++g) even[g] = odd[g] = vzero();
+  int64_t d = 0;
+  for (; d + 2 <= D; d += 2) {
+    vec k0 = load(k + d * stride), k1 = load(k + (d + 1) * stride);
+    // in registers: the products then take each query element as a broadcast operand, one load each (left to
+    // itself, the compiler read the keys again for every head and broadcast the query elements separately)
+    asm("" : "+v"(k0), "+v"(k1));
+    for (int g = 0; g < GB; ++g) {
+      even[g] = vfma(vset(q[g * D + d]), k0, even[g]);
+      odd[g] = vfma(vset(q[g * D + d + 1]), k1, odd[g]);
+    }
+  }
+  if (d < D) {
+    const vec k0 = load(k + d * stride);
+    for (int g = 0; g < GB; ++g) even[g] = vfma(vset(q[g * D + d]), k0, even[g]);
+  }
+  for (int g = 0; g < GB; ++g) {
+    const vec s = vmul(vadd(even[g], odd[g]), vset(scale));
+    if (n == LANES)
+      vstore(scores + g * L, s);
+    else
+      vstore_first(scores + g * L, s, n);
+  }
+}
+
+// heads a pass of slot_scores: two sums each, 16 of AVX-512's 32 registers, 8 of AVX2's 16
+constexpr int SCORE_HEADS = LANES == 16 ? 8 : 4;
+
+template <int GB = 1, typename T>
+inline void slot_scores_rest(int64_t heads, const T* k, int64_t stride, int64_t n, int64_t D, const float* q,
+                             float scale, float* scores, int64_t L) {
+  if constexpr (GB < SCORE_HEADS) {
+    if (heads == GB) return slot_scores<GB>(k, stride, n, D, q, scale, scores, L);
+    slot_scores_rest<GB + 1>(heads, k, stride, n, D, q, scale, scores, L);
+  }
+}
+
+// slot_scores of all G query heads, SCORE_HEADS at a time (a key vector loaded again per pass comes from L1).
+template <typename T>
+inline void key_slot_scores(const T* k, int64_t stride, int64_t n, int64_t D, const float* q, int64_t G, float scale,
+                            float* scores, int64_t L) {
+  int64_t g = 0;
+  for (; g + SCORE_HEADS <= G; g += SCORE_HEADS)
+    slot_scores<SCORE_HEADS>(k, stride, n, D, q + g * D, scale, scores + g * L, L);
+  if (g < G) slot_scores_rest(G - g, k, stride, n, D, q + g * D, scale, scores + g * L, L);
+}
 #endif
 
 // Asks for n slots' D elements each (`stride` apart; the first 32 slots at most) to be brought into the cache ahead
@@ -300,22 +372,46 @@ void attend_cached(const CacheLayout& c, const T* kc, const T* vc, int64_t B, in
       const float* q = q_of + b * q_stride + h * G * D;  // the G query heads of key/value head h, one after another
       // every slot's score up to last (keys 16 at a time), then the masked ones set to -inf
       for (int64_t first = 0; first <= last; first += c.span) {  // block by block (one, unpaged)
-        const T* k_block = kc + c.offset(b, h, first);
+        const T* k_block = kc + c.key_offset(b, h, first);
         const int64_t end = std::min(last, first + c.span - 1);
-        if (first + c.span <= last)  // the next block's keys
-          prefetch(kc + c.offset(b, h, first + c.span), std::min(c.span, last + 1 - first - c.span), c.slot_stride, D);
         prefetch(vc + c.offset(b, h, first), end - first + 1, c.slot_stride, D);  // this block's values, for later
+        if (c.keys_by_element()) {  // each element's slots side by side (the block D x span)
+          if (first + c.span <= last) prefetch(kc + c.key_offset(b, h, first + c.span), 1, 0, D * c.span);
+#if defined(GLMTORCH_ATTEND_VECTORS)
+          if (c.span % LANES == 0) {
+            for (int64_t j = first; j <= end; j += LANES)
+              key_slot_scores(k_block + (j - first), c.span, std::min<int64_t>(LANES, end - j + 1), D, q, G,
+                              static_cast<float>(scale), scores.data() + j, L);
+            continue;
+          }
+#endif
+          for (int64_t g = 0; g < G; ++g) {  // the slots of each element in turn (the inner loop runs along them)
+            float* s = scores.data() + g * L + first;
+            std::fill(s, s + end - first + 1, 0.f);
+            for (int64_t d = 0; d < D; ++d) {
+              const float qd = q[g * D + d];
+              const T* kd = k_block + d * c.span;
+#pragma omp simd
+              for (int64_t j = 0; j <= end - first; ++j) s[j] += qd * static_cast<float>(kd[j]);
+            }
+            for (int64_t j = 0; j <= end - first; ++j) s[j] *= static_cast<float>(scale);
+          }
+          continue;
+        }
+        if (first + c.span <= last)  // the next block's keys
+          prefetch(kc + c.key_offset(b, h, first + c.span), std::min(c.span, last + 1 - first - c.span),
+                   c.key_slot_stride, D);
 #if defined(GLMTORCH_ATTEND_VECTORS)
         if (with_chunks(D, [&](auto C) {
               for (int64_t j = first; j <= end; j += LANES)
-                key_scores<C()>(k_block + (j - first) * c.slot_stride, c.slot_stride,
+                key_scores<C()>(k_block + (j - first) * c.key_slot_stride, c.key_slot_stride,
                                 std::min<int64_t>(LANES, end - j + 1), q, G, static_cast<float>(scale),
                                 scores.data() + j, L);
             }))
           continue;
 #endif
         for (int64_t j = first; j <= end; ++j) {
-          const T* k = k_block + (j - first) * c.slot_stride;
+          const T* k = k_block + (j - first) * c.key_slot_stride;
           for (int64_t g = 0; g < G; ++g) {
             const float* qg = q + g * D;
             float dot = 0.f;
@@ -517,8 +613,9 @@ void attend_tile(const CacheLayout& c, const T* kc, const T* vc, int64_t b, int6
         std::fill(k, k + D, 0.f), std::fill(v, v + D, 0.f);
         continue;
       }
-      const T *ks = kc + c.offset(b, h, j0 + j), *vs = vc + c.offset(b, h, j0 + j);
-      for (int64_t d = 0; d < D; ++d) k[d] = static_cast<float>(ks[d]), v[d] = static_cast<float>(vs[d]);
+      const T *ks = kc + c.key_offset(b, h, j0 + j), *vs = vc + c.offset(b, h, j0 + j);
+      const int64_t step = c.key_dim_stride;
+      for (int64_t d = 0; d < D; ++d) k[d] = static_cast<float>(ks[d * step]), v[d] = static_cast<float>(vs[d]);
     }
     std::fill(keys + n * D, keys + (n + KEY_BLOCK - 1) / KEY_BLOCK * KEY_BLOCK * D, 0.f);  // a last block's rest
     for (int64_t g = 0; g < groups; ++g) {
@@ -925,12 +1022,12 @@ struct DecodePlan : torch::CustomClassHolder {
           }
         }
         for (int64_t h = 0; h < KV; ++h) {
-          T* k_at = kc + layout.offset(b, h, row_slot[b]);
+          T* k_at = kc + layout.key_offset(b, h, row_slot[b]);
           T* v_at = vc + layout.offset(b, h, row_slot[b]);
           const float* k_new = row + (Q + h) * D;
           const float* v_new = row + (Q + KV + h) * D;
           for (int64_t d = 0; d < D; ++d) {
-            k_at[d] = static_cast<T>(k_new[d]);
+            k_at[d * layout.key_dim_stride] = static_cast<T>(k_new[d]);
             v_at[d] = static_cast<T>(v_new[d]);
           }
         }
