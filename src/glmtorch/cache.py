@@ -307,8 +307,10 @@ def pool_buffers(num_layers: int, num_blocks: int, num_kv_heads: int, block_size
 
 def gather_blocks(buffer: torch.Tensor, table: torch.Tensor, length: int) -> torch.Tensor:
     """One layer's pool (blocks, KV, block size, D) read through a (B, >= length / block size) table: the first
-    `length` slots of each row, (B, KV, length, D), a copy of whole blocks at a time (keys stored by element: a
-    copy of them turned slot-major, which SDPA reads)."""
+    `length` slots of each row, (B, KV, length, D), a copy of whole blocks at a time (keys stored by element: that
+    copy turned slot-major in a second, which SDPA reads; 4.0 against 0.9 ms for 8 rows x 1,590 slots of 2 x
+    128-wide heads, AMD EPYC Zen 4, where index_select reading them slot-major in one strided copy took 43 ms. A
+    pass after a cached prefix reads the pool in place wherever that measures faster, gather included)."""
     KV, block, D = buffer.shape[1:]
     used = table[:, :-(-length // block)]
     if buffer.stride(-1) != 1:  # (KV, blocks, D x block) in storage: the gathered blocks transposed in one copy
@@ -338,11 +340,12 @@ class PagedKVCache:
     Where the kernels read the pool (keys_by_element), each block of keys is stored by element, D x block size
     (key_buffer is a view with the same shape and indexing as ever): the decode kernel scores a register of slots
     at once with no horizontal sums. 16 rows x 512 slots of GLM-4-9B's heads (32 over 2 of 128), AMD EPYC Zen 4:
-    1.48 -> 1.27-1.29 ms fp32, 1.14-1.26 -> 0.95-0.97 bf16 (scripts/bench_paged_attention.py)."""
+    1.45-1.50 -> 1.24-1.32 ms fp32, 1.13-1.16 -> 0.92-0.95 bf16 (scripts/bench_paged_attention.py --pools 6)."""
 
     def __init__(self, num_layers: int, num_blocks: int, num_kv_heads: int, block_size: int, head_dim: int,
                  dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> None:
-        # Stored head-major, (layers, KV, blocks, block_size, D), and seen as (layers, blocks, KV, block_size, D):
+        # Stored head-major, (layers, KV, blocks, block_size, D) (keys by element: (layers, KV, blocks, D,
+        # block_size)), and seen as (layers, blocks, KV, block_size, D):
         # a gather of a row's blocks is then already (KV, n, block_size, D) per row, and its slots one run per head,
         # so SDPA takes it as a view (blocks first: the gather plus a transposing copy, 120 of a 580 ms prefill of
         # 8 rows x 25 tokens after 1,520 cached ones of "small" fp32).
