@@ -3,7 +3,7 @@ the paged cache and in-place prefill share): q rows x heads / kv heads x head si
 every row attending all its slots; median of 7 x 20 calls, the threads torch has. --pools N cycles through N pools
 (one per layer, as a decode step reads them): 6 of the demo model's case are ~31 MB, past a 32 MiB L3 with the rest.
     python scripts/bench_paged_attention.py [--pools 6] [--keys-by-slot]
-The pools are laid out as a server's (cache.pool_buffers: keys by element where the kernels read them);
+The pools are laid out as a server's (cache.random_pool: keys by element where the kernels read them);
 --keys-by-slot stores the keys slot by slot instead, the layout before keys by element, for comparison.
 --prefill times prompts' passes instead (paged_prefill_attention, the tiles a prefill after a cached prefix reads
 in place) beside the same queries a row at a time (paged_attention) and SDPA on keys gathered from the pool (the
@@ -18,7 +18,7 @@ import time
 import torch
 
 from glmtorch import cpuinfo, kernels
-from glmtorch.cache import pool_buffers
+from glmtorch.cache import random_pool
 
 CASES = [(64, 6, 2, 32, 160), (16, 32, 2, 128, 512), (64, 16, 2, 64, 200), (1, 6, 2, 32, 160)]
 # runs, new tokens, cached slots before them, heads, kv heads, head size: the demo burst's prefill after its prompts'
@@ -31,11 +31,7 @@ def time_case(rows: int, heads: int, kv_heads: int, head_dim: int, slots: int, d
               block: int = 16, pools: int = 1, by_element: bool | None = None) -> float:
     g = torch.Generator().manual_seed(0)
     per_row = -(-slots // block)
-    caches = [tuple(t[0] for t in pool_buffers(1, rows * per_row + 1, kv_heads, block, head_dim, dtype,
-                                               torch.device("cpu"),
-                                               lambda shape, dtype: torch.randn(shape, generator=g).to(dtype),
-                                               by_element))
-              for _ in range(pools)]
+    caches = [random_pool(rows * per_row + 1, kv_heads, block, head_dim, dtype, g, by_element) for _ in range(pools)]
     table = (torch.arange(rows * per_row) + 1).view(rows, per_row)
     last, everywhere = torch.full((rows,), slots - 1), torch.empty(0, dtype=torch.bool)
     q = torch.randn(rows, heads, head_dim, generator=g)
@@ -80,7 +76,7 @@ def main() -> None:
     parser.add_argument("--pools", type=int, default=1, help="pools to cycle through (default 1)")
     parser.add_argument("--prefill", action="store_true", help="time prompts' passes (see above)")
     parser.add_argument("--keys-by-slot", action="store_true",
-                        help="decode cases: keys stored slot by slot, as before keys by element (cache.pool_buffers)")
+                        help="decode cases: keys stored slot by slot, as before keys by element (cache.random_pool)")
     args = parser.parse_args()
     pools = max(1, args.pools)
     if not kernels.available():

@@ -253,9 +253,7 @@ def prefill_attention_ways(dtype: torch.dtype, heads: int, kv_heads: int, head_d
     block, start = 16, length - new
     per_row = -(-length // block)
     # the pool's layout (PagedKVCache's buffers), random values
-    keys, values = (t[0] for t in pool_buffers(1, rows * per_row + 1, kv_heads, block, head_dim, dtype,
-                                               torch.device("cpu"),
-                                               lambda shape, dtype: torch.randn(shape, generator=g).to(dtype)))
+    keys, values = random_pool(rows * per_row + 1, kv_heads, block, head_dim, dtype, g)
     table = (torch.randperm(rows * per_row, generator=g) + 1).view(rows, per_row)
     positions = (start + torch.arange(new)).expand(rows, new)
     mask = make_attention_mask(positions, length, None) if start else None
@@ -303,6 +301,15 @@ def pool_buffers(num_layers: int, num_blocks: int, num_kv_heads: int, block_size
     else:
         keys = make(shape, dtype).transpose(1, 2)
     return keys, values
+
+
+def random_pool(num_blocks: int, num_kv_heads: int, block_size: int, head_dim: int, dtype: torch.dtype,
+                generator: torch.Generator, by_element: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One layer's keys and values (blocks, KV, block size, D) of random values, laid out as pool_buffers lays out
+    a CPU pool (benchmarks and the prefill attention's measurement)."""
+    keys, values = pool_buffers(1, num_blocks, num_kv_heads, block_size, head_dim, dtype, torch.device("cpu"),
+                                lambda shape, dtype: torch.randn(shape, generator=generator).to(dtype), by_element)
+    return keys[0], values[0]
 
 
 def gather_blocks(buffer: torch.Tensor, table: torch.Tensor, length: int) -> torch.Tensor:

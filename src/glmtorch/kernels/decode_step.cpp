@@ -135,7 +135,6 @@ CacheLayout cache_layout(const at::Tensor& keys, const at::Tensor& values, int64
                   keys.size(n - 1) == D && L <= c.span * c.per_row && (!paged || table.size(0) == B),
               "the cache must be (layers, B, KV, capacity, D) buffers covering the mask, or (layers, blocks, KV, "
               "block size, D) with a (B, blocks) table covering it (the keys' blocks may be stored D x block size)");
-  if (keys_like_values) c.key_slot_stride = c.slot_stride, c.key_dim_stride = 1;
   c.blocks.resize(B * c.per_row);
   for (int64_t b = 0; b < B; ++b)
     for (int64_t i = 0; i < c.per_row; ++i) {

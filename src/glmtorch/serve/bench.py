@@ -435,7 +435,8 @@ async def _batching_gain(base_url: str, rounds: int, burst: int, alone: int, pro
     """What batching gives: `burst` requests sent at once against `alone` sent one at a time (the same prompts as
     bench-serve's, the first `alone` of the burst's), in turn for `rounds` rounds after a short warm-up of each, so
     that a slow stretch of a shared machine hits both sides of a round alike; each round's ratio of output tok/s and
-    their median. (Issue 22's figure; one pair of separate runs gave 3.5x-5.5x on one server in one hour, AMD EPYC Zen 4.)"""
+    their median. (Issue 22's figure; one pair of separate runs gave 3.5x-5.5x on one server in one hour, AMD EPYC
+    Zen 4.)"""
     async def run(requests: int, concurrency: int, tokens: int) -> dict[str, Any]:
         return await _run(base_url, requests, concurrency, prompt_words, tokens, model, api_key, chat, temperature)
 
@@ -460,8 +461,8 @@ def batching_gain(url: str, rounds: int = 3, burst: int = 64, alone: int = 4, pr
     """`burst` at once against `alone` one at a time (at most as many as the burst), `rounds` rounds in turn."""
     if rounds < 1 or burst < 1 or alone < 1:
         raise ValueError(f"batching_gain: rounds, burst and alone must be at least 1 (got {rounds}, {burst}, {alone})")
-    return _run_client(_batching_gain(url, rounds, burst, min(alone, burst), prompt_words, max_tokens, model, api_key, chat,
-                                      temperature))
+    return _run_client(_batching_gain(url, rounds, burst, min(alone, burst), prompt_words, max_tokens, model, api_key,
+                                      chat, temperature))
 
 
 def bench_serve(url: str, requests: int = 64, concurrency: int = 64, prompt_words: int = 100, max_tokens: int = 64,
