@@ -38,6 +38,9 @@ def main() -> None:
     p.add_argument("--prompt-tokens", type=int, default=16)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--rounds", type=int, default=1, help="rounds of the burst and one at a time, alternated")
+    p.add_argument("--step-times", action="store_true",
+                   help="also time the bursts' full-width decode steps (the model's call and the engine's Python "
+                        "around it) and prefill passes, medians in ms")
     p.add_argument("--out", default=None)
     args = p.parse_args()
 
@@ -76,6 +79,7 @@ def main() -> None:
         rate(prompts[:args.prompts])  # caches the prompts' full blocks, as bench-serve's warm-up does served
     warm = time.perf_counter() - warm
     alones, bursts = [], []
+    timings = time_engine_calls() if args.step_times else None
     for _ in range(max(1, args.rounds)):  # in turn, so that a slow stretch of a shared machine hits both alike
         alones.append(sorted(rate([q]) for q in prompts[args.prompts:args.prompts + args.alone])[args.alone // 2])
         bursts.append(rate(prompts[:args.prompts]))
@@ -89,10 +93,49 @@ def main() -> None:
         "ratio": round(burst / alone, 2), "rounds": len(bursts),
         "ratios": [round(b / a, 2) for a, b in zip(alones, bursts)],
     }
+    if timings is not None:
+        report["step_times_ms"] = timings.summary(args.prompts)
     print(json.dumps(report))
     if args.out:
         with open(args.out, "w") as f:
             json.dump(report, f, indent=1)
+
+
+class time_engine_calls:
+    """Wraps the engine's decode step, its call of the model and its prefill pass (for the rest of the process)
+    to time each call: where a burst's time goes without the HTTP side."""
+
+    def __init__(self) -> None:
+        from glmtorch.serve.engine import Engine
+
+        self.steps, self.prefills = [], []  # (rows, whole step s, model call s); (requests, s)
+        step, call, prefill = Engine._decode_step, Engine._op_step, Engine._prefill
+
+        def timed_step(engine):
+            began, self.call = time.perf_counter(), 0.0
+            rows = sum(1 for r in engine.running if r is not engine.chunking)
+            step(engine)
+            self.steps.append((rows, time.perf_counter() - began, self.call))
+
+        def timed_call(engine, *args, **kwargs):
+            began = time.perf_counter()
+            out = call(engine, *args, **kwargs)
+            self.call = time.perf_counter() - began
+            return out
+
+        def timed_prefill(engine, requests):
+            began = time.perf_counter()
+            prefill(engine, requests)
+            self.prefills.append((len(requests), time.perf_counter() - began))
+
+        Engine._decode_step, Engine._op_step, Engine._prefill = timed_step, timed_call, timed_prefill
+
+    def summary(self, rows: int) -> dict:
+        full = [(s, c) for n, s, c in self.steps if n == rows]
+        ms = lambda xs: round(statistics.median(xs) * 1e3, 3) if xs else None  # noqa: E731
+        return {"full_steps": len(full), "step": ms([s for s, _ in full]), "model_call": ms([c for _, c in full]),
+                "python": ms([s - c for s, c in full]),
+                "prefill_passes": [round(s * 1e3, 1) for n, s in self.prefills if n > 1]}
 
 
 if __name__ == "__main__":
