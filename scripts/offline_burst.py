@@ -79,7 +79,7 @@ def main() -> None:
         rate(prompts[:args.prompts])  # caches the prompts' full blocks, as bench-serve's warm-up does served
     warm = time.perf_counter() - warm
     alones, bursts = [], []
-    timings = time_engine_calls() if args.step_times else None
+    timings = EngineCallTimes() if args.step_times else None
     for _ in range(max(1, args.rounds)):  # in turn, so that a slow stretch of a shared machine hits both alike
         alones.append(sorted(rate([q]) for q in prompts[args.prompts:args.prompts + args.alone])[args.alone // 2])
         bursts.append(rate(prompts[:args.prompts]))
@@ -101,7 +101,7 @@ def main() -> None:
             json.dump(report, f, indent=1)
 
 
-class time_engine_calls:
+class EngineCallTimes:
     """Wraps the engine's decode step, its call of the model and its prefill pass (for the rest of the process)
     to time each call: where a burst's time goes without the HTTP side."""
 
