@@ -2,16 +2,22 @@
 `glmtorch.LLM` together (the server's defaults) and each alone (one at a time, no prefix cache), on the shipped
 demo model or a checkpoint, in a given dtype.
 
-    python scripts/batch_invariance.py --dtype bfloat16 [--prompts 256] [--new-tokens 32] [--model DIR]
+    python scripts/batch_invariance.py --dtype bfloat16 [--prompts 256] [--new-tokens 32] [--model DIR] [--blocks]
 
 Prints one JSON object: how many requests' tokens differ from their run alone, and, over all of them, at which
 generated position the chosen token's log-probability first differs in any bit (0: the prompt's pass already;
 null: bit-equal throughout). Greedy tokens flip only where two candidates are closer than the rounding that
-differs; the log-probabilities show the rounding itself."""
+differs; the log-probabilities show the rounding itself.
+
+--blocks lays every product's weight out in the kernels' blocks of 16 rows (a tied LM head gets a copy of its own)
+and has every prefill read the pool in place (the tiles, or a row at a time for a run too short for them): the
+layout whose sums are the same chain at every row count. With it, on a CPU the kernels build for, a request's
+tokens and log-probabilities come out the same bits together as alone, for prompts that share no cached prefix."""
 
 import argparse
 import collections
 import json
+import os
 
 import torch
 
@@ -27,9 +33,18 @@ def main() -> None:
     p.add_argument("--prompts", type=int, default=256)
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--seed", type=int, default=3)
+    p.add_argument("--blocks", action="store_true",
+                   help="every weight in the kernels' blocks, every prefill reading the pool in place")
     args = p.parse_args()
 
     model = glmtorch.AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype))
+    if args.blocks:
+        from glmtorch.fastpath import pack_weights
+
+        os.environ["GLMTORCH_PACK"], os.environ["GLMTORCH_PREFILL_ATTENTION"] = "blocks", "in_place"
+        if model.lm_head.weight is model.model.embed_tokens.weight:  # a tied head stays plain: give it its own
+            model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone(), requires_grad=False)
+        pack_weights(model, rows=args.prompts)
     tokenizer = glmtorch.AutoTokenizer.from_pretrained(args.model)
     g = torch.Generator().manual_seed(args.seed)
     vocab = min(model.config.vocab_size, len(tokenizer))
@@ -48,7 +63,8 @@ def main() -> None:
     first_bits = collections.Counter(
         next((j for j, (x, y) in enumerate(zip(a[1], b[1])) if x != y), None) for a, b in zip(together, alone))
     print(json.dumps({
-        "model": args.model, "dtype": args.dtype, "cpu": cpu_description(), "prompts": args.prompts,
+        "model": args.model, "dtype": args.dtype, "blocks": args.blocks, "cpu": cpu_description(),
+        "prompts": args.prompts,
         "new_tokens": args.new_tokens, "tokens_differ": len(differ), "which": differ[:20],
         "first_differing_logprob_position": {str(k): v for k, v in sorted(first_bits.items(),
                                                                         key=lambda kv: (kv[0] is None, kv[0] or 0))},

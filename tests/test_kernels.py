@@ -535,34 +535,39 @@ def test_prefill_attention_of_prompts_is_softmax_attention(head_dim, heads, T, b
 @torch.no_grad()
 @pytest.mark.parametrize("T", [23, 3])  # tiles, and the row-at-a-time loop (9 query heads a key/value head)
 @pytest.mark.parametrize("mask", ["none", "causal"])
-def test_prefill_attention_skips_a_passs_padding(T, mask):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prefill_attention_skips_a_passs_padding(T, mask, dtype):
     """A right-padded pass (prompts of different lengths after cached prefixes) marks its padding tokens' slots -1:
-    paged_prefill_attention gives the real tokens exactly what a pass of them alone gives, zeros for the padding,
-    whatever the padding's queries hold; padding before a real token is refused, named."""
+    paged_prefill_attention gives each run's real tokens the same bits as a pass of that run alone (the tiles or
+    the row-at-a-time loop by the run's own length, not the pass's: a prompt batched with longer ones is not
+    summed in another order), zeros for the padding, whatever the padding's queries hold; padding before a real
+    token is refused, named."""
     g = torch.Generator().manual_seed(5)
     runs, KV, heads, D, block = 3, 2, 6, 32, 16
-    real = [T, max(1, T // 3), 1]
+    real = [T, max(1, T // 3), 1]  # 23: the first run's 69 query heads tile, the second's 21 do not
     starts = torch.tensor([0, 9, 40])
     lasts = starts[:, None] + torch.arange(T)
     L = int(lasts.max()) + 1
     per_row = -(-L // block)
-    keys = torch.randn(runs * per_row + 1, KV, block, D, generator=g)
-    values = torch.randn(runs * per_row + 1, KV, block, D, generator=g)
+    keys = torch.randn(runs * per_row + 1, KV, block, D, generator=g).to(dtype)
+    values = torch.randn(runs * per_row + 1, KV, block, D, generator=g).to(dtype)
     table = (torch.randperm(runs * per_row, generator=g) + 1).view(runs, per_row)
     q = torch.randn(runs, T, heads, D, generator=g)
-    visible = (torch.arange(L) <= lasts[..., None]).reshape(runs * T, L) if mask == "causal" \
-        else torch.empty(0, dtype=torch.bool)
+    seen = torch.arange(L) <= lasts[..., None]  # (runs, T, L)
+    visible = seen.reshape(runs * T, L) if mask == "causal" else torch.empty(0, dtype=torch.bool)
     padded = lasts.clone()
     for r in range(runs):
         padded[r, real[r]:] = -1
     noisy = q.clone()
     noisy[padded < 0] = float("nan")  # a padding query is never read
     ops, scale = torch.ops.glmtorch_kernels, D ** -0.5
-    full = ops.paged_prefill_attention(q, keys, values, table, lasts, visible, scale)
     got = ops.paged_prefill_attention(noisy, keys, values, table, padded, visible, scale)
     for r in range(runs):
-        assert torch.equal(got[r, :real[r]], full[r, :real[r]]), r
-        assert torch.equal(got[r, real[r]:], torch.zeros_like(got[r, real[r]:])), r
+        n = real[r]
+        alone = ops.paged_prefill_attention(q[r:r + 1, :n], keys, values, table[r:r + 1], lasts[r:r + 1, :n],
+                                            seen[r, :n] if mask == "causal" else visible, scale)
+        assert torch.equal(got[r, :n], alone[0]), r
+        assert torch.equal(got[r, n:], torch.zeros_like(got[r, n:])), r
     if T > 1:
         wrong = lasts.clone()
         wrong[0, 0] = -1

@@ -730,6 +730,9 @@ std::vector<int64_t> real_tokens(const at::Tensor& lasts, int64_t runs, int64_t 
 // (runs, T) each token's own slot, or -1 for a padding token after a shorter run's real ones (not attended: its
 // output is zeros); visible (runs T, L) bool or empty (every slot up to last). Returns (runs, T, Q, D) fp32.
 // Without the vector loops, or with too few query heads for a tile, paged_attention's loop takes a row at a time.
+// Which of the two a run takes follows from its own real tokens, never from the pass's length: a prompt's
+// attention is then the same bits alone as padded among longer prompts (the tiles and the row-at-a-time loop sum
+// in different orders; by the pass's length, a prompt of 4-15 tokens of the demo model came out up to 6e-7 apart).
 at::Tensor paged_prefill_attention(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& values,
                                    const at::Tensor& table, const at::Tensor& last, const at::Tensor& visible,
                                    double scale) {
@@ -741,11 +744,38 @@ at::Tensor paged_prefill_attention(const at::Tensor& q, const at::Tensor& keys, 
   const Window w = checked_window(last, visible, runs * T, "paged_prefill_attention", /*padding=*/true);
   const std::vector<int64_t> real = real_tokens(w.lasts, runs, T);
   const bool padded = std::any_of(real.begin(), real.end(), [T](int64_t n) { return n < T; });
+  // The rows of the runs `take` names (their real tokens), a row at a time, into out (runs * T, Q, D).
+  auto row_at_a_time = [&](const std::vector<bool>& take, at::Tensor& out) {
+    const int64_t* lp = w.lasts.data_ptr<int64_t>();
+    std::vector<int64_t> picked, their_runs;
+    for (int64_t i = 0; i < runs * T; ++i)
+      if (take[i / T] && lp[i] >= 0) {
+        picked.push_back(i);
+        their_runs.push_back(i / T);
+      }
+    if (picked.empty()) return;
+    const auto keep = at::tensor(picked, at::kLong);
+    out.index_copy_(0, keep, paged_attention(rows.index_select(0, keep), keys, values,
+                                             table.index_select(0, at::tensor(their_runs, at::kLong)),
+                                             w.lasts.view({-1}).index_select(0, keep),
+                                             visible.numel() ? visible.index_select(0, keep) : visible, scale));
+  };
 #if defined(GLMTORCH_VECTOR_EXP) && defined(GLMTORCH_ATTEND_VECTORS)
   const int64_t KV = keys.dim() == 4 ? keys.size(1) : 0;
-  // tiles where a run's query heads of a key/value head fill a group's registers (fewer: mostly padding lanes,
-  // where the row-at-a-time loop is as fast)
-  if (KV > 0 && Q % KV == 0 && T * (Q / KV) >= GROUP_LANES && q.scalar_type() == at::kFloat) {
+  // tiles for the runs whose query heads of a key/value head fill a group's registers (fewer: mostly padding
+  // lanes, where the row-at-a-time loop is as fast); the shorter runs of the pass a row at a time
+  std::vector<int64_t> tiled(real);
+  std::vector<bool> short_run(runs, false);
+  bool any_tiled = false;
+  for (int64_t b = 0; b < runs; ++b) {
+    if (KV > 0 && Q % KV == 0 && real[b] * (Q / KV) >= GROUP_LANES) {
+      any_tiled = true;
+    } else {
+      short_run[b] = true;
+      tiled[b] = 0;
+    }
+  }
+  if (any_tiled && q.scalar_type() == at::kFloat) {
     TORCH_CHECK(keys.scalar_type() == values.scalar_type() &&
                     (keys.scalar_type() == at::kFloat || keys.scalar_type() == at::kBFloat16),
                 "paged_prefill_attention: an fp32 or bf16 (blocks, KV, block size, D) pool");
@@ -762,27 +792,25 @@ at::Tensor paged_prefill_attention(const at::Tensor& q, const at::Tensor& keys, 
     }
     const CacheLayout c = cache_layout(keys, values, runs, KV, D, L, c10::nullopt, table);
     const auto qc = rows.contiguous();
-    auto out = padded ? at::zeros({runs, T, Q, D}, q.options()) : at::empty({runs, T, Q, D}, q.options());
+    const bool any_short = std::find(short_run.begin(), short_run.end(), true) != short_run.end();
+    auto out = padded || any_short ? at::zeros({runs * T, Q, D}, q.options())
+                                   : at::empty({runs * T, Q, D}, q.options());
     const bool* sp = seen.defined() && !causal ? seen.data_ptr<bool>() : nullptr;
     if (keys.scalar_type() == at::kBFloat16)
       attend_runs(c, keys.data_ptr<at::BFloat16>(), values.data_ptr<at::BFloat16>(), runs, T, Q, KV, D, L, lp, sp,
-                  scale, qc.data_ptr<float>(), out.data_ptr<float>(), real);
+                  scale, qc.data_ptr<float>(), out.data_ptr<float>(), tiled);
     else
       attend_runs(c, keys.data_ptr<float>(), values.data_ptr<float>(), runs, T, Q, KV, D, L, lp, sp, scale,
-                  qc.data_ptr<float>(), out.data_ptr<float>(), real);
-    return out;
+                  qc.data_ptr<float>(), out.data_ptr<float>(), tiled);
+    if (any_short) row_at_a_time(short_run, out);
+    return out.view({runs, T, Q, D});
   }
 #endif
-  const auto tables = table.repeat_interleave(T, 0);
-  const auto lasts = w.lasts.view({-1});
   if (!padded)
-    return paged_attention(rows, keys, values, tables, lasts, visible, scale).view({runs, T, Q, D});
+    return paged_attention(rows, keys, values, table.repeat_interleave(T, 0), w.lasts.view({-1}), visible, scale)
+        .view({runs, T, Q, D});
   auto out = at::zeros({runs * T, Q, D}, q.options());
-  const auto keep = (lasts >= 0).nonzero().squeeze(1);  // the real tokens' rows
-  if (keep.numel())
-    out.index_copy_(0, keep, paged_attention(rows.index_select(0, keep), keys, values, tables.index_select(0, keep),
-                                             lasts.index_select(0, keep),
-                                             visible.numel() ? visible.index_select(0, keep) : visible, scale));
+  row_at_a_time(std::vector<bool>(runs, true), out);
   return out.view({runs, T, Q, D});
 }
 
