@@ -48,7 +48,8 @@ def main() -> None:
     for _ in range(args.bursts):
         before, mine, start = thread_seconds(args.pid), resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
         report = bench_serve(args.url, requests=args.requests, concurrency=args.requests, max_tokens=args.max_tokens)
-        wall, after, used = time.perf_counter() - start, thread_seconds(args.pid), resource.getrusage(resource.RUSAGE_SELF)
+        wall, after = time.perf_counter() - start, thread_seconds(args.pid)
+        used = resource.getrusage(resource.RUSAGE_SELF)
         client = used.ru_utime - mine.ru_utime + used.ru_stime - mine.ru_stime
         threads = {k: v - before.get(k, 0.0) for k, v in after.items() if v - before.get(k, 0.0) > 0}
         shown = ", ".join(f"{k} {v * 1e3:.0f}" for k, v in sorted(threads.items(), key=lambda kv: -kv[1]))

@@ -764,14 +764,14 @@ at::Tensor paged_prefill_attention(const at::Tensor& q, const at::Tensor& keys, 
   const int64_t KV = keys.dim() == 4 ? keys.size(1) : 0;
   // tiles for the runs whose query heads of a key/value head fill a group's registers (fewer: mostly padding
   // lanes, where the row-at-a-time loop is as fast); the shorter runs of the pass a row at a time
-  std::vector<int64_t> tiled(real);
+  std::vector<int64_t> tiled(real);  // the real tokens the tiles take of each run (0: none)
   std::vector<bool> short_run(runs, false);
-  bool any_tiled = false;
+  bool any_tiled = false, any_short = false;
   for (int64_t b = 0; b < runs; ++b) {
     if (KV > 0 && Q % KV == 0 && real[b] * (Q / KV) >= GROUP_LANES) {
       any_tiled = true;
     } else {
-      short_run[b] = true;
+      short_run[b] = any_short = true;
       tiled[b] = 0;
     }
   }
@@ -792,7 +792,6 @@ at::Tensor paged_prefill_attention(const at::Tensor& q, const at::Tensor& keys, 
     }
     const CacheLayout c = cache_layout(keys, values, runs, KV, D, L, c10::nullopt, table);
     const auto qc = rows.contiguous();
-    const bool any_short = std::find(short_run.begin(), short_run.end(), true) != short_run.end();
     auto out = padded || any_short ? at::zeros({runs * T, Q, D}, q.options())
                                    : at::empty({runs * T, Q, D}, q.options());
     const bool* sp = seen.defined() && !causal ? seen.data_ptr<bool>() : nullptr;
